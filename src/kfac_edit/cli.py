@@ -1,0 +1,67 @@
+"""The ``kfac-edit`` command: a thin layer that parses arguments and calls the Python API.
+
+Each subcommand lives in ``kfac_edit/commands/<name>.py`` and exposes ``register(subparsers)``, which adds its
+parser and sets ``func`` to a ``run(args) -> int`` function. User mistakes raise :class:`UserError`: printed as one
+line, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import pkgutil
+import sys
+
+from . import __version__
+from .errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kfac-edit",
+        description="Remove rote memorization from a causal LM by editing its MLP weights along K-FAC curvature.",
+    )
+    parser.add_argument("--version", action="version", version=f"kfac-edit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from . import commands
+
+    modules = []
+    for info in pkgutil.iter_modules(commands.__path__):
+        if info.name.startswith("_"):
+            continue
+        modules.append(importlib.import_module(f"{commands.__name__}.{info.name}"))
+    for mod in sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.__name__)):
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"kfac-edit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kfac-edit: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:  # pragma: no cover - console script shim
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Load a causal LM and find the MLP projections of its blocks.
+
+Conventions used everywhere in the package:
+
+* A projection's weight is handled as ``W`` of shape ``(out, in)``, the ``nn.Linear`` layout. GPT-2's ``Conv1D``
+  stores ``(in, out)``; :class:`Projection` hides that (``weight()`` / ``set_weight()`` always speak ``(out, in)``).
+* Projection kinds are ``gate``, ``up`` and ``down``. GPT-NeoX ``dense_h_to_4h`` and GPT-2 ``c_fc`` are ``up``;
+  ``dense_4h_to_h`` and ``c_proj`` are ``down``; those architectures have no ``gate``.
+* A module is named by its full path in ``model.named_modules()``, e.g. ``model.layers.23.mlp.up_proj``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+PROJECTIONS = ("gate", "up", "down")
+
+# model_type -> (path of the ModuleList of blocks, {kind: path of the projection inside a block})
+_LLAMA_LIKE = ("model.layers", {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"})
+ARCHITECTURES: dict[str, tuple[str, dict[str, str]]] = {
+    "olmo2": _LLAMA_LIKE,
+    "olmo": _LLAMA_LIKE,
+    "olmo3": _LLAMA_LIKE,
+    "llama": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "phi3": ("model.layers", {"up": "mlp.gate_up_proj", "down": "mlp.down_proj"}),
+    "gpt_neox": ("gpt_neox.layers", {"up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}),
+    "gpt2": ("transformer.h", {"up": "mlp.c_fc", "down": "mlp.c_proj"}),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class Projection:
+    """One MLP linear layer of one block, seen as ``W`` of shape ``(out, in)``."""
+
+    name: str  # full module path, e.g. "model.layers.23.mlp.up_proj"
+    block: int
+    kind: str  # "gate" | "up" | "down"
+    module: nn.Module
+
+    @property
+    def transposed(self) -> bool:
+        """True for GPT-2 ``Conv1D``, which stores its weight as ``(in, out)``."""
+        return not isinstance(self.module, nn.Linear)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)``."""
+        w = self.module.weight
+        return (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
+
+    def weight(self) -> torch.Tensor:
+        """The weight as ``(out, in)`` (a view, not a copy)."""
+        w = self.module.weight
+        return w.T if self.transposed else w
+
+    @torch.no_grad()
+    def set_weight(self, new_weight: torch.Tensor) -> None:
+        """Overwrite the weight in place from an ``(out, in)`` tensor (cast to the weight's dtype and device)."""
+        if tuple(new_weight.shape) != self.shape:
+            raise ValueError(f"{self.name}: new weight has shape {tuple(new_weight.shape)}, expected {self.shape}")
+        self.weight().copy_(new_weight.to(dtype=self.module.weight.dtype, device=self.module.weight.device))
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+
+
+def num_blocks(model: nn.Module) -> int:
+    blocks_path, _ = _architecture(model)
+    return len(_get(model, blocks_path))
+
+
+def _architecture(model: nn.Module) -> tuple[str, dict[str, str]]:
+    mtype = model_type(model)
+    if mtype in ARCHITECTURES:
+        return ARCHITECTURES[mtype]
+    # Unknown model type: accept any model whose blocks look Llama-like.
+    try:
+        blocks = _get(model, "model.layers")
+        if all(hasattr(blocks[0].mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            return _LLAMA_LIKE
+    except (AttributeError, IndexError, TypeError):
+        pass
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    shown = ", ".join(linear_names[:12]) + (" ..." if len(linear_names) > 12 else "")
+    raise UserError(
+        f"unknown architecture '{mtype}': cannot find its MLP projections; its linear modules are: {shown}; "
+        "name them with --modules (e.g. --modules up=mlp.fc_in,down=mlp.fc_out)"
+    )
+
+
+def parse_modules_option(text: str) -> dict[str, str]:
+    """Parse ``--modules up=mlp.fc_in,down=mlp.fc_out`` into ``{"up": "mlp.fc_in", ...}`` (paths inside a block)."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise UserError(f"--modules entry '{part}' is not KIND=PATH; write e.g. up=mlp.fc_in,down=mlp.fc_out")
+        kind, path = (s.strip() for s in part.split("=", 1))
+        if kind not in PROJECTIONS:
+            raise UserError(f"--modules kind '{kind}' is unknown; use one of {', '.join(PROJECTIONS)}")
+        out[kind] = path
+    return out
+
+
+def blocks_module(model: nn.Module, blocks_path: str | None = None) -> nn.ModuleList:
+    path = blocks_path or _architecture(model)[0]
+    return _get(model, path)
+
+
+def find_projections(
+    model: nn.Module,
+    layers: Iterable[int] | str | None = None,
+    projections: Sequence[str] = PROJECTIONS,
+    modules: dict[str, str] | None = None,
+    blocks_path: str | None = None,
+) -> list[Projection]:
+    """The MLP projections of the chosen blocks, in block order then ``gate, up, down`` order.
+
+    Args:
+        layers: block indices, ``"all"`` or ``None`` (all blocks).
+        projections: kinds to return; a kind the architecture lacks is an error.
+        modules: overrides ``{kind: path inside a block}`` for unknown architectures.
+        blocks_path: path of the blocks' ModuleList when ``modules`` is given for an unknown architecture.
+    """
+    if modules:
+        if blocks_path is None:
+            try:
+                blocks_path = _architecture(model)[0]
+            except UserError:
+                blocks_path = _guess_blocks_path(model)
+        kinds = dict(modules)
+    else:
+        blocks_path, kinds = _architecture(model)
+    blocks = _get(model, blocks_path)
+    n = len(blocks)
+    if layers is None or layers == "all":
+        layer_list = list(range(n))
+    else:
+        layer_list = sorted(set(int(i) for i in layers))
+    for i in layer_list:
+        if not 0 <= i < n:
+            raise UserError(f"layer {i} does not exist: the model has blocks 0..{n - 1}; pick --layers in that range")
+    for kind in projections:
+        if kind not in PROJECTIONS:
+            raise UserError(f"unknown projection '{kind}'; use a subset of gate,up,down")
+        if kind not in kinds:
+            raise UserError(
+                f"projection '{kind}' does not exist in a {model_type(model)} model (it has {', '.join(kinds)}); "
+                f"pass --projections {','.join(k for k in PROJECTIONS if k in kinds)}"
+            )
+    out = []
+    for i in layer_list:
+        for kind in PROJECTIONS:
+            if kind not in projections:
+                continue
+            sub = kinds[kind]
+            try:
+                module = _get(blocks[i], sub)
+            except AttributeError as exc:
+                raise UserError(f"block {i} has no module '{sub}'; check --modules") from exc
+            if not hasattr(module, "weight") or module.weight.dim() != 2:
+                raise UserError(f"module {blocks_path}.{i}.{sub} is not a linear layer; check --modules")
+            out.append(Projection(name=f"{blocks_path}.{i}.{sub}", block=i, kind=kind, module=module))
+    return out
+
+
+def _guess_blocks_path(model: nn.Module) -> str:
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
+    if best is None:
+        raise UserError("cannot find the model's list of blocks; this architecture is not supported")
+    return best[0]
+
+
+def parse_layers(text: str | None, n_blocks: int | None = None) -> list[int] | None:
+    """Parse ``"23,24,25"``, ``"20-27"`` or ``"all"`` (-> None, meaning every block)."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            if "-" in part:
+                lo, hi = (int(s) for s in part.split("-", 1))
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise UserError(f"cannot read layers '{text}': write e.g. 23,24,25 or 20-27 or all") from None
+    if n_blocks is not None:
+        for i in out:
+            if not 0 <= i < n_blocks:
+                raise UserError(f"layer {i} does not exist: the model has blocks 0..{n_blocks - 1}")
+    return sorted(set(out))
+
+
+def parse_projections(text: str) -> list[str]:
+    kinds = [p.strip() for p in text.split(",") if p.strip()]
+    for k in kinds:
+        if k not in PROJECTIONS:
+            raise UserError(f"unknown projection '{k}'; use a subset of gate,up,down")
+    if not kinds:
+        raise UserError("no projection given; use a subset of gate,up,down")
+    return kinds
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+    device_map: str | None = None,
+):
+    """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode.
+
+    The tokenizer always has a pad token (the EOS or UNK token stands in when it has none) and pads on the left
+    (what batched generation needs; the factor and perplexity code passes attention masks so side does not matter).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    kwargs = {"dtype": torch_dtype}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as exc:
+        raise UserError(
+            f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}; give a local model directory or a "
+            "hub id that is reachable"
+        ) from exc
+    if not device_map:
+        model.to(resolve_device(device))
+    model.eval()
+    tokenizer = load_tokenizer(name_or_path)
+    return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a tokenizer from '{name_or_path}': {str(exc).splitlines()[0]}") from exc
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token one (EOS, else UNK, else BOS); padding is always masked out."""
+    if tokenizer.pad_token is None:
+        for tok in (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token):
+            if tok is not None:
+                tokenizer.pad_token = tok
+                return
+        raise UserError("the tokenizer has no pad, eos, unk or bos token to pad with; add a pad token to it")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's config (architecture and sizes), for manifests and cache keys."""
+    import hashlib
+    import json
+
+    cfg = getattr(model, "config", None)
+    d = cfg.to_dict() if cfg is not None else {"type": type(model).__name__}
+    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "_commit_hash"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
