@@ -1,0 +1,259 @@
+"""Sweep results: the record schema of ``results.jsonl``, the Pareto front, and the choice of the best point.
+
+The sweep (:mod:`kfac_edit.sweep`) writes one JSON line per evaluated point to ``DIR/results.jsonl``; the report
+(:mod:`kfac_edit.report`) reads them. One record (schema version 1)::
+
+    {
+      "schema": 1,
+      "id": "kfac|b20-22|gate,up|k0.8",          # stable key of the point; resume skips ids already present
+      "kind": "point",                           # "point" (an edit) or "base" (the unedited model, one per sweep)
+      "config": {
+        "method": "kfac",                        # edit method (kfac, kfac-independent, svd, random)
+        "blocks": [20, 21, 22],                  # edited blocks (a run of adjacent blocks); [] for the base
+        "projections": ["gate", "up"],           # edited projection kinds in each block; [] for the base
+        "keep_mass": 0.8                         # fraction of the curvature mass kept; 1.0 for the base
+      },
+      "layers": {"20": {"gate": 0.8, "up": 0.8}, ...},   # the point in layers-json form (``kfac-edit edit``)
+      "metrics": {
+        "strict": 0.12,                          # fraction of memorized records still reproduced exactly
+        "loose": 0.30,                           # fraction with 1 - d/L >= the loose threshold
+        "avg_levenshtein_norm": 0.41,            # mean normalized token Levenshtein distance d/L
+        "perplexity": 15.2,                      # exp(mean token loss) on the perplexity data
+        "ndcg": 0.93,                            # optional: nDCG@k against the base model
+        ...                                      # optional extras, e.g. "quotes_strict", "quotes_loose"
+      },
+      "edit": {...},                             # optional: summary of the edit (kept mass, pairs kept, seconds)
+      "seconds": 3.1,                            # wall time of the point (edit + evaluation + restore)
+      "timestamp": "2025-01-01T12:00:00+00:00"
+    }
+
+Memorization metrics are fractions in [0, 1]; lower is better for ``strict``, ``loose``, ``perplexity``; higher is
+better for ``avg_levenshtein_norm`` and ``ndcg``. The Pareto front minimizes (``strict``, ``perplexity``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping, Sequence
+
+from .errors import UserError
+from .fileio import read_jsonl
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.jsonl"
+METRICS = ("strict", "loose", "avg_levenshtein_norm", "perplexity", "ndcg")
+
+
+def format_blocks(blocks: Sequence[int]) -> str:
+    """``[20, 21, 22]`` -> ``"20-22"``; ``[5]`` -> ``"5"``; non-adjacent blocks are listed: ``"3,5"``."""
+    blocks = sorted(blocks)
+    if not blocks:
+        return "-"
+    if len(blocks) > 1 and blocks == list(range(blocks[0], blocks[-1] + 1)):
+        return f"{blocks[0]}-{blocks[-1]}"
+    return ",".join(str(b) for b in blocks)
+
+
+@dataclass(frozen=True)
+class PointConfig:
+    """What one sweep point edits: ``projections`` of each of ``blocks`` at ``keep_mass`` with ``method``."""
+
+    method: str
+    blocks: tuple[int, ...]
+    projections: tuple[str, ...]
+    keep_mass: float
+
+    @property
+    def id(self) -> str:
+        """Stable key: ``"kfac|b20-22|gate,up|k0.8"`` (keep_mass printed with ``repr`` of the float)."""
+        return f"{self.method}|b{format_blocks(self.blocks)}|{','.join(self.projections)}|k{self.keep_mass!r}"
+
+    def layers(self) -> dict[str, dict[str, float]]:
+        """The point in the layers-json format of ``kfac-edit edit``: ``{"20": {"gate": 0.8, "up": 0.8}, ...}``."""
+        return {str(b): {p: self.keep_mass for p in self.projections} for b in self.blocks}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "blocks": list(self.blocks),
+            "projections": list(self.projections),
+            "keep_mass": self.keep_mass,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PointConfig":
+        return cls(
+            method=str(d.get("method", "kfac")),
+            blocks=tuple(int(b) for b in d.get("blocks", ())),
+            projections=tuple(str(p) for p in d.get("projections", ())),
+            keep_mass=float(d.get("keep_mass", 1.0)),
+        )
+
+
+BASE_CONFIG = PointConfig(method="none", blocks=(), projections=(), keep_mass=1.0)
+
+
+@dataclass
+class SweepRecord:
+    """One line of ``results.jsonl`` (see the module docstring for the JSON layout)."""
+
+    config: PointConfig
+    metrics: dict[str, float]
+    kind: str = "point"  # "point" | "base"
+    edit: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    timestamp: str = ""
+
+    @property
+    def id(self) -> str:
+        return "base" if self.kind == "base" else self.config.id
+
+    @property
+    def strict(self) -> float:
+        return _metric(self.metrics, "strict")
+
+    @property
+    def perplexity(self) -> float:
+        return _metric(self.metrics, "perplexity")
+
+    def label(self) -> str:
+        """Short human label: ``"b20-22 gate,up k=0.8"`` (``"base"`` for the unedited model)."""
+        if self.kind == "base":
+            return "base"
+        c = self.config
+        method = "" if c.method == "kfac" else f"{c.method} "
+        return f"{method}b{format_blocks(c.blocks)} {','.join(c.projections)} k={c.keep_mass:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "id": self.id,
+            "kind": self.kind,
+            "config": self.config.to_dict(),
+            "layers": self.config.layers(),
+            "metrics": dict(self.metrics),
+        }
+        if self.edit:
+            out["edit"] = self.edit
+        out["seconds"] = self.seconds
+        out["timestamp"] = self.timestamp or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SweepRecord":
+        kind = str(d.get("kind", "point"))
+        if kind not in ("point", "base"):
+            raise ValueError(f"unknown record kind '{kind}'")
+        if "metrics" not in d:
+            raise ValueError("record has no 'metrics'")
+        config = BASE_CONFIG if kind == "base" else PointConfig.from_dict(d.get("config", {}))
+        return cls(
+            config=config,
+            metrics={k: v for k, v in d["metrics"].items()},
+            kind=kind,
+            edit=dict(d.get("edit", {})),
+            seconds=float(d.get("seconds", 0.0)),
+            timestamp=str(d.get("timestamp", "")),
+        )
+
+
+def _metric(metrics: Mapping[str, Any], name: str) -> float:
+    value = metrics.get(name)
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def read_results(path: str | os.PathLike) -> list[SweepRecord]:
+    """Read ``results.jsonl`` (or a directory holding it); a torn last line is skipped; the last record of an id wins."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, RESULTS_FILE)
+    if not os.path.exists(path):
+        raise UserError(f"no sweep results at {path}; run `kfac-edit sweep --out DIR` first or give the right DIR")
+    try:
+        raw = read_jsonl(path)
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSONL ({exc}); fix or remove the broken line") from None
+    by_id: dict[str, SweepRecord] = {}
+    for i, d in enumerate(raw, 1):
+        try:
+            rec = SweepRecord.from_dict(d)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise UserError(f"{path}: record {i} does not follow the results schema ({exc})") from None
+        by_id.pop(rec.id, None)  # keep file order of the latest version
+        by_id[rec.id] = rec
+    return list(by_id.values())
+
+
+def pareto_front(
+    points: Sequence[Any],
+    objectives: Callable[[Any], Sequence[float]] = lambda p: (p.strict, p.perplexity),
+) -> list[int]:
+    """Indices of the points no other point dominates, all objectives minimized, sorted by the objectives.
+
+    ``p`` dominates ``q`` when ``p`` is <= ``q`` in every objective and < in at least one. Points with equal
+    objectives do not dominate each other: duplicates on the front are all returned. Points with a NaN objective are
+    never on the front (and dominate nothing). By default the objectives are ``(strict, perplexity)`` of a
+    :class:`SweepRecord`; pass ``objectives`` for plain tuples, e.g. ``objectives=lambda p: p``.
+    """
+    values = [tuple(float(v) for v in objectives(p)) for p in points]
+    valid = [i for i, v in enumerate(values) if not any(math.isnan(x) for x in v)]
+    # Sort by objectives: a point can only be dominated by a point earlier in this order (or an equal one).
+    order = sorted(valid, key=lambda i: values[i])
+    front: list[int] = []
+    for i in order:
+        v = values[i]
+        dominated = any(
+            all(a <= b for a, b in zip(values[j], v)) and values[j] != v for j in front
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def base_record(records: Sequence[SweepRecord]) -> SweepRecord | None:
+    """The record of the unedited model, if the sweep wrote one."""
+    for rec in records:
+        if rec.kind == "base":
+            return rec
+    return None
+
+
+def choose_best(points: Sequence[SweepRecord], base_ppl: float, ppl_budget: float) -> SweepRecord | None:
+    """The edit with the lowest strict memorization whose perplexity is <= ``ppl_budget * base_ppl``.
+
+    Ties go to the lower perplexity, then the lower loose memorization, then the smaller edit (fewer blocks, fewer
+    projections, higher keep_mass). Base records and points with a NaN strict or perplexity are ignored. Returns
+    ``None`` when no point is within the budget.
+    """
+    if not (base_ppl > 0 and math.isfinite(base_ppl)):
+        raise ValueError(f"base perplexity must be positive and finite, got {base_ppl}")
+    limit = ppl_budget * base_ppl
+    ok = [
+        p
+        for p in points
+        if p.kind == "point" and not math.isnan(p.strict) and not math.isnan(p.perplexity) and p.perplexity <= limit
+    ]
+    if not ok:
+        return None
+
+    def key(p: SweepRecord):
+        loose = _metric(p.metrics, "loose")
+        return (
+            p.strict,
+            p.perplexity,
+            math.inf if math.isnan(loose) else loose,
+            len(p.config.blocks),
+            len(p.config.projections),
+            -p.config.keep_mass,
+            p.id,
+        )
+
+    return min(ok, key=key)
