@@ -1,0 +1,467 @@
+"""Pure math of the curvature edit: eigendecomposition, pair-mass selection, projection. No hooks, no I/O.
+
+Conventions (referenced from every other module):
+
+* A projection's weight ``W`` has shape ``(out, in)`` (the ``nn.Linear`` layout).
+* ``A = E[a aᵀ]`` is the activation covariance over the layer's inputs, ``(in, in)``;
+  ``G = E[g gᵀ]`` is the covariance of the loss gradients w.r.t. the layer's outputs, ``(out, out)``.
+* The K-FAC Fisher block of ``vec(W)`` is ``G ⊗ A``.
+* ``G = U_G diag(λ) U_Gᵀ`` and ``A = U_A diag(μ) U_Aᵀ``, eigenvalues in descending order. In the eigenbasis the
+  weight has coefficients ``C = U_Gᵀ W U_A`` (``out × in``); coefficient ``C[i, j]`` sits on the Fisher eigenvector
+  ``u_G[i] ⊗ u_A[j]`` whose eigenvalue, the **mass of pair (i, j)**, is ``λ_G[i]·μ_A[j]``. The total mass is
+  ``(Σλ)(Σμ) = tr(G)·tr(A)``.
+* The edit keeps the smallest set ``M`` of pairs, taken in descending order of mass, whose summed mass reaches
+  ``keep_mass·(Σλ)(Σμ)`` and writes ``W' = U_G (C ⊙ M) U_Aᵀ``: an orthogonal projection of ``W``.
+* Masks are boolean ``(out, in)`` tensors indexed like ``C`` (row ``i`` ↔ ``u_G[i]``, column ``j`` ↔ ``u_A[j]``).
+
+Numerics: eigendecompositions are fp64 (symmetrized first, tiny negative eigenvalues clamped to 0). Projections run
+in fp64 for fp64 weights and fp32 otherwise (the result is cast back to the weight's dtype and device).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+_ROW_CHUNK = 2048  # rows of an (out, in) mask processed at once when reducing it (bounds temporary memory)
+
+
+@dataclass
+class Eigen:
+    """Eigendecomposition of a covariance factor: ``cov = vectors @ diag(values) @ vectors.T``.
+
+    ``values``: fp64, descending, clamped to ``>= 0``. ``vectors``: fp64, one eigenvector per column.
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.values.numel())
+
+    def to(self, device: torch.device | str) -> "Eigen":
+        return Eigen(self.values.to(device), self.vectors.to(device))
+
+
+@dataclass
+class PairStats:
+    """What a mask keeps, in the curvature's terms (see the module docstring)."""
+
+    pairs_kept: int
+    pairs_total: int
+    mass_fraction: float  # kept mass / total mass
+    grad_vectors_used: int  # distinct G eigenvectors (rows) with at least one kept pair
+    act_vectors_used: int  # distinct A eigenvectors (columns) with at least one kept pair
+
+    @property
+    def pairs_fraction(self) -> float:
+        return self.pairs_kept / self.pairs_total if self.pairs_total else 0.0
+
+
+def eigendecompose(cov: torch.Tensor, name: str = "") -> Eigen:
+    """Eigendecompose a symmetric PSD covariance in fp64, eigenvalues descending and clamped to ``>= 0``.
+
+    Raises :class:`UserError` naming ``name`` (the module) when the matrix holds NaN or Inf.
+    """
+    where = name or "covariance"
+    if cov.dim() != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"{where}: a covariance must be square, got shape {tuple(cov.shape)}")
+    c = cov.detach().to(torch.float64)
+    if not bool(torch.isfinite(c).all()):
+        raise UserError(
+            f"{where}: the covariance factor contains NaN or Inf; recollect the factors of this module "
+            "(in float32, or with fewer tokens per batch if activations overflow)"
+        )
+    c = (c + c.T) * 0.5
+    try:
+        values, vectors = torch.linalg.eigh(c)
+    except RuntimeError:  # rare non-convergence on some GPU backends: retry on the CPU
+        if c.device.type == "cpu":
+            raise
+        values, vectors = torch.linalg.eigh(c.cpu())
+        values, vectors = values.to(c.device), vectors.to(c.device)
+    values = values.flip(0)
+    vectors = vectors.flip(1)
+    top = float(values[0]) if values.numel() else 0.0
+    low = float(values[-1]) if values.numel() else 0.0
+    if low < -1e-6 * max(top, 0.0) - 1e-12:
+        log.warning("%s: covariance has a negative eigenvalue %.3g (largest %.3g); clamped to 0", where, low, top)
+    return Eigen(values.clamp_min(0.0).contiguous(), vectors.contiguous())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pair selection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _f64_from_bits(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _bits_from_f64(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+class _PairIndex:
+    """Counts and masses of ``{(i, j): λ_i·μ_j >= t}`` in O(out·log in), with products exactly as fp64 computes them.
+
+    Works on the eigenvalues only (small vectors), in NumPy on the CPU: single-threaded, so thousands of tiny
+    operations do not pay thread start-up costs. ``λ`` may be in any order; ``μ`` is sorted internally. For each
+    row ``i`` the kept columns at threshold ``t`` are the top-``count_i`` values of ``μ`` (the product is monotone
+    in ``μ`` for ``λ_i > 0``).
+    """
+
+    def __init__(self, lam: torch.Tensor, mu: torch.Tensor):
+        self.lam = lam.cpu().numpy()
+        mu_np = mu.cpu().numpy()
+        order = np.argsort(mu_np, kind="stable")
+        self.mu_asc = mu_np[order]
+        n = mu_np.size
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = n - 1 - np.arange(n)
+        self.mu_rank = torch.from_numpy(rank).to(mu.device)  # rank of column j in descending order of μ
+        self.top_sums = np.concatenate([[0.0], np.cumsum(self.mu_asc[::-1])])  # top_sums[c] = Σ of the top c μ
+        self.positive = self.lam > 0
+        self.safe_lam = np.where(self.positive, self.lam, 1.0)
+        self.n = n
+
+    def counts(self, t: float) -> np.ndarray:
+        """Per row, the number of columns with ``fl(λ_i·μ_j) >= t`` (``t > 0``)."""
+        lam, mu, n, positive = self.lam, self.mu_asc, self.n, self.positive
+        with np.errstate(over="ignore"):
+            k = np.searchsorted(mu, t / self.safe_lam)  # first index with μ >= t/λ_i, up to the rounding of t/λ_i
+        # Make the boundary exact for the fp64 products, jumping over groups of equal μ.
+        while True:
+            prev = np.maximum(k - 1, 0)
+            left = positive & (k > 0) & (lam * mu[prev] >= t)
+            if not left.any():
+                break
+            k = np.where(left, np.searchsorted(mu, mu[prev]), k)
+        while True:
+            cur = np.minimum(k, n - 1)
+            right = positive & (k < n) & (lam * mu[cur] < t)
+            if not right.any():
+                break
+            k = np.where(right, np.searchsorted(mu, mu[cur], side="right"), k)
+        return np.where(positive, n - k, 0)
+
+    def mass(self, counts: np.ndarray) -> float:
+        return float((self.lam * self.top_sums[counts]).sum())
+
+    def mask(self, counts: np.ndarray) -> torch.Tensor:
+        """Boolean ``(out, in)``: row ``i`` keeps its top-``counts[i]`` columns by ``μ``."""
+        c = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int64)).to(self.mu_rank.device)
+        return self.mu_rank.unsqueeze(0) < c.unsqueeze(1)
+
+
+def _check_eigvals(values: torch.Tensor, what: str) -> torch.Tensor:
+    if values.dim() != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {tuple(values.shape)}")
+    values = values.detach().to(torch.float64)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{what} contain NaN or Inf")
+    return values.clamp_min(0.0)
+
+
+def select_pairs(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mass: float) -> torch.Tensor:
+    """The smallest set of top-mass pairs whose mass reaches ``keep_mass·(Σλ)(Σμ)``, as a bool ``(out, in)`` mask.
+
+    Pairs are taken in descending order of ``λ_G[i]·μ_A[j]`` (see the module docstring); the result selects the
+    same mass as adding pairs one at a time in that order (which pairs of equal mass enter at the boundary is
+    arbitrary). ``keep_mass >= 1`` keeps every pair; ``keep_mass <= 0`` (or a zero spectrum) keeps none.
+
+    Exact and vectorized: a bisection over the fp64 bit patterns of the threshold product ``t`` (monotone in ``t``),
+    where for each ``t`` a ``searchsorted`` per row gives how many pairs have product ``>= t`` and prefix sums of the
+    sorted ``μ`` give their mass: O(out·log(in)) per step, ~64 steps; only the final mask is O(out·in).
+    """
+    lam = _check_eigvals(grad_eigvals, "grad_eigvals")
+    mu = _check_eigvals(act_eigvals, "act_eigvals").to(lam.device)
+    out_dim, in_dim = lam.numel(), mu.numel()
+    if keep_mass >= 1.0:
+        return torch.ones(out_dim, in_dim, dtype=torch.bool, device=lam.device)
+    target = float(keep_mass) * float(lam.sum()) * float(mu.sum())
+    if not target > 0.0 or out_dim == 0 or in_dim == 0:
+        return torch.zeros(out_dim, in_dim, dtype=torch.bool, device=lam.device)
+    index = _PairIndex(lam, mu)
+    smallest = _bits_from_f64(5e-324)  # the smallest positive fp64: counts every positive product
+    counts_lo = index.counts(_f64_from_bits(smallest))
+    if index.mass(counts_lo) < target:  # only by rounding, with keep_mass within ~1e-15 of 1: keep all positive pairs
+        return index.mask(counts_lo)
+    top = float(lam.max()) * float(mu.max())
+    lo, hi = smallest, _bits_from_f64(top) + 1  # invariant: mass(>= lo) >= target > mass(>= hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if index.mass(index.counts(_f64_from_bits(mid))) >= target:
+            lo = mid
+        else:
+            hi = mid
+    threshold = _f64_from_bits(lo)  # the mass of the last pair to enter, exactly as fp64 computes the products
+    counts_ge = index.counts(threshold)
+    counts_gt = index.counts(_f64_from_bits(lo + 1))
+    mass_gt = index.mass(counts_gt)
+    ties = counts_ge - counts_gt  # per row, pairs whose product equals the threshold
+    n_ties = int(ties.sum())
+    need = min(max(math.ceil((target - mass_gt) / threshold), 1), n_ties)
+    # Take the first `need` tied pairs in row order (each row's ties are the next columns of its prefix).
+    before = np.cumsum(ties) - ties
+    take = np.minimum(np.maximum(need - before, 0), ties)
+    return index.mask(counts_gt + take)
+
+
+def truncation_rank(values: torch.Tensor, keep_fraction: float) -> int:
+    """The smallest ``r`` whose top-``r`` values (sorted descending) sum to ``keep_fraction`` of the total."""
+    values = values.detach().to(torch.float64).clamp_min(0.0)
+    if keep_fraction >= 1.0:
+        return int(values.numel())
+    total = float(values.sum())
+    target = float(keep_fraction) * total
+    if not target > 0.0:
+        return 0
+    cums = torch.cumsum(torch.sort(values, descending=True).values, 0)
+    r = int(torch.searchsorted(cums, torch.tensor([target], dtype=cums.dtype, device=cums.device))[0]) + 1
+    return min(r, int(values.numel()))
+
+
+def independent_mask(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mass: float) -> torch.Tensor:
+    """Mask of independent truncation: the top eigenvectors of G holding ``keep_mass`` of Σλ times those of A
+    holding ``keep_mass`` of Σμ (a rectangle; its pair mass is about ``keep_mass²``). Eigenvalues descending."""
+    r_grad = truncation_rank(grad_eigvals, keep_mass)
+    r_act = truncation_rank(act_eigvals, keep_mass)
+    mask = torch.zeros(grad_eigvals.numel(), act_eigvals.numel(), dtype=torch.bool, device=grad_eigvals.device)
+    mask[:r_grad, :r_act] = True
+    return mask
+
+
+def _row_sums(mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``mask @ weights`` (fp64) or per-row counts, in row chunks so no float copy of the whole mask is made."""
+    parts = []
+    for start in range(0, mask.shape[0], _ROW_CHUNK):
+        chunk = mask[start : start + _ROW_CHUNK]
+        if weights is None:  # a uint8 view sums several times faster than bool
+            parts.append(chunk.view(torch.uint8).sum(1, dtype=torch.int64))
+        else:
+            parts.append(chunk.to(weights.dtype) @ weights)
+    if not parts:
+        return torch.zeros(0, dtype=torch.float64 if weights is not None else torch.int64, device=mask.device)
+    return torch.cat(parts)
+
+
+def _row_extents(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, one past the last kept column (0 for an empty row)."""
+    index_dtype = torch.int16 if mask.shape[1] < 2**15 else torch.int32
+    cols = torch.arange(1, mask.shape[1] + 1, dtype=index_dtype, device=mask.device)
+    parts = []
+    for start in range(0, mask.shape[0], _ROW_CHUNK):
+        chunk = mask[start : start + _ROW_CHUNK]
+        parts.append((chunk * cols).amax(1) if mask.shape[1] else torch.zeros(chunk.shape[0], dtype=torch.int32))
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64, device=mask.device)
+    return torch.cat(parts).to(torch.int64)
+
+
+def pair_mass_fraction(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mass of the pairs in ``mask`` over the total mass ``(Σλ)(Σμ)``; 0.0 when the total is 0."""
+    lam = _check_eigvals(grad_eigvals, "grad_eigvals")
+    mu = _check_eigvals(act_eigvals, "act_eigvals").to(mask.device)
+    total = float(lam.sum()) * float(mu.sum())
+    if total <= 0.0:
+        return 0.0
+    kept = float((_row_sums(mask, mu) * lam.to(mask.device)).sum())
+    return kept / total
+
+
+def pair_stats(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, mask: torch.Tensor) -> PairStats:
+    """Pairs kept, their mass fraction and the distinct eigenvectors they use (see :class:`PairStats`)."""
+    row_counts = _row_sums(mask)
+    return PairStats(
+        pairs_kept=int(row_counts.sum()),
+        pairs_total=int(mask.numel()),
+        mass_fraction=pair_mass_fraction(grad_eigvals, act_eigvals, mask),
+        grad_vectors_used=int((row_counts > 0).sum()),
+        act_vectors_used=int(mask.any(0).sum()) if mask.numel() else 0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Projection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def project_weight(
+    weight: torch.Tensor,
+    grad_eig: Eigen,
+    act_eig: Eigen,
+    mask: torch.Tensor,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``W' = U_G ((U_Gᵀ W U_A) ⊙ M) U_Aᵀ`` for any mask ``M`` (``(out, in)`` bool), in the weight's dtype/device.
+
+    Exploits the shape of masks from :func:`select_pairs`: with eigenvalues descending, each row keeps a prefix of
+    columns and those prefixes shrink down the rows (a staircase under a hyperbola). Rows are split into a few
+    leading rows with long prefixes (projected on both sides in full) and the rest, whose prefixes are short
+    (projected through ``W U_A[:, :b]`` in blocks of similar length). The split minimizes the multiply count, so an
+    11008×4096 edit at typical keep_mass costs a small fraction of the dense ``2·(out²·in + out·in²)``. Any mask
+    gives the exact result; only the speed depends on its shape.
+    """
+    out_dim, in_dim = weight.shape
+    if tuple(mask.shape) != (out_dim, in_dim):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(out_dim, in_dim)}")
+    if grad_eig.size != out_dim or act_eig.size != in_dim:
+        raise ValueError(
+            f"eigenbases of size G {grad_eig.size}, A {act_eig.size} do not fit a weight of shape {(out_dim, in_dim)}"
+        )
+    dtype = compute_dtype or _compute_dtype(weight)
+    device = weight.device
+    w = weight.detach().to(device=device, dtype=dtype)
+    u_grad = grad_eig.vectors.to(device)  # slices are cast to `dtype` when used: no full copy of U_G
+    u_act = act_eig.vectors.to(device)
+    mask = mask.to(device)
+
+    extents = _row_extents(mask)
+    order = torch.argsort(extents, descending=True, stable=True)
+    ext_sorted = extents[order]
+    n_rows = int((ext_sorted > 0).sum())
+    result = torch.zeros(out_dim, in_dim, dtype=dtype, device=device)
+    if n_rows == 0:
+        return result.to(weight.dtype)
+    identity_order = bool((order[:n_rows] == torch.arange(n_rows, device=device)).all())
+
+    def grad_cols(start: int, stop: int) -> torch.Tensor:
+        cols = u_grad[:, start:stop] if identity_order else u_grad.index_select(1, order[start:stop])
+        return cols.to(dtype)
+
+    def mask_rows(start: int, stop: int, width: int) -> torch.Tensor:
+        rows = mask[start:stop] if identity_order else mask.index_select(0, order[start:stop])
+        return rows[:, :width]
+
+    # Choose the split `a`: rows [0, a) go through the two-sided projection, rows [a, n_rows) through W U_A[:, :b].
+    ext = ext_sorted[:n_rows].to(torch.float64)
+    width0 = float(ext[0])
+    split = torch.arange(n_rows + 1, dtype=torch.float64, device=device)
+    next_ext = torch.cat([ext, torch.zeros(1, dtype=torch.float64, device=device)])
+    tail_area = torch.cat([torch.flip(torch.cumsum(torch.flip(ext, [0]), 0), [0]), next_ext[-1:]])
+    cost = split * (out_dim * in_dim + in_dim * width0) + next_ext * out_dim * in_dim + 1.3 * out_dim * tail_area
+    a = int(torch.argmin(cost))
+
+    if a > 0:  # leading rows: C = U_G[:, rows]ᵀ W U_A[:, :width0], masked, projected back
+        width = int(width0)
+        ug = grad_cols(0, a)
+        ua = u_act[:, :width].to(dtype)
+        coeffs = (ug.T @ w) @ ua
+        coeffs.mul_(mask_rows(0, a, width))
+        result.addmm_(ug, coeffs @ ua.T)
+
+    if a < n_rows:  # remaining rows: prefixes of length <= b, through Y = W U_A[:, :b], in blocks
+        b = int(ext_sorted[a])
+        ua = u_act[:, :b].to(dtype)
+        y = w @ ua
+        partial = torch.zeros(out_dim, b, dtype=dtype, device=device)
+        ext_list = ext_sorted[a:n_rows].tolist()
+        start = a
+        while start < n_rows:
+            width = int(ext_list[start - a])
+            stop = start + 1
+            while stop < n_rows and ext_list[stop - a] * 1.25 >= width:
+                stop += 1
+            ug = grad_cols(start, stop)
+            coeffs = ug.T @ y[:, :width]
+            coeffs.mul_(mask_rows(start, stop, width))
+            partial[:, :width].addmm_(ug, coeffs)
+            start = stop
+        result.addmm_(partial, ua.T)
+    return result.to(weight.dtype)
+
+
+def edit_weight(
+    weight: torch.Tensor, activation_cov: torch.Tensor, grad_cov: torch.Tensor, keep_mass: float
+) -> torch.Tensor:
+    """The K-FAC edit of one weight: keep the top-mass pairs holding ``keep_mass`` of the curvature.
+
+    ``weight`` is ``(out, in)``, ``activation_cov`` ``(in, in)``, ``grad_cov`` ``(out, out)`` (module docstring).
+    Returns ``W'`` in the weight's dtype and device; ``keep_mass >= 1`` returns a copy of ``W``.
+    """
+    out_dim, in_dim = weight.shape
+    if tuple(activation_cov.shape) != (in_dim, in_dim) or tuple(grad_cov.shape) != (out_dim, out_dim):
+        raise ValueError(
+            f"weight {tuple(weight.shape)} (out, in) needs A ({in_dim}, {in_dim}) and G ({out_dim}, {out_dim}); "
+            f"got A {tuple(activation_cov.shape)} and G {tuple(grad_cov.shape)}"
+        )
+    if keep_mass >= 1.0:
+        return weight.detach().clone()
+    act_eig = eigendecompose(activation_cov.to(weight.device), "activation_cov")
+    grad_eig = eigendecompose(grad_cov.to(weight.device), "grad_cov")
+    mask = select_pairs(grad_eig.values, act_eig.values, keep_mass)
+    return project_weight(weight, grad_eig, act_eig, mask)
+
+
+def independent_truncation(weight: torch.Tensor, grad_eig: Eigen, act_eig: Eigen, keep_mass: float) -> torch.Tensor:
+    """``W' = U_G,r U_G,rᵀ W U_A,r U_A,rᵀ`` keeping the top eigenvectors of G holding ``keep_mass`` of Σλ and
+    of A holding ``keep_mass`` of Σμ (the reference's second mode)."""
+    mask = independent_mask(grad_eig.values, act_eig.values, keep_mass)
+    return project_weight(weight, grad_eig, act_eig, mask.to(weight.device))
+
+
+def svd_truncate(weight: torch.Tensor, keep_energy: float) -> tuple[torch.Tensor, int, float]:
+    """``(W', rank, kept energy fraction)`` for :func:`svd_truncation`."""
+    out_dim, in_dim = weight.shape
+    if keep_energy >= 1.0:
+        return weight.detach().clone(), min(out_dim, in_dim), 1.0
+    w64 = weight.detach().to(torch.float64)
+    # The right (or left) singular vectors are the eigenvectors of the smaller Gram matrix; σ² its eigenvalues.
+    gram = w64.T @ w64 if in_dim <= out_dim else w64 @ w64.T
+    eig = eigendecompose(gram, "svd gram")
+    rank = truncation_rank(eig.values, keep_energy)
+    total = float(eig.values.sum())
+    energy = float(eig.values[:rank].sum()) / total if total > 0 else 0.0
+    dtype = _compute_dtype(weight)
+    basis = eig.vectors[:, :rank].to(dtype)
+    w = weight.detach().to(dtype)
+    edited = (w @ basis) @ basis.T if in_dim <= out_dim else basis @ (basis.T @ w)
+    return edited.to(weight.dtype), rank, energy
+
+
+def svd_truncation(weight: torch.Tensor, keep_energy: float) -> torch.Tensor:
+    """Data-free baseline: keep the top singular directions of ``W`` holding ``keep_energy`` of Σσ²."""
+    return svd_truncate(weight, keep_energy)[0]
+
+
+def random_orthogonal(n: int, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A Haar-random ``n × n`` orthogonal matrix (QR of a Gaussian with the sign fix), generated on the CPU."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=dtype))
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def random_basis_edit(weight: torch.Tensor, n_keep: int, seed: int = 0) -> torch.Tensor:
+    """Control: keep ``n_keep`` coefficients, at uniformly random positions, of ``W`` in a random orthogonal basis
+    pair (``Q_out`` ``(out, out)``, ``Q_in`` ``(in, in)``): ``W' = Q_out ((Q_outᵀ W Q_in) ⊙ M) Q_inᵀ``.
+
+    With ``n_keep`` equal to the K-FAC edit's pair count it asks whether the curvature basis matters. Costs a
+    dense projection and two QR decompositions (slow on a CPU for 7B-sized weights).
+    """
+    out_dim, in_dim = weight.shape
+    n_keep = int(min(max(n_keep, 0), out_dim * in_dim))
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    dtype = _compute_dtype(weight)
+    q_out = random_orthogonal(out_dim, gen, dtype).to(weight.device)
+    q_in = random_orthogonal(in_dim, gen, dtype).to(weight.device)
+    keep = torch.randperm(out_dim * in_dim, generator=gen)[:n_keep].to(weight.device)
+    mask = torch.zeros(out_dim * in_dim, dtype=torch.bool, device=weight.device)
+    mask[keep] = True
+    w = weight.detach().to(dtype)
+    coeffs = (q_out.T @ w) @ q_in
+    coeffs.mul_(mask.view(out_dim, in_dim))
+    return ((q_out @ coeffs) @ q_in.T).to(weight.dtype)
