@@ -1,0 +1,256 @@
+"""One evaluation of a model: memorized sets, quotes, perplexity, nDCG and the perturbation stress test.
+
+:func:`evaluate` checks every input first (record files, data paths, the reference's tokenizer), then runs the
+asked-for metrics and returns one record::
+
+    {"kind": "eval", "timestamp", "model", "model_fingerprint", "weights_digest", "dtype", "device",
+     "config": {...EvalConfig...}, "metrics": {"memorized": {NAME: {...}}, "quotes": {NAME: {...}},
+     "perplexity": {...}, "ndcg": {...}}, "seconds"}
+
+Memorization metrics are documented in :mod:`.memorization`, perplexity in :mod:`.perplexity`, nDCG in
+:mod:`.ndcg`, the stress test in :mod:`.perturbation` (run on the memorized sets, under ``perturb``). NAME is the
+file's stem (its full path when two files share a stem). The record is appended to ``config.out`` only once the
+whole evaluation succeeded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import __version__
+from ..data import describe_source
+from ..errors import UserError
+from ..fileio import append_jsonl
+from ..models import model_fingerprint
+from . import memorization, ndcg, perplexity, perturbation
+from .records import MemRecord, load_records
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how; each field's ``help`` is its CLI help."""
+
+    memorized: list[str] = field(
+        default_factory=list, metadata={"help": "memorized-set JSONL files (token ids or text records)"}
+    )
+    quotes: list[str] = field(default_factory=list, metadata={"help": "quotes JSONL files (text records)"})
+    perplexity_data: str | None = field(
+        default=None, metadata={"help": "text SOURCE or .pt token tensor for perplexity"}
+    )
+    ndcg_data: str | None = field(default=None, metadata={"help": "text SOURCE for nDCG@k against the reference"})
+    reference_model: str | None = field(
+        default=None, metadata={"help": "reference (unedited) model for nDCG: hub id or local directory"}
+    )
+    prefix_len: int | None = field(
+        default=64, metadata={"help": "prefix tokens kept (the last ones); token-id records must have them"}
+    )
+    suffix_len: int | None = field(
+        default=48, metadata={"help": "suffix tokens kept (the first ones); token-id records must have them"}
+    )
+    loose: float = field(default=0.75, metadata={"help": "loose match threshold on 1 - levenshtein/len"})
+    ndcg_k: int = field(default=10, metadata={"help": "k of nDCG@k"})
+    ndcg_seq_len: int = field(default=1024, metadata={"help": "window length of the nDCG pass"})
+    ppl_block: int = field(default=112, metadata={"help": "block length of the perplexity pass"})
+    max_tokens: int = field(default=200_000, metadata={"help": "token budget of the perplexity and nDCG passes each"})
+    batch_size: int = field(default=32, metadata={"help": "prompts per generation batch; blocks per perplexity batch"})
+    forward_tokens: int = field(default=16384, metadata={"help": "tokens per forward pass of the nDCG pass"})
+    perturb: int | None = field(
+        default=None, metadata={"help": "run the position-perturbation stress test with budget T (paper: 20)"}
+    )
+    out: str | None = field(default=None, metadata={"help": "results JSONL to append one line to"})
+    model: str | None = field(default=None, metadata={"help": "model path recorded in the results"})
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` for settings that cannot work."""
+        checks = [
+            (self.prefix_len is None or self.prefix_len >= 1, f"--prefix-len {self.prefix_len}: use at least 1"),
+            (self.suffix_len is None or self.suffix_len >= 1, f"--suffix-len {self.suffix_len}: use at least 1"),
+            (0.0 <= self.loose <= 1.0, f"--loose {self.loose}: use a threshold in [0, 1]"),
+            (self.ndcg_k >= 1, f"--ndcg-k {self.ndcg_k}: use at least 1"),
+            (self.ndcg_seq_len >= 2, f"--ndcg-seq-len {self.ndcg_seq_len}: use at least 2"),
+            (self.ppl_block >= 2, f"--ppl-block {self.ppl_block}: use at least 2"),
+            (self.max_tokens >= 1, f"--max-tokens {self.max_tokens}: use at least 1"),
+            (self.batch_size >= 1, f"--batch-size {self.batch_size}: use at least 1"),
+            (self.forward_tokens >= 1, f"--forward-tokens {self.forward_tokens}: use at least 1"),
+            (self.perturb is None or self.perturb >= 1, f"--perturb {self.perturb}: use at least 1 (paper: 20)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        if not (self.memorized or self.quotes or self.perplexity_data or self.ndcg_data):
+            raise UserError("nothing to evaluate; give --memorized, --quotes, --perplexity-data or --ndcg-data")
+
+
+def _set_names(paths: list[str]) -> list[str]:
+    stems = [Path(p).stem for p in paths]
+    return [stem if stems.count(stem) == 1 else str(p) for stem, p in zip(stems, paths)]
+
+
+def _check_source(source: str, option: str) -> None:
+    described = describe_source(source)
+    if not described.startswith("hf:") and not Path(described).exists():
+        raise UserError(f"{option} '{source}' does not exist; give a local file/directory or hf:DATASET")
+
+
+def check_same_tokenizer(tokenizer, reference_tokenizer, reference_name: str) -> None:
+    """A reference must tokenize exactly like the evaluated model (nDCG compares token ids)."""
+    if tokenizer.get_vocab() != reference_tokenizer.get_vocab():
+        raise UserError(
+            f"reference model '{reference_name}' has another tokenizer than the evaluated model; nDCG needs the "
+            "same vocabulary: give the unedited version of the same model as --reference-model"
+        )
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def check_inputs(
+    config: EvalConfig,
+    tokenizer,
+    vocab_size: int | None = None,
+    max_positions: int | None = None,
+    has_reference: bool = False,
+) -> dict[str, dict[str, list[MemRecord]]]:
+    """Check every input of ``config`` without running a model; return the record sets by kind and name.
+
+    Cheap enough to call before loading the model (with ``vocab_size=len(tokenizer)``), so that a bad file fails
+    in a second, not after minutes of loading. Loads the reference's tokenizer (not its weights) to compare it.
+    """
+    config.validate()
+    sets: dict[str, dict[str, list[MemRecord]]] = {"memorized": {}, "quotes": {}}
+    for kind, paths in (("memorized", config.memorized), ("quotes", config.quotes)):
+        for name, path in zip(_set_names(paths), paths):
+            sets[kind][name] = load_records(path, tokenizer, config.prefix_len, config.suffix_len, vocab_size)
+    longest = max((len(r.prefix_ids) + len(r.suffix_ids) for s in sets.values() for rs in s.values() for r in rs), default=0)
+    if max_positions and longest > max_positions:
+        raise UserError(
+            f"records of {longest} tokens exceed the model's {max_positions} positions; lower --prefix-len/--suffix-len"
+        )
+    if config.perplexity_data:
+        _check_source(config.perplexity_data, "--perplexity-data")
+        if config.perplexity_data.endswith(".pt"):
+            perplexity.load_token_tensor(config.perplexity_data, vocab_size)
+    if config.ndcg_data:
+        _check_source(config.ndcg_data, "--ndcg-data")
+        if not has_reference and not config.reference_model:
+            raise UserError("--ndcg-data needs --reference-model (the unedited model) to rank tokens against")
+    if config.reference_model:
+        from ..models import load_tokenizer
+
+        check_same_tokenizer(tokenizer, load_tokenizer(config.reference_model), config.reference_model)
+    return sets
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer,
+    config: EvalConfig,
+    reference_model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
+    reference_tokenizer=None,
+    reference_topk: torch.Tensor | None = None,
+) -> dict:
+    """Evaluate ``model`` as ``config`` asks and return the results record (see the module docstring).
+
+    Args:
+        reference_model: the reference for nDCG, held in memory (or a callable loading it); by default the model
+            at ``config.reference_model`` is loaded, only when its top-k are not cached yet.
+        reference_tokenizer: checked against ``tokenizer`` when given.
+        reference_topk: precomputed reference top-k (:func:`.ndcg.reference_topk`), e.g. taken before an edit.
+    """
+    config.validate()
+    started = time.time()
+    vocab = model.get_input_embeddings().num_embeddings
+    pad_id = _pad_id(tokenizer)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+
+    # 1. Check every input before any expensive pass.
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    has_reference = reference_topk is not None or reference_model is not None
+    sets = check_inputs(config, tokenizer, vocab, max_pos, has_reference=has_reference)
+    if reference_tokenizer is not None:
+        check_same_tokenizer(tokenizer, reference_tokenizer, config.reference_model or "reference")
+    reference_identity = None
+    if config.ndcg_data and not has_reference:
+        from ..models import load_model
+
+        reference_identity = ndcg.path_identity(config.reference_model)
+        ref_path = config.reference_model
+        reference_model = lambda: load_model(ref_path, dtype=dtype, device=str(device))[0]  # noqa: E731
+
+    # 2. Run the passes.
+    metrics: dict = {}
+    timings: dict[str, float] = {}
+    for kind in ("memorized", "quotes"):
+        for name, records in sets[kind].items():
+            t0 = time.time()
+            summary, scores = memorization.memorization_metrics(
+                model, records, config.loose, config.batch_size, pad_id, desc=f"{kind} {name}"
+            )
+            if config.perturb and kind == "memorized":
+                summary["perturb"] = perturbation.perturbation_metrics(
+                    model, records, config.perturb, [s.match_len for s in scores], config.batch_size, pad_id,
+                    desc=f"perturb {name}",
+                )
+            metrics.setdefault(kind, {})[name] = summary
+            timings[f"{kind}:{name}"] = time.time() - t0
+    if config.perplexity_data:
+        t0 = time.time()
+        metrics["perplexity"] = perplexity.perplexity_metrics(
+            model, tokenizer, config.perplexity_data, config.ppl_block, config.batch_size, config.max_tokens
+        )
+        timings["perplexity"] = time.time() - t0
+    if config.ndcg_data:
+        t0 = time.time()
+        rows = max(1, config.forward_tokens // config.ndcg_seq_len)
+        if reference_topk is None:
+            reference_topk = ndcg.reference_topk(
+                reference_model, tokenizer, config.ndcg_data, config.ndcg_k, config.ndcg_seq_len, config.max_tokens,
+                rows, reference_identity=reference_identity,
+            )
+        if reference_topk.shape[1] != config.ndcg_k:
+            raise UserError(f"the reference top-k hold k={reference_topk.shape[1]}, not --ndcg-k {config.ndcg_k}")
+        metrics["ndcg"] = ndcg.ndcg_at_k(
+            model, tokenizer, config.ndcg_data, reference_topk, config.ndcg_seq_len, config.max_tokens, rows
+        )
+        timings["ndcg"] = time.time() - t0
+
+    record = {
+        "kind": "eval",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": config.model or getattr(getattr(model, "config", None), "_name_or_path", None),
+        "model_fingerprint": model_fingerprint(model),
+        "weights_digest": ndcg.weights_digest(model),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "kfac_edit_version": __version__,
+        "config": asdict(config),
+        "metrics": metrics,
+        "timings_s": timings,
+        "seconds": time.time() - started,
+    }
+    if config.out:
+        append_jsonl(config.out, record)
+    return record
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Scalar metrics as ``{"memorized.NAME.strict": 0.12, "perplexity.perplexity": 21.3, ...}``."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_metrics(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+    return out

@@ -1,0 +1,84 @@
+"""Greedy generation: batched (left padding + KV cache) equals one-at-a-time and the no-cache reference, in fp64."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kfac_edit.evaluate.memorization import greedy_generate, match_length, memorization_metrics
+from kfac_edit.evaluate.perturbation import perturbation_metrics
+from kfac_edit.evaluate.records import MemRecord
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, above all on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_prompts(n, lo=2, hi=20, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(60) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def greedy_without_cache(model, prompt, n):
+    """The plainest greedy decoding: the whole sequence is run again for every new token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+def test_batched_generation_equals_one_at_a_time_and_no_cache(tiny_model):
+    prompts = random_prompts(13)
+    lengths = [random.Random(i).randint(1, 9) for i in range(13)]
+    batched = greedy_generate(tiny_model, prompts, lengths, batch_size=5, pad_id=62)
+    single = [greedy_generate(tiny_model, [p], n, batch_size=1, pad_id=62)[0] for p, n in zip(prompts, lengths)]
+    plain = [greedy_without_cache(tiny_model, p, n) for p, n in zip(prompts, lengths)]
+    assert [len(g) for g in batched] == lengths
+    assert batched == single == plain
+    # the pad id does not matter (it is masked out)
+    assert greedy_generate(tiny_model, prompts, lengths, batch_size=13, pad_id=0) == batched
+
+
+def test_early_stop_keeps_match_lengths(tiny_model):
+    prompts = random_prompts(9, seed=1)
+    full = greedy_generate(tiny_model, prompts, 8, batch_size=4)
+    # targets that agree with the greedy output for a known number of tokens, then differ
+    agree = [i % 9 for i in range(9)]
+    targets = [g[:k] + [(t + 1) % 60 for t in g[k:]] for g, k in zip(full, agree)]
+    stopped = greedy_generate(tiny_model, prompts, 8, batch_size=4, targets=targets)
+    assert [match_length(s, t) for s, t in zip(stopped, targets)] == [min(k, 8) for k in agree]
+
+
+def test_memorization_metrics_on_the_models_own_continuations(tiny_model):
+    prompts = random_prompts(6, lo=4, hi=10, seed=2)
+    own = greedy_generate(tiny_model, prompts, 5, batch_size=6)
+    records = [MemRecord(p, g if i < 3 else g[:2] + [(g[2] + 1) % 60] + g[3:], "s") for i, (p, g) in enumerate(zip(prompts, own))]
+    metrics, scores = memorization_metrics(tiny_model, records, loose_threshold=0.75, batch_size=4)
+    assert metrics["strict"] == 0.5  # the first three are the model's own greedy output
+    assert metrics["loose"] == 1.0  # one substitution in 5 tokens: 0.8 >= 0.75
+    assert metrics["avg_levenshtein_norm"] == pytest.approx(0.1)
+    assert metrics["mean_match_len"] == pytest.approx((5 * 3 + 2 * 3) / 6)
+    assert [s.match_len for s in scores] == [5, 5, 5, 2, 2, 2]
+
+
+def test_perturbation_scores_the_best_shifted_prompt(tiny_model):
+    prefix = random_prompts(1, lo=8, hi=8, seed=3)[0]
+    own = greedy_generate(tiny_model, [prefix], 6)[0]
+    # the suffix equals the greedy continuation except its first token: the unperturbed match is 0, while the
+    # prompt extended by that first token continues the model's own greedy output for the remaining 5 tokens
+    suffix = [(own[0] + 1) % 60] + greedy_without_cache(tiny_model, prefix + [(own[0] + 1) % 60], 5)
+    record = MemRecord(prefix, suffix)
+    out = perturbation_metrics(tiny_model, [record], budget=2, unperturbed_match=[0], batch_size=3)
+    assert out["prompts"] == 2 + (8 - 2 - 2 + 1)
+    assert out["mean_max_match_len_extended"] == 5
+    assert out["mean_max_match_len"] == 5
+    assert out["mean_unperturbed_match_len"] == 0
+    assert out["frac_records_longer_match"] == 1.0
