@@ -1,0 +1,77 @@
+"""``kfac-edit edit``: apply a curvature edit to a model and write a standard Hugging Face model directory."""
+
+from __future__ import annotations
+
+import argparse
+
+ORDER = 30
+
+
+def register(subparsers) -> None:
+    from ..edit import METHODS
+
+    p = subparsers.add_parser(
+        "edit",
+        help="edit MLP weights along K-FAC curvature and save a model directory transformers/lm-eval load",
+        description="Keep, per projection, the top-curvature eigen-pairs of G ⊗ A holding keep_mass of the "
+        "curvature mass (W' = U_G (C ⊙ M) U_Aᵀ) and write EDITED_DIR: save_pretrained of the model and tokenizer "
+        "plus edit_report.json. Layers JSON (the reference format): "
+        '\'{"23": {"gate": 0.6, "up": 0.6}, "24": {"gate": 0.6}}\'; a missing projection or keep_mass >= 0.9999 '
+        "is not edited.",
+    )
+    p.add_argument("--model", required=True, help="model to edit: hub id or local directory")
+    p.add_argument(
+        "--factors",
+        metavar="DIR",
+        help="K-FAC factors of this model (made by `kfac-edit collect`); needed by every method but svd",
+    )
+    layers = p.add_mutually_exclusive_group(required=True)
+    layers.add_argument("--layers-json", metavar="JSON", help="layers JSON text: block -> {projection: keep_mass}")
+    layers.add_argument("--layers-file", metavar="FILE", help="file holding the layers JSON")
+    p.add_argument("--out", required=True, metavar="EDITED_DIR", help="directory to write (new, or an earlier edit)")
+    p.add_argument(
+        "--method",
+        default=None,
+        choices=METHODS,
+        help="kfac: top pairs of G ⊗ A (the default, unless a layers file written as {method, seed, layers} "
+        "names another); kfac-independent: top eigenvectors of G and of A separately; "
+        "svd: top singular directions of W holding keep_mass of Σσ² (data-free baseline); random: as many "
+        "coefficients as kfac, random positions in a random orthogonal basis (control)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of the random method's bases (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16", "float64"],
+        help="dtype to load, edit and save the weights in (default: the checkpoint's own dtype)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where eigendecompositions are cached (default: $KFAC_EDIT_CACHE/eigen, else ~/.cache/kfac-edit/eigen)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..edit import EditSpec, edit_model_dir
+
+    if args.layers_file is not None:
+        spec = EditSpec.from_file(args.layers_file, method=args.method, seed=args.seed)
+    else:
+        spec = EditSpec.from_json(args.layers_json, method=args.method, seed=args.seed)
+    report = edit_model_dir(
+        args.model,
+        spec,
+        out_dir=args.out,
+        factors_dir=args.factors,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=args.cache_dir,
+    )
+    print(report.summary())
+    print(f"wrote {Path(args.out) / 'edit_report.json'} and the edited model in {args.out}")
+    return 0
