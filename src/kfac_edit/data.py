@@ -4,8 +4,9 @@ A SOURCE string is one of:
 
 * ``hf:DATASET[:CONFIG][@SPLIT]`` -- a Hugging Face dataset, streamed with ``datasets`` (split defaults to
   ``train``); the aliases ``dolmino`` (allenai/dolmino-mix-1124) and ``olmo-mix`` (allenai/olmo-mix-1124) also work;
-* a local ``.jsonl`` file (one JSON object a line, text in the field ``text``), a ``.txt`` file (one document a
-  non-empty line), a ``.parquet`` file (column ``text``), or a directory holding such files (read in sorted order).
+* a local ``.jsonl`` file (one JSON object a line, text in the field ``text``; ``.jsonl.gz`` / ``.json.gz`` are read
+  through gzip, as in Dolma's shards), a ``.txt`` file (one document a non-empty line), a ``.parquet`` file (column
+  ``text``), or a directory holding such files (read recursively in sorted order; hidden files are skipped).
 
 Documents are tokenized with the model's tokenizer, joined with the EOS token between them (when the tokenizer
 does not add one), and cut into windows of ``seq_len`` tokens. The final partial window is right-padded and masked
@@ -14,6 +15,7 @@ out (``attention_mask`` 0), so every real token is used exactly once.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from dataclasses import dataclass
@@ -25,11 +27,19 @@ import torch
 from .errors import UserError
 
 ALIASES = {"dolmino": "hf:allenai/dolmino-mix-1124", "olmo-mix": "hf:allenai/olmo-mix-1124"}
-LOCAL_SUFFIXES = (".jsonl", ".txt", ".parquet")
+LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".txt", ".parquet")
+TOKENIZE_CHUNK = 256  # documents tokenized per tokenizer call (fast tokenizers batch them in Rust)
 
 
-def describe_source(source: str) -> str:
+def _local_kind(path: Path) -> str | None:
+    """The LOCAL_SUFFIXES entry a file name ends with (case-insensitive), or None."""
+    name = path.name.lower()
+    return next((suffix for suffix in LOCAL_SUFFIXES if name.endswith(suffix)), None)
+
+
+def describe_source(source: str | os.PathLike) -> str:
     """The canonical form of a SOURCE string (aliases expanded, local paths absolute)."""
+    source = str(source)
     source = ALIASES.get(source, source)
     if source.startswith("hf:"):
         return source
@@ -47,46 +57,97 @@ def _parse_hf(source: str) -> tuple[str, str | None, str]:
     return name, config, split
 
 
-def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of a SOURCE in a fixed order (see the module docstring for SOURCE)."""
+def iter_documents(source: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
+    """Yield the documents of a SOURCE in a fixed order (see the module docstring for SOURCE).
+
+    Errors (missing path, unknown file type, malformed line) are :class:`UserError` raised when iteration reaches
+    them; :func:`check_source` raises the cheap ones up front.
+    """
+    source = str(source)
     source = ALIASES.get(source, source)
     if source.startswith("hf:"):
         yield from _iter_hf(source, text_field)
         return
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
-        if not files:
-            raise UserError(f"directory '{source}' holds no .jsonl, .txt or .parquet files; point --data at text files")
-    elif path.is_file():
-        if path.suffix not in LOCAL_SUFFIXES:
-            raise UserError(f"data file '{source}' has an unknown type; use .jsonl (field 'text'), .txt or .parquet")
-        files = [path]
-    else:
-        raise UserError(f"data source '{source}' does not exist; give a local file/directory or hf:DATASET")
-    for file in files:
+    for file in _local_files(source):
         yield from _iter_file(file, text_field)
 
 
-def _iter_file(path: Path, text_field: str) -> Iterator[str]:
-    if path.suffix == ".txt":
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    yield line.rstrip("\n")
-    elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
+def _local_files(source: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and _local_kind(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        if not files:
+            raise UserError(
+                f"directory '{source}' holds no .jsonl, .jsonl.gz, .txt or .parquet files; point --data at text files"
+            )
+        return files
+    if path.is_file():
+        if not _local_kind(path):
+            raise UserError(
+                f"data file '{source}' has an unknown type; use .jsonl (field 'text'), .jsonl.gz, .txt or .parquet"
+            )
+        return [path]
+    raise UserError(f"data source '{source}' does not exist; give a local file/directory or hf:DATASET")
+
+
+def check_source(source: str | os.PathLike, text_field: str = "text") -> None:
+    """Fail early (before a model is loaded) when a SOURCE is missing, unreadable or holds no document.
+
+    Reads at most the first document; a local source is also checked for read permission on every file.
+    """
+    source_str = ALIASES.get(str(source), str(source))
+    if not source_str.startswith("hf:"):
+        for file in _local_files(source_str):
+            if not os.access(file, os.R_OK):
+                raise UserError(f"cannot read data file '{file}' (permission denied); fix its permissions")
+    if next(iter_documents(source, text_field), None) is None:
+        raise UserError(f"the data source '{source}' holds no documents; check the path or the '{text_field}' field")
+
+
+def _open_text(path: Path):
+    try:
+        if path.name.lower().endswith(".gz"):
+            return gzip.open(path, "rt", encoding="utf-8")
+        return open(path, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read data file '{path}': {exc.strerror or exc}") from None
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a text file, with decoding and I/O errors turned into :class:`UserError`."""
+    with _open_text(path) as fh:
+        lineno = 0
+        try:
             for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise UserError(f"{path}:{lineno}: no '{text_field}' field; each line needs {{\"{text_field}\": ...}}")
-                if record[text_field]:
-                    yield str(record[text_field])
+                yield lineno, line
+        except UnicodeDecodeError:
+            raise UserError(f"{path}:{lineno + 1}: not valid UTF-8 text; convert the file to UTF-8") from None
+        except (OSError, EOFError) as exc:  # truncated gzip, I/O errors
+            raise UserError(f"{path}:{lineno + 1}: cannot read further ({exc}); the file may be truncated") from None
+
+
+def _iter_file(path: Path, text_field: str) -> Iterator[str]:
+    kind = _local_kind(path)
+    if kind == ".txt":
+        for _, line in _numbered_lines(path):
+            if line.strip():
+                yield line.rstrip("\r\n")
+    elif kind in (".jsonl", ".jsonl.gz", ".json.gz"):
+        for lineno, line in _numbered_lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise UserError(f"{path}:{lineno}: no '{text_field}' field; each line needs {{\"{text_field}\": ...}}")
+            if record[text_field]:
+                yield str(record[text_field])
     else:  # parquet
         import pyarrow.parquet as pq
 
@@ -117,6 +178,17 @@ def _iter_hf(source: str, text_field: str) -> Iterator[str]:
             yield str(text)
 
 
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 @dataclass
 class Window:
     """One packed window: ``input_ids`` and ``attention_mask`` of length ``seq_len`` (1 = real token)."""
@@ -132,16 +204,23 @@ def pack_documents(documents: Iterable[str], tokenizer, seq_len: int) -> Iterato
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     buffer: list[int] = []
-    any_doc = False
-    for doc in documents:
+    start = 0  # buffer[start:] is not yet cut into windows (avoids quadratic list slicing on long documents)
+    any_doc = produced = False
+    for docs in _chunks(documents, TOKENIZE_CHUNK):
         any_doc = True
-        ids = tokenizer(doc, add_special_tokens=True)["input_ids"]
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids = ids + [eos]
-        buffer.extend(ids)
-        while len(buffer) >= seq_len:
-            chunk, buffer = buffer[:seq_len], buffer[seq_len:]
-            yield Window(torch.tensor(chunk, dtype=torch.long), torch.ones(seq_len, dtype=torch.long))
+        # verbose=False: documents longer than the tokenizer's model_max_length are fine here (we cut windows).
+        for ids in tokenizer(docs, add_special_tokens=True, verbose=False)["input_ids"]:
+            if eos is not None and (not ids or ids[-1] != eos):
+                ids = ids + [eos]
+            buffer.extend(ids)
+            while len(buffer) - start >= seq_len:
+                chunk = buffer[start : start + seq_len]
+                start += seq_len
+                produced = True
+                yield Window(torch.tensor(chunk, dtype=torch.long), torch.ones(seq_len, dtype=torch.long))
+            if start:
+                del buffer[:start]
+                start = 0
     if not any_doc:
         raise UserError("the data source holds no documents; check the path or the dataset's text field")
     if len(buffer) >= 2:  # a window needs at least one (input, label) pair
@@ -150,7 +229,10 @@ def pack_documents(documents: Iterable[str], tokenizer, seq_len: int) -> Iterato
         ids[:n] = torch.tensor(buffer)
         mask = torch.zeros(seq_len, dtype=torch.long)
         mask[:n] = 1
+        produced = True
         yield Window(ids, mask)
+    if not produced:
+        raise UserError("the data source holds fewer than 2 tokens of text; give it more text")
 
 
 def token_batches(
@@ -162,6 +244,7 @@ def token_batches(
     skip_windows: int = 0,
     shard: tuple[int, int] = (0, 1),
     text_field: str = "text",
+    with_index: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches ``{"input_ids": (B, T), "attention_mask": (B, T)}`` of packed windows from a SOURCE.
 
@@ -170,10 +253,17 @@ def token_batches(
         max_tokens: stop once this many real tokens (mask 1) were yielded, counted over all shards.
         skip_windows: windows (counted over all shards) to skip first: resume a stream where a checkpoint left it.
         shard: ``(rank, world_size)``: this rank takes windows ``rank, rank + world, ...``.
+        with_index: also yield ``"window_index"`` (B,): each window's position in the whole stream (over all
+            shards). The factor collector seeds its sampled labels with it, so labels do not depend on batch size,
+            sharding or resuming. Leave it off when the batch goes to ``model(**batch)``.
     """
     rank, world = shard
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} must be at least 1")
+    if not 0 <= rank < world:
+        raise ValueError(f"shard {shard} is not (rank, world_size) with 0 <= rank < world_size")
     documents = iter_documents(source, text_field) if isinstance(source, (str, os.PathLike)) else iter(source)
-    ids, masks = [], []
+    ids, masks, indices = [], [], []
     seen_tokens = 0
     for index, window in enumerate(pack_documents(documents, tokenizer, seq_len)):
         if max_tokens is not None and seen_tokens >= max_tokens:
@@ -184,8 +274,16 @@ def token_batches(
             continue
         ids.append(window.input_ids)
         masks.append(window.attention_mask)
+        indices.append(index)
         if len(ids) == batch_size:
-            yield {"input_ids": torch.stack(ids), "attention_mask": torch.stack(masks)}
-            ids, masks = [], []
+            yield _batch(ids, masks, indices, with_index)
+            ids, masks, indices = [], [], []
     if ids:
-        yield {"input_ids": torch.stack(ids), "attention_mask": torch.stack(masks)}
+        yield _batch(ids, masks, indices, with_index)
+
+
+def _batch(ids: list, masks: list, indices: list[int], with_index: bool) -> dict[str, torch.Tensor]:
+    batch = {"input_ids": torch.stack(ids), "attention_mask": torch.stack(masks)}
+    if with_index:
+        batch["window_index"] = torch.tensor(indices, dtype=torch.long)
+    return batch

@@ -296,3 +296,9 @@ def model_fingerprint(model: nn.Module) -> str:
     for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "_commit_hash"):
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def projection_kinds(model: nn.Module, modules: dict[str, str] | None = None) -> list[str]:
+    """The projection kinds this model has, in ``gate, up, down`` order (``modules`` overrides, as in find_projections)."""
+    kinds = modules if modules else _architecture(model)[1]
+    return [k for k in PROJECTIONS if k in kinds]

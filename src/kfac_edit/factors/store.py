@@ -69,11 +69,18 @@ class Factors:
     def from_means(
         cls, means: dict[str, tuple[torch.Tensor, torch.Tensor, int]], manifest: dict[str, Any] | None = None
     ) -> "Factors":
-        """Build from ``{name: (activation_cov_mean, grad_cov_mean, n_tokens)}`` (e.g. imported or in tests)."""
+        """Build from ``{name: (activation_cov_mean, grad_cov_mean, n_tokens)}`` (e.g. imported or in tests).
+
+        Modules given the same activation tensor object with the same count (gate/up) share one activation sum.
+        """
         modules = {}
+        shared: dict[tuple[int, int], torch.Tensor] = {}
         for name, (act, grad, n) in means.items():
             n = int(n)
-            modules[name] = ModuleFactors(act * n, grad * n, n, n)
+            key = (id(act), n)
+            if key not in shared:
+                shared[key] = act * n
+            modules[name] = ModuleFactors(shared[key], grad * n, n, n)
         return cls(modules, manifest)
 
     # ------------------------------------------------------------------ access
@@ -112,6 +119,18 @@ class Factors:
     def shape(self, name: str) -> tuple[int, int]:
         return self._get(name).shape
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every sum tensor once (a shared activation sum appears once): what to all-reduce or checkpoint."""
+        seen: dict[int, torch.Tensor] = {}
+        for mf in self.modules.values():
+            for t in (mf.activation_sum, mf.grad_sum):
+                seen.setdefault(id(t), t)
+        return list(seen.values())
+
+    def nbytes(self) -> int:
+        """Memory held by the sums (shared tensors counted once)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
     def content_hash(self, name: str) -> str:
         """A hash of the module's factor tensors and counts (a cache key for eigendecompositions)."""
         if name not in self._hashes:
@@ -138,11 +157,13 @@ class Factors:
     def add_(self, other: "Factors") -> "Factors":
         """Add another set of sums and counts into this one (resume, ranks, partial passes)."""
         seen: dict[int, torch.Tensor] = {}
+        cloned: dict[int, torch.Tensor] = {}  # other's shared activation sums stay shared in the copy
         for name, mf in other.modules.items():
             if name not in self.modules:
-                self.modules[name] = ModuleFactors(
-                    mf.activation_sum.clone(), mf.grad_sum.clone(), mf.activation_count, mf.grad_count
-                )
+                key = id(mf.activation_sum)
+                if key not in cloned:
+                    cloned[key] = mf.activation_sum.clone()
+                self.modules[name] = ModuleFactors(cloned[key], mf.grad_sum.clone(), mf.activation_count, mf.grad_count)
                 continue
             mine = self.modules[name]
             if mine.shape != mf.shape:

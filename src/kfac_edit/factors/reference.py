@@ -1,0 +1,150 @@
+"""Import of the reference tool's factor files (a torch ``.pt`` dict of means).
+
+The reference format is ``{"blk{i}.{gate|up|down}": {"A": mean (in, in), "G": mean (out, out), "n_tokens": int}}``.
+Means are turned back into sums (``mean * n_tokens``) so imported factors behave like collected ones. ``gate`` and
+``up`` of a block read the same input: when their ``A`` is the same tensor, or an equal one with the same token
+count, it is shared (stored once). The reference's ``G`` is taken as given; its label mode is unknown.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..models import PROJECTIONS
+from .store import Factors
+
+DEFAULT_NAME_TEMPLATE = "model.layers.{i}.mlp.{proj}_proj"
+_KEY = re.compile(r"^blk(\d+)\.(gate|up|down)$")
+
+
+def read_reference(path: str | os.PathLike) -> dict[tuple[int, str], dict[str, Any]]:
+    """Read and check a reference ``.pt`` file: ``{(block, kind): {"A", "G", "n_tokens"}}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"reference factor file '{path}' does not exist; give the .pt file the reference tool wrote")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, unsafe globals: all mean "not a factor file"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot read '{path}' as a torch factor file: {first}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"'{path}' holds no factor dict; expected {{'blk<i>.<gate|up|down>': {{'A', 'G', 'n_tokens'}}}}")
+    out: dict[tuple[int, str], dict[str, Any]] = {}
+    for key, entry in raw.items():
+        match = _KEY.match(str(key))
+        if not match:
+            raise UserError(f"'{path}': key '{key}' is not of the form blk<i>.<gate|up|down>")
+        if not isinstance(entry, dict) or not {"A", "G", "n_tokens"} <= set(entry):
+            raise UserError(f"'{path}': entry '{key}' needs 'A', 'G' and 'n_tokens'")
+        A, G = entry["A"], entry["G"]
+        for label, t in (("A", A), ("G", G)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != t.shape[1]:
+                raise UserError(f"'{path}': {key}.{label} is not a square matrix")
+        n = int(entry["n_tokens"].item() if isinstance(entry["n_tokens"], torch.Tensor) else entry["n_tokens"])
+        if n <= 0:
+            raise UserError(f"'{path}': {key}.n_tokens is {n}; the means cannot be turned back into sums")
+        out[(int(match.group(1)), match.group(2))] = {"A": A, "G": G, "n_tokens": n}
+    return out
+
+
+def _names_from_template(keys, template: str) -> dict[tuple[int, str], str]:
+    if "{i}" not in template:
+        raise UserError(f"--name-template '{template}' needs {{i}} (the block index), e.g. {DEFAULT_NAME_TEMPLATE}")
+    names = {}
+    for block, kind in keys:
+        try:
+            names[(block, kind)] = template.format(i=block, proj=kind)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise UserError(f"--name-template '{template}' is not valid: only {{i}} and {{proj}} may appear ({exc})") from None
+    if len(set(names.values())) != len(names):
+        raise UserError(f"--name-template '{template}' gives several modules the same name; add {{proj}}")
+    return names
+
+
+def _names_from_model(keys, model) -> dict[tuple[int, str], tuple[str, tuple[int, int]]]:
+    from ..models import find_projections
+
+    blocks = sorted({b for b, _ in keys})
+    kinds = [k for k in PROJECTIONS if any(kind == k for _, kind in keys)]
+    projections = find_projections(model, blocks, kinds)
+    by_key = {(p.block, p.kind): p for p in projections}
+    return {key: (by_key[key].name, by_key[key].shape) for key in keys}
+
+
+def meta_model(name_or_path: str):
+    """The architecture of a model (config only, weights on the meta device: nothing is loaded or allocated)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the config of model '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def import_reference(
+    path: str | os.PathLike, name_template: str = DEFAULT_NAME_TEMPLATE, model: Any | str | None = None
+) -> Factors:
+    """Turn a reference ``.pt`` file into :class:`Factors` (fp32 sums + counts).
+
+    Modules are named by ``name_template`` (``{i}`` = block, ``{proj}`` = gate|up|down), or, when ``model`` (a
+    model, hub id or local dir) is given, by that architecture's projections, whose shapes are then checked.
+    """
+    entries = read_reference(path)
+    model_name = None
+    if model is not None:
+        if isinstance(model, (str, os.PathLike)):
+            model_name = str(model)
+            model = meta_model(model_name)
+        named = _names_from_model(entries, model)
+        for key, (name, (n_out, n_in)) in named.items():
+            A, G = entries[key]["A"], entries[key]["G"]
+            if A.shape != (n_in, n_in) or G.shape != (n_out, n_out):
+                raise UserError(
+                    f"blk{key[0]}.{key[1]}: A {tuple(A.shape)} / G {tuple(G.shape)} do not fit {name} of shape "
+                    f"(out, in) = {(n_out, n_in)}; is this the right --model?"
+                )
+        names = {key: name for key, (name, _) in named.items()}
+    else:
+        names = _names_from_template(entries, name_template)
+
+    means: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    for block, kind in sorted(entries, key=lambda k: (k[0], PROJECTIONS.index(k[1]))):
+        entry = entries[(block, kind)]
+        A = entry["A"].to(torch.float32, copy=True)  # own tensor: only gate/up of one block may share
+        if kind == "up" and (block, "gate") in entries:
+            gate = entries[(block, "gate")]
+            same = gate["A"] is entry["A"] or (gate["A"].shape == entry["A"].shape and torch.equal(gate["A"], entry["A"]))
+            if same and gate["n_tokens"] == entry["n_tokens"]:
+                A = means[names[(block, "gate")]][0]  # one tensor object: from_means shares the sum
+        means[names[(block, kind)]] = (A, entry["G"].to(torch.float32, copy=True), entry["n_tokens"])
+
+    from .. import __version__
+
+    manifest: dict[str, Any] = {
+        "imported_from": str(Path(path).resolve()),
+        "source_format": "reference .pt (means + n_tokens)",
+        "name_template": None if model is not None else name_template,
+        "model": model_name or (getattr(getattr(model, "config", None), "_name_or_path", None) if model is not None else None),
+        "labels": None,
+        "tokens": max(e["n_tokens"] for e in entries.values()),
+        "layers": sorted({b for b, _ in entries}),
+        "projections": [k for k in PROJECTIONS if any(kind == k for _, kind in entries)],
+        "kfac_edit_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if model is not None:
+        from ..models import model_fingerprint
+
+        manifest["model_fingerprint"] = model_fingerprint(model)
+    factors = Factors.from_means(means, manifest)
+    factors.check_finite()
+    return factors
