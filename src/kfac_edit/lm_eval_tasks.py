@@ -1,0 +1,214 @@
+"""Downstream tasks through lm-evaluation-harness (the optional ``lm_eval`` package, extra ``[lm-eval]``).
+
+An edited model directory is a standard Hugging Face model directory, so lm-eval's ``hf`` backend loads it as it
+is. :func:`run_lm_eval` runs a list of tasks (built-in names such as ``arithmetic``, ``triviaqa``, ``gsm8k``, or tasks
+defined in YAML files under ``include_path``) and writes their results to ``OUT_DIR/lm_eval_results.json``::
+
+    {"model": "...", "tasks": [...], "include_path": ..., "limit": ..., "num_fewshot": ..., "batch_size": ...,
+     "device": "...", "dtype": "...", "lm_eval_version": "0.4.x", "timestamp": "...", "seconds": 12.3,
+     "metrics": {"arithmetic_2da": {"acc": 0.91, "acc_stderr": 0.01}, ...},   # per task, numeric metrics only
+     "results": {...}, "n-shot": {...}, "n-samples": {...}, "versions": {...}, "configs": {...}}  # lm-eval's own
+
+Metric names drop lm-eval's filter suffix (``acc,none`` -> ``acc``; other filters keep theirs: ``exact_match,flexible``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import UserError
+from .fileio import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "lm_eval_results.json"
+SAMPLES_FILE = "lm_eval_samples.jsonl"
+INSTALL_HINT = "pip install 'kfac-edit[lm-eval]'"
+
+
+def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """``"arithmetic,triviaqa"`` or a list -> ``["arithmetic", "triviaqa"]`` (order kept, duplicates dropped)."""
+    items = tasks.split(",") if isinstance(tasks, str) else [t for part in tasks for t in str(part).split(",")]
+    out: list[str] = []
+    for t in (s.strip() for s in items):
+        if t and t not in out:
+            out.append(t)
+    if not out:
+        raise UserError("no lm-eval task given; pass e.g. --lm-eval-tasks arithmetic,triviaqa")
+    return out
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise UserError(f"lm-evaluation-harness is not installed ({exc}); install it with {INSTALL_HINT}") from None
+    return lm_eval, simple_evaluate, TaskManager
+
+
+def _task_manager(TaskManager, tasks: list[str], include_path: str | None):
+    """A TaskManager that knows ``tasks``: only the include path when it defines them all (fast), else all tasks."""
+    if include_path is not None:
+        if not os.path.exists(include_path):
+            raise UserError(f"--lm-eval-include {include_path} does not exist; give a directory of task YAML files")
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    manager = TaskManager(include_path=include_path)
+    missing = [t for t in tasks if t not in manager.all_tasks]
+    if missing:
+        import difflib
+
+        hints = []
+        for t in missing:
+            close = difflib.get_close_matches(t, manager.all_tasks, n=3)
+            hints.append(f"'{t}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        where = f" in lm-eval or {include_path}" if include_path else " in lm-eval (add --lm-eval-include DIR for your own)"
+        raise UserError(f"unknown lm-eval task {'; '.join(hints)}{where}; `lm-eval ls tasks` lists them")
+    return manager
+
+
+def _metric_name(key: str) -> str:
+    return key[: -len(",none")] if key.endswith(",none") else key
+
+
+def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per task, its numeric metrics with the ``,none`` filter suffix dropped (``alias`` and strings removed)."""
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in results.get("results", {}).items():
+        row = {}
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "sample_len":
+                row[_metric_name(key)] = float(value)
+        out[task] = row
+    return out
+
+
+def run_lm_eval(
+    model_path: str | os.PathLike,
+    tasks: str | Sequence[str],
+    out_dir: str | os.PathLike,
+    include_path: str | os.PathLike | None = None,
+    limit: int | float | None = None,
+    batch_size: int | str = 8,
+    device: str | None = "auto",
+    dtype: str = "auto",
+    num_fewshot: int | None = None,
+    seed: int = 0,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """Run lm-eval's ``hf`` backend on ``model_path`` (hub id or model directory) and write ``OUT_DIR/lm_eval_results.json``.
+
+    Args:
+        tasks: task or group names, comma-separated or a list.
+        include_path: a directory of extra task YAML files (e.g. a local task over a local JSONL).
+        limit: at most this many documents per task (a fraction < 1 means that share), for quick checks.
+        batch_size: lm-eval batch size (an int, or ``"auto"``).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: weights dtype passed to ``from_pretrained`` (``auto`` keeps the checkpoint's).
+        num_fewshot: few-shot examples per prompt (default: each task's own).
+        log_samples: also write each document's responses to ``OUT_DIR/lm_eval_samples.jsonl`` (one line per
+            document: ``task``, ``doc_id``, ``doc``, ``target``, ``arguments``, ``responses``, per-document metrics)
+            and return them under ``"samples"``.
+    Returns:
+        The dict written to the file (layout in the module docstring).
+    """
+    from .models import resolve_device
+
+    task_list = parse_tasks(tasks)
+    lm_eval, simple_evaluate, TaskManager = _import_lm_eval()
+    include = os.fspath(include_path) if include_path is not None else None
+    manager = _task_manager(TaskManager, task_list, include)
+    model_path = os.fspath(model_path)
+    dev = str(resolve_device(device))
+    model_args = {"pretrained": model_path, "dtype": dtype}
+    log.info("lm-eval: %s on %s (%s)", ",".join(task_list), model_path, dev)
+    start = time.perf_counter()
+    raw = simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=task_list,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        device=dev,
+        limit=limit,
+        task_manager=manager,
+        log_samples=log_samples,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    seconds = time.perf_counter() - start
+    if raw is None:  # non-zero ranks under distributed lm-eval
+        return {}
+    samples = _sample_rows(raw.get("samples", {})) if log_samples else []
+    raw = {k: v for k, v in dict(raw).items() if k != "samples"}
+    raw = json.loads(json.dumps(raw, default=str))  # lm-eval's dicts hold a few non-JSON objects
+    record = {
+        "model": model_path,
+        "tasks": task_list,
+        "include_path": include,
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "batch_size": batch_size,
+        "device": dev,
+        "dtype": dtype,
+        "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "metrics": summarize(raw),
+    }
+    for key in ("results", "groups", "n-shot", "n-samples", "versions", "higher_is_better", "configs"):
+        if key in raw:
+            record[key] = raw[key]
+    write_json(Path(out_dir) / RESULTS_FILE, record)
+    if log_samples:
+        with atomic_path(Path(out_dir) / SAMPLES_FILE) as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in samples))
+        record = dict(record, samples=samples)
+    return record
+
+
+def _sample_rows(samples: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    rows = []
+    for task, items in samples.items():
+        for s in items:
+            row = {
+                "task": task,
+                "doc_id": s.get("doc_id"),
+                "doc": s.get("doc"),
+                "target": s.get("target"),
+                "arguments": s.get("arguments"),
+                "responses": s.get("filtered_resps"),
+            }
+            row.update({m: s[m] for m in s.get("metrics", []) if m in s})
+            rows.append(json.loads(json.dumps(row, default=_to_json)))
+    return rows
+
+
+def _to_json(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return list(obj)
+    return str(obj)
+
+
+def format_metrics(record: dict[str, Any]) -> list[str]:
+    """Lines ``task  metric  value`` for the console (stderr metrics left out)."""
+    lines = []
+    for task, metrics in record.get("metrics", {}).items():
+        for name, value in metrics.items():
+            if "_stderr" in name:
+                continue
+            lines.append(f"lm-eval {task:<32} {name:<24} {value:.4f}")
+    return lines

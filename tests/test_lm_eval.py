@@ -1,0 +1,72 @@
+"""lm-evaluation-harness integration: a local task (YAML + JSONL in tests/data) on a tiny trained model directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_olmo2
+from kfac_edit.errors import UserError
+from kfac_edit.lm_eval_tasks import RESULTS_FILE, SAMPLES_FILE, parse_tasks, run_lm_eval
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS_DIR = REPO / "tests" / "data" / "lm_eval_tasks"
+BOS = 60  # number_tokenizer(60): <bos> = 60; lm-eval's hf backend encodes with the tokenizer's specials (BOS first)
+
+
+def _docs() -> list[dict]:
+    return [json.loads(line) for line in (TASKS_DIR / "kfac_rule.jsonl").read_text().splitlines()]
+
+
+def _brute_force(model) -> tuple[list[list[float]], list[int]]:
+    """Per document: log p(choice | BOS + prompt) for each choice, and the greedy next token."""
+    seqs = torch.tensor([[BOS] + [int(x) for x in d["prompt"].split()] for d in _docs()])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(seqs).logits[:, -1].double(), dim=-1)
+    choice_lps = [[lp[int(c)].item() for c in d["choices"]] for d, lp in zip(_docs(), logprobs)]
+    return choice_lps, logprobs.argmax(dim=-1).tolist()
+
+
+def test_parse_tasks():
+    assert parse_tasks("arithmetic, triviaqa,,arithmetic") == ["arithmetic", "triviaqa"]
+    assert parse_tasks(["a,b", "c"]) == ["a", "b", "c"]
+    with pytest.raises(UserError):
+        parse_tasks(" , ")
+
+
+def test_local_task_matches_brute_force(tmp_path, tiny_tokenizer, monkeypatch):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install 'kfac-edit[lm-eval]')")
+    monkeypatch.chdir(REPO)  # the task YAML names its JSONL relative to the repository root
+    model = make_tiny_olmo2(dtype=torch.float32, seed=3)
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    choice_lps, greedy = _brute_force(model)
+    docs = _docs()
+    acc = sum(max(range(4), key=lps.__getitem__) == d["answer"] for lps, d in zip(choice_lps, docs)) / len(docs)
+    exact = sum(g == int(d["target"]) for g, d in zip(greedy, docs)) / len(docs)
+
+    out = tmp_path / "eval"
+    record = run_lm_eval(model_dir, "kfac_rule_mc,kfac_rule_gen", out, include_path=TASKS_DIR, batch_size=4,
+                         device="cpu", log_samples=True)
+    assert record["metrics"]["kfac_rule_mc"]["acc"] == pytest.approx(acc, abs=1e-12)
+    assert record["metrics"]["kfac_rule_gen"]["exact_match"] == pytest.approx(exact, abs=1e-12)
+    assert record["n-samples"]["kfac_rule_mc"]["effective"] == 12
+    # per document: lm-eval scored each choice with our model's log-probabilities (BOS + prompt as context) ...
+    mc = sorted((r for r in record["samples"] if r["task"] == "kfac_rule_mc"), key=lambda r: r["doc_id"])
+    got = [[resp[0] for resp in r["responses"]] for r in mc]
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(choice_lps, dtype=torch.float64), atol=1e-4)
+    # ... and generated our model's greedy next token
+    gen = sorted((r for r in record["samples"] if r["task"] == "kfac_rule_gen"), key=lambda r: r["doc_id"])
+    assert [r["responses"][0].strip() for r in gen] == [str(g) for g in greedy]
+
+    on_disk = json.loads((out / RESULTS_FILE).read_text())
+    assert on_disk["metrics"] == record["metrics"] and on_disk["model"] == str(model_dir)
+    assert on_disk["tasks"] == ["kfac_rule_mc", "kfac_rule_gen"] and "samples" not in on_disk
+    assert len((out / SAMPLES_FILE).read_text().splitlines()) == 24
+
+    with pytest.raises(UserError, match="does not exist"):
+        run_lm_eval(model_dir, "kfac_rule_mc", out, include_path=tmp_path / "nowhere")
