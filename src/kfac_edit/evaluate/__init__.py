@@ -11,16 +11,18 @@ from .ndcg import ndcg_at_k, ndcg_scores, reference_topk
 from .perplexity import perplexity_metrics
 from .perturbation import perturbation_metrics, perturbed_prompts
 from .records import MemRecord, load_records
-from .suite import EvalConfig, evaluate, flat_metrics
+from .suite import EvalConfig, check_inputs, evaluate, flat_metrics, headline_metrics
 
 __all__ = [
     "EvalConfig",
     "MemRecord",
     "MinerConfig",
+    "check_inputs",
     "evaluate",
     "find_memorized",
     "flat_metrics",
     "greedy_generate",
+    "headline_metrics",
     "load_records",
     "memorization_metrics",
     "ndcg_at_k",

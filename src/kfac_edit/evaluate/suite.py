@@ -254,3 +254,38 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[name] = value
     return out
+
+
+def _pooled(sets: dict, key: str) -> float | None:
+    """Mean of ``key`` over every record of several sets (each set's mean weighted by its record count)."""
+    pairs = [(s["n"], s[key]) for s in sets.values() if s.get("n") and key in s]
+    total = sum(n for n, _ in pairs)
+    return sum(n * v for n, v in pairs) / total if total else None
+
+
+def headline_metrics(metrics: dict) -> dict[str, float]:
+    """The flat metrics that sweeps, reports and ``run`` tables show (names of :mod:`kfac_edit.pareto`).
+
+    ``strict``, ``loose``, ``avg_levenshtein_norm``, ``mean_match_len``: pooled over all memorized sets;
+    ``quotes_*``: the same over the quotes sets; ``perplexity``, ``perplexity_batch_mean``; ``ndcg`` (at the
+    configured k); ``perturb_max_match_len`` and ``perturb_unperturbed_match_len`` (pooled). Absent when not run.
+    """
+    out: dict[str, float] = {}
+    for kind, prefix in (("memorized", ""), ("quotes", "quotes_")):
+        sets = metrics.get(kind) or {}
+        for key in ("strict", "loose", "avg_levenshtein_norm", "mean_match_len"):
+            value = _pooled(sets, key)
+            if value is not None:
+                out[prefix + key] = value
+    perturb = {name: s["perturb"] for name, s in (metrics.get("memorized") or {}).items() if "perturb" in s}
+    for key, name in (("mean_max_match_len", "perturb_max_match_len"),
+                      ("mean_unperturbed_match_len", "perturb_unperturbed_match_len")):
+        value = _pooled(perturb, key)
+        if value is not None:
+            out[name] = value
+    if "perplexity" in metrics:
+        out["perplexity"] = metrics["perplexity"]["perplexity"]
+        out["perplexity_batch_mean"] = metrics["perplexity"]["perplexity_batch_mean"]
+    if "ndcg" in metrics:
+        out["ndcg"] = metrics["ndcg"][f"ndcg@{metrics['ndcg']['k']}"]
+    return out

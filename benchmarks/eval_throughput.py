@@ -1,0 +1,185 @@
+"""Throughput of the evaluation suite: memorization records/s and nDCG tokens/s.
+
+Memorization: ``--records`` random records of ``--prefix-len`` + ``--suffix-len`` tokens are scored three ways in the
+same run, on the same model: batched greedy decoding with left padding and the KV cache (what ``kfac-edit eval``
+does, at each ``--batch-sizes``), one record at a time (the same loop at batch 1, on ``--single-records`` of them),
+and Hugging Face ``model.generate(do_sample=False)`` at the first batch size (on ``--hf-records``). Their outputs on
+the shared records must agree. nDCG: the reference top-k pass and the evaluated nDCG pass over ``--ndcg-tokens``
+tokens of random number text (word-level tokenizer, so one word = one token) in windows of ``--ndcg-seq-len``.
+
+The model is random-initialized from an OLMo-2 config: the default shape is OLMo-2-7B's (hidden 4096, MLP 11008,
+32 blocks, vocabulary 100352) in bf16 on CUDA; ``--preset tiny-cpu`` is a small fp32 model that runs in under a
+minute on two CPU cores (one torch thread: ``--threads``; 0 keeps torch's default). Goal (issue 7, one GPU, 7B shape): 500 records of 64 + 48 in <= 10 s, nDCG over 200k
+tokens at seq 1024 in <= 10 s.
+
+    python benchmarks/eval_throughput.py                      # 7B-shaped, cuda
+    python benchmarks/eval_throughput.py --preset tiny-cpu    # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kfac_edit.evaluate.memorization import greedy_generate
+from kfac_edit.evaluate.ndcg import ndcg_at_k, topk_over_source
+from kfac_edit.testbed import number_tokenizer
+
+PRESETS = {
+    "olmo2-7b": dict(
+        hidden=4096, mlp=11008, layers=32, heads=32, vocab=100352, dtype="bfloat16", device="cuda",
+        records=500, prefix_len=64, suffix_len=48, batch_sizes="32,128,512", single_records=8, hf_records=128,
+        ndcg_tokens=200_000, ndcg_seq_len=1024, forward_tokens=16384, threads=0,
+    ),
+    "tiny-cpu": dict(
+        hidden=64, mlp=172, layers=2, heads=4, vocab=1024, dtype="float32", device="cpu",
+        records=192, prefix_len=32, suffix_len=24, batch_sizes="32,64", single_records=24, hf_records=32,
+        ndcg_tokens=20_000, ndcg_seq_len=256, forward_tokens=4096, threads=1,
+    ),
+}
+
+
+def build_model(args):
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    cfg = Olmo2Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=4096,
+        bos_token_id=args.vocab - 4, eos_token_id=args.vocab - 3, pad_token_id=args.vocab - 2,
+    )
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = Olmo2ForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def hf_generate(model, prompts, num_new, batch_size, pad_id):
+    """``model.generate`` greedy, left padding, exactly ``num_new`` tokens (no EOS stop)."""
+    out = []
+    device = next(model.parameters()).device
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        with torch.inference_mode():
+            gen = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, max_new_tokens=num_new,
+                min_new_tokens=num_new, pad_token_id=pad_id, eos_token_id=None,
+            )
+        out += gen[:, width:].cpu().tolist()
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="olmo2-7b")
+    for key, value in PRESETS["olmo2-7b"].items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
+    parser.add_argument("--out", help="write the results JSON here too")
+    args = parser.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: use --preset tiny-cpu", file=sys.stderr)
+        return 2
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.threads:  # small CPU models: one thread is faster, and steady on a shared machine
+        torch.set_num_threads(args.threads)
+
+    model = build_model(args)
+    pad_id = args.vocab - 2
+    rng = random.Random(0)
+    n_words = args.vocab - 4
+    prompts = [[rng.randrange(n_words) for _ in range(args.prefix_len)] for _ in range(args.records)]
+    result = {
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}",
+        "shape": {k: getattr(args, k) for k in ("hidden", "mlp", "layers", "heads", "vocab", "dtype")},
+        "records": args.records, "prefix_len": args.prefix_len, "suffix_len": args.suffix_len,
+        "memorization": {},
+    }
+    greedy_generate(model, prompts[:2], 2, batch_size=2, pad_id=pad_id, desc=None)  # warm-up
+    batched_out = None
+    for bs in batch_sizes:
+        out, seconds = timed(
+            lambda: greedy_generate(model, prompts, args.suffix_len, batch_size=bs, pad_id=pad_id, desc=None),
+            args.device,
+        )
+        batched_out = batched_out or out
+        result["memorization"][f"batched_kv_bs{bs}"] = {"seconds": seconds, "records_per_s": args.records / seconds}
+    single = prompts[: args.single_records]
+    out, seconds = timed(
+        lambda: greedy_generate(model, single, args.suffix_len, batch_size=1, pad_id=pad_id, desc=None), args.device
+    )
+    result["memorization"]["one_at_a_time"] = {
+        "records": len(single), "seconds": seconds, "records_per_s": len(single) / seconds,
+        "same_tokens_as_batched": sum(a == b for a, b in zip(out, batched_out)) / len(single),
+    }
+    if args.hf_records:
+        subset = prompts[: args.hf_records]
+        out, seconds = timed(lambda: hf_generate(model, subset, args.suffix_len, batch_sizes[0], pad_id), args.device)
+        result["memorization"][f"hf_generate_bs{batch_sizes[0]}"] = {
+            "records": len(subset), "seconds": seconds, "records_per_s": len(subset) / seconds,
+            "same_tokens_as_batched": sum(a == b for a, b in zip(out, batched_out)) / len(subset),
+        }
+    mem = result["memorization"]
+    best = max(v["records_per_s"] for k, v in mem.items() if k.startswith("batched"))
+    result["memorization"]["speedup_batched_over_one_at_a_time"] = best / mem["one_at_a_time"]["records_per_s"]
+    result["memorization"]["seconds_for_500_records_best_batched"] = 500 / best
+
+    tokenizer = number_tokenizer(n_words)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "ndcg.txt"
+        words_per_doc = 500
+        with open(text, "w") as fh:
+            for _ in range(args.ndcg_tokens // words_per_doc + 2):
+                fh.write(" ".join(str(rng.randrange(n_words)) for _ in range(words_per_doc)) + "\n")
+        rows = max(1, args.forward_tokens // args.ndcg_seq_len)
+        ref, ref_s = timed(
+            lambda: topk_over_source(model, tokenizer, str(text), 10, args.ndcg_seq_len, args.ndcg_tokens, rows, desc=None),
+            args.device,
+        )
+        ndcg, ndcg_s = timed(
+            lambda: ndcg_at_k(model, tokenizer, str(text), ref, args.ndcg_seq_len, args.ndcg_tokens, rows, desc=None),
+            args.device,
+        )
+    result["ndcg"] = {
+        "tokens": ndcg["positions"], "seq_len": args.ndcg_seq_len, "rows_per_forward": rows,
+        "reference_topk_seconds": ref_s, "reference_topk_tokens_per_s": ndcg["positions"] / ref_s,
+        "ndcg_seconds": ndcg_s, "ndcg_tokens_per_s": ndcg["positions"] / ndcg_s, "ndcg_self": ndcg["ndcg@10"],
+    }
+    text_out = json.dumps(result, indent=2)
+    print(text_out)
+    if args.out:
+        Path(args.out).write_text(text_out + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

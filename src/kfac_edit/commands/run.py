@@ -1,0 +1,54 @@
+"""``kfac-edit run``: evaluate the base model, apply an edit, save it, evaluate again, print before/after."""
+
+from __future__ import annotations
+
+import argparse
+
+ORDER = 50
+
+
+def register(subparsers) -> None:
+    from ..edit import METHODS
+    from .eval import add_eval_arguments, add_model_arguments
+
+    p = subparsers.add_parser(
+        "run",
+        help="the whole workflow: evaluate, edit, save, evaluate again, before/after table",
+        description="Evaluate MODEL, apply the edit of the layers JSON with the K-FAC factors, save the edited model "
+        "to DIR/edited, evaluate it again, write DIR/evals.jsonl (full records) and DIR/before_after.json (for "
+        "`kfac-edit report DIR`), append a summary line (before, after, delta) to the results JSONL and print a "
+        "table. nDCG compares with the base model unless --reference-model names another.",
+    )
+    add_model_arguments(p)
+    p.add_argument("--factors", metavar="DIR", help="K-FAC factors of MODEL (from `kfac-edit collect`); all methods but svd")
+    layers = p.add_mutually_exclusive_group(required=True)
+    layers.add_argument("--layers-json", metavar="JSON", help='layers JSON, e.g. \'{"23": {"gate": 0.6, "up": 0.6}}\'')
+    layers.add_argument("--layers-file", metavar="FILE", help="file holding the layers JSON")
+    p.add_argument("--method", choices=METHODS, default=None, help="edit method (default kfac); see `kfac-edit edit -h`")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random method (default 0)")
+    p.add_argument("--out", default="kfac-edit-run", metavar="DIR", help="run directory (default ./kfac-edit-run)")
+    p.add_argument("--results", metavar="FILE.jsonl", help="summary JSONL to append to (default DIR/runs.jsonl)")
+    p.add_argument("--skip-baseline", action="store_true", help="do not evaluate the base model (after only)")
+    add_eval_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..edit import EditSpec
+    from ..models import load_tokenizer
+    from ..workflow import check_run_inputs, format_table, run_paths, run_workflow
+    from .eval import eval_config_from_args, load_for_eval
+
+    if args.layers_file is not None:
+        spec = EditSpec.from_file(args.layers_file, method=args.method, seed=args.seed)
+    else:
+        spec = EditSpec.from_json(args.layers_json, method=args.method, seed=args.seed)
+    config = eval_config_from_args(args, out=None)
+    paths = run_paths(args.out, args.results)
+    check_run_inputs(args.model, spec, args.factors, config, paths, load_tokenizer(args.model))  # before loading
+    model, tokenizer = load_for_eval(args)
+    summary = run_workflow(model, tokenizer, args.model, spec, args.factors, config, args.out,
+                           skip_baseline=args.skip_baseline, results=args.results)
+    print(format_table(summary))
+    print(f"edited model: {paths.edited}; evaluations: {paths.evals}; summary appended to {paths.results}")
+    return 0

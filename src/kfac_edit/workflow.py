@@ -1,0 +1,153 @@
+"""The one-command workflow (``kfac-edit run``): evaluate the base model, edit it, save it, evaluate it again.
+
+Everything lands in one directory ``DIR``::
+
+    DIR/edited/             the edited model (save_pretrained + tokenizer + edit_report.json)
+    DIR/evals.jsonl         the full evaluation records (:func:`kfac_edit.evaluate.evaluate`), base then edited
+    DIR/before_after.json   headline metrics before and after, what ``kfac-edit report DIR`` shows
+    RESULTS (default DIR/runs.jsonl)   one summary line per run: before, after and delta side by side
+
+nDCG compares against the base model itself unless ``EvalConfig.reference_model`` names another: its top-k are
+taken (and cached) before the edit, and the base model's own nDCG is 1 by definition (that pass is skipped).
+Every input (layers JSON, factors, eval files, output directory) is checked before the first evaluation, and no
+file is written when a check fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .edit import EditSpec, EigenCache, apply_edit, check_factors, check_output_dir, default_cache_dir
+from .edit import load_tokenizer_as_saved, resolve_targets, save_edited
+from .errors import UserError
+from .evaluate import ndcg
+from .evaluate.suite import EvalConfig, check_inputs, evaluate, headline_metrics
+from .fileio import append_jsonl, write_json
+
+EDITED_DIR = "edited"
+EVALS_FILE = "evals.jsonl"
+RUNS_FILE = "runs.jsonl"
+BEFORE_AFTER_FILE = "before_after.json"  # read by kfac_edit.report
+
+
+@dataclasses.dataclass
+class RunPaths:
+    out_dir: Path
+    edited: Path
+    evals: Path
+    results: Path
+    before_after: Path
+
+
+def run_paths(out_dir: str | Path, results: str | Path | None = None) -> RunPaths:
+    out = Path(out_dir)
+    return RunPaths(out, out / EDITED_DIR, out / EVALS_FILE, Path(results) if results else out / RUNS_FILE,
+                    out / BEFORE_AFTER_FILE)
+
+
+def check_run_inputs(model_path: str, spec: EditSpec, factors_dir: str | None, config: EvalConfig, paths: RunPaths,
+                     tokenizer) -> None:
+    """The checks that need no model: the spec edits something, factors exist, eval inputs parse, output is free."""
+    if not spec.keep_mass:
+        raise UserError('the layers JSON edits nothing (no keep_mass below 0.9999); give e.g. {"23": {"gate": 0.6}}')
+    if spec.needs_factors:
+        if factors_dir is None:
+            raise UserError(f"method {spec.method} needs K-FAC factors: pass --factors DIR (made by `kfac-edit collect`)")
+        if not Path(factors_dir).is_dir():
+            raise UserError(f"--factors {factors_dir} is not a directory; give the directory `kfac-edit collect` wrote")
+    check_inputs(config, tokenizer, len(tokenizer), has_reference=True)
+    check_output_dir(paths.edited, source=model_path)
+
+
+def run_workflow(
+    model: torch.nn.Module,
+    tokenizer,
+    model_path: str,
+    spec: EditSpec,
+    factors_dir: str | None,
+    config: EvalConfig,
+    out_dir: str | Path,
+    skip_baseline: bool = False,
+    results: str | Path | None = None,
+) -> dict:
+    """Evaluate, edit, save, evaluate again; return the summary line (also appended to the results JSONL).
+
+    ``model`` is edited in place. ``config.out`` is ignored: evaluation records go to ``DIR/evals.jsonl``.
+    """
+    from .factors.store import Factors
+
+    started = time.time()
+    paths = run_paths(out_dir, results)
+    check_run_inputs(model_path, spec, factors_dir, config, paths, tokenizer)
+    targets = resolve_targets(model, spec)
+    factors = None
+    if spec.needs_factors:
+        factors = Factors.load(factors_dir, names=[p.name for p, _ in targets])
+        check_factors(targets, factors, where=f"the factors in {factors_dir}")
+    base_config = dataclasses.replace(config, out=str(paths.evals), model=model_path)
+
+    reference_topk = None
+    if config.ndcg_data and not config.reference_model:  # the base model is the reference
+        rows = max(1, config.forward_tokens // config.ndcg_seq_len)
+        reference_topk = ndcg.reference_topk(
+            model, tokenizer, config.ndcg_data, config.ndcg_k, config.ndcg_seq_len, config.max_tokens, rows
+        )
+    before = None
+    if not skip_baseline:
+        own = dataclasses.replace(base_config, ndcg_data=None) if reference_topk is not None else base_config
+        if own.memorized or own.quotes or own.perplexity_data or own.ndcg_data:
+            before = evaluate(model, tokenizer, own)
+        else:
+            before = {"metrics": {}}
+        if reference_topk is not None:
+            before["metrics"]["ndcg"] = {f"ndcg@{config.ndcg_k}": 1.0, "positions": int(reference_topk.shape[0]),
+                                         "k": config.ndcg_k, "seq_len": config.ndcg_seq_len,
+                                         "note": "the base model is the reference"}
+
+    report = apply_edit(model, factors, spec, cache=EigenCache(default_cache_dir()))
+    report.factor_manifest.setdefault("directory", str(factors_dir) if factors_dir is not None else None)
+    save_edited(model, load_tokenizer_as_saved(model_path), paths.edited, report)
+    after = evaluate(model, tokenizer, dataclasses.replace(base_config, model=str(paths.edited)),
+                     reference_topk=reference_topk)
+
+    before_h = headline_metrics(before["metrics"]) if before is not None else None
+    after_h = headline_metrics(after["metrics"])
+    delta = {k: after_h[k] - before_h[k] for k in after_h if before_h and k in before_h}
+    write_json(paths.before_after, {
+        "before": {"label": "base", "metrics": before_h or {}},
+        "after": {"label": f"{spec.method} {spec.to_json()}", "metrics": after_h},
+    })
+    summary = {
+        "kind": "run",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": model_path,
+        "edited_model": str(paths.edited),
+        "edit": {"method": spec.method, "layers": spec.layers(), "seed": spec.seed, "seconds": report.seconds,
+                 "pairs_fraction": {m.name: m.pairs_fraction for m in report.modules},
+                 "weight_change": {m.name: m.weight_change for m in report.modules}},
+        "factors": factors_dir,
+        "before": before_h,
+        "after": after_h,
+        "delta": delta,
+        "eval_config": dataclasses.asdict(base_config),
+        "evals": str(paths.evals),
+        "seconds": time.time() - started,
+    }
+    append_jsonl(paths.results, summary)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The before / after / delta table of a run summary, as plain text."""
+    before, after, delta = summary["before"] or {}, summary["after"], summary["delta"]
+    lines = [f"{'metric':<32} {'before':>12} {'after':>12} {'delta':>12}"]
+    for key, value in after.items():
+        b = f"{before[key]:.4f}" if key in before else "-"
+        d = f"{delta[key]:+.4f}" if key in delta else "-"
+        lines.append(f"{key:<32} {b:>12} {value:>12.4f} {d:>12}")
+    return "\n".join(lines)
