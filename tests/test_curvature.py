@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kfac_edit import curvature
 from kfac_edit.curvature import (
     Eigen,
     edit_weight,
@@ -54,12 +55,29 @@ spectrum = st.one_of(
 keep = st.one_of(st.just(0.0), st.just(1.0), st.floats(min_value=0.0, max_value=1.0))
 
 
+def select_pairs_all_paths(lam: torch.Tensor, mu: torch.Tensor, keep_mass: float) -> torch.Tensor:
+    """select_pairs with the final sort (default), with pure bisection + tie split (0), and a mix (3): all agree."""
+    masks = []
+    default = curvature._FINISH_BY_SORT
+    try:
+        for limit in (default, 0, 3):
+            curvature._FINISH_BY_SORT = limit
+            masks.append(select_pairs(lam, mu, keep_mass))
+    finally:
+        curvature._FINISH_BY_SORT = default
+    products = lam[:, None] * mu[None, :]
+    for other in masks[1:]:  # the same count and the same mass (which tied pairs enter may differ)
+        assert int(other.sum()) == int(masks[0].sum())
+        assert float(products[other].sum()) == pytest.approx(float(products[masks[0]].sum()), rel=1e-12, abs=0)
+    return masks[0]
+
+
 @settings(max_examples=300, deadline=None)
 @given(grad=spectrum, act=spectrum, keep_mass=keep)
 def test_select_pairs_matches_brute_force(grad, act, keep_mass):
     lam = torch.tensor(grad, dtype=torch.float64)
     mu = torch.tensor(act, dtype=torch.float64)
-    mask = select_pairs(lam, mu, keep_mass)
+    mask = select_pairs_all_paths(lam, mu, keep_mass)
     assert mask.dtype == torch.bool and tuple(mask.shape) == (len(grad), len(act))
     k_ref, cums, target = brute_force_count(lam, mu, keep_mass)
     k = int(mask.sum())
@@ -93,7 +111,9 @@ def test_select_pairs_edges():
     mask = select_pairs(lam, mu, 0.5)
     assert mask.tolist() == [[True, True, False, False], [False] * 4, [False] * 4]
     # ties at the boundary: only as many of the tied products as needed (6 + 6 + 3 = 15 >= 0.7 * 20 = 14)
-    assert int(select_pairs(lam, mu, 0.7).sum()) == 3
+    assert int(select_pairs_all_paths(lam, mu, 0.7).sum()) == 3
+    flat = torch.ones(30, dtype=torch.float64)  # one tie group of 900 pairs: 0.5 needs exactly 450 of them
+    assert int(select_pairs_all_paths(flat, flat, 0.5).sum()) == 450
     # unsorted input and tiny negative eigenvalues (clamped to zero)
     mask = select_pairs(torch.tensor([1.0, -1e-18, 3.0]), torch.tensor([1.0, 2.0]), 0.5)
     assert mask.tolist() == [[False, False], [False, False], [False, True]]
@@ -103,7 +123,7 @@ def test_select_pairs_large_power_law_is_exact():
     lam = 1.0 / torch.arange(1, 601, dtype=torch.float64)
     mu = 1.0 / torch.arange(1, 301, dtype=torch.float64)
     for keep_mass in (0.3, 0.8, 0.95):
-        mask = select_pairs(lam, mu, keep_mass)
+        mask = select_pairs_all_paths(lam, mu, keep_mass)
         k_ref, cums, target = brute_force_count(lam, mu, keep_mass)
         assert int(mask.sum()) == k_ref
         assert pair_mass_fraction(lam, mu, mask) == pytest.approx(float(cums[k_ref - 1]) / (target / keep_mass))

@@ -33,6 +33,7 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 _ROW_CHUNK = 2048  # rows of an (out, in) mask processed at once when reducing it (bounds temporary memory)
+_FINISH_BY_SORT = 1 << 14  # bisect until at most this many pairs lie between the brackets, then sort them
 
 
 @dataclass
@@ -155,11 +156,31 @@ class _PairIndex:
             k = np.where(right, np.searchsorted(mu, mu[cur], side="right"), k)
         return np.where(positive, n - k, 0)
 
+    def finish_by_sort(self, counts_hi: np.ndarray, counts_lo: np.ndarray, target: float) -> np.ndarray:
+        """Per row, how many of the pairs ranked ``[counts_hi, counts_lo)`` to add so the mass reaches ``target``.
+
+        The candidates are sorted by product (descending) and added in that order from ``mass(counts_hi)``.
+        """
+        extra = counts_lo - counts_hi
+        n = int(extra.sum())
+        rows = np.repeat(np.arange(extra.size), extra)
+        first = np.repeat(np.cumsum(extra) - extra, extra)
+        ranks = np.arange(n) - first + np.repeat(counts_hi, extra)  # rank in descending μ
+        products = self.lam[rows] * self.mu_asc[self.n - 1 - ranks]
+        order = np.argsort(-products, kind="stable")
+        cums = self.mass(counts_hi) + np.cumsum(products[order])
+        take = min(int(np.searchsorted(cums, target)) + 1, n)
+        return np.bincount(rows[order[:take]], minlength=extra.size)
+
     def mass(self, counts: np.ndarray) -> float:
         return float((self.lam * self.top_sums[counts]).sum())
 
     def mask(self, counts: np.ndarray) -> torch.Tensor:
         """Boolean ``(out, in)``: row ``i`` keeps its top-``counts[i]`` columns by ``μ``."""
+        if self.mu_rank.device.type == "cpu":  # NumPy's broadcast compare is ~10x faster than torch's on a CPU
+            index = np.int16 if self.n < 2**15 else np.int32
+            rank = self.mu_rank.numpy().astype(index)
+            return torch.from_numpy(np.less(rank[None, :], counts.astype(index)[:, None]))
         c = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int64)).to(self.mu_rank.device)
         return self.mu_rank.unsqueeze(0) < c.unsqueeze(1)
 
@@ -180,9 +201,11 @@ def select_pairs(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mas
     same mass as adding pairs one at a time in that order (which pairs of equal mass enter at the boundary is
     arbitrary). ``keep_mass >= 1`` keeps every pair; ``keep_mass <= 0`` (or a zero spectrum) keeps none.
 
-    Exact and vectorized: a bisection over the fp64 bit patterns of the threshold product ``t`` (monotone in ``t``),
-    where for each ``t`` a ``searchsorted`` per row gives how many pairs have product ``>= t`` and prefix sums of the
-    sorted ``μ`` give their mass: O(out·log(in)) per step, ~64 steps; only the final mask is O(out·in).
+    Exact and vectorized: a bisection over the fp64 bit patterns of the threshold product ``t`` (mass is monotone
+    in ``t``), where for each ``t`` a ``searchsorted`` per row gives how many pairs have product ``>= t`` and prefix
+    sums of the sorted ``μ`` give their mass: O(out·log(in)) per step. Once at most 16384 pairs lie between the
+    brackets (after ~15-20 steps) they are sorted and added in order, as the one-at-a-time greedy would. Only the
+    final mask is O(out·in).
     """
     lam = _check_eigvals(grad_eigvals, "grad_eigvals")
     mu = _check_eigvals(act_eigvals, "act_eigvals").to(lam.device)
@@ -199,23 +222,25 @@ def select_pairs(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mas
         return index.mask(counts_lo)
     top = float(lam.max()) * float(mu.max())
     lo, hi = smallest, _bits_from_f64(top) + 1  # invariant: mass(>= lo) >= target > mass(>= hi)
-    while hi - lo > 1:
+    counts_hi = np.zeros_like(counts_lo)
+    while hi - lo > 1 and int((counts_lo - counts_hi).sum()) > _FINISH_BY_SORT:
         mid = (lo + hi) // 2
-        if index.mass(index.counts(_f64_from_bits(mid))) >= target:
-            lo = mid
+        counts_mid = index.counts(_f64_from_bits(mid))
+        if index.mass(counts_mid) >= target:
+            lo, counts_lo = mid, counts_mid
         else:
-            hi = mid
-    threshold = _f64_from_bits(lo)  # the mass of the last pair to enter, exactly as fp64 computes the products
-    counts_ge = index.counts(threshold)
-    counts_gt = index.counts(_f64_from_bits(lo + 1))
-    mass_gt = index.mass(counts_gt)
-    ties = counts_ge - counts_gt  # per row, pairs whose product equals the threshold
+            hi, counts_hi = mid, counts_mid
+    if hi - lo > 1:  # few pairs left between the brackets: sort them, as the one-at-a-time order would
+        return index.mask(counts_hi + index.finish_by_sort(counts_hi, counts_lo, target))
+    threshold = _f64_from_bits(lo)  # a tie group larger than _FINISH_BY_SORT, all of product `threshold`
+    mass_gt = index.mass(counts_hi)
+    ties = counts_lo - counts_hi  # per row, pairs whose product equals the threshold
     n_ties = int(ties.sum())
     need = min(max(math.ceil((target - mass_gt) / threshold), 1), n_ties)
     # Take the first `need` tied pairs in row order (each row's ties are the next columns of its prefix).
     before = np.cumsum(ties) - ties
     take = np.minimum(np.maximum(need - before, 0), ties)
-    return index.mask(counts_gt + take)
+    return index.mask(counts_hi + take)
 
 
 def truncation_rank(values: torch.Tensor, keep_fraction: float) -> int:
@@ -244,6 +269,8 @@ def independent_mask(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep
 
 def _row_sums(mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """``mask @ weights`` (fp64) or per-row counts, in row chunks so no float copy of the whole mask is made."""
+    if weights is None and mask.device.type == "cpu":
+        return torch.from_numpy(np.count_nonzero(mask.numpy(), axis=1).astype(np.int64))
     parts = []
     for start in range(0, mask.shape[0], _ROW_CHUNK):
         chunk = mask[start : start + _ROW_CHUNK]
@@ -258,15 +285,17 @@ def _row_sums(mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.
 
 def _row_extents(mask: torch.Tensor) -> torch.Tensor:
     """Per row, one past the last kept column (0 for an empty row)."""
-    index_dtype = torch.int16 if mask.shape[1] < 2**15 else torch.int32
-    cols = torch.arange(1, mask.shape[1] + 1, dtype=index_dtype, device=mask.device)
-    parts = []
-    for start in range(0, mask.shape[0], _ROW_CHUNK):
-        chunk = mask[start : start + _ROW_CHUNK]
-        parts.append((chunk * cols).amax(1) if mask.shape[1] else torch.zeros(chunk.shape[0], dtype=torch.int32))
-    if not parts:
-        return torch.zeros(0, dtype=torch.int64, device=mask.device)
-    return torch.cat(parts).to(torch.int64)
+    n_cols = mask.shape[1]
+    if n_cols == 0:
+        return torch.zeros(mask.shape[0], dtype=torch.int64, device=mask.device)
+    if mask.device.type == "cpu":  # NumPy's argmax over bools stops at the first True: fast
+        m = mask.numpy()
+        last = n_cols - np.argmax(m[:, ::-1], axis=1)
+        return torch.from_numpy(np.where(m.any(axis=1), last, 0).astype(np.int64))
+    index_dtype = torch.int16 if n_cols < 2**15 else torch.int32
+    cols = torch.arange(1, n_cols + 1, dtype=index_dtype, device=mask.device)
+    parts = [(mask[s : s + _ROW_CHUNK] * cols).amax(1) for s in range(0, mask.shape[0], _ROW_CHUNK)]
+    return torch.cat(parts).to(torch.int64) if parts else torch.zeros(0, dtype=torch.int64, device=mask.device)
 
 
 def pair_mass_fraction(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, mask: torch.Tensor) -> float:
@@ -276,8 +305,24 @@ def pair_mass_fraction(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, ma
     total = float(lam.sum()) * float(mu.sum())
     if total <= 0.0:
         return 0.0
+    if mask.device.type == "cpu":  # sum the products at the kept (or dropped, if fewer) positions
+        m = mask.numpy()
+        lam_np, mu_np = lam.cpu().numpy(), mu.cpu().numpy()
+        n_kept = int(np.count_nonzero(m))
+        if n_kept <= m.size // 2:
+            rows, cols = np.nonzero(m)
+            return float((lam_np[rows] * mu_np[cols]).sum()) / total
+        rows, cols = np.nonzero(~m)
+        return (total - float((lam_np[rows] * mu_np[cols]).sum())) / total
     kept = float((_row_sums(mask, mu) * lam.to(mask.device)).sum())
     return kept / total
+
+
+def _any_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Per row of ``mask``, whether it keeps anything (NumPy on a CPU: torch's ``any`` is slow there)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.asarray(mask.numpy().any(axis=1)))
+    return mask.any(1)
 
 
 def pair_stats(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, mask: torch.Tensor) -> PairStats:
@@ -288,7 +333,7 @@ def pair_stats(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, mask: torc
         pairs_total=int(mask.numel()),
         mass_fraction=pair_mass_fraction(grad_eigvals, act_eigvals, mask),
         grad_vectors_used=int((row_counts > 0).sum()),
-        act_vectors_used=int(mask.any(0).sum()) if mask.numel() else 0,
+        act_vectors_used=int(_any_rows(mask.T).sum()) if mask.numel() else 0,
     )
 
 
