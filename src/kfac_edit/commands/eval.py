@@ -16,7 +16,7 @@ def _help(name: str) -> str:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model to evaluate: hub id or local directory")
+    p.add_argument("--model", required=True, help="the model: hub id or local directory")
     p.add_argument(
         "--dtype",
         default="auto",

@@ -75,4 +75,6 @@ def run(args: argparse.Namespace) -> int:
         f"scanned {stats['windows_scanned']} windows, {stats['memorized']} memorized, "
         f"{stats['kept_after_dedup']} kept after dedup -> {args.out}"
     )
+    if not records:
+        print("no memorized window found: the file is empty; try more data (--max-windows) or shorter --suffix-len")
     return 0

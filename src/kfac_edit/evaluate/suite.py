@@ -48,10 +48,10 @@ class EvalConfig:
         default=None, metadata={"help": "reference (unedited) model for nDCG: hub id or local directory"}
     )
     prefix_len: int | None = field(
-        default=64, metadata={"help": "prefix tokens kept (the last ones); token-id records must have them"}
+        default=64, metadata={"help": "prefix tokens kept (the last ones); token-id records must have them, text records are cut"}
     )
     suffix_len: int | None = field(
-        default=48, metadata={"help": "suffix tokens kept (the first ones); token-id records must have them"}
+        default=48, metadata={"help": "suffix tokens kept (the first ones); token-id records must have them, text records are cut"}
     )
     loose: float = field(default=0.75, metadata={"help": "loose match threshold on 1 - levenshtein/len"})
     ndcg_k: int = field(default=10, metadata={"help": "k of nDCG@k"})
