@@ -1,0 +1,172 @@
+"""`kfac-edit sweep` on a tiny model: the grid, complete points, resume, best.json into `edit`, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_olmo2, random_number_texts
+from kfac_edit.cli import main
+from kfac_edit.data import token_batches
+from kfac_edit.edit import EditSpec, apply_edit, restore
+from kfac_edit.evaluate.memorization import greedy_generate
+from kfac_edit.evaluate.suite import EvalConfig, evaluate
+from kfac_edit.factors.collect import collect_factors
+from kfac_edit.fileio import read_jsonl
+from kfac_edit.pareto import PointConfig, read_results
+from kfac_edit.sweep import SweepConfig, block_groups, point_metrics, run_sweep, sweep_points
+
+PREFIX, SUFFIX = 8, 6
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_private_cache(monkeypatch, tmp_path):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("KFAC_EDIT_CACHE", str(tmp_path / "cache"))
+    yield
+    torch.set_num_threads(n)
+
+
+def test_grid():
+    assert block_groups([0, 1, 2], 2) == [(0,), (1,), (2,), (0, 1), (1, 2)]
+    assert block_groups([0, 2, 3], 3) == [(0,), (2,), (3,), (2, 3)]  # runs only over adjacent blocks
+    assert block_groups(range(20, 28), 3) == (
+        [(b,) for b in range(20, 28)] + [(b, b + 1) for b in range(20, 27)] + [(b, b + 1, b + 2) for b in range(20, 26)]
+    )
+    cfg = SweepConfig(projection_sets=[("up", "gate"), ("gate", "up", "down")], keep_masses=[0.5, 0.8], max_combo=2)
+    points = sweep_points(cfg, [0, 1, 2])
+    assert len(points) == 2 * 5 * 2 and len({p.id for p in points}) == 20
+    assert points[0] == PointConfig("kfac", (0,), ("gate", "up"), 0.5)  # kinds in gate, up, down order
+    assert points[-1] == PointConfig("kfac", (1, 2), ("gate", "up", "down"), 0.8)
+
+
+@pytest.fixture
+def sweep_inputs(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """Factors collected from the tiny model, a memorized set of its own greedy continuations (strict 1.0 before
+    any edit) and perplexity text."""
+    model = make_tiny_olmo2(dtype=torch.float32)  # the weights saved in tiny_model_dir
+    texts = random_number_texts(40, min_len=20, max_len=40, seed=3)
+    batches = token_batches(texts, tiny_tokenizer, seq_len=32, batch_size=8)
+    factors_dir = tmp_path / "factors"
+    collect_factors(model, batches, labels="sampled", seed=0, progress=False).save(factors_dir)
+    gen = torch.Generator().manual_seed(5)
+    prefixes = torch.randint(0, 60, (16, PREFIX), generator=gen).tolist()
+    suffixes = greedy_generate(model, prefixes, SUFFIX, batch_size=16, pad_id=62, desc=None)
+    mem = tmp_path / "mem.jsonl"
+    mem.write_text("".join(json.dumps({"prefix_ids": p, "suffix_ids": s}) + "\n" for p, s in zip(prefixes, suffixes)))
+    text = tmp_path / "ppl.txt"
+    text.write_text("\n".join(random_number_texts(12, min_len=20, max_len=30, seed=9)) + "\n")
+    return {"model": tiny_model_dir, "factors": factors_dir, "mem": mem, "text": text}
+
+
+def _argv(inp, out, *extra):
+    return ["sweep", "--model", str(inp["model"]), "--factors", str(inp["factors"]), "--memorized", str(inp["mem"]),
+            "--perplexity-data", str(inp["text"]), "--prefix-len", str(PREFIX), "--suffix-len", str(SUFFIX),
+            "--ppl-block", "16", "--batch-size", "16", "--device", "cpu", "--blocks", "0-1", "--keep-mass",
+            "0.3,0.9", "--max-combo", "2", "--ppl-budget", "1.5", "--out", str(out), *extra]
+
+
+def test_sweep_cli_complete_resume_best_round_trip(sweep_inputs, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    inp, out = sweep_inputs, tmp_path / "sweep"
+    assert main(_argv(inp, out)) == 0
+    assert "best:" in capsys.readouterr().out
+    lines = read_jsonl(out / "results.jsonl")
+    assert len(lines) == 1 + 3 * 2  # base + {0}, {1}, {0,1} x keep 0.3, 0.9
+    ids = [r["id"] for r in lines]
+    assert ids[0] == "base" and len(set(ids)) == len(ids)
+    for line in lines:  # complete records
+        assert set(line) >= {"schema", "id", "kind", "config", "layers", "metrics", "seconds", "timestamp"}
+        assert set(line["metrics"]) >= {"strict", "loose", "avg_levenshtein_norm", "perplexity"}
+    base = lines[0]["metrics"]
+    assert base["strict"] == 1.0 and base["loose"] == 1.0  # the set is the model's own continuations
+    assert any(r["metrics"]["strict"] < 1.0 for r in lines[1:])  # edits change what the model recites
+
+    # a point's numbers equal a fresh edit + evaluation of the same point (the in-place edit/restore is exact)
+    rec = next(r for r in read_results(out) if r.id == "kfac|b0-1|gate,up|k0.3")
+    from kfac_edit.factors.store import Factors
+    from kfac_edit.models import load_model
+
+    model, tok = load_model(str(inp["model"]), dtype="float32", device="cpu")
+    cfg = EvalConfig(memorized=[str(inp["mem"])], perplexity_data=str(inp["text"]), prefix_len=PREFIX,
+                     suffix_len=SUFFIX, ppl_block=16, batch_size=16)
+    apply_edit(model, Factors.load(inp["factors"]), EditSpec.from_json(rec.config.layers()))
+    fresh = point_metrics(evaluate(model, tok, cfg))
+    assert fresh["strict"] == rec.metrics["strict"]
+    assert fresh["perplexity"] == pytest.approx(rec.metrics["perplexity"], rel=1e-6)
+
+    # best.json: the lowest strict within 1.5 x base perplexity; it round-trips into `kfac-edit edit`
+    points = [r for r in read_results(out) if r.kind == "point"]
+    within = [r for r in points if r.perplexity <= 1.5 * base["perplexity"]]
+    best = json.loads((out / "best.json").read_text())
+    chosen = min(within, key=lambda r: (r.strict, r.perplexity))
+    assert best == chosen.config.layers()
+    edited = tmp_path / "edited"
+    assert main(["edit", "--model", str(inp["model"]), "--factors", str(inp["factors"]), "--layers-file",
+                 str(out / "best.json"), "--out", str(edited), "--device", "cpu"]) == 0
+    restore(model)
+    apply_edit(model, Factors.load(inp["factors"]), EditSpec.from_json(best))
+    saved = AutoModelForCausalLM.from_pretrained(edited).state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.allclose(saved[key], value, atol=1e-6), key
+
+    # the report: every plot, the chosen point's spectra
+    spectra = json.loads((out / "spectra.json").read_text())["modules"]
+    assert set(spectra) == {f"model.layers.{b}.mlp.{k}_proj" for b in map(int, best) for k in ("gate", "up")}
+    assert {p.name for p in (out / "plots").iterdir()} == {"tradeoff.png", "keep_mass.png", "spectra.png"}
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 3
+
+    # resume: nothing to do; then a torn line and two lost points are repaired and recomputed, nothing else
+    before = (out / "results.jsonl").read_text()
+    assert main(_argv(inp, out)) == 0
+    assert (out / "results.jsonl").read_text() == before
+    kept = before.splitlines(keepends=True)[:-2]
+    (out / "results.jsonl").write_text("".join(kept) + '{"id": "kfac|b0')
+    restore(model)  # the API, as the CLI calls it (without rewriting the report, to keep the test fast)
+    cfg.model = str(inp["model"])
+    grid = SweepConfig(blocks=[0, 1], keep_masses=[0.3, 0.9], max_combo=2, ppl_budget=1.5)
+    outcome = run_sweep(model, tok, Factors.load(inp["factors"]), grid, cfg, out, write_report=False)
+    after = read_jsonl(out / "results.jsonl")
+    assert outcome.evaluated == 2 and len(after) == 7 and [r["id"] for r in after] == ids
+    assert after[:5] == [json.loads(x) for x in kept]  # finished points were not rerun
+    assert [r["metrics"]["strict"] for r in after[5:]] == [r["metrics"]["strict"] for r in lines[5:]]
+
+    # widening the grid resumes too; other evaluation settings are refused
+    grid = SweepConfig(blocks=[0, 1], keep_masses=[0.3, 0.6], max_combo=1, ppl_budget=1.5)
+    assert run_sweep(model, tok, Factors.load(inp["factors"]), grid, cfg, out, write_report=False).evaluated == 2
+    assert len(read_jsonl(out / "results.jsonl")) == 9
+    capsys.readouterr()
+    assert main(_argv(inp, out) + ["--loose", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (--loose differ)" in err and "Traceback" not in err
+
+
+def test_run_sweep_restores_the_model_and_rejects_bad_input(sweep_inputs, tmp_path, capsys):
+    from kfac_edit.errors import UserError
+    from kfac_edit.factors.store import Factors
+    from kfac_edit.models import load_model
+
+    inp = sweep_inputs
+    model, tok = load_model(str(inp["model"]), dtype="float32", device="cpu")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = EvalConfig(memorized=[str(inp["mem"])], perplexity_data=str(inp["text"]), prefix_len=PREFIX,
+                     suffix_len=SUFFIX, ppl_block=16, batch_size=16)
+    factors = Factors.load(inp["factors"])
+    outcome = run_sweep(model, tok, factors, SweepConfig(blocks=[1], keep_masses=[0.2], ppl_budget=100.0), cfg,
+                        tmp_path / "s", write_report=False)
+    assert outcome.evaluated == 1 and outcome.chosen is not None and outcome.chosen.config.blocks == (1,)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key]), key
+    assert not (tmp_path / "s" / "report.html").exists()
+
+    with pytest.raises(UserError, match="block 5 does not exist"):
+        run_sweep(model, tok, factors, SweepConfig(blocks=[5]), cfg, tmp_path / "t")
+    with pytest.raises(UserError, match="outside"):
+        run_sweep(model, tok, factors, SweepConfig(keep_masses=[1.0]), cfg, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+    assert main(_argv(inp, tmp_path / "u")[:5] + ["--perplexity-data", str(inp["text"]), "--out", str(tmp_path / "u")]) == 2
+    assert "needs a memorized set" in capsys.readouterr().err
