@@ -77,6 +77,7 @@ def test_collect_bad_input(tiny_model_dir, tiny_corpus_jsonl, nan_model_dir, tmp
         (["--projections", "gate,fc"], tiny_corpus_jsonl, "unknown projection 'fc'"),
         (["--seq-len", "65"], tiny_corpus_jsonl, "beyond the model's context of 64"),
         (["--batch-size", "0"], tiny_corpus_jsonl, "--batch-size must be a positive"),
+        (["--modules", "up=mlp.fc_in"], tiny_corpus_jsonl, "block 0 has no module 'mlp.fc_in'"),
         ([], tmp_path / "missing.jsonl", "does not exist"),
         ([], empty, "holds no documents"),
         ([], broken, r"broken\.jsonl:2: malformed JSON"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -35,6 +36,9 @@ def collected():
 
 def test_save_load_round_trip(collected, tmp_path):
     collected.save(tmp_path / "f")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "f" / TENSORS_FILE).stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     loaded = Factors.load(tmp_path / "f")
     assert loaded.names == collected.names
     for name in collected.names:

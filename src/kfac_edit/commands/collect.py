@@ -17,14 +17,15 @@ def register(subparsers) -> None:
         "A = sum of a a^T over layer-input rows, G = sum of g g^T over rows of the gradient of the summed token loss "
         "w.r.t. the layer output, and token counts. Writes DIR/factors.safetensors and DIR/manifest.json.",
     )
-    p.add_argument("--model", required=True, help="hub id (e.g. allenai/OLMo-2-1124-7B) or local model directory")
+    p.add_argument("--model", required=True, metavar="MODEL", help="hub id (e.g. allenai/OLMo-2-1124-7B) or local model directory")
     p.add_argument(
         "--data",
         required=True,
+        metavar="SOURCE",
         help="hf:DATASET[:CONFIG][@SPLIT], alias dolmino | olmo-mix, or a local .jsonl/.jsonl.gz (field 'text'), "
         ".txt, .parquet file or a directory of them",
     )
-    p.add_argument("--out", required=True, type=Path, help="output directory for the factors")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory for the factors")
     p.add_argument("--layers", default="all", help="block indices, e.g. 23,24,25 or 20-27 or all (default: all)")
     p.add_argument(
         "--projections", default=None, help="subset of gate,up,down (default: every one the architecture has)"

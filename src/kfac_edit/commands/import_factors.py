@@ -18,7 +18,7 @@ def register(subparsers) -> None:
         "into DIR/factors.safetensors + DIR/manifest.json (fp32 sums + counts), the format `collect` writes.",
     )
     p.add_argument("old", type=Path, metavar="OLD.pt", help="the reference tool's factor file")
-    p.add_argument("--out", required=True, type=Path, help="output directory for the factors")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory for the factors")
     p.add_argument(
         "--name-template",
         default=DEFAULT_NAME_TEMPLATE,
