@@ -70,3 +70,28 @@ def test_local_task_matches_brute_force(tmp_path, tiny_tokenizer, monkeypatch):
 
     with pytest.raises(UserError, match="does not exist"):
         run_lm_eval(model_dir, "kfac_rule_mc", out, include_path=tmp_path / "nowhere")
+
+
+def test_eval_cli_runs_lm_eval_beside_our_results(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install 'kfac-edit[lm-eval]')")
+    from kfac_edit.cli import main
+    from kfac_edit.fileio import read_jsonl
+
+    monkeypatch.chdir(REPO)
+    mem = tmp_path / "mem.jsonl"
+    mem.write_text("".join(json.dumps({"prefix_ids": [i, i + 1, i + 2], "suffix_ids": [i + 3, i + 4]}) + "\n"
+                           for i in range(4)))
+    out = tmp_path / "results.jsonl"
+    argv = ["eval", "--model", str(tiny_model_dir), "--memorized", str(mem), "--prefix-len", "3", "--suffix-len", "2",
+            "--device", "cpu", "--out", str(out), "--lm-eval-tasks", "kfac_rule_mc",
+            "--lm-eval-include", str(TASKS_DIR), "--lm-eval-limit", "4"]
+    assert main(argv) == 0
+    assert "lm-eval kfac_rule_mc" in capsys.readouterr().out
+    assert read_jsonl(out)[0]["metrics"]["memorized"]["mem"]["n"] == 4  # our metrics, as without lm-eval
+    lm = json.loads((tmp_path / "lm_eval" / tiny_model_dir.name / RESULTS_FILE).read_text())
+    assert lm["limit"] == 4 and lm["n-samples"]["kfac_rule_mc"]["effective"] == 4 and lm["dtype"] == "float32"
+    assert 0.0 <= lm["metrics"]["kfac_rule_mc"]["acc"] <= 1.0 and lm["metrics"]["kfac_rule_mc"]["acc"] * 4 % 1 == 0
+
+    # bad input: one line, exit 2, before anything runs
+    assert main(["eval", "--model", str(tiny_model_dir), "--memorized", str(mem), "--lm-eval-include", "x"]) == 2
+    assert "need --lm-eval-tasks" in capsys.readouterr().err

@@ -212,3 +212,71 @@ def format_metrics(record: dict[str, Any]) -> list[str]:
                 continue
             lines.append(f"lm-eval {task:<32} {name:<24} {value:.4f}")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------- `kfac-edit eval`
+
+
+def add_lm_eval_arguments(p) -> None:
+    """``--lm-eval-tasks``, ``--lm-eval-include``, ``--lm-eval-limit`` (for ``kfac-edit eval``)."""
+    p.add_argument(
+        "--lm-eval-tasks",
+        metavar="TASKS",
+        help="also run these lm-evaluation-harness tasks on MODEL, comma-separated (e.g. arithmetic,triviaqa,gsm8k); "
+        f"results go to lm_eval/<model>/{RESULTS_FILE} beside --out; needs {INSTALL_HINT}",
+    )
+    p.add_argument("--lm-eval-include", metavar="DIR", help="directory of your own lm-eval task YAML files")
+    p.add_argument("--lm-eval-limit", type=float, metavar="N",
+                   help="at most N documents per lm-eval task (a fraction < 1: that share), for quick checks")
+
+
+def lm_eval_out_dir(model: str, out: str | os.PathLike | None) -> Path:
+    """``<directory of --out>/lm_eval/<model label>/`` (the working directory without ``--out``); the label is
+    the model directory's name, or the hub id with ``/`` replaced by ``__``."""
+    path = Path(model)
+    label = path.name if path.exists() else model.replace("/", "__")
+    base = Path(out).parent if out else Path(".")
+    return base / "lm_eval" / label
+
+
+def check_lm_eval_args(args) -> None:
+    """Fail fast (before other evaluations run) on a missing lm_eval package, no task, or a missing include dir."""
+    if not getattr(args, "lm_eval_tasks", None):
+        if getattr(args, "lm_eval_include", None) or getattr(args, "lm_eval_limit", None):
+            raise UserError("--lm-eval-include/--lm-eval-limit need --lm-eval-tasks TASKS")
+        return
+    parse_tasks(args.lm_eval_tasks)
+    _import_lm_eval()
+    if args.lm_eval_include and not os.path.isdir(args.lm_eval_include):
+        raise UserError(f"--lm-eval-include {args.lm_eval_include} is not a directory; give a directory of task YAMLs")
+    if args.lm_eval_limit is not None and not args.lm_eval_limit > 0:
+        raise UserError(f"--lm-eval-limit {args.lm_eval_limit} must be positive")
+
+
+def run_lm_eval_from_args(args) -> dict[str, Any] | None:
+    """What ``kfac-edit eval --lm-eval-tasks`` runs after its own metrics; prints the metrics and the file."""
+    if not getattr(args, "lm_eval_tasks", None):
+        return None
+    limit = args.lm_eval_limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    dtype = getattr(args, "dtype", "auto")
+    if dtype == "auto":  # as `kfac-edit eval` loads the model: bfloat16 on CUDA, float32 on CPU
+        from .models import resolve_device
+
+        dtype = "bfloat16" if resolve_device(getattr(args, "device", "auto")).type == "cuda" else "float32"
+    out_dir = lm_eval_out_dir(args.model, getattr(args, "out", None))
+    record = run_lm_eval(
+        args.model,
+        args.lm_eval_tasks,
+        out_dir,
+        include_path=args.lm_eval_include,
+        limit=limit,
+        batch_size=getattr(args, "batch_size", 8),
+        device=getattr(args, "device", "auto"),
+        dtype=dtype,
+    )
+    for line in format_metrics(record):
+        print(line)
+    print(f"wrote lm-eval results to {out_dir / RESULTS_FILE}")
+    return record

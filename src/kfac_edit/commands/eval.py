@@ -89,6 +89,9 @@ def register(subparsers) -> None:
     add_model_arguments(p)
     add_eval_arguments(p)
     p.add_argument("--out", metavar="FILE.jsonl", help=_help("out") + " (default: print only)")
+    from ..lm_eval_tasks import add_lm_eval_arguments
+
+    add_lm_eval_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -104,14 +107,20 @@ def print_summary(record: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluate.suite import check_inputs, evaluate
+    from ..lm_eval_tasks import check_lm_eval_args, run_lm_eval_from_args
     from ..models import load_tokenizer
 
     config = eval_config_from_args(args, args.out)
-    tokenizer = load_tokenizer(args.model)
-    check_inputs(config, tokenizer, len(tokenizer))  # fail on bad input before loading the model
-    model, tokenizer = load_for_eval(args)
-    record = evaluate(model, tokenizer, config)
-    print_summary(record)
-    if args.out:
-        print(f"appended results to {args.out}")
+    check_lm_eval_args(args)
+    ours = bool(config.memorized or config.quotes or config.perplexity_data or config.ndcg_data)
+    if ours or not args.lm_eval_tasks:  # with only --lm-eval-tasks, our suite has nothing to do
+        tokenizer = load_tokenizer(args.model)
+        check_inputs(config, tokenizer, len(tokenizer))  # fail on bad input before loading the model
+        model, tokenizer = load_for_eval(args)
+        record = evaluate(model, tokenizer, config)
+        print_summary(record)
+        if args.out:
+            print(f"appended results to {args.out}")
+        del model  # lm-eval loads its own copy
+    run_lm_eval_from_args(args)
     return 0
