@@ -62,8 +62,8 @@ def _mixed_gemm_ok(device: torch.device, dtype: torch.dtype) -> bool:
             rows = torch.randn(64, 48, generator=gen).to(device=device, dtype=dtype)
             total = torch.ones(48, 48, device=device)
             torch.addmm(total, rows.T, rows, out_dtype=torch.float32, out=total)
-            cast = rows.float()
-            expected = torch.ones(48, 48, device=device).addmm_(cast.T, cast)
+            exact = rows.double()  # bf16/fp16 products are exact in fp32; compare with an fp64 reference
+            expected = (1 + exact.T @ exact).float()
             _MIXED_GEMM_OK[key] = bool(torch.allclose(total, expected, rtol=1e-5, atol=1e-5))
         except (RuntimeError, TypeError):  # an older torch without out_dtype, or an unsupported backend
             _MIXED_GEMM_OK[key] = False
@@ -212,7 +212,6 @@ class FactorCollector:
         self._handles: list = []
         self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._saved_training: list[tuple[nn.Module, bool]] = []
-        self._root: torch.Tensor | None = None
 
     # -------------------------------------------------------------------------------------------- setup
     def _allocate(self) -> None:
@@ -274,16 +273,13 @@ class FactorCollector:
         self._saved_requires_grad.clear()
         self._phase = None
         self._targets = []
-        self._root = None
 
     # -------------------------------------------------------------------------------------------- hooks
     def _embedding_hook(self, module: nn.Module, args, output: torch.Tensor):
         """Make the embedding output a leaf that requires grad: the root of the (weight-free) backward graph."""
         if self._phase != "forward" or not torch.is_grad_enabled():
             return None
-        root = output.detach().requires_grad_(True)
-        self._root = root
-        return root
+        return output.detach().requires_grad_(True)
 
     def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """The valid rows of a ``(B, T, d)`` tensor as ``(n_valid, d)``."""
@@ -360,12 +356,21 @@ class FactorCollector:
         flat_valid = valid.reshape(-1)
         idx = flat_valid.nonzero().squeeze(1)
         n_valid = int(idx.numel())
+        if n_valid:
+            self._step(input_ids, mask, idx, window_index)
+        # counters move only after a step succeeded, so they always describe the sums
         self.tokens += int(mask.sum())
         self.windows = max(self.windows, int(window_index.max()) + 1) if n_windows else self.windows
         self.seq_len = seq_len
         self.steps += 1
-        if n_valid == 0:
-            return 0
+        self.labelled_tokens += n_valid
+        return n_valid
+
+    def _step(self, input_ids: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, window_index: torch.Tensor):
+        """Forward, labels, backward for one batch with ``idx`` (flat indices of the valid positions) non-empty."""
+        n_valid = int(idx.numel())
+        seq_len = input_ids.shape[1]
+        device = input_ids.device
 
         uniforms = None
         if self.labels == "sampled":
@@ -376,7 +381,6 @@ class FactorCollector:
         self._grad_hits = [0] * len(self.projections)
         self._shared_input = {}
         self._targets = []
-        self._root = None
         try:
             self._phase = "forward"
             with torch.enable_grad():
@@ -417,7 +421,6 @@ class FactorCollector:
         finally:
             self._phase = None
             self._targets = []
-            self._root = None
             self._valid_index = {}
         for p, f_hits, g_hits in zip(self.projections, self._forward_hits, self._grad_hits):
             if f_hits != 1 or g_hits != 1:
@@ -429,8 +432,6 @@ class FactorCollector:
             mf = self.factors.modules[p.name]
             mf.activation_count += n_valid
             mf.grad_count += n_valid
-        self.labelled_tokens += n_valid
-        return n_valid
 
     # -------------------------------------------------------------------------------------------- result
     def manifest(self) -> dict[str, Any]:
