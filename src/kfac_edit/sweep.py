@@ -113,25 +113,13 @@ def point_spec(point: PointConfig, seed: int = 0) -> EditSpec:
 
 
 def point_metrics(eval_record: dict[str, Any]) -> dict[str, float]:
-    """The record's metrics: pooled memorization over every memorized file (weighted by records) as ``strict``,
-    ``loose``, ``avg_levenshtein_norm``, ``mean_match_len``; quotes likewise as ``quotes_*``; ``perplexity``,
-    ``perplexity_batch_mean``; ``ndcg``; then every other scalar of the evaluation under its dotted name."""
-    from .evaluate.suite import flat_metrics
+    """A sweep record's metrics: the headline metrics of :func:`~kfac_edit.evaluate.suite.headline_metrics`
+    (``strict``, ``loose``, ``avg_levenshtein_norm`` pooled over the memorized sets, ``perplexity``, ``ndcg``,
+    ``quotes_*`` ...), then every other scalar of the evaluation under its dotted name."""
+    from .evaluate.suite import flat_metrics, headline_metrics
 
-    m = eval_record["metrics"]
-    out: dict[str, float] = {}
-    for kind, prefix in (("memorized", ""), ("quotes", "quotes_")):
-        sets = [s for s in m.get(kind, {}).values() if s.get("n")]
-        n = sum(s["n"] for s in sets)
-        for key in ("strict", "loose", "avg_levenshtein_norm", "mean_match_len"):
-            if n:
-                out[prefix + key] = sum(s[key] * s["n"] for s in sets) / n
-    if "perplexity" in m:
-        out["perplexity"] = m["perplexity"]["perplexity"]
-        out["perplexity_batch_mean"] = m["perplexity"]["perplexity_batch_mean"]
-    if "ndcg" in m:
-        out["ndcg"] = m["ndcg"][f"ndcg@{m['ndcg']['k']}"]
-    for name, value in flat_metrics(m).items():
+    out = headline_metrics(eval_record["metrics"])
+    for name, value in flat_metrics(eval_record["metrics"]).items():
         out.setdefault(name, value)
     return out
 
