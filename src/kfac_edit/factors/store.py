@@ -190,8 +190,12 @@ class Factors:
         return self
 
     # ------------------------------------------------------------------ I/O
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``factors.safetensors`` and ``manifest.json`` into ``directory`` (atomically, manifest last)."""
+    def save(self, directory: str | os.PathLike, keep_dtype: bool = False) -> Path:
+        """Write ``factors.safetensors`` and ``manifest.json`` into ``directory`` (atomically, manifest last).
+
+        Sums are stored as fp32 unless ``keep_dtype`` (checkpoints keep fp64 sums of an fp64 model exact).
+        """
+        stored_dtype = None if keep_dtype else torch.float32
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         run_id = uuid.uuid4().hex
@@ -209,12 +213,13 @@ class Factors:
                 entry["activation_cov_key"] = stored_key[key]
             else:
                 stored_key[key] = entry["activation_cov_key"] = f"{name}.activation_cov"
-                tensors[f"{name}.activation_cov"] = mf.activation_sum.detach().float().cpu().contiguous()
+                tensors[f"{name}.activation_cov"] = mf.activation_sum.detach().to("cpu", stored_dtype).contiguous()
             entry["grad_cov_key"] = f"{name}.grad_cov"
-            tensors[f"{name}.grad_cov"] = mf.grad_sum.detach().float().cpu().contiguous()
+            tensors[f"{name}.grad_cov"] = mf.grad_sum.detach().to("cpu", stored_dtype).contiguous()
             module_entries[name] = entry
         manifest = {k: v for k, v in self.manifest.items() if k not in ("modules", "run_id", "format_version")}
-        manifest.update(format_version=FORMAT_VERSION, run_id=run_id, stored="fp32 sums; mean = sum / tokens")
+        stored = "fp32 sums" if stored_dtype is not None else "sums in their accumulation dtype"
+        manifest.update(format_version=FORMAT_VERSION, run_id=run_id, stored=f"{stored}; mean = sum / tokens")
         manifest["modules"] = module_entries
         header = {"run_id": run_id, "manifest": json.dumps(manifest, default=str)}
         with atomic_path(directory / TENSORS_FILE) as tmp:
