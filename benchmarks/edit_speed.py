@@ -102,10 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="kfac-edit-bench-") if args.cache_dir is None else None
     cache_dir = Path(args.cache_dir or tmp.name)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {"grad_values": grad_values, "grad_vectors": grad_vectors, "act_values": act_values, "act_vectors": act_vectors},
-        str(cache_dir / f"{key}.safetensors"),
-    )
+    entry = {"grad_values": grad_values, "grad_vectors": grad_vectors, "act_values": act_values}
+    entry["act_vectors"] = act_vectors
+    save_file(entry, str(cache_dir / f"{key}.safetensors"))
     del grad_vectors, act_vectors
     config = Olmo2Config(
         vocab_size=64,

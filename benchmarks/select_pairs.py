@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import json
 import os
 import platform
 import sys
@@ -106,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         row["speedup"] = heap_total / fast_s
         rows.append(row)
         print(
-            f"keep_mass {keep}: {row['pairs']} pairs ({100 * row['pairs_fraction']:.2f}%), mass {row['mass_fraction']:.9f}; "
+            f"keep_mass {keep}: {row['pairs']} pairs ({100 * row['pairs_fraction']:.2f}%), "
+            f"mass {row['mass_fraction']:.9f}; "
             f"select_pairs {1000 * fast_s:.1f} ms, heap {heap_total:.2f} s"
             + ("" if finished else " (extrapolated)")
             + f" -> {row['speedup']:.0f}x"

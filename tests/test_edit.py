@@ -21,7 +21,7 @@ from kfac_edit.edit import (
 )
 from kfac_edit.errors import UserError
 from kfac_edit.factors.store import Factors
-from kfac_edit.models import find_projections
+from kfac_edit.models import find_projections, projection_kinds
 
 SPEC = '{"1": {"gate": 0.5, "up": 0.6}, "0": {"down": 0.3, "up": 0.99995}}'
 EDITED = {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.0.mlp.down_proj"}
@@ -37,7 +37,7 @@ def make_factors(model, dtype=torch.float64, blocks=None) -> Factors:
     """Random SPD factors for every projection; gate and up of a block share one activation covariance."""
     means = {}
     shared = {}
-    for p in find_projections(model, layers=blocks):
+    for p in find_projections(model, layers=blocks, projections=projection_kinds(model)):
         out_dim, in_dim = p.shape
         if p.kind in ("gate", "up"):
             act = shared.setdefault(p.block, random_spd(in_dim, seed=p.block).to(dtype))
@@ -190,6 +190,25 @@ def test_baseline_methods():
     assert ind.pairs_kept == ind.grad_vectors_used * ind.act_vectors_used
     assert 0.49 <= ind.mass_fraction <= 1.0  # about keep_mass², at least keep_mass² by construction
     restore(model)
+
+
+def test_gpt2_conv1d_and_missing_kind():
+    """GPT-2 stores (in, out) Conv1D weights: the edit still speaks (out, in) and restores exactly."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=1, n_head=2)).double()
+    factors = make_factors(model)
+    before = model.transformer.h[0].mlp.c_fc.weight.detach().clone()  # (in, out) = (8, 32)
+    report = apply_edit(model, factors, EditSpec.from_json('{"0": {"up": 0.5}}'))
+    name = "transformer.h.0.mlp.c_fc"
+    assert report.modules[0].name == name and report.modules[0].shape == (32, 8)
+    expected = edit_weight(before.T, factors.activation_cov(name), factors.grad_cov(name), 0.5)
+    assert torch.allclose(model.transformer.h[0].mlp.c_fc.weight.T, expected, atol=1e-12)
+    restore(model)
+    assert torch.equal(model.transformer.h[0].mlp.c_fc.weight, before)
+    with pytest.raises(UserError, match="projection 'gate' does not exist in a gpt2 model"):
+        apply_edit(model, factors, EditSpec.from_json('{"0": {"gate": 0.5}}'))
 
 
 def test_eigen_cache_on_disk(tmp_path, monkeypatch):

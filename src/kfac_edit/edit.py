@@ -139,9 +139,13 @@ class EditSpec:
                 )
             for kind, value in kinds.items():
                 if kind not in PROJECTIONS:
-                    raise UserError(f"unknown projection '{kind}' in block {key} of the layers JSON; use gate, up or down")
+                    raise UserError(
+                        f"unknown projection '{kind}' in block {key} of the layers JSON; use gate, up or down"
+                    )
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise UserError(f"keep_mass for block {key} {kind} must be a number in [0, 1], got {json.dumps(value)}")
+                    raise UserError(
+                        f"keep_mass for block {key} {kind} must be a number in [0, 1], got {json.dumps(value)}"
+                    )
                 value = float(value)
                 if not 0.0 <= value <= 1.0:
                     raise UserError(
@@ -523,6 +527,14 @@ def apply_edit(model: nn.Module, factors, spec: EditSpec, cache: EigenCache | No
     targets = resolve_targets(model, spec)
     if spec.needs_factors:
         check_factors(targets, factors)
+        recorded = (getattr(factors, "manifest", None) or {}).get("model_fingerprint")
+        if recorded and targets and recorded != model_fingerprint(model):
+            log.warning(
+                "the factors were collected on a model with another config (fingerprint %s, this model %s); "
+                "shapes match, so editing goes on",
+                recorded,
+                model_fingerprint(model),
+            )
     cache = cache if cache is not None else EigenCache(None)
     originals: dict[str, torch.Tensor] = {}
     _ORIGINALS[model] = originals
@@ -623,7 +635,9 @@ def edit_model_dir(
     check_output_dir(out_dir, source=model)
     if spec.needs_factors:
         if factors_dir is None:
-            raise UserError(f"method {spec.method} needs K-FAC factors: pass --factors DIR (made by `kfac-edit collect`)")
+            raise UserError(
+                f"method {spec.method} needs K-FAC factors: pass --factors DIR (made by `kfac-edit collect`)"
+            )
         if not Path(factors_dir).is_dir():
             raise UserError(f"--factors {factors_dir} is not a directory; give the directory `kfac-edit collect` wrote")
     net, _ = load_model(model, dtype=_resolve_dtype(model, dtype), device=device)
