@@ -55,3 +55,10 @@ def test_bad_layers_and_unknown_arch(tiny_model):
     mods = parse_modules_option("up=0,down=1")
     projs = find_projections(Weird(), projections=["up", "down"], modules=mods)
     assert [p.name for p in projs] == ["blocks.0.0", "blocks.0.1"]
+
+
+def test_public_api_exports_resolve():
+    import kfac_edit
+
+    for name in kfac_edit.__all__:
+        assert getattr(kfac_edit, name) is not None, name

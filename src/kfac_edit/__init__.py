@@ -1,7 +1,53 @@
 """kfac-edit: remove rote memorization from causal LMs by editing MLP weights along K-FAC loss curvature.
 
-Pipeline: text -> factors (:func:`collect_factors`) -> eigenbases and edit (:func:`apply_edit`) -> metrics
-(:mod:`kfac_edit.evaluate`) -> report. Conventions (shapes, Kronecker order) are stated in :mod:`kfac_edit.curvature`.
+Pipeline, one module per arrow: text (:mod:`kfac_edit.data`) -> factors (:func:`collect_factors`, :class:`Factors`)
+-> eigenbases and edit (:mod:`kfac_edit.curvature`, :func:`apply_edit`) -> metrics (:func:`evaluate`) -> report
+(:mod:`kfac_edit.report`). Conventions (shapes, Kronecker order, pair mass) are stated once, in
+:mod:`kfac_edit.curvature`.
+
+The public names below are imported lazily, so ``import kfac_edit`` stays cheap.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "collect_factors": "kfac_edit.factors",
+    "FactorCollector": "kfac_edit.factors",
+    "Factors": "kfac_edit.factors",
+    "ModuleFactors": "kfac_edit.factors",
+    "Eigen": "kfac_edit.curvature",
+    "eigendecompose": "kfac_edit.curvature",
+    "select_pairs": "kfac_edit.curvature",
+    "edit_weight": "kfac_edit.curvature",
+    "project_weight": "kfac_edit.curvature",
+    "EditSpec": "kfac_edit.edit",
+    "EditReport": "kfac_edit.edit",
+    "EigenCache": "kfac_edit.edit",
+    "apply_edit": "kfac_edit.edit",
+    "restore": "kfac_edit.edit",
+    "save_edited": "kfac_edit.edit",
+    "EvalConfig": "kfac_edit.evaluate",
+    "evaluate": "kfac_edit.evaluate",
+    "find_memorized": "kfac_edit.evaluate",
+    "load_model": "kfac_edit.models",
+    "find_projections": "kfac_edit.models",
+    "token_batches": "kfac_edit.data",
+    "UserError": "kfac_edit.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kfac_edit' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
