@@ -13,6 +13,15 @@ from kfac_edit.testbed import number_tokenizer
 N_NUMBERS = 60  # tokenizer vocabulary: 60 numbers + 4 specials = 64
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one thread: with two, each small op pays thread hand-off costs (~50x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_tiny_olmo2(dtype: torch.dtype = torch.float64, layers: int = 2, seed: int = 0, vocab: int = N_NUMBERS + 4):
     """A random-initialized Olmo2ForCausalLM small enough for brute-force checks."""
     from transformers import Olmo2Config, Olmo2ForCausalLM
