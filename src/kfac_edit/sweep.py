@@ -317,7 +317,8 @@ def run_sweep(
             cache.get(factors, name)  # once for the whole sweep (memory, else disk)
     log.info("sweep: %d points, %d done, %d to run", len(points), len(points) - len(pending), len(pending))
     bar = tqdm(pending, desc="sweep", unit="point", disable=None)
-    for point in bar:
+    started = time.perf_counter()
+    for i, point in enumerate(bar, 1):
         t0 = time.perf_counter()
         try:
             report = apply_edit(model, factors, point_spec(point, config.seed), cache=cache)
@@ -326,8 +327,12 @@ def run_sweep(
             restore(model)
         record = SweepRecord(point, metrics, edit=_edit_summary(report), seconds=round(time.perf_counter() - t0, 3))
         append_jsonl(results, record.to_dict())
-        bar.set_postfix_str(f"{record.label()}: strict {record.strict:.3f} ppl {record.perplexity:.3f}")
-        log.debug("%s: %s", record.label(), metrics)
+        summary = f"{record.label()}: strict {record.strict:.3f} ppl {record.perplexity:.3f}"
+        bar.set_postfix_str(summary)
+        if bar.disable:  # no bar (not a terminal): one log line per point, with the time left
+            elapsed = time.perf_counter() - started
+            left = elapsed / i * (len(pending) - i)
+            log.info("[%d/%d] %s (%s left)", i, len(pending), summary, _duration(left))
 
     records = read_results(results)
     base = base_record(records)
@@ -351,6 +356,11 @@ def run_sweep(
 
         _write_report(out, ppl_budget=config.ppl_budget)
     return SweepOutcome(records=records, chosen=chosen, best_path=best_path, evaluated=len(pending))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _write_spectra(out: Path, chosen: SweepRecord, factors, cache: EigenCache) -> None:
