@@ -241,6 +241,10 @@ class EigenCache:
         self._remember(key, (grad, act))
         return grad, act
 
+    def put(self, factors, name: str, grad: Eigen, act: Eigen) -> None:
+        """Hold an eigendecomposition made elsewhere (e.g. by another rank: :mod:`kfac_edit.eigen_dist`) in memory."""
+        self._remember(factors.content_hash(name), (grad, act))
+
     def clear_memory(self) -> None:
         """Drop the in-memory entries (the disk entries stay)."""
         self._memory.clear()

@@ -1,0 +1,269 @@
+"""Checkpoints of a factor collection: where in the data stream it is, and the sums so far.
+
+A checkpoint is a directory ``OUT/checkpoint/ckpt-NNNNNN/`` holding
+
+* ``factors.safetensors`` + ``manifest.json``: the sums and counts of every module collected so far (finished
+  passes and the pass in progress), in their accumulation dtype (:meth:`Factors.save` with ``keep_dtype``);
+* ``state.json`` (:class:`CheckpointState`): the pass in progress, how many windows of the packed stream it has
+  consumed (over all ranks: windows ``0 .. windows-1`` are in the sums, none after), the tokens they held, the
+  configuration fingerprint of the run, and the tensor file's size and run id.
+
+It is written into a hidden temporary directory and renamed into place (one atomic rename), then older checkpoints
+are deleted: a process killed at any moment (SIGKILL included) leaves either the previous checkpoint or the new
+one, never a half-written one. :func:`load_checkpoint` refuses, with the reason, a checkpoint that is damaged or
+that another configuration made (other model weights, other data, other options): resuming it would silently mix
+two different runs.
+
+What may change between the run and its resumption: the batch size, the number of ranks and ``--tokens``
+(sampled labels depend only on the seed and a window's index in the stream, not on how windows are batched or
+sharded); everything that changes the factors may not.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..fileio import atomic_dir, write_json
+from ..models import Projection, model_fingerprint
+from .store import TENSORS_FILE, Factors
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d{6,})$")
+_WEIGHT_SAMPLE = 1024  # weight elements per module hashed into the fingerprint
+
+# Fingerprint entries, in the order differences are reported, with what to call them in messages.
+FINGERPRINT_LABELS = {
+    "model_fingerprint": "model architecture (config hash)",
+    "weights_digest": "model weights",
+    "dtype": "--dtype",
+    "modules": "collected modules (--layers/--projections/--modules)",
+    "layers_per_pass": "--layers-per-pass",
+    "labels": "--labels",
+    "seed": "--seed",
+    "seq_len": "--seq-len",
+    "data": "--data",
+    "text_field": "--text-field",
+    "data_digest": "data content (file sizes and first bytes)",
+}
+
+
+# ---------------------------------------------------------------------------------------------------- fingerprint
+def weights_digest(projections: Sequence[Projection]) -> str:
+    """A hash of a strided sample of every chosen weight (cheap, and different for a different checkpoint)."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for p in projections:
+            flat = p.module.weight.detach().reshape(-1)
+            step = max(1, flat.numel() // _WEIGHT_SAMPLE)
+            sample = flat[::step][:_WEIGHT_SAMPLE].to("cpu", torch.float64).contiguous()
+            h.update(p.name.encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def data_digest(source: str, text_field: str = "text") -> str | None:
+    """For local data: a hash of each file's name, size and first 64 KiB; ``None`` for hub datasets."""
+    from ..data import ALIASES, _local_files
+
+    source = ALIASES.get(str(source), str(source))
+    if source.startswith("hf:"):
+        return None
+    h = hashlib.sha256()
+    root = Path(source).expanduser()
+    for file in _local_files(source):
+        rel = file.name if root.is_file() else str(file.relative_to(root))
+        h.update(f"{rel}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as fh:
+            h.update(fh.read(1 << 16))
+    return h.hexdigest()[:24]
+
+
+def run_fingerprint(
+    model: nn.Module,
+    projections: Sequence[Projection],
+    *,
+    data: str,
+    text_field: str = "text",
+    seq_len: int,
+    labels: str,
+    seed: int,
+    layers_per_pass: int | None,
+) -> dict[str, Any]:
+    """Everything that changes the collected factors (see :data:`FINGERPRINT_LABELS`)."""
+    from ..data import describe_source
+
+    return {
+        "model_fingerprint": model_fingerprint(model),
+        "weights_digest": weights_digest(projections),
+        "dtype": str(projections[0].module.weight.dtype).removeprefix("torch.") if projections else None,
+        "modules": [p.name for p in projections],
+        "layers_per_pass": layers_per_pass,
+        "labels": labels,
+        "seed": int(seed),
+        "seq_len": int(seq_len),
+        "data": describe_source(data),
+        "text_field": text_field,
+        "data_digest": data_digest(data, text_field),
+    }
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints (empty when they match)."""
+    out = []
+    for key in list(FINGERPRINT_LABELS) + sorted((set(saved) | set(current)) - set(FINGERPRINT_LABELS)):
+        a, b = saved.get(key), current.get(key)
+        if a == b:
+            continue
+        label = FINGERPRINT_LABELS.get(key, key)
+        if key == "modules":
+            out.append(f"{label}: {len(a or [])} modules in the checkpoint, {len(b or [])} now (or other ones)")
+        elif key in ("weights_digest", "data_digest", "model_fingerprint"):
+            out.append(f"{label} differ")
+        else:
+            out.append(f"{label}: {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- state
+@dataclass
+class CheckpointState:
+    """Where a collection stands. ``windows``: packed windows of the stream consumed in pass ``pass_index``."""
+
+    pass_index: int
+    passes: list[list[str]]
+    windows: int
+    tokens: int
+    labelled_tokens: int
+    fingerprint: dict[str, Any]
+    sequence: int = 0
+    world_size: int = 1
+    batch_size: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)  # earlier resumes of this run
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    run_id: str | None = None
+    tensors_bytes: int | None = None
+    version: int = STATE_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CheckpointState":
+        names = {f.name for f in fields(cls)}
+        missing = {"pass_index", "passes", "windows", "tokens", "labelled_tokens", "fingerprint"} - set(data)
+        if missing:
+            raise ValueError(f"missing {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def checkpoint_root(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / CHECKPOINT_DIR
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint directories, oldest first (hidden temporary directories of a killed write excluded)."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(out_dir: str | os.PathLike, factors: Factors, state: CheckpointState) -> Path:
+    """Write checkpoint ``state.sequence`` atomically under ``OUT/checkpoint/`` and delete the older ones."""
+    root = checkpoint_root(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"ckpt-{state.sequence:06d}"
+    with atomic_dir(target) as tmp:
+        factors.save(tmp, keep_dtype=True)
+        state.run_id = factors.manifest["run_id"]
+        state.tensors_bytes = (tmp / TENSORS_FILE).stat().st_size
+        write_json(tmp / STATE_FILE, asdict(state))
+    for old in list_checkpoints(out_dir):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".ckpt-*.tmp"):  # left by a write that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    log.debug("checkpoint %s: pass %d, %d windows", target, state.pass_index, state.windows)
+    return target
+
+
+def remove_checkpoints(out_dir: str | os.PathLike) -> None:
+    shutil.rmtree(checkpoint_root(out_dir), ignore_errors=True)
+
+
+def load_checkpoint(
+    out_dir: str | os.PathLike, fingerprint: dict[str, Any] | None = None
+) -> tuple[Factors, CheckpointState] | None:
+    """The latest checkpoint in ``out_dir`` (``None`` when there is none).
+
+    Raises :class:`UserError` saying why when it is damaged or when ``fingerprint`` (of the run about to resume)
+    differs from the one it was made with.
+    """
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        return None
+    start_over = f"delete {checkpoint_root(out_dir)} or pass --overwrite to start over"
+
+    def corrupt(why: str) -> UserError:
+        return UserError(f"checkpoint {path} is damaged: {why}; {start_over}")
+
+    try:
+        state = CheckpointState.from_dict(json.loads((path / STATE_FILE).read_text()))
+    except FileNotFoundError:
+        raise corrupt(f"{STATE_FILE} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise corrupt(f"{STATE_FILE} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if state.version != STATE_VERSION:
+        raise UserError(
+            f"checkpoint {path} has format version {state.version}, this kfac-edit reads {STATE_VERSION}; {start_over}"
+        )
+    tensors = path / TENSORS_FILE
+    if not tensors.exists():
+        raise corrupt(f"{TENSORS_FILE} is missing")
+    size = tensors.stat().st_size
+    if state.tensors_bytes is not None and size != state.tensors_bytes:
+        raise corrupt(f"{TENSORS_FILE} has {size} bytes, {state.tensors_bytes} were written")
+    if fingerprint is not None:
+        diffs = fingerprint_differences(state.fingerprint, fingerprint)
+        if diffs:
+            raise UserError(
+                f"checkpoint {path} belongs to another run ({'; '.join(diffs)}); resume with the options it was made "
+                f"with, or {start_over}"
+            )
+    try:
+        factors = Factors.load(path)
+    except UserError as exc:
+        raise corrupt(str(exc).split(";")[0]) from None
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise corrupt(f"{TENSORS_FILE} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if factors.manifest.get("run_id") != state.run_id:
+        raise corrupt(f"{STATE_FILE} and {TENSORS_FILE} come from different writes")
+    held = state.passes[: state.pass_index + (1 if state.windows else 0)]  # a pass not yet started holds nothing
+    expected = {n for group in held for n in group}
+    if set(factors.names) != expected:
+        raise corrupt(f"it holds {len(factors.names)} modules, its state says {len(expected)}")
+    try:
+        factors.check_finite()
+    except UserError as exc:
+        raise corrupt(str(exc).split(";")[0]) from None
+    return factors, state

@@ -1,0 +1,236 @@
+"""Data-parallel factor collection over ``torch.distributed`` (launched by ``torchrun`` or ``accelerate launch``).
+
+Both launchers start one process per GPU and set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; :func:`init_distributed` reads them, so a plain ``python -m kfac_edit.cli collect`` is one process
+(world size 1: nothing here does any communication) and ``torchrun --nproc-per-node 8 -m kfac_edit.cli collect``
+is eight.
+
+Conventions of a data-parallel collection:
+
+* each rank streams a disjoint shard of the packed windows (window ``i`` goes to rank ``i % world_size``);
+* at a checkpoint and at the end of a pass every rank adds its factor sums and token counts into everyone's
+  (:func:`reduce_factors_to_main`); the main rank (rank 0) keeps the totals, the others zero theirs, so the next
+  reduction adds only what they collected since: the sums are never counted twice;
+* only the main rank writes files.
+
+Every collective runs under the process group's timeout (``timeout_s``). A rank that died or hung makes the others
+fail with :class:`RankFailure`, a one-line message saying so, instead of waiting forever. On NCCL the timeout only
+raises in the waiting process with ``TORCH_NCCL_BLOCKING_WAIT=1``, which :func:`init_distributed` sets unless the
+environment already chose.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 1800.0
+T = TypeVar("T")
+
+
+class RankFailure(RuntimeError):
+    """A collective failed or timed out: another rank died or hung. The message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in a data-parallel job (``world_size == 1``: a single process, no communication).
+
+    ``device`` is where collectives put their tensors: ``cuda:LOCAL_RANK`` with NCCL, the CPU with gloo.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    owns_group: bool = False  # this context initialized the process group (and destroys it in shutdown)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        if self.backend == "nccl":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.world_size}"
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer; fix the launcher's settings") from None
+
+
+def env_rank_world() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the launcher's environment; ``(0, 1, 0)`` when not launched."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"RANK={rank} and WORLD_SIZE={world} do not fit together; launch with torchrun or accelerate")
+    return rank, world, local
+
+
+def rank_device(device: torch.device, ctx: DistContext) -> torch.device:
+    """The device a rank computes on: ``cuda:LOCAL_RANK`` when ``device`` is a GPU in a multi-rank job."""
+    if ctx.enabled and device.type == "cuda":
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+def init_distributed(device: torch.device | str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+    """Join the launcher's process group (NCCL for GPUs, gloo for the CPU); a no-op for a single process.
+
+    An existing process group (e.g. one made by ``accelerate``'s ``Accelerator``) is used as it is.
+    """
+    rank, world, local = env_rank_world()
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(
+            dist.get_rank(), dist.get_world_size(), local, dist.get_backend(), timeout_s, owns_group=False
+        )
+    if world == 1:
+        return DistContext(timeout_s=timeout_s)
+    if not dist.is_available():
+        raise UserError("this torch build has no torch.distributed; run a single process")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise UserError(f"WORLD_SIZE={world} but {name} is not set; launch with torchrun or accelerate launch")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        if local >= torch.cuda.device_count():
+            raise UserError(
+                f"LOCAL_RANK={local} but only {torch.cuda.device_count()} GPUs are visible; start at most that many "
+                "processes per node"
+            )
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")  # a timed-out collective raises here, not elsewhere
+        torch.cuda.set_device(local)
+        kwargs["device_id"] = torch.device("cuda", local)
+    try:
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world, timeout=_dt.timedelta(seconds=timeout_s), **kwargs
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise RankFailure(
+            f"rank {rank} of {world}: could not join the process group ({_first_line(exc)}); check that every rank "
+            "was started and MASTER_ADDR/MASTER_PORT are reachable"
+        ) from None
+    log.info("rank %d of %d joined the %s process group", rank, world, backend)
+    return DistContext(rank, world, local, backend, timeout_s, owns_group=True)
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Leave the process group if :func:`init_distributed` made it."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def collective(ctx: DistContext, what: str, fn: Callable[[], T]) -> T:
+    """Run one collective; a failure or timeout becomes :class:`RankFailure` naming ``what`` and the likely cause."""
+    try:
+        return fn()
+    except (RuntimeError, dist.DistError) as exc:  # DistBackendError, gloo's connection errors, NCCL timeouts
+        raise RankFailure(
+            f"{ctx.describe()}: {what} failed ({_first_line(exc)}); another rank has probably died or hung "
+            f"(collectives time out after {ctx.timeout_s:g} s): see its log, then rerun with --resume to continue from "
+            "the last checkpoint"
+        ) from None
+
+
+def all_reduce_ints(ctx: DistContext, values: Sequence[int], op: str = "sum", what: str = "all-reduce") -> list[int]:
+    """Element-wise sum (``op="sum"``) or max (``op="max"``) of integer lists over all ranks."""
+    if not ctx.enabled:
+        return [int(v) for v in values]
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=ctx.device)
+    reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    collective(ctx, what, lambda: dist.all_reduce(t, op=reduce_op))
+    return [int(v) for v in t.tolist()]
+
+
+def any_rank(ctx: DistContext, flag: bool, what: str = "status exchange") -> bool:
+    """Whether ``flag`` is true on any rank."""
+    return bool(all_reduce_ints(ctx, [int(bool(flag))], op="max", what=what)[0])
+
+
+def broadcast_object(ctx: DistContext, obj: Any, src: int = 0, what: str = "broadcast") -> Any:
+    """``obj`` of rank ``src``, on every rank (picklable objects; small ones: it goes through the CPU)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj if ctx.rank == src else None]
+    collective(ctx, what, lambda: dist.broadcast_object_list(box, src=src, device=ctx.device))
+    return box[0]
+
+
+def broadcast_tensor(ctx: DistContext, tensor: torch.Tensor, src: int, what: str = "broadcast") -> torch.Tensor:
+    """``tensor`` of rank ``src`` copied into ``tensor`` on every rank (moved through ``ctx.device`` if needed)."""
+    if not ctx.enabled:
+        return tensor
+    buf = tensor if tensor.device == ctx.device and tensor.is_contiguous() else tensor.to(ctx.device).contiguous()
+    collective(ctx, what, lambda: dist.broadcast(buf, src=src))
+    if buf is not tensor:
+        tensor.copy_(buf)
+    return tensor
+
+
+def _all_reduce_tensor_(ctx: DistContext, tensor: torch.Tensor, what: str) -> None:
+    """In-place sum over ranks; a tensor off the collective device goes through a temporary copy there."""
+    if tensor.device == ctx.device and tensor.is_contiguous():
+        collective(ctx, what, lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM))
+        return
+    buf = tensor.to(ctx.device).contiguous()
+    collective(ctx, what, lambda: dist.all_reduce(buf, op=dist.ReduceOp.SUM))
+    tensor.copy_(buf)
+
+
+def reduce_factors_to_main(ctx: DistContext, factors, what: str = "factor all-reduce") -> None:
+    """Add every rank's factor sums and counts into the main rank's; the other ranks' become zero.
+
+    ``factors`` is a :class:`~kfac_edit.factors.store.Factors` with the same modules on every rank. A shared
+    (gate/up) activation sum is reduced once. After the call the main rank holds the totals and the others hold
+    zeros, so calling it again later adds only what was collected in between.
+    """
+    if not ctx.enabled:
+        return
+    for tensor in factors.tensors():
+        _all_reduce_tensor_(ctx, tensor, what)
+    names = list(factors.modules)
+    counts = [c for n in names for c in (factors.modules[n].activation_count, factors.modules[n].grad_count)]
+    counts = all_reduce_ints(ctx, counts, "sum", what)
+    for i, name in enumerate(names):
+        mf = factors.modules[name]
+        mf.activation_count, mf.grad_count = counts[2 * i], counts[2 * i + 1]
+    if not ctx.is_main:
+        for tensor in factors.tensors():
+            tensor.zero_()
+        for mf in factors.modules.values():
+            mf.activation_count = mf.grad_count = 0
+    factors._hashes.clear()

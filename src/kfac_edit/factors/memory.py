@@ -1,0 +1,230 @@
+"""How much memory the factor sums take, and how to split the blocks into passes so that they fit.
+
+A projection with weight ``W`` of shape ``(out, in)`` holds ``A`` ``(in, in)`` and ``G`` ``(out, out)`` sums in the
+accumulation dtype (fp32; fp64 for an fp64 model); ``gate`` and ``up`` of one block share one ``A``, counted once
+(with ``gate``). For OLMo-2-7B (hidden 4096, MLP 11008) one block takes about 1.6 GiB, all 32 blocks about 51 GiB.
+
+``--layers-per-pass K`` collects K blocks per pass over the data (several passes, merged at the end; the sampled
+labels depend only on the seed and the window, so the result equals one pass over every block). During a pass
+only its blocks' sums are on the devices; finished passes wait on the CPU, so the CPU must hold all of them in the
+end (the final file is written from there).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..errors import UserError
+from ..models import Projection
+from .collect import _shared_activation_partner, accumulate_dtype_for
+
+GIB = 1 << 30
+CUDA_FRACTION = 0.9  # default budget: this share of the free GPU memory (the rest holds activations)
+CPU_FRACTION = 0.8  # default budget: this share of the available RAM
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModuleMemory:
+    """Bytes of one projection's factor sums (``activation_bytes`` is 0 when it shares gate's ``A``)."""
+
+    name: str
+    block: int
+    kind: str
+    shape: tuple[int, int]
+    device: str
+    activation_bytes: int
+    grad_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.activation_bytes + self.grad_bytes
+
+
+def _device_of(p: Projection) -> str:
+    return str(p.module.weight.device)
+
+
+def module_memory(projections: Sequence[Projection], dtype: torch.dtype | None = None) -> list[ModuleMemory]:
+    """Factor bytes per projection, on the device of its weight. ``dtype``: default the accumulation dtype."""
+    shared = set(_shared_activation_partner(projections).values())  # up_proj names whose A is gate's
+    out = []
+    for p in projections:
+        size = torch.empty((), dtype=dtype or accumulate_dtype_for(p.module)).element_size()
+        n_out, n_in = p.shape
+        act = 0 if p.name in shared else size * n_in * n_in
+        out.append(ModuleMemory(p.name, p.block, p.kind, (n_out, n_in), _device_of(p), act, size * n_out * n_out))
+    return out
+
+
+def plan_passes(projections: Sequence[Projection], layers_per_pass: int | None) -> list[list[Projection]]:
+    """Split ``projections`` into passes of ``layers_per_pass`` consecutive blocks (``None``: one pass).
+
+    A block's projections are never split (gate and up share ``A``).
+    """
+    if layers_per_pass is not None and layers_per_pass < 1:
+        raise UserError(f"--layers-per-pass must be a positive integer, got {layers_per_pass}")
+    blocks = sorted({p.block for p in projections})
+    if layers_per_pass is None or layers_per_pass >= len(blocks):
+        return [list(projections)] if projections else []
+    groups = [blocks[i : i + layers_per_pass] for i in range(0, len(blocks), layers_per_pass)]
+    return [[p for p in projections if p.block in set(group)] for group in groups]
+
+
+def parse_size(text: str) -> int:
+    """``"12GB"``, ``"512MiB"``, ``"3e9"`` -> bytes (decimal units for kB/MB/GB, binary for KiB/MiB/GiB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UserError(f"cannot read the size '{text}'; write e.g. 40GB, 512MiB or 3e9 (bytes)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def available_bytes(device: str | torch.device) -> int:
+    """Free memory on ``device``: ``cudaMemGetInfo`` for a GPU, ``MemAvailable`` (else free pages) for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # no way to tell: do not block the run
+        return 1 << 62
+
+
+def default_budget(device: str) -> int:
+    dev = torch.device(device)
+    return int(available_bytes(dev) * (CUDA_FRACTION if dev.type == "cuda" else CPU_FRACTION))
+
+
+@dataclass
+class MemoryPlan:
+    """Factor memory per module, the passes, and the bytes each device must hold at its peak.
+
+    ``need`` maps a device to its peak: on a GPU, the largest pass's sums there; on the CPU, every sum (finished
+    passes wait there and the final file is written from there).
+    """
+
+    modules: list[ModuleMemory]
+    passes: list[list[str]]
+    need: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(m.total for m in self.modules)
+
+    def pass_bytes(self, index: int) -> int:
+        names = set(self.passes[index])
+        return sum(m.total for m in self.modules if m.name in names)
+
+    def table(self) -> str:
+        """Per-module factor memory (modules of the same kind, shape and device on one line) and the totals."""
+        groups: dict[tuple, list[ModuleMemory]] = {}
+        for m in self.modules:
+            groups.setdefault((m.kind, m.shape, m.device, m.activation_bytes, m.grad_bytes), []).append(m)
+        lines = ["factor memory (sums; gate and up share A):"]
+        for (kind, shape, device, act, grad), members in groups.items():
+            blocks = _ranges([m.block for m in members])
+            what = f"A {format_bytes(act)} + G {format_bytes(grad)}" if act else f"G {format_bytes(grad)} (A shared)"
+            lines.append(
+                f"  {kind:<5} {shape[0]}x{shape[1]} on {device}: {what} = {format_bytes(act + grad)} per module, "
+                f"blocks {blocks} ({len(members)} modules, {format_bytes((act + grad) * len(members))})"
+            )
+        n_pass = len(self.passes)
+        largest = max((self.pass_bytes(i) for i in range(n_pass)), default=0)
+        lines.append(
+            f"  total {format_bytes(self.total)} in {len(self.modules)} modules"
+            + (f"; {n_pass} passes, largest {format_bytes(largest)}" if n_pass > 1 else "")
+        )
+        return "\n".join(lines)
+
+
+def _ranges(values: list[int]) -> str:
+    values = sorted(set(values))
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(parts)
+
+
+def memory_plan(projections: Sequence[Projection], layers_per_pass: int | None = None) -> MemoryPlan:
+    modules = module_memory(projections)
+    passes = plan_passes(projections, layers_per_pass)
+    by_name = {m.name: m for m in modules}
+    need: dict[str, int] = {}
+    for group in passes:
+        per_device: dict[str, int] = {}
+        for p in group:
+            m = by_name[p.name]
+            per_device[m.device] = per_device.get(m.device, 0) + m.total
+        for device, nbytes in per_device.items():
+            if torch.device(device).type != "cpu":
+                need[device] = max(need.get(device, 0), nbytes)
+    need["cpu"] = sum(m.total for m in modules)
+    return MemoryPlan(modules, [[p.name for p in group] for group in passes], need)
+
+
+def check_memory(
+    projections: Sequence[Projection],
+    layers_per_pass: int | None = None,
+    budget: int | dict[str, int] | None = None,
+    print_table: bool = True,
+) -> MemoryPlan:
+    """Print the factor memory and raise :class:`UserError` when a device cannot hold its share.
+
+    ``budget``: bytes the factors may take on each device (one number for all, or per device); default 90% of the
+    free GPU memory and 80% of the available RAM, measured now (so after the model was loaded). The error names the
+    device and the largest ``--layers-per-pass`` that would fit.
+    """
+    plan = memory_plan(projections, layers_per_pass)
+    if print_table:
+        print(plan.table(), flush=True)
+    for device, need in plan.need.items():
+        limit = budget.get(device) if isinstance(budget, dict) else budget
+        if limit is None:
+            limit = default_budget(device)
+        if need <= limit:
+            continue
+        hint = _fitting_hint(projections, device, limit, layers_per_pass)
+        raise UserError(
+            f"the factor sums need {format_bytes(need)} on {device} but only {format_bytes(limit)} may be used there; "
+            + hint
+        )
+    return plan
+
+
+def _fitting_hint(projections: Sequence[Projection], device: str, limit: int, layers_per_pass: int | None) -> str:
+    if torch.device(device).type == "cpu":
+        return (
+            "every finished factor waits in CPU memory until the end: collect fewer --layers, on a machine with more "
+            "RAM, or raise --memory-budget"
+        )
+    n_blocks = len({p.block for p in projections})
+    start = min(layers_per_pass or n_blocks, n_blocks) - 1
+    for k in range(start, 0, -1):
+        if memory_plan(projections, k).need.get(device, 0) <= limit:
+            return f"pass --layers-per-pass {k} (or fewer) to collect {k} blocks per pass over the data"
+    return "even one block per pass does not fit: use a larger GPU, --device-map auto over several GPUs, or fewer --projections"
