@@ -24,6 +24,7 @@ The model is random-initialized from an OLMo-2 config: the default shape is OLMo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -126,6 +127,10 @@ def main(argv=None) -> int:
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint blocks in both runs")
     parser.add_argument("--skip-train", action="store_true", help="measure collection only")
+    parser.add_argument(
+        "--skip-collect", action="store_true", help="measure the baselines only, without allocating factors (when "
+        "factors and weight gradients do not fit on the GPU together: run once with each --skip-*)"
+    )
     parser.add_argument("--out", help="write the results JSON here too")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -180,8 +185,11 @@ def main(argv=None) -> int:
     model.requires_grad_(False)
     try:
         # 3. factor collection, every block x gate/up/down in one pass
-        with FactorCollector(model, projections, labels=args.labels, seed=0) as collector:
+        collecting = contextlib.nullcontext() if args.skip_collect else FactorCollector(model, projections, args.labels)
+        with collecting as collector:
             steps = {"collect": lambda: collector.accumulate(batch), "frozen": frozen_step}
+            if collector is None:
+                del steps["collect"]
             if not args.skip_train:
                 steps["train"] = train_step
             if args.device.startswith("cuda"):  # a GPU of its own: one kind after the other, peak memory of each
@@ -192,13 +200,14 @@ def main(argv=None) -> int:
             else:
                 for name, seconds in time_interleaved(steps, args.steps, args.warmup, args.device).items():
                     record(name, seconds)
-        finite = all(bool(torch.isfinite(t).all()) for t in collector.factors.tensors())
-        result["collect"].update(labelled_tokens=collector.labelled_tokens, factors_finite=finite)
+        if collector is not None:
+            finite = all(bool(torch.isfinite(t).all()) for t in collector.factors.tensors())
+            result["collect"].update(labelled_tokens=collector.labelled_tokens, factors_finite=finite)
     except torch.OutOfMemoryError as exc:
         result.setdefault("collect", {})["error"] = f"out of memory: {str(exc).splitlines()[0]}"
-    if "train" in result and "tokens_per_s" in result["collect"]:
+    if "train" in result and "tokens_per_s" in result.get("collect", {}):
         result["ratio_collect_over_train"] = result["collect"]["tokens_per_s"] / result["train"]["tokens_per_s"]
-    if "tokens_per_s" in result["collect"]:
+    if "tokens_per_s" in result.get("collect", {}):
         result["ratio_collect_over_frozen"] = result["collect"]["tokens_per_s"] / result["frozen"]["tokens_per_s"]
     text = json.dumps(result, indent=2)
     print(text)
