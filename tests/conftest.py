@@ -14,6 +14,12 @@ N_NUMBERS = 60  # tokenizer vocabulary: 60 numbers + 4 specials = 64
 
 
 @pytest.fixture(autouse=True)
+def _private_cache(monkeypatch, tmp_path):
+    """Each test gets its own cache root, ``tmp_path / "cache"`` (eigendecompositions, nDCG top-k, testbeds)."""
+    monkeypatch.setenv("KFAC_EDIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tiny models run fastest on one thread: with two, each small op pays thread hand-off costs (~50x slower)."""
     before = torch.get_num_threads()

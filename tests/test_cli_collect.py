@@ -16,14 +16,6 @@ from kfac_edit.factors.store import MANIFEST_FILE, TENSORS_FILE, Factors
 from kfac_edit.models import load_model
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def collect_args(model_dir, data, out, *extra):
     return [
         "collect", "--model", str(model_dir), "--data", str(data), "--out", str(out),

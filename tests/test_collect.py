@@ -25,15 +25,6 @@ from kfac_edit.models import find_projections
 TIGHT = 1e-12
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny-model tests are dominated by per-op overhead; one intra-op thread avoids spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _full_precision_norm(self, hidden):
     return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 

@@ -15,15 +15,6 @@ from kfac_edit.fileio import read_jsonl
 from kfac_edit.testbed import number_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_private_cache(monkeypatch, tmp_path):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("KFAC_EDIT_CACHE", str(tmp_path / "cache"))
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def inputs(tmp_path):
     mem = tmp_path / "mem.jsonl"

@@ -12,15 +12,6 @@ from kfac_edit.evaluate.perturbation import perturbation_metrics
 from kfac_edit.evaluate.records import MemRecord
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, above all on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_prompts(n, lo=2, hi=20, seed=0):
     rng = random.Random(seed)
     return [[rng.randrange(60) for _ in range(rng.randint(lo, hi))] for _ in range(n)]

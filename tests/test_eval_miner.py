@@ -18,14 +18,6 @@ from kfac_edit.testbed import number_tokenizer
 BOS, EOS = N_NUMBERS, N_NUMBERS + 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_ngram_jaccard_and_dedup_by_hand():
     a = [1, 2, 3, 4, 5, 6]
     assert ngram_set(a, 3) == {(1, 2, 3), (2, 3, 4), (3, 4, 5), (4, 5, 6)}

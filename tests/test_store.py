@@ -18,14 +18,6 @@ from kfac_edit.factors.store import MANIFEST_FILE, TENSORS_FILE, Factors, Module
 GATE, UP, DOWN = (f"model.layers.1.mlp.{k}_proj" for k in ("gate", "up", "down"))
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def collected():
     torch.manual_seed(0)

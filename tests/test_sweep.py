@@ -21,15 +21,6 @@ from kfac_edit.sweep import SweepConfig, block_groups, point_metrics, run_sweep,
 PREFIX, SUFFIX = 8, 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_private_cache(monkeypatch, tmp_path):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("KFAC_EDIT_CACHE", str(tmp_path / "cache"))
-    yield
-    torch.set_num_threads(n)
-
-
 def test_grid():
     assert block_groups([0, 1, 2], 2) == [(0,), (1,), (2,), (0, 1), (1, 2)]
     assert block_groups([0, 2, 3], 3) == [(0,), (2,), (3,), (2, 3)]  # runs only over adjacent blocks

@@ -15,15 +15,6 @@ from kfac_edit.models import load_model
 LAYERS = '{"0": {"gate": 0.3, "up": 0.3}, "1": {"down": 0.3}}'
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_private_cache(monkeypatch, tmp_path):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("KFAC_EDIT_CACHE", str(tmp_path / "cache"))
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def setup(tiny_model_dir, tiny_corpus_jsonl, tmp_path):
     """Factors collected by `kfac-edit collect`, and a memorized set made of the base model's own greedy output."""
