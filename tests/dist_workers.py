@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 
-def dying_worker(rank: int, world: int, port: int, tmp: str) -> None:
-    """Rank 1 dies right after joining; rank 0 then enters a collective and reports what happened."""
+def failing_worker(rank: int, world: int, port: int, tmp: str, mode: str) -> None:
+    """Rank 1 dies (``mode="dies"``) or hangs (``"hangs"``) right after joining; rank 0 then enters a collective and
+    reports what happened."""
     from kfac_edit.factors.distributed import RankFailure, all_reduce_ints, init_distributed
 
     os.environ.update(
@@ -20,6 +21,8 @@ def dying_worker(rank: int, world: int, port: int, tmp: str) -> None:
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", timeout_s=5)
     if rank == 1:
+        if mode == "hangs":
+            time.sleep(120)  # stuck (the test kills it once rank 0 has reported)
         os._exit(3)  # dies without a word, as a killed process would
     start = time.perf_counter()
     try:
@@ -28,3 +31,4 @@ def dying_worker(rank: int, world: int, port: int, tmp: str) -> None:
     except RankFailure as exc:
         message = str(exc)
     Path(tmp, "rank0.json").write_text(json.dumps({"message": message, "seconds": time.perf_counter() - start}))
+    os._exit(0)  # as the CLI does: a process group with a lost peer cannot be torn down cleanly

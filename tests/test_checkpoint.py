@@ -53,7 +53,7 @@ def assert_same_factors(got: Factors, want: Factors, exact: bool) -> None:
 
 def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
-    write_corpus(corpus, 300, seed=5)
+    write_corpus(corpus, 150, seed=5)
     out = tmp_path / "killed"
     args = collect_args(tiny_model_dir, corpus, out, "--checkpoint-every", "64", "--layers-per-pass", "1")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -83,7 +83,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     assert main(collect_args(tiny_model_dir, corpus, tmp_path / "whole")) == 0
     resumed, whole = Factors.load(out), Factors.load(tmp_path / "whole")
     assert_same_factors(resumed, whole, exact=True)  # same batches in the same order: bit for bit
-    assert resumed.manifest["tokens"] == whole.manifest["tokens"] > 4000
+    assert resumed.manifest["tokens"] == whole.manifest["tokens"] > 2000
     assert resumed.manifest["labelled_tokens"] == whole.manifest["labelled_tokens"]
     assert [r["windows"] for r in resumed.manifest["resumed"]] == [state["windows"]]
     assert resumed.manifest["passes"] == 2 and resumed.manifest["checkpoint_every"] == 64

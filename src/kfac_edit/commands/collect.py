@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -122,7 +123,11 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
     except RankFailure as exc:  # another rank died or hung: one line, no traceback
         print(f"kfac-edit: error: {exc}", file=sys.stderr)
-        return 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # A process group that lost a peer cannot be torn down cleanly (its destructor may wait for the peer or
+        # abort): leave at once with the error code; the launcher stops the other ranks.
+        os._exit(1)
 
 
 def _run(args: argparse.Namespace) -> int:
