@@ -62,9 +62,17 @@ def _device(smoke: bool) -> str:
 
 
 def _gpu_gib() -> float:
-    import torch
+    """Total memory of GPU 0, read with nvidia-smi so that this process makes no CUDA context of its own."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout
+        return float(out.split()[0]) / 1024
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        import torch
 
-    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
+        return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------- stages

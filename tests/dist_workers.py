@@ -18,6 +18,7 @@ def failing_worker(rank: int, world: int, port: int, tmp: str, mode: str) -> Non
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no dependence on how the host name resolves
     torch.set_num_threads(1)
     ctx = init_distributed("cpu", timeout_s=5)
     if rank == 1:

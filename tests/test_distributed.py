@@ -69,7 +69,7 @@ def test_torchrun_two_ranks_equal_one_process_then_share_eigen(tmp_path):
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts()))
     common = ["--model", str(model_dir), "--data", str(corpus), "--seq-len", str(SEQ), "--batch-size", str(BATCH),
               "--tokens", "100000", "--device", "cpu", "--dtype", "float64", "--no-progress"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {"GLOO_SOCKET_IFNAME": "lo", **os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     run_dir = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(Path(__file__).with_name("dist_script.py")), str(run_dir), "--",

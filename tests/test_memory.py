@@ -54,6 +54,8 @@ def test_check_memory_per_device_and_hint(capsys):
     assert "gate  24x16 on meta: A 1.00 KiB + G 2.25 KiB = 3.25 KiB per module, blocks 0-3 (4 modules" in table
     assert "on cpu" in table and "blocks 4 (1 modules" in table and "3 passes, largest" in table
     assert plan.need == {"meta": 2 * block_bytes, "cpu": 5 * block_bytes}  # the CPU holds every finished pass
+    # a rank other than 0 drops each pass after the reduction: only the pass on its CPU counts there
+    assert memory_plan(projections, 2, keeps_results=False).need == {"meta": 2 * block_bytes, "cpu": block_bytes}
     # the whole set does not fit on 'meta' in one pass; the error names the K that fits
     with pytest.raises(UserError, match=r"need 35\.00 KiB on meta but only 17\.50 KiB .* --layers-per-pass 2 \(or fewer\)"):
         check_memory(projections, None, budget={"meta": 2 * block_bytes, "cpu": 1 << 30}, print_table=False)

@@ -221,7 +221,7 @@ def _collect(args, ctx, device, layers, kinds, modules, budget) -> int:
         except ValueError as exc:
             raise UserError(f"--gradient-checkpointing: {exc}; run without it") from None
 
-    check_memory(projections, args.layers_per_pass, budget, print_table=ctx.is_main)
+    check_memory(projections, args.layers_per_pass, budget, print_table=ctx.is_main, keeps_results=ctx.is_main)
     fingerprint = None
     if args.checkpoint_every or args.resume:
         fingerprint = run_fingerprint(

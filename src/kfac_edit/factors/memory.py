@@ -120,8 +120,8 @@ def default_budget(device: str) -> int:
 class MemoryPlan:
     """Factor memory per module, the passes, and the bytes each device must hold at its peak.
 
-    ``need`` maps a device to its peak: on a GPU, the largest pass's sums there; on the CPU, every sum (finished
-    passes wait there and the final file is written from there).
+    ``need`` maps a device to its peak: on a GPU, the largest pass's sums there; on the CPU of the process that keeps
+    the results, every sum (finished passes wait there and the final file is written from there).
     """
 
     modules: list[ModuleMemory]
@@ -170,7 +170,11 @@ def _ranges(values: list[int]) -> str:
     return ",".join(parts)
 
 
-def memory_plan(projections: Sequence[Projection], layers_per_pass: int | None = None) -> MemoryPlan:
+def memory_plan(
+    projections: Sequence[Projection], layers_per_pass: int | None = None, keeps_results: bool = True
+) -> MemoryPlan:
+    """Bytes per module and the peak per device; ``keeps_results``: this process gathers every finished pass on the
+    CPU and writes the file (a single process, or rank 0; the other ranks drop each pass once it is reduced)."""
     modules = module_memory(projections)
     passes = plan_passes(projections, layers_per_pass)
     by_name = {m.name: m for m in modules}
@@ -181,9 +185,9 @@ def memory_plan(projections: Sequence[Projection], layers_per_pass: int | None =
             m = by_name[p.name]
             per_device[m.device] = per_device.get(m.device, 0) + m.total
         for device, nbytes in per_device.items():
-            if torch.device(device).type != "cpu":
-                need[device] = max(need.get(device, 0), nbytes)
-    need["cpu"] = sum(m.total for m in modules)
+            need[device] = max(need.get(device, 0), nbytes)
+    if keeps_results:
+        need["cpu"] = sum(m.total for m in modules)
     return MemoryPlan(modules, [[p.name for p in group] for group in passes], need)
 
 
@@ -192,6 +196,7 @@ def check_memory(
     layers_per_pass: int | None = None,
     budget: int | dict[str, int] | None = None,
     print_table: bool = True,
+    keeps_results: bool = True,
 ) -> MemoryPlan:
     """Print the factor memory and raise :class:`UserError` when a device cannot hold its share.
 
@@ -199,7 +204,7 @@ def check_memory(
     free GPU memory and 80% of the available RAM, measured now (so after the model was loaded). The error names the
     device and the largest ``--layers-per-pass`` that would fit.
     """
-    plan = memory_plan(projections, layers_per_pass)
+    plan = memory_plan(projections, layers_per_pass, keeps_results)
     if print_table:
         print(plan.table(), flush=True)
     for device, need in plan.need.items():
