@@ -1,8 +1,8 @@
 """Run under ``torchrun --nproc-per-node 2`` by tests/test_distributed.py (not a test module itself).
 
 ``python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_script.py OUT -- COLLECT_ARGS...``:
-each rank runs ``kfac-edit collect COLLECT_ARGS --out OUT/factors`` (the CLI, joining the process group from the
-launcher's environment), then the ranks spread the eigendecompositions of the written factors over themselves
+each rank joins the process group from the launcher's environment and runs ``kfac-edit collect COLLECT_ARGS --out
+OUT/factors`` (the CLI, which uses an existing group as it is, as under ``accelerate``), then the ranks spread the eigendecompositions of the written factors over themselves
 (:func:`kfac_edit.eigen_dist.distributed_eigendecompose`) and each saves what its cache holds to OUT/eigen{rank}.pt.
 """
 
@@ -24,10 +24,10 @@ def main() -> int:
     from kfac_edit.factors.distributed import all_reduce_ints, init_distributed, shutdown
     from kfac_edit.factors.store import Factors
 
+    ctx = init_distributed("cpu", timeout_s=60)  # the CLI uses this group as it is and leaves it alive
     code = cli_main(["collect", *collect_args, "--out", str(out / "factors")])
     if code != 0:
         return code
-    ctx = init_distributed("cpu", timeout_s=60)  # the CLI left the group: join a new one
     all_reduce_ints(ctx, [0])  # barrier: rank 0 has written the factors
     factors = Factors.load(out / "factors")
     cache = EigenCache(None)
