@@ -1,7 +1,7 @@
 """kfac-edit: remove rote memorization from causal LMs by editing MLP weights along K-FAC loss curvature.
 
 Pipeline, one module per arrow: text (:mod:`kfac_edit.data`) -> factors (:func:`collect_factors`, :class:`Factors`)
--> eigenbases and edit (:mod:`kfac_edit.curvature`, :func:`apply_edit`) -> metrics (:func:`evaluate`) -> report
+-> eigenbases and edit (:mod:`kfac_edit.curvature`, :func:`apply_edit`) -> metrics (:func:`evaluate_model`) -> report
 (:mod:`kfac_edit.report`). Conventions (shapes, Kronecker order, pair mass) are stated once, in
 :mod:`kfac_edit.curvature`.
 
@@ -15,7 +15,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
+_EXPORTS: dict[str, str | tuple[str, str]] = {
     "collect_factors": "kfac_edit.factors",
     "FactorCollector": "kfac_edit.factors",
     "Factors": "kfac_edit.factors",
@@ -32,7 +32,7 @@ _EXPORTS = {
     "restore": "kfac_edit.edit",
     "save_edited": "kfac_edit.edit",
     "EvalConfig": "kfac_edit.evaluate",
-    "evaluate": "kfac_edit.evaluate",
+    "evaluate_model": ("kfac_edit.evaluate", "evaluate"),  # `kfac_edit.evaluate` itself is the subpackage
     "find_memorized": "kfac_edit.evaluate",
     "load_model": "kfac_edit.models",
     "find_projections": "kfac_edit.models",
@@ -45,7 +45,8 @@ __all__ = ["__version__", *_EXPORTS]
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        module, attr = _EXPORTS[name] if isinstance(_EXPORTS[name], tuple) else (_EXPORTS[name], name)
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'kfac_edit' has no attribute '{name}'")
 
 
