@@ -7,9 +7,37 @@ import argparse
 ORDER = 30
 
 
-def register(subparsers) -> None:
+def add_spec_arguments(p: argparse.ArgumentParser) -> None:
+    """The edit's options, shared by ``edit`` and ``run``: --layers-json | --layers-file, --method, --seed."""
     from ..edit import METHODS
 
+    layers = p.add_mutually_exclusive_group(required=True)
+    layers.add_argument(
+        "--layers-json", metavar="JSON", help='layers JSON: block -> {projection: keep_mass}, e.g. \'{"23": {"gate": 0.6}}\''
+    )
+    layers.add_argument("--layers-file", metavar="FILE", help="file holding the layers JSON (e.g. a sweep's best.json)")
+    p.add_argument(
+        "--method",
+        default=None,
+        choices=METHODS,
+        help="kfac: top pairs of G ⊗ A (the default, unless a layers file written as {method, seed, layers} "
+        "names another); kfac-independent: top eigenvectors of G and of A separately; "
+        "svd: top singular directions of W holding keep_mass of Σσ² (data-free baseline); random: as many "
+        "coefficients as kfac, random positions in a random orthogonal basis (control)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of the random method's bases (default 0)")
+
+
+def spec_from_args(args: argparse.Namespace):
+    """The :class:`~kfac_edit.edit.EditSpec` that ``add_spec_arguments``' options describe."""
+    from ..edit import EditSpec
+
+    if args.layers_file is not None:
+        return EditSpec.from_file(args.layers_file, method=args.method, seed=args.seed)
+    return EditSpec.from_json(args.layers_json, method=args.method, seed=args.seed)
+
+
+def register(subparsers) -> None:
     p = subparsers.add_parser(
         "edit",
         help="edit MLP weights along K-FAC curvature and save a model directory transformers/lm-eval load",
@@ -25,20 +53,8 @@ def register(subparsers) -> None:
         metavar="DIR",
         help="K-FAC factors of this model (made by `kfac-edit collect`); needed by every method but svd",
     )
-    layers = p.add_mutually_exclusive_group(required=True)
-    layers.add_argument("--layers-json", metavar="JSON", help="layers JSON text: block -> {projection: keep_mass}")
-    layers.add_argument("--layers-file", metavar="FILE", help="file holding the layers JSON")
     p.add_argument("--out", required=True, metavar="EDITED_DIR", help="directory to write (new, or an earlier edit)")
-    p.add_argument(
-        "--method",
-        default=None,
-        choices=METHODS,
-        help="kfac: top pairs of G ⊗ A (the default, unless a layers file written as {method, seed, layers} "
-        "names another); kfac-independent: top eigenvectors of G and of A separately; "
-        "svd: top singular directions of W holding keep_mass of Σσ² (data-free baseline); random: as many "
-        "coefficients as kfac, random positions in a random orthogonal basis (control)",
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed of the random method's bases (default 0)")
+    add_spec_arguments(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument(
         "--dtype",
@@ -57,12 +73,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..edit import EditSpec, edit_model_dir
+    from ..edit import edit_model_dir
 
-    if args.layers_file is not None:
-        spec = EditSpec.from_file(args.layers_file, method=args.method, seed=args.seed)
-    else:
-        spec = EditSpec.from_json(args.layers_json, method=args.method, seed=args.seed)
+    spec = spec_from_args(args)
     report = edit_model_dir(
         args.model,
         spec,

@@ -8,7 +8,7 @@ ORDER = 50
 
 
 def register(subparsers) -> None:
-    from ..edit import METHODS
+    from .edit import add_spec_arguments
     from .eval import add_eval_arguments, add_model_arguments
 
     p = subparsers.add_parser(
@@ -21,11 +21,7 @@ def register(subparsers) -> None:
     )
     add_model_arguments(p)
     p.add_argument("--factors", metavar="DIR", help="K-FAC factors of MODEL (from `kfac-edit collect`); all methods but svd")
-    layers = p.add_mutually_exclusive_group(required=True)
-    layers.add_argument("--layers-json", metavar="JSON", help='layers JSON, e.g. \'{"23": {"gate": 0.6, "up": 0.6}}\'')
-    layers.add_argument("--layers-file", metavar="FILE", help="file holding the layers JSON")
-    p.add_argument("--method", choices=METHODS, default=None, help="edit method (default kfac); see `kfac-edit edit -h`")
-    p.add_argument("--seed", type=int, default=None, help="seed of the random method (default 0)")
+    add_spec_arguments(p)
     p.add_argument("--out", default="kfac-edit-run", metavar="DIR", help="run directory (default ./kfac-edit-run)")
     p.add_argument("--results", metavar="FILE.jsonl", help="summary JSONL to append to (default DIR/runs.jsonl)")
     p.add_argument("--skip-baseline", action="store_true", help="do not evaluate the base model (after only)")
@@ -34,15 +30,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..edit import EditSpec
     from ..models import load_tokenizer
+    from .edit import spec_from_args
     from ..workflow import check_run_inputs, format_table, run_paths, run_workflow
     from .eval import eval_config_from_args, load_for_eval
 
-    if args.layers_file is not None:
-        spec = EditSpec.from_file(args.layers_file, method=args.method, seed=args.seed)
-    else:
-        spec = EditSpec.from_json(args.layers_json, method=args.method, seed=args.seed)
+    spec = spec_from_args(args)
     config = eval_config_from_args(args, out=None)
     paths = run_paths(args.out, args.results)
     check_run_inputs(args.model, spec, args.factors, config, paths, load_tokenizer(args.model))  # before loading
