@@ -147,7 +147,7 @@ def test_build_writes_files_and_second_build_is_a_cache_hit(tmp_path, monkeypatc
     info = paths.load_info()
     assert info["config"] == config.to_dict() and info["config_hash"] == config.config_hash()
     assert set(info["base_metrics"]) == {"canary_strict", "rule_accuracy"}
-    assert info["training"]["train_tokens"] == config.steps * config.batch_size * (config.seq_len + 1)
+    assert info["training"]["train_tokens"] == config.steps * config.batch_size * (config.seq_len + 2)
     tok = number_tokenizer(config.n_numbers)
     memorized = read_jsonl(paths.memorized)
     assert len(memorized) == config.n_canaries
@@ -162,6 +162,13 @@ def test_build_writes_files_and_second_build_is_a_cache_hit(tmp_path, monkeypatc
     canary_texts = {r["prefix_text"] + " " + r["suffix_text"] for r in memorized}
     assert sum(r["text"] in canary_texts for r in corpus) == config.n_canaries * config.canary_repeats
     assert len(read_jsonl(paths.clean)) == config.n_clean
+    # packing the corpus with seq_len = L + 2 gives exactly the training windows [bos, x_1..x_L, eos]
+    from kfac_edit.data import token_batches
+
+    batch = next(token_batches(str(paths.corpus), tok, seq_len=config.seq_len + 2, batch_size=3))
+    first = [int(x) for x in corpus[0]["text"].split()]
+    assert batch["input_ids"][0].tolist() == [tok.bos_token_id, *first, tok.eos_token_id]
+    assert batch["input_ids"][:, 0].tolist() == [tok.bos_token_id] * 3 and bool(batch["attention_mask"].all())
 
     # the saved model loads with transformers and reproduces the recorded metrics
     from transformers import AutoModelForCausalLM, AutoTokenizer
