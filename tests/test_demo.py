@@ -95,7 +95,7 @@ def test_demo_end_to_end_through_the_cli(tmp_path, capsys, monkeypatch):
 
     # the console shows the table; the directory holds the report, plots, factors and the edited model
     assert "K-FAC (headline)" in printed and "SVD (matched cost)" in printed
-    for name in ("results.jsonl", "before_after.json", "table.txt", "report.html", "report.md",
+    for name in ("results.jsonl", "before_after.json", "best.json", "sweep.json", "table.txt", "report.html", "report.md",
                  "plots/demo_keep_mass.png", "plots/demo_tradeoff.png", "factors/manifest.json",
                  "edited/edit_report.json", "edited/config.json"):
         assert (out / name).exists(), name
@@ -105,6 +105,10 @@ def test_demo_end_to_end_through_the_cli(tmp_path, capsys, monkeypatch):
 
     records = read_results(out)
     assert len(records) == 1 + len(results["points"])
+    from kfac_edit.edit import EditSpec
+
+    spec = EditSpec.from_file(out / "best.json")  # what `kfac-edit edit --layers-file` reads
+    assert set(spec.keep_mass.values()) == {kfac["keep_mass"]} and spec.blocks == [0, 1]
     assert results["testbed"]["cached"] is False
 
     # second run: the testbed comes from the cache

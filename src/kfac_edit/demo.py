@@ -31,6 +31,8 @@ Output directory (written whole, atomically)::
     results.json        configuration, testbed info, every point, the headline comparison, checks, timings
     results.jsonl       the points in the sweep schema (:mod:`kfac_edit.pareto`), so `kfac-edit report DIR` works
     before_after.json   base vs the headline K-FAC edit (:mod:`kfac_edit.report`)
+    best.json           the headline edit as a layers JSON: `kfac-edit edit --layers-file DIR/best.json`
+    sweep.json          the perplexity budget of the headline choice (read by the report)
     table.txt           the console table
     plots/demo_keep_mass.png   canary strict memorization and rule accuracy vs keep_mass, K-FAC and SVD
     plots/demo_tradeoff.png    canary strict memorization vs rule-loss increase, K-FAC and SVD
@@ -52,6 +54,7 @@ from typing import Any
 
 from .errors import UserError
 from .fileio import atomic_dir, atomic_path, write_json
+from .sweep import BEST_FILE, SWEEP_FILE  # best.json: layers JSON of the headline; sweep.json: its ppl_budget
 from .testbed import TestbedConfig, build_testbed
 
 log = logging.getLogger(__name__)
@@ -284,21 +287,30 @@ def run_demo(
             save_edited(model, tokenizer, tmp / "edited", report)
         finally:
             restore(model)
+        write_json(tmp / BEST_FILE, headline_spec.layers())
         _write_sweep_records(tmp, config, base, points, headline)
         (tmp / "plots").mkdir(exist_ok=True)
         _plot_keep_mass(tmp / "plots" / "demo_keep_mass.png", base, kfac_points, svd_points, headline, matched)
         _plot_tradeoff(tmp / "plots" / "demo_tradeoff.png", base, kfac_points, svd_points, headline, matched)
-        from .report import write_report
+        _write_results(tmp, results, timings, started)
+    # the report pages name their directory, so they are written once it has its final name
+    from .report import write_report
 
-        write_report(tmp, ppl_budget=1.2)
-        timings["total"] = time.perf_counter() - started
-        results["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
-        table = format_table(results)
-        with atomic_path(tmp / TABLE_FILE) as t:
-            t.write_text(table + "\n")
-        write_json(tmp / RESULTS_JSON, results)
+    write_report(out, ppl_budget=config.ppl_budget)
+    table = _write_results(out, results, timings, started)
     results["table"] = table
     return results
+
+
+def _write_results(directory: Path, results: dict, timings: dict[str, float], started: float) -> str:
+    """Write ``results.json`` and ``table.txt`` with the timings so far; return the table."""
+    timings["total"] = time.perf_counter() - started
+    results["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+    table = format_table(results)
+    with atomic_path(directory / TABLE_FILE) as tmp:
+        tmp.write_text(table + "\n")
+    write_json(directory / RESULTS_JSON, results)
+    return table
 
 
 def _mean(values: list[float]) -> float | None:
@@ -406,6 +418,7 @@ def _write_sweep_records(directory: Path, config: DemoConfig, base: dict, points
         point = PointConfig(p["method"], tuple(config.blocks), tuple(config.projections), float(p["keep_mass"]))
         append_jsonl(directory / RESULTS_FILE, SweepRecord(point, metrics(p), seconds=p["seconds"]).to_dict())
     blocks = ",".join(str(b) for b in config.blocks)
+    write_json(directory / SWEEP_FILE, {"kind": "demo", "ppl_budget": config.ppl_budget})  # read by the report
     write_json(directory / "before_after.json", {
         "before": {"label": "base", "metrics": metrics(base)},
         "after": {"label": f"kfac b{blocks} {','.join(config.projections)} k={headline['keep_mass']:g}",
