@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="kfac-edit-demo", metavar="DIR",
                    help="report directory, replaced whole on each run (default ./kfac-edit-demo)")
     p.add_argument("--quick", action="store_true",
-                   help="a smaller testbed that trains in well under a minute (fewer canaries, smaller model)")
+                   help="a smaller testbed (30 canaries, 600 training steps): trains in about 20 s")
     p.add_argument("--cache-dir", metavar="DIR", help="cache root for the trained testbed (default $KFAC_EDIT_CACHE "
                    "or ~/.cache/kfac-edit)")
     p.set_defaults(func=run)
