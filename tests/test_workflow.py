@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from kfac_edit.cli import main
 from kfac_edit.evaluate.memorization import greedy_generate

@@ -38,6 +38,11 @@ _EXPORTS: dict[str, str | tuple[str, str]] = {
     "find_projections": "kfac_edit.models",
     "token_batches": "kfac_edit.data",
     "UserError": "kfac_edit.errors",
+    "TestbedConfig": "kfac_edit.testbed",
+    "build_testbed": "kfac_edit.testbed",
+    "rule_accuracy": "kfac_edit.testbed",
+    "DemoConfig": "kfac_edit.demo",
+    "run_demo": "kfac_edit.demo",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -44,7 +44,6 @@ Output directory (written whole, atomically)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field

@@ -47,7 +47,7 @@ from .curvature import (
     svd_truncate,
 )
 from .errors import UserError
-from .fileio import atomic_dir, atomic_path, write_json
+from .fileio import atomic_dir, atomic_path, cache_root, write_json
 from .models import PROJECTIONS, Projection, find_projections, model_fingerprint, model_type, num_blocks
 from .models import projection_kinds
 
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 METHODS = ("kfac", "kfac-independent", "svd", "random")
 NO_EDIT_AT = 0.9999  # keep_mass at or above this: the projection is left as it is (reference convention)
 REPORT_FILE = "edit_report.json"
-CACHE_ENV = "KFAC_EDIT_CACHE"
 _EXAMPLE = '{"23": {"gate": 0.6, "up": 0.6}, "24": {"gate": 0.6}}'
 
 
@@ -190,8 +189,7 @@ class EditSpec:
 
 def default_cache_dir() -> Path:
     """``$KFAC_EDIT_CACHE/eigen`` when that variable is set, else ``~/.cache/kfac-edit/eigen``."""
-    root = os.environ.get(CACHE_ENV)
-    return (Path(root) if root else Path.home() / ".cache" / "kfac-edit") / "eigen"
+    return cache_root("eigen")
 
 
 @dataclass

@@ -85,6 +85,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; the result should read like a plain mkdir's
     try:
         yield tmp
         if target.exists():
@@ -98,6 +101,19 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+CACHE_ENV = "KFAC_EDIT_CACHE"
+
+
+def cache_root(sub: str | None = None) -> Path:
+    """The package's cache directory: ``$KFAC_EDIT_CACHE`` if set, else ``~/.cache/kfac-edit``; ``sub`` appended.
+
+    Sub-directories in use: ``eigen`` (eigendecompositions), ``ndcg`` (reference top-k), ``testbed`` (testbeds).
+    """
+    env = os.environ.get(CACHE_ENV)
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "kfac-edit"
+    return root / sub if sub else root
 
 
 def _json_default(obj: Any) -> Any:

@@ -244,7 +244,7 @@ def load_model(
     The tokenizer always has a pad token (the EOS or UNK token stands in when it has none) and pads on the left
     (what batched generation needs; the factor and perplexity code passes attention masks so side does not matter).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     kwargs = {"dtype": torch_dtype}

@@ -36,7 +36,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .fileio import atomic_dir, write_json
+from .errors import UserError
+from .fileio import atomic_dir, cache_root, write_json
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,6 @@ class TestbedConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .errors import UserError
-
         if not 1 <= self.prefix_len < self.seq_len:
             raise UserError(f"testbed prefix_len {self.prefix_len} must be in [1, seq_len={self.seq_len}); lower it")
         if self.n_numbers < 3:
@@ -464,8 +463,7 @@ class TestbedPaths:
 
 def default_cache_root() -> Path:
     """``$KFAC_EDIT_CACHE`` if set, else ``~/.cache/kfac-edit``."""
-    env = os.environ.get("KFAC_EDIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "kfac-edit"
+    return cache_root()
 
 
 def cached_testbed_dir(config: TestbedConfig, cache_dir: str | os.PathLike | None = None) -> Path:

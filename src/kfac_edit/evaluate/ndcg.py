@@ -17,14 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data import describe_source, token_batches
-from ..fileio import atomic_path
+from ..fileio import atomic_path, cache_root
 from ..models import model_fingerprint
 
 CACHE_VERSION = 1
@@ -86,8 +85,8 @@ def tokenizer_identity(tokenizer) -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("KFAC_EDIT_CACHE")
-    return Path(root).expanduser() / "ndcg" if root else Path.home() / ".cache" / "kfac-edit" / "ndcg"
+    """``$KFAC_EDIT_CACHE/ndcg``, else ``~/.cache/kfac-edit/ndcg``."""
+    return cache_root("ndcg")
 
 
 def cache_key(reference: dict, tokenizer, source: str, k: int, seq_len: int, max_tokens: int | None) -> dict:
