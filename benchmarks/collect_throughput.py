@@ -35,6 +35,7 @@ import torch
 
 from kfac_edit.factors.collect import FactorCollector, factor_nbytes
 from kfac_edit.models import find_projections
+from _presets import apply_preset  # sibling module: benchmarks/ is on sys.path
 
 PRESETS = {
     "olmo2-7b": dict(
@@ -133,11 +134,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", help="write the results JSON here too")
     args = parser.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA device: use --preset tiny-cpu", file=sys.stderr)
+    if not apply_preset(args, PRESETS):
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,6 +31,7 @@ import torch
 from kfac_edit.evaluate.memorization import greedy_generate
 from kfac_edit.evaluate.ndcg import ndcg_at_k, topk_over_source
 from kfac_edit.testbed import number_tokenizer
+from _presets import apply_preset  # sibling module: benchmarks/ is on sys.path
 
 PRESETS = {
     "olmo2-7b": dict(
@@ -102,11 +103,7 @@ def main(argv=None) -> int:
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
     parser.add_argument("--out", help="write the results JSON here too")
     args = parser.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA device: use --preset tiny-cpu", file=sys.stderr)
+    if not apply_preset(args, PRESETS):
         return 2
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.threads:  # small CPU models: one thread is faster, and steady on a shared machine
