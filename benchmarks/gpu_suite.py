@@ -10,7 +10,7 @@ the suite, and every stage starts with an empty GPU):
   and the ratio is taken between them;
 * ``eigen``: fp64 ``eigendecompose`` of one random SPD matrix of each factor size (7B: 11008, 4096; 1B: 8192, 2048)
   and, from those times, all blocks on one GPU against the n³-balanced split over 8 ranks
-  (:func:`kfac_edit.eigen_dist.assign_by_cost`: an estimate, not a measurement);
+  (:func:`kfac_edit.eigen.assign_by_cost`: an estimate, not a measurement);
 * ``select-1b``, ``select-7b``: :mod:`select_pairs` -- exact pair selection against the reference heap (CPU);
 * ``edit-1b``, ``edit-7b``: factors of 3 blocks from a few batches, then ``apply_edit`` of those 3 blocks x
   gate/up/down at keep_mass 0.6: cold (eigendecompositions included) and again from the in-memory cache;
@@ -117,7 +117,7 @@ def stage_eigen(shape: str, smoke: bool, work: Path) -> dict:
     import torch
 
     from kfac_edit.curvature import eigendecompose
-    from kfac_edit.eigen_dist import assign_by_cost
+    from kfac_edit.eigen import assign_by_cost
 
     device = _device(smoke)
     shapes = ["tiny"] if smoke else ["7b", "1b"]

@@ -3,7 +3,7 @@
 ``python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_script.py OUT -- COLLECT_ARGS...``:
 each rank joins the process group from the launcher's environment and runs ``kfac-edit collect COLLECT_ARGS --out
 OUT/factors`` (the CLI, which uses an existing group as it is, as under ``accelerate``), then the ranks spread the eigendecompositions of the written factors over themselves
-(:func:`kfac_edit.eigen_dist.distributed_eigendecompose`) and each saves what its cache holds to OUT/eigen{rank}.pt.
+(:func:`kfac_edit.eigen.distributed_eigendecompose`) and each saves what its cache holds to OUT/eigen{rank}.pt.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ def main() -> int:
     collect_args = sys.argv[sys.argv.index("--") + 1 :]
     torch.set_num_threads(1)
     from kfac_edit.cli import main as cli_main
-    from kfac_edit.edit import EigenCache
-    from kfac_edit.eigen_dist import distributed_eigendecompose
+    from kfac_edit.eigen import EigenCache, distributed_eigendecompose
     from kfac_edit.factors.distributed import all_reduce_ints, init_distributed, shutdown
     from kfac_edit.factors.store import Factors
 

@@ -23,7 +23,7 @@ from conftest import N_NUMBERS, make_tiny_olmo2, random_number_texts
 from dist_workers import failing_worker
 
 from kfac_edit.cli import main
-from kfac_edit.eigen_dist import assign_by_cost, eigen_units
+from kfac_edit.eigen import assign_by_cost, eigen_units
 from kfac_edit.factors.store import Factors
 from kfac_edit.testbed import number_tokenizer
 

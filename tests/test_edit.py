@@ -10,15 +10,9 @@ from conftest import make_tiny_olmo2
 
 from kfac_edit.cli import main
 from kfac_edit.curvature import edit_weight, eigendecompose, pair_mass_fraction, select_pairs
-from kfac_edit.edit import (
-    EditSpec,
-    EigenCache,
-    apply_edit,
-    default_cache_dir,
-    is_edited,
-    restore,
-    save_edited,
-)
+from kfac_edit.edit import ORIGINALS_ATTR, apply_edit, restore, save_edited
+from kfac_edit.eigen import EigenCache, default_cache_dir
+from kfac_edit.spec import EditSpec
 from kfac_edit.errors import UserError
 from kfac_edit.factors.store import Factors
 from kfac_edit.models import find_projections, projection_kinds
@@ -96,6 +90,11 @@ def test_spec_unknown_method():
 
 
 # --------------------------------------------------------------------------------------------------- apply / restore
+
+
+def is_edited(model) -> bool:
+    """Whether ``model`` holds originals to restore (the attribute apply_edit keeps them in)."""
+    return bool(getattr(model, ORIGINALS_ATTR, None))
 
 
 def test_apply_edit_matches_edit_weight_and_restores_exactly():

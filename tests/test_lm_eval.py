@@ -10,7 +10,8 @@ import torch
 
 from conftest import make_tiny_olmo2
 from kfac_edit.errors import UserError
-from kfac_edit.lm_eval_tasks import RESULTS_FILE, SAMPLES_FILE, parse_tasks, run_lm_eval
+from kfac_edit.constants import LM_EVAL_RESULTS_FILE as RESULTS_FILE, LM_EVAL_SAMPLES_FILE as SAMPLES_FILE
+from kfac_edit.lm_eval_tasks import parse_tasks, run_lm_eval
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "tests" / "data" / "lm_eval_tasks"

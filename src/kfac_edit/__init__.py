@@ -1,7 +1,7 @@
 """kfac-edit: remove rote memorization from causal LMs by editing MLP weights along K-FAC loss curvature.
 
 Pipeline, one module per arrow: text (:mod:`kfac_edit.data`) -> factors (:func:`collect_factors`, :class:`Factors`)
--> eigenbases and edit (:mod:`kfac_edit.curvature`, :func:`apply_edit`) -> metrics (:func:`evaluate_model`) -> report
+-> eigenbases (:mod:`kfac_edit.eigen`) -> edited weights (:class:`EditSpec`, :func:`apply_edit`) -> metrics (:func:`evaluate_model`) -> report
 (:mod:`kfac_edit.report`). Conventions (shapes, Kronecker order, pair mass) are stated once, in
 :mod:`kfac_edit.curvature`.
 
@@ -25,9 +25,11 @@ _EXPORTS: dict[str, str | tuple[str, str]] = {
     "select_pairs": "kfac_edit.curvature",
     "edit_weight": "kfac_edit.curvature",
     "project_weight": "kfac_edit.curvature",
-    "EditSpec": "kfac_edit.edit",
+    "EditSpec": "kfac_edit.spec",
+    "Method": "kfac_edit.spec",
+    "LabelMode": "kfac_edit.spec",
     "EditReport": "kfac_edit.edit",
-    "EigenCache": "kfac_edit.edit",
+    "EigenCache": "kfac_edit.eigen",
     "apply_edit": "kfac_edit.edit",
     "restore": "kfac_edit.edit",
     "save_edited": "kfac_edit.edit",

@@ -22,13 +22,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from .constants import LM_EVAL_RESULTS_FILE, LM_EVAL_SAMPLES_FILE
 from .errors import UserError
 from .fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "lm_eval_results.json"
-SAMPLES_FILE = "lm_eval_samples.jsonl"
 INSTALL_HINT = "pip install 'kfac-edit[lm-eval]'"
 
 
@@ -170,9 +169,9 @@ def run_lm_eval(
     for key in ("results", "groups", "n-shot", "n-samples", "versions", "higher_is_better", "configs"):
         if key in raw:
             record[key] = raw[key]
-    write_json(Path(out_dir) / RESULTS_FILE, record)
+    write_json(Path(out_dir) / LM_EVAL_RESULTS_FILE, record)
     if log_samples:
-        with atomic_path(Path(out_dir) / SAMPLES_FILE) as tmp:
+        with atomic_path(Path(out_dir) / LM_EVAL_SAMPLES_FILE) as tmp:
             tmp.write_text("".join(json.dumps(row) + "\n" for row in samples))
         record = dict(record, samples=samples)
     return record
@@ -223,7 +222,7 @@ def add_lm_eval_arguments(p) -> None:
         "--lm-eval-tasks",
         metavar="TASKS",
         help="also run these lm-evaluation-harness tasks on MODEL, comma-separated (e.g. arithmetic,triviaqa,gsm8k); "
-        f"results go to lm_eval/<model>/{RESULTS_FILE} beside --out; needs {INSTALL_HINT}",
+        f"results go to lm_eval/<model>/{LM_EVAL_RESULTS_FILE} beside --out; needs {INSTALL_HINT}",
     )
     p.add_argument("--lm-eval-include", metavar="DIR", help="directory of your own lm-eval task YAML files")
     p.add_argument("--lm-eval-limit", type=float, metavar="N",
@@ -278,5 +277,5 @@ def run_lm_eval_from_args(args) -> dict[str, Any] | None:
     )
     for line in format_metrics(record):
         print(line)
-    print(f"wrote lm-eval results to {out_dir / RESULTS_FILE}")
+    print(f"wrote lm-eval results to {out_dir / LM_EVAL_RESULTS_FILE}")
     return record

@@ -122,11 +122,6 @@ def parse_modules_option(text: str) -> dict[str, str]:
     return out
 
 
-def blocks_module(model: nn.Module, blocks_path: str | None = None) -> nn.ModuleList:
-    path = blocks_path or _architecture(model)[0]
-    return _get(model, path)
-
-
 def find_projections(
     model: nn.Module,
     layers: Iterable[int] | str | None = None,
@@ -239,14 +234,14 @@ def load_model(
     device: str | None = None,
     device_map: str | None = None,
 ):
-    """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode.
+    """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode (``dtype="auto"``: as saved).
 
     The tokenizer always has a pad token (the EOS or UNK token stands in when it has none) and pads on the left
     (what batched generation needs; the factor and perplexity code passes attention masks so side does not matter).
     """
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    torch_dtype = resolve_dtype(name_or_path, dtype)
     kwargs = {"dtype": torch_dtype}
     if device_map:
         kwargs["device_map"] = device_map
@@ -262,6 +257,38 @@ def load_model(
     model.eval()
     tokenizer = load_tokenizer(name_or_path)
     return model, tokenizer
+
+
+def resolve_dtype(model: str, dtype: str | torch.dtype) -> torch.dtype:
+    """``dtype`` by name, or for ``auto`` the dtype the checkpoint ``model`` was saved in (float32 when it does not say)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return DTYPES[dtype]
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model '{model}': {str(exc).splitlines()[0]}") from None
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = DTYPES.get(stored.removeprefix("torch."))
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def load_tokenizer_as_saved(name_or_path: str):
+    """The model's tokenizer exactly as stored (no pad token or padding side added), to save beside an edit.
+
+    ``None``, with a warning, when the model has no loadable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        log.warning("the model has no loadable tokenizer (%s); the edited directory will hold none", exc)
+        return None
 
 
 def load_tokenizer(name_or_path: str):
@@ -284,18 +311,6 @@ def ensure_pad_token(tokenizer) -> None:
                 tokenizer.pad_token = tok
                 return
         raise UserError("the tokenizer has no pad, eos, unk or bos token to pad with; add a pad token to it")
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's config (architecture and sizes), for manifests and cache keys."""
-    import hashlib
-    import json
-
-    cfg = getattr(model, "config", None)
-    d = cfg.to_dict() if cfg is not None else {"type": type(model).__name__}
-    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "_commit_hash"):
-        d.pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def projection_kinds(model: nn.Module, modules: dict[str, str] | None = None) -> list[str]:

@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping, Sequence
 
+from .constants import RESULTS_FILE
 from .errors import UserError
 from .fileio import read_jsonl
 
 SCHEMA_VERSION = 1
-RESULTS_FILE = "results.jsonl"
 METRICS = ("strict", "loose", "avg_levenshtein_norm", "perplexity", "ndcg")
 
 

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .constants import BEFORE_AFTER_FILE, HTML_FILE, MARKDOWN_FILE, PLOTS_DIR, RESULTS_FILE, SPECTRA_FILE, SWEEP_FILE
 from .errors import UserError
 from .fileio import atomic_path, write_json
 from .pareto import (
-    RESULTS_FILE,
     SweepRecord,
     base_record,
     choose_best,
@@ -44,12 +44,6 @@ from .pareto import (
     read_results,
 )
 
-SPECTRA_FILE = "spectra.json"
-BEFORE_AFTER_FILE = "before_after.json"
-SWEEP_CONFIG_FILE = "sweep.json"
-HTML_FILE = "report.html"
-MARKDOWN_FILE = "report.md"
-PLOTS_DIR = "plots"
 DEFAULT_PPL_BUDGET = 1.2
 MAX_SPECTRA_MODULES = 12
 
@@ -115,7 +109,7 @@ def load_report_data(directory: str | os.PathLike, ppl_budget: float | None = No
     data = ReportData(directory=directory)
     if has_results:
         data.records = read_results(directory / RESULTS_FILE)
-    sweep_cfg = _read_json(directory / SWEEP_CONFIG_FILE) or {}
+    sweep_cfg = _read_json(directory / SWEEP_FILE) or {}
     if ppl_budget is not None:
         data.ppl_budget = float(ppl_budget)
     elif "ppl_budget" in sweep_cfg:

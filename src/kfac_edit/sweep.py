@@ -30,18 +30,17 @@ from typing import Any, Sequence
 
 import torch
 
-from .edit import METHODS, NO_EDIT_AT, EditSpec, EigenCache, apply_edit, check_factors, resolve_targets, restore
+from .constants import BEST_FILE, RESULTS_FILE, SPECTRA_FILE, SWEEP_FILE
+from .edit import apply_edit, check_factors, resolve_targets, restore
+from .eigen import EigenCache
 from .errors import UserError
 from .fileio import append_jsonl, atomic_path, write_json
-from .models import PROJECTIONS, find_projections, model_fingerprint, num_blocks
-from .pareto import RESULTS_FILE, BASE_CONFIG, PointConfig, SweepRecord, base_record, choose_best, read_results
+from .identity import model_fingerprint, weights_digest
+from .models import PROJECTIONS, find_projections, num_blocks
+from .spec import NO_EDIT_AT, EditSpec, Method
+from .pareto import BASE_CONFIG, PointConfig, SweepRecord, base_record, choose_best, read_results
 
 log = logging.getLogger(__name__)
-
-SWEEP_FILE = "sweep.json"
-BEST_FILE = "best.json"
-SPECTRA_FILE = "spectra.json"
-
 
 @dataclass
 class SweepConfig:
@@ -64,8 +63,7 @@ class SweepConfig:
     seed: int = field(default=0, metadata={"help": "seed of the random method"})
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"unknown edit method '{self.method}'; use one of {', '.join(METHODS)}")
+        Method.parse(self.method, "edit method")
         if not self.keep_masses:
             raise UserError("no keep_mass to try; give e.g. --keep-mass 0.6,0.7,0.8,0.9")
         for k in self.keep_masses:
@@ -162,8 +160,6 @@ def needed_modules(model, config: SweepConfig, factor_names: Sequence[str] | Non
 
 def _identity(model, factors, config: SweepConfig, eval_config) -> dict[str, Any]:
     """What must match for a rerun to resume: results under other settings would not be comparable."""
-    from .evaluate.ndcg import weights_digest
-
     manifest = getattr(factors, "manifest", {}) or {}
     eval_settings = {k: v for k, v in asdict(eval_config).items() if k not in ("out", "model")}
     return {
@@ -249,7 +245,7 @@ def run_sweep(
     """
     from tqdm.auto import tqdm
 
-    from .evaluate.suite import evaluate
+    from .evaluate.suite import evaluate, own_reference_topk
 
     config.validate()
     eval_config.validate()
@@ -291,15 +287,7 @@ def run_sweep(
     done = {r.id for r in read_results(results)} if results.exists() else set()
     cache = cache if cache is not None else EigenCache(None)
 
-    reference_topk = None
-    if eval_config.ndcg_data and not eval_config.reference_model:
-        from .evaluate import ndcg
-
-        rows = max(1, eval_config.forward_tokens // eval_config.ndcg_seq_len)
-        reference_topk = ndcg.reference_topk(
-            model, tokenizer, eval_config.ndcg_data, eval_config.ndcg_k, eval_config.ndcg_seq_len,
-            eval_config.max_tokens, rows,
-        )
+    reference_topk = own_reference_topk(model, tokenizer, eval_config)
 
     def measure() -> dict[str, float]:
         return point_metrics(evaluate(model, tokenizer, eval_config, reference_topk=reference_topk))
@@ -344,7 +332,7 @@ def run_sweep(
         layers = chosen.config.layers()
         write_json(best_path, layers if chosen.config.method == "kfac" else
                    {"method": chosen.config.method, "seed": config.seed, "layers": layers})
-        if everything.needs_factors and chosen.config.method != "svd":
+        if everything.needs_factors and Method(chosen.config.method).needs_factors:
             _write_spectra(out, chosen, factors, cache)
     else:
         best_path.unlink(missing_ok=True)

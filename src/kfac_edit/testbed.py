@@ -24,7 +24,6 @@ plain PyTorch: fixed-length documents, AdamW, linear warmup and cosine decay, a 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -36,8 +35,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .constants import CLEAN_FILE, CORPUS_FILE, MEMORIZED_FILE, RULE_HELDOUT_FILE, TESTBED_CACHE, TESTBED_INFO_FILE
 from .errors import UserError
 from .fileio import atomic_dir, cache_root, write_json
+from .identity import json_digest
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,7 @@ class TestbedConfig:
 
     def config_hash(self) -> str:
         """16 hex digits of sha256 over the fields and :data:`TESTBED_VERSION`."""
-        payload = json.dumps({"version": TESTBED_VERSION, **self.to_dict()}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return json_digest({"version": TESTBED_VERSION, **self.to_dict()})
 
 
 QUICK_OVERRIDES: dict = dict(n_canaries=30, steps=600)
@@ -435,27 +435,27 @@ class TestbedPaths:
     @property
     def corpus(self) -> Path:
         """The training stream as JSONL ``{"text": ...}`` lines (canaries included), for factor collection."""
-        return self.root / "corpus.jsonl"
+        return self.root / CORPUS_FILE
 
     @property
     def memorized(self) -> Path:
         """The canaries in the eval command's token-id format, ``source: "canary"``."""
-        return self.root / "memorized.jsonl"
+        return self.root / MEMORIZED_FILE
 
     @property
     def rule_heldout(self) -> Path:
         """Held-out rule sequences in the same format, ``source: "rule"`` (for :func:`rule_accuracy`)."""
-        return self.root / "rule_heldout.jsonl"
+        return self.root / RULE_HELDOUT_FILE
 
     @property
     def clean(self) -> Path:
         """Held-out rule text, one document per line as ``{"text": ...}``, for perplexity."""
-        return self.root / "clean.jsonl"
+        return self.root / CLEAN_FILE
 
     @property
     def info(self) -> Path:
         """``testbed.json``: the configuration, its hash, training statistics, base metrics and timings."""
-        return self.root / "testbed.json"
+        return self.root / TESTBED_INFO_FILE
 
     def load_info(self) -> dict:
         return json.loads(self.info.read_text())
@@ -469,7 +469,7 @@ def default_cache_root() -> Path:
 def cached_testbed_dir(config: TestbedConfig, cache_dir: str | os.PathLike | None = None) -> Path:
     """The directory of ``config``'s testbed: ``<cache_dir or default_cache_root()>/testbed/<hash>``."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-    return root / "testbed" / config.config_hash()
+    return root / TESTBED_CACHE / config.config_hash()
 
 
 def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
@@ -490,7 +490,7 @@ def build_testbed(
 
     config = config or TestbedConfig()
     target = cached_testbed_dir(config, cache_dir)
-    if (target / "testbed.json").exists():
+    if (target / TESTBED_INFO_FILE).exists():
         log.info("testbed: cache hit %s", target)
         return TestbedPaths(target, cached=True)
 
@@ -517,12 +517,12 @@ def build_testbed(
         tmp = Path(tmp)
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
-        _write_jsonl(tmp / "corpus.jsonl", ({"text": to_text(doc)} for doc in data.train))
-        _write_jsonl(tmp / "memorized.jsonl", canary_records)
-        _write_jsonl(tmp / "rule_heldout.jsonl", rule_records)
-        _write_jsonl(tmp / "clean.jsonl", ({"text": to_text(doc)} for doc in data.clean))
+        _write_jsonl(tmp / CORPUS_FILE, ({"text": to_text(doc)} for doc in data.train))
+        _write_jsonl(tmp / MEMORIZED_FILE, canary_records)
+        _write_jsonl(tmp / RULE_HELDOUT_FILE, rule_records)
+        _write_jsonl(tmp / CLEAN_FILE, ({"text": to_text(doc)} for doc in data.clean))
         write_json(
-            tmp / "testbed.json",
+            tmp / TESTBED_INFO_FILE,
             {
                 "config": config.to_dict(),
                 "config_hash": config.config_hash(),

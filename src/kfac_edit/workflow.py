@@ -22,17 +22,13 @@ from pathlib import Path
 
 import torch
 
-from .edit import EditSpec, EigenCache, apply_edit, check_factors, check_output_dir, default_cache_dir
-from .edit import load_tokenizer_as_saved, resolve_targets, save_edited
-from .errors import UserError
-from .evaluate import ndcg
-from .evaluate.suite import EvalConfig, check_inputs, evaluate, headline_metrics
+from .constants import BEFORE_AFTER_FILE, EDITED_DIR, EVALS_FILE, RUNS_FILE
+from .edit import apply_edit, check_edit_inputs, check_output_dir, load_edit_factors, save_edited
+from .eigen import EigenCache, default_cache_dir
+from .evaluate.suite import EvalConfig, check_inputs, evaluate, headline_metrics, own_reference_topk
 from .fileio import append_jsonl, write_json
-
-EDITED_DIR = "edited"
-EVALS_FILE = "evals.jsonl"
-RUNS_FILE = "runs.jsonl"
-BEFORE_AFTER_FILE = "before_after.json"  # read by kfac_edit.report
+from .models import load_tokenizer_as_saved
+from .spec import EditSpec
 
 
 @dataclasses.dataclass
@@ -53,13 +49,7 @@ def run_paths(out_dir: str | Path, results: str | Path | None = None) -> RunPath
 def check_run_inputs(model_path: str, spec: EditSpec, factors_dir: str | None, config: EvalConfig, paths: RunPaths,
                      tokenizer) -> None:
     """The checks that need no model: the spec edits something, factors exist, eval inputs parse, output is free."""
-    if not spec.keep_mass:
-        raise UserError('the layers JSON edits nothing (no keep_mass below 0.9999); give e.g. {"23": {"gate": 0.6}}')
-    if spec.needs_factors:
-        if factors_dir is None:
-            raise UserError(f"method {spec.method} needs K-FAC factors: pass --factors DIR (made by `kfac-edit collect`)")
-        if not Path(factors_dir).is_dir():
-            raise UserError(f"--factors {factors_dir} is not a directory; give the directory `kfac-edit collect` wrote")
+    check_edit_inputs(spec, factors_dir)
     check_inputs(config, tokenizer, len(tokenizer), has_reference=True)
     check_output_dir(paths.edited, source=model_path)
 
@@ -79,24 +69,13 @@ def run_workflow(
 
     ``model`` is edited in place. ``config.out`` is ignored: evaluation records go to ``DIR/evals.jsonl``.
     """
-    from .factors.store import Factors
-
     started = time.time()
     paths = run_paths(out_dir, results)
     check_run_inputs(model_path, spec, factors_dir, config, paths, tokenizer)
-    targets = resolve_targets(model, spec)
-    factors = None
-    if spec.needs_factors:
-        factors = Factors.load(factors_dir, names=[p.name for p, _ in targets])
-        check_factors(targets, factors, where=f"the factors in {factors_dir}")
+    factors = load_edit_factors(model, spec, factors_dir)
     base_config = dataclasses.replace(config, out=str(paths.evals), model=model_path)
 
-    reference_topk = None
-    if config.ndcg_data and not config.reference_model:  # the base model is the reference
-        rows = max(1, config.forward_tokens // config.ndcg_seq_len)
-        reference_topk = ndcg.reference_topk(
-            model, tokenizer, config.ndcg_data, config.ndcg_k, config.ndcg_seq_len, config.max_tokens, rows
-        )
+    reference_topk = own_reference_topk(model, tokenizer, config)
     before = None
     if not skip_baseline:
         own = dataclasses.replace(base_config, ndcg_data=None) if reference_topk is not None else base_config

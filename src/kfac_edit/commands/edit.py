@@ -9,7 +9,7 @@ ORDER = 30
 
 def add_spec_arguments(p: argparse.ArgumentParser) -> None:
     """The edit's options, shared by ``edit`` and ``run``: --layers-json | --layers-file, --method, --seed."""
-    from ..edit import METHODS
+    from ..spec import METHODS
 
     layers = p.add_mutually_exclusive_group(required=True)
     layers.add_argument(
@@ -29,8 +29,8 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args: argparse.Namespace):
-    """The :class:`~kfac_edit.edit.EditSpec` that ``add_spec_arguments``' options describe."""
-    from ..edit import EditSpec
+    """The :class:`~kfac_edit.spec.EditSpec` that ``add_spec_arguments``' options describe."""
+    from ..spec import EditSpec
 
     if args.layers_file is not None:
         return EditSpec.from_file(args.layers_file, method=args.method, seed=args.seed)
@@ -73,6 +73,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..constants import EDIT_REPORT_FILE
     from ..edit import edit_model_dir
 
     spec = spec_from_args(args)
@@ -86,5 +87,5 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
     )
     print(report.summary())
-    print(f"wrote {Path(args.out) / 'edit_report.json'} and the edited model in {args.out}")
+    print(f"wrote {Path(args.out) / EDIT_REPORT_FILE} and the edited model in {args.out}")
     return 0

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..evaluate.miner import MinerConfig, find_memorized
     from ..fileio import atomic_path, write_json
-    from ..models import model_fingerprint
+    from ..identity import model_fingerprint
     from .eval import load_for_eval
 
     config = MinerConfig(

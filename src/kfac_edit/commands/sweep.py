@@ -16,7 +16,7 @@ def _help(name: str) -> str:
 
 
 def register(subparsers) -> None:
-    from ..edit import METHODS
+    from ..spec import METHODS
     from .eval import add_eval_arguments, add_model_arguments
 
     p = subparsers.add_parser(
@@ -67,7 +67,8 @@ def _keep_masses(text: str) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..edit import EigenCache, default_cache_dir
+    from ..edit import check_factors_dir
+    from ..eigen import EigenCache, default_cache_dir
     from ..errors import UserError
     from ..factors.store import Factors
     from ..models import parse_layers, parse_projections
@@ -90,11 +91,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("the sweep needs a memorized set to measure: pass --memorized FILE")
     if not eval_config.perplexity_data:
         raise UserError("the sweep needs --perplexity-data SOURCE: the best point is chosen within a perplexity budget")
-    if args.method != "svd":
-        if not args.factors:
-            raise UserError(f"method {args.method} needs K-FAC factors: pass --factors DIR (made by `kfac-edit collect`)")
-        if not Path(args.factors).is_dir():
-            raise UserError(f"--factors {args.factors} is not a directory; give the directory `kfac-edit collect` wrote")
+    check_factors_dir(args.method, args.factors)
     model, tokenizer = load_for_eval(args)
     factors = None
     if args.factors:

@@ -14,7 +14,6 @@ length and the token budget.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -23,8 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import describe_source, token_batches
+from ..constants import NDCG_CACHE
 from ..fileio import atomic_path, cache_root
-from ..models import model_fingerprint
+from ..identity import json_digest, model_identity, path_identity, tokenizer_digest
 
 CACHE_VERSION = 1
 
@@ -41,52 +41,9 @@ def ndcg_scores(model_topk: torch.Tensor, reference_topk: torch.Tensor) -> torch
     return (gains * discount).sum(-1) / (relevance * discount).sum()
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """A short hash of a model's weights: per parameter its name, shape, fp64 sum and norm, and a strided sample.
-
-    Cheap (one read of each weight, no copy) and changes when any edit of this package changes a weight.
-    """
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 64)][:64].to(torch.float64).cpu()
-            stats = torch.stack(
-                [torch.sum(p, dtype=torch.float64), torch.linalg.vector_norm(p, dtype=torch.float64)]
-            ).cpu()
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            h.update(stats.numpy().tobytes())
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def path_identity(name_or_path: str) -> dict:
-    """Identity of a model or data path for cache keys: a local path with its files' sizes and mtimes, or a hub id."""
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        return {"id": name_or_path}
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    stats = [(str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return {"path": str(path.resolve()), "files": stats}
-
-
-def model_identity(model: torch.nn.Module) -> dict:
-    """Identity of a model held in memory: its source path, config fingerprint and weight digest."""
-    return {
-        "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", ""),
-        "fingerprint": model_fingerprint(model),
-        "weights": weights_digest(model),
-    }
-
-
-def tokenizer_identity(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
-
-
 def cache_dir() -> Path:
     """``$KFAC_EDIT_CACHE/ndcg``, else ``~/.cache/kfac-edit/ndcg``."""
-    return cache_root("ndcg")
+    return cache_root(NDCG_CACHE)
 
 
 def cache_key(reference: dict, tokenizer, source: str, k: int, seq_len: int, max_tokens: int | None) -> dict:
@@ -94,7 +51,7 @@ def cache_key(reference: dict, tokenizer, source: str, k: int, seq_len: int, max
     return {
         "version": CACHE_VERSION,
         "reference": reference,
-        "tokenizer": tokenizer_identity(tokenizer),
+        "tokenizer": tokenizer_digest(tokenizer),
         "data": data if data.startswith("hf:") else path_identity(data),
         "k": k,
         "seq_len": seq_len,
@@ -145,8 +102,8 @@ def reference_topk(
 
     Args:
         reference: the reference model, or a zero-argument callable returning it (loaded only on a cache miss).
-        reference_identity: the cache identity of the reference (:func:`path_identity` of its directory);
-            defaults to :func:`model_identity` of the model (which needs it loaded).
+        reference_identity: the cache identity of the reference (:func:`~kfac_edit.identity.path_identity` of its directory);
+            defaults to :func:`~kfac_edit.identity.model_identity` of the model (which needs it loaded).
     """
     from safetensors.torch import load_file, save_file
 
@@ -156,7 +113,7 @@ def reference_topk(
         reference_identity = model_identity(reference)
     key = cache_key(reference_identity, tokenizer, source, k, seq_len, max_tokens)
     key_text = json.dumps(key, sort_keys=True)
-    path = cache_dir() / f"{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.safetensors"
+    path = cache_dir() / f"{json_digest(key, 24)}.safetensors"
     if use_cache and path.is_file():
         return load_file(path)["topk"]
     if callable(reference) and not isinstance(reference, torch.nn.Module):

@@ -27,7 +27,7 @@ from .. import __version__
 from ..data import describe_source
 from ..errors import UserError
 from ..fileio import append_jsonl
-from ..models import model_fingerprint
+from ..identity import model_fingerprint, path_identity, weights_digest
 from . import memorization, ndcg, perplexity, perturbation
 from .records import MemRecord, load_records
 
@@ -151,6 +151,27 @@ def check_inputs(
     return sets
 
 
+def _rows(config: EvalConfig) -> int:
+    return max(1, config.forward_tokens // config.ndcg_seq_len)
+
+
+def reference_topk_for(reference, tokenizer, config: EvalConfig, reference_identity: dict | None = None) -> torch.Tensor:
+    """The reference top-k of ``config``'s nDCG pass (``reference``: a model or a callable loading one; cached on
+    disk, see :func:`.ndcg.reference_topk`)."""
+    return ndcg.reference_topk(
+        reference, tokenizer, config.ndcg_data, config.ndcg_k, config.ndcg_seq_len, config.max_tokens, _rows(config),
+        reference_identity=reference_identity,
+    )
+
+
+def own_reference_topk(model: torch.nn.Module, tokenizer, config: EvalConfig) -> torch.Tensor | None:
+    """With nDCG asked for and no ``reference_model``, the model is its own reference: its top-k, taken now (before
+    an edit) to pass to :func:`evaluate` afterwards; ``None`` otherwise."""
+    if not config.ndcg_data or config.reference_model:
+        return None
+    return reference_topk_for(model, tokenizer, config)
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer,
@@ -184,7 +205,7 @@ def evaluate(
     if config.ndcg_data and not has_reference:
         from ..models import load_model
 
-        reference_identity = ndcg.path_identity(config.reference_model)
+        reference_identity = path_identity(config.reference_model)
         ref_path = config.reference_model
         reference_model = lambda: load_model(ref_path, dtype=dtype, device=str(device))[0]  # noqa: E731
 
@@ -212,16 +233,12 @@ def evaluate(
         timings["perplexity"] = time.time() - t0
     if config.ndcg_data:
         t0 = time.time()
-        rows = max(1, config.forward_tokens // config.ndcg_seq_len)
         if reference_topk is None:
-            reference_topk = ndcg.reference_topk(
-                reference_model, tokenizer, config.ndcg_data, config.ndcg_k, config.ndcg_seq_len, config.max_tokens,
-                rows, reference_identity=reference_identity,
-            )
+            reference_topk = reference_topk_for(reference_model, tokenizer, config, reference_identity)
         if reference_topk.shape[1] != config.ndcg_k:
             raise UserError(f"the reference top-k hold k={reference_topk.shape[1]}, not --ndcg-k {config.ndcg_k}")
         metrics["ndcg"] = ndcg.ndcg_at_k(
-            model, tokenizer, config.ndcg_data, reference_topk, config.ndcg_seq_len, config.max_tokens, rows
+            model, tokenizer, config.ndcg_data, reference_topk, config.ndcg_seq_len, config.max_tokens, _rows(config)
         )
         timings["ndcg"] = time.time() - t0
 
@@ -230,7 +247,7 @@ def evaluate(
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": config.model or getattr(getattr(model, "config", None), "_name_or_path", None),
         "model_fingerprint": model_fingerprint(model),
-        "weights_digest": ndcg.weights_digest(model),
+        "weights_digest": weights_digest(model),
         "dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
         "kfac_edit_version": __version__,

@@ -22,7 +22,6 @@ sharded); everything that changes the factors may not.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -37,16 +36,16 @@ from torch import nn
 
 from ..errors import UserError
 from ..fileio import atomic_dir, write_json
-from ..models import Projection, model_fingerprint
-from .store import TENSORS_FILE, Factors
+from ..constants import STATE_FILE, TENSORS_FILE
+from ..identity import data_digest, model_fingerprint, weights_digest
+from ..models import Projection
+from .store import Factors
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.json"
 STATE_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{6,})$")
-_WEIGHT_SAMPLE = 1024  # weight elements per module hashed into the fingerprint
 
 # Fingerprint entries, in the order differences are reported, with what to call them in messages.
 FINGERPRINT_LABELS = {
@@ -65,36 +64,6 @@ FINGERPRINT_LABELS = {
 
 
 # ---------------------------------------------------------------------------------------------------- fingerprint
-def weights_digest(projections: Sequence[Projection]) -> str:
-    """A hash of a strided sample of every chosen weight (cheap, and different for a different checkpoint)."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for p in projections:
-            flat = p.module.weight.detach().reshape(-1)
-            step = max(1, flat.numel() // _WEIGHT_SAMPLE)
-            sample = flat[::step][:_WEIGHT_SAMPLE].to("cpu", torch.float64).contiguous()
-            h.update(p.name.encode())
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:24]
-
-
-def data_digest(source: str, text_field: str = "text") -> str | None:
-    """For local data: a hash of each file's name, size and first 64 KiB; ``None`` for hub datasets."""
-    from ..data import ALIASES, _local_files
-
-    source = ALIASES.get(str(source), str(source))
-    if source.startswith("hf:"):
-        return None
-    h = hashlib.sha256()
-    root = Path(source).expanduser()
-    for file in _local_files(source):
-        rel = file.name if root.is_file() else str(file.relative_to(root))
-        h.update(f"{rel}\0{file.stat().st_size}\0".encode())
-        with open(file, "rb") as fh:
-            h.update(fh.read(1 << 16))
-    return h.hexdigest()[:24]
-
-
 def run_fingerprint(
     model: nn.Module,
     projections: Sequence[Projection],
@@ -111,7 +80,7 @@ def run_fingerprint(
 
     return {
         "model_fingerprint": model_fingerprint(model),
-        "weights_digest": weights_digest(projections),
+        "weights_digest": weights_digest((p.name, p.module.weight) for p in projections),
         "dtype": str(projections[0].module.weight.dtype).removeprefix("torch.") if projections else None,
         "modules": [p.name for p in projections],
         "layers_per_pass": layers_per_pass,

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..models import Projection, find_projections, model_fingerprint, projection_kinds
+from ..identity import model_fingerprint
+from ..models import Projection, find_projections, projection_kinds
 from .store import Factors, ModuleFactors
 
 log = logging.getLogger(__name__)

@@ -142,7 +142,7 @@ def import_reference(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if model is not None:
-        from ..models import model_fingerprint
+        from ..identity import model_fingerprint
 
         manifest["model_fingerprint"] = model_fingerprint(model)
     factors = Factors.from_means(means, manifest)

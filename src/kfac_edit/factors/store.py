@@ -21,7 +21,6 @@ Both files carry the same ``run_id``; the manifest is written last, so an interr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -33,11 +32,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..constants import MANIFEST_FILE, TENSORS_FILE
 from ..errors import UserError
 from ..fileio import atomic_path, write_json
+from ..identity import tensors_digest
 
-TENSORS_FILE = "factors.safetensors"
-MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
 
@@ -135,13 +134,8 @@ class Factors:
         """A hash of the module's factor tensors and counts (a cache key for eigendecompositions)."""
         if name not in self._hashes:
             mf = self._get(name)
-            h = hashlib.sha256()
-            for t in (mf.activation_sum, mf.grad_sum):
-                t = t.detach().to("cpu").contiguous()
-                h.update(str((tuple(t.shape), str(t.dtype))).encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            h.update(f"{mf.activation_count},{mf.grad_count}".encode())
-            self._hashes[name] = h.hexdigest()[:24]
+            counts = f"{mf.activation_count},{mf.grad_count}"
+            self._hashes[name] = tensors_digest((mf.activation_sum, mf.grad_sum), extra=counts)
         return self._hashes[name]
 
     def check_finite(self) -> None:

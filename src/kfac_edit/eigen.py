@@ -1,0 +1,261 @@
+"""Eigenbases of the K-FAC factors: a cache of eigendecompositions, and their spread over data-parallel ranks.
+
+The math (symmetrize, ``eigh`` in fp64, clamp) is :func:`kfac_edit.curvature.eigendecompose`; this module decides
+where and how often it runs.
+
+**Cache.** :class:`EigenCache` holds ``(eig G, eig A)`` per module in memory (LRU) and on disk, keyed by the
+factors' content hash, so a sweep over ``keep_mass`` pays each ``eigh`` once, and a rerun none.
+
+**Spread over ranks.** ``eigh`` of an ``n x n`` matrix costs about ``n³``. A module's work is ``out³`` for ``G``
+plus ``in³`` for ``A``; ``gate`` and ``up`` of one block share their ``A`` (one tensor in
+:class:`~kfac_edit.factors.store.Factors`), so they form one unit of work, ``A`` decomposed once. Units go to ranks
+by longest-processing-time-first: the most expensive unit to the least loaded rank, which keeps the slowest rank
+within 4/3 of the best possible balance. Each rank computes its units through its cache (which writes them to the
+cache directory when it has one), and with ``share`` the owner broadcasts each result so that every rank's cache
+holds every module. ``kfac-edit edit`` under ``torchrun`` does this before editing; by hand::
+
+    ctx = init_distributed("cuda")
+    cache = EigenCache(cache_dir)
+    distributed_eigendecompose(factors, names, cache, ctx, device=f"cuda:{ctx.local_rank}")
+    apply_edit(model, factors, spec, cache=cache)   # every eigendecomposition is now a cache hit
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .constants import EIGEN_CACHE
+from .curvature import Eigen, eigendecompose
+from .factors.distributed import DistContext, broadcast_tensor
+from .fileio import atomic_path, cache_root
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CacheStats", "EigenCache", "default_cache_dir",
+    "EigenAssignment", "assign_by_cost", "eigen_units", "distributed_eigendecompose",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$KFAC_EDIT_CACHE/eigen`` when that variable is set, else ``~/.cache/kfac-edit/eigen``."""
+    return cache_root(EIGEN_CACHE)
+
+
+@dataclass
+class CacheStats:
+    memory_hits: int = 0
+    disk_hits: int = 0
+    computed: int = 0
+
+
+class EigenCache:
+    """Eigendecompositions of ``G`` and ``A`` per module, in memory (LRU, ``memory_bytes``) and on disk.
+
+    Disk entries are ``DIR/<content hash>.safetensors`` (fp64 ``grad_values``, ``grad_vectors``, ``act_values``,
+    ``act_vectors``), keyed by :meth:`Factors.content_hash`: factors that change get new entries, never stale
+    ones. ``directory=None`` keeps the cache in memory only. Within one cache, modules that share one activation
+    sum (``gate`` and ``up`` of a block) share one eigendecomposition of ``A``.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, memory_bytes: int = 4 << 30):
+        self.directory = Path(directory).expanduser() if directory is not None else None
+        self.memory_bytes = int(memory_bytes)
+        self.stats = CacheStats()
+        self._memory: OrderedDict[str, tuple[Eigen, Eigen]] = OrderedDict()
+        self._shared_act: dict[int, tuple[torch.Tensor, int, Eigen]] = {}
+
+    @classmethod
+    def default(cls) -> "EigenCache":
+        return cls(default_cache_dir())
+
+    def get(self, factors, name: str, device: torch.device | str = "cpu") -> tuple[Eigen, Eigen]:
+        """``(grad_eig, act_eig)`` of module ``name``, on ``device`` (computed there on a miss)."""
+        key = factors.content_hash(name)
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            self.stats.memory_hits += 1
+            grad, act = self._memory[key]
+            return grad.to(device), act.to(device)
+        loaded = self._load(key, device)
+        if loaded is not None:
+            self.stats.disk_hits += 1
+            self._remember(key, loaded)
+            return loaded
+        grad = eigendecompose(factors.grad_cov(name).to(device), f"{name} grad_cov")
+        act = self._activation_eigen(factors, name, device)
+        self.stats.computed += 1
+        self._save(key, name, grad, act)
+        self._remember(key, (grad, act))
+        return grad, act
+
+    def put(self, factors, name: str, grad: Eigen, act: Eigen) -> None:
+        """Hold an eigendecomposition made elsewhere (e.g. by another rank: :func:`distributed_eigendecompose`) in memory."""
+        self._remember(factors.content_hash(name), (grad, act))
+
+    def clear_memory(self) -> None:
+        """Drop the in-memory entries (the disk entries stay)."""
+        self._memory.clear()
+        self._shared_act.clear()
+
+    def _activation_eigen(self, factors, name: str, device) -> Eigen:
+        module = getattr(factors, "modules", {}).get(name)
+        act_sum = getattr(module, "activation_sum", None)
+        if act_sum is not None:
+            held = self._shared_act.get(id(act_sum))
+            if held is not None and held[0] is act_sum and held[1] == module.activation_count:
+                return held[2].to(device)
+        act = eigendecompose(factors.activation_cov(name).to(device), f"{name} activation_cov")
+        if act_sum is not None:
+            self._shared_act[id(act_sum)] = (act_sum, module.activation_count, act.to("cpu"))
+        return act
+
+    def _path(self, key: str) -> Path | None:
+        return self.directory / f"{key}.safetensors" if self.directory is not None else None
+
+    def _load(self, key: str, device) -> tuple[Eigen, Eigen] | None:
+        path = self._path(key)
+        if path is None or not path.exists():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            t = load_file(str(path), device=str(device))
+            return Eigen(t["grad_values"], t["grad_vectors"]), Eigen(t["act_values"], t["act_vectors"])
+        except Exception as exc:  # a damaged cache entry is recomputed, never trusted
+            log.warning("ignoring unreadable eigen cache entry %s (%s)", path, exc)
+            return None
+
+    def _save(self, key: str, name: str, grad: Eigen, act: Eigen) -> None:
+        path = self._path(key)
+        if path is None:
+            return
+        from safetensors.torch import save_file
+
+        tensors = {
+            "grad_values": grad.values,
+            "grad_vectors": grad.vectors,
+            "act_values": act.values,
+            "act_vectors": act.vectors,
+        }
+        try:
+            with atomic_path(path) as tmp:
+                save_file(
+                    {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"module": name}
+                )
+        except OSError as exc:
+            log.warning("cannot write the eigen cache %s (%s); continuing without it", path, exc)
+
+    def _remember(self, key: str, pair: tuple[Eigen, Eigen]) -> None:
+        self._memory[key] = (pair[0].to("cpu"), pair[1].to("cpu"))  # held on the CPU: no GPU memory kept
+        self._memory.move_to_end(key)
+        while len(self._memory) > 1 and self._memory_used() > self.memory_bytes:
+            self._memory.popitem(last=False)
+
+    def _memory_used(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for pair in self._memory.values()
+            for eig in pair
+            for t in (eig.values, eig.vectors)
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spread over ranks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def eigen_units(factors, names: Sequence[str]) -> list[tuple[list[str], float]]:
+    """Units of work ``(module names, cost)``: modules sharing an activation sum are one unit (``A`` once)."""
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        mf = factors.modules[name]
+        groups.setdefault(id(mf.activation_sum), []).append(name)
+    units = []
+    for members in groups.values():
+        n_in = factors.shape(members[0])[1]
+        cost = float(n_in) ** 3 + sum(float(factors.shape(n)[0]) ** 3 for n in members)
+        units.append((members, cost))
+    return units
+
+
+def assign_by_cost(units: Sequence[tuple[Sequence[str], float]], world_size: int) -> list[list[str]]:
+    """Module names per rank, balancing the summed cost (largest unit first to the least loaded rank).
+
+    Deterministic: ties go to the lower rank, equal costs keep the given order, so every rank computes the same plan.
+    """
+    load = [0.0] * world_size
+    out: list[list[str]] = [[] for _ in range(world_size)]
+    order = sorted(range(len(units)), key=lambda i: (-units[i][1], i))
+    for i in order:
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        load[rank] += units[i][1]
+        out[rank].extend(units[i][0])
+    return out
+
+
+@dataclass
+class EigenAssignment:
+    """Who computed what: ``owner[name]`` is a rank; ``cost[rank]`` the summed n³; ``seconds`` this rank's time."""
+
+    owner: dict[str, int]
+    cost: list[float]
+    seconds: float
+    computed: list[str] = field(default_factory=list)
+
+
+def distributed_eigendecompose(
+    factors,
+    names: Sequence[str],
+    cache,
+    ctx: DistContext,
+    device: torch.device | str = "cpu",
+    share: bool = True,
+) -> EigenAssignment:
+    """Eigendecompose ``G`` and ``A`` of ``names``, each module on one rank, balanced by n³ cost.
+
+    ``factors`` must be the same on every rank (e.g. each loaded the same directory). With ``share`` every rank's
+    ``cache`` ends up holding every module (broadcast from its owner, so bit-identical on all ranks); without it a
+    rank holds its own modules (and the cache directory, if shared, all of them). With one process this is a plain
+    loop over ``cache.get``.
+    """
+    names = list(names)
+    units = eigen_units(factors, names)
+    plan = assign_by_cost(units, ctx.world_size)
+    owner = {name: rank for rank, members in enumerate(plan) for name in members}
+    cost_of = {name: cost for members, cost in units for name in members[:1]}
+    cost = [sum(cost_of.get(n, 0.0) for n in plan[r]) for r in range(ctx.world_size)]
+    start = time.perf_counter()
+    mine: dict[str, tuple[Eigen, Eigen]] = {}
+    for name in plan[ctx.rank]:
+        mine[name] = cache.get(factors, name, device)
+    seconds = time.perf_counter() - start
+    if share and ctx.enabled:
+        for name in names:  # the same order on every rank
+            n_out, n_in = factors.shape(name)
+            if owner[name] == ctx.rank:
+                grad, act = (e.to(ctx.device) for e in mine[name])
+            else:
+                grad = Eigen(torch.empty(n_out, dtype=torch.float64, device=ctx.device),
+                             torch.empty(n_out, n_out, dtype=torch.float64, device=ctx.device))  # fmt: skip
+                act = Eigen(torch.empty(n_in, dtype=torch.float64, device=ctx.device),
+                            torch.empty(n_in, n_in, dtype=torch.float64, device=ctx.device))  # fmt: skip
+            for tensor in (grad.values, grad.vectors, act.values, act.vectors):
+                broadcast_tensor(ctx, tensor, src=owner[name], what=f"sharing the eigendecomposition of {name}")
+            if owner[name] != ctx.rank:
+                cache.put(factors, name, grad.to(device), act.to(device))
+    return EigenAssignment(owner, cost, seconds, list(mine))

@@ -1,0 +1,189 @@
+"""What to edit: the edit methods, the label modes of collection, and :class:`EditSpec` (the layers JSON).
+
+An :class:`EditSpec` says which projections of which blocks to edit and how much curvature mass to keep
+(``keep_mass``, the ρ of :mod:`kfac_edit.curvature`, whose docstring states every convention). The layers JSON a
+user writes and keeps is ``{"23": {"gate": 0.6, "up": 0.6}, "24": {"gate": 0.6}}``: block index -> projection
+kind -> keep_mass; a projection left out, or with keep_mass at or above :data:`NO_EDIT_AT`, is not edited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .models import PROJECTIONS
+
+NO_EDIT_AT = 0.9999  # keep_mass at or above this: the projection is left as it is (reference convention)
+LAYERS_EXAMPLE = '{"23": {"gate": 0.6, "up": 0.6}, "24": {"gate": 0.6}}'
+
+
+class _Choice(str, Enum):
+    """A string enum whose :meth:`parse` turns a user's string into a member or a one-line :class:`UserError`."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+    @classmethod
+    def parse(cls, value: "str | _Choice", what: str = "value") -> "_Choice":
+        try:
+            return cls(value)
+        except ValueError:
+            raise UserError(f"unknown {what} '{value}'; use one of {', '.join(cls.values())}") from None
+
+
+class Method(_Choice):
+    """Edit methods.
+
+    * ``kfac``: keep the smallest set of top-mass eigen-pairs of ``G ⊗ A`` holding ``keep_mass`` of the mass;
+    * ``kfac-independent``: keep the top eigenvectors of ``G`` and of ``A`` each holding ``keep_mass`` of its trace;
+    * ``svd``: data-free baseline, keep the top singular directions of ``W`` holding ``keep_mass`` of Σσ²;
+    * ``random``: control, keep as many coefficients as ``kfac`` would, at random positions in a random orthogonal
+      basis pair.
+    """
+
+    KFAC = "kfac"
+    KFAC_INDEPENDENT = "kfac-independent"
+    SVD = "svd"
+    RANDOM = "random"
+
+    @property
+    def needs_factors(self) -> bool:
+        """Every method but ``svd`` reads the K-FAC factors (``random`` sizes its edit by ``kfac``'s)."""
+        return self is not Method.SVD
+
+
+class LabelMode(_Choice):
+    """Labels of the backward pass in collection: ``sampled`` from the model (true Fisher) or ``gold`` (empirical)."""
+
+    SAMPLED = "sampled"
+    GOLD = "gold"
+
+
+METHODS = Method.values()
+LABEL_MODES = LabelMode.values()
+
+
+def _check_keep_mass(value: float, where: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise UserError(
+            f"keep_mass {value} for block {where} is outside [0, 1]; give the fraction of curvature mass to keep, "
+            "e.g. 0.6"
+        )
+
+
+@dataclass
+class EditSpec:
+    """Which projections to edit and the keep_mass of each.
+
+    ``keep_mass`` maps ``(block, kind)`` to a value in ``[0, 1]``; only projections listed there are edited
+    (entries at or above :data:`NO_EDIT_AT` are dropped when parsing, as in the reference). ``method`` is a
+    :class:`Method` (its string is accepted); ``seed`` feeds the random bases of the ``random`` control.
+    """
+
+    keep_mass: dict[tuple[int, str], float] = field(default_factory=dict)
+    method: Method = Method.KFAC
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.method = Method.parse(self.method, "edit method")
+        for (block, kind), value in self.keep_mass.items():
+            if kind not in PROJECTIONS:
+                raise UserError(f"unknown projection '{kind}' for block {block}; use gate, up or down")
+            if not isinstance(block, int) or block < 0:
+                raise UserError(f"block '{block}' is not a block index; use keys like \"23\"")
+            _check_keep_mass(value, f"{block} {kind}")
+
+    @property
+    def needs_factors(self) -> bool:
+        return self.method.needs_factors
+
+    @property
+    def blocks(self) -> list[int]:
+        return sorted({block for block, _ in self.keep_mass})
+
+    @classmethod
+    def from_json(cls, source: str | dict, method: str | None = None, seed: int | None = None) -> "EditSpec":
+        """Parse the reference layers JSON, ``{"23": {"gate": 0.6, "up": 0.6}, "24": {"gate": 0.6}}``.
+
+        Keys are block indices, values map projection kinds to keep_mass. A missing projection or a keep_mass
+        ``>= 0.9999`` is not edited. The dict written by :meth:`to_dict` (``{"method", "seed", "layers"}``) is
+        accepted too; ``method`` and ``seed`` given here win over its own (defaults: ``kfac`` and 0).
+        """
+        if isinstance(source, str):
+            try:
+                data = json.loads(source)
+            except json.JSONDecodeError as exc:
+                raise UserError(
+                    f"the layers JSON is malformed at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
+                    f"write e.g. {LAYERS_EXAMPLE}"
+                ) from None
+        else:
+            data = source
+        if not isinstance(data, dict):
+            raise UserError(f"the layers JSON must be an object of blocks, e.g. {LAYERS_EXAMPLE}")
+        if "layers" in data and isinstance(data["layers"], dict):
+            method = method if method is not None else data.get("method")
+            seed = seed if seed is not None else data.get("seed")
+            data = data["layers"]
+        keep: dict[tuple[int, str], float] = {}
+        for key, kinds in data.items():
+            try:
+                block = int(key)
+            except (TypeError, ValueError):
+                raise UserError(f"layers JSON key '{key}' is not a block index; write e.g. {LAYERS_EXAMPLE}") from None
+            if block < 0:
+                raise UserError(f"layers JSON key '{key}' is negative; blocks count from 0")
+            if not isinstance(kinds, dict):
+                raise UserError(
+                    f"layers JSON block {key} must map projections to keep_mass, e.g. {{\"gate\": 0.6}}; "
+                    f"got {json.dumps(kinds)}"
+                )
+            for kind, value in kinds.items():
+                if kind not in PROJECTIONS:
+                    raise UserError(
+                        f"unknown projection '{kind}' in block {key} of the layers JSON; use gate, up or down"
+                    )
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise UserError(
+                        f"keep_mass for block {key} {kind} must be a number in [0, 1], got {json.dumps(value)}"
+                    )
+                value = float(value)
+                _check_keep_mass(value, f"{key} {kind}")
+                if value < NO_EDIT_AT:
+                    keep[(block, kind)] = value
+        return cls(keep, method=method or Method.KFAC, seed=int(seed or 0))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, method: str | None = None, seed: int | None = None) -> "EditSpec":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise UserError(f"cannot read the layers file '{path}': {exc.strerror}") from None
+        try:
+            return cls.from_json(text, method=method, seed=seed)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+
+    def layers(self) -> dict[str, dict[str, float]]:
+        """The reference layers mapping (block index as a string -> {kind: keep_mass})."""
+        out: dict[str, dict[str, float]] = {}
+        for (block, kind) in sorted(self.keep_mass, key=lambda bk: (bk[0], PROJECTIONS.index(bk[1]))):
+            out.setdefault(str(block), {})[kind] = self.keep_mass[(block, kind)]
+        return out
+
+    def to_json(self) -> str:
+        """The reference layers JSON (method and seed are not part of it: see :meth:`to_dict`)."""
+        return json.dumps(self.layers())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method.value, "seed": self.seed, "layers": self.layers()}
