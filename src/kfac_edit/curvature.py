@@ -243,13 +243,13 @@ def select_pairs(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mas
     return index.mask(counts_hi + take)
 
 
-def truncation_rank(values: torch.Tensor, keep_fraction: float) -> int:
-    """The smallest ``r`` whose top-``r`` values (sorted descending) sum to ``keep_fraction`` of the total."""
+def truncation_rank(values: torch.Tensor, keep_mass: float) -> int:
+    """The smallest ``r`` whose top-``r`` values (sorted descending) sum to ``keep_mass`` of the total."""
     values = values.detach().to(torch.float64).clamp_min(0.0)
-    if keep_fraction >= 1.0:
+    if keep_mass >= 1.0:
         return int(values.numel())
     total = float(values.sum())
-    target = float(keep_fraction) * total
+    target = float(keep_mass) * total
     if not target > 0.0:
         return 0
     cums = torch.cumsum(torch.sort(values, descending=True).values, 0)
@@ -453,23 +453,18 @@ def edit_weight(
     return project_weight(weight, grad_eig, act_eig, mask)
 
 
-def independent_truncation(weight: torch.Tensor, grad_eig: Eigen, act_eig: Eigen, keep_mass: float) -> torch.Tensor:
-    """``W' = U_G,r U_G,rᵀ W U_A,r U_A,rᵀ`` keeping the top eigenvectors of G holding ``keep_mass`` of Σλ and
-    of A holding ``keep_mass`` of Σμ (the reference's second mode)."""
-    mask = independent_mask(grad_eig.values, act_eig.values, keep_mass)
-    return project_weight(weight, grad_eig, act_eig, mask.to(weight.device))
+def svd_truncate(weight: torch.Tensor, keep_mass: float) -> tuple[torch.Tensor, int, float]:
+    """Data-free baseline: keep the top singular directions of ``W`` holding ``keep_mass`` of Σσ².
 
-
-def svd_truncate(weight: torch.Tensor, keep_energy: float) -> tuple[torch.Tensor, int, float]:
-    """``(W', rank, kept energy fraction)`` for :func:`svd_truncation`."""
+    Returns ``(W', rank, kept fraction of Σσ²)``."""
     out_dim, in_dim = weight.shape
-    if keep_energy >= 1.0:
+    if keep_mass >= 1.0:
         return weight.detach().clone(), min(out_dim, in_dim), 1.0
     w64 = weight.detach().to(torch.float64)
     # The right (or left) singular vectors are the eigenvectors of the smaller Gram matrix; σ² its eigenvalues.
     gram = w64.T @ w64 if in_dim <= out_dim else w64 @ w64.T
     eig = eigendecompose(gram, "svd gram")
-    rank = truncation_rank(eig.values, keep_energy)
+    rank = truncation_rank(eig.values, keep_mass)
     total = float(eig.values.sum())
     energy = float(eig.values[:rank].sum()) / total if total > 0 else 0.0
     dtype = _compute_dtype(weight)
@@ -477,11 +472,6 @@ def svd_truncate(weight: torch.Tensor, keep_energy: float) -> tuple[torch.Tensor
     w = weight.detach().to(dtype)
     edited = (w @ basis) @ basis.T if in_dim <= out_dim else basis @ (basis.T @ w)
     return edited.to(weight.dtype), rank, energy
-
-
-def svd_truncation(weight: torch.Tensor, keep_energy: float) -> torch.Tensor:
-    """Data-free baseline: keep the top singular directions of ``W`` holding ``keep_energy`` of Σσ²."""
-    return svd_truncate(weight, keep_energy)[0]
 
 
 def random_orthogonal(n: int, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -205,7 +205,7 @@ def _module_seed(seed: int, name: str) -> int:
 
 
 def _edit_one(
-    proj: Projection, keep: float, spec: EditSpec, factors, cache: EigenCache, originals: dict[str, torch.Tensor]
+    proj: Projection, keep_mass: float, spec: EditSpec, factors, cache: EigenCache, originals: dict[str, torch.Tensor]
 ) -> ModuleEdit:
     """Edit one projection in place (its original goes into ``originals`` first) and describe the edit."""
     t0 = time.perf_counter()
@@ -219,9 +219,9 @@ def _edit_one(
     out_dim, in_dim = proj.shape
     if spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT):
         if spec.method is Method.KFAC:
-            mask = select_pairs(grad_eig.values, act_eig.values, keep)
+            mask = select_pairs(grad_eig.values, act_eig.values, keep_mass)
         else:
-            mask = independent_mask(grad_eig.values, act_eig.values, keep)
+            mask = independent_mask(grad_eig.values, act_eig.values, keep_mass)
         new_weight = project_weight(weight, grad_eig, act_eig, mask.to(device))
         stats = pair_stats(grad_eig.values, act_eig.values, mask)
         kept = (
@@ -232,10 +232,10 @@ def _edit_one(
             stats.act_vectors_used,
         )
     elif spec.method is Method.SVD:
-        new_weight, rank, energy = svd_truncate(weight, keep)
+        new_weight, rank, energy = svd_truncate(weight, keep_mass)
         kept = (energy, rank, min(out_dim, in_dim), rank, rank)
     else:  # random: as many coefficients as the kfac edit keeps
-        mask = select_pairs(grad_eig.values, act_eig.values, keep)
+        mask = select_pairs(grad_eig.values, act_eig.values, keep_mass)
         n_keep = int(mask.view(torch.uint8).sum(dtype=torch.int64))
         del mask
         new_weight = random_basis_edit(weight, n_keep, seed=_module_seed(spec.seed, proj.name))
@@ -252,7 +252,7 @@ def _edit_one(
         kind=proj.kind,
         shape=(out_dim, in_dim),
         method=spec.method,
-        keep_mass=keep,
+        keep_mass=keep_mass,
         mass_fraction=mass_fraction,
         pairs_kept=pairs_kept,
         pairs_total=pairs_total,
@@ -295,8 +295,8 @@ def apply_edit(model: nn.Module, factors, spec: EditSpec, cache: EigenCache | No
     model.__dict__[ORIGINALS_ATTR] = originals  # a plain attribute: not a buffer, so never saved with the model
     modules: list[ModuleEdit] = []
     try:
-        for proj, keep in tqdm(targets, desc=f"edit ({spec.method})", unit="module", disable=None):
-            modules.append(_edit_one(proj, keep, spec, factors, cache, originals))
+        for proj, keep_mass in tqdm(targets, desc=f"edit ({spec.method})", unit="module", disable=None):
+            modules.append(_edit_one(proj, keep_mass, spec, factors, cache, originals))
     except BaseException:  # a failure part-way (NaN factors, out of memory, Ctrl-C) leaves the model as it was
         restore(model)
         raise

@@ -287,8 +287,8 @@ def plot_spectra(spectra: Mapping[str, Mapping[str, Any]], max_modules: int = MA
         if max(len(m.get("grad_eigvals", [])), len(m.get("act_eigvals", []))) > 200:
             ax.set_xscale("log")  # large layers: show the head of the spectrum
             ax.xaxis.set_minor_locator(NullLocator())
-        keep, frac = m.get("keep_mass"), m.get("mass_fraction")
-        title = name + (f"\nkeep_mass {keep:g}" if _is_number(keep) else "")
+        keep_mass, frac = m.get("keep_mass"), m.get("mass_fraction")
+        title = name + (f"\nkeep_mass {keep_mass:g}" if _is_number(keep_mass) else "")
         if _is_number(frac):
             title += f", kept mass {frac:.3f}"
         ax.set_title(title, fontsize=8)

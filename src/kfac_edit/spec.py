@@ -134,7 +134,7 @@ class EditSpec:
             method = method if method is not None else data.get("method")
             seed = seed if seed is not None else data.get("seed")
             data = data["layers"]
-        keep: dict[tuple[int, str], float] = {}
+        keep_mass: dict[tuple[int, str], float] = {}
         for key, kinds in data.items():
             try:
                 block = int(key)
@@ -159,8 +159,8 @@ class EditSpec:
                 value = float(value)
                 _check_keep_mass(value, f"{key} {kind}")
                 if value < NO_EDIT_AT:
-                    keep[(block, kind)] = value
-        return cls(keep, method=method or Method.KFAC, seed=int(seed or 0))
+                    keep_mass[(block, kind)] = value
+        return cls(keep_mass, method=method or Method.KFAC, seed=int(seed or 0))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, method: str | None = None, seed: int | None = None) -> "EditSpec":

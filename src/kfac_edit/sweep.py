@@ -101,8 +101,8 @@ def sweep_points(config: SweepConfig, blocks: Sequence[int]) -> list[PointConfig
     for projections in config.projection_sets:
         ordered = tuple(k for k in PROJECTIONS if k in projections)
         for group in block_groups(blocks, config.max_combo):
-            for keep in config.keep_masses:
-                points.append(PointConfig(config.method, group, ordered, float(keep)))
+            for keep_mass in config.keep_masses:
+                points.append(PointConfig(config.method, group, ordered, float(keep_mass)))
     return points
 
 

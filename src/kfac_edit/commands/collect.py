@@ -12,6 +12,8 @@ ORDER = 10
 
 
 def register(subparsers) -> None:
+    from ..spec import LABEL_MODES
+
     p = subparsers.add_parser(
         "collect",
         help="collect K-FAC factors (A, G) of MLP projections over a corpus",
@@ -37,7 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward/backward (default: 16)")
     p.add_argument(
         "--labels",
-        choices=["sampled", "gold"],
+        choices=LABEL_MODES,
         default="sampled",
         help="sampled: labels drawn from the model's softmax (true Fisher, default); gold: next token (empirical)",
     )

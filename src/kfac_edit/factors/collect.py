@@ -40,12 +40,12 @@ from torch import nn
 
 from ..errors import UserError
 from ..identity import model_fingerprint
+from ..spec import LabelMode
 from ..models import Projection, find_projections, projection_kinds
 from .store import Factors, ModuleFactors
 
 log = logging.getLogger(__name__)
 
-LABEL_MODES = ("sampled", "gold")
 IGNORE_INDEX = -100
 _SAMPLE_CHUNK_ELEMENTS = 1 << 27  # rows x vocab handled at once when sampling labels (512 MiB in fp32)
 
@@ -184,8 +184,7 @@ class FactorCollector:
         factors: Factors | None = None,
         start_window: int = 0,
     ):
-        if labels not in LABEL_MODES:
-            raise UserError(f"unknown label mode '{labels}'; use one of {', '.join(LABEL_MODES)}")
+        LabelMode.parse(labels, "label mode")
         if not projections:
             raise UserError("no projection chosen to collect factors for; pick --layers and --projections")
         names = [p.name for p in projections]

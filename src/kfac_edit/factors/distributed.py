@@ -176,11 +176,6 @@ def all_reduce_ints(ctx: DistContext, values: Sequence[int], op: str = "sum", wh
     return [int(v) for v in t.tolist()]
 
 
-def any_rank(ctx: DistContext, flag: bool, what: str = "status exchange") -> bool:
-    """Whether ``flag`` is true on any rank."""
-    return bool(all_reduce_ints(ctx, [int(bool(flag))], op="max", what=what)[0])
-
-
 def broadcast_object(ctx: DistContext, obj: Any, src: int = 0, what: str = "broadcast") -> Any:
     """``obj`` of rank ``src``, on every rank (picklable objects; small ones: it goes through the CPU)."""
     if not ctx.enabled:
