@@ -10,6 +10,7 @@ from conftest import make_tiny_olmo2
 
 from kfac_edit.cli import main
 from kfac_edit.curvature import edit_weight, eigendecompose, pair_mass_fraction, select_pairs
+from kfac_edit.constants import EDIT_REPORT_FILE
 from kfac_edit.edit import ORIGINALS_ATTR, apply_edit, restore, save_edited
 from kfac_edit.eigen import EigenCache, default_cache_dir
 from kfac_edit.spec import EditSpec
@@ -335,3 +336,31 @@ def test_cli_factors_of_another_model_or_missing(tmp_path, tiny_model_dir, capsy
         main(["edit", "--model", str(tiny_model_dir), "--out", str(out), "--layers-json", "{}", "--method", "x"])
     assert exc.value.code == 2
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_cli_edit_under_torchrun_spreads_eigendecompositions(tmp_path, tiny_model_dir, factors_dir):
+    """`kfac-edit edit` on 2 gloo ranks: each rank decomposes its share (gate/up of a block together), the shares
+    are broadcast, rank 0 alone writes the directory, and the weights equal a one-process edit's."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    argv = ["edit", "--model", str(tiny_model_dir), "--factors", str(factors_dir), "--layers-json", SPEC,
+            "--device", "cpu"]  # fmt: skip
+    env = {"GLOO_SOCKET_IFNAME": "lo", **os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kfac_edit.cli",
+           *argv, "--out", str(tmp_path / "two"), "--cache-dir", str(tmp_path / "cache2")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert main([*argv, "--out", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "cache1")]) == 0
+    report = json.loads((tmp_path / "two" / EDIT_REPORT_FILE).read_text())
+    assert 0 < report["eigen_cache"]["computed"] < 3  # rank 0 computed its share only ...
+    assert report["eigen_cache"]["memory_hits"] == 3  # ... and edited every module from its filled cache
+    assert len(list((tmp_path / "cache2").glob("*.safetensors"))) == 3  # both ranks wrote their entries
+    two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=0, atol=1e-6)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directory left behind
