@@ -218,26 +218,16 @@ def _edit_one(
         eigen_seconds = time.perf_counter() - t0
     out_dim, in_dim = proj.shape
     if spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT):
-        if spec.method is Method.KFAC:
-            mask = select_pairs(grad_eig.values, act_eig.values, keep_mass)
-        else:
-            mask = independent_mask(grad_eig.values, act_eig.values, keep_mass)
+        select = select_pairs if spec.method is Method.KFAC else independent_mask
+        mask = select(grad_eig.values, act_eig.values, keep_mass)
         new_weight = project_weight(weight, grad_eig, act_eig, mask.to(device))
-        stats = pair_stats(grad_eig.values, act_eig.values, mask)
-        kept = (
-            stats.mass_fraction,
-            stats.pairs_kept,
-            stats.pairs_total,
-            stats.grad_vectors_used,
-            stats.act_vectors_used,
-        )
+        kept = pair_stats(grad_eig.values, act_eig.values, mask)
+        kept = (kept.mass_fraction, kept.pairs_kept, kept.pairs_total, kept.grad_vectors_used, kept.act_vectors_used)
     elif spec.method is Method.SVD:
         new_weight, rank, energy = svd_truncate(weight, keep_mass)
         kept = (energy, rank, min(out_dim, in_dim), rank, rank)
     else:  # random: as many coefficients as the kfac edit keeps
-        mask = select_pairs(grad_eig.values, act_eig.values, keep_mass)
-        n_keep = int(mask.view(torch.uint8).sum(dtype=torch.int64))
-        del mask
+        n_keep = int(select_pairs(grad_eig.values, act_eig.values, keep_mass).view(torch.uint8).sum(dtype=torch.int64))
         new_weight = random_basis_edit(weight, n_keep, seed=_module_seed(spec.seed, proj.name))
         kept = (None, n_keep, out_dim * in_dim, None, None)
     wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -247,20 +237,10 @@ def _edit_one(
     proj.set_weight(new_weight)
     mass_fraction, pairs_kept, pairs_total, grad_used, act_used = kept
     record = ModuleEdit(
-        name=proj.name,
-        block=proj.block,
-        kind=proj.kind,
-        shape=(out_dim, in_dim),
-        method=spec.method,
-        keep_mass=keep_mass,
-        mass_fraction=mass_fraction,
-        pairs_kept=pairs_kept,
-        pairs_total=pairs_total,
-        pairs_fraction=pairs_kept / pairs_total if pairs_total else 0.0,
-        grad_vectors_used=grad_used,
-        act_vectors_used=act_used,
-        weight_change=change,
-        eigen_seconds=round(eigen_seconds, 4),
+        name=proj.name, block=proj.block, kind=proj.kind, shape=(out_dim, in_dim), method=spec.method.value,
+        keep_mass=keep_mass, mass_fraction=mass_fraction, pairs_kept=pairs_kept, pairs_total=pairs_total,
+        pairs_fraction=pairs_kept / pairs_total if pairs_total else 0.0, grad_vectors_used=grad_used,
+        act_vectors_used=act_used, weight_change=change, eigen_seconds=round(eigen_seconds, 4),
         seconds=round(time.perf_counter() - t0, 4),
     )
     log.debug("%s", record)

@@ -39,12 +39,6 @@ from .fileio import atomic_path, cache_root
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "CacheStats", "EigenCache", "default_cache_dir",
-    "EigenAssignment", "assign_by_cost", "eigen_units", "distributed_eigendecompose",
-]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------------------------

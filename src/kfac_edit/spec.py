@@ -72,11 +72,15 @@ METHODS = Method.values()
 LABEL_MODES = LabelMode.values()
 
 
-def _check_keep_mass(value: float, where: str) -> None:
+def _check_entry(block: int, kind: str, value: float) -> None:
+    if not isinstance(block, int) or block < 0:
+        raise UserError(f"block '{block}' is not a block index (blocks count from 0); use keys like \"23\"")
+    if kind not in PROJECTIONS:
+        raise UserError(f"unknown projection '{kind}' for block {block}; use gate, up or down")
     if not 0.0 <= value <= 1.0:
         raise UserError(
-            f"keep_mass {value} for block {where} is outside [0, 1]; give the fraction of curvature mass to keep, "
-            "e.g. 0.6"
+            f"keep_mass {value} for block {block} {kind} is outside [0, 1]; give the fraction of curvature mass to "
+            "keep, e.g. 0.6"
         )
 
 
@@ -96,11 +100,7 @@ class EditSpec:
     def __post_init__(self) -> None:
         self.method = Method.parse(self.method, "edit method")
         for (block, kind), value in self.keep_mass.items():
-            if kind not in PROJECTIONS:
-                raise UserError(f"unknown projection '{kind}' for block {block}; use gate, up or down")
-            if not isinstance(block, int) or block < 0:
-                raise UserError(f"block '{block}' is not a block index; use keys like \"23\"")
-            _check_keep_mass(value, f"{block} {kind}")
+            _check_entry(block, kind, value)
 
     @property
     def needs_factors(self) -> bool:
@@ -140,24 +140,18 @@ class EditSpec:
                 block = int(key)
             except (TypeError, ValueError):
                 raise UserError(f"layers JSON key '{key}' is not a block index; write e.g. {LAYERS_EXAMPLE}") from None
-            if block < 0:
-                raise UserError(f"layers JSON key '{key}' is negative; blocks count from 0")
             if not isinstance(kinds, dict):
                 raise UserError(
                     f"layers JSON block {key} must map projections to keep_mass, e.g. {{\"gate\": 0.6}}; "
                     f"got {json.dumps(kinds)}"
                 )
             for kind, value in kinds.items():
-                if kind not in PROJECTIONS:
-                    raise UserError(
-                        f"unknown projection '{kind}' in block {key} of the layers JSON; use gate, up or down"
-                    )
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise UserError(
                         f"keep_mass for block {key} {kind} must be a number in [0, 1], got {json.dumps(value)}"
                     )
                 value = float(value)
-                _check_keep_mass(value, f"{key} {kind}")
+                _check_entry(block, kind, value)
                 if value < NO_EDIT_AT:
                     keep_mass[(block, kind)] = value
         return cls(keep_mass, method=method or Method.KFAC, seed=int(seed or 0))

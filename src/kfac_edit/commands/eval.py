@@ -15,6 +15,11 @@ def _help(name: str) -> str:
     return next(f.metadata["help"] for f in fields(EvalConfig) if f.name == name)
 
 
+_METAVARS = {"memorized": "FILE", "quotes": "FILE", "perplexity_data": "SOURCE", "ndcg_data": "SOURCE",
+             "reference_model": "BASE", "perturb": "T"}  # fmt: skip
+_NOT_OPTIONS = ("out", "model")  # set by each command itself
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="the model: hub id or local directory")
     p.add_argument(
@@ -27,46 +32,32 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    """The evaluation options shared by ``eval`` and ``run``."""
-    p.add_argument("--reference-model", metavar="BASE", help=_help("reference_model"))
-    p.add_argument("--memorized", nargs="+", action="extend", default=[], metavar="FILE", help=_help("memorized"))
-    p.add_argument("--quotes", nargs="+", action="extend", default=[], metavar="FILE", help=_help("quotes"))
-    p.add_argument("--perplexity-data", metavar="SOURCE", help=_help("perplexity_data"))
-    p.add_argument("--ndcg-data", metavar="SOURCE", help=_help("ndcg_data"))
-    p.add_argument("--prefix-len", type=int, default=64, help=_help("prefix_len") + " (default 64)")
-    p.add_argument("--suffix-len", type=int, default=48, help=_help("suffix_len") + " (default 48)")
-    p.add_argument("--loose", type=float, default=0.75, help=_help("loose") + " (default 0.75)")
-    p.add_argument("--ndcg-k", type=int, default=10, help=_help("ndcg_k") + " (default 10)")
-    p.add_argument("--ndcg-seq-len", type=int, default=1024, help=_help("ndcg_seq_len") + " (default 1024)")
-    p.add_argument("--ppl-block", type=int, default=112, help=_help("ppl_block") + " (default 112)")
-    p.add_argument("--max-tokens", type=int, default=200_000, help=_help("max_tokens") + " (default 200000)")
-    p.add_argument("--batch-size", type=int, default=32, help=_help("batch_size") + " (default 32)")
-    p.add_argument("--forward-tokens", type=int, default=16384, help=_help("forward_tokens") + " (default 16384)")
-    p.add_argument("--perturb", type=int, metavar="T", help=_help("perturb"))
+    """The evaluation options shared by ``eval``, ``run`` and ``sweep``: one per :class:`EvalConfig` field."""
+    from dataclasses import MISSING, fields
+
+    from ..evaluate.suite import EvalConfig
+
+    for f in fields(EvalConfig):
+        if f.name in _NOT_OPTIONS:
+            continue
+        flag, metavar, help_text = "--" + f.name.replace("_", "-"), _METAVARS.get(f.name), f.metadata["help"]
+        if f.default_factory is not MISSING:  # a list of files
+            p.add_argument(flag, nargs="+", action="extend", default=[], metavar=metavar, help=help_text)
+            continue
+        kind = int if "int" in f.type else float if "float" in f.type else str
+        if f.default is not None:
+            help_text += f" (default {f.default})"
+        p.add_argument(flag, type=kind, default=f.default, metavar=metavar, help=help_text)
 
 
 def eval_config_from_args(args: argparse.Namespace, out: str | None):
+    """The :class:`EvalConfig` of :func:`add_eval_arguments`' options, writing to ``out``."""
+    from dataclasses import fields
+
     from ..evaluate.suite import EvalConfig
 
-    return EvalConfig(
-        memorized=list(args.memorized),
-        quotes=list(args.quotes),
-        perplexity_data=args.perplexity_data,
-        ndcg_data=args.ndcg_data,
-        reference_model=args.reference_model,
-        prefix_len=args.prefix_len,
-        suffix_len=args.suffix_len,
-        loose=args.loose,
-        ndcg_k=args.ndcg_k,
-        ndcg_seq_len=args.ndcg_seq_len,
-        ppl_block=args.ppl_block,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-        forward_tokens=args.forward_tokens,
-        perturb=args.perturb,
-        out=out,
-        model=args.model,
-    )
+    values = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if f.name not in _NOT_OPTIONS}
+    return EvalConfig(**values, out=out, model=args.model)
 
 
 def load_for_eval(args: argparse.Namespace):
