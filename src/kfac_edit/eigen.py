@@ -212,6 +212,10 @@ class EigenAssignment:
     computed: list[str] = field(default_factory=list)
 
 
+def _empty_eigen(n: int, device: torch.device) -> Eigen:
+    return Eigen(torch.empty(n, dtype=torch.float64, device=device), torch.empty(n, n, dtype=torch.float64, device=device))
+
+
 def distributed_eigendecompose(
     factors,
     names: Sequence[str],
@@ -244,10 +248,7 @@ def distributed_eigendecompose(
             if owner[name] == ctx.rank:
                 grad, act = (e.to(ctx.device) for e in mine[name])
             else:
-                grad = Eigen(torch.empty(n_out, dtype=torch.float64, device=ctx.device),
-                             torch.empty(n_out, n_out, dtype=torch.float64, device=ctx.device))  # fmt: skip
-                act = Eigen(torch.empty(n_in, dtype=torch.float64, device=ctx.device),
-                            torch.empty(n_in, n_in, dtype=torch.float64, device=ctx.device))  # fmt: skip
+                grad, act = _empty_eigen(n_out, ctx.device), _empty_eigen(n_in, ctx.device)
             for tensor in (grad.values, grad.vectors, act.values, act.vectors):
                 broadcast_tensor(ctx, tensor, src=owner[name], what=f"sharing the eigendecomposition of {name}")
             if owner[name] != ctx.rank:
