@@ -13,7 +13,7 @@ from kfac_edit.curvature import edit_weight, eigendecompose, pair_mass_fraction,
 from kfac_edit.constants import EDIT_REPORT_FILE
 from kfac_edit.edit import ORIGINALS_ATTR, apply_edit, restore, save_edited
 from kfac_edit.eigen import EigenCache, default_cache_dir
-from kfac_edit.spec import EditSpec
+from kfac_edit.spec import EditSpec, LabelMode, Method
 from kfac_edit.errors import UserError
 from kfac_edit.factors.store import Factors
 from kfac_edit.models import find_projections, projection_kinds
@@ -88,6 +88,19 @@ def test_spec_bad_input(text, message):
 def test_spec_unknown_method():
     with pytest.raises(UserError, match="unknown edit method 'magic'"):
         EditSpec.from_json('{"1": {"up": 0.5}}', method="magic")
+
+
+def test_method_and_label_mode_enums():
+    assert [m.value for m in Method] == ["kfac", "kfac-independent", "svd", "random"]
+    assert [m.needs_factors for m in Method] == [True, True, False, True]
+    assert [m.value for m in LabelMode] == ["sampled", "gold"]
+    with pytest.raises(UserError, match="unknown label mode 'true'; use one of sampled, gold"):
+        LabelMode.parse("true", "label mode")
+    spec = EditSpec({(1, "up"): 0.5}, method="svd")
+    assert spec.method is Method.SVD and not spec.needs_factors and f"{spec.method}" == "svd"
+    assert json.loads(json.dumps(spec.to_dict())) == {"method": "svd", "seed": 0, "layers": {"1": {"up": 0.5}}}
+    with pytest.raises(UserError, match="block '-1' is not a block index"):
+        EditSpec({(-1, "up"): 0.5})
 
 
 # --------------------------------------------------------------------------------------------------- apply / restore

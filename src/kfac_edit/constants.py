@@ -7,6 +7,7 @@ never change; code refers to them only through these constants.
 # Factor directories (kfac_edit.factors.store) and collection checkpoints (kfac_edit.factors.checkpoint)
 TENSORS_FILE = "factors.safetensors"  # factor sums and counts
 MANIFEST_FILE = "manifest.json"  # how the factors were collected
+CHECKPOINT_DIR = "checkpoint"  # collection checkpoints, inside the factor directory being written
 STATE_FILE = "state.json"  # a checkpoint's progress
 
 # Edited model directories (kfac_edit.edit)

@@ -31,19 +31,17 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
+from ..constants import CHECKPOINT_DIR, STATE_FILE, TENSORS_FILE
 from ..errors import UserError
 from ..fileio import atomic_dir, write_json
-from ..constants import STATE_FILE, TENSORS_FILE
 from ..identity import data_digest, model_fingerprint, weights_digest
 from ..models import Projection
 from .store import Factors
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
 STATE_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{6,})$")
 
