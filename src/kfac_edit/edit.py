@@ -27,11 +27,13 @@ from torch import nn
 
 from .constants import EDIT_REPORT_FILE
 from .curvature import independent_mask, pair_stats, project_weight, random_basis_edit, select_pairs, svd_truncate
-from .eigen import EigenCache, default_cache_dir
+from .eigen import EigenCache, default_cache_dir, distributed_eigendecompose
 from .errors import UserError
+from .factors.distributed import init_distributed, rank_device, shutdown
 from .fileio import atomic_dir, write_json
 from .identity import model_fingerprint
-from .models import PROJECTIONS, Projection, find_projections, model_type, num_blocks, projection_kinds
+from .models import PROJECTIONS, Projection, find_projections, load_model, load_tokenizer_as_saved, model_type
+from .models import num_blocks, projection_kinds, resolve_device
 from .spec import LAYERS_EXAMPLE, EditSpec, Method
 
 log = logging.getLogger(__name__)
@@ -344,10 +346,6 @@ def edit_model_dir(
     the ranks first share the eigendecompositions out by cost, each computing its part, then every rank edits from
     its filled cache and only the main rank writes ``out_dir``.
     """
-    from .eigen import distributed_eigendecompose
-    from .factors.distributed import init_distributed, rank_device, shutdown
-    from .models import load_model, load_tokenizer_as_saved, resolve_device
-
     check_edit_inputs(spec, factors_dir)
     check_output_dir(out_dir, source=model)
     ctx = init_distributed(resolve_device(device))

@@ -45,7 +45,7 @@ def register(subparsers) -> None:
         "curvature mass (W' = U_G (C ⊙ M) U_Aᵀ) and write EDITED_DIR: save_pretrained of the model and tokenizer "
         "plus edit_report.json. Layers JSON (the reference format): "
         '\'{"23": {"gate": 0.6, "up": 0.6}, "24": {"gate": 0.6}}\'; a missing projection or keep_mass >= 0.9999 '
-        "is not edited.",
+        "is not edited. Under torchrun the ranks share the eigendecompositions out by cost; rank 0 writes.",
     )
     p.add_argument("--model", required=True, help="model to edit: hub id or local directory")
     p.add_argument(
