@@ -2,7 +2,7 @@
 
 The grid: every single block of ``blocks`` and every run of up to ``max_combo`` adjacent blocks, times each
 projection set, times each keep_mass. For each point the model is edited in place (:func:`~kfac_edit.edit.apply_edit`
-with a shared :class:`~kfac_edit.edit.EigenCache`, so each factor is eigendecomposed once for the whole sweep),
+with a shared :class:`~kfac_edit.eigen.EigenCache`, so each factor is eigendecomposed once for the whole sweep),
 evaluated (:func:`~kfac_edit.evaluate.suite.evaluate`: memorization strict/loose, perplexity, optionally quotes and
 nDCG against the unedited model) and restored bit for bit.
 
