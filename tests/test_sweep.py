@@ -90,11 +90,11 @@ def test_sweep_cli_complete_resume_best_round_trip(sweep_inputs, tmp_path, capsy
     assert fresh["strict"] == rec.metrics["strict"]
     assert fresh["perplexity"] == pytest.approx(rec.metrics["perplexity"], rel=1e-6)
 
-    # best.json: the lowest strict within 1.5 x base perplexity; it round-trips into `kfac-edit edit`
+    # best.json: the lowest strict on the selection part within 1.5 x base perplexity; it round-trips into `edit`
     points = [r for r in read_results(out) if r.kind == "point"]
     within = [r for r in points if r.perplexity <= 1.5 * base["perplexity"]]
     best = json.loads((out / "best.json").read_text())
-    chosen = min(within, key=lambda r: (r.strict, r.perplexity))
+    chosen = min(within, key=lambda r: (r.metrics["selection_strict"], r.perplexity))
     assert best == chosen.config.layers()
     edited = tmp_path / "edited"
     assert main(["edit", "--model", str(inp["model"]), "--factors", str(inp["factors"]), "--layers-file",
