@@ -87,8 +87,9 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.keep_mass is not None and self.keep_mass not in self.kfac_grid:
             object.__setattr__(self, "kfac_grid", tuple(sorted({*self.kfac_grid, self.keep_mass}, reverse=True)))
-        if not 0 < self.holdout_fraction < 1:
-            raise UserError(f"demo holdout_fraction {self.holdout_fraction} is outside (0, 1)")
+        from .sweep import split_records
+
+        split_records(range(self.testbed.n_canaries), self.holdout_fraction)  # UserError if a part would be empty
         if not self.ppl_budget > 1.0:
             raise UserError(f"demo ppl_budget {self.ppl_budget} must be above 1, e.g. 1.05")
         for value in (*self.kfac_grid, *self.svd_grid):
@@ -129,7 +130,7 @@ def demo_row(record: SweepRecord, base: SweepRecord) -> dict[str, Any]:
         "rule_loss_increase": m["perplexity.mean_loss"] - base.metrics["perplexity.mean_loss"],
         "perplexity": m["perplexity"],
         "weight_change": _mean([x["weight_change"] for x in modules]) if modules else None,
-        "seconds": record.seconds,
+        **({"seconds": record.seconds} if record.kind == "point" else {}),
     }
 
 
@@ -356,17 +357,16 @@ def _row(label: str, p: dict) -> str:
 
 def _cost_lines(results: dict) -> list[str]:
     """The matched-cost tables: per budget, each method's point chosen on the selection canaries."""
-    base = results["base"]
     lines = []
-    for name, title, fmt in (("perplexity", "rule perplexity at most", "+{:.0%}"),
-                             ("rule_accuracy", "rule accuracy at most", "{:.0%} below")):
+    for name, title, fmt in (("perplexity", "rule perplexity increase", "at most +{:.0%}"),
+                             ("rule_accuracy", "rule accuracy drop", "at most {:.0%} points")):
         table = results.get("matched", {}).get(name, {})
         if not table:
             continue
         methods = sorted({m for by in table.values() for m in by})
         lines.append(f"matched on {name.replace('_', ' ')}: each method's point chosen on the selection canaries "
                      f"within the budget; held-out canary strict (keep_mass)")
-        lines.append(f"  {title + ' base':<32}" + "".join(f"{m.upper():>18}" for m in methods))
+        lines.append(f"  {title + ' over base':<32}" + "".join(f"{m.upper():>18}" for m in methods))
         for budget, by in table.items():
             cells = []
             for m in methods:
