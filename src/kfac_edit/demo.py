@@ -89,15 +89,24 @@ class DemoConfig:
             object.__setattr__(self, "kfac_grid", tuple(sorted({*self.kfac_grid, self.keep_mass}, reverse=True)))
         from .sweep import split_records
 
-        split_records(range(self.testbed.n_canaries), self.holdout_fraction)  # UserError if a part would be empty
         if not self.ppl_budget > 1.0:
             raise UserError(f"demo ppl_budget {self.ppl_budget} must be above 1, e.g. 1.05")
-        for value in (*self.kfac_grid, *self.svd_grid):
-            if not 0.0 <= value < 1.0:
-                raise UserError(f"demo keep_mass {value} is outside [0, 1)")
+        self.sweep_config().validate()
+        split_records(range(self.testbed.n_canaries), self.holdout_fraction)  # UserError if a part would be empty
         bad = [b for b in self.blocks if not 0 <= b < self.testbed.n_layers]
         if bad:
             raise UserError(f"demo block {bad[0]} does not exist: the testbed has blocks 0..{self.testbed.n_layers - 1}")
+
+    def sweep_config(self, capability: tuple[str, ...] = ()):
+        """The demo's sweep: K-FAC and SVD, each over its grid, on one block group, with held-out canaries."""
+        from .sweep import SweepConfig
+
+        return SweepConfig(
+            projection_sets=[tuple(self.projections)], groups=[tuple(self.blocks)], methods=["kfac", "svd"],
+            keep_masses=list(self.kfac_grid), method_keep_masses={"svd": list(self.svd_grid)},
+            ppl_budget=self.ppl_budget, holdout_fraction=self.holdout_fraction, capability=list(capability),
+            seed=self.seed,
+        )
 
     @classmethod
     def quick(cls) -> "DemoConfig":
@@ -129,7 +138,7 @@ def demo_row(record: SweepRecord, base: SweepRecord) -> dict[str, Any]:
         "rule_loss": m["perplexity.mean_loss"],
         "rule_loss_increase": m["perplexity.mean_loss"] - base.metrics["perplexity.mean_loss"],
         "perplexity": m["perplexity"],
-        "weight_change": _mean([x["weight_change"] for x in modules]) if modules else None,
+        "weight_change": sum(x["weight_change"] for x in modules) / len(modules) if modules else None,
         **({"seconds": record.seconds} if record.kind == "point" else {}),
     }
 
@@ -194,7 +203,7 @@ def run_demo(
     from .factors import collect_factors
     from .models import load_model
     from .report import write_report
-    from .sweep import SweepConfig, run_sweep
+    from .sweep import run_sweep
 
     config = config or DemoConfig()
     out = check_out_dir(out_dir)
@@ -221,12 +230,7 @@ def run_demo(
     timings["collect"] = time.perf_counter() - t0
 
     # 3. the sweep (base, K-FAC grid, SVD grid) into a fresh directory, renamed into place at the end
-    sweep = SweepConfig(
-        projection_sets=[tuple(config.projections)], groups=[tuple(config.blocks)], methods=["kfac", "svd"],
-        keep_masses=list(config.kfac_grid), method_keep_masses={"svd": list(config.svd_grid)},
-        ppl_budget=config.ppl_budget, holdout_fraction=config.holdout_fraction, capability=[str(paths.rule_heldout)],
-        seed=config.seed,
-    )
+    sweep = config.sweep_config(capability=(str(paths.rule_heldout),))
     evaluation = EvalConfig(
         memorized=[str(paths.memorized)], perplexity_data=str(paths.clean),
         prefix_len=None, suffix_len=None,  # records are used whole: prefix = bos + prefix_len numbers, suffix = rest
@@ -313,10 +317,6 @@ def _write_results(directory: Path, results: dict, timings: dict[str, float], st
         tmp.write_text(table + "\n")
     write_json(directory / RESULTS_JSON, results)
     return table
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def _checks(base: dict, headline: dict, matched: dict | None) -> dict[str, dict]:
