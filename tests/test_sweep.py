@@ -273,6 +273,9 @@ def test_sweep_several_methods_split_capability_and_factor_identity(sweep_inputs
     assert main(_argv(inp, out, "--method", "kfac", "--group", "0-1", "--capability", str(rule),
                       "--holdout-fraction", "0.25", "--seed", "3")) == 2
     assert "--method" in capsys.readouterr().err
+    inp["mem"].write_text("".join(inp["mem"].read_text().splitlines(keepends=True)[:12]))
+    assert main(argv) == 2  # the same file with other records: refused, not resumed
+    assert "(memorized_digest differ)" in capsys.readouterr().err
     # bad input: one line, exit 2, nothing written
     for extra, message in ((["--holdout-fraction", "1.5"], "outside (0, 1)"),
                            (["--holdout-fraction", "0.01"], "held-out part empty"),

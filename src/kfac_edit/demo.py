@@ -358,21 +358,22 @@ def _row(label: str, p: dict) -> str:
 def _cost_lines(results: dict) -> list[str]:
     """The matched-cost tables: per budget, each method's point chosen on the selection canaries."""
     lines = []
-    for name, title, fmt in (("perplexity", "rule perplexity increase", "at most +{:.0%}"),
-                             ("rule_accuracy", "rule accuracy drop", "at most {:.0%} points")):
+    for name, title, fmt in (("perplexity", "rule perplexity increase", "at most +{:.0f}%"),
+                             ("rule_accuracy", "rule accuracy drop", "at most {:.0f} points")):
         table = results.get("matched", {}).get(name, {})
         if not table:
             continue
         methods = sorted({m for by in table.values() for m in by})
         lines.append(f"matched on {name.replace('_', ' ')}: each method's point chosen on the selection canaries "
                      f"within the budget; held-out canary strict (keep_mass)")
-        lines.append(f"  {title + ' over base':<32}" + "".join(f"{m.upper():>18}" for m in methods))
+        lines.append(f"  {title + ' from base':<32}" + "".join(f"{m.upper():>18}" for m in methods))
         for budget, by in table.items():
             cells = []
             for m in methods:
                 p = by.get(m)
-                cells.append(f"{'none':>18}" if p is None else f"{100 * p['heldout_strict']:>9.1f}% ({p['keep_mass']:g})".rjust(18))
-            lines.append(f"  {fmt.format(float(budget)):<32}" + "".join(cells))
+                cell = "none" if p is None else f"{100 * p['heldout_strict']:.1f}% ({p['keep_mass']:g})"
+                cells.append(f"{cell:>18}")
+            lines.append(f"  {fmt.format(100 * float(budget)):<32}" + "".join(cells))
     return lines
 
 

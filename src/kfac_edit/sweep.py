@@ -387,6 +387,8 @@ def run_sweep(
 
     out = Path(out_dir)
     identity = _identity(model, factors, config, eval_config)
+    if split_records_ is not None:  # the records themselves: an edited file under the same name splits otherwise
+        identity["memorized_digest"] = hashlib.sha256(json.dumps(split_records_, sort_keys=True).encode()).hexdigest()
     _check_resume(out, identity)
     out.mkdir(parents=True, exist_ok=True)
     split = None
