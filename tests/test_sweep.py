@@ -285,3 +285,41 @@ def test_sweep_several_methods_split_capability_and_factor_identity(sweep_inputs
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (extra, err)
         assert not (tmp_path / "bad").exists()
+
+
+def test_skip_over_measures_memorization_only_within_the_limit(sweep_inputs, tmp_path):
+    from kfac_edit.factors.store import Factors
+    from kfac_edit.models import load_model
+    from kfac_edit.report import write_report
+
+    inp = sweep_inputs
+    model, tok = load_model(str(inp["model"]), dtype="float32", device="cpu")
+    cfg = EvalConfig(memorized=[str(inp["mem"])], perplexity_data=str(inp["text"]), prefix_len=PREFIX,
+                     suffix_len=SUFFIX, ppl_block=16, batch_size=16)
+    factors = Factors.load(inp["factors"])
+    grid = dict(blocks=[0, 1], keep_masses=[0.1, 0.3, 0.9], max_combo=1, ppl_budget=1.0)
+    full = run_sweep(model, tok, factors, SweepConfig(**grid), cfg, tmp_path / "full", write_report=False).records
+    base, points = full[0], full[1:]
+    ratios = sorted(r.perplexity / base.perplexity for r in points)
+    limit = (ratios[2] + ratios[3]) / 2  # the 3 cheapest points are measured, the other 3 are not
+    assert ratios[2] < ratios[3]
+    cheap = run_sweep(model, tok, factors, SweepConfig(**grid, skip_over=limit), cfg, tmp_path / "cheap",
+                      write_report=False)
+    by_id = {r.id: r for r in cheap.records}
+    skipped = [r for r in points if r.perplexity > limit * base.perplexity]
+    assert len(skipped) == 3
+    for r in points:
+        got = by_id[r.id]
+        assert got.perplexity == pytest.approx(r.perplexity, rel=1e-9)
+        if r in skipped:
+            assert got.metrics["memorization_skipped"] == 1.0 and "strict" not in got.metrics
+        else:
+            assert got.metrics["strict"] == r.metrics["strict"]
+            assert got.metrics["heldout_strict"] == r.metrics["heldout_strict"]
+    assert cheap.chosen is None or cheap.chosen.id not in {r.id for r in skipped}
+    write_report(tmp_path / "cheap")  # a report over points without memorization still renders
+    assert (tmp_path / "cheap" / "report.html").exists()
+    from kfac_edit.errors import UserError
+
+    with pytest.raises(UserError, match="skip-over"):
+        SweepConfig(**grid, skip_over=0.5).validate()

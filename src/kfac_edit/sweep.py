@@ -90,6 +90,10 @@ class SweepConfig:
     capability: list[str] = field(
         default_factory=list, metadata={"help": "capability record files, reported as STEM_accuracy (e.g. held-out rules)"}
     )
+    skip_over: float | None = field(
+        default=None, metadata={"help": "points over this multiple of the base perplexity get no memorization pass "
+                                "(metrics: perplexity and memorization_skipped; never chosen)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the held-out split and of the random method"})
 
     def keep_masses_of(self, method: str) -> list[float]:
@@ -112,6 +116,8 @@ class SweepConfig:
                     raise UserError(f"--keep-mass {k} is outside [0, 1) (keep_mass >= {NO_EDIT_AT} edits nothing)")
         if not (self.holdout_fraction == 0 or 0 < self.holdout_fraction < 1):
             raise UserError(f"--holdout-fraction {self.holdout_fraction} is outside (0, 1); e.g. 0.5 (0: no split)")
+        if self.skip_over is not None and not (self.skip_over >= self.ppl_budget and math.isfinite(self.skip_over)):
+            raise UserError(f"--skip-over {self.skip_over} must be at least --ppl-budget {self.ppl_budget:g}")
         if self.groups is not None and (not self.groups or not all(self.groups)):
             raise UserError("--group names no block; give e.g. --group 0-1")
         if not self.projection_sets:
@@ -281,6 +287,7 @@ def _identity(model, factors, config: SweepConfig, eval_config) -> dict[str, Any
         "seed": config.seed,
         "holdout_fraction": config.holdout_fraction,
         "capability": list(config.capability),
+        "skip_over": config.skip_over,
         "eval": eval_settings,
     }
 
@@ -442,8 +449,19 @@ def run_sweep(
             eval_config.max_tokens, rows,
         )
 
-    def measure() -> dict[str, float]:
-        return point_metrics(evaluate(model, tokenizer, eval_config, reference_topk=reference_topk), parts, capability)
+    def measure(ppl_limit: float | None = None) -> dict[str, float]:
+        if ppl_limit is None:
+            return point_metrics(evaluate(model, tokenizer, eval_config, reference_topk=reference_topk), parts,
+                                 capability)
+        # perplexity first; memorization (the generation passes) only for a point within the limit
+        first = evaluate(model, tokenizer, dataclasses.replace(eval_config, memorized=[], quotes=[], ndcg_data=None,
+                                                               reference_model=None))
+        if first["metrics"]["perplexity"]["perplexity"] > ppl_limit:
+            return {**point_metrics(first), "memorization_skipped": 1.0}
+        rest = evaluate(model, tokenizer, dataclasses.replace(eval_config, perplexity_data=None),
+                        reference_topk=reference_topk)
+        rest["metrics"]["perplexity"] = first["metrics"]["perplexity"]
+        return point_metrics(rest, parts, capability)
 
     if "base" not in done:
         t0 = time.perf_counter()
@@ -452,6 +470,9 @@ def run_sweep(
         log.info("base model: strict %.4f, perplexity %.4f", base.strict, base.perplexity)
 
     pending = [p for p in points if p.id not in done]
+    ppl_limit = None
+    if config.skip_over is not None:
+        ppl_limit = config.skip_over * base_record(read_results(results)).perplexity
     if needs_factors and pending:
         names = sorted({proj.name for proj, _ in targets})
         for name in tqdm(names, desc="eigendecompositions", unit="module", disable=None):
@@ -464,7 +485,7 @@ def run_sweep(
         try:
             spec = point_spec(point, config.seed)
             report = apply_edit(model, factors if spec.needs_factors else None, spec, cache=cache)
-            metrics = measure()
+            metrics = measure(ppl_limit)
         finally:
             restore(model)
         record = SweepRecord(point, metrics, edit=_edit_summary(report), seconds=round(time.perf_counter() - t0, 3))

@@ -55,6 +55,8 @@ def register(subparsers) -> None:
     p.add_argument("--capability", action="append", metavar="FILE", default=[],
                    help="records (memorized-set format) only a capable model continues exactly, e.g. held-out rule "
                    "sequences; reported as STEM_accuracy, not as memorization; repeatable")
+    p.add_argument("--skip-over", type=float, metavar="X", help=_help("skip_over") + "; at least --ppl-budget, "
+                   "e.g. 1.5 (default: measure every point)")
     p.add_argument("--seed", type=int, default=0, help=_help("seed") + " (default 0)")
     p.add_argument(
         "--cache-dir",
@@ -117,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         methods=methods_of(args.method),
         holdout_fraction=args.holdout_fraction,
         capability=list(args.capability),
+        skip_over=args.skip_over,
         seed=args.seed,
     )
     config.validate()
