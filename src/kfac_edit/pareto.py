@@ -23,6 +23,7 @@ The sweep (:mod:`kfac_edit.sweep`) writes one JSON line per evaluated point to `
         "heldout_strict": 0.14,                  #   loose, avg_levenshtein_norm of each part, as selection_* and
         ...                                      #   heldout_*; the pooled keys above cover both parts
         "rule_heldout_accuracy": 0.98,           # optional: strict of a capability set (``--capability FILE``)
+        "memorization_skipped": 1.0,             # optional: over ``--skip-over``, no memorization keys at all
         "ndcg": 0.93,                            # optional: nDCG@k against the base model
         ...                                      # optional extras, e.g. "quotes_strict", "quotes_loose"
       },
