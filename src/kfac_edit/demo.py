@@ -160,16 +160,16 @@ def matched_svd(config: DemoConfig, records: list[SweepRecord], headline: SweepR
     return choose_within([r for r in records if r.config.method == "svd"], lambda r: r.perplexity, limit)
 
 
-def cost_tables(records: list[SweepRecord]) -> dict[str, dict[str, dict[str, Any]]]:
+def cost_tables(records: list[SweepRecord], rows: dict[str, dict]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per cost (``perplexity``: +5..+30%; ``rule_accuracy``: at most 1..20 points lower), per budget, per method:
-    the point chosen on the selection canaries within that budget (its id), or ``None``."""
+    the row of the point chosen on the selection canaries within that budget, or ``None``."""
     base = base_record(records)
     points = [r for r in records if r.kind == "point"]
     out = {}
     for name, cost, budgets in (("perplexity", perplexity_increase(base), PPL_INCREASES),
                                 ("rule_accuracy", accuracy_drop(base, RULE_ACCURACY), ACCURACY_DROPS)):
         table = match_by_cost(points, cost, budgets)
-        out[name] = {f"{b:g}": {m: (table[m][b].id if table[m][b] else None) for m in table} for b in budgets}
+        out[name] = {f"{b:g}": {m: rows[t[b].id] if t[b] else None for m, t in table.items()} for b in budgets}
     return out
 
 
@@ -261,8 +261,7 @@ def run_demo(
             "points": [rows[r.id] for r in records if r.kind == "point"],
             "headline": {"kfac": rows[headline.id], "svd_matched": rows[matched.id] if matched else None,
                          "matched_on": "perplexity"},
-            "matched": {name: {b: {m: rows[i] if i else None for m, i in by_method.items()}
-                               for b, by_method in table.items()} for name, table in cost_tables(records).items()},
+            "matched": cost_tables(records, rows),
             "checks": _checks(rows["base"], rows[headline.id], rows[matched.id] if matched else None),
             "timings_s": {},
         }

@@ -240,7 +240,9 @@ def memorization_key(record: SweepRecord) -> float:
     return record.strict
 
 
-def choose_within(points: Sequence[SweepRecord], cost: Callable[[SweepRecord], float], limit: float) -> SweepRecord | None:
+def choose_within(
+    points: Sequence[SweepRecord], cost: Callable[[SweepRecord], float], limit: float
+) -> SweepRecord | None:
     """The point with the lowest :func:`memorization_key` among those whose ``cost(point) <= limit``.
 
     Ties go to the lower perplexity, then the lower loose memorization (of the selection part when split), then the

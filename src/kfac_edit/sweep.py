@@ -76,7 +76,8 @@ class SweepConfig:
         default=1.2, metadata={"help": "best point: perplexity at most this multiple of the base perplexity"}
     )
     methods: list[str] = field(
-        default_factory=lambda: ["kfac"], metadata={"help": "edit methods to sweep (kfac, kfac-independent, svd, random)"}
+        default_factory=lambda: ["kfac"],
+        metadata={"help": "edit methods to sweep (kfac, kfac-independent, svd, random)"},
     )
     method_keep_masses: dict[str, list[float]] = field(
         default_factory=dict, metadata={"help": "per-method keep_mass grids replacing keep_masses, e.g. svd=0.7,0.8"}
@@ -88,7 +89,8 @@ class SweepConfig:
         default=0.5, metadata={"help": "share of the memorized records held out from the choice (0: no split)"}
     )
     capability: list[str] = field(
-        default_factory=list, metadata={"help": "capability record files, reported as STEM_accuracy (e.g. held-out rules)"}
+        default_factory=list,
+        metadata={"help": "capability record files, reported as STEM_accuracy (e.g. held-out rules)"},
     )
     skip_over: float | None = field(
         default=None, metadata={"help": "points over this multiple of the base perplexity get no memorization pass "
@@ -250,7 +252,10 @@ def sweep_blocks(model, config: SweepConfig, factor_names: Sequence[str] | None)
 
 def needed_modules(model, config: SweepConfig, factor_names: Sequence[str] | None) -> list[str]:
     """Names of every module some point of the grid edits (the factors to load)."""
-    blocks = sorted({b for g in config.groups for b in g}) if config.groups else sweep_blocks(model, config, factor_names)
+    if config.groups:
+        blocks = sorted({b for g in config.groups for b in g})
+    else:
+        blocks = sweep_blocks(model, config, factor_names)
     kinds = sorted({k for s in config.projection_sets for k in s}, key=PROJECTIONS.index)
     return [p.name for p in find_projections(model, layers=blocks, projections=kinds)]
 
@@ -332,21 +337,9 @@ def _repair_torn_tail(path: Path) -> None:
 
 
 def _edit_summary(report) -> dict[str, Any]:
-    return {
-        "seconds": report.seconds,
-        "modules": [
-            {
-                "name": m.name,
-                "keep_mass": m.keep_mass,
-                "mass_fraction": m.mass_fraction,
-                "pairs_fraction": m.pairs_fraction,
-                "grad_vectors_used": m.grad_vectors_used,
-                "act_vectors_used": m.act_vectors_used,
-                "weight_change": m.weight_change,
-            }
-            for m in report.modules
-        ],
-    }
+    keys = ("name", "keep_mass", "mass_fraction", "pairs_fraction", "grad_vectors_used", "act_vectors_used",
+            "weight_change")
+    return {"seconds": report.seconds, "modules": [{k: getattr(m, k) for k in keys} for m in report.modules]}
 
 
 def run_sweep(
