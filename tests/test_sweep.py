@@ -183,6 +183,10 @@ def test_split_records_is_deterministic_disjoint_and_content_based():
     for bad in (0.0, 1.0, -0.1, 1.5):
         with pytest.raises(UserError, match="outside"):
             split_records(records, bad)
+    SweepConfig(holdout_fraction=0.0).validate()  # documented: 0 means no split
+    for bad in (-0.1, 1.0, 2.0):
+        with pytest.raises(UserError, match="holdout-fraction"):
+            SweepConfig(holdout_fraction=bad).validate()
     with pytest.raises(UserError, match="held-out part empty"):
         split_records(records[:3], 0.1)
     with pytest.raises(UserError, match="selection part empty"):
