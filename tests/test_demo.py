@@ -9,39 +9,44 @@ import pytest
 from kfac_edit.cli import main
 from kfac_edit.demo import DemoConfig, check_out_dir, choose_headline, format_table, matched_svd
 from kfac_edit.errors import UserError
+from kfac_edit.pareto import BASE_CONFIG, PointConfig, SweepRecord
 from kfac_edit.testbed import TestbedConfig
 
 
-def _point(method: str, keep: float, canary: float, rule_loss: float, rule_acc: float = 1.0) -> dict:
-    return {
-        "method": method, "keep_mass": keep, "canary_strict": canary, "canary_loose": canary,
-        "canary_match_len": 0.0, "rule_accuracy": rule_acc, "rule_loss": rule_loss,
-        "perplexity": 2.718281828 ** rule_loss, "rule_loss_increase": rule_loss - 0.5, "weight_change": 0.1,
-    }
+def _record(method: str, keep: float, selection: float, ppl: float, heldout: float | None = None) -> SweepRecord:
+    metrics = {"strict": selection, "loose": selection, "selection_strict": selection,
+               "heldout_strict": selection if heldout is None else heldout, "perplexity": ppl}
+    if method == "base":
+        return SweepRecord(BASE_CONFIG, metrics, kind="base")
+    return SweepRecord(PointConfig(method, (0, 1), ("gate", "up", "down"), keep), metrics)
 
 
-BASE = _point("base", 1.0, 1.0, 0.5)
+BASE = _record("base", 1.0, 1.0, 2.0)
 
 
-def test_matched_svd_is_the_cheapest_point_at_least_as_costly():
-    kfac = _point("kfac", 0.95, 0.0, 0.52)
-    svd = [_point("svd", 0.9, 1.0, 0.51), _point("svd", 0.8, 0.7, 0.53), _point("svd", 0.7, 0.1, 0.60)]
-    assert matched_svd(kfac, svd)["keep_mass"] == 0.8
-    assert matched_svd(_point("kfac", 0.5, 0.0, 0.9), svd) is None
+def test_matched_svd_is_the_svd_choice_within_the_same_perplexity_budget():
+    config = DemoConfig(testbed=TestbedConfig.quick(), ppl_budget=1.05)  # perplexity <= 2.1
+    svd = [_record("svd", 0.9, 1.0, 2.02), _record("svd", 0.8, 0.7, 2.08), _record("svd", 0.7, 0.1, 2.3)]
+    kfac = _record("kfac", 0.97, 0.0, 2.05)
+    assert matched_svd(config, [BASE, kfac, *svd], kfac).config.keep_mass == 0.8
+    # a headline over the budget widens the match to its own perplexity
+    costly = _record("kfac", 0.9, 0.0, 2.4)
+    assert matched_svd(config, [BASE, costly, *svd], costly).config.keep_mass == 0.7
+    assert matched_svd(config, [BASE, kfac, _record("svd", 0.5, 0.0, 3.0)], kfac) is None
 
 
-def test_headline_is_the_sweep_choice_within_the_budget():
-    config = DemoConfig(testbed=TestbedConfig.quick(), ppl_budget=1.05)  # rule loss increase <= log(1.05) = 0.0488
-    kfac = [_point("kfac", 0.99, 0.8, 0.505), _point("kfac", 0.97, 0.0, 0.54), _point("kfac", 0.96, 0.0, 0.53),
-            _point("kfac", 0.9, 0.0, 0.6)]
-    # lowest strict within budget; among the 0% points the lower perplexity; 0.9 is over budget
-    assert choose_headline(config, BASE, kfac)["keep_mass"] == 0.96
+def test_headline_is_the_sweep_choice_on_the_selection_part_within_the_budget():
+    config = DemoConfig(testbed=TestbedConfig.quick(), ppl_budget=1.05)
+    kfac = [_record("kfac", 0.99, 0.8, 2.01), _record("kfac", 0.97, 0.0, 2.08, heldout=0.0),
+            _record("kfac", 0.96, 0.0, 2.06, heldout=0.3), _record("kfac", 0.9, 0.0, 2.5)]
+    # lowest selection strict within budget; among the 0% points the lower perplexity (held-out plays no part)
+    assert choose_headline(config, [BASE, *kfac]).config.keep_mass == 0.96
     fixed = DemoConfig(testbed=TestbedConfig.quick(), keep_mass=0.9)
-    assert choose_headline(fixed, BASE, kfac)["keep_mass"] == 0.9
+    assert choose_headline(fixed, [BASE, *kfac]).config.keep_mass == 0.9
     assert 0.9 in fixed.kfac_grid
     # nothing within budget: the mildest edit
-    assert choose_headline(config, BASE, [_point("kfac", 0.9, 0.0, 0.6), _point("kfac", 0.8, 0.0, 0.7)])[
-        "keep_mass"] == 0.9
+    over = [_record("kfac", 0.9, 0.0, 2.5), _record("kfac", 0.8, 0.0, 3.0)]
+    assert choose_headline(config, [BASE, *over]).config.keep_mass == 0.9
 
 
 def test_config_validation():
@@ -49,6 +54,11 @@ def test_config_validation():
         DemoConfig(testbed=TestbedConfig.quick(), blocks=(5,))
     with pytest.raises(UserError, match="outside"):
         DemoConfig(testbed=TestbedConfig.quick(), svd_grid=(1.2,))
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(UserError, match="holdout-fraction"):
+            DemoConfig(testbed=TestbedConfig.quick(), holdout_fraction=bad)
+    with pytest.raises(UserError, match="selection part empty"):  # 30 canaries: 0.99 holds out all 30
+        DemoConfig(testbed=TestbedConfig.quick(), holdout_fraction=0.99)
 
 
 def test_out_dir_that_is_not_a_demo_is_refused(tmp_path):
@@ -73,16 +83,26 @@ def test_demo_end_to_end_through_the_cli(tmp_path, capsys, monkeypatch):
 
     # the base model memorized the canaries and learned the rule
     assert base["canary_strict"] >= 0.95 and base["rule_accuracy"] >= 0.97
-    # the K-FAC edit removes the canaries and keeps the rule
+    # the K-FAC edit removes the canaries (pooled over both halves) and keeps the rule
     assert kfac["canary_strict"] <= 0.05
     assert kfac["rule_accuracy"] >= 0.93
     assert kfac["rule_loss_increase"] <= 0.05
-    # SVD, at a rule-loss cost at least as large, keeps clearly more canaries
-    assert svd is not None and svd["rule_loss_increase"] >= kfac["rule_loss_increase"]
+    # SVD, matched on perplexity (its choice within the same budget), keeps clearly more canaries
+    budget = results["config"]["ppl_budget"]
+    assert svd is not None and results["headline"]["matched_on"] == "perplexity"
+    assert svd["perplexity"] <= budget * base["perplexity"] and kfac["perplexity"] <= budget * base["perplexity"]
     assert svd["canary_strict"] - kfac["canary_strict"] >= 0.2
+    # chosen on the selection half, the K-FAC edit also holds on the held-out half (measured: 1 of 15 left)
+    split = results["split"]
+    assert split["selection"] == split["heldout"] == 15
+    assert kfac["selection_strict"] == 0.0 and kfac["heldout_strict"] <= 0.1
+    assert svd["heldout_strict"] - kfac["heldout_strict"] >= 0.15
     # every K-FAC point that keeps 99% of the curvature leaves the model nearly intact
     mild = [p for p in results["points"] if p["method"] == "kfac" and p["keep_mass"] >= 0.995]
     assert mild and all(abs(p["rule_loss_increase"]) < 0.01 for p in mild)
+    # matched at +5% perplexity, K-FAC leaves fewer held-out canaries than SVD
+    at5 = results["matched"]["perplexity"]["0.05"]
+    assert at5["kfac"]["heldout_strict"] < at5["svd"]["heldout_strict"]
 
     # the rule accuracy of evaluate (greedy generation) equals testbed.rule_accuracy (teacher-forced)
     from kfac_edit.fileio import read_jsonl
@@ -93,12 +113,18 @@ def test_demo_end_to_end_through_the_cli(tmp_path, capsys, monkeypatch):
     rule_records = read_jsonl(results["testbed"]["directory"] + "/rule_heldout.jsonl")
     assert rule_accuracy(model, rule_records) == pytest.approx(base["rule_accuracy"])
 
-    # the console shows the table; the directory holds the report, plots, factors and the edited model
-    assert "K-FAC (headline)" in printed and "SVD (matched cost)" in printed
-    for name in ("results.jsonl", "before_after.json", "best.json", "sweep.json", "table.txt", "report.html", "report.md",
-                 "plots/demo_keep_mass.png", "plots/demo_tradeoff.png", "factors/manifest.json",
-                 "edited/edit_report.json", "edited/config.json"):
+    # the console shows the table; the directory holds the report, the sweep, factors and the edited model
+    assert "K-FAC (headline)" in printed and "SVD (matched ppl)" in printed and "matched on rule accuracy" in printed
+    for name in ("results.jsonl", "before_after.json", "best.json", "sweep.json", "summary.json", "table.txt",
+                 "report.html", "report.md", "plots/tradeoff.png", "plots/keep_mass.png", "split/heldout.jsonl",
+                 "factors/manifest.json", "edited/edit_report.json", "edited/config.json"):
         assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["matched_on"] == "perplexity" and summary["testbed"]["n_canaries"] == 30
+    assert summary["base"] == {"heldout_strict": base["heldout_strict"], "perplexity": base["perplexity"],
+                               "rule_accuracy": base["rule_accuracy"]}
+    assert summary["kfac"]["heldout_strict"] == kfac["heldout_strict"]
+    assert summary["svd"]["perplexity_ratio"] == pytest.approx(svd["perplexity"] / base["perplexity"])
     edited, _ = load_model(str(out / "edited"), dtype="float32", device="cpu")
     assert rule_accuracy(edited, rule_records) == pytest.approx(kfac["rule_accuracy"])
     from kfac_edit.pareto import read_results
@@ -118,10 +144,19 @@ def test_demo_end_to_end_through_the_cli(tmp_path, capsys, monkeypatch):
     assert again["base"] == base
 
 
+def _row(method: str, keep: float, canary: float, rule_loss: float) -> dict:
+    return {"method": method, "keep_mass": keep, "canary_strict": canary, "canary_loose": canary,
+            "selection_strict": canary, "heldout_strict": canary, "rule_accuracy": 1.0, "rule_loss": rule_loss,
+            "perplexity": 2.718281828 ** rule_loss, "rule_loss_increase": rule_loss - 0.5, "weight_change": 0.1}
+
+
 def test_format_table_names_every_point():
+    kfac, svd = _row("kfac", 0.97, 0.0, 0.51), _row("svd", 0.8, 0.6, 0.52)
     results = {
-        "base": BASE, "points": [_point("kfac", 0.97, 0.0, 0.51), _point("svd", 0.8, 0.6, 0.52)],
-        "headline": {"kfac": _point("kfac", 0.97, 0.0, 0.51), "svd_matched": _point("svd", 0.8, 0.6, 0.52)},
+        "base": _row("base", 1.0, 1.0, 0.5), "points": [kfac, svd],
+        "headline": {"kfac": kfac, "svd_matched": svd},
+        "matched": {"perplexity": {"0.05": {"kfac": kfac, "svd": None}}},
+        "split": {"selection": 20, "heldout": 20},
         "config": {"blocks": [0, 1], "projections": ["gate", "up"], "labels": "sampled"},
         "testbed": {"config_hash": "abc", "n_parameters": 140000, "cached": True,
                     "config": {"n_layers": 2, "n_canaries": 40, "canary_repeats": 30, "n_numbers": 100}},
@@ -131,4 +166,6 @@ def test_format_table_names_every_point():
     }
     table = format_table(results)
     assert "K-FAC (headline)" in table and "0.97" in table and "60.0%" in table and "(+0.0100)" in table
-    assert "ok   K-FAC canary strict memorization" in table and "(cache hit)" in table
+    assert "ok   K-FAC held-out canary strict memorization" in table and "(cache hit)" in table
+    assert "20 to choose on (selection), 20 held out" in table
+    assert "at most +5%" in table and "0.0% (0.97)" in table and "none" in table

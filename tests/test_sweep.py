@@ -90,11 +90,11 @@ def test_sweep_cli_complete_resume_best_round_trip(sweep_inputs, tmp_path, capsy
     assert fresh["strict"] == rec.metrics["strict"]
     assert fresh["perplexity"] == pytest.approx(rec.metrics["perplexity"], rel=1e-6)
 
-    # best.json: the lowest strict within 1.5 x base perplexity; it round-trips into `kfac-edit edit`
+    # best.json: the lowest strict on the selection part within 1.5 x base perplexity; it round-trips into `edit`
     points = [r for r in read_results(out) if r.kind == "point"]
     within = [r for r in points if r.perplexity <= 1.5 * base["perplexity"]]
     best = json.loads((out / "best.json").read_text())
-    chosen = min(within, key=lambda r: (r.strict, r.perplexity))
+    chosen = min(within, key=lambda r: (r.metrics["selection_strict"], r.perplexity))
     assert best == chosen.config.layers()
     edited = tmp_path / "edited"
     assert main(["edit", "--model", str(inp["model"]), "--factors", str(inp["factors"]), "--layers-file",
@@ -161,3 +161,169 @@ def test_run_sweep_restores_the_model_and_rejects_bad_input(sweep_inputs, tmp_pa
     assert not (tmp_path / "t").exists()
     assert main(_argv(inp, tmp_path / "u")[:5] + ["--perplexity-data", str(inp["text"]), "--out", str(tmp_path / "u")]) == 2
     assert "needs a memorized set" in capsys.readouterr().err
+
+
+def test_split_records_is_deterministic_disjoint_and_content_based():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kfac_edit.errors import UserError
+    from kfac_edit.sweep import split_records
+
+    records = [{"prefix_ids": [i, i + 1], "suffix_ids": [i * 7 % 13]} for i in range(40)]
+    selection, heldout = split_records(records, 0.5, seed=0)
+    assert len(selection) == len(heldout) == 20
+    assert sorted(map(json.dumps, selection + heldout)) == sorted(map(json.dumps, records))  # disjoint, complete
+    assert split_records(records, 0.5, seed=0) == (selection, heldout)  # deterministic
+    # by content, not position: shuffled (or reversed) records give the same parts, each in the order given
+    again = split_records(records[::-1], 0.5, seed=0)
+    assert again == (selection[::-1], heldout[::-1])
+    assert split_records(records, 0.5, seed=1) != (selection, heldout)  # the seed draws another split
+    assert len(split_records(records, 0.25)[1]) == 10
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(UserError, match="outside"):
+            split_records(records, bad)
+    SweepConfig(holdout_fraction=0.0).validate()  # documented: 0 means no split
+    for bad in (-0.1, 1.0, 2.0):
+        with pytest.raises(UserError, match="holdout-fraction"):
+            SweepConfig(holdout_fraction=bad).validate()
+    with pytest.raises(UserError, match="held-out part empty"):
+        split_records(records[:3], 0.1)
+    with pytest.raises(UserError, match="selection part empty"):
+        split_records(records[:3], 0.9)
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(st.integers(0, 10**6), min_size=2, max_size=30, unique=True), st.floats(0.05, 0.95),
+           st.integers(0, 5), st.randoms(use_true_random=False))
+    def prop(values, fraction, seed, rng):
+        n_heldout = round(fraction * len(values))
+        if n_heldout in (0, len(values)):
+            return
+        sel, held = split_records(values, fraction, seed)
+        assert len(held) == n_heldout and set(sel) | set(held) == set(values) and not set(sel) & set(held)
+        shuffled = list(values)
+        rng.shuffle(shuffled)
+        assert set(split_records(shuffled, fraction, seed)[1]) == set(held)
+
+    prop()
+
+
+def test_match_by_cost_picks_on_selection_within_each_budget():
+    from kfac_edit.pareto import (BASE_CONFIG, SweepRecord, accuracy_drop, choose_best, match_by_cost,
+                                  perplexity_increase)
+
+    def rec(method, keep, selection, heldout, ppl, acc):
+        return SweepRecord(PointConfig(method, (0,), ("gate", "up"), keep),
+                           {"strict": (selection + heldout) / 2, "selection_strict": selection,
+                            "heldout_strict": heldout, "perplexity": ppl, "rule_accuracy": acc})
+
+    base = SweepRecord(BASE_CONFIG, {"strict": 1.0, "perplexity": 10.0, "rule_accuracy": 0.99}, kind="base")
+    points = [rec("kfac", 0.9, 0.5, 0.0, 10.4, 0.99), rec("kfac", 0.8, 0.1, 0.6, 10.9, 0.97),
+              rec("kfac", 0.7, 0.0, 0.2, 12.5, 0.80), rec("svd", 0.9, 0.9, 0.9, 10.2, 0.99),
+              rec("svd", 0.6, 0.4, 0.4, 11.8, 0.90)]
+    by_ppl = match_by_cost(points, perplexity_increase(base), (0.05, 0.10, 0.20, 0.30))
+    keep = {m: {b: (r.config.keep_mass if r else None) for b, r in t.items()} for m, t in by_ppl.items()}
+    # selection strict decides (the held-out 0.0 of kfac 0.9 plays no part); +10% admits 10.9, +30% admits 12.5
+    assert keep == {"kfac": {0.05: 0.9, 0.10: 0.8, 0.20: 0.8, 0.30: 0.7},
+                    "svd": {0.05: 0.9, 0.10: 0.9, 0.20: 0.6, 0.30: 0.6}}
+    by_acc = match_by_cost(points, accuracy_drop(base, "rule_accuracy"), (0.01, 0.05, 0.2))
+    assert {b: r.config.keep_mass for b, r in by_acc["kfac"].items()} == {0.01: 0.9, 0.05: 0.8, 0.2: 0.7}
+    assert by_acc["svd"][0.05].config.keep_mass == 0.9 and by_acc["svd"][0.2].config.keep_mass == 0.6
+    assert match_by_cost(points, perplexity_increase(base), (0.01,)) == {"kfac": {0.01: None}, "svd": {0.01: None}}
+    assert choose_best(points, 10.0, 1.1).config.keep_mass == 0.8  # the sweep's choice: selection strict
+
+
+def test_sweep_several_methods_split_capability_and_factor_identity(sweep_inputs, tmp_path, capsys):
+    inp, out = sweep_inputs, tmp_path / "multi"
+    rule = tmp_path / "rule.jsonl"  # a capability set: half the memorized records, reported as rule_accuracy
+    rule.write_text("".join(inp["mem"].read_text().splitlines(keepends=True)[:8]))
+    argv = _argv(inp, out, "--method", "kfac,svd", "--keep-mass", "svd=0.5", "--group", "0-1",
+                 "--capability", str(rule), "--holdout-fraction", "0.25", "--seed", "3")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "split: 12 selection / 4 held-out records" in printed
+    lines = read_jsonl(out / "results.jsonl")
+    assert [r["id"] for r in lines] == ["base", "kfac|b0-1|gate,up|k0.3", "kfac|b0-1|gate,up|k0.9",
+                                        "svd|b0-1|gate,up|k0.5"]
+    for r in lines:
+        m = r["metrics"]
+        assert {f"{part}_{key}" for part in ("selection", "heldout")
+                for key in ("strict", "loose", "avg_levenshtein_norm")} <= set(m)
+        # pooled = both parts, weighted by size; the capability set stays out of the pool
+        assert m["strict"] == pytest.approx((12 * m["selection_strict"] + 4 * m["heldout_strict"]) / 16)
+        assert "rule_accuracy" in m
+    assert lines[0]["metrics"]["rule_accuracy"] == 1.0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["split"]["selection"] == 12 and sweep["split"]["heldout"] == 4 and sweep["split"]["seed"] == 3
+    assert sweep["identity"]["methods"] == ["kfac", "svd"]
+    held = read_jsonl(out / "split" / "heldout.jsonl")
+    sel = read_jsonl(out / "split" / "selection.jsonl")
+    assert len(held) == 4 and not {json.dumps(r) for r in held} & {json.dumps(r) for r in sel}
+    assert sorted(map(json.dumps, held + sel)) == sorted(map(json.dumps, read_jsonl(inp["mem"])))
+
+    # resume: the same command does nothing; other factors (same names, other content) or methods are refused
+    assert main(argv) == 0
+    assert "(0 evaluated now)" in capsys.readouterr().out
+    from kfac_edit.factors.store import Factors
+
+    other = Factors.load(inp["factors"])
+    for mf in other.modules.values():
+        mf.grad_sum = mf.grad_sum * 2
+    other.save(tmp_path / "other")
+    argv_other = list(argv)
+    argv_other[argv_other.index("--factors") + 1] = str(tmp_path / "other")
+    assert main(argv_other) == 2
+    assert "--factors content" in capsys.readouterr().err
+    assert main(_argv(inp, out, "--method", "kfac", "--group", "0-1", "--capability", str(rule),
+                      "--holdout-fraction", "0.25", "--seed", "3")) == 2
+    assert "--method" in capsys.readouterr().err
+    inp["mem"].write_text("".join(inp["mem"].read_text().splitlines(keepends=True)[:12]))
+    assert main(argv) == 2  # the same file with other records: refused, not resumed
+    assert "(memorized_digest differ)" in capsys.readouterr().err
+    # bad input: one line, exit 2, nothing written
+    for extra, message in ((["--holdout-fraction", "1.5"], "outside (0, 1)"),
+                           (["--holdout-fraction", "0.01"], "held-out part empty"),
+                           (["--method", "kfac", "--keep-mass", "svd=0.5"], "does not run"),
+                           (["--method", "nope"], "unknown edit method")):
+        assert main(_argv(inp, tmp_path / "bad", *extra)) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_skip_over_measures_memorization_only_within_the_limit(sweep_inputs, tmp_path):
+    from kfac_edit.factors.store import Factors
+    from kfac_edit.models import load_model
+    from kfac_edit.report import write_report
+
+    inp = sweep_inputs
+    model, tok = load_model(str(inp["model"]), dtype="float32", device="cpu")
+    cfg = EvalConfig(memorized=[str(inp["mem"])], perplexity_data=str(inp["text"]), prefix_len=PREFIX,
+                     suffix_len=SUFFIX, ppl_block=16, batch_size=16)
+    factors = Factors.load(inp["factors"])
+    grid = dict(blocks=[0, 1], keep_masses=[0.1, 0.3, 0.9], max_combo=1, ppl_budget=1.0)
+    full = run_sweep(model, tok, factors, SweepConfig(**grid), cfg, tmp_path / "full", write_report=False).records
+    base, points = full[0], full[1:]
+    ratios = sorted(r.perplexity / base.perplexity for r in points)
+    limit = (ratios[2] + ratios[3]) / 2  # the 3 cheapest points are measured, the other 3 are not
+    assert ratios[2] < ratios[3]
+    cheap = run_sweep(model, tok, factors, SweepConfig(**grid, skip_over=limit), cfg, tmp_path / "cheap",
+                      write_report=False)
+    by_id = {r.id: r for r in cheap.records}
+    skipped = [r for r in points if r.perplexity > limit * base.perplexity]
+    assert len(skipped) == 3
+    for r in points:
+        got = by_id[r.id]
+        assert got.perplexity == pytest.approx(r.perplexity, rel=1e-9)
+        if r in skipped:
+            assert got.metrics["memorization_skipped"] == 1.0 and "strict" not in got.metrics
+        else:
+            assert got.metrics["strict"] == r.metrics["strict"]
+            assert got.metrics["heldout_strict"] == r.metrics["heldout_strict"]
+    assert cheap.chosen is None or cheap.chosen.id not in {r.id for r in skipped}
+    write_report(tmp_path / "cheap")  # a report over points without memorization still renders
+    assert (tmp_path / "cheap" / "report.html").exists()
+    from kfac_edit.errors import UserError
+
+    with pytest.raises(UserError, match="skip-over"):
+        SweepConfig(**grid, skip_over=0.5).validate()

@@ -22,6 +22,7 @@ BEFORE_AFTER_FILE = "before_after.json"  # headline metrics before / after, what
 HTML_FILE = "report.html"
 MARKDOWN_FILE = "report.md"
 PLOTS_DIR = "plots"
+SPLIT_DIR = "split"  # the selection / held-out parts of the memorized records, as the sweep used them
 
 # Run directories (kfac_edit.workflow, `kfac-edit run`)
 EDITED_DIR = "edited"  # the edited model
@@ -44,3 +45,8 @@ CACHE_ENV = "KFAC_EDIT_CACHE"
 EIGEN_CACHE = "eigen"  # eigendecompositions (kfac_edit.eigen)
 NDCG_CACHE = "ndcg"  # reference top-k (kfac_edit.evaluate.ndcg)
 TESTBED_CACHE = "testbed"  # built testbeds (kfac_edit.testbed)
+
+# Demo directories (kfac_edit.demo)
+DEMO_RESULTS_FILE = "results.json"  # configuration, every point, the comparison, checks, timings
+TABLE_FILE = "table.txt"  # the console table
+SUMMARY_FILE = "summary.json"  # the headline in machine-readable form

@@ -19,6 +19,11 @@ The sweep (:mod:`kfac_edit.sweep`) writes one JSON line per evaluated point to `
         "loose": 0.30,                           # fraction with 1 - d/L >= the loose threshold
         "avg_levenshtein_norm": 0.41,            # mean normalized token Levenshtein distance d/L
         "perplexity": 15.2,                      # exp(mean token loss) on the perplexity data
+        "selection_strict": 0.10,                # with a held-out split (``sweep --holdout-fraction``): strict,
+        "heldout_strict": 0.14,                  #   loose, avg_levenshtein_norm of each part, as selection_* and
+        ...                                      #   heldout_*; the pooled keys above cover both parts
+        "rule_heldout_accuracy": 0.98,           # optional: strict of a capability set (``--capability FILE``)
+        "memorization_skipped": 1.0,             # optional: over ``--skip-over``, no memorization keys at all
         "ndcg": 0.93,                            # optional: nDCG@k against the base model
         ...                                      # optional extras, e.g. "quotes_strict", "quotes_loose"
       },
@@ -28,7 +33,9 @@ The sweep (:mod:`kfac_edit.sweep`) writes one JSON line per evaluated point to `
     }
 
 Memorization metrics are fractions in [0, 1]; lower is better for ``strict``, ``loose``, ``perplexity``; higher is
-better for ``avg_levenshtein_norm`` and ``ndcg``. The Pareto front minimizes (``strict``, ``perplexity``).
+better for ``avg_levenshtein_norm`` and ``ndcg``. The Pareto front minimizes (``strict``, ``perplexity``); a choice
+(:func:`choose_best`, :func:`match_by_cost`) minimizes ``selection_strict`` when present, so that the held-out
+part measures it honestly.
 """
 
 from __future__ import annotations
@@ -226,34 +233,65 @@ def base_record(records: Sequence[SweepRecord]) -> SweepRecord | None:
     return None
 
 
-def choose_best(points: Sequence[SweepRecord], base_ppl: float, ppl_budget: float) -> SweepRecord | None:
-    """The edit with the lowest strict memorization whose perplexity is <= ``ppl_budget * base_ppl``.
+def memorization_key(record: SweepRecord) -> float:
+    """What a choice minimizes: ``selection_strict`` when the sweep split its records, else ``strict``."""
+    if "selection_strict" in record.metrics:
+        return _metric(record.metrics, "selection_strict")
+    return record.strict
 
-    Ties go to the lower perplexity, then the lower loose memorization, then the smaller edit (fewer blocks, fewer
-    projections, higher keep_mass). Base records and points with a NaN strict or perplexity are ignored. Returns
-    ``None`` when no point is within the budget.
+
+def choose_within(
+    points: Sequence[SweepRecord], cost: Callable[[SweepRecord], float], limit: float
+) -> SweepRecord | None:
+    """The point with the lowest :func:`memorization_key` among those whose ``cost(point) <= limit``.
+
+    Ties go to the lower perplexity, then the lower loose memorization (of the selection part when split), then the
+    smaller edit (fewer blocks, fewer projections, higher keep_mass). Base records and points with a NaN memorization,
+    perplexity or cost are ignored. ``None`` when no point is within the limit.
     """
-    if not (base_ppl > 0 and math.isfinite(base_ppl)):
-        raise ValueError(f"base perplexity must be positive and finite, got {base_ppl}")
-    limit = ppl_budget * base_ppl
-    ok = [
-        p
-        for p in points
-        if p.kind == "point" and not math.isnan(p.strict) and not math.isnan(p.perplexity) and p.perplexity <= limit
-    ]
+    ok = [p for p in points if p.kind == "point" and not math.isnan(memorization_key(p))
+          and not math.isnan(p.perplexity) and not math.isnan(cost(p)) and cost(p) <= limit]
     if not ok:
         return None
 
     def key(p: SweepRecord):
-        loose = _metric(p.metrics, "loose")
-        return (
-            p.strict,
-            p.perplexity,
-            math.inf if math.isnan(loose) else loose,
-            len(p.config.blocks),
-            len(p.config.projections),
-            -p.config.keep_mass,
-            p.id,
-        )
+        loose = _metric(p.metrics, "selection_loose" if "selection_loose" in p.metrics else "loose")
+        return (memorization_key(p), p.perplexity, math.inf if math.isnan(loose) else loose, len(p.config.blocks),
+                len(p.config.projections), -p.config.keep_mass, p.id)
 
     return min(ok, key=key)
+
+
+def choose_best(points: Sequence[SweepRecord], base_ppl: float, ppl_budget: float) -> SweepRecord | None:
+    """The edit with the lowest strict memorization (on the selection part when split) whose perplexity is
+    <= ``ppl_budget * base_ppl`` (:func:`choose_within`); ``None`` when no point is within the budget."""
+    if not (base_ppl > 0 and math.isfinite(base_ppl)):
+        raise ValueError(f"base perplexity must be positive and finite, got {base_ppl}")
+    return choose_within(points, lambda p: p.perplexity, ppl_budget * base_ppl)
+
+
+PPL_INCREASES = (0.05, 0.10, 0.20, 0.30)  # matched-cost budgets: held-out perplexity at most +5% ... +30%
+ACCURACY_DROPS = (0.01, 0.05, 0.10, 0.20)  # matched-cost budgets: capability accuracy at most 1 ... 20 points lower
+
+
+def match_by_cost(
+    records: Sequence[SweepRecord], cost: Callable[[SweepRecord], float], budgets: Sequence[float]
+) -> dict[str, dict[float, SweepRecord | None]]:
+    """For each method, for each budget: the point :func:`choose_within` picks among the method's points whose
+    ``cost`` is at most the budget (``None`` when none is). Methods compared at one budget paid at most the same cost.
+
+    Costs: :func:`perplexity_increase` (``PPL_INCREASES``) and :func:`accuracy_drop` (``ACCURACY_DROPS``).
+    """
+    methods = sorted({r.config.method for r in records if r.kind == "point"})
+    return {m: {b: choose_within([r for r in records if r.config.method == m], cost, b) for b in budgets}
+            for m in methods}
+
+
+def perplexity_increase(base: SweepRecord) -> Callable[[SweepRecord], float]:
+    """Cost: relative perplexity increase over ``base`` (0.1 = +10%)."""
+    return lambda r: r.perplexity / base.perplexity - 1.0
+
+
+def accuracy_drop(base: SweepRecord, metric: str) -> Callable[[SweepRecord], float]:
+    """Cost: how much lower ``metric`` (a capability accuracy, e.g. ``rule_heldout_accuracy``) is than on ``base``."""
+    return lambda r: _metric(base.metrics, metric) - _metric(r.metrics, metric)

@@ -1,46 +1,62 @@
 """``kfac-edit sweep``: which blocks, which projections, which keep_mass? A grid search with a resumable log.
 
-The grid: every single block of ``blocks`` and every run of up to ``max_combo`` adjacent blocks, times each
-projection set, times each keep_mass. For each point the model is edited in place (:func:`~kfac_edit.edit.apply_edit`
+The grid: for each method (``methods``, each with its own keep_mass grid), every single block of ``blocks`` and
+every run of up to ``max_combo`` adjacent blocks (or the explicit ``groups``), times each projection set, times each
+keep_mass. For each point the model is edited in place (:func:`~kfac_edit.edit.apply_edit`
 with a shared :class:`~kfac_edit.eigen.EigenCache`, so each factor is eigendecomposed once for the whole sweep),
 evaluated (:func:`~kfac_edit.evaluate.suite.evaluate`: memorization strict/loose, perplexity, optionally quotes and
 nDCG against the unedited model) and restored bit for bit.
+
+Held-out selection: the memorized records are split (:func:`split_records`, ``holdout_fraction``, by a hash of each
+record's content and the seed) into a selection part, on which the best point is chosen, and a held-out part that
+measures the choice; each record's metrics hold both (``selection_strict``, ``heldout_strict`` ...; the plain
+``strict`` pools both parts). Capability sets (``capability``: records only a working model continues exactly, e.g.
+held-out rule sequences) are evaluated like memorized sets but reported as ``STEM_accuracy``, outside the pool.
 
 Files in the output directory ``DIR``:
 
 * ``results.jsonl``: one record per point as it finishes, plus one ``base`` record for the unedited model (schema in
   :mod:`kfac_edit.pareto`). A rerun skips points already there (resume); a torn last line is repaired.
-* ``sweep.json``: the settings that make results comparable (model, weights digest, factors, method, evaluation
-  options); a rerun with other settings is refused. Also the grid and the perplexity budget.
-* ``best.json``: the point with the lowest strict memorization whose perplexity is within ``ppl_budget`` x the
-  base perplexity, in the layers-json format ``kfac-edit edit --layers-file DIR/best.json`` applies.
+* ``sweep.json``: the settings that make results comparable (model, weights digest, factor content digest,
+  methods, split, evaluation options); a rerun with other settings is refused. Also the grid, the perplexity budget
+  and the split (sizes, fraction, seed).
+* ``split/selection.jsonl``, ``split/heldout.jsonl``: the two parts of the memorized records, as read.
+* ``best.json``: the point with the lowest strict memorization on the selection part whose perplexity is within
+  ``ppl_budget`` x the base perplexity, in the layers-json format ``kfac-edit edit --layers-file DIR/best.json``
+  applies (the split lives in ``sweep.json``, not here).
 * ``spectra.json``: eigenvalues of G and A of the chosen point's modules; ``report.html``, ``report.md``,
   ``plots/*.png``: the report (:mod:`kfac_edit.report`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .constants import BEST_FILE, RESULTS_FILE, SPECTRA_FILE, SWEEP_FILE
+from .constants import BEST_FILE, RESULTS_FILE, SPECTRA_FILE, SPLIT_DIR, SWEEP_FILE
 from .edit import apply_edit, check_factors, resolve_targets, restore
 from .eigen import EigenCache
 from .errors import UserError
-from .fileio import append_jsonl, atomic_path, write_json
+from .fileio import append_jsonl, atomic_path, read_jsonl, write_json
 from .identity import model_fingerprint, weights_digest
 from .models import PROJECTIONS, find_projections, num_blocks
 from .spec import NO_EDIT_AT, EditSpec, Method
 from .pareto import BASE_CONFIG, PointConfig, SweepRecord, base_record, choose_best, read_results
 
 log = logging.getLogger(__name__)
+
+SELECTION, HELDOUT = "selection", "heldout"  # the parts of the memorized records (metric prefixes, file stems)
+
 
 @dataclass
 class SweepConfig:
@@ -59,16 +75,52 @@ class SweepConfig:
     ppl_budget: float = field(
         default=1.2, metadata={"help": "best point: perplexity at most this multiple of the base perplexity"}
     )
-    method: str = field(default="kfac", metadata={"help": "edit method (kfac, kfac-independent, svd, random)"})
-    seed: int = field(default=0, metadata={"help": "seed of the random method"})
+    methods: list[str] = field(
+        default_factory=lambda: ["kfac"],
+        metadata={"help": "edit methods to sweep (kfac, kfac-independent, svd, random)"},
+    )
+    method_keep_masses: dict[str, list[float]] = field(
+        default_factory=dict, metadata={"help": "per-method keep_mass grids replacing keep_masses, e.g. svd=0.7,0.8"}
+    )
+    groups: list[tuple[int, ...]] | None = field(
+        default=None, metadata={"help": "block groups edited together, instead of the runs of --blocks/--max-combo"}
+    )
+    holdout_fraction: float = field(
+        default=0.5, metadata={"help": "share of the memorized records held out from the choice (0: no split)"}
+    )
+    capability: list[str] = field(
+        default_factory=list,
+        metadata={"help": "capability record files, reported as STEM_accuracy (e.g. held-out rules)"},
+    )
+    skip_over: float | None = field(
+        default=None, metadata={"help": "points over this multiple of the base perplexity get no memorization pass "
+                                "(metrics: perplexity and memorization_skipped; never chosen)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the held-out split and of the random method"})
+
+    def keep_masses_of(self, method: str) -> list[float]:
+        return list(self.method_keep_masses.get(method, self.keep_masses))
 
     def validate(self) -> None:
-        Method.parse(self.method, "edit method")
-        if not self.keep_masses:
-            raise UserError("no keep_mass to try; give e.g. --keep-mass 0.6,0.7,0.8,0.9")
-        for k in self.keep_masses:
-            if not 0.0 <= k < NO_EDIT_AT:
-                raise UserError(f"--keep-mass {k} is outside [0, 1) (keep_mass >= {NO_EDIT_AT} edits nothing)")
+        if not self.methods:
+            raise UserError("no edit method; give e.g. --method kfac,svd")
+        for method in [*self.methods, *self.method_keep_masses]:
+            Method.parse(method, "edit method")
+        extra = sorted(set(self.method_keep_masses) - set(self.methods))
+        if extra:
+            raise UserError(f"--keep-mass {extra[0]}=... names a method the sweep does not run; add it to --method")
+        for method in self.methods:
+            if not self.keep_masses_of(method):
+                raise UserError(f"no keep_mass to try for {method}; give e.g. --keep-mass 0.6,0.7,0.8,0.9")
+            for k in self.keep_masses_of(method):
+                if not 0.0 <= k < NO_EDIT_AT:
+                    raise UserError(f"--keep-mass {k} is outside [0, 1) (keep_mass >= {NO_EDIT_AT} edits nothing)")
+        if not (self.holdout_fraction == 0 or 0 < self.holdout_fraction < 1):
+            raise UserError(f"--holdout-fraction {self.holdout_fraction} is outside (0, 1); e.g. 0.5 (0: no split)")
+        if self.skip_over is not None and not (self.skip_over >= self.ppl_budget and math.isfinite(self.skip_over)):
+            raise UserError(f"--skip-over {self.skip_over} must be at least --ppl-budget {self.ppl_budget:g}")
+        if self.groups is not None and (not self.groups or not all(self.groups)):
+            raise UserError("--group names no block; give e.g. --group 0-1")
         if not self.projection_sets:
             raise UserError("no projection set; give e.g. --projections gate,up")
         for s in self.projection_sets:
@@ -96,28 +148,73 @@ def block_groups(blocks: Sequence[int], max_combo: int) -> list[tuple[int, ...]]
 
 
 def sweep_points(config: SweepConfig, blocks: Sequence[int]) -> list[PointConfig]:
-    """The grid, in order: projection set, then block group (short runs first), then keep_mass."""
+    """The grid, in order: method, projection set, block group (``config.groups``, else the runs of
+    :func:`block_groups`, short ones first), keep_mass."""
+    groups = [tuple(sorted(set(g))) for g in config.groups] if config.groups else block_groups(blocks, config.max_combo)
     points = []
-    for projections in config.projection_sets:
-        ordered = tuple(k for k in PROJECTIONS if k in projections)
-        for group in block_groups(blocks, config.max_combo):
-            for keep_mass in config.keep_masses:
-                points.append(PointConfig(config.method, group, ordered, float(keep_mass)))
+    for method in config.methods:
+        for projections in config.projection_sets:
+            ordered = tuple(k for k in PROJECTIONS if k in projections)
+            for group in groups:
+                for keep_mass in config.keep_masses_of(method):
+                    points.append(PointConfig(method, group, ordered, float(keep_mass)))
     return points
+
+
+def split_records(records: Sequence[Any], holdout_fraction: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
+    """Split ``records`` (JSON-able, e.g. the lines of memorized-set files) into (selection, held-out), each in the
+    order given.
+
+    Each record is ranked by a hash of its content and ``seed`` (SHA-256 of ``seed`` and its canonical JSON); the
+    ``round(holdout_fraction * n)`` first of that ranking are held out. So the split depends on neither the order of
+    the records nor their position: a rerun, a shuffled file, or the same records in another file give the same
+    parts. Raises :class:`UserError` when the fraction is outside (0, 1) or leaves either part empty.
+    """
+    n = len(records)
+    if not 0 < holdout_fraction < 1:
+        raise UserError(f"--holdout-fraction {holdout_fraction} is outside (0, 1); e.g. 0.5")
+    n_heldout = round(holdout_fraction * n)
+    if n_heldout == 0 or n_heldout == n:
+        part = "held-out" if n_heldout == 0 else "selection"
+        raise UserError(f"--holdout-fraction {holdout_fraction} of {n} memorized records leaves the {part} part "
+                        "empty; give a fraction nearer 0.5 or more records")
+
+    def rank(i: int) -> tuple[str, int]:
+        text = f"{seed}\n" + json.dumps(records[i], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest(), i
+
+    heldout = set(sorted(range(n), key=rank)[:n_heldout])
+    return [r for i, r in enumerate(records) if i not in heldout], [r for i, r in enumerate(records) if i in heldout]
 
 
 def point_spec(point: PointConfig, seed: int = 0) -> EditSpec:
     return EditSpec({(b, k): point.keep_mass for b in point.blocks for k in point.projections}, point.method, seed)
 
 
-def point_metrics(eval_record: dict[str, Any]) -> dict[str, float]:
+def point_metrics(
+    eval_record: dict[str, Any], parts: dict[str, str] | None = None, capability: dict[str, str] | None = None
+) -> dict[str, float]:
     """A sweep record's metrics: the headline metrics of :func:`~kfac_edit.evaluate.suite.headline_metrics`
     (``strict``, ``loose``, ``avg_levenshtein_norm`` pooled over the memorized sets, ``perplexity``, ``ndcg``,
-    ``quotes_*`` ...), then every other scalar of the evaluation under its dotted name."""
+    ``quotes_*`` ...), then every other scalar of the evaluation under its dotted name.
+
+    ``parts`` maps evaluated set names to ``selection``/``heldout``: their strict, loose and avg_levenshtein_norm
+    come as ``selection_strict`` ... ``heldout_avg_levenshtein_norm``. ``capability`` maps set names to labels: such a
+    set is left out of the pooled metrics and its strict comes as ``LABEL_accuracy``."""
     from .evaluate.suite import flat_metrics, headline_metrics
 
-    out = headline_metrics(eval_record["metrics"])
-    for name, value in flat_metrics(eval_record["metrics"]).items():
+    metrics = eval_record["metrics"]
+    capability = capability or {}
+    memorized = metrics.get("memorized") or {}
+    pooled = {k: v for k, v in metrics.items() if k != "memorized"}
+    pooled["memorized"] = {name: s for name, s in memorized.items() if name not in capability}
+    out = headline_metrics(pooled)
+    for name, part in (parts or {}).items():
+        for key in ("strict", "loose", "avg_levenshtein_norm"):
+            out[f"{part}_{key}"] = memorized[name][key]
+    for name, label in capability.items():
+        out[f"{label}_accuracy"] = memorized[name]["strict"]
+    for name, value in flat_metrics(metrics).items():
         out.setdefault(name, value)
     return out
 
@@ -125,9 +222,10 @@ def point_metrics(eval_record: dict[str, Any]) -> dict[str, float]:
 @dataclass
 class SweepOutcome:
     records: list[SweepRecord]
-    chosen: SweepRecord | None
+    chosen: SweepRecord | None  # the best point over every method
     best_path: Path | None
     evaluated: int  # points evaluated by this call (the others were already in results.jsonl)
+    split: dict[str, Any] | None = None  # sizes, fraction and seed of the held-out split (None: no split)
 
 
 def _factor_blocks(model, names) -> list[int]:
@@ -153,9 +251,21 @@ def sweep_blocks(model, config: SweepConfig, factor_names: Sequence[str] | None)
 
 def needed_modules(model, config: SweepConfig, factor_names: Sequence[str] | None) -> list[str]:
     """Names of every module some point of the grid edits (the factors to load)."""
-    blocks = sweep_blocks(model, config, factor_names)
+    if config.groups:
+        blocks = sorted({b for g in config.groups for b in g})
+    else:
+        blocks = sweep_blocks(model, config, factor_names)
     kinds = sorted({k for s in config.projection_sets for k in s}, key=PROJECTIONS.index)
     return [p.name for p in find_projections(model, layers=blocks, projections=kinds)]
+
+
+def factors_digest(factors) -> dict[str, str] | None:
+    """Per module, :meth:`~kfac_edit.factors.store.Factors.content_hash` (sums and token counts); ``None`` without
+    factors. Factors with other content never resume each other's sweep, whatever their names; a wider grid that
+    reads more modules of the same factors still resumes (only modules read by both are compared)."""
+    if factors is None:
+        return None
+    return {name: factors.content_hash(name) for name in sorted(factors.names)}
 
 
 def _identity(model, factors, config: SweepConfig, eval_config) -> dict[str, Any]:
@@ -167,15 +277,17 @@ def _identity(model, factors, config: SweepConfig, eval_config) -> dict[str, Any
         "model_fingerprint": model_fingerprint(model),
         "weights_digest": weights_digest(model),
         "factors": manifest.get("run_id") or manifest.get("directory") or manifest.get("model"),
-        "method": config.method,
+        "factors_digest": factors_digest(factors),
+        "methods": sorted(config.methods),
         "seed": config.seed,
+        "holdout_fraction": config.holdout_fraction,
+        "capability": list(config.capability),
+        "skip_over": config.skip_over,
         "eval": eval_settings,
     }
 
 
 def _check_resume(out: Path, identity: dict[str, Any]) -> None:
-    import json
-
     path = out / SWEEP_FILE
     if not path.exists():
         if (out / RESULTS_FILE).exists():
@@ -186,6 +298,11 @@ def _check_resume(out: Path, identity: dict[str, Any]) -> None:
     except json.JSONDecodeError:
         raise UserError(f"{path} is not valid JSON; remove {out} or use a new --out DIR") from None
     differ = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if "factors_digest" in differ and old.get("factors_digest") is not None and identity.get("factors_digest"):
+        od, nd = old["factors_digest"], identity["factors_digest"]
+        if all(od[n] == nd[n] for n in set(od) & set(nd)):
+            differ.remove("factors_digest")
+    differ = ["--factors content" if k == "factors_digest" else "--method" if k == "methods" else k for k in differ]
     if "eval" in differ:
         differ.remove("eval")
         oe, ne = old.get("eval", {}), identity.get("eval", {})
@@ -210,21 +327,9 @@ def _repair_torn_tail(path: Path) -> None:
 
 
 def _edit_summary(report) -> dict[str, Any]:
-    return {
-        "seconds": report.seconds,
-        "modules": [
-            {
-                "name": m.name,
-                "keep_mass": m.keep_mass,
-                "mass_fraction": m.mass_fraction,
-                "pairs_fraction": m.pairs_fraction,
-                "grad_vectors_used": m.grad_vectors_used,
-                "act_vectors_used": m.act_vectors_used,
-                "weight_change": m.weight_change,
-            }
-            for m in report.modules
-        ],
-    }
+    keys = ("name", "keep_mass", "mass_fraction", "pairs_fraction", "grad_vectors_used", "act_vectors_used",
+            "weight_change")
+    return {"seconds": report.seconds, "modules": [{k: getattr(m, k) for k in keys} for m in report.modules]}
 
 
 def run_sweep(
@@ -255,30 +360,60 @@ def run_sweep(
         raise UserError("the sweep needs --perplexity-data SOURCE: the best point is chosen within a perplexity budget")
     eval_config.out = None  # the sweep writes its own records
     restore(model)
-    blocks = sweep_blocks(model, config, factors.names if factors is not None else None)
+    if config.groups:
+        blocks = sweep_blocks(model, SweepConfig(blocks=sorted({b for g in config.groups for b in g})), None)
+    else:
+        blocks = sweep_blocks(model, config, factors.names if factors is not None else None)
     points = sweep_points(config, blocks)
-    everything = EditSpec(
-        {(b, k): 0.5 for p in points for b in p.blocks for k in p.projections}, config.method, config.seed
-    )
+    needs_factors = False
+    for method in config.methods:
+        everything = EditSpec({(b, k): 0.5 for p in points for b in p.blocks for k in p.projections}, method,
+                              config.seed)
+        if everything.needs_factors:
+            needs_factors = True
+            check_factors(resolve_targets(model, everything), factors)
     targets = resolve_targets(model, everything)
-    if everything.needs_factors:
-        check_factors(targets, factors)
+    split_records_ = _read_split(eval_config, config) if config.holdout_fraction else None
 
     out = Path(out_dir)
     identity = _identity(model, factors, config, eval_config)
+    if split_records_ is not None:  # the records themselves: an edited file under the same name splits otherwise
+        identity["memorized_digest"] = hashlib.sha256(json.dumps(split_records_, sort_keys=True).encode()).hexdigest()
     _check_resume(out, identity)
     out.mkdir(parents=True, exist_ok=True)
+    split = None
+    evaluated_sets = list(eval_config.memorized)
+    if split_records_ is not None:
+        (out / SPLIT_DIR).mkdir(exist_ok=True)
+        evaluated_sets = []
+        for part, records in zip((SELECTION, HELDOUT), split_records_):
+            path = out / SPLIT_DIR / f"{part}.jsonl"
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+            evaluated_sets.append(str(path))
+        split = {"holdout_fraction": config.holdout_fraction, "seed": config.seed,
+                 "selection": len(split_records_[0]), "heldout": len(split_records_[1]),
+                 "files": [f"{SPLIT_DIR}/{SELECTION}.jsonl", f"{SPLIT_DIR}/{HELDOUT}.jsonl"]}
+    from .evaluate.suite import _set_names
+
+    names = _set_names(evaluated_sets + list(config.capability))
+    parts = dict(zip(names, (SELECTION, HELDOUT))) if split is not None else {}
+    capability = {n: Path(p).stem for n, p in zip(names[len(evaluated_sets):], config.capability)}
+    eval_config = dataclasses.replace(eval_config, memorized=evaluated_sets + list(config.capability))
     write_json(
         out / SWEEP_FILE,
         {
             "identity": identity,
             "grid": {
                 "blocks": blocks,
+                "methods": list(config.methods),
                 "projection_sets": [list(s) for s in config.projection_sets],
-                "keep_masses": list(config.keep_masses),
+                "keep_masses": {m: config.keep_masses_of(m) for m in config.methods},
+                "groups": [list(g) for g in config.groups] if config.groups else None,
                 "max_combo": config.max_combo,
                 "points": len(points),
             },
+            "split": split,
             "ppl_budget": config.ppl_budget,
         },
     )
@@ -289,8 +424,19 @@ def run_sweep(
 
     reference_topk = own_reference_topk(model, tokenizer, eval_config)
 
-    def measure() -> dict[str, float]:
-        return point_metrics(evaluate(model, tokenizer, eval_config, reference_topk=reference_topk))
+    def measure(ppl_limit: float | None = None) -> dict[str, float]:
+        if ppl_limit is None:
+            return point_metrics(evaluate(model, tokenizer, eval_config, reference_topk=reference_topk), parts,
+                                 capability)
+        # perplexity first; memorization (the generation passes) only for a point within the limit
+        first = evaluate(model, tokenizer, dataclasses.replace(eval_config, memorized=[], quotes=[], ndcg_data=None,
+                                                               reference_model=None))
+        if first["metrics"]["perplexity"]["perplexity"] > ppl_limit:
+            return {**point_metrics(first), "memorization_skipped": 1.0}
+        rest = evaluate(model, tokenizer, dataclasses.replace(eval_config, perplexity_data=None),
+                        reference_topk=reference_topk)
+        rest["metrics"]["perplexity"] = first["metrics"]["perplexity"]
+        return point_metrics(rest, parts, capability)
 
     if "base" not in done:
         t0 = time.perf_counter()
@@ -299,7 +445,10 @@ def run_sweep(
         log.info("base model: strict %.4f, perplexity %.4f", base.strict, base.perplexity)
 
     pending = [p for p in points if p.id not in done]
-    if everything.needs_factors and pending:
+    ppl_limit = None
+    if config.skip_over is not None:
+        ppl_limit = config.skip_over * base_record(read_results(results)).perplexity
+    if needs_factors and pending:
         names = sorted({proj.name for proj, _ in targets})
         for name in tqdm(names, desc="eigendecompositions", unit="module", disable=None):
             cache.get(factors, name)  # once for the whole sweep (memory, else disk)
@@ -309,8 +458,9 @@ def run_sweep(
     for i, point in enumerate(bar, 1):
         t0 = time.perf_counter()
         try:
-            report = apply_edit(model, factors, point_spec(point, config.seed), cache=cache)
-            metrics = measure()
+            spec = point_spec(point, config.seed)
+            report = apply_edit(model, factors if spec.needs_factors else None, spec, cache=cache)
+            metrics = measure(ppl_limit)
         finally:
             restore(model)
         record = SweepRecord(point, metrics, edit=_edit_summary(report), seconds=round(time.perf_counter() - t0, 3))
@@ -332,7 +482,7 @@ def run_sweep(
         layers = chosen.config.layers()
         write_json(best_path, layers if chosen.config.method == "kfac" else
                    {"method": chosen.config.method, "seed": config.seed, "layers": layers})
-        if everything.needs_factors and Method(chosen.config.method).needs_factors:
+        if point_spec(chosen.config).needs_factors:
             _write_spectra(out, chosen, factors, cache)
     else:
         best_path.unlink(missing_ok=True)
@@ -343,7 +493,21 @@ def run_sweep(
         from .report import write_report as _write_report
 
         _write_report(out, ppl_budget=config.ppl_budget)
-    return SweepOutcome(records=records, chosen=chosen, best_path=best_path, evaluated=len(pending))
+    return SweepOutcome(records=records, chosen=chosen, best_path=best_path, evaluated=len(pending), split=split)
+
+
+def _read_split(eval_config, config: SweepConfig) -> tuple[list[dict], list[dict]]:
+    """The memorized records of every ``--memorized`` file (as JSON objects, checked by the evaluation later),
+    split by :func:`split_records`."""
+    records: list[dict] = []
+    for path in eval_config.memorized:
+        if not Path(path).is_file():
+            raise UserError(f"records file '{path}' does not exist; give a JSONL memorized set")
+        try:
+            records += read_jsonl(path)
+        except ValueError as exc:
+            raise UserError(f"{path} is not valid JSONL ({exc}); fix or remove the broken line") from None
+    return split_records(records, config.holdout_fraction, config.seed)
 
 
 def _duration(seconds: float) -> str:

@@ -13,25 +13,32 @@ def register(subparsers) -> None:
         help="the whole method on the embedded testbed (tiny OLMo-2, CPU, minutes): K-FAC edit vs SVD baseline",
         description="Train a tiny OLMo-2 that learns a rule (arithmetic sequences) and memorizes canaries (random "
         "sequences repeated in its training stream), or load it from the cache ($KFAC_EDIT_CACHE, default "
-        "~/.cache/kfac-edit); collect K-FAC factors on its training mixture; edit its MLPs at a grid of keep_mass "
-        "values with K-FAC and with the SVD baseline; evaluate canary memorization, rule accuracy and rule loss "
-        "for each; print a table and write DIR/results.json, plots and report.html.",
+        "~/.cache/kfac-edit); collect K-FAC factors on its training mixture; sweep keep_mass for K-FAC and for the SVD "
+        "baseline (`kfac-edit sweep` with two methods), choosing on half the canaries and reporting on the other "
+        "half, with rule accuracy and rule perplexity as the costs; print a table and write DIR/results.json, "
+        "DIR/summary.json and report.html.",
     )
     p.add_argument("--out", default="kfac-edit-demo", metavar="DIR",
                    help="report directory, replaced whole on each run (default ./kfac-edit-demo)")
     p.add_argument("--quick", action="store_true",
                    help="a smaller testbed (30 canaries, 600 training steps): trains in about 20 s")
+    p.add_argument("--holdout-fraction", type=float, default=0.5,
+                   help="share of the canaries held out from the choice and reported on (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled labels and the held-out split (default 0)")
     p.add_argument("--cache-dir", metavar="DIR", help="cache root for the trained testbed (default $KFAC_EDIT_CACHE "
                    "or ~/.cache/kfac-edit)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from ..demo import DemoConfig, check_out_dir, run_demo
 
     check_out_dir(args.out)
-    config = DemoConfig.quick() if args.quick else DemoConfig()
+    config = replace(DemoConfig.quick() if args.quick else DemoConfig(), holdout_fraction=args.holdout_fraction,
+                     seed=args.seed)
     results = run_demo(config, args.out, cache_dir=args.cache_dir)
     print(results["table"])
-    print(f"report: {args.out}/report.html; results: {args.out}/results.json; plots: {args.out}/plots/")
+    print(f"report: {args.out}/report.html; results: {args.out}/results.json, {args.out}/summary.json")
     return 0

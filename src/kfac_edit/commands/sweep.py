@@ -38,11 +38,25 @@ def register(subparsers) -> None:
         help="a projection set edited together, e.g. gate,up (default); repeat the option to sweep several sets, "
         "e.g. --projections gate,up --projections gate,up,down",
     )
-    p.add_argument("--keep-mass", default="0.5,0.6,0.7,0.8,0.9", metavar="LIST",
-                   help=_help("keep_masses") + " (default 0.5,0.6,0.7,0.8,0.9)")
+    p.add_argument("--keep-mass", action="append", metavar="LIST",
+                   help=_help("keep_masses") + " for every method (default 0.5,0.6,0.7,0.8,0.9); repeat with "
+                   "METHOD=LIST for a method's own grid, e.g. --keep-mass 0.9,0.95 --keep-mass svd=0.6,0.8")
+    p.add_argument("--group", action="append", metavar="BLOCKS",
+                   help="a block group edited together, e.g. 0-1; repeat for several; replaces the single blocks "
+                   "and runs of --blocks/--max-combo")
     p.add_argument("--max-combo", type=int, default=3, help=_help("max_combo") + " (default 3)")
     p.add_argument("--ppl-budget", type=float, default=1.2, help=_help("ppl_budget") + " (default 1.2)")
-    p.add_argument("--method", default="kfac", choices=METHODS, help="edit method (default kfac)")
+    p.add_argument("--method", action="append", metavar="METHODS",
+                   help=f"edit methods, comma-separated or repeated, of {', '.join(METHODS)} (default kfac)")
+    p.add_argument("--holdout-fraction", type=float, default=0.5,
+                   help="share of the memorized records held out: the best point is chosen on the rest (the "
+                   "selection part) and measured on these; split by a hash of each record and --seed "
+                   "(default 0.5; 0: no split)")
+    p.add_argument("--capability", action="append", metavar="FILE", default=[],
+                   help="records (memorized-set format) only a capable model continues exactly, e.g. held-out rule "
+                   "sequences; reported as STEM_accuracy, not as memorization; repeatable")
+    p.add_argument("--skip-over", type=float, metavar="X", help=_help("skip_over") + "; at least --ppl-budget, "
+                   "e.g. 1.5 (default: measure every point)")
     p.add_argument("--seed", type=int, default=0, help=_help("seed") + " (default 0)")
     p.add_argument(
         "--cache-dir",
@@ -60,8 +74,27 @@ def _keep_masses(text: str) -> list[float]:
     try:
         values = [float(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"cannot read --keep-mass '{text}'; write e.g. 0.6,0.7,0.8,0.9") from None
+        raise UserError(f"cannot read --keep-mass '{text}'; write e.g. 0.6,0.7,0.8,0.9 or svd=0.6,0.8") from None
     return sorted(set(values))
+
+
+def keep_mass_grids(options: list[str] | None) -> tuple[list[float], dict[str, list[float]]]:
+    """``--keep-mass`` options -> (the grid of every method, per-method grids): ``["0.9,0.95", "svd=0.6"]`` ->
+    ``([0.9, 0.95], {"svd": [0.6]})``."""
+    common, per_method = [0.5, 0.6, 0.7, 0.8, 0.9], {}
+    for text in options or []:
+        method, sep, values = text.rpartition("=")
+        if sep:
+            per_method[method.strip()] = _keep_masses(values)
+        else:
+            common = _keep_masses(text)
+    return common, per_method
+
+
+def methods_of(options: list[str] | None) -> list[str]:
+    """``--method`` options (comma-separated or repeated) in order, without repeats; default ``["kfac"]``."""
+    methods = [m.strip() for text in options or ["kfac"] for m in text.split(",") if m.strip()]
+    return list(dict.fromkeys(methods))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,13 +108,19 @@ def run(args: argparse.Namespace) -> int:
     from ..sweep import SweepConfig, needed_modules, run_sweep
     from .eval import eval_config_from_args, load_for_eval
 
+    keep_masses, per_method = keep_mass_grids(args.keep_mass)
     config = SweepConfig(
         blocks=parse_layers(args.blocks) if args.blocks else None,
         projection_sets=[tuple(parse_projections(s)) for s in (args.projections or ["gate,up"])],
-        keep_masses=_keep_masses(args.keep_mass),
+        keep_masses=keep_masses,
+        method_keep_masses=per_method,
+        groups=[tuple(parse_layers(g)) for g in args.group] if args.group else None,
         max_combo=args.max_combo,
         ppl_budget=args.ppl_budget,
-        method=args.method,
+        methods=methods_of(args.method),
+        holdout_fraction=args.holdout_fraction,
+        capability=list(args.capability),
+        skip_over=args.skip_over,
         seed=args.seed,
     )
     config.validate()
@@ -91,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("the sweep needs a memorized set to measure: pass --memorized FILE")
     if not eval_config.perplexity_data:
         raise UserError("the sweep needs --perplexity-data SOURCE: the best point is chosen within a perplexity budget")
-    check_factors_dir(args.method, args.factors)
+    for method in config.methods:
+        check_factors_dir(method, args.factors)
     model, tokenizer = load_for_eval(args)
     factors = None
     if args.factors:
@@ -104,12 +144,23 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     base = next((r for r in outcome.records if r.kind == "base"), None)
     print(f"{len(outcome.records) - 1} points in {out / 'results.jsonl'} ({outcome.evaluated} evaluated now)")
+    if outcome.split:
+        print(f"split: {outcome.split['selection']} selection / {outcome.split['heldout']} held-out records "
+              f"(--holdout-fraction {outcome.split['holdout_fraction']:g}, --seed {outcome.split['seed']}); "
+              "the best point is chosen on the selection part")
     if base is not None:
-        print(f"base: strict {base.strict:.4f}  perplexity {base.perplexity:.4f}")
+        print(f"base: {_memorization(base)}  perplexity {base.perplexity:.4f}")
     if outcome.chosen is not None:
         c = outcome.chosen
-        print(f"best: {c.label()}  strict {c.strict:.4f}  perplexity {c.perplexity:.4f}  -> {outcome.best_path}")
+        print(f"best: {c.label()}  {_memorization(c)}  perplexity {c.perplexity:.4f}  -> {outcome.best_path}")
     else:
         print(f"no point within {config.ppl_budget:g} x the base perplexity; raise --ppl-budget or widen the grid")
     print(f"report: {out / 'report.html'}")
     return 0
+
+
+def _memorization(record) -> str:
+    m = record.metrics
+    if "selection_strict" in m:
+        return f"strict {m['strict']:.4f} (selection {m['selection_strict']:.4f}, held-out {m['heldout_strict']:.4f})"
+    return f"strict {m['strict']:.4f}"
