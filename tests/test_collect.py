@@ -125,7 +125,7 @@ def test_matches_brute_force_gold_labels_with_left_and_right_padding():
     for name, (A, G, n) in expected.items():
         assert n == 6 + 3 + 4
         mf = factors.modules[name]
-        assert mf.activation_count == mf.grad_count == n
+        assert mf.activation_tokens == mf.grad_tokens == n
         assert mf.activation_sum.dtype == torch.float64
         assert rel(mf.activation_sum, A) < 1e-10, name
         assert rel(mf.grad_sum, G) < 1e-10, name

@@ -84,7 +84,7 @@ def test_torchrun_two_ranks_equal_one_process_then_share_eigen(tmp_path):
     assert two.manifest["tokens"] == one.manifest["tokens"] and two.names == one.names and len(one.names) == 6
     for name in one.names:
         d, s = two.modules[name], one.modules[name]
-        assert (d.activation_count, d.grad_count) == (s.activation_count, s.grad_count) and s.grad_count > 0
+        assert (d.activation_tokens, d.grad_tokens) == (s.activation_tokens, s.grad_tokens) and s.grad_tokens > 0
         # saved as fp32: compare the fp64 sums after the same rounding
         torch.testing.assert_close(d.activation_sum, s.activation_sum, rtol=2.5e-7, atol=1e-10)
         torch.testing.assert_close(d.grad_sum, s.grad_sum, rtol=2.5e-7, atol=1e-10)

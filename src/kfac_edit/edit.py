@@ -213,7 +213,7 @@ class EigenCache:
         self.memory_bytes = int(memory_bytes)
         self.stats = CacheStats()
         self._memory: OrderedDict[str, tuple[Eigen, Eigen]] = OrderedDict()
-        self._shared_act: dict[int, tuple[torch.Tensor, int, Eigen]] = {}
+        self._shared_act: dict[str, tuple[torch.Tensor, int, Eigen]] = {}
 
     @classmethod
     def default(cls) -> "EigenCache":
@@ -252,12 +252,12 @@ class EigenCache:
         module = getattr(factors, "modules", {}).get(name)
         act_sum = getattr(module, "activation_sum", None)
         if act_sum is not None:
-            held = self._shared_act.get(id(act_sum))
-            if held is not None and held[0] is act_sum and held[1] == module.activation_count:
+            held = self._shared_act.get(module.activation_key)
+            if held is not None and held[0] is act_sum and held[1] == module.activation_tokens:
                 return held[2].to(device)
         act = eigendecompose(factors.activation_cov(name).to(device), f"{name} activation_cov")
         if act_sum is not None:
-            self._shared_act[id(act_sum)] = (act_sum, module.activation_count, act.to("cpu"))
+            self._shared_act[module.activation_key] = (act_sum, module.activation_tokens, act.to("cpu"))
         return act
 
     def _path(self, key: str) -> Path | None:

@@ -99,14 +99,15 @@ def run_fingerprint(
     model: nn.Module,
     projections: Sequence[Projection],
     *,
-    data: str,
+    data: str | None,
     text_field: str = "text",
     seq_len: int,
     labels: str,
     seed: int,
     layers_per_pass: int | None,
 ) -> dict[str, Any]:
-    """Everything that changes the collected factors (see :data:`FINGERPRINT_LABELS`)."""
+    """Everything that changes the collected factors (see :data:`FINGERPRINT_LABELS`); ``data=None``: batches
+    given in Python (not fingerprinted)."""
     from ..data import describe_source
 
     return {
@@ -118,9 +119,9 @@ def run_fingerprint(
         "labels": labels,
         "seed": int(seed),
         "seq_len": int(seq_len),
-        "data": describe_source(data),
+        "data": describe_source(data) if data is not None else None,
         "text_field": text_field,
-        "data_digest": data_digest(data, text_field),
+        "data_digest": data_digest(data, text_field) if data is not None else None,
     }
 
 

@@ -176,11 +176,6 @@ def all_reduce_ints(ctx: DistContext, values: Sequence[int], op: str = "sum", wh
     return [int(v) for v in t.tolist()]
 
 
-def any_rank(ctx: DistContext, flag: bool, what: str = "status exchange") -> bool:
-    """Whether ``flag`` is true on any rank."""
-    return bool(all_reduce_ints(ctx, [int(bool(flag))], op="max", what=what)[0])
-
-
 def broadcast_object(ctx: DistContext, obj: Any, src: int = 0, what: str = "broadcast") -> Any:
     """``obj`` of rank ``src``, on every rank (picklable objects; small ones: it goes through the CPU)."""
     if not ctx.enabled:
@@ -223,14 +218,14 @@ def reduce_factors_to_main(ctx: DistContext, factors, what: str = "factor all-re
     for tensor in factors.tensors():
         _all_reduce_tensor_(ctx, tensor, what)
     names = list(factors.modules)
-    counts = [c for n in names for c in (factors.modules[n].activation_count, factors.modules[n].grad_count)]
+    counts = [c for n in names for c in (factors.modules[n].activation_tokens, factors.modules[n].grad_tokens)]
     counts = all_reduce_ints(ctx, counts, "sum", what)
     for i, name in enumerate(names):
         mf = factors.modules[name]
-        mf.activation_count, mf.grad_count = counts[2 * i], counts[2 * i + 1]
+        mf.activation_tokens, mf.grad_tokens = counts[2 * i], counts[2 * i + 1]
     if not ctx.is_main:
         for tensor in factors.tensors():
             tensor.zero_()
         for mf in factors.modules.values():
-            mf.activation_count = mf.grad_count = 0
+            mf.activation_tokens = mf.grad_tokens = 0
     factors._hashes.clear()
