@@ -11,10 +11,10 @@ from conftest import make_tiny_olmo2, random_number_texts
 
 from kfac_edit.data import token_batches
 from kfac_edit.errors import UserError
-from kfac_edit.factors.collect import (
+from kfac_edit.factors.collect import collect_factors
+from kfac_edit.factors.collector import (
     FactorCollector,
     add_gram,
-    collect_factors,
     factor_nbytes,
     sample_labels,
     valid_positions,
@@ -332,7 +332,7 @@ def test_nan_in_factors_names_the_module():
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     ids, mask = windows(n_docs=2)
-    with pytest.raises(UserError, match=r"model\.layers\.\d\.mlp\.\w+_proj\.\w+_cov contains NaN/Inf"):
+    with pytest.raises(UserError, match=r"model\.layers\.\d\.mlp\.\w+_proj\.\w+_sum contains NaN/Inf"):
         collect_factors(model, batched(ids, mask, 4), layers=[1], labels="gold", progress=False)
 
 
