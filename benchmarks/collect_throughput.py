@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from kfac_edit.factors.collect import FactorCollector, factor_nbytes
+from kfac_edit.factors.collector import FactorCollector
+from kfac_edit.factors.memory import factor_nbytes
 from kfac_edit.models import find_projections
 from _presets import apply_preset  # sibling module: benchmarks/ is on sys.path
 

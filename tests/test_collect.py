@@ -15,11 +15,11 @@ from kfac_edit.factors.collect import collect_factors
 from kfac_edit.factors.collector import (
     FactorCollector,
     add_gram,
-    factor_nbytes,
     sample_labels,
     valid_positions,
     window_uniforms,
 )
+from kfac_edit.factors.memory import factor_nbytes
 from kfac_edit.models import find_projections
 
 TIGHT = 1e-12

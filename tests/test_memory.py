@@ -11,9 +11,9 @@ from conftest import N_NUMBERS, make_tiny_olmo2, random_number_texts
 from kfac_edit.cli import main
 from kfac_edit.data import token_batches
 from kfac_edit.errors import UserError
-from kfac_edit.factors.collector import FactorCollector, factor_nbytes
+from kfac_edit.factors.collector import FactorCollector
 from kfac_edit.factors.collect import collect_factors
-from kfac_edit.factors.memory import check_memory, memory_plan, module_memory, parse_size, plan_passes
+from kfac_edit.factors.memory import check_memory, factor_nbytes, memory_plan, module_memory, parse_size, plan_passes
 from kfac_edit.factors.store import Factors
 from kfac_edit.models import find_projections
 from kfac_edit.testbed import number_tokenizer

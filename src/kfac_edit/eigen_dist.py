@@ -33,10 +33,9 @@ __all__ = ["EigenAssignment", "assign_by_cost", "eigen_units", "distributed_eige
 
 def eigen_units(factors, names: Sequence[str]) -> list[tuple[list[str], float]]:
     """Units of work ``(module names, cost)``: modules sharing an activation sum are one unit (``A`` once)."""
-    groups: dict[int, list[str]] = {}
+    groups: dict[str, list[str]] = {}
     for name in names:
-        mf = factors.modules[name]
-        groups.setdefault(id(mf.activation_sum), []).append(name)
+        groups.setdefault(factors.modules[name].activation_key, []).append(name)
     units = []
     for members in groups.values():
         n_in = factors.shape(members[0])[1]

@@ -143,6 +143,10 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
 
 
 # ---------------------------------------------------------------------------------------------------- state
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
 @dataclass
 class CheckpointState:
     """Where a collection stands. ``windows``: packed windows of the stream consumed in pass ``pass_index``."""
@@ -157,7 +161,7 @@ class CheckpointState:
     world_size: int = 1
     batch_size: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier resumes of this run
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(default_factory=lambda: utc_now())
     run_id: str | None = None
     tensors_bytes: int | None = None
     version: int = STATE_VERSION

@@ -1,24 +1,22 @@
 """One factor collection: :class:`CollectConfig` says what and how, :func:`collect_factors` does it.
 
-:func:`collect_factors` is the only entry point; the CLI (``kfac-edit collect``), the demo and the tests call it. It
-takes a model (or a hub id / local directory to load), data (a source string, batches, or a batch source) and a
-config, and drives :class:`~kfac_edit.factors.collector.FactorCollector` (one batch at a time) over **partitions**.
-Every partition is a partial :class:`Factors` (sums + counts); the result is their sum (:meth:`Factors.add_`):
+:func:`collect_factors` is the one entry point (the CLI, the demo and the tests call it): a model or its name, data
+(a source string, batches, or a batch source) and a config. It drives
+:class:`~kfac_edit.factors.collector.FactorCollector` over **partitions**, each a partial :class:`Factors` (sums +
+counts); the result is their sum:
 
-* **passes**: ``layers_per_pass`` blocks at a time (:func:`~kfac_edit.factors.memory.plan_passes`); every pass reads
-  the same stream, so with labels seeded by (seed, window index) the merged result equals one pass over all blocks;
-* **ranks** (:mod:`.distributed`): rank ``r`` of ``W`` takes windows ``r, r + W, ...``; the sums are reduced into
-  rank 0 at each checkpoint and at the end of each pass; only rank 0 writes and returns the factors;
-* **checkpoints** (:mod:`.checkpoint`): every ``checkpoint_every`` tokens (counted over all ranks, rounded up to
-  whole steps) rank 0 writes the finished passes plus the pass in progress, and the stream position; ``resume``
-  continues from the latest checkpoint.
+* **passes**: ``layers_per_pass`` blocks at a time (:func:`~kfac_edit.factors.memory.plan_passes`), each over the
+  same stream; labels seeded by (seed, window index) make the merged result equal one pass over all blocks;
+* **ranks** (:mod:`.distributed`): rank ``r`` of ``W`` takes windows ``r, r + W, ...``; sums are reduced into rank 0
+  at each checkpoint and at the end of each pass; only rank 0 writes and returns the factors;
+* **checkpoints** (:mod:`.checkpoint`): every ``checkpoint_every`` tokens (over all ranks, rounded up to whole
+  steps) rank 0 writes the finished passes, the pass in progress and the stream position; ``resume`` goes on.
 
-Synchronisation: ranks meet only at checkpoint steps (the same step number on every rank, so no per-step
-communication) and once their shard of the stream is exhausted. At each meeting they exchange "still have data",
-reduce the sums and the token counters; if any rank still has data it is a checkpoint, otherwise the pass is over.
-A rank that ran out of data early keeps meeting the others until they run out too (shards differ by at most one
-batch, so it waits at most one step). At a meeting after ``k`` steps every window below ``max(windows consumed)``
-is in the sums and none above, whatever the number of ranks: that is the position a checkpoint records.
+Ranks meet only at checkpoint steps (the same step number everywhere: no per-step communication) and once their
+shard is exhausted; there they exchange "still have data" and reduce sums and token counters. If any rank has data
+it is a checkpoint, otherwise the pass is over (a rank that ran out early waits at most one step). At a meeting
+every window below ``max(windows consumed)`` is in the sums and none above, whatever the number of ranks: that is
+the position a checkpoint records.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -36,7 +34,9 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import Projection
-from .checkpoint import CheckpointState, latest_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
+from .checkpoint import (
+    CheckpointState, latest_checkpoint, load_checkpoint, remove_checkpoints, run_fingerprint, save_checkpoint, utc_now,
+)  # fmt: skip
 from .collector import LABEL_MODES, FactorCollector
 from .distributed import DistContext, all_reduce_ints, broadcast_object, reduce_factors_to_main
 from .memory import plan_passes
@@ -145,13 +145,11 @@ class CollectConfig:
 
     @classmethod
     def flag(cls, name: str) -> str:
-        """The CLI flag of field ``name``."""
-        meta = next(f.metadata for f in fields(cls) if f.name == name)
-        return meta.get("flag", "--" + name.replace("_", "-"))
+        return cls.__dataclass_fields__[name].metadata.get("flag", "--" + name.replace("_", "-"))
 
     @classmethod
     def help(cls, name: str) -> str:
-        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+        return cls.__dataclass_fields__[name].metadata["help"]
 
 
 def collect_factors(
@@ -186,8 +184,14 @@ def collect_factors(
     from .distributed import init_distributed, shutdown
 
     config = replace(config or CollectConfig(), **options)
-    if config.out is not None:
-        _check_out(config)
+    if config.out is not None:  # nothing is loaded and nothing is written until out may take the result
+        check_writable(config.out, config.overwrite)
+        pending = latest_checkpoint(config.out)
+        if pending is not None and not (config.resume or config.overwrite):
+            raise UserError(
+                f"'{config.out}' holds a checkpoint of an unfinished collection ({pending.name}); pass --resume to "
+                "continue it or --overwrite to start over"
+            )
     source = str(data) if isinstance(data, (str, os.PathLike)) else None
     if source is not None:
         check_source(source, config.text_field)
@@ -201,7 +205,10 @@ def collect_factors(
         projections = _prepare(model, config, ctx, projections, check_context=source is not None)
         fingerprint = None
         if config.checkpoint_every or config.resume:
-            fingerprint = _fingerprint(model, projections, config, source)
+            fingerprint = run_fingerprint(
+                model, projections, data=source, text_field=config.text_field, seq_len=config.seq_len,
+                labels=config.labels, seed=config.seed, layers_per_pass=config.layers_per_pass,
+            )  # fmt: skip
         if config.overwrite and ctx.is_main and config.out is not None:
             remove_checkpoints(config.out)
         batches = _batch_source(data, tokenizer, config)
@@ -216,12 +223,8 @@ def collect_factors(
     if source is not None:
         factors.manifest.update(
             data=describe_source(source), text_field=config.text_field, seq_len=config.seq_len,
-            batch_size=config.batch_size, max_tokens=config.max_tokens,
+            batch_size=config.batch_size, max_tokens=config.max_tokens, gradient_checkpointing=config.gradient_checkpointing,
         )  # fmt: skip
-    checkpointing = getattr(model, "is_activation_checkpointing", None)  # newer transformers' name
-    factors.manifest["gradient_checkpointing"] = bool(
-        checkpointing if checkpointing is not None else getattr(model, "is_gradient_checkpointing", False)
-    )
     if config.out is not None:
         factors.save(config.out)
         remove_checkpoints(config.out)
@@ -229,18 +232,6 @@ def collect_factors(
 
 
 # ---------------------------------------------------------------------------------------------------- preparation
-def _check_out(config: CollectConfig) -> None:
-    """Nothing is loaded and nothing is written until ``config.out`` may take the result."""
-    out = config.out
-    check_writable(out, config.overwrite)
-    pending = latest_checkpoint(out)
-    if pending is not None and not (config.resume or config.overwrite):
-        raise UserError(
-            f"'{out}' holds a checkpoint of an unfinished collection ({pending.name}); pass --resume to continue it "
-            "or --overwrite to start over"
-        )
-
-
 def _load_model(model_id: str, config: CollectConfig, ctx: DistContext, device: torch.device):
     from ..models import load_model
     from .distributed import rank_device
@@ -294,15 +285,6 @@ def _prepare(
     return list(projections)
 
 
-def _fingerprint(model: nn.Module, projections: Sequence[Projection], config: CollectConfig, source: str | None):
-    from .checkpoint import run_fingerprint
-
-    return run_fingerprint(
-        model, projections, data=source, text_field=config.text_field, seq_len=config.seq_len,
-        labels=config.labels, seed=config.seed, layers_per_pass=config.layers_per_pass,
-    )  # fmt: skip
-
-
 def _batch_source(data: Any, tokenizer: Any, config: CollectConfig) -> BatchSource:
     """``data`` as a :data:`BatchSource`."""
     if isinstance(data, (str, os.PathLike)):
@@ -340,46 +322,34 @@ def _batch_source(data: Any, tokenizer: Any, config: CollectConfig) -> BatchSour
 
 
 # ---------------------------------------------------------------------------------------------------- partitions
-@dataclass
-class _Start:
-    """Where a run starts: from the beginning, or from a checkpoint (on rank 0, with its sums)."""
-
-    pass_index: int = 0
-    windows: int = 0
-    tokens: int = 0
-    labelled_tokens: int = 0
-    sequence: int = 0
-    history: list = field(default_factory=list)
-    error: str | None = None
-
-
-def _find_start(config: CollectConfig, passes: list[list[str]], ctx: DistContext, fingerprint) -> tuple[_Start, Factors | None]:
-    """Rank 0 reads the checkpoint (if resuming) and tells the others where to start; errors reach every rank."""
-    start, loaded = _Start(), None
+def _find_start(
+    config: CollectConfig, passes: list[list[str]], ctx: DistContext, fingerprint: dict[str, Any] | None
+) -> tuple[CheckpointState, Factors | None]:
+    """Where the run starts (the checkpoint's state, or the beginning); rank 0 reads the checkpoint and tells the
+    others; an error reaches every rank."""
+    start: CheckpointState | str = CheckpointState(0, passes, 0, 0, 0, dict(fingerprint or {}))
+    loaded = None
     if ctx.is_main and config.resume:
         try:
             found = load_checkpoint(config.out, fingerprint)
         except UserError as exc:
-            start.error, found = str(exc), None
+            start, found = str(exc), None
         if found is not None:
             loaded, state = found
             if state.passes != passes:
-                start.error = f"checkpoint in {config.out} splits the modules into other passes; use the same --layers-per-pass"
+                start = f"checkpoint in {config.out} splits the modules into other passes; use the same --layers-per-pass"
             else:
                 resumed = {"pass": state.pass_index, "windows": state.windows, "tokens": state.tokens, "at": state.created}
-                start = _Start(
-                    state.pass_index, state.windows, state.tokens, state.labelled_tokens, state.sequence,
-                    history=[*state.history, resumed],
-                )  # fmt: skip
+                start = replace(state, history=[*state.history, resumed], world_size=ctx.world_size)
                 log.info(
                     "resuming from checkpoint %d: pass %d of %d, %s windows (%s tokens) already in the sums",
                     state.sequence, state.pass_index + 1, len(passes), f"{state.windows:,}", f"{state.tokens:,}",
                 )  # fmt: skip
-        elif start.error is None:
+        elif isinstance(start, CheckpointState):
             log.info("--resume: no checkpoint in %s; starting from the beginning", config.out)
     start = broadcast_object(ctx, start, what="sharing the resume point")
-    if start.error:
-        raise UserError(start.error)
+    if isinstance(start, str):
+        raise UserError(start)
     return start, loaded
 
 
@@ -409,10 +379,9 @@ def _collect_partitions(
         nonlocal sequence
         sequence += 1
         held = Factors({**done.modules, **(current.modules if current is not None else {})}, {"checkpoint_of": "kfac-edit collect"})
-        state = CheckpointState(
-            pass_index=pass_index, passes=pass_names, windows=windows, tokens=tokens, labelled_tokens=labelled,
-            fingerprint=dict(fingerprint or {}), sequence=sequence, world_size=ctx.world_size,
-            batch_size=config.batch_size, history=list(start.history),
+        state = replace(
+            start, pass_index=pass_index, windows=windows, tokens=tokens, labelled_tokens=labelled, sequence=sequence,
+            world_size=ctx.world_size, batch_size=config.batch_size, created=utc_now(),
         )  # fmt: skip
         t0 = time.perf_counter()
         path = save_checkpoint(config.out, held, state)

@@ -148,13 +148,6 @@ def activation_keys(projections: Sequence[Projection]) -> dict[str, str]:
     return {p.name: gates.get(p.block, p.name) if p.kind == "up" else p.name for p in projections}
 
 
-def factor_nbytes(projections: Sequence[Projection], dtype: torch.dtype = torch.float32) -> dict[str, int]:
-    """Bytes of factor sums per module (a shared activation sum is counted with the module it is named after)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    keys = activation_keys(projections)
-    return {p.name: size * (p.shape[0] ** 2 + (p.shape[1] ** 2 if keys[p.name] == p.name else 0)) for p in projections}
-
-
 # ---------------------------------------------------------------------------------------------------- collector
 class FactorCollector:
     """Accumulates K-FAC factor sums for a set of projections, one batch at a time.

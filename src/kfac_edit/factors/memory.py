@@ -66,6 +66,11 @@ def module_memory(projections: Sequence[Projection], dtype: torch.dtype | None =
     return out
 
 
+def factor_nbytes(projections: Sequence[Projection], dtype: torch.dtype | None = None) -> dict[str, int]:
+    """``{module name: bytes of its factor sums}`` (a shared ``A`` counted once)."""
+    return {m.name: m.total for m in module_memory(projections, dtype)}
+
+
 def plan_passes(projections: Sequence[Projection], layers_per_pass: int | None) -> list[list[Projection]]:
     """Split ``projections`` into passes of ``layers_per_pass`` consecutive blocks (``None``: one pass).
 
