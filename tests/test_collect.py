@@ -6,6 +6,8 @@ import types
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from conftest import make_tiny_olmo2, random_number_texts
 
@@ -15,6 +17,7 @@ from kfac_edit.factors.collect import collect_factors
 from kfac_edit.factors.collector import (
     FactorCollector,
     add_gram,
+    mirror_upper_,
     sample_labels,
     valid_positions,
     window_uniforms,
@@ -325,6 +328,27 @@ def test_add_gram_casts_low_precision_rows():
     add_gram(total, rows)
     cast = rows.double()
     assert torch.allclose(total.double(), 1 + cast.T @ cast, rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(d=st.integers(1, 40), n=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_upper_block_gram_mirrored_equals_full(d, n, seed):
+    """Symmetric accumulation: upper block triangle only, mirrored on read, equals the full Gram (fp64), and mirroring
+    again (after a checkpoint, before more updates) changes nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(n, d, dtype=torch.float64, generator=gen) for _ in range(3)]
+    full, upper = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+    for i, rows in enumerate(batches):
+        add_gram(full, rows)
+        add_gram(upper, rows, upper=True)
+        if i == 1:
+            mirror_upper_(upper)  # a read in the middle (checkpoint, all-reduce) keeps later updates right
+    mirror_upper_(upper)
+    torch.testing.assert_close(upper, full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(upper, upper.T, rtol=0, atol=1e-12)
+    again = upper.clone()
+    mirror_upper_(again)
+    assert torch.equal(again, upper)
 
 
 def test_nan_in_factors_names_the_module():

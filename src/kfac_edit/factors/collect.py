@@ -421,7 +421,7 @@ def _collect_partitions(
                     any_active, windows_total = all_reduce_ints(
                         ctx, [int(not exhausted), collector.windows], "max", what="status exchange"
                     )
-                    reduce_factors_to_main(ctx, collector.factors)
+                    reduce_factors_to_main(ctx, collector.symmetrize())
                     delta = all_reduce_ints(
                         ctx, [collector.tokens - seen[0], collector.labelled_tokens - seen[1]], "sum", what="token counts"
                     )
@@ -440,7 +440,7 @@ def _collect_partitions(
             if labelled_total == 0:
                 raise UserError("no token with a label was seen (every window was padding); give the run more text")
             manifest = {**collector.manifest(), "tokens": tokens_total, "labelled_tokens": labelled_total, "windows": windows_total}
-            done.modules.update(collector.factors.to("cpu").modules)  # passes hold disjoint modules: sum = union
+            done.modules.update(collector.symmetrize().to("cpu").modules)  # passes hold disjoint modules: sum = union
             if config.checkpoint_every and pass_index + 1 < len(passes):
                 checkpoint(pass_index + 1, 0, 0, 0, None)
         collector.factors = Factors()  # free this pass's device memory

@@ -73,23 +73,34 @@ def _mixed_gemm_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return _MIXED_GEMM_OK[key]
 
 
-def add_gram(total: torch.Tensor, rows: torch.Tensor) -> None:
+GRAM_ROW_BLOCKS = 8  # a symmetric Gram update is done as this many row blocks, each from the diagonal rightwards
+
+
+def add_gram(total: torch.Tensor, rows: torch.Tensor, upper: bool = False) -> None:
     """``total += rowsᵀ rows`` in place, with products and sums in ``total``'s dtype.
 
     ``rows`` is ``(n, d)``, ``total`` is ``(d, d)``. Low-precision rows are never multiplied in low precision.
+    With ``upper`` only the blocks on and above the diagonal of a ``GRAM_ROW_BLOCKS`` x ``GRAM_ROW_BLOCKS`` block
+    partition are added (9/16 of the products; one GEMM per row block); :func:`mirror_upper_` then fills the rest.
     """
-    if rows.dtype == total.dtype:
+    low = rows.dtype in (torch.bfloat16, torch.float16)
+    if low and rows.is_cuda and total.dtype == torch.float32 and _mixed_gemm_ok(rows.device, rows.dtype):
+        torch.addmm(total, rows.T, rows, out_dtype=torch.float32, out=total)  # bf16/fp16 in, fp32 out: the full Gram
+        return
+    rows = rows.to(total.dtype)
+    if not upper:
         total.addmm_(rows.T, rows)
-    elif (
-        rows.is_cuda
-        and total.dtype == torch.float32
-        and rows.dtype in (torch.bfloat16, torch.float16)
-        and _mixed_gemm_ok(rows.device, rows.dtype)
-    ):
-        torch.addmm(total, rows.T, rows, out_dtype=torch.float32, out=total)
-    else:
-        cast = rows.to(total.dtype)
-        total.addmm_(cast.T, cast)
+        return
+    step = -(-total.shape[0] // GRAM_ROW_BLOCKS)
+    for a in range(0, total.shape[0], step):
+        total[a : a + step, a:].addmm_(rows[:, a : a + step].T, rows[:, a:])
+
+
+def mirror_upper_(total: torch.Tensor) -> None:
+    """Copy the block upper triangle left by ``add_gram(..., upper=True)`` below the diagonal (idempotent)."""
+    step = -(-total.shape[0] // GRAM_ROW_BLOCKS)
+    for a in range(step, total.shape[0], step):
+        total[a : a + step, :a].copy_(total[:a, a : a + step].T)
 
 
 def accumulate_dtype_for(module: nn.Module) -> torch.dtype:
@@ -159,9 +170,10 @@ class FactorCollector:
                 collector.accumulate(batch)
         factors = collector.finish()
 
-    The running sums live in ``collector.factors`` (a :class:`Factors`; add other ranks' sums with
-    ``Factors.add_`` or all-reduce ``collector.factors.tensors()``). ``tokens``, ``labelled_tokens``, ``windows``
-    and ``steps`` count what was consumed, so a checkpoint can record where in the stream it is.
+    The running sums live in ``collector.factors`` (a :class:`Factors`), whole after :meth:`symmetrize` (add other
+    ranks' sums with ``Factors.add_`` or all-reduce ``collector.symmetrize().tensors()``). ``tokens``,
+    ``labelled_tokens``, ``windows`` and ``steps`` count what was consumed, so a checkpoint can record where in the
+    stream it is.
     """
 
     def __init__(
@@ -191,6 +203,7 @@ class FactorCollector:
         self.windows = int(start_window)  # windows consumed, also the index the next window gets
         self.steps = 0
         self.seq_len: int | None = None
+        self._mirrored = True  # False while the sums hold only their upper block triangle (see symmetrize)
         self._allocate()
         # per-step state
         self._phase: str | None = None  # "forward" while the model runs forward, "backward" during backward
@@ -298,7 +311,7 @@ class FactorCollector:
                 else:
                     self._shared_input[key] = signature
                     with torch.no_grad():
-                        add_gram(mf.activation_sum, self._rows(x.detach()))
+                        add_gram(mf.activation_sum, self._rows(x.detach()), upper=True)
             if output.requires_grad and torch.is_grad_enabled():
                 # Non-reentrant checkpointing re-runs forward hooks during backward: the hook on the recomputed
                 # output then never fires (gradients flow to the original output); reentrant checkpointing is the
@@ -316,7 +329,7 @@ class FactorCollector:
         def hook(grad: torch.Tensor) -> None:
             self._grad_hits[index] += 1
             with torch.no_grad():
-                add_gram(mf.grad_sum, self._rows(grad))
+                add_gram(mf.grad_sum, self._rows(grad), upper=True)
             return None
 
         return hook
@@ -363,6 +376,7 @@ class FactorCollector:
             uniforms = window_uniforms(self.seed, window_index.tolist(), seq_len).reshape(-1)[idx.cpu()]
 
         self._valid_index = {device: idx}
+        self._mirrored = False
         self._forward_hits = [0] * len(self.projections)
         self._grad_hits = [0] * len(self.projections)
         self._shared_input = {}
@@ -452,8 +466,18 @@ class FactorCollector:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
 
+    def symmetrize(self) -> Factors:
+        """The sums, whole: each Gram update adds only the upper block triangle (:func:`add_gram`), the lower one is
+        copied from it here. Call before reading ``factors`` (``finish`` and :func:`collect_factors` do)."""
+        if not self._mirrored:
+            for tensor in self.factors.tensors():
+                mirror_upper_(tensor)
+            self._mirrored = True
+        return self.factors
+
     def finish(self, check_finite: bool = True) -> Factors:
         """The collected factors with their manifest; raises :class:`UserError` naming a module with NaN/Inf."""
+        self.symmetrize()
         if self.labelled_tokens == 0 and not any(mf.grad_tokens for mf in self.factors.modules.values()):
             raise UserError("no token with a label was seen (every window was padding); give the run more text")
         self.factors.manifest.update(self.manifest())
