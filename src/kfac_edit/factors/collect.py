@@ -65,55 +65,34 @@ class CollectConfig:
     layers: Any = _opt("all", "block indices, e.g. 23,24,25 or 20-27 or all (default: all)")
     kinds: Any = _opt(None, "subset of gate,up,down (default: every one the architecture has)", "--projections")
     modules: Any = _opt(None, "for architectures not known: KIND=PATH inside a block, e.g. up=mlp.fc_in,down=mlp.fc_out")
-    labels: str = _opt(
-        "sampled",
-        "sampled: labels drawn from the model's softmax (true Fisher, default); gold: next token (empirical)",
-    )
+    labels: str = _opt("sampled", "sampled: labels drawn from the model's softmax (true Fisher, default); gold: next "
+                       "token (empirical)")  # fmt: skip
     seed: int = _opt(0, "seed of the sampled labels (default: 0)")
-    max_tokens: int | None = _opt(
-        None, "tokens to read from the data (default: 20000000; in Python: all the batches)", "--tokens"
-    )
+    max_tokens: int | None = _opt(None, "tokens to read from the data (default: 20000000; in Python: all the batches)",
+                                  "--tokens")  # fmt: skip
     seq_len: int = _opt(512, "tokens per packed window (default: 512)")
     batch_size: int = _opt(16, "windows per forward/backward (default: 16)")
     text_field: str = _opt("text", "field/column holding the text (default: text)")
-    dtype: str = _opt(
-        "auto", "model dtype (default: bfloat16 on cuda, float32 on cpu); factors are always summed in fp32 or fp64"
-    )
+    dtype: str = _opt("auto", "model dtype (default: bfloat16 on cuda, float32 on cpu); factors are always summed in "
+                      "fp32 or fp64")  # fmt: skip
     device: str = _opt("auto", "cuda, cuda:1, cpu or auto (default: cuda when available)")
-    device_map: str | None = _opt(
-        None,
-        "spread the model's blocks over the visible GPUs (transformers/accelerate device_map; needs accelerate); "
-        "factors accumulate on each module's device. Not with several ranks",
-    )
+    device_map: str | None = _opt(None, "spread the model's blocks over the visible GPUs (transformers/accelerate "
+                                  "device_map; needs accelerate); factors accumulate on each module's device. Not "
+                                  "with several ranks")  # fmt: skip
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory)")
-    layers_per_pass: int | None = _opt(
-        None,
-        "collect K blocks per pass over the data (several passes, merged; same result) to bound factor memory "
-        "(default: every block in one pass)",
-    )
-    checkpoint_every: int | None = _opt(
-        None,
-        "write a checkpoint (sums so far + stream position) into DIR/checkpoint every TOKENS tokens, counted over "
-        "all ranks (default: no checkpoints)",
-    )
-    memory_budget: Any = _opt(
-        None,
-        "memory the factor sums may take on each device, e.g. 60GB (default: 90%% of the free GPU memory, 80%% of "
-        "the available RAM on the CPU)",
-    )
+    layers_per_pass: int | None = _opt(None, "collect K blocks per pass over the data (several passes, merged; same "
+                                       "result) to bound factor memory (default: every block in one pass)")  # fmt: skip
+    checkpoint_every: int | None = _opt(None, "write a checkpoint (sums so far + stream position) into DIR/checkpoint "
+                                        "every TOKENS tokens, counted over all ranks (default: no checkpoints)")  # fmt: skip
+    memory_budget: Any = _opt(None, "memory the factor sums may take on each device, e.g. 60GB (default: 90%% of the "
+                              "free GPU memory, 80%% of the available RAM on the CPU)")  # fmt: skip
     out: Path | None = _opt(None, "output directory for the factors (in Python: optional, nothing is written without it)")
     overwrite: bool = _opt(False, "replace factors already in --out")
-    resume: bool = _opt(
-        False,
-        "continue from the checkpoint in DIR/checkpoint (start from the beginning when there is none); the model, "
-        "data and options must be those of the interrupted run (--batch-size, --tokens and the number of ranks may "
-        "change)",
-    )
-    dist_timeout: float = _opt(
-        1800.0,
-        "with several ranks (torchrun / accelerate launch): how long a rank waits for the others at a checkpoint or "
-        "at the end before failing (default: 1800)",
-    )
+    resume: bool = _opt(False, "continue from the checkpoint in DIR/checkpoint (start from the beginning when there is "
+                        "none); the model, data and options must be those of the interrupted run (--batch-size, "
+                        "--tokens and the number of ranks may change)")  # fmt: skip
+    dist_timeout: float = _opt(1800.0, "with several ranks (torchrun / accelerate launch): how long a rank waits for "
+                               "the others at a checkpoint or at the end before failing (default: 1800)")  # fmt: skip
     progress: bool = _opt(True, "show a progress bar (tokens/s)")
 
     def __post_init__(self) -> None:
@@ -243,13 +222,12 @@ def _load_model(model_id: str, config: CollectConfig, ctx: DistContext, device: 
         )
     device = rank_device(device, ctx)
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if not config.device_map:
-        return load_model(model_id, dtype=dtype, device=str(device))
-    try:
-        import accelerate  # noqa: F401  (transformers needs it for device_map)
-    except ImportError:
-        raise UserError("--device-map needs the accelerate package: pip install accelerate") from None
-    return load_model(model_id, dtype=dtype, device_map=config.device_map)
+    if config.device_map:
+        try:
+            import accelerate  # noqa: F401  (transformers needs it for device_map)
+        except ImportError:
+            raise UserError("--device-map needs the accelerate package: pip install accelerate") from None
+    return load_model(model_id, dtype=dtype, device=None if config.device_map else str(device), device_map=config.device_map)
 
 
 def _prepare(

@@ -203,14 +203,12 @@ class Factors:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Factors":
         """Move every tensor (keeping shared activation sums shared). ``device`` may be ``{module name: device}``."""
 
-        def where(name: str):
-            return device.get(name) if isinstance(device, dict) else device
-
-        key_device = {mf.activation_key: where(name) for name, mf in reversed(self.modules.items())}
+        where = {name: device.get(name) if isinstance(device, dict) else device for name in self.modules}
+        key_device = {mf.activation_key: where[name] for name, mf in reversed(self.modules.items())}
         moved = {key: t.to(device=key_device[key], dtype=dtype) for key, t in self.activation_sums().items()}
         for name, mf in self.modules.items():
             mf.activation_sum = moved[mf.activation_key]
-            mf.grad_sum = mf.grad_sum.to(device=where(name), dtype=dtype)
+            mf.grad_sum = mf.grad_sum.to(device=where[name], dtype=dtype)
         return self
 
     # ------------------------------------------------------------------ I/O
@@ -297,8 +295,7 @@ class Factors:
 
 
 def check_writable(out: Path, overwrite: bool) -> None:
-    """Raise :class:`UserError` unless ``out`` may receive factors (a directory, not holding factors unless
-    ``overwrite``)."""
+    """Raise :class:`UserError` unless ``out`` may receive factors (a directory without factors, or ``overwrite``)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file; give a directory")
     if ((out / MANIFEST_FILE).exists() or (out / TENSORS_FILE).exists()) and not overwrite:
