@@ -19,6 +19,12 @@ The model is random-initialized from an OLMo-2 config: the default shape is OLMo
 
     python benchmarks/collect_throughput.py                      # 7B-shaped, cuda
     python benchmarks/collect_throughput.py --preset tiny-cpu    # CPU smoke run
+
+Times are wall (``perf_counter``) and CPU (``process_time``) medians; the CPU ratio is the one to trust on a shared
+machine. Measured 2026-12-01 on a shared 2-core box, one thread, ``--preset tiny-cpu --hidden 512 --mlp 1536
+--layers 8 --seq-len 256 --batch-size 4 --threads 1 --steps 3 --warmup 1`` (issue 14's shape): with full Gram
+updates collect/train was 0.80x CPU time (0.78x wall); with symmetric accumulation (upper block triangle, 8 row
+blocks, mirrored on read) 1.06x CPU time (1.09x wall): collect 3.10 s vs train 3.30 s and frozen 2.14 s per step.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from kfac_edit.factors.collect import FactorCollector, factor_nbytes
+from kfac_edit.factors.collector import FactorCollector
+from kfac_edit.factors.memory import factor_nbytes
 from kfac_edit.models import find_projections
 from _presets import apply_preset  # sibling module: benchmarks/ is on sys.path
 
@@ -90,35 +97,27 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def time_steps(step, steps: int, warmup: int, device: str) -> float:
-    """Seconds per step: the median of ``steps`` timed steps after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _timed(step, device: str) -> tuple[float, float]:
+    """``(wall, cpu)`` seconds of one step (CPU time: ``time.process_time``, all threads of this process)."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def time_interleaved(steps_by_name: dict, steps: int, warmup: int, device: str) -> dict[str, float]:
-    """Like :func:`time_steps` for several kinds of step, taken in turn, so that a shared machine's changing load
-    hits all of them alike (used on CPU; on a GPU of its own the runs go one after the other)."""
+def time_interleaved(steps_by_name: dict, steps: int, warmup: int, device: str) -> dict[str, tuple[float, float]]:
+    """``{name: (wall, cpu)}``: median seconds per step of each kind after ``warmup`` untimed rounds. The kinds are
+    taken in turn, so that a shared machine's changing load hits all of them alike; on a GPU pass one kind at a
+    time to get each one's peak memory."""
     for _ in range(warmup):
         for step in steps_by_name.values():
             step()
-    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps_by_name}
     for _ in range(steps):
         for name, step in steps_by_name.items():
-            sync(device)
-            start = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[name].append(_timed(step, device))
+    return {name: tuple(statistics.median(x) for x in zip(*t)) for name, t in times.items()}
 
 
 def main(argv=None) -> int:
@@ -176,8 +175,12 @@ def main(argv=None) -> int:
         del logits
         torch.autograd.grad(loss, embeds)
 
-    def record(name, seconds):
-        result[name] = {"seconds_per_step": seconds, "tokens_per_s": tokens / seconds, "peak_gb": peak_gb(args.device)}
+    def record(name, times):
+        wall, cpu = times
+        result[name] = {
+            "seconds_per_step": wall, "tokens_per_s": tokens / wall, "cpu_seconds_per_step": cpu,
+            "tokens_per_cpu_s": tokens / max(cpu, 1e-12), "peak_gb": peak_gb(args.device),
+        }  # fmt: skip
 
     model.requires_grad_(False)
     try:
@@ -193,7 +196,7 @@ def main(argv=None) -> int:
                 for name in ("train", "frozen", "collect"):
                     if name in steps:
                         reset_peak(args.device)
-                        record(name, time_steps(steps[name], args.steps, args.warmup, args.device))
+                        record(name, time_interleaved({name: steps[name]}, args.steps, args.warmup, args.device)[name])
             else:
                 for name, seconds in time_interleaved(steps, args.steps, args.warmup, args.device).items():
                     record(name, seconds)
@@ -204,6 +207,7 @@ def main(argv=None) -> int:
         result.setdefault("collect", {})["error"] = f"out of memory: {str(exc).splitlines()[0]}"
     if "train" in result and "tokens_per_s" in result.get("collect", {}):
         result["ratio_collect_over_train"] = result["collect"]["tokens_per_s"] / result["train"]["tokens_per_s"]
+        result["cpu_ratio_collect_over_train"] = result["train"]["cpu_seconds_per_step"] / result["collect"]["cpu_seconds_per_step"]
     if "tokens_per_s" in result.get("collect", {}):
         result["ratio_collect_over_frozen"] = result["collect"]["tokens_per_s"] / result["frozen"]["tokens_per_s"]
     text = json.dumps(result, indent=2)
@@ -211,7 +215,11 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     if "ratio_collect_over_train" in result:
-        print(f"collect / train throughput: {result['ratio_collect_over_train']:.2f}x", file=sys.stderr)
+        print(
+            f"collect / train throughput: {result['ratio_collect_over_train']:.2f}x wall, "
+            f"{result['cpu_ratio_collect_over_train']:.2f}x CPU time",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -4,6 +4,7 @@ mismatched checkpoints are refused with the reason."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -43,7 +44,7 @@ def assert_same_factors(got: Factors, want: Factors, exact: bool) -> None:
     assert got.names == want.names and len(want.names) == 6
     for name in want.names:
         g, w = got.modules[name], want.modules[name]
-        assert (g.activation_count, g.grad_count) == (w.activation_count, w.grad_count) and w.grad_count > 0
+        assert (g.activation_tokens, g.grad_tokens) == (w.activation_tokens, w.grad_tokens) and w.grad_tokens > 0
         for a, b in ((g.activation_sum, w.activation_sum), (g.grad_sum, w.grad_sum)):
             if exact:
                 assert torch.equal(a, b), name
@@ -115,7 +116,7 @@ def interrupted(tiny_model_dir, tmp_path, monkeypatch):
     return args, out, corpus
 
 
-def test_mismatched_checkpoint_refused_with_reason(interrupted, tiny_model_dir, tmp_path, capsys):
+def test_mismatched_checkpoint_refused_with_reason(interrupted, tiny_model_dir, tmp_path, capsys, caplog):
     args, out, corpus = interrupted
     other_model = tmp_path / "other-model"
     make_tiny_olmo2(torch.float32, seed=1).save_pretrained(other_model)
@@ -140,8 +141,9 @@ def test_mismatched_checkpoint_refused_with_reason(interrupted, tiny_model_dir, 
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kfac-edit:")]
         assert len(errors) == 1 and errors[0].startswith("kfac-edit: error: ") and reason in errors[0], errors
     # same content under another name is another --data too, but same options resume (batch size may change)
+    caplog.set_level(logging.INFO, logger="kfac_edit")
     assert main([*args, "--resume", "--batch-size", "3"]) == 0
-    assert "resuming from checkpoint 2" in capsys.readouterr().out
+    assert "resuming from checkpoint 2" in caplog.text  # logged (INFO)
     resumed = Factors.load(out)
     assert main(collect_args(tiny_model_dir, corpus, tmp_path / "whole")) == 0
     assert_same_factors(resumed, Factors.load(tmp_path / "whole"), exact=False)

@@ -11,7 +11,8 @@ from conftest import make_tiny_olmo2
 
 from kfac_edit.cli import main
 from kfac_edit.data import token_batches
-from kfac_edit.factors.collect import collect_factors
+from kfac_edit.errors import UserError
+from kfac_edit.factors.collect import CollectConfig, collect_factors
 from kfac_edit.factors.store import MANIFEST_FILE, TENSORS_FILE, Factors
 from kfac_edit.models import load_model
 
@@ -36,11 +37,24 @@ def test_collect_end_to_end(tiny_model_dir, tiny_corpus_jsonl, tmp_path, capsys)
     assert 300 <= manifest["tokens"] < 300 + 4 * 16 and manifest["layers"] == [1]
     # the CLI is a thin layer: same numbers as the Python API on the same model and data
     model, tok = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
-    batches = token_batches(str(tiny_corpus_jsonl), tok, 16, 4, max_tokens=300, with_index=True)
-    api = collect_factors(model, batches, layers=[1], labels="gold", max_tokens=300, progress=False)
+
+    def api_batches():
+        return token_batches(str(tiny_corpus_jsonl), tok, 16, 4, max_tokens=300, with_index=True)
+
+    api = collect_factors(model, api_batches(), layers=[1], labels="gold", max_tokens=300, progress=False)
+    # the same call with the source string (packed by the library) and an output directory, as the README shows
+    config = CollectConfig(layers="1", labels="gold", seq_len=16, batch_size=4, max_tokens=300, progress=False)
+    packed = collect_factors(model, str(tiny_corpus_jsonl), config, tokenizer=tok, out=tmp_path / "api")
+    assert Factors.load(tmp_path / "api").names == packed.names == api.names
+    assert packed.manifest["data"] == manifest["data"] and packed.manifest["max_tokens"] == 300
     for name in api.names:
         assert torch.allclose(factors.modules[name].grad_sum, api.modules[name].grad_sum, rtol=1e-5, atol=1e-7)
-        assert factors.tokens(name) == api.tokens(name) == manifest["labelled_tokens"]
+        assert torch.equal(packed.modules[name].grad_sum, api.modules[name].grad_sum)
+        assert factors.tokens(name) == api.tokens(name) == packed.tokens(name) == manifest["labelled_tokens"]
+    with pytest.raises(UserError, match="needs a tokenizer"):
+        collect_factors(model, str(tiny_corpus_jsonl), config)
+    with pytest.raises(UserError, match="give a list, not an iterator"):
+        collect_factors(model, iter(api_batches()), config, layers_per_pass=1, layers=None)
     # a second run refuses to overwrite, unless asked
     assert main(collect_args(tiny_model_dir, tiny_corpus_jsonl, out, "--layers", "0")) == 2
     assert "--overwrite" in capsys.readouterr().err

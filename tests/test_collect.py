@@ -6,20 +6,23 @@ import types
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from conftest import make_tiny_olmo2, random_number_texts
 
 from kfac_edit.data import token_batches
 from kfac_edit.errors import UserError
-from kfac_edit.factors.collect import (
+from kfac_edit.factors.collect import collect_factors
+from kfac_edit.factors.collector import (
     FactorCollector,
     add_gram,
-    collect_factors,
-    factor_nbytes,
+    mirror_upper_,
     sample_labels,
     valid_positions,
     window_uniforms,
 )
+from kfac_edit.factors.memory import factor_nbytes
 from kfac_edit.models import find_projections
 
 TIGHT = 1e-12
@@ -125,7 +128,7 @@ def test_matches_brute_force_gold_labels_with_left_and_right_padding():
     for name, (A, G, n) in expected.items():
         assert n == 6 + 3 + 4
         mf = factors.modules[name]
-        assert mf.activation_count == mf.grad_count == n
+        assert mf.activation_tokens == mf.grad_tokens == n
         assert mf.activation_sum.dtype == torch.float64
         assert rel(mf.activation_sum, A) < 1e-10, name
         assert rel(mf.grad_sum, G) < 1e-10, name
@@ -327,12 +330,33 @@ def test_add_gram_casts_low_precision_rows():
     assert torch.allclose(total.double(), 1 + cast.T @ cast, rtol=1e-6)
 
 
+@settings(max_examples=40, deadline=None)
+@given(d=st.integers(1, 40), n=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_upper_block_gram_mirrored_equals_full(d, n, seed):
+    """Symmetric accumulation: upper block triangle only, mirrored on read, equals the full Gram (fp64), and mirroring
+    again (after a checkpoint, before more updates) changes nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(n, d, dtype=torch.float64, generator=gen) for _ in range(3)]
+    full, upper = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+    for i, rows in enumerate(batches):
+        add_gram(full, rows)
+        add_gram(upper, rows, upper=True)
+        if i == 1:
+            mirror_upper_(upper)  # a read in the middle (checkpoint, all-reduce) keeps later updates right
+    mirror_upper_(upper)
+    torch.testing.assert_close(upper, full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(upper, upper.T, rtol=0, atol=1e-12)
+    again = upper.clone()
+    mirror_upper_(again)
+    assert torch.equal(again, upper)
+
+
 def test_nan_in_factors_names_the_module():
     model = make_tiny_olmo2()
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     ids, mask = windows(n_docs=2)
-    with pytest.raises(UserError, match=r"model\.layers\.\d\.mlp\.\w+_proj\.\w+_cov contains NaN/Inf"):
+    with pytest.raises(UserError, match=r"model\.layers\.\d\.mlp\.\w+_proj\.\w+_sum contains NaN/Inf"):
         collect_factors(model, batched(ids, mask, 4), layers=[1], labels="gold", progress=False)
 
 

@@ -84,7 +84,7 @@ def test_torchrun_two_ranks_equal_one_process_then_share_eigen(tmp_path):
     assert two.manifest["tokens"] == one.manifest["tokens"] and two.names == one.names and len(one.names) == 6
     for name in one.names:
         d, s = two.modules[name], one.modules[name]
-        assert (d.activation_count, d.grad_count) == (s.activation_count, s.grad_count) and s.grad_count > 0
+        assert (d.activation_tokens, d.grad_tokens) == (s.activation_tokens, s.grad_tokens) and s.grad_tokens > 0
         # saved as fp32: compare the fp64 sums after the same rounding
         torch.testing.assert_close(d.activation_sum, s.activation_sum, rtol=2.5e-7, atol=1e-10)
         torch.testing.assert_close(d.grad_sum, s.grad_sum, rtol=2.5e-7, atol=1e-10)
@@ -111,9 +111,8 @@ def test_assign_by_cost_balances_n_cubed():
     class Fake:
         def __init__(self, shapes):
             self._shapes = shapes
-            shared = object()
-            self.modules = {
-                n: type("M", (), {"activation_sum": shared if n in ("g", "u") else object()})() for n in shapes
+            self.modules = {  # g and u share one activation sum: one activation key
+                n: type("M", (), {"activation_key": "g" if n in ("g", "u") else n})() for n in shapes
             }
 
         def shape(self, name):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import N_NUMBERS, make_tiny_olmo2, random_number_texts
@@ -9,9 +11,9 @@ from conftest import N_NUMBERS, make_tiny_olmo2, random_number_texts
 from kfac_edit.cli import main
 from kfac_edit.data import token_batches
 from kfac_edit.errors import UserError
-from kfac_edit.factors.collect import FactorCollector, factor_nbytes
-from kfac_edit.factors.job import CollectionConfig, run_collection
-from kfac_edit.factors.memory import check_memory, memory_plan, module_memory, parse_size, plan_passes
+from kfac_edit.factors.collector import FactorCollector
+from kfac_edit.factors.collect import collect_factors
+from kfac_edit.factors.memory import check_memory, factor_nbytes, memory_plan, module_memory, parse_size, plan_passes
 from kfac_edit.factors.store import Factors
 from kfac_edit.models import find_projections
 from kfac_edit.testbed import number_tokenizer
@@ -42,15 +44,16 @@ def test_plan_passes_keeps_blocks_whole():
         plan_passes(projections, 0)
 
 
-def test_check_memory_per_device_and_hint(capsys):
+def test_check_memory_per_device_and_hint(caplog):
     """Mocked devices: blocks 0-3 on 'meta' (a stand-in for a GPU), block 4 on the CPU."""
     model = make_tiny_olmo2(torch.float32, layers=5)
     for block in range(4):
         model.model.layers[block].to("meta")
     projections = find_projections(model)
     block_bytes = 4 * (16 * 16 + 24 * 24 + 24 * 24 + 24 * 24 + 16 * 16)  # gate A+G, up G, down A+G
+    caplog.set_level(logging.INFO, logger="kfac_edit")
     plan = check_memory(projections, layers_per_pass=2, budget=1 << 30)
-    table = capsys.readouterr().out
+    table = caplog.text
     assert "gate  24x16 on meta: A 1.00 KiB + G 2.25 KiB = 3.25 KiB per module, blocks 0-3 (4 modules" in table
     assert "on cpu" in table and "blocks 4 (1 modules" in table and "3 passes, largest" in table
     assert plan.need == {"meta": 2 * block_bytes, "cpu": 5 * block_bytes}  # the CPU holds every finished pass
@@ -81,10 +84,8 @@ def test_passes_merge_to_one_pass_fp64():
         return token_batches(texts, tokenizer, 16, 4, skip_windows=skip, shard=shard, with_index=True)
 
     projections = find_projections(model)
-    one = run_collection(model, projections, batches, CollectionConfig(seq_len=16, batch_size=4, progress=False))
-    three = run_collection(
-        model, projections, batches, CollectionConfig(seq_len=16, batch_size=4, layers_per_pass=1, progress=False)
-    )
+    one = collect_factors(model, batches, projections=projections, seq_len=16, batch_size=4, progress=False)
+    three = collect_factors(model, batches, projections=projections, seq_len=16, batch_size=4, layers_per_pass=1, progress=False)
     assert three.manifest["passes"] == 3 and one.manifest["passes"] == 1
     assert three.names == one.names and three.manifest["tokens"] == one.manifest["tokens"] > 0
     for name in one.names:
@@ -100,11 +101,12 @@ def cli_args(model_dir, corpus, out, *extra):
             "--batch-size", "4", "--tokens", "400", "--device", "cpu", "--no-progress", *extra]  # fmt: skip
 
 
-def test_cli_prints_memory_and_refuses_what_does_not_fit(tiny_model_dir, tiny_corpus_jsonl, tmp_path, capsys):
+def test_cli_prints_memory_and_refuses_what_does_not_fit(tiny_model_dir, tiny_corpus_jsonl, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="kfac_edit")
     out = tmp_path / "f"
     assert main(cli_args(tiny_model_dir, tiny_corpus_jsonl, out, "--memory-budget", "1KiB")) == 2
     captured = capsys.readouterr()
-    assert "total 17.50 KiB in 6 modules" in captured.out
+    assert "total 17.50 KiB in 6 modules" in caplog.text  # the memory table is logged (INFO)
     assert "need 17.50 KiB on cpu but only 1.00 KiB may be used there" in captured.err
     assert not out.exists()  # nothing written
     assert main(cli_args(tiny_model_dir, tiny_corpus_jsonl, out, "--layers-per-pass", "0")) == 2

@@ -36,22 +36,51 @@ def test_save_load_round_trip(collected, tmp_path):
     for name in collected.names:
         a, b = collected.modules[name], loaded.modules[name]
         assert torch.equal(a.activation_sum, b.activation_sum) and torch.equal(a.grad_sum, b.grad_sum)
-        assert (a.activation_count, a.grad_count) == (b.activation_count, b.grad_count) == (44, 44)
+        assert (a.activation_tokens, a.grad_tokens) == (b.activation_tokens, b.grad_tokens) == (44, 44)
         assert torch.allclose(loaded.grad_cov(name), a.grad_sum / 44)
         assert loaded.content_hash(name) == collected.content_hash(name)
     # gate/up share one activation tensor: stored once, shared again after loading
     with safe_open(str(tmp_path / "f" / TENSORS_FILE), "pt") as fh:
         keys = set(fh.keys())
-    assert f"{GATE}.activation_cov" in keys and f"{UP}.activation_cov" not in keys and f"{UP}.grad_cov" in keys
+    assert f"{GATE}.activation_sum" in keys and f"{UP}.activation_sum" not in keys and f"{UP}.grad_sum" in keys
     assert loaded.modules[GATE].activation_sum is loaded.modules[UP].activation_sum
+    assert loaded.modules[UP].activation_key == GATE and loaded.modules[DOWN].activation_key == DOWN
     manifest = json.loads((tmp_path / "f" / MANIFEST_FILE).read_text())
     for field in ("model_fingerprint", "labels", "seed", "tokens", "dtype", "kfac_edit_version", "created", "run_id"):
         assert field in manifest, field
     assert manifest["labels"] == "sampled" and manifest["tokens"] == 48 and manifest["labelled_tokens"] == 44
     assert manifest["modules"][DOWN]["shape"] == [16, 24] and manifest["modules"][DOWN]["grad_tokens"] == 44
+    assert manifest["format_version"] == 2 and manifest["modules"][UP]["activation_key"] == GATE
     # only some modules
     part = Factors.load(tmp_path / "f", names=[UP])
     assert part.names == [UP] and torch.equal(part.modules[UP].activation_sum, collected.modules[UP].activation_sum)
+
+
+def test_version_1_directory_still_loads(tmp_path):
+    """A factor directory written the old way (format 1: tensors ``*.activation_cov``/``*.grad_cov`` holding sums,
+    named by ``activation_cov_key``/``grad_cov_key``; counts as ``*_tokens``), built by hand."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    act, g_gate, g_up = (torch.randn(n, n, generator=gen) for n in (3, 2, 2))
+    tensors = {f"{GATE}.activation_cov": act, f"{GATE}.grad_cov": g_gate, f"{UP}.grad_cov": g_up}
+    save_file(tensors, str(tmp_path / TENSORS_FILE), metadata={"run_id": "old"})
+    entry = {"shape": [2, 3], "activation_tokens": 5, "grad_tokens": 5, "activation_cov_key": f"{GATE}.activation_cov"}
+    modules = {GATE: {**entry, "grad_cov_key": f"{GATE}.grad_cov"}, UP: {**entry, "grad_cov_key": f"{UP}.grad_cov"}}
+    manifest = {"format_version": 1, "run_id": "old", "labels": "sampled", "modules": modules}
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    old = Factors.load(tmp_path)
+    assert old.names == [GATE, UP] and old.modules[UP].activation_key == GATE
+    assert old.modules[GATE].activation_sum is old.modules[UP].activation_sum
+    assert torch.equal(old.activation_cov(UP), act / 5) and torch.equal(old.grad_cov(UP), g_up / 5) and old.tokens(UP) == 5
+    assert Factors.load(tmp_path, names=[UP]).modules[UP].activation_key == GATE
+    # saved again, it is a version 2 directory with the same sums
+    again = Factors.load(old.save(tmp_path / "v2"))
+    assert again.manifest["format_version"] == 2 and torch.equal(again.modules[UP].activation_sum, act)
+    manifest["format_version"] = 9
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="format version 9"):
+        Factors.load(tmp_path)
 
 
 def test_interrupted_or_missing_files_never_load(collected, tmp_path):
@@ -101,7 +130,7 @@ def test_from_means_shares_identical_activation_and_check_finite():
     f.modules["u"].grad_sum[0, 0] = float("inf")
     f._hashes.clear()
     assert f.content_hash("u") != h
-    with pytest.raises(UserError, match="u.grad_cov contains NaN/Inf"):
+    with pytest.raises(UserError, match="u.grad_sum contains NaN/Inf"):
         f.check_finite()
 
 

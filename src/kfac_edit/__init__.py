@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str | tuple[str, str]] = {
     "collect_factors": "kfac_edit.factors",
+    "CollectConfig": "kfac_edit.factors",
     "FactorCollector": "kfac_edit.factors",
     "Factors": "kfac_edit.factors",
     "ModuleFactors": "kfac_edit.factors",

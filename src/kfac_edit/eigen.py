@@ -109,12 +109,12 @@ class EigenCache:
         module = getattr(factors, "modules", {}).get(name)
         act_sum = getattr(module, "activation_sum", None)
         if act_sum is not None:
-            held = self._shared_act.get(id(act_sum))
-            if held is not None and held[0] is act_sum and held[1] == module.activation_count:
+            held = self._shared_act.get(module.activation_key)
+            if held is not None and held[0] is act_sum and held[1] == module.activation_tokens:
                 return held[2].to(device)
         act = eigendecompose(factors.activation_cov(name).to(device), f"{name} activation_cov")
         if act_sum is not None:
-            self._shared_act[id(act_sum)] = (act_sum, module.activation_count, act.to("cpu"))
+            self._shared_act[module.activation_key] = (act_sum, module.activation_tokens, act.to("cpu"))
         return act
 
     def _path(self, key: str) -> Path | None:
@@ -175,10 +175,9 @@ class EigenCache:
 
 def eigen_units(factors, names: Sequence[str]) -> list[tuple[list[str], float]]:
     """Units of work ``(module names, cost)``: modules sharing an activation sum are one unit (``A`` once)."""
-    groups: dict[int, list[str]] = {}
+    groups: dict[str, list[str]] = {}
     for name in names:
-        mf = factors.modules[name]
-        groups.setdefault(id(mf.activation_sum), []).append(name)
+        groups.setdefault(factors.modules[name].activation_key, []).append(name)
     units = []
     for members in groups.values():
         n_in = factors.shape(members[0])[1]

@@ -34,15 +34,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
     from ..factors.reference import import_reference
-    from ..factors.store import MANIFEST_FILE, TENSORS_FILE
+    from ..factors.store import check_writable
 
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out '{out}' is a file; give a directory")
-    if ((out / MANIFEST_FILE).exists() or (out / TENSORS_FILE).exists()) and not args.overwrite:
-        raise UserError(f"'{out}' already holds factors; pass --overwrite to replace them or pick another --out")
+    check_writable(out, args.overwrite)
     factors = import_reference(args.old, name_template=args.name_template, model=args.model)
     factors.save(out)
     shared = len(factors) * 2 - len(factors.tensors())

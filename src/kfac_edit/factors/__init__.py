@@ -1,6 +1,7 @@
-"""K-FAC factors: collection (:mod:`.collect`) and storage (:mod:`.store`)."""
+"""K-FAC factors: one collection (:mod:`.collect`), its hooks (:mod:`.collector`) and storage (:mod:`.store`)."""
 
-from .collect import FactorCollector, collect_factors
+from .collect import CollectConfig, collect_factors
+from .collector import FactorCollector
 from .store import Factors, ModuleFactors
 
-__all__ = ["Factors", "ModuleFactors", "FactorCollector", "collect_factors"]
+__all__ = ["CollectConfig", "Factors", "ModuleFactors", "FactorCollector", "collect_factors"]

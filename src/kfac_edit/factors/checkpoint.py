@@ -66,14 +66,15 @@ def run_fingerprint(
     model: nn.Module,
     projections: Sequence[Projection],
     *,
-    data: str,
+    data: str | None,
     text_field: str = "text",
     seq_len: int,
     labels: str,
     seed: int,
     layers_per_pass: int | None,
 ) -> dict[str, Any]:
-    """Everything that changes the collected factors (see :data:`FINGERPRINT_LABELS`)."""
+    """Everything that changes the collected factors (see :data:`FINGERPRINT_LABELS`); ``data=None``: batches
+    given in Python (not fingerprinted)."""
     from ..data import describe_source
 
     return {
@@ -85,9 +86,9 @@ def run_fingerprint(
         "labels": labels,
         "seed": int(seed),
         "seq_len": int(seq_len),
-        "data": describe_source(data),
+        "data": describe_source(data) if data is not None else None,
         "text_field": text_field,
-        "data_digest": data_digest(data, text_field),
+        "data_digest": data_digest(data, text_field) if data is not None else None,
     }
 
 
@@ -109,6 +110,10 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
 
 
 # ---------------------------------------------------------------------------------------------------- state
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
 @dataclass
 class CheckpointState:
     """Where a collection stands. ``windows``: packed windows of the stream consumed in pass ``pass_index``."""
@@ -123,7 +128,7 @@ class CheckpointState:
     world_size: int = 1
     batch_size: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier resumes of this run
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(default_factory=lambda: utc_now())
     run_id: str | None = None
     tensors_bytes: int | None = None
     version: int = STATE_VERSION

@@ -1,532 +1,443 @@
-"""Collect K-FAC factors of MLP projections: one pass over the data for every chosen module.
+"""One factor collection: :class:`CollectConfig` says what and how, :func:`collect_factors` does it.
 
-Conventions (shared with :mod:`kfac_edit.factors.store`): a projection's weight ``W`` is ``(out, in)``;
+:func:`collect_factors` is the one entry point (the CLI, the demo and the tests call it): a model or its name, data
+(a source string, batches, or a batch source) and a config. It drives
+:class:`~kfac_edit.factors.collector.FactorCollector` over **partitions**, each a partial :class:`Factors` (sums +
+counts); the result is their sum:
 
-* ``A = Σ a aᵀ`` over rows ``a`` of the layer input, shape ``(in, in)``;
-* ``G = Σ g gᵀ`` over rows ``g`` of the gradient of the **summed** token loss w.r.t. the layer output,
-  shape ``(out, out)``; the Fisher block of ``W`` is ``G ⊗ A``;
-* rows counted ("valid" positions): ``t`` with ``attention_mask[t] == 1`` and ``attention_mask[t + 1] == 1``, i.e.
-  positions that have a label (not padding, not the last position of a window). Because the loss is a sum and the
-  rows are selected by mask, the factors do not depend on batch size or padding.
+* **passes**: ``layers_per_pass`` blocks at a time (:func:`~kfac_edit.factors.memory.plan_passes`), each over the
+  same stream; labels seeded by (seed, window index) make the merged result equal one pass over all blocks;
+* **ranks** (:mod:`.distributed`): rank ``r`` of ``W`` takes windows ``r, r + W, ...``; sums are reduced into rank 0
+  at each checkpoint and at the end of each pass; only rank 0 writes and returns the factors;
+* **checkpoints** (:mod:`.checkpoint`): every ``checkpoint_every`` tokens (over all ranks, rounded up to whole
+  steps) rank 0 writes the finished passes, the pass in progress and the stream position; ``resume`` goes on.
 
-Labels: ``gold`` is the next token (empirical Fisher); ``sampled`` draws each label from the model's own softmax
-(true Fisher, no labelled data needed). A sampled label is the inverse CDF of a uniform number seeded by
-``(seed, window index, position)``, so the labels of a window are the same whatever the batch size, padding, shard
-or resume point.
-
-One step (:meth:`FactorCollector.accumulate`):
-
-1. forward with hooks: each projection's forward hook adds its valid input rows into ``A`` (``gate`` and ``up`` of a
-   block read the same input: their ``A`` is one tensor, added once) and puts a gradient hook on its output;
-2. the summed cross-entropy of the valid positions against the labels;
-3. ``torch.autograd.grad`` of that loss w.r.t. the outputs of the lowest chosen block: autograd runs only what is
-   needed to reach them (no weight gradients, nothing below that block); each projection's gradient hook adds its
-   valid rows into ``G`` as soon as the gradient exists, after which it is freed.
-
-Sums are fp32 (fp64 when the model is fp64); bf16/fp16 rows enter fp32 products (on CUDA a bf16 GEMM with fp32
-output, which is exact for the products; elsewhere the rows are cast to fp32 first).
+Ranks meet only at checkpoint steps (the same step number everywhere: no per-step communication) and once their
+shard is exhausted; there they exchange "still have data" and reduce sums and token counters. If any rank has data
+it is a checkpoint, otherwise the pass is over (a rank that ran out early waits at most one step). At a meeting
+every window below ``max(windows consumed)`` is in the sums and none above, whatever the number of ranks: that is
+the position a checkpoint records.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
+import math
+import os
 import time
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..identity import model_fingerprint
+from ..models import Projection
+from .checkpoint import (
+    CheckpointState, latest_checkpoint, load_checkpoint, remove_checkpoints, run_fingerprint, save_checkpoint, utc_now,
+)  # fmt: skip
 from ..spec import LabelMode
-from ..models import Projection, find_projections, projection_kinds
-from .store import Factors, ModuleFactors
+from .collector import FactorCollector
+from .distributed import DistContext, all_reduce_ints, broadcast_object, reduce_factors_to_main
+from .memory import plan_passes
+from .store import Factors, check_writable
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-_SAMPLE_CHUNK_ELEMENTS = 1 << 27  # rows x vocab handled at once when sampling labels (512 MiB in fp32)
+# batches(skip_windows, (rank, world_size)) -> batches with "window_index" (e.g. data.token_batches(..., with_index=True))
+BatchSource = Callable[[int, tuple[int, int]], Iterable[dict[str, torch.Tensor]]]
 
 
-# ---------------------------------------------------------------------------------------------------- numerics
-_MIXED_GEMM_OK: dict[tuple[str, torch.dtype], bool] = {}
+def _opt(default: Any, help: str, flag: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, **({"flag": flag} if flag else {})})
 
 
-def _mixed_gemm_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm(..., out_dtype=float32)`` works for ``dtype`` inputs on ``device`` (checked once)."""
-    key = (str(device), dtype)
-    if key not in _MIXED_GEMM_OK:
-        try:
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            rows = torch.randn(64, 48, generator=gen).to(device=device, dtype=dtype)
-            total = torch.ones(48, 48, device=device)
-            torch.addmm(total, rows.T, rows, out_dtype=torch.float32, out=total)
-            exact = rows.double()  # bf16/fp16 products are exact in fp32; compare with an fp64 reference
-            expected = (1 + exact.T @ exact).float()
-            _MIXED_GEMM_OK[key] = bool(torch.allclose(total, expected, rtol=1e-5, atol=1e-5))
-        except (RuntimeError, TypeError):  # an older torch without out_dtype, or an unsupported backend
-            _MIXED_GEMM_OK[key] = False
-        log.debug("mixed-precision GEMM for %s on %s: %s", dtype, device, _MIXED_GEMM_OK[key])
-    return _MIXED_GEMM_OK[key]
+@dataclass
+class CollectConfig:
+    """What a factor collection collects and how it runs (kronfluence's ``FactorArguments`` pattern).
 
-
-def add_gram(total: torch.Tensor, rows: torch.Tensor) -> None:
-    """``total += rowsᵀ rows`` in place, with products and sums in ``total``'s dtype.
-
-    ``rows`` is ``(n, d)``, ``total`` is ``(d, d)``. Low-precision rows are never multiplied in low precision.
-    """
-    if rows.dtype == total.dtype:
-        total.addmm_(rows.T, rows)
-    elif (
-        rows.is_cuda
-        and total.dtype == torch.float32
-        and rows.dtype in (torch.bfloat16, torch.float16)
-        and _mixed_gemm_ok(rows.device, rows.dtype)
-    ):
-        torch.addmm(total, rows.T, rows, out_dtype=torch.float32, out=total)
-    else:
-        cast = rows.to(total.dtype)
-        total.addmm_(cast.T, cast)
-
-
-def accumulate_dtype_for(module: nn.Module) -> torch.dtype:
-    """fp64 sums for an fp64 module, fp32 otherwise."""
-    weight = getattr(module, "weight", None)
-    return torch.float64 if weight is not None and weight.dtype == torch.float64 else torch.float32
-
-
-def valid_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` bool: positions with a label (mask 1 here and at the next position; the last position never)."""
-    mask = attention_mask.bool()
-    valid = torch.zeros_like(mask)
-    valid[:, :-1] = mask[:, :-1] & mask[:, 1:]
-    return valid
-
-
-def _splitmix64(x: int) -> int:
-    mask = (1 << 64) - 1
-    x = (x + 0x9E3779B97F4A7C15) & mask
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
-    return x ^ (x >> 31)
-
-
-def window_uniforms(seed: int, window_index: Sequence[int], seq_len: int) -> torch.Tensor:
-    """``(B, T)`` float64 uniforms in [0, 1): row ``b`` depends only on ``(seed, window_index[b])``."""
-    rows = []
-    for index in window_index:
-        gen = torch.Generator(device="cpu").manual_seed(_splitmix64((int(seed) << 32) ^ int(index)) >> 1)
-        rows.append(torch.rand(seq_len, generator=gen, dtype=torch.float64))
-    return torch.stack(rows)
-
-
-@torch.no_grad()
-def sample_labels(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Draw one label per row of ``logits`` ``(n, V)`` from its softmax, by inverse CDF of ``uniforms`` ``(n,)``.
-
-    Softmax and CDF are fp32 (fp64 for fp64 logits), in chunks of rows to bound memory. A zero-probability token
-    is never drawn.
-    """
-    n, vocab = logits.shape
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    out = torch.empty(n, dtype=torch.long, device=logits.device)
-    chunk = max(1, _SAMPLE_CHUNK_ELEMENTS // max(vocab, 1))
-    for start in range(0, n, chunk):
-        cdf = torch.softmax(logits[start : start + chunk].to(dtype), dim=-1).cumsum_(dim=-1)
-        u = uniforms[start : start + chunk].to(device=logits.device, dtype=dtype).unsqueeze(1) * cdf[:, -1:]
-        out[start : start + chunk] = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max_(vocab - 1)
-    return out
-
-
-def factor_nbytes(projections: Sequence[Projection], dtype: torch.dtype = torch.float32) -> dict[str, int]:
-    """Bytes of factor sums per module (a gate/up shared activation sum is counted with ``gate``)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    out: dict[str, int] = {}
-    shared = _shared_activation_partner(projections)
-    for p in projections:
-        n_out, n_in = p.shape
-        out[p.name] = size * (n_out * n_out + (0 if p.name in shared.values() else n_in * n_in))
-    return out
-
-
-def _shared_activation_partner(projections: Sequence[Projection]) -> dict[str, str]:
-    """``{gate name: up name}`` for blocks where both are chosen (they read the same input)."""
-    by_block: dict[int, dict[str, Projection]] = {}
-    for p in projections:
-        by_block.setdefault(p.block, {})[p.kind] = p
-    return {kinds["gate"].name: kinds["up"].name for kinds in by_block.values() if "gate" in kinds and "up" in kinds}
-
-
-# ---------------------------------------------------------------------------------------------------- collector
-class FactorCollector:
-    """Accumulates K-FAC factor sums for a set of projections, one batch at a time.
-
-    Use as a context manager (hooks are installed on enter and removed on exit; parameters are frozen meanwhile)::
-
-        with FactorCollector(model, projections, labels="sampled", seed=0) as collector:
-            for batch in batches:
-                collector.accumulate(batch)
-        factors = collector.finish()
-
-    The running sums live in ``collector.factors`` (a :class:`Factors`; add other ranks' sums with
-    ``Factors.add_`` or all-reduce ``collector.factors.tensors()``). ``tokens``, ``labelled_tokens``, ``windows``
-    and ``steps`` count what was consumed, so a checkpoint can record where in the stream it is.
+    Every field's help text is the CLI's (``CollectConfig.help(name)``); every check is in ``__post_init__`` and
+    names the CLI flag. Text options (``layers="20-27"``, ``kinds="up,down"``, ``memory_budget="60GB"``) are parsed.
+    Options about loading (``dtype``, ``device``, ``device_map``) and the corpus (``seq_len``, ``batch_size``,
+    ``text_field``) apply when :func:`collect_factors` is given a model name and a data source string.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        projections: Sequence[Projection],
-        labels: str = "sampled",
-        seed: int = 0,
-        factors: Factors | None = None,
-        start_window: int = 0,
-    ):
-        LabelMode.parse(labels, "label mode")
-        if not projections:
-            raise UserError("no projection chosen to collect factors for; pick --layers and --projections")
-        names = [p.name for p in projections]
-        if len(set(names)) != len(names):
-            raise ValueError(f"projections listed twice: {names}")
-        self.model = model
-        self.projections = list(projections)
-        self.labels = labels
-        self.seed = int(seed)
-        self.factors = factors if factors is not None else Factors()
-        self.lowest_block = min(p.block for p in self.projections)
-        self.tokens = 0  # real tokens (attention mask 1) consumed
-        self.labelled_tokens = 0  # rows counted in the factors
-        self.windows = int(start_window)  # windows consumed, also the index the next window gets
-        self.steps = 0
-        self.seq_len: int | None = None
-        self._allocate()
-        # per-step state
-        self._phase: str | None = None  # "forward" while the model runs forward, "backward" during backward
-        self._valid_index: dict[torch.device, torch.Tensor] = {}
-        self._targets: list[torch.Tensor] = []
-        self._forward_hits: list[int] = []
-        self._grad_hits: list[int] = []
-        self._shared_input: dict[int, tuple] = {}
-        self._handles: list = []
-        self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
-        self._saved_training: list[tuple[nn.Module, bool]] = []
+    layers: Any = _opt("all", "block indices, e.g. 23,24,25 or 20-27 or all (default: all)")
+    kinds: Any = _opt(None, "subset of gate,up,down (default: every one the architecture has)", "--projections")
+    modules: Any = _opt(None, "for architectures not known: KIND=PATH inside a block, e.g. up=mlp.fc_in,down=mlp.fc_out")
+    labels: str = _opt("sampled", "sampled: labels drawn from the model's softmax (true Fisher, default); gold: next "
+                       "token (empirical)")  # fmt: skip
+    seed: int = _opt(0, "seed of the sampled labels (default: 0)")
+    max_tokens: int | None = _opt(None, "tokens to read from the data (default: 20000000; in Python: all the batches)",
+                                  "--tokens")  # fmt: skip
+    seq_len: int = _opt(512, "tokens per packed window (default: 512)")
+    batch_size: int = _opt(16, "windows per forward/backward (default: 16)")
+    text_field: str = _opt("text", "field/column holding the text (default: text)")
+    dtype: str = _opt("auto", "model dtype (default: bfloat16 on cuda, float32 on cpu); factors are always summed in "
+                      "fp32 or fp64")  # fmt: skip
+    device: str = _opt("auto", "cuda, cuda:1, cpu or auto (default: cuda when available)")
+    device_map: str | None = _opt(None, "spread the model's blocks over the visible GPUs (transformers/accelerate "
+                                  "device_map; needs accelerate); factors accumulate on each module's device. Not "
+                                  "with several ranks")  # fmt: skip
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory)")
+    layers_per_pass: int | None = _opt(None, "collect K blocks per pass over the data (several passes, merged; same "
+                                       "result) to bound factor memory (default: every block in one pass)")  # fmt: skip
+    checkpoint_every: int | None = _opt(None, "write a checkpoint (sums so far + stream position) into DIR/checkpoint "
+                                        "every TOKENS tokens, counted over all ranks (default: no checkpoints)")  # fmt: skip
+    memory_budget: Any = _opt(None, "memory the factor sums may take on each device, e.g. 60GB (default: 90%% of the "
+                              "free GPU memory, 80%% of the available RAM on the CPU)")  # fmt: skip
+    out: Path | None = _opt(None, "output directory for the factors (in Python: optional, nothing is written without it)")
+    overwrite: bool = _opt(False, "replace factors already in --out")
+    resume: bool = _opt(False, "continue from the checkpoint in DIR/checkpoint (start from the beginning when there is "
+                        "none); the model, data and options must be those of the interrupted run (--batch-size, "
+                        "--tokens and the number of ranks may change)")  # fmt: skip
+    dist_timeout: float = _opt(1800.0, "with several ranks (torchrun / accelerate launch): how long a rank waits for "
+                               "the others at a checkpoint or at the end before failing (default: 1800)")  # fmt: skip
+    progress: bool = _opt(True, "show a progress bar (tokens/s)")
 
-    # -------------------------------------------------------------------------------------------- setup
-    def _allocate(self) -> None:
-        partner = _shared_activation_partner(self.projections)
-        shared_by_up = {up: gate for gate, up in partner.items()}
-        for p in self.projections:
-            if p.name in self.factors.modules:
-                have = self.factors.modules[p.name].shape
-                if have != p.shape:
-                    raise UserError(f"existing factors of {p.name} have shape {have}, the model's weight {p.shape}")
-                continue
-            weight = p.module.weight
-            dtype = accumulate_dtype_for(p.module)
-            n_out, n_in = p.shape
-            gate = shared_by_up.get(p.name)
-            if gate is not None and gate in self.factors.modules:
-                activation_sum = self.factors.modules[gate].activation_sum
-            else:
-                activation_sum = torch.zeros(n_in, n_in, dtype=dtype, device=weight.device)
-            self.factors.modules[p.name] = ModuleFactors(
-                activation_sum, torch.zeros(n_out, n_out, dtype=dtype, device=weight.device)
-            )
+    def __post_init__(self) -> None:
+        from ..models import parse_layers, parse_modules_option, parse_projections
+        from .memory import parse_size
 
-    def __enter__(self) -> "FactorCollector":
-        try:
-            self._install()
-        except BaseException:
-            self._remove()
-            raise
-        return self
+        for name in ("max_tokens", "batch_size", "checkpoint_every", "layers_per_pass"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{self.flag(name)} must be a positive integer, got {value}")
+        if self.seq_len < 2:
+            raise UserError(f"--seq-len {self.seq_len} is too short; use at least 2")
+        if self.dist_timeout <= 0:
+            raise UserError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout:g}")
+        LabelMode.parse(self.labels, "label mode")
+        if isinstance(self.layers, str) or self.layers is None:
+            self.layers = parse_layers(self.layers)
+        if isinstance(self.kinds, str):
+            self.kinds = parse_projections(self.kinds)
+        if isinstance(self.modules, str):
+            self.modules = parse_modules_option(self.modules)
+        if isinstance(self.memory_budget, str):
+            self.memory_budget = parse_size(self.memory_budget)
+        if self.out is not None:
+            self.out = Path(self.out)
+        elif self.checkpoint_every or self.resume:
+            raise UserError("checkpoints (--checkpoint-every, --resume) need an output directory (--out)")
 
-    def __exit__(self, *exc) -> None:
-        self._remove()
+    @classmethod
+    def flag(cls, name: str) -> str:
+        return cls.__dataclass_fields__[name].metadata.get("flag", "--" + name.replace("_", "-"))
 
-    def _install(self) -> None:
-        for param in self.model.parameters():
-            self._saved_requires_grad.append((param, param.requires_grad))
-            param.requires_grad_(False)
-        # HF gradient checkpointing only runs in training mode; switch on training for the checkpointing wrappers
-        # alone (their children, dropout included, stay in eval mode).
-        for module in self.model.modules():
-            if getattr(module, "gradient_checkpointing", False) is True and not module.training:
-                self._saved_training.append((module, module.training))
-                module.training = True
-        embeddings = self.model.get_input_embeddings()
-        self._handles.append(embeddings.register_forward_hook(self._embedding_hook))
-        for index, p in enumerate(self.projections):
-            self._handles.append(p.module.register_forward_hook(self._forward_hook(index), with_kwargs=True))
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module, training in self._saved_training:
-            module.training = training
-        self._saved_training.clear()
-        for param, flag in self._saved_requires_grad:
-            param.requires_grad_(flag)
-        self._saved_requires_grad.clear()
-        self._phase = None
-        self._targets = []
-
-    # -------------------------------------------------------------------------------------------- hooks
-    def _embedding_hook(self, module: nn.Module, args, output: torch.Tensor):
-        """Make the embedding output a leaf that requires grad: the root of the (weight-free) backward graph."""
-        if self._phase != "forward" or not torch.is_grad_enabled():
-            return None
-        return output.detach().requires_grad_(True)
-
-    def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The valid rows of a ``(B, T, d)`` tensor as ``(n_valid, d)``."""
-        idx = self._valid_index.get(tensor.device)
-        if idx is None:
-            idx = self._valid_index[next(iter(self._valid_index))].to(tensor.device)
-            self._valid_index[tensor.device] = idx
-        return tensor.reshape(-1, tensor.shape[-1]).index_select(0, idx)
-
-    def _forward_hook(self, index: int):
-        projection = self.projections[index]
-        mf = self.factors.modules[projection.name]
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
-            if self._phase is None:
-                return None
-            if not isinstance(output, torch.Tensor):
-                raise RuntimeError(f"{projection.name} returned {type(output).__name__}, not a tensor")
-            if self._phase == "forward":
-                x = args[0] if args else next(iter(kwargs.values()))
-                self._forward_hits[index] += 1
-                key = id(mf.activation_sum)
-                signature = (x.data_ptr(), tuple(x.shape), x.dtype)
-                if key in self._shared_input:  # gate/up: the partner already added this input
-                    if self._shared_input[key] != signature:
-                        raise RuntimeError(
-                            f"{projection.name} shares its activation factor with its block's gate/up partner, "
-                            "but the two read different inputs in this architecture"
-                        )
-                else:
-                    self._shared_input[key] = signature
-                    with torch.no_grad():
-                        add_gram(mf.activation_sum, self._rows(x.detach()))
-            if output.requires_grad and torch.is_grad_enabled():
-                # Non-reentrant checkpointing re-runs forward hooks during backward: the hook on the recomputed
-                # output then never fires (gradients flow to the original output); reentrant checkpointing is the
-                # other way round. The hit count in accumulate() checks that exactly one fired.
-                output.register_hook(self._grad_hook(index))
-                if self._phase == "forward" and projection.block == self.lowest_block:
-                    self._targets.append(output)
-            return None
-
-        return hook
-
-    def _grad_hook(self, index: int):
-        mf = self.factors.modules[self.projections[index].name]
-
-        def hook(grad: torch.Tensor) -> None:
-            self._grad_hits[index] += 1
-            with torch.no_grad():
-                add_gram(mf.grad_sum, self._rows(grad))
-            return None
-
-        return hook
-
-    # -------------------------------------------------------------------------------------------- one step
-    def accumulate(self, batch: dict[str, torch.Tensor]) -> int:
-        """Add one batch ``{"input_ids": (B, T), "attention_mask": (B, T)[, "window_index": (B,)]}``.
-
-        Without ``window_index`` the windows are numbered on from the previous batch. Returns the number of valid
-        (labelled) positions added.
-        """
-        if not self._handles:
-            raise RuntimeError("use FactorCollector as a context manager: `with FactorCollector(...) as c:`")
-        device = self.model.get_input_embeddings().weight.device
-        input_ids = batch["input_ids"].to(device)
-        n_windows, seq_len = input_ids.shape
-        mask = batch.get("attention_mask")
-        mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-        window_index = batch.get("window_index")
-        if window_index is None:
-            window_index = torch.arange(self.windows, self.windows + n_windows)
-        valid = valid_positions(mask)
-        flat_valid = valid.reshape(-1)
-        idx = flat_valid.nonzero().squeeze(1)
-        n_valid = int(idx.numel())
-        if n_valid:
-            self._step(input_ids, mask, idx, window_index)
-        # counters move only after a step succeeded, so they always describe the sums
-        self.tokens += int(mask.sum())
-        self.windows = max(self.windows, int(window_index.max()) + 1) if n_windows else self.windows
-        self.seq_len = seq_len
-        self.steps += 1
-        self.labelled_tokens += n_valid
-        return n_valid
-
-    def _step(self, input_ids: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, window_index: torch.Tensor):
-        """Forward, labels, backward for one batch with ``idx`` (flat indices of the valid positions) non-empty."""
-        n_valid = int(idx.numel())
-        seq_len = input_ids.shape[1]
-        device = input_ids.device
-
-        uniforms = None
-        if self.labels == "sampled":
-            uniforms = window_uniforms(self.seed, window_index.tolist(), seq_len).reshape(-1)[idx.cpu()]
-
-        self._valid_index = {device: idx}
-        self._forward_hits = [0] * len(self.projections)
-        self._grad_hits = [0] * len(self.projections)
-        self._shared_input = {}
-        self._targets = []
-        try:
-            self._phase = "forward"
-            with torch.enable_grad():
-                position_ids = (mask.long().cumsum(-1) - 1).clamp_min_(0)
-                output = self.model(
-                    input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-                )
-                logits = output.logits
-                del output
-                vocab = logits.shape[-1]
-                flat_logits = logits.reshape(-1, vocab)
-                del logits
-                if self.labels == "gold":
-                    next_tokens = torch.roll(input_ids, shifts=-1, dims=1).reshape(-1)
-                    chosen = next_tokens.index_select(0, idx)
-                else:
-                    chosen = torch.empty(n_valid, dtype=torch.long, device=flat_logits.device)
-                    chunk = max(1, _SAMPLE_CHUNK_ELEMENTS // max(vocab, 1))
-                    for start in range(0, n_valid, chunk):
-                        rows = flat_logits.detach().index_select(0, idx[start : start + chunk].to(flat_logits.device))
-                        chosen[start : start + chunk] = sample_labels(rows, uniforms[start : start + chunk])
-                labels = torch.full((flat_logits.shape[0],), IGNORE_INDEX, dtype=torch.long, device=flat_logits.device)
-                labels[idx.to(flat_logits.device)] = chosen.to(flat_logits.device)
-                loss_dtype = torch.float64 if flat_logits.dtype == torch.float64 else torch.float32
-                loss = F.cross_entropy(
-                    flat_logits.to(loss_dtype), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-                )
-                del flat_logits
-                if not loss.requires_grad:
-                    raise RuntimeError("the loss does not depend on the chosen projections; no gradient can flow")
-                self._phase = "backward"
-                targets, self._targets = self._targets, []
-                if targets:
-                    torch.autograd.grad(loss, targets, allow_unused=True)
-                else:  # reentrant checkpointing: outputs were made under no_grad; it only supports .backward()
-                    loss.backward()
-                del loss, targets
-        finally:
-            self._phase = None
-            self._targets = []
-            self._valid_index = {}
-        for p, f_hits, g_hits in zip(self.projections, self._forward_hits, self._grad_hits):
-            if f_hits != 1 or g_hits != 1:
-                raise RuntimeError(
-                    f"{p.name}: forward ran {f_hits}x and its output gradient arrived {g_hits}x in one step "
-                    "(expected once each); is the module shared or skipped in this architecture?"
-                )
-        for p in self.projections:
-            mf = self.factors.modules[p.name]
-            mf.activation_count += n_valid
-            mf.grad_count += n_valid
-
-    # -------------------------------------------------------------------------------------------- result
-    def manifest(self) -> dict[str, Any]:
-        """What produced these factors (merged into ``factors.manifest``)."""
-        import transformers
-
-        from .. import __version__
-
-        cfg = getattr(self.model, "config", None)
-        weight_dtype = self.projections[0].module.weight.dtype
-        prior = self.factors.manifest
-        return {
-            "model": getattr(cfg, "_name_or_path", None) or getattr(self.model, "name_or_path", None),
-            "model_type": getattr(cfg, "model_type", type(self.model).__name__),
-            "model_fingerprint": model_fingerprint(self.model),
-            "dtype": str(weight_dtype).removeprefix("torch."),
-            "accumulate_dtype": str(self.factors.modules[self.projections[0].name].grad_sum.dtype).removeprefix(
-                "torch."
-            ),
-            "labels": self.labels,
-            "label_sampler": "inverse CDF of uniforms seeded by (seed, window index)" if self.labels == "sampled" else None,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "tokens": int(prior.get("tokens", 0)) + self.tokens,
-            "labelled_tokens": int(prior.get("labelled_tokens", 0)) + self.labelled_tokens,
-            "windows": self.windows,
-            "layers": sorted({p.block for p in self.projections}),
-            "projections": [k for k in ("gate", "up", "down") if any(p.kind == k for p in self.projections)],
-            "kfac_edit_version": __version__,
-            "torch_version": torch.__version__,
-            "transformers_version": transformers.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-
-    def finish(self, check_finite: bool = True) -> Factors:
-        """The collected factors with their manifest; raises :class:`UserError` naming a module with NaN/Inf."""
-        if self.labelled_tokens == 0 and not any(mf.grad_count for mf in self.factors.modules.values()):
-            raise UserError("no token with a label was seen (every window was padding); give the run more text")
-        self.factors.manifest.update(self.manifest())
-        if check_finite:
-            self.factors.check_finite()
-        return self.factors
+    @classmethod
+    def help(cls, name: str) -> str:
+        return cls.__dataclass_fields__[name].metadata["help"]
 
 
 def collect_factors(
-    model: nn.Module,
-    batches: Iterable[dict[str, torch.Tensor]],
+    model: nn.Module | str,
+    data: str | os.PathLike | Iterable[dict[str, torch.Tensor]] | BatchSource,
+    config: CollectConfig | None = None,
+    *,
+    tokenizer: Any = None,
     projections: Sequence[Projection] | None = None,
-    layers: Iterable[int] | str | None = None,
-    kinds: Sequence[str] | None = None,
-    labels: str = "sampled",
-    seed: int = 0,
-    max_tokens: int | None = None,
-    progress: bool = True,
-    factors: Factors | None = None,
-) -> Factors:
-    """K-FAC factors (sums + counts) of MLP projections, from one pass over ``batches``.
+    ctx: DistContext | None = None,
+    **options: Any,
+) -> Factors | None:
+    """K-FAC factors (sums + counts) of MLP projections; see the module docstring for passes, ranks, checkpoints.
 
     Args:
-        model: a Hugging Face causal LM (any dtype/device; its weights are not changed and get no gradients).
-        batches: dicts with ``input_ids`` and ``attention_mask`` ``(B, T)`` (and optionally ``window_index``), e.g.
-            from :func:`kfac_edit.data.token_batches`.
-        projections: the modules to collect; default: ``find_projections(model, layers, kinds)``.
-        layers: block indices or ``"all"``/``None`` (when ``projections`` is not given).
-        kinds: subset of ``gate, up, down``; default: every kind the architecture has.
-        labels: ``"sampled"`` (true Fisher) or ``"gold"`` (empirical Fisher); see the module docstring.
-        seed: seed of the sampled labels.
-        max_tokens: stop before the batch that would start after this many real tokens were consumed.
-        progress: show a tqdm bar (tokens/s; time left when ``max_tokens`` is known).
-        factors: existing sums to add into (resume); new modules are allocated.
+        model: a Hugging Face causal LM (its weights are not changed and get no gradients), or a hub id / local
+            directory to load (then the process joins a ``torchrun`` job if launched by one).
+        data: a source string (:func:`kfac_edit.data.token_batches`: packed with ``config.seq_len`` and
+            ``config.batch_size``; needs ``tokenizer`` unless ``model`` is loaded here); an iterable of batches
+            ``{"input_ids", "attention_mask"[, "window_index"]}`` (a list when there are several passes); or a
+            :data:`BatchSource` ``(skip_windows, (rank, world_size)) -> batches`` (what resume and ranks need).
+        config: a :class:`CollectConfig`; ``options`` override its fields (``layers=[1], labels="gold"``).
+        projections: the modules to collect (default: ``config.layers`` x ``config.kinds``).
+        ctx: the data-parallel context (default: joined here when ``model`` is a name, else a single process).
 
     Returns:
-        :class:`Factors` whose manifest records model, labels, seed, tokens, dtype and versions.
+        On rank 0 the :class:`Factors` (written to ``config.out`` too, when given) whose manifest records model,
+        labels, seed, token counts, dtype and versions; ``None`` on the other ranks.
     """
+    from ..data import check_source, describe_source
+    from ..models import resolve_device
+    from .distributed import init_distributed, shutdown
+
+    config = replace(config or CollectConfig(), **options)
+    if config.out is not None:  # nothing is loaded and nothing is written until out may take the result
+        check_writable(config.out, config.overwrite)
+        pending = latest_checkpoint(config.out)
+        if pending is not None and not (config.resume or config.overwrite):
+            raise UserError(
+                f"'{config.out}' holds a checkpoint of an unfinished collection ({pending.name}); pass --resume to "
+                "continue it or --overwrite to start over"
+            )
+    source = str(data) if isinstance(data, (str, os.PathLike)) else None
+    if source is not None:
+        check_source(source, config.text_field)
+    model_id = str(model) if isinstance(model, (str, os.PathLike)) else None
+    device = resolve_device(None if config.device == "auto" else config.device) if model_id else None
+    joined = ctx is None and model_id is not None
+    ctx = init_distributed(device, timeout_s=config.dist_timeout) if joined else (ctx or DistContext())
+    try:
+        if model_id is not None:
+            model, tokenizer = _load_model(model_id, config, ctx, device)
+        projections = _prepare(model, config, ctx, projections, check_context=source is not None)
+        fingerprint = None
+        if config.checkpoint_every or config.resume:
+            fingerprint = run_fingerprint(
+                model, projections, data=source, text_field=config.text_field, seq_len=config.seq_len,
+                labels=config.labels, seed=config.seed, layers_per_pass=config.layers_per_pass,
+            )  # fmt: skip
+        if config.overwrite and ctx.is_main and config.out is not None:
+            remove_checkpoints(config.out)
+        batches = _batch_source(data, tokenizer, config)
+        factors = _collect_partitions(model, projections, batches, config, ctx, fingerprint)
+    finally:
+        if joined:
+            shutdown(ctx)
+    if factors is None:  # not rank 0: rank 0 writes
+        return None
+    if model_id is not None:
+        factors.manifest["model"] = model_id
+    if source is not None:
+        factors.manifest.update(
+            data=describe_source(source), text_field=config.text_field, seq_len=config.seq_len,
+            batch_size=config.batch_size, max_tokens=config.max_tokens, gradient_checkpointing=config.gradient_checkpointing,
+        )  # fmt: skip
+    if config.out is not None:
+        factors.save(config.out)
+        remove_checkpoints(config.out)
+    return factors
+
+
+# ---------------------------------------------------------------------------------------------------- preparation
+def _load_model(model_id: str, config: CollectConfig, ctx: DistContext, device: torch.device):
+    from ..models import load_model
+    from .distributed import rank_device
+
+    if ctx.enabled and config.device_map:
+        raise UserError(
+            f"--device-map {config.device_map} spreads one model over the GPUs of one process; it cannot be combined "
+            f"with {ctx.world_size} ranks: launch a single process, or drop --device-map"
+        )
+    device = rank_device(device, ctx)
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if config.device_map:
+        try:
+            import accelerate  # noqa: F401  (transformers needs it for device_map)
+        except ImportError:
+            raise UserError("--device-map needs the accelerate package: pip install accelerate") from None
+    return load_model(model_id, dtype=dtype, device=None if config.device_map else str(device), device_map=config.device_map)
+
+
+def _prepare(
+    model: nn.Module, config: CollectConfig, ctx: DistContext, projections: Sequence[Projection] | None, check_context: bool
+) -> list[Projection]:
+    """The projections to collect, after the checks that need the model: context, offloading, memory."""
+    from ..models import find_projections, projection_kinds
+    from .memory import check_memory
+
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if check_context and context is not None and config.seq_len > context:
+        raise UserError(
+            f"--seq-len {config.seq_len} is beyond the model's context of {context} tokens; use at most {context}"
+        )
+    if projections is None:
+        kinds = config.kinds or projection_kinds(model, config.modules)
+        projections = find_projections(model, config.layers, kinds, modules=config.modules)
+    offloaded = [p.name for p in projections if p.module.weight.device.type == "meta"]
+    if offloaded:
+        raise UserError(
+            f"--device-map {config.device_map} offloaded {offloaded[0]} (and {len(offloaded) - 1} more) off the GPUs; "
+            "factors need every collected module on a device: use more GPUs or collect fewer --layers"
+        )
+    if config.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        try:
+            enable()
+        except ValueError as exc:
+            raise UserError(f"--gradient-checkpointing: {exc}; run without it") from None
+    check_memory(
+        projections, config.layers_per_pass, config.memory_budget, print_table=ctx.is_main, keeps_results=ctx.is_main
+    )
+    return list(projections)
+
+
+def _batch_source(data: Any, tokenizer: Any, config: CollectConfig) -> BatchSource:
+    """``data`` as a :data:`BatchSource`."""
+    if isinstance(data, (str, os.PathLike)):
+        if tokenizer is None:
+            raise UserError("a data source string needs a tokenizer: pass tokenizer=, or the model's name to load both")
+
+        def packed(skip_windows: int, shard: tuple[int, int]):
+            from .. import data as data_module  # looked up at call time (tests replace token_batches)
+
+            return data_module.token_batches(
+                str(data), tokenizer, config.seq_len, config.batch_size, max_tokens=config.max_tokens,
+                skip_windows=skip_windows, shard=shard, text_field=config.text_field, with_index=True,
+            )  # fmt: skip
+
+        return packed
+    if callable(data):
+        return data
+    used = []
+
+    def given(skip_windows: int, shard: tuple[int, int]):
+        if skip_windows or shard != (0, 1):
+            raise UserError("resuming or several ranks need the data as a source string or a BatchSource callable")
+        if used and iter(data) is data:
+            raise UserError("several passes (--layers-per-pass) read the batches again: give a list, not an iterator")
+        used.append(True)
+        tokens = 0
+        for batch in data:  # stop before the batch that would start after max_tokens real tokens
+            if config.max_tokens is not None and tokens >= config.max_tokens:
+                return
+            mask = batch.get("attention_mask")
+            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            yield batch
+
+    return given
+
+
+# ---------------------------------------------------------------------------------------------------- partitions
+def _find_start(
+    config: CollectConfig, passes: list[list[str]], ctx: DistContext, fingerprint: dict[str, Any] | None
+) -> tuple[CheckpointState, Factors | None]:
+    """Where the run starts (the checkpoint's state, or the beginning); rank 0 reads the checkpoint and tells the
+    others; an error reaches every rank."""
+    start: CheckpointState | str = CheckpointState(0, passes, 0, 0, 0, dict(fingerprint or {}))
+    loaded = None
+    if ctx.is_main and config.resume:
+        try:
+            found = load_checkpoint(config.out, fingerprint)
+        except UserError as exc:
+            start, found = str(exc), None
+        if found is not None:
+            loaded, state = found
+            if state.passes != passes:
+                start = f"checkpoint in {config.out} splits the modules into other passes; use the same --layers-per-pass"
+            else:
+                resumed = {"pass": state.pass_index, "windows": state.windows, "tokens": state.tokens, "at": state.created}
+                start = replace(state, history=[*state.history, resumed], world_size=ctx.world_size)
+                log.info(
+                    "resuming from checkpoint %d: pass %d of %d, %s windows (%s tokens) already in the sums",
+                    state.sequence, state.pass_index + 1, len(passes), f"{state.windows:,}", f"{state.tokens:,}",
+                )  # fmt: skip
+        elif isinstance(start, CheckpointState):
+            log.info("--resume: no checkpoint in %s; starting from the beginning", config.out)
+    start = broadcast_object(ctx, start, what="sharing the resume point")
+    if isinstance(start, str):
+        raise UserError(start)
+    return start, loaded
+
+
+def _collect_partitions(
+    model: nn.Module,
+    projections: Sequence[Projection],
+    batches: BatchSource,
+    config: CollectConfig,
+    ctx: DistContext,
+    fingerprint: dict[str, Any] | None,
+) -> Factors | None:
+    """The sum of the partial factors of every pass (rank 0; ``None`` elsewhere). Writes only checkpoints."""
     from tqdm.auto import tqdm
 
-    if projections is None:
-        if kinds is None:
-            kinds = projection_kinds(model)
-        projections = find_projections(model, layers, kinds)
-    collector = FactorCollector(model, projections, labels=labels, seed=seed, factors=factors)
-    bar = tqdm(
-        total=max_tokens, unit="tok", unit_scale=True, desc="collecting factors", disable=None if progress else True
+    started = time.perf_counter()
+    passes = plan_passes(projections, config.layers_per_pass)
+    pass_names = [[p.name for p in group] for group in passes]
+    start, loaded = _find_start(config, pass_names, ctx, fingerprint)
+    done = Factors()  # the finished passes, on the CPU (rank 0 only)
+    if loaded is not None:
+        done = loaded.subset(n for group in pass_names[: start.pass_index] for n in group).to("cpu")
+    tokens_per_step = config.seq_len * config.batch_size * ctx.world_size
+    steps_per_checkpoint = math.ceil(config.checkpoint_every / tokens_per_step) if config.checkpoint_every else None
+    sequence = start.sequence
+
+    def checkpoint(pass_index: int, windows: int, tokens: int, labelled: int, current: Factors | None) -> None:
+        nonlocal sequence
+        sequence += 1
+        held = Factors({**done.modules, **(current.modules if current is not None else {})}, {"checkpoint_of": "kfac-edit collect"})
+        state = replace(
+            start, pass_index=pass_index, windows=windows, tokens=tokens, labelled_tokens=labelled, sequence=sequence,
+            world_size=ctx.world_size, batch_size=config.batch_size, created=utc_now(),
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        path = save_checkpoint(config.out, held, state)
+        log.info("checkpoint %s (%d windows, %d tokens) in %.1f s", path, windows, tokens, time.perf_counter() - t0)
+
+    manifest: dict[str, Any] | None = None
+    for pass_index in range(start.pass_index, len(passes)):
+        group = passes[pass_index]
+        resumed = pass_index == start.pass_index
+        position, tokens_total, labelled_total = (start.windows, start.tokens, start.labelled_tokens) if resumed else (0, 0, 0)
+        partial = None
+        if resumed and position and loaded is not None:  # the checkpointed part of this pass, back on its devices
+            partial = loaded.subset(pass_names[pass_index]).to({p.name: p.module.weight.device for p in group})
+        collector = FactorCollector(model, group, config.labels, config.seed, factors=partial, start_window=position)
+        seen = [0, 0]  # this rank's tokens / labelled tokens at the last meeting
+        bar = tqdm(
+            total=config.max_tokens, initial=tokens_total, unit="tok", unit_scale=True,
+            desc=f"pass {pass_index + 1}/{len(passes)}" if len(passes) > 1 else "collecting factors",
+            disable=None if (config.progress and ctx.is_main) else True,
+        )  # fmt: skip
+        exhausted, steps = False, 0
+        try:
+            with collector:
+                stream = iter(batches(position, (ctx.rank, ctx.world_size)))
+                while True:
+                    if not exhausted:
+                        batch = next(stream, None)
+                        exhausted = batch is None
+                        if not exhausted:
+                            before = collector.tokens
+                            collector.accumulate(batch)
+                            steps += 1
+                            bar.update((collector.tokens - before) * ctx.world_size)
+                            if steps_per_checkpoint is None or steps % steps_per_checkpoint:
+                                continue
+                    # a meeting: a checkpoint step of a rank with data, or a rank whose shard is exhausted
+                    any_active, windows_total = all_reduce_ints(
+                        ctx, [int(not exhausted), collector.windows], "max", what="status exchange"
+                    )
+                    reduce_factors_to_main(ctx, collector.symmetrize())
+                    delta = all_reduce_ints(
+                        ctx, [collector.tokens - seen[0], collector.labelled_tokens - seen[1]], "sum", what="token counts"
+                    )
+                    seen = [collector.tokens, collector.labelled_tokens]
+                    tokens_total += delta[0]
+                    labelled_total += delta[1]
+                    bar.n = tokens_total
+                    bar.refresh()
+                    if not any_active:
+                        break
+                    if config.checkpoint_every and ctx.is_main:
+                        checkpoint(pass_index, windows_total, tokens_total, labelled_total, collector.factors)
+        finally:
+            bar.close()
+        if ctx.is_main:
+            if labelled_total == 0:
+                raise UserError("no token with a label was seen (every window was padding); give the run more text")
+            manifest = {**collector.manifest(), "tokens": tokens_total, "labelled_tokens": labelled_total, "windows": windows_total}
+            done.modules.update(collector.symmetrize().to("cpu").modules)  # passes hold disjoint modules: sum = union
+            if config.checkpoint_every and pass_index + 1 < len(passes):
+                checkpoint(pass_index + 1, 0, 0, 0, None)
+        collector.factors = Factors()  # free this pass's device memory
+
+    if not ctx.is_main:
+        return None
+    if manifest is None:  # resumed a checkpoint written after the last pass: nothing left to read
+        raise UserError(f"the checkpoint in {config.out} is already complete; pass --overwrite to collect again")
+    done.manifest.update(
+        manifest,
+        layers=sorted({p.block for p in projections}),
+        projections=[k for k in ("gate", "up", "down") if any(p.kind == k for p in projections)],
+        world_size=ctx.world_size,
+        passes=len(passes),
+        layers_per_pass=config.layers_per_pass,
+        checkpoint_every=config.checkpoint_every,
+        resumed=start.history,
+        seconds=round(time.perf_counter() - started, 3),
     )
-    start = time.perf_counter()
-    try:
-        with collector:
-            for batch in batches:
-                if max_tokens is not None and collector.tokens >= max_tokens:
-                    break
-                before = collector.tokens
-                collector.accumulate(batch)
-                bar.update(collector.tokens - before)
-    finally:
-        bar.close()
-    result = collector.finish()
-    result.manifest["seconds"] = round(time.perf_counter() - start, 3)
-    return result
+    done.check_finite()
+    done.modules = {p.name: done.modules[p.name] for p in projections}  # in the order they were asked for
+    return done

@@ -185,25 +185,18 @@ def broadcast_object(ctx: DistContext, obj: Any, src: int = 0, what: str = "broa
     return box[0]
 
 
-def broadcast_tensor(ctx: DistContext, tensor: torch.Tensor, src: int, what: str = "broadcast") -> torch.Tensor:
-    """``tensor`` of rank ``src`` copied into ``tensor`` on every rank (moved through ``ctx.device`` if needed)."""
-    if not ctx.enabled:
-        return tensor
+def _through_device(ctx: DistContext, tensor: torch.Tensor, what: str, op: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+    """Run the in-place collective ``op`` on ``tensor``; one off the collective device goes through a copy there."""
     buf = tensor if tensor.device == ctx.device and tensor.is_contiguous() else tensor.to(ctx.device).contiguous()
-    collective(ctx, what, lambda: dist.broadcast(buf, src=src))
+    collective(ctx, what, lambda: op(buf))
     if buf is not tensor:
         tensor.copy_(buf)
     return tensor
 
 
-def _all_reduce_tensor_(ctx: DistContext, tensor: torch.Tensor, what: str) -> None:
-    """In-place sum over ranks; a tensor off the collective device goes through a temporary copy there."""
-    if tensor.device == ctx.device and tensor.is_contiguous():
-        collective(ctx, what, lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM))
-        return
-    buf = tensor.to(ctx.device).contiguous()
-    collective(ctx, what, lambda: dist.all_reduce(buf, op=dist.ReduceOp.SUM))
-    tensor.copy_(buf)
+def broadcast_tensor(ctx: DistContext, tensor: torch.Tensor, src: int, what: str = "broadcast") -> torch.Tensor:
+    """``tensor`` of rank ``src`` copied into ``tensor`` on every rank."""
+    return _through_device(ctx, tensor, what, lambda t: dist.broadcast(t, src=src)) if ctx.enabled else tensor
 
 
 def reduce_factors_to_main(ctx: DistContext, factors, what: str = "factor all-reduce") -> None:
@@ -216,16 +209,16 @@ def reduce_factors_to_main(ctx: DistContext, factors, what: str = "factor all-re
     if not ctx.enabled:
         return
     for tensor in factors.tensors():
-        _all_reduce_tensor_(ctx, tensor, what)
+        _through_device(ctx, tensor, what, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
     names = list(factors.modules)
-    counts = [c for n in names for c in (factors.modules[n].activation_count, factors.modules[n].grad_count)]
+    counts = [c for n in names for c in (factors.modules[n].activation_tokens, factors.modules[n].grad_tokens)]
     counts = all_reduce_ints(ctx, counts, "sum", what)
     for i, name in enumerate(names):
         mf = factors.modules[name]
-        mf.activation_count, mf.grad_count = counts[2 * i], counts[2 * i + 1]
+        mf.activation_tokens, mf.grad_tokens = counts[2 * i], counts[2 * i + 1]
     if not ctx.is_main:
         for tensor in factors.tensors():
             tensor.zero_()
         for mf in factors.modules.values():
-            mf.activation_count = mf.grad_count = 0
+            mf.activation_tokens = mf.grad_tokens = 0
     factors._hashes.clear()

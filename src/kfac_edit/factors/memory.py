@@ -12,6 +12,7 @@ end (the final file is written from there).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ import torch
 
 from ..errors import UserError
 from ..models import Projection
-from .collect import _shared_activation_partner, accumulate_dtype_for
+from .collector import accumulate_dtype_for, activation_keys
+
+log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 CUDA_FRACTION = 0.9  # default budget: this share of the free GPU memory (the rest holds activations)
@@ -53,14 +56,19 @@ def _device_of(p: Projection) -> str:
 
 def module_memory(projections: Sequence[Projection], dtype: torch.dtype | None = None) -> list[ModuleMemory]:
     """Factor bytes per projection, on the device of its weight. ``dtype``: default the accumulation dtype."""
-    shared = set(_shared_activation_partner(projections).values())  # up_proj names whose A is gate's
+    keys = activation_keys(projections)
     out = []
     for p in projections:
         size = torch.empty((), dtype=dtype or accumulate_dtype_for(p.module)).element_size()
         n_out, n_in = p.shape
-        act = 0 if p.name in shared else size * n_in * n_in
+        act = size * n_in * n_in if keys[p.name] == p.name else 0  # a shared A is counted once
         out.append(ModuleMemory(p.name, p.block, p.kind, (n_out, n_in), _device_of(p), act, size * n_out * n_out))
     return out
+
+
+def factor_nbytes(projections: Sequence[Projection], dtype: torch.dtype | None = None) -> dict[str, int]:
+    """``{module name: bytes of its factor sums}`` (a shared ``A`` counted once)."""
+    return {m.name: m.total for m in module_memory(projections, dtype)}
 
 
 def plan_passes(projections: Sequence[Projection], layers_per_pass: int | None) -> list[list[Projection]]:
@@ -198,7 +206,7 @@ def check_memory(
     print_table: bool = True,
     keeps_results: bool = True,
 ) -> MemoryPlan:
-    """Print the factor memory and raise :class:`UserError` when a device cannot hold its share.
+    """Log the factor memory table (``print_table``) and raise :class:`UserError` when a device cannot hold its share.
 
     ``budget``: bytes the factors may take on each device (one number for all, or per device); default 90% of the
     free GPU memory and 80% of the available RAM, measured now (so after the model was loaded). The error names the
@@ -206,7 +214,7 @@ def check_memory(
     """
     plan = memory_plan(projections, layers_per_pass, keeps_results)
     if print_table:
-        print(plan.table(), flush=True)
+        log.info("%s", plan.table())
     for device, need in plan.need.items():
         limit = budget.get(device) if isinstance(budget, dict) else budget
         if limit is None:

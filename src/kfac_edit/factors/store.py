@@ -2,21 +2,24 @@
 
 For each module (named by its path, e.g. ``model.layers.23.mlp.up_proj``) we keep **sums** and **counts**:
 
-* ``activation_cov`` sum: Σ a aᵀ over the rows ``a`` of the layer input, shape ``(in, in)``;
-* ``grad_cov`` sum: Σ g gᵀ over the rows ``g`` of the gradient of the summed token loss w.r.t. the layer output,
+* ``activation_sum``: Σ a aᵀ over the rows ``a`` of the layer input, shape ``(in, in)``;
+* ``grad_sum``: Σ g gᵀ over the rows ``g`` of the gradient of the summed token loss w.r.t. the layer output,
   shape ``(out, out)``;
-* the number of rows (tokens) that went into each.
+* ``activation_tokens`` and ``grad_tokens``: the number of rows (tokens) that went into each.
 
-Means (``A = E[a aᵀ]``, ``G = E[g gᵀ]``) are ``sum / count``. Keeping sums and counts apart lets partial runs,
-resumed runs and ranks add up exactly (:meth:`Factors.add_`). ``gate_proj`` and ``up_proj`` read the same input:
-their ``activation_cov`` may be one shared tensor, stored once on disk.
+Means (``A = E[a aᵀ]`` from :meth:`Factors.activation_cov`, ``G = E[g gᵀ]`` from :meth:`Factors.grad_cov`) are
+``sum / tokens``. Keeping sums and counts apart lets partial runs, resumed runs and ranks add up exactly
+(:meth:`Factors.add_`). Modules that read the same input (``gate_proj`` and ``up_proj`` of a block) have the same
+**activation key** (the name of the module whose activation sum they use): one tensor in memory, stored once.
 
-Directory layout::
+Directory layout (format version 2)::
 
-    DIR/factors.safetensors   tensors "<module>.activation_cov" and "<module>.grad_cov" (fp32 sums)
-    DIR/manifest.json         configuration, per-module shapes, counts and aliases, and a run id
+    DIR/factors.safetensors   tensors "<activation key>.activation_sum" and "<module>.grad_sum" (fp32 sums)
+    DIR/manifest.json         configuration, per-module shapes, activation keys and token counts, and a run id
 
-Both files carry the same ``run_id``; the manifest is written last, so an interrupted save never loads.
+Both files carry the same ``run_id``; the manifest is written last, so an interrupted save never loads. Version 1
+directories (tensors ``*.activation_cov``/``*.grad_cov`` holding the same sums, named by ``activation_cov_key`` and
+``grad_cov_key`` in the manifest) still load.
 """
 
 from __future__ import annotations
@@ -37,17 +40,25 @@ from ..errors import UserError
 from ..fileio import atomic_path, write_json
 from ..identity import tensors_digest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ACTIVATION_SUM = "activation_sum"  # tensor "<activation key>.activation_sum"
+GRAD_SUM = "grad_sum"  # tensor "<module>.grad_sum"
+V1_ACTIVATION_KEY, V1_GRAD_KEY = "activation_cov_key", "grad_cov_key"  # version 1 manifest: tensor names
 
 
 @dataclass
 class ModuleFactors:
-    """Sums and counts for one module. ``activation_sum`` is (in, in), ``grad_sum`` is (out, out)."""
+    """Sums and counts for one module. ``activation_sum`` is (in, in), ``grad_sum`` is (out, out).
+
+    ``activation_key`` names the activation sum: the module's own name, or the name of the module whose input it
+    reads too (``up_proj`` -> its block's ``gate_proj``); modules with one key hold one tensor.
+    """
 
     activation_sum: torch.Tensor
     grad_sum: torch.Tensor
-    activation_count: int = 0
-    grad_count: int = 0
+    activation_tokens: int = 0
+    grad_tokens: int = 0
+    activation_key: str = ""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -60,6 +71,8 @@ class Factors:
 
     def __init__(self, modules: dict[str, ModuleFactors] | None = None, manifest: dict[str, Any] | None = None):
         self.modules: dict[str, ModuleFactors] = dict(modules or {})
+        for name, mf in self.modules.items():
+            mf.activation_key = mf.activation_key or name
         self.manifest: dict[str, Any] = dict(manifest or {})
         self._hashes: dict[str, str] = {}
 
@@ -70,16 +83,15 @@ class Factors:
     ) -> "Factors":
         """Build from ``{name: (activation_cov_mean, grad_cov_mean, n_tokens)}`` (e.g. imported or in tests).
 
-        Modules given the same activation tensor object with the same count (gate/up) share one activation sum.
+        A module given the very activation tensor of an earlier one, with the same count (gate/up), gets that
+        module's activation key: one shared activation sum.
         """
-        modules = {}
-        shared: dict[tuple[int, int], torch.Tensor] = {}
+        modules: dict[str, ModuleFactors] = {}
         for name, (act, grad, n) in means.items():
             n = int(n)
-            key = (id(act), n)
-            if key not in shared:
-                shared[key] = act * n
-            modules[name] = ModuleFactors(shared[key], grad * n, n, n)
+            owner = next((k for k, (a, _, m) in means.items() if a is act and int(m) == n), name)
+            act_sum = modules[owner].activation_sum if owner != name else act * n
+            modules[name] = ModuleFactors(act_sum, grad * n, n, n, owner)
         return cls(modules, manifest)
 
     # ------------------------------------------------------------------ access
@@ -105,26 +117,29 @@ class Factors:
     def activation_cov(self, name: str) -> torch.Tensor:
         """Mean ``A = E[a aᵀ]`` of module ``name``, shape ``(in, in)``."""
         mf = self._get(name)
-        return mf.activation_sum / max(mf.activation_count, 1)
+        return mf.activation_sum / max(mf.activation_tokens, 1)
 
     def grad_cov(self, name: str) -> torch.Tensor:
         """Mean ``G = E[g gᵀ]`` of module ``name``, shape ``(out, out)``."""
         mf = self._get(name)
-        return mf.grad_sum / max(mf.grad_count, 1)
+        return mf.grad_sum / max(mf.grad_tokens, 1)
 
     def tokens(self, name: str) -> int:
-        return self._get(name).grad_count
+        return self._get(name).grad_tokens
 
     def shape(self, name: str) -> tuple[int, int]:
         return self._get(name).shape
 
+    def activation_sums(self) -> dict[str, torch.Tensor]:
+        """``{activation key: sum}``: each activation sum once."""
+        out: dict[str, torch.Tensor] = {}
+        for mf in self.modules.values():
+            out.setdefault(mf.activation_key, mf.activation_sum)
+        return out
+
     def tensors(self) -> list[torch.Tensor]:
         """Every sum tensor once (a shared activation sum appears once): what to all-reduce or checkpoint."""
-        seen: dict[int, torch.Tensor] = {}
-        for mf in self.modules.values():
-            for t in (mf.activation_sum, mf.grad_sum):
-                seen.setdefault(id(t), t)
-        return list(seen.values())
+        return [*self.activation_sums().values(), *(mf.grad_sum for mf in self.modules.values())]
 
     def nbytes(self) -> int:
         """Memory held by the sums (shared tensors counted once)."""
@@ -134,53 +149,59 @@ class Factors:
         """A hash of the module's factor tensors and counts (a cache key for eigendecompositions)."""
         if name not in self._hashes:
             mf = self._get(name)
-            counts = f"{mf.activation_count},{mf.grad_count}"
+            counts = f"{mf.activation_tokens},{mf.grad_tokens}"
             self._hashes[name] = tensors_digest((mf.activation_sum, mf.grad_sum), extra=counts)
         return self._hashes[name]
 
     def check_finite(self) -> None:
         """Raise :class:`UserError` naming the first module whose factors hold NaN or Inf."""
         for name, mf in self.modules.items():
-            for label, t in (("activation_cov", mf.activation_sum), ("grad_cov", mf.grad_sum)):
+            for label, t in ((ACTIVATION_SUM, mf.activation_sum), (GRAD_SUM, mf.grad_sum)):
                 if not torch.isfinite(t).all():
                     raise UserError(
                         f"{name}.{label} contains NaN/Inf; collect in float32 (--dtype float32) or check the model"
                     )
 
     # ------------------------------------------------------------------ arithmetic
+    def subset(self, names: Iterable[str]) -> "Factors":
+        """The modules ``names`` (those held), sharing this object's tensors."""
+        return Factors({n: self.modules[n] for n in names if n in self.modules})
+
     def add_(self, other: "Factors") -> "Factors":
         """Add another set of sums and counts into this one (resume, ranks, partial passes)."""
-        seen: dict[int, torch.Tensor] = {}
-        cloned: dict[int, torch.Tensor] = {}  # other's shared activation sums stay shared in the copy
+        mine = self.activation_sums()
+        for key, theirs in other.activation_sums().items():  # each activation sum once
+            if key in mine:
+                if mine[key].shape != theirs.shape:
+                    shapes = f"{tuple(mine[key].shape)} and {tuple(theirs.shape)}"
+                    raise UserError(f"cannot add factors of {key}: activation shapes {shapes} differ")
+                mine[key] += theirs.to(mine[key])
+            else:
+                mine[key] = theirs.clone()
         for name, mf in other.modules.items():
             if name not in self.modules:
-                key = id(mf.activation_sum)
-                if key not in cloned:
-                    cloned[key] = mf.activation_sum.clone()
-                self.modules[name] = ModuleFactors(cloned[key], mf.grad_sum.clone(), mf.activation_count, mf.grad_count)
+                self.modules[name] = ModuleFactors(
+                    mine[mf.activation_key], mf.grad_sum.clone(), mf.activation_tokens, mf.grad_tokens, mf.activation_key
+                )
                 continue
-            mine = self.modules[name]
-            if mine.shape != mf.shape:
-                raise UserError(f"cannot add factors of {name}: shapes {mine.shape} and {mf.shape} differ")
-            key = id(mine.activation_sum)
-            if key not in seen:  # a shared (gate/up) activation sum is added once
-                mine.activation_sum += mf.activation_sum.to(mine.activation_sum)
-                seen[key] = mine.activation_sum
-            mine.grad_sum += mf.grad_sum.to(mine.grad_sum)
-            mine.activation_count += mf.activation_count
-            mine.grad_count += mf.grad_count
+            have = self.modules[name]
+            if have.shape != mf.shape:
+                raise UserError(f"cannot add factors of {name}: shapes {have.shape} and {mf.shape} differ")
+            have.grad_sum += mf.grad_sum.to(have.grad_sum)
+            have.activation_tokens += mf.activation_tokens
+            have.grad_tokens += mf.grad_tokens
         self._hashes.clear()
         return self
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Factors":
-        """Move every tensor (keeping shared activation sums shared)."""
-        moved: dict[int, torch.Tensor] = {}
-        for mf in self.modules.values():
-            key = id(mf.activation_sum)
-            if key not in moved:
-                moved[key] = mf.activation_sum.to(device=device, dtype=dtype)
-            mf.activation_sum = moved[key]
-            mf.grad_sum = mf.grad_sum.to(device=device, dtype=dtype)
+        """Move every tensor (keeping shared activation sums shared). ``device`` may be ``{module name: device}``."""
+
+        where = {name: device.get(name) if isinstance(device, dict) else device for name in self.modules}
+        key_device = {mf.activation_key: where[name] for name, mf in reversed(self.modules.items())}
+        moved = {key: t.to(device=key_device[key], dtype=dtype) for key, t in self.activation_sums().items()}
+        for name, mf in self.modules.items():
+            mf.activation_sum = moved[mf.activation_key]
+            mf.grad_sum = mf.grad_sum.to(device=where[name], dtype=dtype)
         return self
 
     # ------------------------------------------------------------------ I/O
@@ -193,27 +214,24 @@ class Factors:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         run_id = uuid.uuid4().hex
-        tensors: dict[str, torch.Tensor] = {}
-        stored_key: dict[int, str] = {}
-        module_entries: dict[str, dict[str, Any]] = {}
-        for name, mf in self.modules.items():
-            entry: dict[str, Any] = {
+
+        def stored(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", stored_dtype).contiguous()
+
+        tensors = {f"{key}.{ACTIVATION_SUM}": stored(t) for key, t in self.activation_sums().items()}
+        tensors.update({f"{name}.{GRAD_SUM}": stored(mf.grad_sum) for name, mf in self.modules.items()})
+        module_entries = {
+            name: {
                 "shape": list(mf.shape),
-                "activation_tokens": mf.activation_count,
-                "grad_tokens": mf.grad_count,
+                "activation_key": mf.activation_key,
+                "activation_tokens": mf.activation_tokens,
+                "grad_tokens": mf.grad_tokens,
             }
-            key = id(mf.activation_sum)
-            if key in stored_key:
-                entry["activation_cov_key"] = stored_key[key]
-            else:
-                stored_key[key] = entry["activation_cov_key"] = f"{name}.activation_cov"
-                tensors[f"{name}.activation_cov"] = mf.activation_sum.detach().to("cpu", stored_dtype).contiguous()
-            entry["grad_cov_key"] = f"{name}.grad_cov"
-            tensors[f"{name}.grad_cov"] = mf.grad_sum.detach().to("cpu", stored_dtype).contiguous()
-            module_entries[name] = entry
+            for name, mf in self.modules.items()
+        }
         manifest = {k: v for k, v in self.manifest.items() if k not in ("modules", "run_id", "format_version")}
-        stored = "fp32 sums" if stored_dtype is not None else "sums in their accumulation dtype"
-        manifest.update(format_version=FORMAT_VERSION, run_id=run_id, stored=f"{stored}; mean = sum / tokens")
+        kept = "fp32 sums" if stored_dtype is not None else "sums in their accumulation dtype"
+        manifest.update(format_version=FORMAT_VERSION, run_id=run_id, stored=f"{kept}; mean = sum / tokens")
         manifest["modules"] = module_entries
         header = {"run_id": run_id, "manifest": json.dumps(manifest, default=str)}
         with atomic_path(directory / TENSORS_FILE) as tmp:
@@ -224,7 +242,7 @@ class Factors:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, names: Iterable[str] | None = None, device: str = "cpu") -> "Factors":
-        """Load factors saved by :meth:`save`; ``names`` restricts which modules are read."""
+        """Load factors saved by :meth:`save` (format version 1 or 2); ``names`` restricts which modules are read."""
         directory = Path(directory)
         manifest_path = directory / MANIFEST_FILE
         tensors_path = directory / TENSORS_FILE
@@ -237,7 +255,11 @@ class Factors:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{manifest_path} is not valid JSON ({exc}); collect the factors again") from exc
-        wanted = list(manifest.get("modules", {})) if names is None else list(names)
+        version = manifest.get("format_version", 1)
+        if version not in (1, FORMAT_VERSION):
+            raise UserError(f"{manifest_path} has format version {version}; this kfac-edit reads 1 and {FORMAT_VERSION}")
+        entries = manifest.get("modules", {})
+        wanted = list(entries) if names is None else list(names)
         modules: dict[str, ModuleFactors] = {}
         loaded: dict[str, torch.Tensor] = {}
         with safe_open(str(tensors_path), framework="pt", device=device) as fh:
@@ -248,13 +270,26 @@ class Factors:
                     "collect the factors again"
                 )
             for name in wanted:
-                if name not in manifest.get("modules", {}):
+                if name not in entries:
                     raise UserError(f"no factors for module '{name}' in {directory}; collect factors for that layer")
-                entry = manifest["modules"][name]
-                akey, gkey = entry["activation_cov_key"], entry["grad_cov_key"]
+                entry = entries[name]
+                if version == 1:  # tensor names in the manifest; the activation key is the owner's module name
+                    atensor, gtensor = entry[V1_ACTIVATION_KEY], entry[V1_GRAD_KEY]
+                    akey = atensor.removesuffix(".activation_cov")
+                else:
+                    akey = entry["activation_key"]
+                    atensor, gtensor = f"{akey}.{ACTIVATION_SUM}", f"{name}.{GRAD_SUM}"
                 if akey not in loaded:
-                    loaded[akey] = fh.get_tensor(akey)
+                    loaded[akey] = fh.get_tensor(atensor)
                 modules[name] = ModuleFactors(
-                    loaded[akey], fh.get_tensor(gkey), int(entry["activation_tokens"]), int(entry["grad_tokens"])
+                    loaded[akey], fh.get_tensor(gtensor), int(entry["activation_tokens"]), int(entry["grad_tokens"]), akey
                 )
         return cls(modules, manifest)
+
+
+def check_writable(out: Path, overwrite: bool) -> None:
+    """Raise :class:`UserError` unless ``out`` may receive factors (a directory without factors, or ``overwrite``)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; give a directory")
+    if ((out / MANIFEST_FILE).exists() or (out / TENSORS_FILE).exists()) and not overwrite:
+        raise UserError(f"'{out}' already holds factors; pass --overwrite to replace them or pick another --out")

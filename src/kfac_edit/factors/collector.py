@@ -1,0 +1,486 @@
+"""Hooks and accumulation: K-FAC factor sums of MLP projections, one batch at a time (:class:`FactorCollector`).
+
+A whole collection (passes, checkpoints, ranks) is :func:`kfac_edit.factors.collect.collect_factors`.
+
+Conventions (shared with :mod:`kfac_edit.factors.store`): a projection's weight ``W`` is ``(out, in)``;
+
+* ``A = Σ a aᵀ`` over rows ``a`` of the layer input, shape ``(in, in)``;
+* ``G = Σ g gᵀ`` over rows ``g`` of the gradient of the **summed** token loss w.r.t. the layer output,
+  shape ``(out, out)``; the Fisher block of ``W`` is ``G ⊗ A``;
+* rows counted ("valid" positions): ``t`` with ``attention_mask[t] == 1`` and ``attention_mask[t + 1] == 1``, i.e.
+  positions that have a label (not padding, not the last position of a window). Because the loss is a sum and the
+  rows are selected by mask, the factors do not depend on batch size or padding.
+
+Labels: ``gold`` is the next token (empirical Fisher); ``sampled`` draws each label from the model's own softmax
+(true Fisher, no labelled data needed). A sampled label is the inverse CDF of a uniform number seeded by
+``(seed, window index, position)``, so the labels of a window are the same whatever the batch size, padding, shard
+or resume point.
+
+One step (:meth:`FactorCollector.accumulate`):
+
+1. forward with hooks: each projection's forward hook adds its valid input rows into ``A`` (``gate`` and ``up`` of a
+   block read the same input: one activation key (:func:`activation_keys`), one ``A``, added once) and puts a
+   gradient hook on its output;
+2. the summed cross-entropy of the valid positions against the labels;
+3. ``torch.autograd.grad`` of that loss w.r.t. the outputs of the lowest chosen block: autograd runs only what is
+   needed to reach them (no weight gradients, nothing below that block); each projection's gradient hook adds its
+   valid rows into ``G`` as soon as the gradient exists, after which it is freed.
+
+Sums are fp32 (fp64 when the model is fp64); bf16/fp16 rows enter fp32 products (on CUDA a bf16 GEMM with fp32
+output, which is exact for the products; elsewhere the rows are cast to fp32 first).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from ..identity import model_fingerprint
+from ..models import Projection
+from ..spec import LabelMode
+from .store import Factors, ModuleFactors
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+_SAMPLE_CHUNK_ELEMENTS = 1 << 27  # rows x vocab handled at once when sampling labels (512 MiB in fp32)
+
+
+# ---------------------------------------------------------------------------------------------------- numerics
+_MIXED_GEMM_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _mixed_gemm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=float32)`` works for ``dtype`` inputs on ``device`` (checked once)."""
+    key = (str(device), dtype)
+    if key not in _MIXED_GEMM_OK:
+        try:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            rows = torch.randn(64, 48, generator=gen).to(device=device, dtype=dtype)
+            total = torch.ones(48, 48, device=device)
+            torch.addmm(total, rows.T, rows, out_dtype=torch.float32, out=total)
+            exact = rows.double()  # bf16/fp16 products are exact in fp32; compare with an fp64 reference
+            expected = (1 + exact.T @ exact).float()
+            _MIXED_GEMM_OK[key] = bool(torch.allclose(total, expected, rtol=1e-5, atol=1e-5))
+        except (RuntimeError, TypeError):  # an older torch without out_dtype, or an unsupported backend
+            _MIXED_GEMM_OK[key] = False
+        log.debug("mixed-precision GEMM for %s on %s: %s", dtype, device, _MIXED_GEMM_OK[key])
+    return _MIXED_GEMM_OK[key]
+
+
+GRAM_ROW_BLOCKS = 8  # a symmetric Gram update is done as this many row blocks, each from the diagonal rightwards
+
+
+def add_gram(total: torch.Tensor, rows: torch.Tensor, upper: bool = False) -> None:
+    """``total += rowsᵀ rows`` in place, with products and sums in ``total``'s dtype.
+
+    ``rows`` is ``(n, d)``, ``total`` is ``(d, d)``. Low-precision rows are never multiplied in low precision.
+    With ``upper`` only the blocks on and above the diagonal of a ``GRAM_ROW_BLOCKS`` x ``GRAM_ROW_BLOCKS`` block
+    partition are added (9/16 of the products; one GEMM per row block); :func:`mirror_upper_` then fills the rest.
+    """
+    low = rows.dtype in (torch.bfloat16, torch.float16)
+    if low and rows.is_cuda and total.dtype == torch.float32 and _mixed_gemm_ok(rows.device, rows.dtype):
+        torch.addmm(total, rows.T, rows, out_dtype=torch.float32, out=total)  # bf16/fp16 in, fp32 out: the full Gram
+        return
+    rows = rows.to(total.dtype)
+    if not upper:
+        total.addmm_(rows.T, rows)
+        return
+    step = -(-total.shape[0] // GRAM_ROW_BLOCKS)
+    for a in range(0, total.shape[0], step):
+        total[a : a + step, a:].addmm_(rows[:, a : a + step].T, rows[:, a:])
+
+
+def mirror_upper_(total: torch.Tensor) -> None:
+    """Copy the block upper triangle left by ``add_gram(..., upper=True)`` below the diagonal (idempotent)."""
+    step = -(-total.shape[0] // GRAM_ROW_BLOCKS)
+    for a in range(step, total.shape[0], step):
+        total[a : a + step, :a].copy_(total[:a, a : a + step].T)
+
+
+def accumulate_dtype_for(module: nn.Module) -> torch.dtype:
+    """fp64 sums for an fp64 module, fp32 otherwise."""
+    weight = getattr(module, "weight", None)
+    return torch.float64 if weight is not None and weight.dtype == torch.float64 else torch.float32
+
+
+def valid_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool: positions with a label (mask 1 here and at the next position; the last position never)."""
+    mask = attention_mask.bool()
+    valid = torch.zeros_like(mask)
+    valid[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    return valid
+
+
+def _splitmix64(x: int) -> int:
+    mask = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+def window_uniforms(seed: int, window_index: Sequence[int], seq_len: int) -> torch.Tensor:
+    """``(B, T)`` float64 uniforms in [0, 1): row ``b`` depends only on ``(seed, window_index[b])``."""
+    rows = []
+    for index in window_index:
+        gen = torch.Generator(device="cpu").manual_seed(_splitmix64((int(seed) << 32) ^ int(index)) >> 1)
+        rows.append(torch.rand(seq_len, generator=gen, dtype=torch.float64))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def sample_labels(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one label per row of ``logits`` ``(n, V)`` from its softmax, by inverse CDF of ``uniforms`` ``(n,)``.
+
+    Softmax and CDF are fp32 (fp64 for fp64 logits), in chunks of rows to bound memory. A zero-probability token
+    is never drawn.
+    """
+    n, vocab = logits.shape
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    out = torch.empty(n, dtype=torch.long, device=logits.device)
+    chunk = max(1, _SAMPLE_CHUNK_ELEMENTS // max(vocab, 1))
+    for start in range(0, n, chunk):
+        cdf = torch.softmax(logits[start : start + chunk].to(dtype), dim=-1).cumsum_(dim=-1)
+        u = uniforms[start : start + chunk].to(device=logits.device, dtype=dtype).unsqueeze(1) * cdf[:, -1:]
+        out[start : start + chunk] = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max_(vocab - 1)
+    return out
+
+
+def activation_keys(projections: Sequence[Projection]) -> dict[str, str]:
+    """``{module name: activation key}``: ``up`` reads the same input as its block's ``gate``, so when both are
+    chosen ``up``'s key is ``gate``'s name (one shared activation sum); every other module's key is its own name."""
+    gates = {p.block: p.name for p in projections if p.kind == "gate"}
+    return {p.name: gates.get(p.block, p.name) if p.kind == "up" else p.name for p in projections}
+
+
+# ---------------------------------------------------------------------------------------------------- collector
+class FactorCollector:
+    """Accumulates K-FAC factor sums for a set of projections, one batch at a time.
+
+    Use as a context manager (hooks are installed on enter and removed on exit; parameters are frozen meanwhile)::
+
+        with FactorCollector(model, projections, labels="sampled", seed=0) as collector:
+            for batch in batches:
+                collector.accumulate(batch)
+        factors = collector.finish()
+
+    The running sums live in ``collector.factors`` (a :class:`Factors`), whole after :meth:`symmetrize` (add other
+    ranks' sums with ``Factors.add_`` or all-reduce ``collector.symmetrize().tensors()``). ``tokens``,
+    ``labelled_tokens``, ``windows`` and ``steps`` count what was consumed, so a checkpoint can record where in the
+    stream it is.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        projections: Sequence[Projection],
+        labels: str = "sampled",
+        seed: int = 0,
+        factors: Factors | None = None,
+        start_window: int = 0,
+    ):
+        LabelMode.parse(labels, "label mode")
+        if not projections:
+            raise UserError("no projection chosen to collect factors for; pick --layers and --projections")
+        names = [p.name for p in projections]
+        if len(set(names)) != len(names):
+            raise ValueError(f"projections listed twice: {names}")
+        self.model = model
+        self.projections = list(projections)
+        self.labels = labels
+        self.seed = int(seed)
+        self.factors = factors if factors is not None else Factors()
+        self.lowest_block = min(p.block for p in self.projections)
+        self.tokens = 0  # real tokens (attention mask 1) consumed
+        self.labelled_tokens = 0  # rows counted in the factors
+        self.windows = int(start_window)  # windows consumed, also the index the next window gets
+        self.steps = 0
+        self.seq_len: int | None = None
+        self._mirrored = True  # False while the sums hold only their upper block triangle (see symmetrize)
+        self._allocate()
+        # per-step state
+        self._phase: str | None = None  # "forward" while the model runs forward, "backward" during backward
+        self._valid_index: dict[torch.device, torch.Tensor] = {}
+        self._targets: list[torch.Tensor] = []
+        self._forward_hits: list[int] = []
+        self._grad_hits: list[int] = []
+        self._shared_input: dict[str, tuple] = {}  # activation key -> input already added this step
+        self._handles: list = []
+        self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
+        self._saved_training: list[tuple[nn.Module, bool]] = []
+
+    # -------------------------------------------------------------------------------------------- setup
+    def _allocate(self) -> None:
+        keys = activation_keys(self.projections)
+        for p in self.projections:
+            if p.name in self.factors.modules:
+                have = self.factors.modules[p.name].shape
+                if have != p.shape:
+                    raise UserError(f"existing factors of {p.name} have shape {have}, the model's weight {p.shape}")
+                continue
+            weight = p.module.weight
+            dtype = accumulate_dtype_for(p.module)
+            n_out, n_in = p.shape
+            key = keys[p.name]
+            shared = self.factors.activation_sums().get(key)
+            activation_sum = shared if shared is not None else torch.zeros(n_in, n_in, dtype=dtype, device=weight.device)
+            grad_sum = torch.zeros(n_out, n_out, dtype=dtype, device=weight.device)
+            self.factors.modules[p.name] = ModuleFactors(activation_sum, grad_sum, activation_key=key)
+
+    def __enter__(self) -> "FactorCollector":
+        try:
+            self._install()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _install(self) -> None:
+        for param in self.model.parameters():
+            self._saved_requires_grad.append((param, param.requires_grad))
+            param.requires_grad_(False)
+        # HF gradient checkpointing only runs in training mode; switch on training for the checkpointing wrappers
+        # alone (their children, dropout included, stay in eval mode).
+        for module in self.model.modules():
+            if getattr(module, "gradient_checkpointing", False) is True and not module.training:
+                self._saved_training.append((module, module.training))
+                module.training = True
+        embeddings = self.model.get_input_embeddings()
+        self._handles.append(embeddings.register_forward_hook(self._embedding_hook))
+        for index, p in enumerate(self.projections):
+            self._handles.append(p.module.register_forward_hook(self._forward_hook(index), with_kwargs=True))
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, training in self._saved_training:
+            module.training = training
+        self._saved_training.clear()
+        for param, flag in self._saved_requires_grad:
+            param.requires_grad_(flag)
+        self._saved_requires_grad.clear()
+        self._phase = None
+        self._targets = []
+
+    # -------------------------------------------------------------------------------------------- hooks
+    def _embedding_hook(self, module: nn.Module, args, output: torch.Tensor):
+        """Make the embedding output a leaf that requires grad: the root of the (weight-free) backward graph."""
+        if self._phase != "forward" or not torch.is_grad_enabled():
+            return None
+        return output.detach().requires_grad_(True)
+
+    def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The valid rows of a ``(B, T, d)`` tensor as ``(n_valid, d)``."""
+        idx = self._valid_index.get(tensor.device)
+        if idx is None:
+            idx = self._valid_index[next(iter(self._valid_index))].to(tensor.device)
+            self._valid_index[tensor.device] = idx
+        return tensor.reshape(-1, tensor.shape[-1]).index_select(0, idx)
+
+    def _forward_hook(self, index: int):
+        projection = self.projections[index]
+        mf = self.factors.modules[projection.name]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
+            if self._phase is None:
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise RuntimeError(f"{projection.name} returned {type(output).__name__}, not a tensor")
+            if self._phase == "forward":
+                x = args[0] if args else next(iter(kwargs.values()))
+                self._forward_hits[index] += 1
+                key = mf.activation_key
+                signature = (x.data_ptr(), tuple(x.shape), x.dtype)
+                if key in self._shared_input:  # gate/up: the partner already added this input
+                    if self._shared_input[key] != signature:
+                        raise RuntimeError(
+                            f"{projection.name} shares its activation factor with its block's gate/up partner, "
+                            "but the two read different inputs in this architecture"
+                        )
+                else:
+                    self._shared_input[key] = signature
+                    with torch.no_grad():
+                        add_gram(mf.activation_sum, self._rows(x.detach()), upper=True)
+            if output.requires_grad and torch.is_grad_enabled():
+                # Non-reentrant checkpointing re-runs forward hooks during backward: the hook on the recomputed
+                # output then never fires (gradients flow to the original output); reentrant checkpointing is the
+                # other way round. The hit count in accumulate() checks that exactly one fired.
+                output.register_hook(self._grad_hook(index))
+                if self._phase == "forward" and projection.block == self.lowest_block:
+                    self._targets.append(output)
+            return None
+
+        return hook
+
+    def _grad_hook(self, index: int):
+        mf = self.factors.modules[self.projections[index].name]
+
+        def hook(grad: torch.Tensor) -> None:
+            self._grad_hits[index] += 1
+            with torch.no_grad():
+                add_gram(mf.grad_sum, self._rows(grad), upper=True)
+            return None
+
+        return hook
+
+    # -------------------------------------------------------------------------------------------- one step
+    def accumulate(self, batch: dict[str, torch.Tensor]) -> int:
+        """Add one batch ``{"input_ids": (B, T), "attention_mask": (B, T)[, "window_index": (B,)]}``.
+
+        Without ``window_index`` the windows are numbered on from the previous batch. Returns the number of valid
+        (labelled) positions added.
+        """
+        if not self._handles:
+            raise RuntimeError("use FactorCollector as a context manager: `with FactorCollector(...) as c:`")
+        device = self.model.get_input_embeddings().weight.device
+        input_ids = batch["input_ids"].to(device)
+        n_windows, seq_len = input_ids.shape
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+        window_index = batch.get("window_index")
+        if window_index is None:
+            window_index = torch.arange(self.windows, self.windows + n_windows)
+        valid = valid_positions(mask)
+        flat_valid = valid.reshape(-1)
+        idx = flat_valid.nonzero().squeeze(1)
+        n_valid = int(idx.numel())
+        if n_valid:
+            self._step(input_ids, mask, idx, window_index)
+        # counters move only after a step succeeded, so they always describe the sums
+        self.tokens += int(mask.sum())
+        self.windows = max(self.windows, int(window_index.max()) + 1) if n_windows else self.windows
+        self.seq_len = seq_len
+        self.steps += 1
+        self.labelled_tokens += n_valid
+        return n_valid
+
+    def _step(self, input_ids: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, window_index: torch.Tensor):
+        """Forward, labels, backward for one batch with ``idx`` (flat indices of the valid positions) non-empty."""
+        n_valid = int(idx.numel())
+        seq_len = input_ids.shape[1]
+        device = input_ids.device
+
+        uniforms = None
+        if self.labels == "sampled":
+            uniforms = window_uniforms(self.seed, window_index.tolist(), seq_len).reshape(-1)[idx.cpu()]
+
+        self._valid_index = {device: idx}
+        self._mirrored = False
+        self._forward_hits = [0] * len(self.projections)
+        self._grad_hits = [0] * len(self.projections)
+        self._shared_input = {}
+        self._targets = []
+        try:
+            self._phase = "forward"
+            with torch.enable_grad():
+                position_ids = (mask.long().cumsum(-1) - 1).clamp_min_(0)
+                output = self.model(
+                    input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+                )
+                logits = output.logits
+                del output
+                vocab = logits.shape[-1]
+                flat_logits = logits.reshape(-1, vocab)
+                del logits
+                if self.labels == "gold":
+                    next_tokens = torch.roll(input_ids, shifts=-1, dims=1).reshape(-1)
+                    chosen = next_tokens.index_select(0, idx)
+                else:
+                    chosen = torch.empty(n_valid, dtype=torch.long, device=flat_logits.device)
+                    chunk = max(1, _SAMPLE_CHUNK_ELEMENTS // max(vocab, 1))
+                    for start in range(0, n_valid, chunk):
+                        rows = flat_logits.detach().index_select(0, idx[start : start + chunk].to(flat_logits.device))
+                        chosen[start : start + chunk] = sample_labels(rows, uniforms[start : start + chunk])
+                labels = torch.full((flat_logits.shape[0],), IGNORE_INDEX, dtype=torch.long, device=flat_logits.device)
+                labels[idx.to(flat_logits.device)] = chosen.to(flat_logits.device)
+                loss_dtype = torch.float64 if flat_logits.dtype == torch.float64 else torch.float32
+                loss = F.cross_entropy(
+                    flat_logits.to(loss_dtype), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+                del flat_logits
+                if not loss.requires_grad:
+                    raise RuntimeError("the loss does not depend on the chosen projections; no gradient can flow")
+                self._phase = "backward"
+                targets, self._targets = self._targets, []
+                if targets:
+                    torch.autograd.grad(loss, targets, allow_unused=True)
+                else:  # reentrant checkpointing: outputs were made under no_grad; it only supports .backward()
+                    loss.backward()
+                del loss, targets
+        finally:
+            self._phase = None
+            self._targets = []
+            self._valid_index = {}
+        for p, f_hits, g_hits in zip(self.projections, self._forward_hits, self._grad_hits):
+            if f_hits != 1 or g_hits != 1:
+                raise RuntimeError(
+                    f"{p.name}: forward ran {f_hits}x and its output gradient arrived {g_hits}x in one step "
+                    "(expected once each); is the module shared or skipped in this architecture?"
+                )
+        for p in self.projections:
+            mf = self.factors.modules[p.name]
+            mf.activation_tokens += n_valid
+            mf.grad_tokens += n_valid
+
+    # -------------------------------------------------------------------------------------------- result
+    def manifest(self) -> dict[str, Any]:
+        """What produced these factors (merged into ``factors.manifest``)."""
+        import transformers
+
+        from .. import __version__
+
+        cfg = getattr(self.model, "config", None)
+        weight_dtype = self.projections[0].module.weight.dtype
+        prior = self.factors.manifest
+        return {
+            "model": getattr(cfg, "_name_or_path", None) or getattr(self.model, "name_or_path", None),
+            "model_type": getattr(cfg, "model_type", type(self.model).__name__),
+            "model_fingerprint": model_fingerprint(self.model),
+            "dtype": str(weight_dtype).removeprefix("torch."),
+            "accumulate_dtype": str(self.factors.modules[self.projections[0].name].grad_sum.dtype).removeprefix(
+                "torch."
+            ),
+            "labels": self.labels,
+            "label_sampler": "inverse CDF of uniforms seeded by (seed, window index)" if self.labels == "sampled" else None,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "tokens": int(prior.get("tokens", 0)) + self.tokens,
+            "labelled_tokens": int(prior.get("labelled_tokens", 0)) + self.labelled_tokens,
+            "windows": self.windows,
+            "layers": sorted({p.block for p in self.projections}),
+            "projections": [k for k in ("gate", "up", "down") if any(p.kind == k for p in self.projections)],
+            "kfac_edit_version": __version__,
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def symmetrize(self) -> Factors:
+        """The sums, whole: each Gram update adds only the upper block triangle (:func:`add_gram`), the lower one is
+        copied from it here. Call before reading ``factors`` (``finish`` and :func:`collect_factors` do)."""
+        if not self._mirrored:
+            for tensor in self.factors.tensors():
+                mirror_upper_(tensor)
+            self._mirrored = True
+        return self.factors
+
+    def finish(self, check_finite: bool = True) -> Factors:
+        """The collected factors with their manifest; raises :class:`UserError` naming a module with NaN/Inf."""
+        self.symmetrize()
+        if self.labelled_tokens == 0 and not any(mf.grad_tokens for mf in self.factors.modules.values()):
+            raise UserError("no token with a label was seen (every window was padding); give the run more text")
+        self.factors.manifest.update(self.manifest())
+        if check_finite:
+            self.factors.check_finite()
+        return self.factors
