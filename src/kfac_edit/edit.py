@@ -39,7 +39,7 @@ from torch import nn
 from .curvature import (
     Eigen,
     eigendecompose,
-    independent_mask,
+    independent_counts,
     pair_stats,
     project_weight,
     random_basis_edit,
@@ -466,11 +466,11 @@ def _edit_one(
     out_dim, in_dim = proj.shape
     if spec.method in ("kfac", "kfac-independent"):
         if spec.method == "kfac":
-            mask = select_pairs(grad_eig.values, act_eig.values, keep)
+            counts = select_pairs(grad_eig.values, act_eig.values, keep)  # per-row counts: no dense mask
         else:
-            mask = independent_mask(grad_eig.values, act_eig.values, keep)
-        new_weight = project_weight(weight, grad_eig, act_eig, mask.to(device))
-        stats = pair_stats(grad_eig.values, act_eig.values, mask)
+            counts = independent_counts(grad_eig.values, act_eig.values, keep)
+        new_weight = project_weight(weight, grad_eig, act_eig, counts)
+        stats = pair_stats(grad_eig.values, act_eig.values, counts)
         kept = (
             stats.mass_fraction,
             stats.pairs_kept,
@@ -482,9 +482,7 @@ def _edit_one(
         new_weight, rank, energy = svd_truncate(weight, keep)
         kept = (energy, rank, min(out_dim, in_dim), rank, rank)
     else:  # random: as many coefficients as the kfac edit keeps
-        mask = select_pairs(grad_eig.values, act_eig.values, keep)
-        n_keep = int(mask.view(torch.uint8).sum(dtype=torch.int64))
-        del mask
+        n_keep = int(select_pairs(grad_eig.values, act_eig.values, keep).sum())
         new_weight = random_basis_edit(weight, n_keep, seed=_module_seed(spec.seed, proj.name))
         kept = (None, n_keep, out_dim * in_dim, None, None)
     wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
