@@ -426,41 +426,55 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-def _staircase_plan(c: np.ndarray, out_dim: int, in_dim: int) -> tuple[int, bool, float]:
-    """``(a, back_through_T, multiply count)`` of the cheapest split of a staircase ``c`` (sorted descending, > 0).
+_BLOCK_RATIO = 1.25  # a block of rows (columns) spans prefixes (extents) within this factor of its longest
+_PAD = 1.15  # the block padding's average excess area, in the cost model
 
-    Rows ``[0, a)`` go through the two-sided ``C₁ = U_G[:, :a]ᵀ W U_A[:, :c₀]``; rows ``[a, n)`` through
-    ``Y = W U_A[:, :b]`` (``b = c[a]``) in blocks of similar prefix length, summed into ``P`` (``out × b``). The
-    back-projection is either ``(U_G[:, :a] C₁ + [P, 0]) U_A[:, :c₀]ᵀ`` ("T") or
-    ``U_G[:, :a] (C₁ U_A[:, :c₀]ᵀ) + P U_A[:, :b]ᵀ``; every product is counted.
+
+def _staircase_plan(c: np.ndarray, out_dim: int, in_dim: int) -> tuple[int, float]:
+    """``(a, multiply count)`` of the cheapest split of a staircase ``c`` (sorted descending, all > 0).
+
+    Rows ``[0, a)`` are done column-wise through ``X = U_G[:, :a]ᵀ W`` (``a × in``): blocks of columns of similar
+    extent give ``C = X[:h] U_A[:, cols]``, masked, summed into ``Q += C U_A[:, cols]ᵀ`` (``a × in``), so each of
+    their pairs costs ``2·in``. Rows ``[a, n)``, whose prefixes are at most ``b = c[a]``, are done row-wise through
+    ``Y = W U_A[:, :b]`` (``out × b``): blocks of rows of similar prefix give ``C = U_G[:, rows]ᵀ Y[:, :w]``,
+    masked, summed into ``P += U_G[:, rows] C`` (``out × b``): ``2·out`` per pair. Then
+    ``W' = U_G[:, :a] Q + P U_A[:, :b]ᵀ``. Every product, back-projection included, is counted.
     """
     n = c.size
     a = np.arange(n + 1, dtype=np.float64)
-    c0 = float(c[0])
     b = np.concatenate([c, [0]]).astype(np.float64)
-    tail = np.concatenate([np.cumsum(c[::-1])[::-1], [0]]).astype(np.float64)
-    lead = a * out_dim * in_dim + a * in_dim * c0
-    blocks = 2.0 * 1.15 * out_dim * tail  # C = U_Gᵀ Y and P += U_G C per block (1.15: prefixes padded to a block)
-    y = out_dim * in_dim * b
-    back_t = np.where(a > 0, out_dim * a * c0 + out_dim * c0 * in_dim, out_dim * b * in_dim)
-    back_s = a * c0 * in_dim + out_dim * a * in_dim + out_dim * b * in_dim
-    back = np.minimum(back_t, back_s)
-    cost = lead + blocks + y + back
+    tail = np.concatenate([np.cumsum(c[::-1])[::-1], [0]]).astype(np.float64)  # pairs in rows [a, n)
+    head = np.concatenate([[0], np.cumsum(c)]).astype(np.float64)  # pairs in rows [0, a)
+    cost = 2.0 * out_dim * in_dim * (a + b) + 2.0 * _PAD * (out_dim * tail + in_dim * head)
     best = int(np.argmin(cost))
-    return best, bool(back_t[best] <= back_s[best]), float(cost[best])
+    return best, float(cost[best])
 
 
 def staircase_cost(counts, out_dim: int, in_dim: int) -> float:
-    """Multiply-adds :func:`project_weight` spends on a staircase (vs ``out·in·(out+in)·2`` for the dense one)."""
+    """Multiply-adds :func:`project_weight` spends on a staircase, by its cost model (the dense projection costs
+    ``2·out·in·(out + in)``)."""
     c = _as_counts(counts)
     c = np.sort(c[c > 0])[::-1]
-    return _staircase_plan(c, out_dim, in_dim)[2] if c.size else 0.0
+    return _staircase_plan(c, out_dim, in_dim)[1] if c.size else 0.0
+
+
+def _blocks(extent: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, stop)`` runs of a non-increasing positive ``extent`` whose values lie within ``_BLOCK_RATIO``."""
+    out, start, n = [], 0, extent.size
+    neg = -extent
+    while start < n:
+        stop = int(np.searchsorted(neg, -extent[start] / _BLOCK_RATIO, side="right"))
+        stop = max(stop, start + 1)
+        out.append((start, stop))
+        start = stop
+    return out
 
 
 def _project_staircase(
     w: torch.Tensor, u_grad: torch.Tensor, u_act: torch.Tensor, counts: np.ndarray, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """``U_G ((U_Gᵀ W U_A) ⊙ M) U_Aᵀ`` where row ``i`` of ``M`` is the prefix ``[0, counts[i])``."""
+    """``U_G ((U_Gᵀ W U_A) ⊙ M) U_Aᵀ`` where row ``i`` of ``M`` is the prefix ``[0, counts[i])`` (see
+    :func:`_staircase_plan` for the method)."""
     out_dim, in_dim = w.shape
     device, dtype = w.device, w.dtype
     order = np.argsort(-counts, kind="stable")
@@ -471,47 +485,49 @@ def _project_staircase(
     cs = cs[:n_rows]
     identity = bool((order[:n_rows] == np.arange(n_rows)).all())
     order_t = None if identity else torch.from_numpy(order[:n_rows].copy()).to(device)
+    cs_t = torch.from_numpy(cs.copy()).to(device)
 
     def grad_cols(start: int, stop: int) -> torch.Tensor:
         return u_grad[:, start:stop] if identity else u_grad.index_select(1, order_t[start:stop])
 
-    def keep(start: int, stop: int, width: int) -> torch.Tensor:  # the block's mask, built only for the block
-        cols = torch.arange(width, device=device)
-        return cols.unsqueeze(0) < torch.from_numpy(cs[start:stop].copy()).to(device).unsqueeze(1)
-
-    a, through_t, _ = _staircase_plan(cs, out_dim, in_dim)
-    c0 = int(cs[0])
+    a, _ = _staircase_plan(cs, out_dim, in_dim)
     b = int(cs[a]) if a < n_rows else 0
-    lead = None
-    if a > 0:  # C₁ = U_G[:, :a]ᵀ W U_A[:, :c₀], masked
+    q = ug_lead = None
+    if a > 0:  # rows [0, a), column-wise: X = U_G[:, :a]ᵀ W, Q = Σ_blocks ((X[:h] U_A[:, cols]) ⊙ M) U_A[:, cols]ᵀ
         ug_lead = grad_cols(0, a)
-        lead = (ug_lead.T @ w) @ u_act[:, :c0]
-        lead.mul_(keep(0, a, c0))
-    partial = None
-    if a < n_rows:  # P = Σ_blocks U_G[:, block] ((U_G[:, block]ᵀ Y[:, :width]) ⊙ M)
-        y = w @ u_act[:, :b]
-        partial = torch.zeros(out_dim, b, dtype=dtype, device=device)
-        start = a
-        while start < n_rows:
+        x = ug_lead.T @ w
+        q = torch.zeros(a, in_dim, dtype=dtype, device=device)
+        c0 = int(cs[0])
+        heights = np.searchsorted(-cs[:a], -np.arange(c0), side="left")  # rows of [0, a) keeping column j
+        for start, stop in _blocks(heights):
+            h = int(heights[start])
+            ua = u_act[:, start:stop]
+            coeffs = x[:h] @ ua
+            cols = torch.arange(start, stop, device=device)
+            coeffs.mul_(cols.unsqueeze(0) < cs_t[:h].unsqueeze(1))
+            q[:h].addmm_(coeffs, ua.T)
+        del x
+    partial_t = None
+    if a < n_rows:  # rows [a, n), row-wise: Y = W U_A[:, :b], P = Σ_blocks U_G[:, rows] ((U_G[:, rows]ᵀ Y) ⊙ M)
+        # Kept transposed (Yᵀ, Pᵀ: b × out): a CPU BLAS multiplies a short-wide Yᵀ by a column slice of U_G
+        # ~15x faster than the slice's transpose by a tall-skinny Y (measured at 11008 × 4096, one thread).
+        y_t = (w @ u_act[:, :b]).T.contiguous()
+        partial_t = torch.zeros(b, out_dim, dtype=dtype, device=device)
+        for start, stop in _blocks(cs[a:]):
+            start, stop = start + a, stop + a
             width = int(cs[start])
-            stop = int(np.searchsorted(-cs, -width / 1.25, side="right"))  # rows with prefix >= width / 1.25
-            stop = max(stop, start + 1)
             ug = grad_cols(start, stop)
-            coeffs = ug.T @ y[:, :width]
-            coeffs.mul_(keep(start, stop, width))
-            partial[:, :width].addmm_(ug, coeffs)
-            start = stop
-    if lead is None:
-        result = partial @ u_act[:, :b].T
-    elif through_t:
-        t = ug_lead @ lead
-        if partial is not None:
-            t[:, :b] += partial
-        result = t @ u_act[:, :c0].T
+            coeffs_t = y_t[:width] @ ug  # (width, rows)
+            cols = torch.arange(width, device=device)
+            coeffs_t.mul_(cols.unsqueeze(1) < cs_t[start:stop].unsqueeze(0))
+            partial_t[:width].addmm_(coeffs_t, ug.T)
+        del y_t
+    if q is None:
+        result = partial_t.T @ u_act[:, :b].T
     else:
-        result = ug_lead @ (lead @ u_act[:, :c0].T)
-        if partial is not None:
-            result.addmm_(partial, u_act[:, :b].T)
+        result = ug_lead @ q
+        if partial_t is not None:
+            result.addmm_(partial_t.T, u_act[:, :b].T)
     return result.to(out_dtype)
 
 
@@ -526,9 +542,9 @@ def project_weight(
 
     ``mask``: the per-row counts of :func:`select_pairs` / :func:`independent_counts` (the fast path), or any bool
     ``(out, in)`` mask. Counts describe a staircase (with eigenvalues descending, each row keeps a prefix of
-    columns and the prefixes shrink down the rows, under a hyperbola). Its rows are split into a few leading rows
-    with long prefixes (projected on both sides) and the rest, whose prefixes are short (projected through
-    ``W U_A[:, :b]`` in blocks of similar length); the split minimizes the multiply count, back-projection
+    columns and the prefixes shrink down the rows, under a hyperbola). Its leading rows (long prefixes) are
+    projected column by column through ``U_G[:, :a]ᵀ W``, the rest (short prefixes) row by row through
+    ``W U_A[:, :b]``, each in blocks of similar extent; ``a`` minimizes the multiply count, back-projection
     included (:func:`staircase_cost`). The eigenvectors are used in the compute dtype through
     :meth:`Eigen.vectors_as`, cast once per basis and kept. A bool mask whose rows are prefixes takes the same
     path; any other mask gives the exact result by the general path.
