@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,6 +34,7 @@ import torch
 from kfac_edit.factors.collect import FactorCollector, factor_nbytes
 from kfac_edit.models import find_projections
 from _presets import apply_preset  # sibling module: benchmarks/ is on sys.path
+from _timing import Timing, measure_interleaved
 
 PRESETS = {
     "olmo2-7b": dict(
@@ -90,18 +89,19 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def time_steps(step, steps: int, warmup: int, device: str) -> float:
-    """Seconds per step: the median of ``steps`` timed steps after ``warmup`` untimed ones."""
+def _seconds(t: Timing, device: str) -> float:
+    """The figure a ratio uses: CPU time on a CPU (steady on a shared machine), wall time on a GPU."""
+    return t.wall if device.startswith("cuda") else t.cpu
+
+
+def time_steps(step, steps: int, warmup: int, device: str, name: str = "step") -> float:
+    """Seconds per step: the median of ``steps`` timed steps after ``warmup`` untimed ones (CPU time on a CPU, wall
+    time on a GPU; both are printed)."""
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    t = measure_interleaved({name: step}, steps, sync=lambda: sync(device))[name]
+    print(f"{name}: {t} per step (median of {steps})", file=sys.stderr, flush=True)
+    return _seconds(t, device)
 
 
 def time_interleaved(steps_by_name: dict, steps: int, warmup: int, device: str) -> dict[str, float]:
@@ -110,15 +110,10 @@ def time_interleaved(steps_by_name: dict, steps: int, warmup: int, device: str) 
     for _ in range(warmup):
         for step in steps_by_name.values():
             step()
-    times: dict[str, list[float]] = {name: [] for name in steps_by_name}
-    for _ in range(steps):
-        for name, step in steps_by_name.items():
-            sync(device)
-            start = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    timings = measure_interleaved(steps_by_name, steps, sync=lambda: sync(device))
+    for name, t in timings.items():
+        print(f"{name}: {t} per step (median of {steps}, interleaved)", file=sys.stderr, flush=True)
+    return {name: _seconds(t, device) for name, t in timings.items()}
 
 
 def main(argv=None) -> int:
