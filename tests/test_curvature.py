@@ -286,6 +286,7 @@ def test_eigen_keeps_compute_dtype_copies():
     assert eig.vectors_as(torch.float32) is first  # cast once, reused across a sweep
     assert eig.to("cpu") is eig and eig.to("cpu").vectors_as(torch.float32) is first
     assert eig.vectors_as(torch.float64) is eig.vectors
+    assert eig.nbytes == 8 * 8 + 8 * 64 + 4 * 64  # values, fp64 vectors, the fp32 copy
 
 
 def test_independent_truncation():

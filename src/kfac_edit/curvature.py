@@ -59,6 +59,12 @@ class Eigen:
             return self
         return Eigen(self.values.to(device), self.vectors.to(device))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: values, vectors and the compute-dtype copies made by :meth:`vectors_as`."""
+        held = (self.values, self.vectors, *self._cast.values())
+        return sum(t.numel() * t.element_size() for t in held)
+
     def vectors_as(self, dtype: torch.dtype) -> torch.Tensor:
         """``vectors`` in ``dtype``, cast once and kept (a sweep projects with the same basis many times)."""
         if dtype == self.vectors.dtype:
