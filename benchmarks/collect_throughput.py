@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,6 +41,7 @@ from kfac_edit.factors.collector import FactorCollector
 from kfac_edit.factors.memory import factor_nbytes
 from kfac_edit.models import find_projections
 from _presets import apply_preset  # sibling module: benchmarks/ is on sys.path
+from _timing import measure_interleaved
 
 PRESETS = {
     "olmo2-7b": dict(
@@ -97,13 +96,6 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _timed(step, device: str) -> tuple[float, float]:
-    """``(wall, cpu)`` seconds of one step (CPU time: ``time.process_time``, all threads of this process)."""
-    sync(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    step()
-    sync(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def time_interleaved(steps_by_name: dict, steps: int, warmup: int, device: str) -> dict[str, tuple[float, float]]:
@@ -113,11 +105,10 @@ def time_interleaved(steps_by_name: dict, steps: int, warmup: int, device: str) 
     for _ in range(warmup):
         for step in steps_by_name.values():
             step()
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps_by_name}
-    for _ in range(steps):
-        for name, step in steps_by_name.items():
-            times[name].append(_timed(step, device))
-    return {name: tuple(statistics.median(x) for x in zip(*t)) for name, t in times.items()}
+    timings = measure_interleaved(steps_by_name, steps, sync=lambda: sync(device))
+    for name, t in timings.items():
+        print(f"{name}: {t} per step (median of {steps}, interleaved)", file=sys.stderr, flush=True)
+    return {name: (t.wall, t.cpu) for name, t in timings.items()}
 
 
 def main(argv=None) -> int:

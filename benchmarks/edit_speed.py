@@ -10,7 +10,13 @@ eigenvalues fall as 1/k (a flat spectrum, the costly case): dense-matmul timing 
 The JSON also records the pace of one plain (out, in) @ (in, in) GEMM measured in the same run, so numbers taken
 on a busy or different machine can be put in proportion.
 
-    python benchmarks/edit_speed.py [--out benchmarks/results/edit_speed.json] [--device cpu]
+Then (unless --no-dense) `project_weight` on the staircase of `select_pairs` is timed against the dense projection
+``U_G((U_Gᵀ W U_A)⊙M)U_Aᵀ`` (four full GEMMs) in the compute dtype, the two interleaved, with the same cached
+eigenbases (their compute-dtype copies made once, before timing: a sweep's steady state), and the results
+compared (max |difference| relative to max |W'|). CPU time (`time.process_time`) and wall time are printed; ratios
+come from CPU time on a CPU, wall time on a GPU. One torch thread unless --threads.
+
+    python benchmarks/edit_speed.py [--out benchmarks/results/edit_speed.json] [--device cpu] [--out-dim 2752 --in-dim 1024]
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from _timing import Clock, measure, ratio
+from kfac_edit.curvature import Eigen, pairs_mask, project_weight, select_pairs, staircase_cost
 from kfac_edit.edit import EditSpec, EigenCache, apply_edit, restore
 from kfac_edit.fileio import write_json
 from kfac_edit.models import DTYPES
@@ -50,9 +58,9 @@ def reference_gemm_rate(out_dim: int, in_dim: int, dtype: torch.dtype, device: s
     a = torch.randn(out_dim, in_dim, dtype=compute, device=device)
     b = torch.randn(in_dim, in_dim, dtype=compute, device=device)
     a @ b[:, :64]  # warm up
-    t = time.perf_counter()
-    (a @ b).sum().item()
-    return out_dim * in_dim * in_dim / (time.perf_counter() - t) / 1e9
+    with Clock() as c:
+        (a @ b).sum().item()
+    return out_dim * in_dim * in_dim / (c.timing.wall if device != "cpu" else c.timing.cpu) / 1e9
 
 
 class CachedFactors:
@@ -81,16 +89,70 @@ class CachedFactors:
     activation_cov = grad_cov
 
 
+def compare_dense(args, cache_dir: Path, key: str, model, on_gpu: bool, sync) -> list[dict]:
+    """`project_weight` on the staircase vs the dense four-GEMM projection, same eigenbases, interleaved."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(cache_dir / f"{key}.safetensors"), device=args.device)
+    grad = Eigen(t["grad_values"], t["grad_vectors"])
+    act = Eigen(t["act_values"], t["act_vectors"])
+    weight = model.get_submodule(MODULE).weight.detach()
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    ug, ua = grad.vectors_as(dtype), act.vectors_as(dtype)  # cast once, as the cache holds them in a sweep
+    w = weight.to(dtype)
+    out_dim, in_dim = w.shape
+    dense_cost = 2.0 * out_dim * in_dim * (out_dim + in_dim)
+    rows = []
+    for keep in args.keep:
+        counts = select_pairs(grad.values, act.values, keep)
+        mask = pairs_mask(counts, act.values, device=args.device)
+        fast_times, dense_times = [], []
+        for _ in range(max(1, args.repeats)):
+            fast, ft = measure(lambda: project_weight(weight, grad, act, counts), sync=sync)
+            dense, dt = measure(lambda: (ug @ ((ug.T @ w) @ ua).mul_(mask)) @ ua.T, sync=sync)
+            fast_times.append(ft)
+            dense_times.append(dt)
+        ft = sorted(fast_times, key=lambda x: x.cpu)[len(fast_times) // 2]
+        dt = sorted(dense_times, key=lambda x: x.cpu)[len(dense_times) // 2]
+        diff = float((fast.to(dtype) - dense).abs().max()) / max(float(dense.abs().max()), 1e-30)
+        cost = staircase_cost(counts, out_dim, in_dim)
+        row = {
+            "keep_mass": keep,
+            "shape": [out_dim, in_dim],
+            **ft.as_dict("project_weight_"),
+            **dt.as_dict("dense_"),
+            "speedup": ratio(dt, ft, on_gpu),
+            "speedup_wall": ratio(dt, ft, True),
+            "cost_model_speedup": dense_cost / cost if cost else float("inf"),
+            "max_rel_difference": diff,
+        }
+        rows.append(row)
+        print(
+            f"keep_mass {keep} {out_dim}x{in_dim}: project_weight {ft}, dense {dt} -> {row['speedup']:.1f}x "
+            f"({'wall' if on_gpu else 'CPU'}; {row['speedup_wall']:.1f}x wall; cost model {row['cost_model_speedup']:.1f}x); "
+            f"max |diff| / max |W'| = {diff:.2e}",
+            flush=True,
+        )
+        del fast, dense, mask
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/edit_speed.json", help="JSON results path")
     ap.add_argument("--out-dim", type=int, default=11008)
     ap.add_argument("--in-dim", type=int, default=4096)
-    ap.add_argument("--keep", type=float, nargs="+", default=[0.6, 0.8, 0.9], help="keep_mass values")
+    ap.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.8, 0.95], help="keep_mass values")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (default float32)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache-dir", default=None, help="where to write the eigen cache entry (default: a temp dir)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time = work done)")
+    ap.add_argument("--no-dense", action="store_true", help="skip the comparison with the dense projection")
+    ap.add_argument("--repeats", type=int, default=1, help="timed repeats of each projection (medians)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    on_gpu = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if on_gpu else None
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
     t0 = time.perf_counter()
@@ -125,26 +187,26 @@ def main(argv: list[str] | None = None) -> int:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02 if p.dim() > 1 else torch.ones(p.shape))
     gemm_gflops = reference_gemm_rate(args.out_dim, args.in_dim, DTYPES[args.dtype], args.device)
-    print(f"setup {time.perf_counter() - t0:.1f} s; reference GEMM {gemm_gflops:.1f} GFMA/s", flush=True)
+    print(f"setup {time.perf_counter() - t0:.1f} s wall; reference GEMM {gemm_gflops:.1f} GFMA/s", flush=True)
 
     factors = CachedFactors((args.out_dim, args.in_dim), key)
     rows = []
     for keep in args.keep:
         spec = EditSpec({(0, "up"): keep})
         cache = EigenCache(cache_dir)
-        t = time.perf_counter()
-        cold = apply_edit(model, factors, spec, cache=cache)
-        cold_s = time.perf_counter() - t
+        cold, cold_t = measure(lambda: apply_edit(model, factors, spec, cache=cache), sync=sync)
         assert cache.stats.disk_hits == 1 and cache.stats.computed == 0
-        t = time.perf_counter()
-        warm = apply_edit(model, factors, spec, cache=cache)  # restores, then edits again from memory
-        warm_s = time.perf_counter() - t
+        # restores, then edits again from memory (the second call also reuses the compute-dtype eigenvectors)
+        warm, warm_t = measure(lambda: apply_edit(model, factors, spec, cache=cache), sync=sync)
         m = warm.modules[0]
+        cold_s, warm_s = (cold_t.wall, warm_t.wall) if on_gpu else (cold_t.cpu, warm_t.cpu)
         row = {
             "keep_mass": keep,
             "seconds_from_disk_cache": cold_s,
             "eigen_load_seconds": cold.modules[0].eigen_seconds,
             "seconds_from_memory_cache": warm_s,
+            **cold_t.as_dict("disk_cache_"),
+            **warm_t.as_dict("memory_cache_"),
             "pairs": m.pairs_kept,
             "pairs_fraction": m.pairs_fraction,
             "mass_fraction": m.mass_fraction,
@@ -154,11 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         }
         rows.append(row)
         print(
-            f"keep_mass {keep}: {cold_s:.2f} s from the disk cache (of which {row['eigen_load_seconds']:.2f} s reading "
-            f"eigenvectors), {warm_s:.2f} s from memory; {m.pairs_kept} pairs, mass {m.mass_fraction:.6f}",
+            f"keep_mass {keep}: apply_edit {cold_t} from the disk cache (of which {row['eigen_load_seconds']:.2f} s "
+            f"wall reading eigenvectors), {warm_t} from memory; {m.pairs_kept} pairs, mass {m.mass_fraction:.6f}",
             flush=True,
         )
     restore(model)
+    projection = [] if args.no_dense else compare_dense(args, cache_dir, key, model, on_gpu, sync)
     result = {
         "benchmark": "edit_speed",
         "config": {
@@ -180,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             "cuda": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         },
         "results": rows,
+        "projection_vs_dense": projection,
+        "timing": "process CPU time and wall time; ratios from CPU time on a CPU (wall on a GPU)",
     }
     write_json(args.out, result)
     print(f"wrote {args.out}")

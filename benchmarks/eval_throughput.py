@@ -9,7 +9,8 @@ tokens of random number text (word-level tokenizer, so one word = one token) in 
 
 The model is random-initialized from an OLMo-2 config: the default shape is OLMo-2-7B's (hidden 4096, MLP 11008,
 32 blocks, vocabulary 100352) in bf16 on CUDA; ``--preset tiny-cpu`` is a small fp32 model that runs in under a
-minute on two CPU cores (one torch thread: ``--threads``; 0 keeps torch's default). Goal (issue 7, one GPU, 7B shape): 500 records of 64 + 48 in <= 10 s, nDCG over 200k
+minute on two CPU cores (one torch thread: ``--threads``; 0 keeps torch's default). Times: CPU time
+(``time.process_time``) on a CPU and wall time on a GPU, both recorded (``cpu_seconds``, ``wall_seconds``). Goal (issue 7, one GPU, 7B shape): 500 records of 64 + 48 in <= 10 s, nDCG over 200k
 tokens at seq 1024 in <= 10 s.
 
     python benchmarks/eval_throughput.py                      # 7B-shaped, cuda
@@ -32,6 +33,7 @@ from kfac_edit.evaluate.memorization import greedy_generate
 from kfac_edit.evaluate.ndcg import ndcg_at_k, topk_over_source
 from kfac_edit.testbed import number_tokenizer
 from _presets import apply_preset  # sibling module: benchmarks/ is on sys.path
+from _timing import measure
 
 PRESETS = {
     "olmo2-7b": dict(
@@ -68,11 +70,9 @@ def sync(device: str) -> None:
 
 
 def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
+    """``(result, seconds, Timing)``: seconds are CPU time on a CPU, wall time on a GPU (both are recorded)."""
+    out, t = measure(fn, sync=(lambda: sync(device)))
+    return out, (t.wall if device.startswith("cuda") else t.cpu), t
 
 
 def hf_generate(model, prompts, num_new, batch_size, pad_id):
@@ -124,27 +124,38 @@ def main(argv=None) -> int:
     greedy_generate(model, prompts[:2], 2, batch_size=2, pad_id=pad_id, desc=None)  # warm-up
     batched_out = None
     for bs in batch_sizes:
-        out, seconds = timed(
+        out, seconds, t = timed(
             lambda: greedy_generate(model, prompts, args.suffix_len, batch_size=bs, pad_id=pad_id, desc=None),
             args.device,
         )
         batched_out = batched_out or out
-        result["memorization"][f"batched_kv_bs{bs}"] = {"seconds": seconds, "records_per_s": args.records / seconds}
+        result["memorization"][f"batched_kv_bs{bs}"] = {
+            "seconds": seconds, "records_per_s": args.records / seconds, **t.as_dict()
+        }
     single = prompts[: args.single_records]
-    out, seconds = timed(
+    out, seconds, t = timed(
         lambda: greedy_generate(model, single, args.suffix_len, batch_size=1, pad_id=pad_id, desc=None), args.device
     )
     result["memorization"]["one_at_a_time"] = {
-        "records": len(single), "seconds": seconds, "records_per_s": len(single) / seconds,
+        "records": len(single), "seconds": seconds, "records_per_s": len(single) / seconds, **t.as_dict(),
         "same_tokens_as_batched": sum(a == b for a, b in zip(out, batched_out)) / len(single),
     }
     if args.hf_records:
         subset = prompts[: args.hf_records]
-        out, seconds = timed(lambda: hf_generate(model, subset, args.suffix_len, batch_sizes[0], pad_id), args.device)
+        ours, ours_s, ours_t = timed(
+            lambda: greedy_generate(model, subset, args.suffix_len, batch_size=batch_sizes[0], pad_id=pad_id, desc=None),
+            args.device,
+        )
+        out, seconds, t = timed(lambda: hf_generate(model, subset, args.suffix_len, batch_sizes[0], pad_id), args.device)
         result["memorization"][f"hf_generate_bs{batch_sizes[0]}"] = {
-            "records": len(subset), "seconds": seconds, "records_per_s": len(subset) / seconds,
+            "records": len(subset), "seconds": seconds, "records_per_s": len(subset) / seconds, **t.as_dict(),
             "same_tokens_as_batched": sum(a == b for a, b in zip(out, batched_out)) / len(subset),
+            "same_tokens_as_ours": out == ours,
+            "ours_on_the_same_records": {"seconds": ours_s, **ours_t.as_dict()},
+            "speedup_ours_over_generate": seconds / ours_s,  # CPU time on a CPU, wall on a GPU
         }
+        print(f"greedy_generate {ours_t} vs model.generate {t} at batch {batch_sizes[0]}, {len(subset)} records: "
+              f"{seconds / ours_s:.2f}x, identical tokens: {out == ours}", file=sys.stderr)
     mem = result["memorization"]
     best = max(v["records_per_s"] for k, v in mem.items() if k.startswith("batched"))
     result["memorization"]["speedup_batched_over_one_at_a_time"] = best / mem["one_at_a_time"]["records_per_s"]
@@ -158,11 +169,11 @@ def main(argv=None) -> int:
             for _ in range(args.ndcg_tokens // words_per_doc + 2):
                 fh.write(" ".join(str(rng.randrange(n_words)) for _ in range(words_per_doc)) + "\n")
         rows = max(1, args.forward_tokens // args.ndcg_seq_len)
-        ref, ref_s = timed(
+        ref, ref_s, _ = timed(
             lambda: topk_over_source(model, tokenizer, str(text), 10, args.ndcg_seq_len, args.ndcg_tokens, rows, desc=None),
             args.device,
         )
-        ndcg, ndcg_s = timed(
+        ndcg, ndcg_s, _ = timed(
             lambda: ndcg_at_k(model, tokenizer, str(text), ref, args.ndcg_seq_len, args.ndcg_tokens, rows, desc=None),
             args.device,
         )

@@ -43,6 +43,7 @@ from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _timing import Clock  # noqa: E402  (sibling module)
 
 SHAPES = {
     "1b": dict(hidden=2048, mlp=8192, layers=16, heads=16, vocab=100352),
@@ -123,20 +124,23 @@ def stage_eigen(shape: str, smoke: bool, work: Path) -> dict:
     shapes = ["tiny"] if smoke else ["7b", "1b"]
     sizes = sorted({SHAPES[s][k] for s in shapes for k in ("hidden", "mlp")}, reverse=True)
     eigendecompose(_spd(64, device, 0))  # library initialization outside the timings
-    seconds = {}
+    seconds, timings = {}, {}
+    sync = torch.cuda.synchronize if device == "cuda" else None
     for n in sizes:
         cov = _spd(n, device, n)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        eig = eigendecompose(cov, f"random {n}x{n}")
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds[n] = time.perf_counter() - start
+        with Clock(sync) as clock:
+            eig = eigendecompose(cov, f"random {n}x{n}")
+        timings[n] = clock.timing
+        seconds[n] = clock.timing.wall if device == "cuda" else clock.timing.cpu
         error = float((eig.vectors @ torch.diag(eig.values) @ eig.vectors.T - cov.double()).norm() / cov.double().norm())
-        print(f"eigh fp64 n={n}: {seconds[n]:.2f} s (relative reconstruction error {error:.1e})", flush=True)
+        print(f"eigh fp64 n={n}: {clock.timing} (relative reconstruction error {error:.1e})", flush=True)
         del cov, eig
-    result = {"device": _device_name(device), "seconds_by_size": {str(n): s for n, s in seconds.items()}, "models": {}}
+    result = {
+        "device": _device_name(device),
+        "seconds_by_size": {str(n): s for n, s in seconds.items()},  # wall on a GPU, CPU time on a CPU
+        "timings_by_size": {str(n): t.as_dict() for n, t in timings.items()},
+        "models": {},
+    }
     for s in shapes:
         h, m, layers = SHAPES[s]["hidden"], SHAPES[s]["mlp"], SHAPES[s]["layers"]
         # units of work: gate+up share A (hidden) and have two G (mlp); down has A (mlp) and G (hidden)
@@ -181,26 +185,25 @@ def stage_edit(shape: str, smoke: bool, work: Path) -> dict:
     blocks = [layers // 2 - 1, layers // 2, layers // 2 + 1]
     projections = find_projections(model, blocks)
     gen = torch.Generator().manual_seed(0)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    start = time.perf_counter()
-    with FactorCollector(model, projections, labels="sampled", seed=0) as collector:
-        for _ in range(steps):
-            ids = torch.randint(0, args.vocab - 4, (batch, seq_len), generator=gen).to(args.device)
-            collector.accumulate({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    factors = collector.finish()
-    sync()
-    collect_s = time.perf_counter() - start
+    on_gpu = args.device == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else None
+    with Clock(sync) as collect_clock:
+        with FactorCollector(model, projections, labels="sampled", seed=0) as collector:
+            for _ in range(steps):
+                ids = torch.randint(0, args.vocab - 4, (batch, seq_len), generator=gen).to(args.device)
+                collector.accumulate({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        factors = collector.finish()
     spec = EditSpec({(b, k): 0.6 for b in blocks for k in ("gate", "up", "down")})
     cache = EigenCache(None, memory_bytes=64 << 30)
-    start = time.perf_counter()
-    report = apply_edit(model, factors, spec, cache=cache)
-    sync()
-    cold = time.perf_counter() - start
-    start = time.perf_counter()
-    apply_edit(model, factors, spec, cache=cache)  # restores, then edits again from the in-memory eigenbases
-    sync()
-    warm = time.perf_counter() - start
+    with Clock(sync) as cold_clock:
+        report = apply_edit(model, factors, spec, cache=cache)
+    with Clock(sync) as warm_clock:
+        apply_edit(model, factors, spec, cache=cache)  # restores, then edits again from the in-memory eigenbases
     restore(model)
+    pick = (lambda t: t.wall) if on_gpu else (lambda t: t.cpu)  # wall on a GPU, CPU time on a CPU
+    collect_s, cold, warm = pick(collect_clock.timing), pick(cold_clock.timing), pick(warm_clock.timing)
+    print(f"edit-{shape}: collect {collect_clock.timing}; edit cold {cold_clock.timing}; from cache {warm_clock.timing}",
+          flush=True)
     return {
         "device": _device_name(args.device),
         "blocks": blocks,
@@ -211,6 +214,11 @@ def stage_edit(shape: str, smoke: bool, work: Path) -> dict:
         "edit_cold_s": cold,
         "eigen_s": sum(m.eigen_seconds for m in report.modules),
         "edit_from_cache_s": warm,
+        "timings": {
+            "collect": collect_clock.timing.as_dict(),
+            "edit_cold": cold_clock.timing.as_dict(),
+            "edit_from_cache": warm_clock.timing.as_dict(),
+        },
         "pairs_fraction_mean": statistics.mean(m.pairs_fraction for m in report.modules),
         "weight_change_mean": statistics.mean(m.weight_change for m in report.modules),
         "per_module": [
@@ -302,12 +310,17 @@ def _rows(name: str, r: dict) -> list[tuple[str, str]]:
         rows.append(("factors (fp32)", f"{size}, {r.get('modules')} modules, batch {r.get('batch_size')}x{r.get('seq_len')}"))
     elif kind == "eigen":
         for n, s in r["seconds_by_size"].items():
-            rows.append((f"eigh fp64 n={n}", f"{s:.2f} s"))
+            tn = r.get("timings_by_size", {}).get(n, {})
+            rows.append((f"eigh fp64 n={n}", f"{tn.get('cpu_seconds', s):.2f} s CPU / {tn.get('wall_seconds', s):.2f} s wall"))
         for model, m in r["models"].items():
             rows.append((f"{model}: all {m['modules']} modules", f"{m['all_blocks_one_gpu_s']:.1f} s on 1 GPU, ~{m['all_blocks_8_ranks_estimate_s']:.1f} s over 8 ranks (estimate)"))
     elif kind == "edit":
-        rows.append((f"edit {r['modules']} modules (blocks {','.join(map(str, r['blocks']))})", f"{r['edit_cold_s']:.1f} s cold, of which eigen {r['eigen_s']:.1f} s"))
-        rows.append(("edit again from cache", f"{r['edit_from_cache_s']:.2f} s"))
+        t = r.get("timings", {})
+        cold, warm = t.get("edit_cold", {}), t.get("edit_from_cache", {})
+        rows.append((f"edit {r['modules']} modules (blocks {','.join(map(str, r['blocks']))})",
+                     f"{cold.get('cpu_seconds', float('nan')):.2f} s CPU / {cold.get('wall_seconds', r['edit_cold_s']):.2f} s wall cold, "
+                     f"of which eigen {r['eigen_s']:.1f} s wall"))
+        rows.append(("edit again from cache", f"{warm.get('cpu_seconds', float('nan')):.2f} s CPU / {warm.get('wall_seconds', r['edit_from_cache_s']):.2f} s wall"))
     elif kind == "eval":
         mem = r.get("memorization", {})
         batched = {k: v for k, v in mem.items() if k.startswith("batched")}

@@ -13,11 +13,15 @@ from kfac_edit.curvature import (
     edit_weight,
     eigendecompose,
     independent_mask,
+    independent_counts,
     pair_mass_fraction,
     pair_stats,
+    pairs_mask,
     project_weight,
     random_basis_edit,
     select_pairs,
+    select_pairs_mask,
+    staircase_cost,
     svd_truncate,
     truncation_rank,
 )
@@ -60,7 +64,20 @@ def select_pairs_all_paths(lam: torch.Tensor, mu: torch.Tensor, keep_mass: float
     try:
         for limit in (default, 0, 3):
             curvature._FINISH_BY_SORT = limit
-            masks.append(select_pairs(lam, mu, keep_mass))
+            counts = select_pairs(lam, mu, keep_mass)
+            assert counts.dtype == torch.int64 and tuple(counts.shape) == (lam.numel(),)
+            mask = pairs_mask(counts, mu)
+            assert torch.equal(mask, select_pairs_mask(lam, mu, keep_mass))
+            assert torch.equal(mask.sum(1), counts)  # the staircase: row i keeps counts[i] pairs
+            # ... its top counts[i] columns by μ (ties by column index)
+            mu_order = sorted(range(mu.numel()), key=lambda j: (-float(mu[j].clamp_min(0)), j))
+            for i in range(lam.numel()):
+                assert sorted(mu_order[: int(counts[i])]) == torch.nonzero(mask[i]).flatten().tolist()
+            stats = pair_stats(lam, mu, counts)
+            assert stats.mass_fraction == pytest.approx(pair_mass_fraction(lam, mu, mask), rel=1e-12, abs=1e-300)
+            assert (stats.pairs_kept, stats.grad_vectors_used, stats.act_vectors_used) == (
+                int(mask.sum()), int(mask.any(1).sum()), int(mask.any(0).sum()))
+            masks.append(mask)
     finally:
         curvature._FINISH_BY_SORT = default
     products = lam[:, None] * mu[None, :]
@@ -101,19 +118,19 @@ def test_select_pairs_matches_brute_force(grad, act, keep_mass):
 def test_select_pairs_edges():
     lam = torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64)
     mu = torch.tensor([2.0, 2.0, 1.0, 0.0], dtype=torch.float64)
-    assert int(select_pairs(lam, mu, 0.0).sum()) == 0
-    assert int(select_pairs(lam, mu, 1.0).sum()) == 12
-    assert int(select_pairs(lam, mu, 1.5).sum()) == 12
+    assert int(select_pairs_mask(lam, mu, 0.0).sum()) == 0
+    assert int(select_pairs_mask(lam, mu, 1.0).sum()) == 12
+    assert int(select_pairs_mask(lam, mu, 1.5).sum()) == 12
     assert int(select_pairs(torch.zeros(3, dtype=torch.float64), mu, 0.5).sum()) == 0
     # total mass 4 * 5 = 20; products 6, 6, 3, 2, 2, 1, ...: 0.5 needs 10 -> 6 + 6 = 12 >= 10 after two pairs
-    mask = select_pairs(lam, mu, 0.5)
+    mask = select_pairs_mask(lam, mu, 0.5)
     assert mask.tolist() == [[True, True, False, False], [False] * 4, [False] * 4]
     # ties at the boundary: only as many of the tied products as needed (6 + 6 + 3 = 15 >= 0.7 * 20 = 14)
     assert int(select_pairs_all_paths(lam, mu, 0.7).sum()) == 3
     flat = torch.ones(30, dtype=torch.float64)  # one tie group of 900 pairs: 0.5 needs exactly 450 of them
     assert int(select_pairs_all_paths(flat, flat, 0.5).sum()) == 450
     # unsorted input and tiny negative eigenvalues (clamped to zero)
-    mask = select_pairs(torch.tensor([1.0, -1e-18, 3.0]), torch.tensor([1.0, 2.0]), 0.5)
+    mask = select_pairs_mask(torch.tensor([1.0, -1e-18, 3.0]), torch.tensor([1.0, 2.0]), 0.5)
     assert mask.tolist() == [[False, False], [False, False], [False, True]]
 
 
@@ -172,8 +189,15 @@ def test_edit_keep_all_projection_idempotent_and_mass():
     assert float(rel) < 1e-6
     assert torch.equal(edit_weight(w32, torch.eye(in_dim), torch.eye(out_dim), 1.0), w32)
     for keep_mass in (0.3, 0.7):
-        mask = select_pairs(grad_eig.values, act_eig.values, keep_mass)
+        mask = select_pairs_mask(grad_eig.values, act_eig.values, keep_mass)
         once = project_weight(weight, grad_eig, act_eig, mask)
+        counts = select_pairs(grad_eig.values, act_eig.values, keep_mass)
+        assert torch.allclose(project_weight(weight, grad_eig, act_eig, counts), once, atol=1e-12)
+        from_counts = pair_stats(grad_eig.values, act_eig.values, counts)
+        from_mask = pair_stats(grad_eig.values, act_eig.values, mask)
+        assert from_counts.mass_fraction == pytest.approx(from_mask.mass_fraction, rel=1e-12)
+        assert (from_counts.pairs_kept, from_counts.grad_vectors_used, from_counts.act_vectors_used) == (
+            from_mask.pairs_kept, from_mask.grad_vectors_used, from_mask.act_vectors_used)
         twice = project_weight(once, grad_eig, act_eig, mask)
         assert torch.allclose(once, twice, atol=1e-12)
         assert float(once.norm()) < float(weight.norm())
@@ -196,14 +220,71 @@ def test_project_weight_any_mask_matches_dense(seed):
     weight = torch.randn(out_dim, in_dim, dtype=torch.float64, generator=gen)
     masks = [
         torch.rand(out_dim, in_dim, generator=gen) < 0.2,  # arbitrary pattern: rows out of order
-        select_pairs(grad_eig.values, act_eig.values, 0.6),
+        select_pairs_mask(grad_eig.values, act_eig.values, 0.6),
         independent_mask(grad_eig.values, act_eig.values, 0.8),
+        torch.arange(in_dim)[None, :] < torch.randint(0, in_dim + 1, (out_dim, 1), generator=gen),  # unsorted prefixes
         torch.zeros(out_dim, in_dim, dtype=torch.bool),
     ]
     ug, ua = grad_eig.vectors, act_eig.vectors
     for mask in masks:
         dense = ug @ ((ug.T @ weight @ ua) * mask) @ ua.T
         assert torch.allclose(project_weight(weight, grad_eig, act_eig, mask), dense, atol=1e-11)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_project_weight_counts_match_dense(seed):
+    """The staircase path: any counts (sorted or not), tied μ (columns placed by rank), fp32 to rounding."""
+    gen = torch.Generator().manual_seed(seed)
+    out_dim, in_dim = 50, 36
+    grad_eig = eigendecompose(random_spd(out_dim, seed=70 + seed))
+    act_eig = eigendecompose(random_spd(in_dim, seed=80 + seed))
+    weight = torch.randn(out_dim, in_dim, dtype=torch.float64, generator=gen)
+    ug, ua = grad_eig.vectors, act_eig.vectors
+    staircases = [
+        select_pairs(grad_eig.values, act_eig.values, 0.5),
+        select_pairs(grad_eig.values, act_eig.values, 0.95),
+        independent_counts(grad_eig.values, act_eig.values, 0.7),
+        torch.randint(0, in_dim + 1, (out_dim,), generator=gen),  # rows out of order
+        torch.full((out_dim,), in_dim),
+        torch.zeros(out_dim, dtype=torch.int64),
+    ]
+    for counts in staircases:
+        mask = pairs_mask(counts, act_eig.values)
+        dense = ug @ ((ug.T @ weight @ ua) * mask) @ ua.T
+        assert torch.allclose(project_weight(weight, grad_eig, act_eig, counts), dense, atol=1e-11)
+        w32 = project_weight(weight.float(), grad_eig, act_eig, counts)
+        assert w32.dtype == torch.float32
+        assert float((w32.double() - dense).abs().max()) < 2e-5 * float(weight.abs().max())
+        assert 0 <= staircase_cost(counts, out_dim, in_dim) <= 2 * out_dim * in_dim * (out_dim + in_dim) * 1.2
+    # eigenvalues not descending (ties, or any order): counts pick the top columns by μ, lower index first
+    values = torch.tensor([1.0, 3.0, 3.0, 0.5, 2.0, 2.0], dtype=torch.float64)
+    tied = Eigen(values, random_orthogonal_basis(6, seed))
+    grad_small = Eigen(torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64), random_orthogonal_basis(3, seed + 5))
+    w = torch.randn(3, 6, dtype=torch.float64, generator=gen)
+    counts = torch.tensor([4, 2, 1])
+    mask = pairs_mask(counts, values)
+    assert mask.tolist()[0] == [False, True, True, False, True, True]
+    assert mask.tolist()[2] == [False, True, False, False, False, False]
+    dense = grad_small.vectors @ ((grad_small.vectors.T @ w @ tied.vectors) * mask) @ tied.vectors.T
+    assert torch.allclose(project_weight(w, grad_small, tied, counts), dense, atol=1e-12)
+    assert torch.equal(select_pairs_mask(grad_small.values, values, 0.6), pairs_mask(
+        select_pairs(grad_small.values, values, 0.6), values))
+    with pytest.raises(ValueError, match="counts"):
+        project_weight(w, grad_small, tied, torch.tensor([7, 0, 0]))
+
+
+def random_orthogonal_basis(n: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))[0]
+
+
+def test_eigen_keeps_compute_dtype_copies():
+    eig = eigendecompose(random_spd(8, seed=90))
+    first = eig.vectors_as(torch.float32)
+    assert first.dtype == torch.float32 and torch.allclose(first.double(), eig.vectors, atol=1e-7)
+    assert eig.vectors_as(torch.float32) is first  # cast once, reused across a sweep
+    assert eig.to("cpu") is eig and eig.to("cpu").vectors_as(torch.float32) is first
+    assert eig.vectors_as(torch.float64) is eig.vectors
+    assert eig.nbytes == 8 * 8 + 8 * 64 + 4 * 64  # values, fp64 vectors, the fp32 copy
 
 
 def test_independent_truncation():

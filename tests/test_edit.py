@@ -9,7 +9,8 @@ import torch
 from conftest import make_tiny_olmo2
 
 from kfac_edit.cli import main
-from kfac_edit.curvature import edit_weight, eigendecompose, pair_mass_fraction, select_pairs
+from kfac_edit.curvature import edit_weight, eigendecompose, pair_mass_fraction
+from kfac_edit.curvature import select_pairs_mask as select_pairs  # the tests below read a bool mask
 from kfac_edit.constants import EDIT_REPORT_FILE
 from kfac_edit.edit import ORIGINALS_ATTR, apply_edit, restore, save_edited
 from kfac_edit.eigen import EigenCache, default_cache_dir

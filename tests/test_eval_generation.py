@@ -73,3 +73,34 @@ def test_perturbation_scores_the_best_shifted_prompt(tiny_model):
     assert out["mean_max_match_len"] == 5
     assert out["mean_unperturbed_match_len"] == 0
     assert out["frac_records_longer_match"] == 1.0
+
+
+def test_generation_equals_hf_generate_with_a_preallocated_cache(tiny_model):
+    """The buffered cache is used for this model, and the tokens equal ``model.generate(do_sample=False)``."""
+    from kfac_edit.evaluate import memorization
+
+    cache = memorization._buffer_cache(tiny_model, 8)
+    assert cache is not None and len(cache.layers) == tiny_model.config.num_hidden_layers
+    prompts = random_prompts(7, lo=3, hi=12, seed=5)
+    ours = greedy_generate(tiny_model, prompts, 6, batch_size=7, pad_id=62)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), 62, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    with torch.no_grad():
+        hf = tiny_model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6, min_new_tokens=6,
+            pad_token_id=62, eos_token_id=None,
+        )
+    assert ours == hf[:, width:].tolist()
+    assert ours == [greedy_without_cache(tiny_model, p, 6) for p in prompts]
+    # the buffers hold exactly prompt width + generated positions, and overflow is refused
+    cache = memorization._buffer_cache(tiny_model, 3)
+    layer = cache.layers[0]
+    k = torch.zeros(1, 1, 3, 2, dtype=torch.float64)
+    layer.update(k, k)
+    assert layer.get_seq_length() == 3
+    with pytest.raises(RuntimeError, match="overflows"):
+        layer.update(k[:, :, :1], k[:, :, :1])

@@ -24,6 +24,8 @@ _EXPORTS: dict[str, str | tuple[str, str]] = {
     "Eigen": "kfac_edit.curvature",
     "eigendecompose": "kfac_edit.curvature",
     "select_pairs": "kfac_edit.curvature",
+    "select_pairs_mask": "kfac_edit.curvature",
+    "pairs_mask": "kfac_edit.curvature",
     "edit_weight": "kfac_edit.curvature",
     "project_weight": "kfac_edit.curvature",
     "EditSpec": "kfac_edit.spec",

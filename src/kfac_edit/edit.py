@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .constants import EDIT_REPORT_FILE
-from .curvature import independent_mask, pair_stats, project_weight, random_basis_edit, select_pairs, svd_truncate
+from .curvature import independent_counts, pair_stats, project_weight, random_basis_edit, select_pairs, svd_truncate
 from .eigen import EigenCache, default_cache_dir, distributed_eigendecompose
 from .errors import UserError
 from .factors.distributed import init_distributed, rank_device, shutdown
@@ -220,16 +220,16 @@ def _edit_one(
         eigen_seconds = time.perf_counter() - t0
     out_dim, in_dim = proj.shape
     if spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT):
-        select = select_pairs if spec.method is Method.KFAC else independent_mask
-        mask = select(grad_eig.values, act_eig.values, keep_mass)
-        new_weight = project_weight(weight, grad_eig, act_eig, mask.to(device))
-        kept = pair_stats(grad_eig.values, act_eig.values, mask)
+        select = select_pairs if spec.method is Method.KFAC else independent_counts
+        counts = select(grad_eig.values, act_eig.values, keep_mass)  # per-row counts: no dense mask
+        new_weight = project_weight(weight, grad_eig, act_eig, counts)
+        kept = pair_stats(grad_eig.values, act_eig.values, counts)
         kept = (kept.mass_fraction, kept.pairs_kept, kept.pairs_total, kept.grad_vectors_used, kept.act_vectors_used)
     elif spec.method is Method.SVD:
         new_weight, rank, energy = svd_truncate(weight, keep_mass)
         kept = (energy, rank, min(out_dim, in_dim), rank, rank)
     else:  # random: as many coefficients as the kfac edit keeps
-        n_keep = int(select_pairs(grad_eig.values, act_eig.values, keep_mass).view(torch.uint8).sum(dtype=torch.int64))
+        n_keep = int(select_pairs(grad_eig.values, act_eig.values, keep_mass).sum())
         new_weight = random_basis_edit(weight, n_keep, seed=_module_seed(spec.seed, proj.name))
         kept = (None, n_keep, out_dim * in_dim, None, None)
     wide = torch.float64 if weight.dtype == torch.float64 else torch.float32

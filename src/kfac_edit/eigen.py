@@ -160,12 +160,7 @@ class EigenCache:
             self._memory.popitem(last=False)
 
     def _memory_used(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for pair in self._memory.values()
-            for eig in pair
-            for t in (eig.values, eig.vectors)
-        )
+        return sum(eig.nbytes for pair in self._memory.values() for eig in pair)  # compute-dtype copies too
 
 
 # ---------------------------------------------------------------------------------------------------------------
