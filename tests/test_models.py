@@ -68,3 +68,20 @@ def test_public_api_exports_resolve():
     import kfac_edit.evaluate  # the subpackage must not shadow the function export
 
     assert inspect.isfunction(kfac_edit.evaluate_model)
+
+
+def test_dtype_auto_is_the_checkpoints_own(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kfac_edit.models import dtype_name, resolve_dtype
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=32, n_positions=16))
+    for dtype in (torch.bfloat16, torch.float64):
+        model.to(dtype).save_pretrained(tmp_path / dtype_name(dtype))
+        assert resolve_dtype(tmp_path / dtype_name(dtype)) == dtype  # on CPU as well: no device-dependent default
+    assert resolve_dtype(tmp_path / "bfloat16", "float32") == torch.float32
+    assert dtype_name(resolve_dtype("unused", torch.float16)) == "float16"
+    with pytest.raises(UserError, match="unknown dtype 'fp8'"):
+        resolve_dtype(tmp_path / "bfloat16", "fp8")
+    with pytest.raises(UserError, match="cannot load model"):
+        resolve_dtype(tmp_path / "missing")

@@ -12,6 +12,7 @@ Conventions used everywhere in the package:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -68,6 +69,7 @@ FUSED_GATE_UP = frozenset(t for t, arch in ARCHITECTURES.items() if arch is _FUS
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPE_CHOICES = ("auto", *DTYPES)  # what every command's --dtype accepts
 
 
 @dataclass
@@ -308,20 +310,50 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto") -> torch.dtype:
+    """The one meaning of ``--dtype``: a name from :data:`DTYPES`, or ``auto`` = the checkpoint's own dtype.
+
+    ``auto`` reads ``dtype`` (or the older ``torch_dtype``) from the model's ``config.json``; a config that records
+    none means float32 (what transformers assumed before it recorded dtypes).
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPE_CHOICES)}")
+        return DTYPES[dtype]
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(os.fspath(name_or_path))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = DTYPES.get(stored.removeprefix("torch."))
+    return stored if isinstance(stored, torch.dtype) and stored in DTYPES.values() else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling of --dtype, manifests and lm-eval's ``dtype=``)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def load_model(
     name_or_path: str,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     device: str | None = None,
     device_map: str | None = None,
 ):
     """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode.
 
+    ``dtype`` is resolved by :func:`resolve_dtype` (``auto``: the checkpoint's own dtype, on every device).
     The tokenizer always has a pad token (the EOS or UNK token stands in when it has none) and pads on the left
     (what batched generation needs; the factor and perplexity code passes attention masks so side does not matter).
     """
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    torch_dtype = resolve_dtype(name_or_path, dtype)
     kwargs = {"dtype": torch_dtype}
     if device_map:
         kwargs["device_map"] = device_map

@@ -45,7 +45,7 @@ def register(subparsers) -> None:
         "--dtype",
         choices=["auto", "bfloat16", "float32", "float16", "float64"],
         default="auto",
-        help="model dtype (default: bfloat16 on cuda, float32 on cpu); factors are always summed in fp32 or fp64",
+        help="model dtype (default auto: the checkpoint's own dtype); factors are always summed in fp32 or fp64",
     )
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu or auto (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled labels (default: 0)")
@@ -192,7 +192,7 @@ def _collect(args, ctx, device, layers, kinds, modules, budget) -> int:
             f"with {ctx.world_size} ranks: launch a single process, or drop --device-map"
         )
     device = rank_device(device, ctx)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = args.dtype  # load_model resolves auto: the checkpoint's own dtype
     if args.device_map:
         try:
             import accelerate  # noqa: F401  (transformers needs it for device_map)
