@@ -1,4 +1,4 @@
-"""Text sources (jsonl/txt/parquet/gz/dir), packing into windows, batching, sharding and bad input."""
+"""Text sources (jsonl/json/csv/txt/parquet/gz/dir/save_to_disk, all through datasets), packing into windows, batching, sharding and bad input."""
 
 from __future__ import annotations
 
@@ -73,9 +73,9 @@ def test_bad_sources(tmp_path):
         check_source(empty)
     with pytest.raises(UserError, match="does not exist"):
         check_source(tmp_path / "missing.jsonl")
-    (tmp_path / "x.csv").write_text("text\n1")
+    (tmp_path / "x.md").write_text("text\n1")  # (.csv was the unknown type here until csv became a format)
     with pytest.raises(UserError, match="unknown type"):
-        check_source(tmp_path / "x.csv")
+        check_source(tmp_path / "x.md")
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(UserError, match="holds no .jsonl"):
         check_source(tmp_path / "emptydir")
@@ -86,6 +86,38 @@ def test_bad_sources(tmp_path):
         with pytest.raises(UserError, match="permission denied"):
             check_source(locked)
     check_source(bad)  # the first document is fine; the bad line is found when reading reaches it
+
+
+def test_every_format_through_datasets(tmp_path):
+    import datasets
+
+    (tmp_path / "array.json").write_text(json.dumps([{"text": "1 2"}, {"text": None}, {"text": "3"}]))
+    assert list(iter_documents(tmp_path / "array.json")) == ["1 2", "3"]  # null text skipped
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as fh:
+        fh.write("\n".join(json.dumps({"body": d}) for d in DOCS) + "\n")
+    assert list(iter_documents(tmp_path / "d.jsonl.gz", text_field="body")) == DOCS
+    (tmp_path / "t.csv").write_text('id,text\n1,"4, 5"\n2,\n3,6\n')
+    assert list(iter_documents(tmp_path / "t.csv")) == ["4, 5", "6"]  # quoting kept, empty cell skipped
+    with pytest.raises(UserError, match=r"t\.csv' has no 'body' column \(it has id, text\)"):
+        list(iter_documents(tmp_path / "t.csv", text_field="body"))
+    (tmp_path / "crlf.txt").write_bytes(b"7 8\r\n\r\n9\r\n")
+    assert list(iter_documents(tmp_path / "crlf.txt")) == ["7 8", "9"]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": DOCS[:3], "n": [1, 2, 3]}).save_to_disk(str(saved))
+    assert list(iter_documents(saved)) == DOCS[:3]
+    check_source(saved)
+    splits = tmp_path / "splits"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"content": DOCS[:2]}), "test": datasets.Dataset.from_dict({"content": ["0"]})}
+    ).save_to_disk(str(splits))
+    assert list(iter_documents(splits, text_field="content")) == DOCS[:2]  # a DatasetDict gives its train split
+    with pytest.raises(UserError, match="saved dataset .* has no 'text' column \\(it has content\\)"):
+        list(iter_documents(splits))
+    with pytest.raises(UserError, match=r"array\.json' has no 'body' field"):
+        list(iter_documents(tmp_path / "array.json", text_field="body"))
+    (tmp_path / "broken.json").write_text('[{"text": "1"},\n {"text": ]')
+    with pytest.raises(UserError, match=r"broken\.json:2: malformed JSON"):
+        list(iter_documents(tmp_path / "broken.json"))
 
 
 def test_pack_documents_uses_every_token_once(tok):
