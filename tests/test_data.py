@@ -160,3 +160,18 @@ def test_token_batches_limits_shards_and_resume(tok):
     assert sum(int(b["attention_mask"].sum()) for b in limited) == 24  # stops at the first window past 20
     with pytest.raises(UserError, match="batch-size"):
         next(token_batches(docs, tok, 8, 0))
+
+
+def test_warning_when_the_data_runs_out_before_the_tokens_asked_for(tok, caplog):
+    docs = [" ".join(str(i % 60) for i in range(k, k + 11)) for k in range(4)]  # 4 x 13 = 52 tokens
+    with caplog.at_level("WARNING", logger="kfac_edit.data"):
+        got = sum(int(b["attention_mask"].sum()) for b in token_batches(docs, tok, 8, 2, max_tokens=100, warn_if_short="--tokens"))
+        assert got == 52
+        assert [r.getMessage() for r in caplog.records] == [
+            "the data ran out after 52 tokens, before the 100 of --tokens; the result uses the 52 there were"
+        ]
+        caplog.clear()
+        list(token_batches(docs, tok, 8, 2, max_tokens=20, warn_if_short="--tokens"))  # enough data: quiet
+        list(token_batches(docs, tok, 8, 2, max_tokens=100))  # max_tokens only a cap: quiet
+        list(token_batches(docs, tok, 8, 2, max_tokens=100, shard=(1, 2), warn_if_short="--tokens"))  # rank 0 warns
+        assert caplog.records == []

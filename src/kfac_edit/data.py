@@ -36,6 +36,8 @@ import torch
 
 from .errors import UserError
 
+log = logging.getLogger(__name__)
+
 ALIASES = {"dolmino": "hf:allenai/dolmino-mix-1124", "olmo-mix": "hf:allenai/olmo-mix-1124"}
 # file suffix -> the ``datasets`` packaged builder that reads it
 BUILDERS = {
@@ -352,6 +354,7 @@ def token_batches(
     shard: tuple[int, int] = (0, 1),
     text_field: str = "text",
     with_index: bool = False,
+    warn_if_short: str | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches ``{"input_ids": (B, T), "attention_mask": (B, T)}`` of packed windows from a SOURCE.
 
@@ -363,6 +366,8 @@ def token_batches(
         with_index: also yield ``"window_index"`` (B,): each window's position in the whole stream (over all
             shards). The factor collector seeds its sampled labels with it, so labels do not depend on batch size,
             sharding or resuming. Leave it off when the batch goes to ``model(**batch)``.
+        warn_if_short: the option that set ``max_tokens`` (e.g. ``"--tokens"``): log a warning (rank 0 only) when
+            the data runs out before ``max_tokens`` real tokens. Leave it ``None`` where ``max_tokens`` is a cap.
     """
     rank, world = shard
     if batch_size < 1:
@@ -372,8 +377,10 @@ def token_batches(
     documents = iter_documents(source, text_field) if isinstance(source, (str, os.PathLike)) else iter(source)
     ids, masks, indices = [], [], []
     seen_tokens = 0
+    reached = False
     for index, window in enumerate(pack_documents(documents, tokenizer, seq_len)):
         if max_tokens is not None and seen_tokens >= max_tokens:
+            reached = True
             break
         n_real = int(window.attention_mask.sum())
         seen_tokens += n_real
@@ -387,6 +394,14 @@ def token_batches(
             ids, masks, indices = [], [], []
     if ids:
         yield _batch(ids, masks, indices, with_index)
+    if warn_if_short and max_tokens is not None and not reached and seen_tokens < max_tokens and rank == 0:
+        log.warning(
+            "the data ran out after %s tokens, before the %s of %s; the result uses the %s there were",
+            f"{seen_tokens:,}",
+            f"{max_tokens:,}",
+            warn_if_short,
+            f"{seen_tokens:,}",
+        )
 
 
 def _batch(ids: list, masks: list, indices: list[int], with_index: bool) -> dict[str, torch.Tensor]:

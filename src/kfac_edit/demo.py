@@ -232,7 +232,7 @@ def run_demo(
     cache = EigenCache(None)
     points: list[dict] = []
     grid = [("kfac", k) for k in config.kfac_grid] + [("svd", k) for k in config.svd_grid]
-    from tqdm.auto import tqdm
+    from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
     for method, keep in tqdm(grid, desc="edit + evaluate", unit="point", disable=None if progress else True):
         spec = EditSpec({(b, kind): keep for b in config.blocks for kind in config.projections}, method, config.seed)

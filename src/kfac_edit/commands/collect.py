@@ -234,7 +234,7 @@ def _collect(args, ctx, device, layers, kinds, modules, budget) -> int:
     def batches(skip_windows: int, shard: tuple[int, int]):
         return token_batches(
             args.data, tokenizer, args.seq_len, args.batch_size, max_tokens=args.tokens, skip_windows=skip_windows,
-            shard=shard, text_field=args.text_field, with_index=True,
+            shard=shard, text_field=args.text_field, with_index=True, warn_if_short="--tokens",
         )  # fmt: skip
 
     config = CollectionConfig(

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
 from ..data import describe_source, token_batches
 from ..fileio import atomic_path, cache_root

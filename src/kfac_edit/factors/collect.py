@@ -506,7 +506,7 @@ def collect_factors(
     Returns:
         :class:`Factors` whose manifest records model, labels, seed, tokens, dtype and versions.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
     if projections is None:
         if kinds is None:

@@ -183,7 +183,7 @@ def run_collection(
         path = save_checkpoint(config.out_dir, Factors(modules, {"checkpoint_of": "kfac-edit collect"}), state)
         log.info("checkpoint %s (%d windows, %d tokens) in %.1f s", path, windows, tokens, time.perf_counter() - t0)
 
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
     for pass_index in range(start.pass_index, len(passes)):
         group = passes[pass_index]
