@@ -105,3 +105,30 @@ def test_mixture_of_experts_is_refused_with_one_line(model_type):
     assert "\n" not in message
     assert message.startswith(f"mixture-of-experts model '{model_type}' is not supported yet")
     assert "experts" in message and "3-D" in message and "not linear layers" in message
+
+
+def test_cli_on_a_mixture_of_experts_model_is_one_line_exit_2(tmp_path, tiny_tokenizer, tiny_corpus_jsonl, capsys):
+    from kfac_edit.cli import main
+
+    model_dir = tmp_path / "tiny-mixtral"
+    tiny_model("mixtral").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    capsys.readouterr()  # transformers' own save messages
+    argv = ["collect", "--model", str(model_dir), "--data", str(tiny_corpus_jsonl), "--out", str(tmp_path / "f")]
+    assert main(argv + ["--tokens", "64", "--seq-len", "16", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kfac-edit: error: mixture-of-experts model 'mixtral' is not supported")
+    assert "--modules up=" not in err[0]  # no advice that cannot work
+    assert not (tmp_path / "f").exists()
+
+
+def test_load_model_dtype_auto_keeps_a_bf16_checkpoint_bf16_on_cpu(tmp_path, tiny_tokenizer):
+    from kfac_edit.models import load_model
+
+    model_dir = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    model, _ = load_model(str(model_dir), device="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    model, _ = load_model(str(model_dir), dtype="float64", device="cpu")
+    assert next(model.parameters()).dtype == torch.float64
