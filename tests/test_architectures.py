@@ -39,11 +39,26 @@ TINY = {
     "rotary_dim": 4,
 }
 MOE_FAMILIES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")
+# Multimodal families: tiny sub-configs (their defaults are full-size vision towers, gigabytes of random weights).
+NESTED = {
+    "gemma3": {
+        "text_config": {k: v for k, v in TINY.items() if k not in ("ffn_dim", "n_inner", "ffn_hidden_size", "rotary_dim")}
+        | {"vocab_size": 300},
+        "vision_config": {
+            "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "image_size": 28, "patch_size": 14,
+        },
+        "mm_tokens_per_image": 4, "boi_token_index": 297, "eoi_token_index": 298, "image_token_index": 299,
+    },
+}  # fmt: skip
 
 
 def tiny_model(model_type: str, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if model_type in NESTED:
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **NESTED[model_type])).eval()
     defaults = AutoConfig.for_model(model_type)
     sizes = dict(TINY, num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
     known = {k: v for k, v in sizes.items() if hasattr(defaults, k) or k in getattr(defaults, "attribute_map", {})}

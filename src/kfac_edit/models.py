@@ -61,6 +61,9 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, str]]] = {
     "xglm": ("model.layers", {"up": "fc1", "down": "fc2"}),
     "biogpt": ("biogpt.layers", {"up": "fc1", "down": "fc2"}),
     "mpt": ("transformer.blocks", {"up": "ffn.up_proj", "down": "ffn.down_proj"}),
+    "lfm2": ("model.layers", {"gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2"}),
+    # Gemma 3 with its vision tower (AutoModelForCausalLM gives Gemma3ForConditionalGeneration): the text blocks
+    "gemma3": ("model.language_model.layers", _LLAMA_LIKE[1]),
 }
 _FUSED_NOTE = "; its gate and up are one fused linear layer, mlp.gate_up_proj, edited as kind 'up'"
 FUSED_GATE_UP = frozenset(t for t, arch in ARCHITECTURES.items() if arch is _FUSED_GATE_UP)
@@ -257,6 +260,11 @@ def find_projections(
                 raise UserError(f"block {i} has no module '{sub}'; check --modules") from exc
             if not _is_linear(module):
                 raise UserError(f"module {blocks_path}.{i}.{sub} is not a linear layer; check --modules")
+            if not module.weight.is_floating_point():
+                raise UserError(
+                    f"module {blocks_path}.{i}.{sub} holds quantized weights ({dtype_name(module.weight.dtype)}); "
+                    "kfac-edit edits float weights: load the model without quantization"
+                )
             out.append(Projection(name=f"{blocks_path}.{i}.{sub}", block=i, kind=kind, module=module))
     return out
 
