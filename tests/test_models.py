@@ -85,3 +85,21 @@ def test_dtype_auto_is_the_checkpoints_own(tmp_path):
         resolve_dtype(tmp_path / "bfloat16", "fp8")
     with pytest.raises(UserError, match="cannot load model"):
         resolve_dtype(tmp_path / "missing")
+
+
+def test_quantized_weights_are_refused_in_one_line():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block()])
+
+    net = Net()
+    net.blocks[0].up.weight = torch.nn.Parameter(torch.zeros(8, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(UserError, match=r"^module blocks\.0\.up holds quantized weights \(int8\); kfac-edit edits float"):
+        find_projections(net, projections=["up", "down"], modules={"up": "up", "down": "down"})
+    assert len(find_projections(net, projections=["down"], modules={"down": "down"})) == 1
