@@ -16,10 +16,12 @@ def test_log_lines_when_stderr_is_not_a_terminal(monkeypatch, caplog):
         assert isinstance(bar, LogLines)
         for _ in range(4):
             bar.update(1000)
+        bar.set_postfix(found=3, refresh=False)
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("collecting factors: 1.00k/4.00k tok (25%), ") and " tok/s, " in lines[0]
     assert lines[0].endswith(" left")
-    assert lines[-1].startswith("collecting factors: 4.00k/4.00k tok (100%)") and lines[-1].endswith(" elapsed, done")
+    assert lines[-1].startswith("collecting factors: 4.00k/4.00k tok (100%)")
+    assert lines[-1].endswith(", found=3, done")
     assert len(lines) == 5  # one per update, one at the end
 
     caplog.clear()

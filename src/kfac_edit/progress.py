@@ -59,7 +59,7 @@ class LogLines(_tqdm_std.tqdm):
         super().close()
 
     def line(self, done: bool = False) -> str:
-        """``desc: done/total unit (pct%), rate unit/s, elapsed, left``."""
+        """``desc: done/total unit (pct%), rate unit/s, elapsed, left[, postfix]``."""
         d = self.format_dict
         scale = bool(d["unit_scale"])
 
@@ -73,6 +73,8 @@ class LogLines(_tqdm_std.tqdm):
         parts.append(f"{_tqdm_std.tqdm.format_interval(elapsed)} elapsed")
         if total and rate and not done:
             parts.append(f"{_tqdm_std.tqdm.format_interval(max(total - n, 0) / rate)} left")
+        if d["postfix"]:  # what the loop adds with set_postfix (a loss, a count found, the last sweep point)
+            parts.append(str(d["postfix"]))
         prefix = f"{self.desc.rstrip(': ')}: " if self.desc else ""
         return prefix + ", ".join(parts)
 
