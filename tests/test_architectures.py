@@ -42,8 +42,8 @@ MOE_FAMILIES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")
 # Multimodal families: tiny sub-configs (their defaults are full-size vision towers, gigabytes of random weights).
 NESTED = {
     "gemma3": {
-        "text_config": {k: v for k, v in TINY.items() if k not in ("ffn_dim", "n_inner", "ffn_hidden_size", "rotary_dim")}
-        | {"vocab_size": 300},
+        "text_config": {k: TINY[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "head_dim")}
+        | {"num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 300, "pad_token_id": 0},
         "vision_config": {
             "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
             "image_size": 28, "patch_size": 14,
@@ -75,10 +75,8 @@ def tiny_model(model_type: str, seed: int = 0):
 
 def random_batches(seed: int = 0, n: int = 2):
     g = torch.Generator().manual_seed(seed)
-    return [
-        {"input_ids": torch.randint(1, VOCAB, (2, 12), generator=g), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
-        for _ in range(n)
-    ]
+    ones = torch.ones(2, 12, dtype=torch.long)
+    return [{"input_ids": torch.randint(1, VOCAB, (2, 12), generator=g), "attention_mask": ones} for _ in range(n)]
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))

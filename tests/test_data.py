@@ -1,4 +1,5 @@
-"""Text sources (jsonl/json/csv/txt/parquet/gz/dir/save_to_disk, all through datasets), packing into windows, batching, sharding and bad input."""
+"""Text sources (jsonl/json/csv/txt/parquet/gz/dir/save_to_disk, all through datasets), packing into windows,
+batching, sharding and bad input."""
 
 from __future__ import annotations
 
@@ -107,9 +108,8 @@ def test_every_format_through_datasets(tmp_path):
     assert list(iter_documents(saved)) == DOCS[:3]
     check_source(saved)
     splits = tmp_path / "splits"
-    datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict({"content": DOCS[:2]}), "test": datasets.Dataset.from_dict({"content": ["0"]})}
-    ).save_to_disk(str(splits))
+    train, test = datasets.Dataset.from_dict({"content": DOCS[:2]}), datasets.Dataset.from_dict({"content": ["0"]})
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(splits))
     assert list(iter_documents(splits, text_field="content")) == DOCS[:2]  # a DatasetDict gives its train split
     with pytest.raises(UserError, match="saved dataset .* has no 'text' column \\(it has content\\)"):
         list(iter_documents(splits))
@@ -165,8 +165,8 @@ def test_token_batches_limits_shards_and_resume(tok):
 def test_warning_when_the_data_runs_out_before_the_tokens_asked_for(tok, caplog):
     docs = [" ".join(str(i % 60) for i in range(k, k + 11)) for k in range(4)]  # 4 x 13 = 52 tokens
     with caplog.at_level("WARNING", logger="kfac_edit.data"):
-        got = sum(int(b["attention_mask"].sum()) for b in token_batches(docs, tok, 8, 2, max_tokens=100, warn_if_short="--tokens"))
-        assert got == 52
+        batches = token_batches(docs, tok, 8, 2, max_tokens=100, warn_if_short="--tokens")
+        assert sum(int(b["attention_mask"].sum()) for b in batches) == 52
         assert [r.getMessage() for r in caplog.records] == [
             "the data ran out after 52 tokens, before the 100 of --tokens; the result uses the 52 there were"
         ]

@@ -100,6 +100,6 @@ def test_quantized_weights_are_refused_in_one_line():
 
     net = Net()
     net.blocks[0].up.weight = torch.nn.Parameter(torch.zeros(8, 4, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(UserError, match=r"^module blocks\.0\.up holds quantized weights \(int8\); kfac-edit edits float"):
+    with pytest.raises(UserError, match=r"^module blocks\.0\.up holds quantized weights \(int8\); kfac-edit edits"):
         find_projections(net, projections=["up", "down"], modules={"up": "up", "down": "down"})
     assert len(find_projections(net, projections=["down"], modules={"down": "down"})) == 1

@@ -45,7 +45,7 @@ def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_true", default=default, help="log debug messages")
     group.add_argument(
-        "-q", "--quiet", action="store_true", default=default, help="log only warnings and errors (and no progress log lines)"
+        "-q", "--quiet", action="store_true", default=default, help="log only warnings and errors (no progress lines)"
     )
 
 

@@ -100,9 +100,9 @@ def iter_documents(source: str | os.PathLike, text_field: str = "text") -> Itera
 
 def _is_saved_dataset(path: Path) -> bool:
     """A directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
-    return path.is_dir() and (
-        (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file())
-    )
+    if not path.is_dir():
+        return False
+    return (path / "dataset_dict.json").is_file() or all((path / f).is_file() for f in ("state.json", "dataset_info.json"))
 
 
 def _local_files(source: str) -> list[Path]:

@@ -178,7 +178,10 @@ def _mixture_of_experts(model: nn.Module) -> str | None:
             where = f"{cls} at {name}" if name else cls
             if fused:
                 shapes = ", ".join(f"{n} {'x'.join(map(str, shape))}" for n, shape in fused)
-                return f"its experts ({where}) keep every expert's weights in fused 3-D parameters ({shapes}), not linear layers"
+                return (
+                    f"its experts ({where}) keep every expert's weights in fused 3-D parameters ({shapes}), "
+                    "not linear layers"
+                )
             return f"its experts ({where}) are one module holding all experts"
     cfg = getattr(model, "config", None)
     for field in _EXPERT_COUNT_FIELDS:
