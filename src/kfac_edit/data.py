@@ -13,8 +13,9 @@ A SOURCE string is one of:
 
 Every source is read through ``datasets`` (``load_dataset(builder, data_files=..., streaming=True)`` for local files,
 ``load_from_disk`` for saved datasets): the loaders Hugging Face users know, streaming, so a large file is never read
-whole. The text field (``--text-field``, default ``text``) must exist in every record; a record whose text is empty or
-null is skipped. When ``datasets`` fails on a JSON-lines or text file, the file is scanned line by line to name the
+whole. Records without the text field (``--text-field``, default ``text``) are an error naming the file (and the line,
+for JSON lines) when the file has no such field at all; a record whose text is empty, null, or missing while other
+records of the file have it (``datasets`` reads such a record as null) is skipped. When ``datasets`` fails on a JSON-lines or text file, the file is scanned line by line to name the
 bad line (``FILE:LINE: malformed JSON``), after the documents before it were yielded.
 
 Documents are tokenized with the model's tokenizer, joined with the EOS token between them (when the tokenizer
