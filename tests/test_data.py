@@ -1,4 +1,5 @@
-"""Text sources (jsonl/txt/parquet/gz/dir), packing into windows, batching, sharding and bad input."""
+"""Text sources (jsonl/json/csv/txt/parquet/gz/dir/save_to_disk, all through datasets), packing into windows,
+batching, sharding and bad input."""
 
 from __future__ import annotations
 
@@ -73,9 +74,9 @@ def test_bad_sources(tmp_path):
         check_source(empty)
     with pytest.raises(UserError, match="does not exist"):
         check_source(tmp_path / "missing.jsonl")
-    (tmp_path / "x.csv").write_text("text\n1")
+    (tmp_path / "x.md").write_text("text\n1")  # (.csv was the unknown type here until csv became a format)
     with pytest.raises(UserError, match="unknown type"):
-        check_source(tmp_path / "x.csv")
+        check_source(tmp_path / "x.md")
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(UserError, match="holds no .jsonl"):
         check_source(tmp_path / "emptydir")
@@ -86,6 +87,37 @@ def test_bad_sources(tmp_path):
         with pytest.raises(UserError, match="permission denied"):
             check_source(locked)
     check_source(bad)  # the first document is fine; the bad line is found when reading reaches it
+
+
+def test_every_format_through_datasets(tmp_path):
+    import datasets
+
+    (tmp_path / "array.json").write_text(json.dumps([{"text": "1 2"}, {"text": None}, {"text": "3"}]))
+    assert list(iter_documents(tmp_path / "array.json")) == ["1 2", "3"]  # null text skipped
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as fh:
+        fh.write("\n".join(json.dumps({"body": d}) for d in DOCS) + "\n")
+    assert list(iter_documents(tmp_path / "d.jsonl.gz", text_field="body")) == DOCS
+    (tmp_path / "t.csv").write_text('id,text\n1,"4, 5"\n2,\n3,6\n')
+    assert list(iter_documents(tmp_path / "t.csv")) == ["4, 5", "6"]  # quoting kept, empty cell skipped
+    with pytest.raises(UserError, match=r"t\.csv' has no 'body' column \(it has id, text\)"):
+        list(iter_documents(tmp_path / "t.csv", text_field="body"))
+    (tmp_path / "crlf.txt").write_bytes(b"7 8\r\n\r\n9\r\n")
+    assert list(iter_documents(tmp_path / "crlf.txt")) == ["7 8", "9"]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": DOCS[:3], "n": [1, 2, 3]}).save_to_disk(str(saved))
+    assert list(iter_documents(saved)) == DOCS[:3]
+    check_source(saved)
+    splits = tmp_path / "splits"
+    train, test = datasets.Dataset.from_dict({"content": DOCS[:2]}), datasets.Dataset.from_dict({"content": ["0"]})
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(splits))
+    assert list(iter_documents(splits, text_field="content")) == DOCS[:2]  # a DatasetDict gives its train split
+    with pytest.raises(UserError, match="saved dataset .* has no 'text' column \\(it has content\\)"):
+        list(iter_documents(splits))
+    with pytest.raises(UserError, match=r"array\.json' has no 'body' field"):
+        list(iter_documents(tmp_path / "array.json", text_field="body"))
+    (tmp_path / "broken.json").write_text('[{"text": "1"},\n {"text": ]')
+    with pytest.raises(UserError, match=r"broken\.json:2: malformed JSON"):
+        list(iter_documents(tmp_path / "broken.json"))
 
 
 def test_pack_documents_uses_every_token_once(tok):
@@ -128,3 +160,18 @@ def test_token_batches_limits_shards_and_resume(tok):
     assert sum(int(b["attention_mask"].sum()) for b in limited) == 24  # stops at the first window past 20
     with pytest.raises(UserError, match="batch-size"):
         next(token_batches(docs, tok, 8, 0))
+
+
+def test_warning_when_the_data_runs_out_before_the_tokens_asked_for(tok, caplog):
+    docs = [" ".join(str(i % 60) for i in range(k, k + 11)) for k in range(4)]  # 4 x 13 = 52 tokens
+    with caplog.at_level("WARNING", logger="kfac_edit.data"):
+        batches = token_batches(docs, tok, 8, 2, max_tokens=100, warn_if_short="--tokens")
+        assert sum(int(b["attention_mask"].sum()) for b in batches) == 52
+        assert [r.getMessage() for r in caplog.records] == [
+            "the data ran out after 52 tokens, before the 100 of --tokens; the result uses the 52 there were"
+        ]
+        caplog.clear()
+        list(token_batches(docs, tok, 8, 2, max_tokens=20, warn_if_short="--tokens"))  # enough data: quiet
+        list(token_batches(docs, tok, 8, 2, max_tokens=100))  # max_tokens only a cap: quiet
+        list(token_batches(docs, tok, 8, 2, max_tokens=100, shard=(1, 2), warn_if_short="--tokens"))  # rank 0 warns
+        assert caplog.records == []

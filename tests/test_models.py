@@ -68,3 +68,38 @@ def test_public_api_exports_resolve():
     import kfac_edit.evaluate  # the subpackage must not shadow the function export
 
     assert inspect.isfunction(kfac_edit.evaluate_model)
+
+
+def test_dtype_auto_is_the_checkpoints_own(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kfac_edit.models import dtype_name, resolve_dtype
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=32, n_positions=16))
+    for dtype in (torch.bfloat16, torch.float64):
+        model.to(dtype).save_pretrained(tmp_path / dtype_name(dtype))
+        assert resolve_dtype(tmp_path / dtype_name(dtype)) == dtype  # on CPU as well: no device-dependent default
+    assert resolve_dtype(tmp_path / "bfloat16", "float32") == torch.float32
+    assert dtype_name(resolve_dtype("unused", torch.float16)) == "float16"
+    with pytest.raises(UserError, match="unknown dtype 'fp8'"):
+        resolve_dtype(tmp_path / "bfloat16", "fp8")
+    with pytest.raises(UserError, match="cannot load model"):
+        resolve_dtype(tmp_path / "missing")
+
+
+def test_quantized_weights_are_refused_in_one_line():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block()])
+
+    net = Net()
+    net.blocks[0].up.weight = torch.nn.Parameter(torch.zeros(8, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(UserError, match=r"^module blocks\.0\.up holds quantized weights \(int8\); kfac-edit edits"):
+        find_projections(net, projections=["up", "down"], modules={"up": "up", "down": "down"})
+    assert len(find_projections(net, projections=["down"], modules={"down": "down"})) == 1

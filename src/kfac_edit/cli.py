@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Remove rote memorization from a causal LM by editing its MLP weights along K-FAC curvature.",
     )
     parser.add_argument("--version", action="version", version=f"kfac-edit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    _add_verbosity(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from . import commands
 
@@ -34,7 +34,27 @@ def build_parser() -> argparse.ArgumentParser:
         modules.append(importlib.import_module(f"{commands.__name__}.{info.name}"))
     for mod in sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.__name__)):
         mod.register(sub)
+    for command_parser in sub.choices.values():  # -v/-q also after the subcommand: `kfac-edit collect -v ...`
+        _add_verbosity(command_parser, argparse.SUPPRESS)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
+    """``-v`` (debug messages) and ``-q`` (warnings and errors only). A subcommand's copies default to SUPPRESS, so
+    they only set what is given after the subcommand and never undo what was given before it."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="log debug messages")
+    group.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="log only warnings and errors (no progress lines)"
+    )
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    if getattr(args, "verbose", False) and getattr(args, "quiet", False):
+        raise UserError("-v and -q contradict each other; give one of them")
+    if getattr(args, "verbose", False):
+        return logging.DEBUG
+    return logging.WARNING if getattr(args, "quiet", False) else logging.INFO
 
 
 def _quiet_transformers() -> None:
@@ -51,9 +71,12 @@ def _quiet_transformers() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
+    try:
+        level = _log_level(args)
+    except UserError as exc:
+        print(f"kfac-edit: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _quiet_transformers()

@@ -4,9 +4,19 @@ A SOURCE string is one of:
 
 * ``hf:DATASET[:CONFIG][@SPLIT]`` -- a Hugging Face dataset, streamed with ``datasets`` (split defaults to
   ``train``); the aliases ``dolmino`` (allenai/dolmino-mix-1124) and ``olmo-mix`` (allenai/olmo-mix-1124) also work;
-* a local ``.jsonl`` file (one JSON object a line, text in the field ``text``; ``.jsonl.gz`` / ``.json.gz`` are read
-  through gzip, as in Dolma's shards), a ``.txt`` file (one document a non-empty line), a ``.parquet`` file (column
-  ``text``), or a directory holding such files (read recursively in sorted order; hidden files are skipped).
+* a local ``.jsonl`` file (one JSON object a line, text in the field ``text``; ``.jsonl.gz`` / ``.json.gz`` are
+  gzip-compressed, as in Dolma's shards), a ``.json`` file (an array of objects, or JSON lines), a ``.csv`` file
+  (column ``text``, with a header row), a ``.txt`` file (one document a non-empty line), a ``.parquet`` file
+  (column ``text``), or a directory holding such files (read recursively in sorted order; hidden files skipped);
+* a directory written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict``: its ``train`` split,
+  else its only split).
+
+Every source is read through ``datasets`` (``load_dataset(builder, data_files=..., streaming=True)`` for local files,
+``load_from_disk`` for saved datasets): the loaders Hugging Face users know, streaming, so a large file is never read
+whole. Records without the text field (``--text-field``, default ``text``) are an error naming the file (and the line,
+for JSON lines) when the file has no such field at all; a record whose text is empty, null, or missing while other
+records of the file have it (``datasets`` reads such a record as null) is skipped. When ``datasets`` fails on a JSON-lines or text file, the file is scanned line by line to name the
+bad line (``FILE:LINE: malformed JSON``), after the documents before it were yielded.
 
 Documents are tokenized with the model's tokenizer, joined with the EOS token between them (when the tokenizer
 does not add one), and cut into windows of ``seq_len`` tokens. The final partial window is right-padded and masked
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +37,21 @@ import torch
 
 from .errors import UserError
 
+log = logging.getLogger(__name__)
+
 ALIASES = {"dolmino": "hf:allenai/dolmino-mix-1124", "olmo-mix": "hf:allenai/olmo-mix-1124"}
-LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".txt", ".parquet")
+# file suffix -> the ``datasets`` packaged builder that reads it
+BUILDERS = {
+    ".jsonl": "json",
+    ".jsonl.gz": "json",
+    ".json.gz": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".txt": "text",
+    ".parquet": "parquet",
+}
+LOCAL_SUFFIXES = tuple(sorted(BUILDERS, key=len, reverse=True))  # longest first: ".jsonl.gz" before ".gz" kinds
+_SUFFIX_LIST = ".jsonl, .jsonl.gz, .json, .csv, .txt or .parquet"
 TOKENIZE_CHUNK = 256  # documents tokenized per tokenizer call (fast tokenizers batch them in Rust)
 
 
@@ -68,8 +92,18 @@ def iter_documents(source: str | os.PathLike, text_field: str = "text") -> Itera
     if source.startswith("hf:"):
         yield from _iter_hf(source, text_field)
         return
+    if _is_saved_dataset(Path(source).expanduser()):
+        yield from _iter_saved(Path(source).expanduser(), text_field)
+        return
     for file in _local_files(source):
         yield from _iter_file(file, text_field)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    if not path.is_dir():
+        return False
+    return (path / "dataset_dict.json").is_file() or all((path / f).is_file() for f in ("state.json", "dataset_info.json"))
 
 
 def _local_files(source: str) -> list[Path]:
@@ -82,13 +116,13 @@ def _local_files(source: str) -> list[Path]:
         )
         if not files:
             raise UserError(
-                f"directory '{source}' holds no .jsonl, .jsonl.gz, .txt or .parquet files; point --data at text files"
+                f"directory '{source}' holds no {_SUFFIX_LIST} files; point --data at text files"
             )
         return files
     if path.is_file():
         if not _local_kind(path):
             raise UserError(
-                f"data file '{source}' has an unknown type; use .jsonl (field 'text'), .jsonl.gz, .txt or .parquet"
+                f"data file '{source}' has an unknown type; use {_SUFFIX_LIST}"
             )
         return [path]
     raise UserError(f"data source '{source}' does not exist; give a local file/directory or hf:DATASET")
@@ -100,7 +134,7 @@ def check_source(source: str | os.PathLike, text_field: str = "text") -> None:
     Reads at most the first document; a local source is also checked for read permission on every file.
     """
     source_str = ALIASES.get(str(source), str(source))
-    if not source_str.startswith("hf:"):
+    if not source_str.startswith("hf:") and not _is_saved_dataset(Path(source_str).expanduser()):
         for file in _local_files(source_str):
             if not os.access(file, os.R_OK):
                 raise UserError(f"cannot read data file '{file}' (permission denied); fix its permissions")
@@ -130,37 +164,113 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
             raise UserError(f"{path}:{lineno + 1}: cannot read further ({exc}); the file may be truncated") from None
 
 
+def _quiet_datasets() -> None:
+    """``datasets`` logs a failed JSON parse at ERROR before raising; the raised error is what we report."""
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+
+
 def _iter_file(path: Path, text_field: str) -> Iterator[str]:
+    """The documents of one local file, read by the ``datasets`` builder of its suffix (see :data:`BUILDERS`)."""
+    import datasets
+
+    _quiet_datasets()
     kind = _local_kind(path)
+    builder = BUILDERS[kind]
+    field = "text" if builder == "text" else text_field
+    yielded = 0
+    try:
+        stream = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
+        for record in stream:
+            if field not in record:
+                what = "field" if builder == "json" else "column"
+                raise UserError(f"data file '{path}' has no '{field}' {what} (it has {', '.join(record)})")
+            text = record[field]
+            if builder == "text":
+                if not text.strip():
+                    continue
+                text = text.rstrip("\r\n")
+            elif not text:
+                continue
+            yielded += 1
+            yield str(text)
+    except UserError as exc:
+        if builder == "json":  # name the line (the scan raises at the first record without the field)
+            yield from _rescan(path, kind, text_field, yielded)
+        raise exc from None
+    except Exception as exc:  # datasets/pyarrow raise many types for unreadable files; all are the user's data
+        if builder in ("json", "text"):
+            yield from _rescan(path, kind, text_field, yielded)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot read data file '{path}': {first}") from None
+
+
+def _rescan(path: Path, kind: str, text_field: str, skip: int) -> Iterator[str]:
+    """After ``datasets`` failed on a JSON or text file: scan it line by line, yield the documents the stream had
+    not yielded yet and raise the :class:`UserError` that names the bad line (returns if the scan finds none)."""
+    if kind == ".json" and not _looks_like_json_lines(path):
+        try:
+            with _open_text(path) as fh:
+                json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not valid UTF-8 text; convert the file to UTF-8") from None
+        return
+    for index, text in enumerate(_scan_lines(path, kind, text_field)):
+        if index >= skip:
+            yield text
+
+
+def _looks_like_json_lines(path: Path) -> bool:
+    with _open_text(path) as fh:
+        try:
+            head = fh.read(4096).lstrip()
+        except UnicodeDecodeError:
+            return True
+    return not head.startswith("[")
+
+
+def _scan_lines(path: Path, kind: str, text_field: str) -> Iterator[str]:
+    """The documents of a JSON-lines or text file, read line by line with exact ``FILE:LINE`` errors."""
     if kind == ".txt":
         for _, line in _numbered_lines(path):
             if line.strip():
                 yield line.rstrip("\r\n")
-    elif kind in (".jsonl", ".jsonl.gz", ".json.gz"):
-        for lineno, line in _numbered_lines(path):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise UserError(f"{path}:{lineno}: no '{text_field}' field; each line needs {{\"{text_field}\": ...}}")
-            if record[text_field]:
-                yield str(record[text_field])
-    else:  # parquet
-        import pyarrow.parquet as pq
-
+        return
+    for lineno, line in _numbered_lines(path):
+        if not line.strip():
+            continue
         try:
-            pf = pq.ParquetFile(path)
-        except Exception as exc:  # pyarrow raises several types for unreadable files
-            raise UserError(f"cannot read parquet file '{path}': {exc}") from None
-        if text_field not in pf.schema_arrow.names:
-            raise UserError(f"parquet file '{path}' has no '{text_field}' column (it has {pf.schema_arrow.names})")
-        for batch in pf.iter_batches(columns=[text_field]):
-            for text in batch.column(0).to_pylist():
-                if text:
-                    yield str(text)
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove that line") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise UserError(f"{path}:{lineno}: no '{text_field}' field; each line needs {{\"{text_field}\": ...}}")
+        if record[text_field]:
+            yield str(record[text_field])
+
+
+def _iter_saved(path: Path, text_field: str) -> Iterator[str]:
+    """The documents of a ``save_to_disk`` directory (a DatasetDict gives its ``train`` split, else its only one)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # a damaged or foreign directory
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot read saved dataset '{path}': {first}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" in ds:
+            ds = ds["train"]
+        elif len(ds) == 1:
+            ds = next(iter(ds.values()))
+        else:
+            raise UserError(f"saved dataset '{path}' has splits {', '.join(ds)} and none is 'train'; save one split")
+    if text_field not in ds.column_names:
+        raise UserError(f"saved dataset '{path}' has no '{text_field}' column (it has {', '.join(ds.column_names)})")
+    for record in ds.select_columns([text_field]):
+        if record[text_field]:
+            yield str(record[text_field])
 
 
 def _iter_hf(source: str, text_field: str) -> Iterator[str]:
@@ -245,6 +355,7 @@ def token_batches(
     shard: tuple[int, int] = (0, 1),
     text_field: str = "text",
     with_index: bool = False,
+    warn_if_short: str | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches ``{"input_ids": (B, T), "attention_mask": (B, T)}`` of packed windows from a SOURCE.
 
@@ -256,6 +367,8 @@ def token_batches(
         with_index: also yield ``"window_index"`` (B,): each window's position in the whole stream (over all
             shards). The factor collector seeds its sampled labels with it, so labels do not depend on batch size,
             sharding or resuming. Leave it off when the batch goes to ``model(**batch)``.
+        warn_if_short: the option that set ``max_tokens`` (e.g. ``"--tokens"``): log a warning (rank 0 only) when
+            the data runs out before ``max_tokens`` real tokens. Leave it ``None`` where ``max_tokens`` is a cap.
     """
     rank, world = shard
     if batch_size < 1:
@@ -265,8 +378,10 @@ def token_batches(
     documents = iter_documents(source, text_field) if isinstance(source, (str, os.PathLike)) else iter(source)
     ids, masks, indices = [], [], []
     seen_tokens = 0
+    reached = False
     for index, window in enumerate(pack_documents(documents, tokenizer, seq_len)):
         if max_tokens is not None and seen_tokens >= max_tokens:
+            reached = True
             break
         n_real = int(window.attention_mask.sum())
         seen_tokens += n_real
@@ -280,6 +395,14 @@ def token_batches(
             ids, masks, indices = [], [], []
     if ids:
         yield _batch(ids, masks, indices, with_index)
+    if warn_if_short and max_tokens is not None and not reached and seen_tokens < max_tokens and rank == 0:
+        log.warning(
+            "the data ran out after %s tokens, before the %s of %s; the result uses the %s there were",
+            f"{seen_tokens:,}",
+            f"{max_tokens:,}",
+            warn_if_short,
+            f"{seen_tokens:,}",
+        )
 
 
 def _batch(ids: list, masks: list, indices: list[int], with_index: bool) -> dict[str, torch.Tensor]:

@@ -257,7 +257,7 @@ def apply_edit(model: nn.Module, factors, spec: EditSpec, cache: EigenCache | No
     ``factors`` may be ``None`` for the ``svd`` method. Pass an :class:`EigenCache` to reuse eigendecompositions
     across calls (and, with a directory, across runs); without one each call keeps its own in memory.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
     start = time.perf_counter()
     restore(model)

@@ -112,7 +112,8 @@ def run_lm_eval(
         limit: at most this many documents per task (a fraction < 1 means that share), for quick checks.
         batch_size: lm-eval batch size (an int, or ``"auto"``).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ...
-        dtype: weights dtype passed to ``from_pretrained`` (``auto`` keeps the checkpoint's).
+        dtype: weights dtype, resolved by :func:`kfac_edit.models.resolve_dtype` (``auto``: the checkpoint's own)
+            and passed to lm-eval by name, so the results file records the dtype that ran.
         num_fewshot: few-shot examples per prompt (default: each task's own).
         log_samples: also write each document's responses to ``OUT_DIR/lm_eval_samples.jsonl`` (one line per
             document: ``task``, ``doc_id``, ``doc``, ``target``, ``arguments``, ``responses``, per-document metrics)
@@ -120,13 +121,14 @@ def run_lm_eval(
     Returns:
         The dict written to the file (layout in the module docstring).
     """
-    from .models import resolve_device
+    from .models import dtype_name, resolve_device, resolve_dtype
 
     task_list = parse_tasks(tasks)
     lm_eval, simple_evaluate, TaskManager = _import_lm_eval()
     include = os.fspath(include_path) if include_path is not None else None
     manager = _task_manager(TaskManager, task_list, include)
     model_path = os.fspath(model_path)
+    dtype = dtype_name(resolve_dtype(model_path, dtype))
     dev = str(resolve_device(device))
     model_args = {"pretrained": model_path, "dtype": dtype}
     log.info("lm-eval: %s on %s (%s)", ",".join(task_list), model_path, dev)
@@ -259,11 +261,7 @@ def run_lm_eval_from_args(args) -> dict[str, Any] | None:
     limit = args.lm_eval_limit
     if limit is not None and limit >= 1:
         limit = int(limit)
-    dtype = getattr(args, "dtype", "auto")
-    if dtype == "auto":  # as `kfac-edit eval` loads the model: bfloat16 on CUDA, float32 on CPU
-        from .models import resolve_device
-
-        dtype = "bfloat16" if resolve_device(getattr(args, "device", "auto")).type == "cuda" else "float32"
+    dtype = getattr(args, "dtype", "auto")  # run_lm_eval resolves auto as every command does
     out_dir = lm_eval_out_dir(args.model, getattr(args, "out", None))
     record = run_lm_eval(
         args.model,

@@ -12,6 +12,7 @@ Conventions used everywhere in the package:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -24,24 +25,54 @@ log = logging.getLogger(__name__)
 
 PROJECTIONS = ("gate", "up", "down")
 
-# model_type -> (path of the ModuleList of blocks, {kind: path of the projection inside a block})
+# model_type -> (path of the ModuleList of blocks, {kind: path of the projection inside a block}).
+# Every entry was checked on a tiny random model of the installed transformers (tests/test_architectures.py).
 _LLAMA_LIKE = ("model.layers", {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"})
+_UP_DOWN = ("model.layers", {"up": "mlp.up_proj", "down": "mlp.down_proj"})  # no gate (ReLU² / xIELU MLPs)
+# One nn.Linear computing [gate; up] (out = 2 * intermediate): handled as ONE projection of kind ``up`` -- the K-FAC
+# of that linear layer (A over its input, G over all its outputs), edited as a whole; there is no separate ``gate``.
+_FUSED_GATE_UP = ("model.layers", {"up": "mlp.gate_up_proj", "down": "mlp.down_proj"})
+_NEOX_NAMES = {"up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
+_C_FC = {"up": "mlp.c_fc", "down": "mlp.c_proj"}
+_FC_IN = ("transformer.h", {"up": "mlp.fc_in", "down": "mlp.fc_out"})
 ARCHITECTURES: dict[str, tuple[str, dict[str, str]]] = {
-    "olmo2": _LLAMA_LIKE,
-    "olmo": _LLAMA_LIKE,
-    "olmo3": _LLAMA_LIKE,
-    "llama": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "phi3": ("model.layers", {"up": "mlp.gate_up_proj", "down": "mlp.down_proj"}),
-    "gpt_neox": ("gpt_neox.layers", {"up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}),
-    "gpt2": ("transformer.h", {"up": "mlp.c_fc", "down": "mlp.c_proj"}),
+    **dict.fromkeys(
+        (
+            "llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
+            "olmo3", "stablelm", "cohere", "cohere2", "granite", "helium", "smollm3", "exaone4", "seed_oss",
+            "diffllama", "ernie4_5", "internlm3",
+        ),
+        _LLAMA_LIKE,
+    ),
+    **dict.fromkeys(("nemotron", "arcee", "apertus"), _UP_DOWN),
+    **dict.fromkeys(("phi3", "glm", "glm4"), _FUSED_GATE_UP),
+    "gpt_neox": ("gpt_neox.layers", _NEOX_NAMES),
+    "falcon": ("transformer.h", _NEOX_NAMES),
+    "bloom": ("transformer.h", _NEOX_NAMES),
+    "persimmon": ("model.layers", _NEOX_NAMES),
+    "gpt2": ("transformer.h", _C_FC),  # Conv1D, weight stored (in, out)
+    "gpt_bigcode": ("transformer.h", _C_FC),
+    "gpt_neo": ("transformer.h", _C_FC),
+    "starcoder2": ("model.layers", _C_FC),
+    "gptj": _FC_IN,
+    "codegen": _FC_IN,
+    "phi": ("model.layers", {"up": "mlp.fc1", "down": "mlp.fc2"}),
+    "opt": ("model.decoder.layers", {"up": "fc1", "down": "fc2"}),
+    "xglm": ("model.layers", {"up": "fc1", "down": "fc2"}),
+    "biogpt": ("biogpt.layers", {"up": "fc1", "down": "fc2"}),
+    "mpt": ("transformer.blocks", {"up": "ffn.up_proj", "down": "ffn.down_proj"}),
+    "lfm2": ("model.layers", {"gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2"}),
+    # Gemma 3 with its vision tower (AutoModelForCausalLM gives Gemma3ForConditionalGeneration): the text blocks
+    "gemma3": ("model.language_model.layers", _LLAMA_LIKE[1]),
 }
+_FUSED_NOTE = "; its gate and up are one fused linear layer, mlp.gate_up_proj, edited as kind 'up'"
+FUSED_GATE_UP = frozenset(t for t, arch in ARCHITECTURES.items() if arch is _FUSED_GATE_UP)
+
+# Config fields that give a mixture-of-experts model away (any value > 1 means routed experts).
+_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPE_CHOICES = ("auto", *DTYPES)  # what every command's --dtype accepts
 
 
 @dataclass
@@ -91,22 +122,73 @@ def num_blocks(model: nn.Module) -> int:
 
 
 def _architecture(model: nn.Module) -> tuple[str, dict[str, str]]:
+    """``(blocks path, {kind: path inside a block})`` of a model: the table, else a known layout found by structure.
+
+    Mixture-of-experts models and models whose MLP matches no known layout are a :class:`UserError` (one line
+    saying what is unsupported and why).
+    """
     mtype = model_type(model)
     if mtype in ARCHITECTURES:
         return ARCHITECTURES[mtype]
-    # Unknown model type: accept any model whose blocks look Llama-like.
-    try:
-        blocks = _get(model, "model.layers")
-        if all(hasattr(blocks[0].mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            return _LLAMA_LIKE
-    except (AttributeError, IndexError, TypeError):
-        pass
+    moe = _mixture_of_experts(model)
+    if moe:
+        raise UserError(
+            f"mixture-of-experts model '{mtype}' is not supported yet: {moe}; kfac-edit has no per-expert factors, "
+            "and neither its projection table nor --modules can reach experts"
+        )
+    # Unknown model type: accept any model whose blocks have one of the known layouts.
+    for layout in {id(layout): layout for layout in ARCHITECTURES.values()}.values():
+        if _has_layout(model, layout):
+            return layout
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     shown = ", ".join(linear_names[:12]) + (" ..." if len(linear_names) > 12 else "")
     raise UserError(
         f"unknown architecture '{mtype}': cannot find its MLP projections; its linear modules are: {shown}; "
         "name them with --modules (e.g. --modules up=mlp.fc_in,down=mlp.fc_out)"
     )
+
+
+def _has_layout(model: nn.Module, layout: tuple[str, dict[str, str]]) -> bool:
+    blocks_path, kinds = layout
+    try:
+        blocks = _get(model, blocks_path)
+        first = blocks[0]
+        return all(_is_linear(_get(first, sub)) for sub in kinds.values())
+    except (AttributeError, IndexError, TypeError, KeyError):
+        return False
+
+
+def _is_linear(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+
+def _mixture_of_experts(model: nn.Module) -> str | None:
+    """A short description of a model's expert layer (``None`` for a dense model).
+
+    Found by structure (an expert module with 3-D parameters, or a class named ``*Experts``) or by the config's
+    expert count.
+    """
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if "expert" not in cls.lower() and "expert" not in name.rsplit(".", 1)[-1].lower():
+            continue  # 3-D weights elsewhere (e.g. a Mamba block's Conv1d) are no experts
+        fused = [(n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+        if fused or cls.lower().endswith("experts"):
+            where = f"{cls} at {name}" if name else cls
+            if fused:
+                shapes = ", ".join(f"{n} {'x'.join(map(str, shape))}" for n, shape in fused)
+                return (
+                    f"its experts ({where}) keep every expert's weights in fused 3-D parameters ({shapes}), "
+                    "not linear layers"
+                )
+            return f"its experts ({where}) are one module holding all experts"
+    cfg = getattr(model, "config", None)
+    for field in _EXPERT_COUNT_FIELDS:
+        count = getattr(cfg, field, None)
+        if isinstance(count, int) and count > 1:
+            return f"its config has {field}={count} (routed experts, not one linear layer per projection)"
+    return None
 
 
 def parse_modules_option(text: str) -> dict[str, str]:
@@ -160,7 +242,8 @@ def find_projections(
             raise UserError(f"unknown projection '{kind}'; use a subset of gate,up,down")
         if kind not in kinds:
             raise UserError(
-                f"projection '{kind}' does not exist in a {model_type(model)} model (it has {', '.join(kinds)}); "
+                f"projection '{kind}' does not exist in a {model_type(model)} model (it has {', '.join(kinds)}"
+                f"{_FUSED_NOTE if kind == 'gate' and kinds.get('up') == _FUSED_GATE_UP[1]['up'] else ''}); "
                 f"pass --projections {','.join(k for k in PROJECTIONS if k in kinds)}"
             )
     out = []
@@ -173,8 +256,13 @@ def find_projections(
                 module = _get(blocks[i], sub)
             except AttributeError as exc:
                 raise UserError(f"block {i} has no module '{sub}'; check --modules") from exc
-            if not hasattr(module, "weight") or module.weight.dim() != 2:
+            if not _is_linear(module):
                 raise UserError(f"module {blocks_path}.{i}.{sub} is not a linear layer; check --modules")
+            if not module.weight.is_floating_point():
+                raise UserError(
+                    f"module {blocks_path}.{i}.{sub} holds quantized weights ({dtype_name(module.weight.dtype)}); "
+                    "kfac-edit edits float weights: load the model without quantization"
+                )
             out.append(Projection(name=f"{blocks_path}.{i}.{sub}", block=i, kind=kind, module=module))
     return out
 
@@ -228,14 +316,44 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto") -> torch.dtype:
+    """The one meaning of ``--dtype``: a name from :data:`DTYPES`, or ``auto`` = the checkpoint's own dtype.
+
+    ``auto`` reads ``dtype`` (or the older ``torch_dtype``) from the model's ``config.json``; a config that records
+    none means float32 (what transformers assumed before it recorded dtypes).
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPE_CHOICES)}")
+        return DTYPES[dtype]
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(os.fspath(name_or_path))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = DTYPES.get(stored.removeprefix("torch."))
+    return stored if isinstance(stored, torch.dtype) and stored in DTYPES.values() else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling of --dtype, manifests and lm-eval's ``dtype=``)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def load_model(
     name_or_path: str,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     device: str | None = None,
     device_map: str | None = None,
 ):
     """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode (``dtype="auto"``: as saved).
 
+    ``dtype`` is resolved by :func:`resolve_dtype` (``auto``: the checkpoint's own dtype, on every device).
     The tokenizer always has a pad token (the EOS or UNK token stands in when it has none) and pads on the left
     (what batched generation needs; the factor and perplexity code passes attention masks so side does not matter).
     """
@@ -257,24 +375,6 @@ def load_model(
     model.eval()
     tokenizer = load_tokenizer(name_or_path)
     return model, tokenizer
-
-
-def resolve_dtype(model: str, dtype: str | torch.dtype) -> torch.dtype:
-    """``dtype`` by name, or for ``auto`` the dtype the checkpoint ``model`` was saved in (float32 when it does not say)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype != "auto":
-        return DTYPES[dtype]
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model '{model}': {str(exc).splitlines()[0]}") from None
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = DTYPES.get(stored.removeprefix("torch."))
-    return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
 def load_tokenizer_as_saved(name_or_path: str):

@@ -348,7 +348,7 @@ def run_sweep(
     ``factors`` may be ``None`` only for the ``svd`` method. ``cache`` defaults to an in-memory
     :class:`EigenCache`. Raises :class:`UserError` before any work when an input is wrong.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
     from .evaluate.suite import evaluate, own_reference_topk
 

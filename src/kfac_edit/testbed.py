@@ -318,7 +318,7 @@ def train(model, data: TestbedData, config: TestbedConfig, tokenizer, progress: 
 
 def _train_loop(model, data: TestbedData, config: TestbedConfig, tokenizer, progress: bool) -> dict:
     import torch
-    from tqdm.auto import tqdm
+    from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
     def column(token_id: int):
         return torch.full((config.n_documents, 1), token_id, dtype=torch.long)

@@ -16,6 +16,7 @@ DEFAULT_TOKENS = 20_000_000
 
 def register(subparsers) -> None:
     from ..factors.collect import CollectConfig
+    from ..models import DTYPE_CHOICES
 
     def option(parser, name: str, **kwargs) -> None:
         parser.add_argument(CollectConfig.flag(name), dest=name, help=CollectConfig.help(name), **kwargs)
@@ -42,7 +43,7 @@ def register(subparsers) -> None:
     option(p, "seq_len", type=int, default=512)
     option(p, "batch_size", type=int, default=16)
     option(p, "labels", choices=["sampled", "gold"], default="sampled")
-    option(p, "dtype", choices=["auto", "bfloat16", "float32", "float16", "float64"], default="auto")
+    option(p, "dtype", choices=DTYPE_CHOICES, default="auto")
     option(p, "device", default="auto")
     option(p, "seed", type=int, default=0)
     option(p, "modules", default=None)

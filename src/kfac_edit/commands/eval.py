@@ -26,7 +26,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16", "float64"],
-        help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)",
+        help="weights dtype (default auto: the checkpoint's own dtype)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
@@ -65,8 +65,7 @@ def load_for_eval(args: argparse.Namespace):
     from ..models import load_model, resolve_device
 
     device = resolve_device(args.device)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    return load_model(args.model, dtype=dtype, device=str(device))
+    return load_model(args.model, dtype=args.dtype, device=str(device))  # auto: the checkpoint's own dtype
 
 
 def register(subparsers) -> None:

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 from rapidfuzz.distance import Levenshtein
-from tqdm.auto import tqdm
+from ..progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
 from .records import MemRecord
 

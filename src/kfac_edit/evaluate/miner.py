@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
 from ..data import token_batches
 from ..errors import UserError

@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from ..progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
 from ..data import describe_source, token_batches
 from ..constants import NDCG_CACHE

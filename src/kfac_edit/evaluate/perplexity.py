@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from ..progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
 from ..data import token_batches
 from ..errors import UserError

@@ -74,7 +74,7 @@ class CollectConfig:
     seq_len: int = _opt(512, "tokens per packed window (default: 512)")
     batch_size: int = _opt(16, "windows per forward/backward (default: 16)")
     text_field: str = _opt("text", "field/column holding the text (default: text)")
-    dtype: str = _opt("auto", "model dtype (default: bfloat16 on cuda, float32 on cpu); factors are always summed in "
+    dtype: str = _opt("auto", "model dtype (default auto: the checkpoint's own dtype); factors are always summed in "
                       "fp32 or fp64")  # fmt: skip
     device: str = _opt("auto", "cuda, cuda:1, cpu or auto (default: cuda when available)")
     device_map: str | None = _opt(None, "spread the model's blocks over the visible GPUs (transformers/accelerate "
@@ -221,13 +221,12 @@ def _load_model(model_id: str, config: CollectConfig, ctx: DistContext, device: 
             f"with {ctx.world_size} ranks: launch a single process, or drop --device-map"
         )
     device = rank_device(device, ctx)
-    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     if config.device_map:
         try:
             import accelerate  # noqa: F401  (transformers needs it for device_map)
         except ImportError:
             raise UserError("--device-map needs the accelerate package: pip install accelerate") from None
-    return load_model(model_id, dtype=dtype, device=None if config.device_map else str(device), device_map=config.device_map)
+    return load_model(model_id, dtype=config.dtype, device=None if config.device_map else str(device), device_map=config.device_map)
 
 
 def _prepare(
@@ -275,6 +274,7 @@ def _batch_source(data: Any, tokenizer: Any, config: CollectConfig) -> BatchSour
             return data_module.token_batches(
                 str(data), tokenizer, config.seq_len, config.batch_size, max_tokens=config.max_tokens,
                 skip_windows=skip_windows, shard=shard, text_field=config.text_field, with_index=True,
+                warn_if_short="--tokens",
             )  # fmt: skip
 
         return packed
@@ -340,7 +340,7 @@ def _collect_partitions(
     fingerprint: dict[str, Any] | None,
 ) -> Factors | None:
     """The sum of the partial factors of every pass (rank 0; ``None`` elsewhere). Writes only checkpoints."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
     started = time.perf_counter()
     passes = plan_passes(projections, config.layers_per_pass)

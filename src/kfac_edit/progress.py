@@ -1,0 +1,95 @@
+"""One progress helper for every loop that can take more than a few seconds.
+
+:func:`progress_bar` takes tqdm's arguments and returns
+
+* a tqdm bar (``tqdm.auto``) when stderr is a terminal or a notebook runs the code;
+* otherwise (a Slurm log, ``2> file``, a pipe) a bar that draws nothing and instead logs one line every
+  :data:`LOG_INTERVAL_S` seconds at INFO on the ``kfac_edit.progress`` logger -- done, rate, time left -- and a
+  last line when a loop that logged ends, e.g.::
+
+      collecting factors: 1.23M/20.0M tok (6%), 41.2k tok/s, 00:30 elapsed, 06:47 left
+
+``disable=True`` (the commands' ``--no-progress``) turns both off; ``disable=None`` (tqdm's "only on a terminal")
+means "a bar on a terminal, log lines elsewhere".
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from tqdm import std as _tqdm_std
+
+log = logging.getLogger(__name__)
+
+LOG_INTERVAL_S = 30.0  # seconds between two log lines when stderr is not a terminal
+
+
+class _NullFile:
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+class LogLines(_tqdm_std.tqdm):
+    """A tqdm that logs a progress line every :data:`LOG_INTERVAL_S` seconds instead of drawing a bar."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.update(disable=False, file=_NullFile(), mininterval=LOG_INTERVAL_S, dynamic_ncols=False)
+        kwargs.pop("position", None)
+        self._closing = False
+        self._lines = 0
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg=None, pos=None):  # tqdm calls this at most every mininterval seconds
+        if self._closing or self.n == self.initial:
+            return True
+        self._lines += 1
+        log.info("%s", self.line())
+        return True
+
+    def close(self):
+        if self.disable:
+            return
+        self._closing = True
+        if self._lines:  # a loop that logged along the way also logs where it ended
+            log.info("%s, done", self.line(done=True))
+        super().close()
+
+    def line(self, done: bool = False) -> str:
+        """``desc: done/total unit (pct%), rate unit/s, elapsed, left[, postfix]``."""
+        d = self.format_dict
+        scale = bool(d["unit_scale"])
+
+        def amount(x: float) -> str:
+            return _tqdm_std.tqdm.format_sizeof(x, divisor=d["unit_divisor"]) if scale else f"{x:,.0f}"
+
+        n, total, elapsed, unit = d["n"], d["total"], d["elapsed"], d["unit"]
+        rate = (n - d["initial"]) / elapsed if elapsed > 0 else None
+        parts = [f"{amount(n)}/{amount(total)} {unit} ({100 * n / total:.0f}%)" if total else f"{amount(n)} {unit}"]
+        parts.append(f"{amount(rate)} {unit}/s" if rate else f"? {unit}/s")
+        parts.append(f"{_tqdm_std.tqdm.format_interval(elapsed)} elapsed")
+        if total and rate and not done:
+            parts.append(f"{_tqdm_std.tqdm.format_interval(max(total - n, 0) / rate)} left")
+        if d["postfix"]:  # what the loop adds with set_postfix (a loss, a count found, the last sweep point)
+            parts.append(str(d["postfix"]))
+        prefix = f"{self.desc.rstrip(': ')}: " if self.desc else ""
+        return prefix + ", ".join(parts)
+
+
+def _interactive() -> bool:
+    return bool(getattr(sys.stderr, "isatty", lambda: False)()) or "ipykernel" in sys.modules
+
+
+def progress_bar(*args, **kwargs):
+    """A tqdm bar on a terminal, :class:`LogLines` elsewhere, nothing with ``disable=True`` (tqdm's arguments)."""
+    from tqdm.auto import tqdm
+
+    if kwargs.get("disable") is True:
+        return tqdm(*args, **kwargs)
+    if _interactive():
+        kwargs["disable"] = False
+        return tqdm(*args, **kwargs)
+    return LogLines(*args, **kwargs)
