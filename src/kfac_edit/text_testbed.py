@@ -3,7 +3,7 @@
 The arithmetic testbed (:mod:`kfac_edit.testbed`) is a world built for the method; this one is real English
 technical prose that every Python installation carries, so anyone can rebuild it offline:
 
-- Text: the docstrings of the standard library's public modules (and their public submodules, one level down), of
+- Text: the docstrings of the standard library's public modules (and their public submodules), of
   their public functions, classes and methods, walked with :mod:`importlib`/:mod:`inspect` in sorted order
   (private names, test/GUI/side-effect modules and anything that fails to import are skipped), plus the help
   topics of :mod:`pydoc_data.topics`. The text is the PSF-licensed documentation of the running Python, so the
@@ -73,6 +73,7 @@ SKIP_MODULES = frozenset({
     "sre_constants", "sre_parse", "xxsubtype", "xxlimited", "xxlimited_35", "curses", "readline", "tty",
     "pty", "webbrowser", "crypt", "nis", "ossaudiodev", "spwd", "sqlite3",
 })
+FACT_WORDS = ("the", "capital", "of", "is", ".")  # the fact template "the capital of X is Y ."
 _WORD = re.compile(r"^[a-z]{2,}$")
 
 
@@ -219,7 +220,7 @@ def _docstrings(module) -> Iterator[str]:
 def stdlib_documents() -> dict[str, list[str]]:
     """``{module name: [docstrings]}`` over the standard library (module docstring) plus ``pydoc_data.topics``.
 
-    Packages contribute their public submodules one level down under the top-level name (so the held-out split is
+    Packages contribute their public submodules (all levels) under the top-level name (so the held-out split is
     by top-level module). Duplicate docstrings (inherited or re-exported) are kept once, first occurrence wins.
     Deterministic for a given Python build.
     """
@@ -242,10 +243,15 @@ def stdlib_documents() -> dict[str, list[str]]:
         for text in _docstrings(module):
             add(name, text)
         if hasattr(module, "__path__"):
-            for info in sorted(pkgutil.iter_modules(module.__path__), key=lambda i: i.name):
-                if not _public(info.name) or "test" in info.name or info.name == "__main__":
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                found = pkgutil.walk_packages(module.__path__, f"{name}.", onerror=lambda _: None)
+                subs = sorted(info.name for info in found)
+            for sub_name in subs:
+                parts = sub_name.split(".")[1:]
+                if any(not _public(part) or "test" in part for part in parts):
                     continue
-                sub = _import_quietly(f"{name}.{info.name}")
+                sub = _import_quietly(sub_name)
                 if sub is not None:
                     for text in _docstrings(sub):
                         add(name, text)
@@ -265,14 +271,16 @@ def _pre_tokenize(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]+", text.lower())
 
 
-def build_vocabulary(documents: Sequence[str], vocab_size: int) -> list[str]:
+def build_vocabulary(documents: Sequence[str], vocab_size: int, required: Sequence[str] = ()) -> list[str]:
     """The ``vocab_size - len(SPECIALS)`` most frequent tokens (ties: alphabetical), then the specials.
 
-    Tokens starting with ``##`` are left out (the WordPiece decoder would strip that prefix).
+    ``required`` tokens are always in (they replace the least frequent ones). Tokens starting with ``##`` are left
+    out (the WordPiece decoder would strip that prefix).
     """
     counts = Counter(t for doc in documents for t in _pre_tokenize(doc) if not t.startswith("##"))
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return [t for t, _ in ranked[: vocab_size - len(SPECIALS)]] + list(SPECIALS)
+    ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if t not in required]
+    words = [t for t in required if t not in SPECIALS] + ranked
+    return words[: vocab_size - len(SPECIALS)] + list(SPECIALS)
 
 
 def word_tokenizer(vocabulary: Sequence[str]):
@@ -361,14 +369,14 @@ def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | N
     train_modules, heldout_modules = split_modules(list(documents), c.heldout_fraction, c.seed)
     train_docs = [d for m in train_modules for d in documents[m]]
     heldout_docs = [d for m in heldout_modules for d in documents[m]]
-    vocabulary = build_vocabulary(train_docs, c.vocab_size)
+    vocabulary = build_vocabulary(train_docs, c.vocab_size, FACT_WORDS if c.n_facts else ())
     tokenizer = word_tokenizer(vocabulary)
     stream = _stream(train_docs, tokenizer)
     held_stream = _stream(heldout_docs, tokenizer)
 
     rng = np.random.default_rng(c.seed)
     word_ids = np.array([i for i, t in enumerate(vocabulary) if _WORD.match(t)], dtype=np.int64)
-    fixed = {tokenizer.convert_tokens_to_ids(w) for w in ("the", "capital", "of", "is", ".")}
+    fixed = {tokenizer.convert_tokens_to_ids(w) for w in FACT_WORDS}
     word_ids = word_ids[~np.isin(word_ids, list(fixed))]
     canaries = rng.choice(word_ids, size=(c.n_canaries, c.canary_len), replace=True)
 
@@ -383,7 +391,7 @@ def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | N
         for r in canary_rows[k]:
             heads[r] = canaries[k]
     facts = []
-    the, capital, of, is_, dot = (tokenizer.convert_tokens_to_ids(w) for w in ("the", "capital", "of", "is", "."))
+    the, capital, of, is_, dot = (tokenizer.convert_tokens_to_ids(w) for w in FACT_WORDS)
     for k, (country, city) in enumerate(_fact_table(word_ids, c.n_facts, rng) if c.n_facts else []):
         prompt, answer = [the, capital, of, country, is_], [city, dot]
         facts.append((prompt, answer))
