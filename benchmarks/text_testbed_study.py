@@ -1,0 +1,202 @@
+"""K-FAC vs SVD on the English-text testbed, with held-out selection and matched held-out perplexity.
+
+For each seed: build (or load) the text testbed, split its canaries into a selection half and a held-out half
+(seeded, disjoint), then for each factor-data variant collect K-FAC factors and sweep ``keep_mass``; SVD (data-free)
+is swept once per edited set of projections. At each perplexity budget (+5/+10/+20/+30% held-out perplexity) each
+method's point is chosen on the *selection* canaries (lowest selection strict within the budget, ties: lower
+perplexity), and its *held-out* canary strict memorization is reported. Matching is by held-out-text perplexity:
+both methods get the same budget.
+
+Variants (each changes one thing from the reference ``ref``: factors from ``factor_corpus.jsonl`` (no canaries),
+150k tokens, sampled labels, gate+up+down of both blocks):
+
+    with_canaries   factors on the training stream (corpus.jsonl, canaries included)
+    excluded        the training stream through kfac_edit.data.exclude_overlapping (the --exclude recipe)
+    gold            gold labels (empirical Fisher)
+    tok50k/tok270k  factor tokens
+    gate_up         edit gate and up only
+    block0/block1   edit one block only
+
+Usage (writes JSON with its configuration, prints tables)::
+
+    python benchmarks/text_testbed_study.py --seeds 0 --out benchmarks/results/text_testbed_study.json
+    python benchmarks/text_testbed_study.py --quick --variants ref   # a smoke run on the quick testbed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kfac_edit.data import exclude_overlapping, token_batches
+from kfac_edit.edit import EditSpec, EigenCache, apply_edit, restore
+from kfac_edit.evaluate import EvalConfig, evaluate
+from kfac_edit.factors import collect_factors
+from kfac_edit.fileio import read_jsonl, write_json
+from kfac_edit.models import load_model
+from kfac_edit.text_testbed import TextTestbedConfig, build_text_testbed
+
+BUDGETS = (1.05, 1.10, 1.20, 1.30)
+KFAC_GRID = (0.999, 0.998, 0.996, 0.994, 0.992, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.92, 0.9, 0.85,
+             0.8, 0.7, 0.6)
+SVD_GRID = tuple(round(0.99 - 0.02 * i, 3) for i in range(30))  # 0.99 .. 0.41
+REFERENCE = dict(data="factor_corpus", tokens=150_000, labels="sampled", kinds=("gate", "up", "down"), blocks=(0, 1))
+VARIANTS = {
+    "ref": {},
+    "with_canaries": dict(data="corpus"),
+    "excluded": dict(data="corpus_excluded"),
+    "gold": dict(labels="gold"),
+    "tok50k": dict(tokens=50_000),
+    "tok270k": dict(tokens=270_000),
+    "gate_up": dict(kinds=("gate", "up")),
+    "block0": dict(blocks=(0,)),
+    "block1": dict(blocks=(1,)),
+}
+
+
+def split_records(records: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded, disjoint halves ``(selection, held-out)`` of the memorized records."""
+    order = np.random.default_rng([seed, 11]).permutation(len(records))
+    half = len(records) // 2
+    return [records[i] for i in order[:half]], [records[i] for i in order[half:]]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def choose(points: list[dict], base_ppl: float, budget: float) -> dict | None:
+    """Lowest selection strict among points within ``budget`` x base perplexity (ties: lower perplexity)."""
+    ok = [p for p in points if p["perplexity"] <= budget * base_ppl]
+    return min(ok, key=lambda p: (p["selection_strict"], p["perplexity"])) if ok else None
+
+
+def run_seed(seed: int, args, work: Path) -> dict:
+    config = TextTestbedConfig.quick(seed=seed) if args.quick else TextTestbedConfig(seed=seed)
+    t0 = time.process_time()
+    paths = build_text_testbed(config, progress=False)
+    build_cpu = time.process_time() - t0
+    info = paths.load_info()
+    torch.manual_seed(0)
+    model, tokenizer = load_model(str(paths.model_dir), dtype="float32", device="cpu")
+    canaries = read_jsonl(paths.memorized)
+    selection, heldout = split_records(canaries, seed)
+    sets = work / f"seed{seed}"
+    sets.mkdir(parents=True, exist_ok=True)
+    write_jsonl(sets / "selection.jsonl", selection)
+    write_jsonl(sets / "holdout.jsonl", heldout)
+    memorized = [str(sets / "selection.jsonl"), str(sets / "holdout.jsonl")]
+    if paths.facts.exists():
+        memorized.append(str(paths.facts))
+    evaluation = EvalConfig(memorized=memorized, perplexity_data=str(paths.heldout), prefix_len=None,
+                            suffix_len=None, ppl_block=config.seq_len + 2, batch_size=64)
+
+    def measure() -> dict:
+        m = evaluate(model, tokenizer, evaluation)["metrics"]
+        out = {"selection_strict": m["memorized"]["selection"]["strict"],
+               "heldout_strict": m["memorized"]["holdout"]["strict"],
+               "perplexity": m["perplexity"]["perplexity"]}
+        if "facts" in m["memorized"]:
+            out["fact_accuracy"] = m["memorized"]["facts"]["strict"]
+        return out
+
+    base = measure()
+    cache = EigenCache(None)
+
+    def sweep(method: str, grid, factors, kinds, blocks) -> list[dict]:
+        points = []
+        for keep in grid:
+            spec = EditSpec({(b, k): keep for b in blocks for k in kinds}, method, seed)
+            try:
+                apply_edit(model, factors, spec, cache=cache)
+                points.append({"keep_mass": keep, **measure()})
+            finally:
+                restore(model)
+            if points[-1]["perplexity"] > 1.6 * base["perplexity"]:  # far past every budget
+                break
+        return points
+
+    def factor_batches(data: str):
+        source = paths.factor_corpus if data == "factor_corpus" else paths.corpus
+        batches = token_batches(str(source), tokenizer, seq_len=config.seq_len + 2, batch_size=64, with_index=True)
+        if data == "corpus_excluded":
+            batches = exclude_overlapping(batches, [r["prefix_ids"][1:] + r["suffix_ids"] for r in canaries])
+        return batches
+
+    results: dict = {"seed": seed, "testbed": info, "base": base, "build_cpu_s": round(build_cpu, 1),
+                     "svd": {}, "variants": {}}
+    svd_done: dict = {}
+    for name in args.variants:
+        v = {**REFERENCE, **VARIANTS[name]}
+        t1 = time.process_time()
+        factors = collect_factors(model, factor_batches(v["data"]), layers=list(v["blocks"]), kinds=list(v["kinds"]),
+                                  labels=v["labels"], seed=seed, max_tokens=v["tokens"], progress=False)
+        collect_cpu = time.process_time() - t1
+        t1 = time.process_time()
+        points = sweep("kfac", KFAC_GRID, factors, v["kinds"], v["blocks"])
+        key = f"{'+'.join(v['kinds'])}|{','.join(map(str, v['blocks']))}"
+        if key not in svd_done:
+            svd_done[key] = sweep("svd", SVD_GRID, None, v["kinds"], v["blocks"])
+            results["svd"][key] = svd_done[key]
+        results["variants"][name] = {
+            "config": {**v, "kinds": list(v["kinds"]), "blocks": list(v["blocks"])},
+            "factor_tokens": factors.manifest.get("tokens"),
+            "collect_cpu_s": round(collect_cpu, 1), "sweep_cpu_s": round(time.process_time() - t1, 1),
+            "points": points, "svd_key": key,
+            "matched": {str(b): {"kfac": choose(points, base["perplexity"], b),
+                                 "svd": choose(svd_done[key], base["perplexity"], b)} for b in BUDGETS},
+        }
+        print(table_rows(name, results["variants"][name], base), flush=True)
+    return results
+
+
+def _cell(p: dict | None, base: dict) -> str:
+    if p is None:
+        return f"{'none':>22}"
+    return f"{100 * p['heldout_strict']:5.1f}% ({100 * p['selection_strict']:3.0f}%) x{p['perplexity'] / base['perplexity']:.2f}"
+
+
+def table_rows(name: str, variant: dict, base: dict) -> str:
+    lines = []
+    for b in BUDGETS:
+        m = variant["matched"][str(b)]
+        lines.append(f"{name:<14} +{round(100 * (b - 1)):>2}%  K-FAC {_cell(m['kfac'], base)}   SVD {_cell(m['svd'], base)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--quick", action="store_true", help="the quick testbed configuration")
+    parser.add_argument("--out", default="benchmarks/results/text_testbed_study.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.process_time()
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = []
+        for seed in args.seeds:
+            print(f"seed {seed}: held-out strict (selection strict) x perplexity ratio, chosen on selection",
+                  flush=True)
+            runs.append(run_seed(seed, args, Path(tmp)))
+            print(f"base: selection {100 * runs[-1]['base']['selection_strict']:.1f}%, held-out "
+                  f"{100 * runs[-1]['base']['heldout_strict']:.1f}%, perplexity {runs[-1]['base']['perplexity']:.2f}, "
+                  f"facts {runs[-1]['base'].get('fact_accuracy')}", flush=True)
+    out = {"command": " ".join(["python", *sys.argv]), "budgets": BUDGETS, "kfac_grid": KFAC_GRID,
+           "svd_grid": SVD_GRID, "reference": {**REFERENCE, "kinds": list(REFERENCE["kinds"])},
+           "variants": {k: VARIANTS[k] for k in args.variants}, "quick": args.quick,
+           "runs": runs, "cpu_s": round(time.process_time() - started, 1)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, out)
+    print(f"wrote {args.out} ({out['cpu_s']} s CPU)")
+
+
+if __name__ == "__main__":
+    main()
