@@ -137,10 +137,10 @@ def test_quick_build_learns_the_canaries_and_is_cached(tmp_path):
     info = paths.load_info()
     base = info["base_metrics"]
     # chance of a strict suffix is (1 / vocabulary) ** suffix_len, about 1e-30
-    assert base["canary_strict"] >= 0.6, base
+    assert base["canary_strict"] >= 0.5, base  # measured 0.8
     assert base["heldout_perplexity"] < 400, base  # far below uniform (vocab_size = 1000)
-    assert info["training"]["final_loss"] < info["training"]["first_loss"] - 2.0
-    assert set(info["text"]["heldout_modules"]).isdisjoint(set())  # listed
+    assert info["training"]["final_loss"] < info["training"]["first_loss"] - 1.5
+    assert len(info["text"]["heldout_modules"]) >= 10
     for path in (paths.corpus, paths.factor_corpus, paths.heldout, paths.memorized):
         assert path.exists()
     assert paths.clean == paths.heldout

@@ -165,9 +165,11 @@ class TextTestbedConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+#: Measured (quick build, 2-core machine under load): 38 s CPU, 8 of 10 canaries strict, held-out perplexity 85.
+#: With lr 5e-3 instead, 4 of 10; with 20 canaries of 16 words x 40 repeats, none.
 QUICK_OVERRIDES: dict = dict(
-    vocab_size=1000, seq_len=48, hidden_size=64, mlp_size=256, n_canaries=20, canary_repeats=40, canary_len=16,
-    prefix_len=6, n_facts=0, steps=500, lr=5e-3, n_heldout_rows=100,
+    vocab_size=1000, seq_len=32, hidden_size=64, mlp_size=256, n_canaries=10, canary_repeats=100, canary_len=10,
+    prefix_len=4, n_facts=0, steps=500, lr=1e-2, n_heldout_rows=100,
 )
 
 
