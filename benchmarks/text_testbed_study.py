@@ -44,9 +44,9 @@ from kfac_edit.models import load_model
 from kfac_edit.text_testbed import TextTestbedConfig, build_text_testbed
 
 BUDGETS = (1.05, 1.10, 1.20, 1.30)
-KFAC_GRID = (0.999, 0.998, 0.996, 0.994, 0.992, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.92, 0.9, 0.85,
-             0.8, 0.7, 0.6)
-SVD_GRID = tuple(round(0.99 - 0.02 * i, 3) for i in range(30))  # 0.99 .. 0.41
+KFAC_GRID = (0.998, 0.995, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7, 0.6)
+SVD_GRID = tuple(round(0.98 - 0.03 * i, 3) for i in range(20))  # 0.98 .. 0.41; a sweep stops past 1.6x perplexity
+PPL_TOKENS = 13_200  # held-out tokens of each perplexity pass (200 windows of 66)
 REFERENCE = dict(data="factor_corpus", tokens=150_000, labels="sampled", kinds=("gate", "up", "down"), blocks=(0, 1))
 VARIANTS = {
     "ref": {},
@@ -78,7 +78,7 @@ def choose(points: list[dict], base_ppl: float, budget: float) -> dict | None:
     return min(ok, key=lambda p: (p["selection_strict"], p["perplexity"])) if ok else None
 
 
-def run_seed(seed: int, args, work: Path) -> dict:
+def run_seed(seed: int, args, work: Path, save=lambda partial: None) -> dict:
     config = TextTestbedConfig.quick(seed=seed) if args.quick else TextTestbedConfig(seed=seed)
     t0 = time.process_time()
     paths = build_text_testbed(config, progress=False)
@@ -96,7 +96,7 @@ def run_seed(seed: int, args, work: Path) -> dict:
     if paths.facts.exists():
         memorized.append(str(paths.facts))
     evaluation = EvalConfig(memorized=memorized, perplexity_data=str(paths.heldout), prefix_len=None,
-                            suffix_len=None, ppl_block=config.seq_len + 2, batch_size=64)
+                            suffix_len=None, ppl_block=config.seq_len + 2, batch_size=64, max_tokens=PPL_TOKENS)
 
     def measure() -> dict:
         m = evaluate(model, tokenizer, evaluation)["metrics"]
@@ -108,6 +108,7 @@ def run_seed(seed: int, args, work: Path) -> dict:
         return out
 
     base = measure()
+    print(f"base: {base} (testbed {info['config_hash']}, build {build_cpu:.0f} s CPU)", flush=True)
     cache = EigenCache(None)
 
     def sweep(method: str, grid, factors, kinds, blocks) -> list[dict]:
@@ -154,6 +155,7 @@ def run_seed(seed: int, args, work: Path) -> dict:
                                  "svd": choose(svd_done[key], base["perplexity"], b)} for b in BUDGETS},
         }
         print(table_rows(name, results["variants"][name], base), flush=True)
+        save(results)
     return results
 
 
@@ -180,21 +182,29 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.process_time()
+    runs: list[dict] = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def save(partial: dict | None = None) -> dict:
+        """Write the JSON so far (after every variant, so an interrupted study keeps what it measured)."""
+        out = {"command": " ".join(["python", *sys.argv]), "budgets": BUDGETS, "kfac_grid": KFAC_GRID,
+               "svd_grid": SVD_GRID, "ppl_tokens": PPL_TOKENS,
+               "reference": {**REFERENCE, "kinds": list(REFERENCE["kinds"])},
+               "variants": {k: VARIANTS[k] for k in args.variants}, "quick": args.quick,
+               "runs": runs + ([partial] if partial is not None else []),
+               "cpu_s": round(time.process_time() - started, 1)}
+        write_json(args.out, out)
+        return out
+
     with tempfile.TemporaryDirectory() as tmp:
-        runs = []
         for seed in args.seeds:
             print(f"seed {seed}: held-out strict (selection strict) x perplexity ratio, chosen on selection",
                   flush=True)
-            runs.append(run_seed(seed, args, Path(tmp)))
-            print(f"base: selection {100 * runs[-1]['base']['selection_strict']:.1f}%, held-out "
-                  f"{100 * runs[-1]['base']['heldout_strict']:.1f}%, perplexity {runs[-1]['base']['perplexity']:.2f}, "
-                  f"facts {runs[-1]['base'].get('fact_accuracy')}", flush=True)
-    out = {"command": " ".join(["python", *sys.argv]), "budgets": BUDGETS, "kfac_grid": KFAC_GRID,
-           "svd_grid": SVD_GRID, "reference": {**REFERENCE, "kinds": list(REFERENCE["kinds"])},
-           "variants": {k: VARIANTS[k] for k in args.variants}, "quick": args.quick,
-           "runs": runs, "cpu_s": round(time.process_time() - started, 1)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, out)
+            runs.append(run_seed(seed, args, Path(tmp), save))
+            base = runs[-1]["base"]
+            print(f"base: selection {100 * base['selection_strict']:.1f}%, held-out {100 * base['heldout_strict']:.1f}%,"
+                  f" perplexity {base['perplexity']:.2f}, facts {base.get('fact_accuracy')}", flush=True)
+    out = save()
     print(f"wrote {args.out} ({out['cpu_s']} s CPU)")
 
 
