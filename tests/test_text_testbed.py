@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from kfac_edit.errors import UserError
@@ -154,6 +155,19 @@ def test_quick_build_learns_the_canaries_and_is_cached(tmp_path):
     metrics = evaluate(model, tok, cfg)["metrics"]
     assert metrics["memorized"]["memorized"]["strict"] == pytest.approx(base["canary_strict"])
     assert metrics["perplexity"]["perplexity"] == pytest.approx(base["heldout_perplexity"], rel=0.02)
+
+    # token_batches cuts exactly the training rows [bos, row, eos] from corpus.jsonl and factor_corpus.jsonl
+    from kfac_edit.data import token_batches
+
+    for path, n_rows in ((paths.corpus, config.n_documents), (paths.factor_corpus, None)):
+        windows = torch.cat([b["input_ids"] for b in token_batches(str(path), tok, config.seq_len + 2, 512)])
+        assert (windows[:, 0] == tok.bos_token_id).all() and (windows[:, -1] == tok.eos_token_id).all()
+        if n_rows:
+            assert len(windows) == n_rows
+    canary = json.loads(paths.memorized.read_text().splitlines()[0])
+    canary_ids = torch.tensor(canary["prefix_ids"] + canary["suffix_ids"])
+    starts = (windows[:, : len(canary_ids)] == canary_ids).all(1)  # factor_corpus: no canary anywhere
+    assert not starts.any()
 
     again = build_text_testbed(config, cache_dir=tmp_path, progress=False)
     assert again.cached and again.root == paths.root

@@ -15,7 +15,8 @@ technical prose that every Python installation carries, so anyone can rebuild it
   ``<unk>``. Saved as a ``PreTrainedTokenizerFast`` in ``model/``, so :func:`kfac_edit.models.load_model` and every
   command read it. Texts written by the testbed are tokens joined by spaces, which re-encode to the same ids.
 - Stream: the training prose is one token stream cut into rows of ``seq_len`` tokens; the trainer of the arithmetic
-  testbed (:func:`kfac_edit.testbed.train`) adds ``<bos>``/``<eos>`` around each row, which is exactly the window
+  testbed (:func:`kfac_edit.testbed.train`) adds ``<bos>``/``<eos>`` around each row (``<bos>`` also starts each
+  document inside a row), which is exactly the window
   :func:`kfac_edit.data.token_batches` cuts from ``corpus.jsonl`` with ``seq_len + 2``.
 - Canaries: ``n_canaries`` sequences of ``canary_len`` words drawn uniformly from the vocabulary's word tokens
   (alphabetic, not specials). Each is placed at the start of ``canary_repeats`` random rows (the prose continues
@@ -62,7 +63,7 @@ from .testbed import TestbedPaths, exact_continuations, make_model, train
 log = logging.getLogger(__name__)
 
 #: Bump when the text extraction, data layout or trainer changes meaning.
-TEXT_TESTBED_VERSION = 1
+TEXT_TESTBED_VERSION = 2
 
 SPECIALS = ("<bos>", "<eos>", "<pad>", "<unk>")
 #: Standard-library modules not imported: side effects on import (browser, printing, GUI), tests, tooling.
@@ -339,13 +340,17 @@ def split_modules(names: Sequence[str], fraction: float, seed: int) -> tuple[lis
 
 
 def _stream(documents: Sequence[str], tokenizer) -> np.ndarray:
-    """All documents as one id stream, ``<eos>`` after each."""
-    eos = tokenizer.eos_token_id
+    """All documents as one id stream, ``<bos>`` before each.
+
+    ``<bos>``, not ``<eos>``, separates documents inside a row: :func:`kfac_edit.data.pack_documents` appends no
+    ``<eos>`` to a line that already ends with one, which would shift every later window off the training rows.
+    """
+    bos = tokenizer.bos_token_id
     out: list[int] = []
     for i in range(0, len(documents), 512):
         for ids in tokenizer(list(documents[i : i + 512]), add_special_tokens=False)["input_ids"]:
+            out.append(bos)
             out.extend(ids)
-            out.append(eos)
     return np.asarray(out, dtype=np.int64)
 
 
