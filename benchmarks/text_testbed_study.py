@@ -162,14 +162,16 @@ def run_seed(seed: int, args, work: Path, save=lambda partial: None) -> dict:
 def _cell(p: dict | None, base: dict) -> str:
     if p is None:
         return f"{'none':>22}"
-    return f"{100 * p['heldout_strict']:5.1f}% ({100 * p['selection_strict']:3.0f}%) x{p['perplexity'] / base['perplexity']:.2f}"
+    ratio = p["perplexity"] / base["perplexity"]
+    return f"{100 * p['heldout_strict']:5.1f}% ({100 * p['selection_strict']:3.0f}%) x{ratio:.2f}"
 
 
 def table_rows(name: str, variant: dict, base: dict) -> str:
     lines = []
     for b in BUDGETS:
         m = variant["matched"][str(b)]
-        lines.append(f"{name:<14} +{round(100 * (b - 1)):>2}%  K-FAC {_cell(m['kfac'], base)}   SVD {_cell(m['svd'], base)}")
+        budget = f"+{round(100 * (b - 1)):>2}%"
+        lines.append(f"{name:<14} {budget}  K-FAC {_cell(m['kfac'], base)}   SVD {_cell(m['svd'], base)}")
     return "\n".join(lines)
 
 
@@ -202,8 +204,8 @@ def main(argv=None) -> None:
                   flush=True)
             runs.append(run_seed(seed, args, Path(tmp), save))
             base = runs[-1]["base"]
-            print(f"base: selection {100 * base['selection_strict']:.1f}%, held-out {100 * base['heldout_strict']:.1f}%,"
-                  f" perplexity {base['perplexity']:.2f}, facts {base.get('fact_accuracy')}", flush=True)
+            print(f"base: selection {100 * base['selection_strict']:.1f}%, "
+                  f"held-out {100 * base['heldout_strict']:.1f}%, perplexity {base['perplexity']:.2f}, facts {base.get('fact_accuracy')}", flush=True)
     out = save()
     print(f"wrote {args.out} ({out['cpu_s']} s CPU)")
 

@@ -191,7 +191,8 @@ def stdlib_module_names() -> list[str]:
 
 def _import_quietly(name: str):
     """Import ``name`` with its warnings and output swallowed; ``None`` when it fails (any error)."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    quiet_out, quiet_err = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with warnings.catch_warnings(), quiet_out, quiet_err:
         warnings.simplefilter("ignore")
         try:
             return importlib.import_module(name)
