@@ -88,6 +88,9 @@ class TextTestbedConfig:
 
     The training stream has ``steps * batch_size`` rows of ``seq_len`` tokens. ``n_canaries * canary_repeats`` of
     them start with a canary, ``n_facts * fact_repeats`` with a fact sentence; the rest is prose only.
+    Measured with the defaults (0.39M parameters; one build, seed 0, on the 2-core machine under load from other
+    jobs: 154 s CPU, 613 s wall): canaries 100% strict, facts 15% (6 of 40), held-out perplexity 76.4 (uniform:
+    2000), 8.0% ``<unk>`` in the training text, 12.6% in the held-out text.
     Field names shared with :class:`kfac_edit.testbed.TestbedConfig` (model, optimizer) mean the same, so that
     module's :func:`~kfac_edit.testbed.make_model` and :func:`~kfac_edit.testbed.train` serve both testbeds.
     """
@@ -99,21 +102,21 @@ class TextTestbedConfig:
     seq_len: int = 64  # tokens per training row (windows are bos + seq_len + eos)
     heldout_fraction: float = 0.1  # share of module names held out for perplexity
     n_heldout_rows: int = 400  # held-out rows written to heldout.jsonl
-    canary_len: int = 24  # words per canary
+    canary_len: int = 20  # words per canary
     prefix_len: int = 8  # canary words given as the prompt; the rest is the suffix
     n_canaries: int = 40
-    canary_repeats: int = 75
+    canary_repeats: int = 100
     n_facts: int = 40  # "the capital of X is Y" facts; 0 writes no facts.jsonl
     fact_repeats: int = 40
     # model (Olmo2ForCausalLM)
-    hidden_size: int = 128
+    hidden_size: int = 64
     n_layers: int = 2
     n_heads: int = 4
-    mlp_size: int = 512
+    mlp_size: int = 256
     # optimization (AdamW, linear warmup then cosine decay to min_lr_ratio * lr)
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-2
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
