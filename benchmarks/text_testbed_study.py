@@ -175,13 +175,49 @@ def table_rows(name: str, variant: dict, base: dict) -> str:
     return "\n".join(lines)
 
 
+def at_cost(points: list[dict], cost: float) -> dict | None:
+    """The point whose perplexity is the smallest one at or above ``cost`` (the demo's matching rule)."""
+    costlier = [p for p in points if p["perplexity"] >= cost]
+    return min(costlier, key=lambda p: p["perplexity"]) if costlier else None
+
+
+def summarize(paths: list[str]) -> str:
+    """Markdown tables from study JSON files: per variant and budget, K-FAC chosen on selection, and SVD at the same
+    budget and at K-FAC's own perplexity cost (the SVD point of smallest perplexity >= K-FAC's)."""
+    lines = ["| seed | variant | budget | K-FAC keep | K-FAC held-out (sel.) | ppl x | facts | SVD same budget "
+             "held-out (ppl x) | SVD at K-FAC's cost held-out (ppl x) |", "|" + "---|" * 9]
+    for path in paths:
+        for run in json.loads(Path(path).read_text())["runs"]:
+            base = run["base"]
+            for name, v in run["variants"].items():
+                svd = run["svd"][v["svd_key"]]
+                for b in BUDGETS:
+                    k, s = v["matched"][str(b)]["kfac"], v["matched"][str(b)]["svd"]
+                    if k is None:
+                        continue
+                    m = at_cost(svd, k["perplexity"])
+                    fmt = lambda p: "none" if p is None else (  # noqa: E731
+                        f"{100 * p['heldout_strict']:.0f}% (x{p['perplexity'] / base['perplexity']:.3f})")
+                    lines.append(
+                        f"| {run['seed']} | {name} | +{round(100 * (b - 1))}% | {k['keep_mass']:g} | "
+                        f"{100 * k['heldout_strict']:.0f}% ({100 * k['selection_strict']:.0f}%) | "
+                        f"{k['perplexity'] / base['perplexity']:.3f} | {100 * k.get('fact_accuracy', float('nan')):.0f}% | "
+                        f"{fmt(s)} | {fmt(m)} |"
+                    )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--quick", action="store_true", help="the quick testbed configuration")
     parser.add_argument("--out", default="benchmarks/results/text_testbed_study.json")
+    parser.add_argument("--summarize", nargs="+", metavar="JSON", help="print tables from study JSON files and exit")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
     torch.set_num_threads(1)
     started = time.process_time()
     runs: list[dict] = []
