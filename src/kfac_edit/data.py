@@ -410,3 +410,76 @@ def _batch(ids: list, masks: list, indices: list[int], with_index: bool) -> dict
     if with_index:
         batch["window_index"] = torch.tensor(indices, dtype=torch.long)
     return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The factor-data recipe: leave the memorized set out of the factor data
+
+EXCLUDE_NGRAM = 8  # n of the n-gram overlap test of exclude_overlapping
+
+
+def record_ngrams(records: Iterable[Iterable[int]], n: int = EXCLUDE_NGRAM) -> tuple[set[int], set[int]]:
+    """``(hashes, lengths)``: hashes of every ``n``-gram of token ids of each record, and the gram lengths used.
+
+    A record shorter than ``n`` adds itself whole (and its length to ``lengths``, which always holds ``n``).
+    Pass each record's token ids without special tokens such as ``<bos>`` (they match every window start).
+    """
+    grams: set[int] = set()
+    lengths = {n}
+    for record in records:
+        ids = tuple(int(t) for t in record)
+        if not ids:
+            continue
+        if len(ids) < n:
+            grams.add(hash(ids))
+            lengths.add(len(ids))
+        for i in range(len(ids) - n + 1):
+            grams.add(hash(ids[i : i + n]))
+    return grams, lengths
+
+
+def window_overlaps(
+    ids: Iterable[int], grams: set[int], lengths: Iterable[int], mask: Iterable[int] | None = None
+) -> bool:
+    """Whether any run of ``length`` consecutive real tokens of a window (``mask`` 1; all when None) hashes into
+    ``grams``, for each of ``lengths`` (from :func:`record_ngrams`)."""
+    ids = [int(t) for t in ids]
+    if mask is not None:
+        ids = [t for t, m in zip(ids, mask) if int(m)]
+    for length in lengths:
+        for i in range(len(ids) - length + 1):
+            if hash(tuple(ids[i : i + length])) in grams:
+                return True
+    return False
+
+
+def exclude_overlapping(
+    batches: Iterable[dict[str, torch.Tensor]], records: Iterable[Iterable[int]], n: int = EXCLUDE_NGRAM
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Drop from a :func:`token_batches` stream every window that shares an ``n``-gram with any record.
+
+    Contract: ``batches`` are dicts of ``(B, T)`` tensors ``input_ids`` and ``attention_mask`` (and optionally
+    ``window_index``, which is kept per surviving window, so sampled labels stay seeded by stream position);
+    ``records`` are token-id sequences (what the model sees of each memorized record, e.g. ``prefix_ids[1:] +
+    suffix_ids``). A window is dropped when any ``n`` consecutive real tokens of it (default ``n`` = 8, the
+    threshold: a single shared 8-gram suffices) equal ``n`` consecutive tokens of a record; shorter records drop
+    windows that contain them whole. Hashed n-grams in a set: O(tokens) per window, memory O(record tokens).
+    Batches that lose all windows are skipped; others keep their order and shrink. Windows are tested as
+    they are, so an occurrence split across two windows drops only the windows holding ``n`` of its tokens.
+    """
+    if n < 1:
+        raise UserError(f"n-gram length {n} must be at least 1")
+    grams, lengths = record_ngrams(records, n)
+    for batch in batches:
+        keep = [
+            i
+            for i in range(batch["input_ids"].shape[0])
+            if not window_overlaps(batch["input_ids"][i].tolist(), grams, lengths, batch["attention_mask"][i].tolist())
+        ]
+        if not keep:
+            continue
+        if len(keep) == batch["input_ids"].shape[0]:
+            yield batch
+        else:
+            index = torch.tensor(keep, dtype=torch.long)
+            yield {key: value[index] for key, value in batch.items()}
