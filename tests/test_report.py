@@ -24,7 +24,7 @@ from kfac_edit.pareto import (
     pareto_front,
     read_results,
 )
-from kfac_edit.report import load_report_data, write_report, write_spectra
+from kfac_edit.report import format_delta, format_value, load_report_data, write_records, write_report, write_spectra
 
 
 def brute_front(values):
@@ -118,10 +118,15 @@ def test_record_round_trip_and_resume_semantics(tmp_path):
 # ------------------------------------------------------------------------------------------------- report
 
 
+SYNTHETIC_RECORDS = 30  # memorized records in the synthetic sweep's records.jsonl
+
+
 def synthetic_sweep(directory: Path, with_spectra: bool = True) -> None:
-    """A sweep directory with a base record and a 3-block x 4-keep_mass x 2-projection-set grid."""
-    base = SweepRecord(BASE_CONFIG, {"strict": 0.95, "loose": 0.98, "avg_levenshtein_norm": 0.02, "perplexity": 10.0},
-                       kind="base")
+    """A sweep directory with a base record, two methods (kfac: 3 blocks x 4 keep_mass x 2 projection sets; svd:
+    one group x 6 keep_mass), held-out split and capability metrics, per-record outputs and provenance."""
+    base = SweepRecord(BASE_CONFIG, {"strict": 0.95, "loose": 0.98, "avg_levenshtein_norm": 0.02, "perplexity": 10.0,
+                                     "selection_strict": 0.95, "heldout_strict": 0.95,
+                                     "rule_heldout_accuracy": 0.99}, kind="base")
     append_jsonl(directory / "results.jsonl", base.to_dict())
     for projections in (("gate", "up"), ("gate", "up", "down")):
         for blocks in ([0], [1], [2], [0, 1], [1, 2], [0, 1, 2]):
@@ -129,11 +134,31 @@ def synthetic_sweep(directory: Path, with_spectra: bool = True) -> None:
                 # later blocks hold more memorization and cost less perplexity; down adds strength
                 strength = sum(0.7 + 0.2 * b for b in blocks) * (1 - keep) * (1.5 if len(projections) == 3 else 1.0)
                 cost = sum(1.2 - 0.2 * b for b in blocks) * (1 - keep) * (1.5 if len(projections) == 3 else 1.0)
-                r = rec(blocks, keep, max(0.0, 0.95 - 1.5 * strength), 10.0 * (1 + 0.4 * cost ** 1.5),
+                strict = max(0.0, 0.95 - 1.5 * strength)
+                r = rec(blocks, keep, strict, 10.0 * (1 + 0.4 * cost ** 1.5),
                         projections=projections, loose=min(1.0, 0.98 - strength))
-                r.metrics["avg_levenshtein_norm"] = strength
+                r.metrics.update(avg_levenshtein_norm=strength, selection_strict=strict,
+                                 heldout_strict=min(1.0, strict + 0.05), rule_heldout_accuracy=0.99 - 0.3 * cost)
                 append_jsonl(directory / "results.jsonl", r.to_dict())
-    write_json(directory / "sweep.json", {"ppl_budget": 1.2})
+    for keep in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95):  # the baseline: memorization falls only as perplexity rises
+        strict = max(0.0, 0.95 - 1.6 * (1 - keep))
+        r = rec([1, 2], keep, strict, 10.0 * (1 + 2.0 * (1 - keep) ** 1.2), projections=("gate", "up"),
+                loose=min(1.0, strict + 0.1), method="svd")
+        r.metrics.update(selection_strict=strict, heldout_strict=min(1.0, strict + 0.1),
+                         rule_heldout_accuracy=0.99 - 0.8 * (1 - keep))
+        append_jsonl(directory / "results.jsonl", r.to_dict())
+    write_json(directory / "sweep.json", {
+        "ppl_budget": 1.2, "split": {"holdout_fraction": 0.5, "seed": 0, "selection": 15, "heldout": 15},
+        "grid": {"blocks": [0, 1, 2], "methods": ["kfac", "svd"], "projection_sets": [["gate", "up"],
+                                                                                    ["gate", "up", "down"]],
+                 "keep_masses": {"kfac": [0.6, 0.7, 0.8, 0.9], "svd": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95]},
+                 "groups": None, "max_combo": 3, "points": 54}})
+    write_json(directory / "provenance.json", {
+        "model": {"name": "hub/tiny-model", "fingerprint": "abc123", "parameters": 140000, "dtype": "float32"},
+        "factors": {"data": "corpus.jsonl", "tokens": 200018, "labels": "sampled", "seed": 0},
+        "memorized": ["memorized.jsonl"], "started": "2026-01-01T00:00:00+00:00",
+        "finished": "2026-01-01T00:01:00+00:00", "seconds": 60.0, "versions": {"kfac_edit": "0.0", "torch": "2"}})
+    write_synthetic_records(directory / "records.jsonl", SYNTHETIC_RECORDS)
     if with_spectra:
         write_spectra(
             directory / "spectra.json",
@@ -150,6 +175,33 @@ def synthetic_sweep(directory: Path, with_spectra: bool = True) -> None:
                 for p in ("gate", "up")
             },
         )
+
+
+class WordTokenizer:
+    """Decodes ids as words ``w<id>``, the way the report's writers use a tokenizer."""
+
+    def decode(self, ids):
+        return " ".join(f"w{i}" for i in ids)
+
+
+def record_outputs(n: int, edited: bool) -> dict[str, list[dict]]:
+    """Per-record outputs of ``n`` records over two sets: record i has suffix 10 tokens; the base recites every
+    suffix; the edited model recites records i % 3 == 0 and keeps the first i % 10 tokens of the others."""
+    sets: dict[str, list[dict]] = {"selection": [], "heldout": []}
+    for i in range(n):
+        suffix = [100 + i + k for k in range(10)]
+        keep = 10 if (i % 3 == 0 or not edited) else i % 10
+        generated = suffix[:keep] + [7] * (10 - keep)
+        lev = (10 - keep) / 10
+        sets["selection" if i % 2 == 0 else "heldout"].append(
+            {"prefix_ids": list(range(i, i + 30)), "suffix_ids": suffix, "generated": generated,
+             "strict": keep == 10, "match_len": keep, "lev_norm": lev, "source": None})
+    return sets
+
+
+def write_synthetic_records(path: Path, n: int) -> int:
+    return write_records(path, record_outputs(n, edited=False), record_outputs(n, edited=True), WordTokenizer(),
+                         parts={"selection": "selection", "heldout": "heldout"}, point="b1-2 gate,up k=0.8")
 
 
 @pytest.fixture(scope="module")

@@ -240,7 +240,9 @@ def run_demo(
     with atomic_dir(out) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        outcome = run_sweep(model, tokenizer, factors, sweep, evaluation, tmp, cache=cache, write_report=False)
+        factors.manifest.setdefault("data", str(paths.corpus))  # provenance: what the factors were collected on
+        outcome = run_sweep(model, tokenizer, factors, sweep, evaluation, tmp, cache=cache, write_report=False,
+                            outputs_for=lambda records: choose_headline(config, records))  # report: the headline
         timings["sweep"] = time.perf_counter() - t0
         records = outcome.records
         base = base_record(records)
