@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -24,7 +25,8 @@ from kfac_edit.pareto import (
     pareto_front,
     read_results,
 )
-from kfac_edit.report import format_delta, format_value, load_report_data, write_records, write_report, write_spectra
+from kfac_edit.report import (SAMPLE_ROWS, format_delta, format_value, load_report_data, write_records, write_report,
+                              write_spectra)
 
 
 def brute_front(values):
@@ -118,7 +120,7 @@ def test_record_round_trip_and_resume_semantics(tmp_path):
 # ------------------------------------------------------------------------------------------------- report
 
 
-SYNTHETIC_RECORDS = 30  # memorized records in the synthetic sweep's records.jsonl
+SYNTHETIC_RECORDS = 60  # memorized records in the synthetic sweep's records.jsonl
 
 
 def synthetic_sweep(directory: Path, with_spectra: bool = True) -> None:
@@ -215,12 +217,12 @@ def sweep_report(tmp_path_factory):
 def test_report_contains_every_plot_and_table(sweep_report):
     tmp_path, paths = sweep_report
     data = load_report_data(tmp_path)
-    assert len(data.points) == 48 and data.base.perplexity == 10.0 and data.ppl_budget == 1.2
+    assert len(data.points) == 54 and data.base.perplexity == 10.0 and data.ppl_budget == 1.2
     chosen = data.chosen
     assert chosen is not None and chosen.perplexity <= 12.0
-    # the chosen point is the lowest strict memorization within budget, computed by hand here
+    # the chosen point is the lowest selection strict memorization within budget, computed by hand here
     within = [p for p in data.points if p.perplexity <= 12.0]
-    assert chosen.strict == min(p.strict for p in within)
+    assert chosen.metrics["selection_strict"] == min(p.metrics["selection_strict"] for p in within)
 
     assert set(paths.plots) == {"tradeoff", "keep_mass", "spectra"}
     for png in paths.plots.values():
@@ -232,9 +234,50 @@ def test_report_contains_every_plot_and_table(sweep_report):
     md = paths.markdown.read_text()
     for name in ("tradeoff", "keep_mass", "spectra"):
         assert f"](plots/{name}.png)" in md
-    # before/after derived from base and chosen point: strict 0.95 -> chosen.strict
-    assert f"| strict | 0.95 | {chosen.strict:.4g} | {chosen.strict - 0.95:+.4g} |" in md
+    # before/after derived from base and chosen point: strict 95% -> chosen.strict, the change in points
+    assert f"| strict | 95.0% | {100 * chosen.strict:.1f}% | {100 * (chosen.strict - 0.95):+.1f} pp |" in md
+    assert f"| perplexity | 10.0 | {chosen.perplexity:#.3g} | +{chosen.perplexity - 10:#.3g} " \
+           f"(+{10 * (chosen.perplexity - 10):.1f}%) |" in md
     assert json.dumps(chosen.config.layers()) in md
+    # provenance header and per-record view
+    assert "hub/tiny-model" in page and "200,018 tokens, sampled labels, seed 0" in page
+    assert "15 selection records (the choice), 15 held out (reported)" in page
+    assert "kfac: 4 keep_mass values 0.6..0.9; svd: 6 keep_mass values 0.5..0.95" in page
+    assert page.count('<tr class="rec') == SYNTHETIC_RECORDS
+    assert page.count('data-status="survived"') == 20 and page.count('data-status="removed"') == 40
+    assert "### survived (20)" in md and "### removed (40)" in md
+    # record 4 (edited keeps its first 4 of 10 tokens): the matched run is marked, the rest is not
+    assert ('<mark class="lead">w104 </mark><mark class="lead">w105 </mark><mark class="lead">w106 </mark>'
+            '<mark class="lead">w107 </mark>w7 w7 ') in page
+    assert "10 → 4 / 10" in page and "100% → 40%" in page
+
+
+def test_number_formats():
+    assert format_value("strict", 0.034) == "3.4%" and format_value("heldout_loose", 1) == "100.0%"
+    assert format_value("rule_heldout_accuracy", 0.985) == "98.5%"
+    assert format_value("perplexity", 19.0) == "19.0" and format_value("perplexity", 1.7301) == "1.73"
+    assert format_value("perplexity.mean_loss", 0.54843) == "0.548" and format_value("perplexity", 1234.5) == "1234"
+    assert format_value("ndcg", None) == "-" and format_value("ndcg", float("nan")) == "nan"
+    # one format per column: rates move in percentage points, the rest in 3 significant digits
+    assert format_delta("strict", 0.999, 0.034) == "-96.5 pp"
+    assert format_delta("perplexity", 19.0, 22.8) == "+3.80 (+20.0%)"
+    assert format_delta("ndcg", 1.0, 0.93124) == "-0.0688" and format_delta("ndcg", 1, 1) == "+0"
+    assert format_delta("strict", None, 0.5) == "-"
+
+
+def test_write_records_layout(tmp_path):
+    n = write_synthetic_records(tmp_path / "records.jsonl", 6)
+    lines = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert n == 6 == len(lines)
+    first = lines[0]
+    assert first["set"] == first["part"] == "selection" and first["point"] == "b1-2 gate,up k=0.8"
+    assert first["base"] == {"generated": list(range(100, 110)), "strict": True, "match_len": 10, "similarity": 1.0}
+    second = next(line for line in lines if line["set"] == "heldout" and line["index"] == 0)  # record 1
+    assert second["edited"]["match_len"] == 1 and second["edited"]["similarity"] == pytest.approx(0.1)
+    assert second["text"]["edited"][:2] == ["w101 ", "w7 "]  # word-level pieces get their space back
+    assert second["text"]["prefix"].startswith("w1 w2")
+    with pytest.raises(ValueError, match="2 base outputs but 3"):
+        write_records(tmp_path / "bad.jsonl", {"s": [{}] * 2}, {"s": [{}] * 3})
 
 
 def test_report_before_after_only_and_errors(tmp_path):
@@ -246,7 +289,12 @@ def test_report_before_after_only_and_errors(tmp_path):
     paths = write_report(tmp_path)
     assert paths.plots == {}
     md = paths.markdown.read_text()
-    assert "| perplexity | 20 | 21 | +1 |" in md and "| rule_accuracy | 1 | 0.98 | -0.02 |" in md
+    assert "| perplexity | 20.0 | 21.0 | +1.00 (+5.0%) |" in md and "| rule_accuracy | 100.0% | 98.0% | -2.0 pp |" in md
+    # records.jsonl without a base side (run --skip-baseline): every row is edited-only
+    write_records(tmp_path / "records.jsonl", {}, record_outputs(4, edited=True))
+    page = write_report(tmp_path).html.read_text()
+    assert page.count('<tr class="rec') == 4 and "base continuation" not in page
+    assert page.count('data-status="survived"') == 2 and "2 / 10" in page and "100%" in page
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -268,17 +316,30 @@ def test_report_cli(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ headless browser
 
-# Appended to a copy of the page: reports each image as ok/broken; a deliberately broken control image is added
-# last, so one browser launch shows both that the report's images load and that the check detects a broken one.
+# Appended to a copy of the page: reports each image as ok/broken, each figure's legend entries, the per-record rows
+# (all and visible) and the page's size at the window width; a deliberately broken control image is added last, so one
+# browser launch shows both that the report's images load and that the check detects a broken one.
 _CHECK_SCRIPT = """<img id="control" alt="control" src="data:image/png;base64,AAAA">
 <script>
 window.addEventListener('load', function () {
-  var states = Array.prototype.slice.call(document.images).map(function (i) {
-    return (i.complete && i.naturalWidth > 0) ? 'ok' : 'broken';
-  });
-  var d = document.createElement('div');
-  d.id = 'img-check';
-  d.textContent = 'images: ' + states.join(' ');
+  var all = function (sel) { return Array.prototype.slice.call(document.querySelectorAll(sel)); };
+  var report = {
+    images: all('img').map(function (i) { return (i.complete && i.naturalWidth > 0) ? 'ok' : 'broken'; }),
+    widths: all('figure img').map(function (i) { return [i.naturalWidth, i.getBoundingClientRect().width]; }),
+    legends: {},
+    rows: all('tr.rec').length,
+    visible_rows: all('tr.rec').filter(function (r) { return r.offsetParent !== null; }).length,
+    height: document.documentElement.scrollHeight,
+    scroll_width: document.documentElement.scrollWidth,
+    window_width: window.innerWidth
+  };
+  all('figure[data-legend]').forEach(function (f) { report.legends[f.id] = f.dataset.legend.split('|'); });
+  var box = document.getElementById('show-all');
+  if (box) { box.click(); }
+  report.rows_after_show_all = all('tr.rec').filter(function (r) { return r.offsetParent !== null; }).length;
+  var d = document.createElement('pre');
+  d.id = 'page-check';
+  d.textContent = JSON.stringify(report);
   document.body.appendChild(d);
 });
 </script>"""
@@ -292,27 +353,66 @@ def _browser() -> str | None:
     return None
 
 
-def _image_states(browser: str, page: Path) -> list[str]:
-    """Open ``page`` (with the checking script appended) in headless Chromium; return 'ok'/'broken' per image."""
+def _chromium(browser: str, *args: str) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+             f"--user-data-dir={profile}", "--virtual-time-budget=5000", *args],
+            capture_output=True, text=True, timeout=90,
+        )
+
+
+def _page_check(browser: str, page: Path, width: int = 1280) -> dict:
+    """Open ``page`` (with the checking script appended) in headless Chromium at ``width`` px; return its report."""
     probe = page.with_name("probe-" + page.name)
     probe.write_text(page.read_text().replace("</body>", _CHECK_SCRIPT + "</body>"))
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-             "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-            capture_output=True, text=True, timeout=60,
-        )
-    probe.unlink()
-    m = re.search(r'id="img-check">images: ([a-z ]*)<', proc.stdout)
+    try:
+        proc = _chromium(browser, f"--window-size={width},900", "--dump-dom", probe.as_uri())
+    finally:
+        probe.unlink()
+    m = re.search(r'id="page-check">(.*?)</pre>', proc.stdout, re.S)
     assert m, f"checking script did not run; chromium said: {proc.stderr[-2000:]}"
-    return m.group(1).split()
+    return json.loads(html.unescape(m.group(1)))
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
 def test_report_page_renders_in_headless_chromium(sweep_report):
     browser = _browser()
     if browser is None:
         pytest.skip("no Chromium installed (apt-get install chromium chromium-driver); cannot check the page renders")
-    _, paths = sweep_report
+    directory, paths = sweep_report
+    check = _page_check(browser, paths.html)
     # the report's three plots load; the broken control image appended last is detected as broken
-    assert _image_states(browser, paths.html) == ["ok", "ok", "ok", "broken"]
+    assert check["images"] == ["ok", "ok", "ok", "broken"]
+    # one legend entry per method present, in the trade-off and the cost panels
+    data = load_report_data(directory)
+    assert data.methods == ["kfac", "svd"]
+    for fig in ("fig-tradeoff", "fig-keep_mass"):
+        legend = check["legends"][fig]
+        for method in data.methods:
+            assert legend.count(method) == 1, (fig, legend)
+        assert "base model" in legend and "held-out strict (filled)" in legend and "selection strict (hollow)" in legend
+    assert f"chosen: {data.chosen.label()}" in check["legends"]["fig-tradeoff"]
+    assert check["legends"]["fig-spectra"][:2] == ["G (out x out)", "G: kept region (in a kept pair)"]
+    # the per-record table: every record is a row; a sample per group is shown until "show all" is ticked
+    # (60 records: 20 survived, 40 removed; SAMPLE_ROWS = 20 per group)
+    assert SAMPLE_ROWS == 20 and check["rows"] == SYNTHETIC_RECORDS
+    assert check["visible_rows"] == 20 + 20
+    assert check["rows_after_show_all"] == SYNTHETIC_RECORDS
+    # readable at 1280 px: nothing wider than the window, plots drawn at (nearly) their own pixel size
+    assert check["window_width"] == 1280 and check["scroll_width"] <= 1280
+    for natural, shown in check["widths"]:
+        assert natural >= 1200 and shown >= 0.9 * natural, (natural, shown)  # 9 pt legend text stays >= 10 px
+    # a screenshot of the whole page: its height is the page's, in a sane range for three plots and two tables
+    height = check["height"]
+    assert 2500 <= height <= 12000, height
+    shot = directory / "screenshot.png"
+    proc = _chromium(browser, f"--window-size=1280,{height}", f"--screenshot={shot}", paths.html.as_uri())
+    assert shot.exists(), proc.stderr[-2000:]
+    assert _png_size(shot) == (1280, height)

@@ -36,7 +36,7 @@ spectra exist). Every figure element of the page carries ``data-legend``: its le
 
 Number formats: rates (``strict``, ``loose``, ``*_strict``, ``*_loose``, ``*_accuracy``) as percentages, their
 changes in percentage points; everything else (perplexity, losses, nDCG) to 3 significant digits, changes with the
-relative change beside.
+relative change beside for perplexities and losses.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def format_value(key: str, value: Any) -> str:
 
 
 def format_delta(key: str, before: Any, after: Any) -> str:
-    """``after - before``: percentage points for rates, else 3 significant digits with the relative change."""
+    """``after - before``: percentage points for rates, else 3 significant digits (perplexities and losses with the
+    relative change beside)."""
     if not (_is_number(before) and _is_number(after)):
         return "-"
     b, a = float(before), float(after)
@@ -132,7 +133,7 @@ def format_delta(key: str, before: Any, after: Any) -> str:
     if is_rate(key):
         return f"{100 * d:+.1f} pp"
     text = "+0" if d == 0 else ("+" if d > 0 else "") + _sig3(d)
-    if b != 0 and math.isfinite(b):
+    if b != 0 and math.isfinite(b) and ("perplexity" in key or "loss" in key):
         text += f" ({100 * d / abs(b):+.1f}%)"
     return text
 
@@ -157,7 +158,12 @@ def write_spectra(path: str | os.PathLike, modules: Mapping[str, Mapping[str, An
 
 
 def _decode_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
-    return [tokenizer.decode([int(t)]) for t in ids]
+    """Each token decoded alone; with a space after each when the tokenizer joins words with spaces (word-level
+    tokenizers such as the testbed's) rather than holding them in the pieces (byte-level BPE)."""
+    pieces = [tokenizer.decode([int(t)]) for t in ids]
+    if len(pieces) > 1 and tokenizer.decode([int(t) for t in ids]) == " ".join(pieces):
+        return [p + " " for p in pieces]
+    return pieces
 
 
 def write_records(
@@ -490,9 +496,12 @@ def _log_axis(axis, set_scale, low: float, high: float) -> None:
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     set_scale("log")
-    ticks = [t for t in _NICE_TICKS if low / 1.02 <= t <= high * 1.02]
-    if len(ticks) > 8:
-        ticks = ticks[:: math.ceil(len(ticks) / 8)]
+    candidates = [t for t in _NICE_TICKS if low / 1.02 <= t <= high * 1.02]
+    gap = math.log(max(high, low * 1.0001) / low) / 8  # at most ~8 ticks, evenly spread on the log axis
+    ticks: list[float] = []
+    for t in candidates:
+        if not ticks or math.log(t / ticks[-1]) >= gap:
+            ticks.append(t)
     if len(ticks) >= 2:
         axis.set_major_locator(FixedLocator(ticks))
         axis.set_minor_locator(NullLocator())
@@ -905,7 +914,7 @@ _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1260px; margin: 1.5em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.88em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
-th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+th { background: #f0f0f0; } td:first-child, th:first-child, td.set { text-align: left; }
 tr.chosen td { background: #fff3cd; font-weight: bold; }
 img { max-width: 100%; border: 1px solid #ddd; }
 pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
@@ -977,7 +986,7 @@ def _sections(data: ReportData) -> list[_Section]:
                     f"after ({ba['after'].get('label', 'after')})", "change"],
             rows=before_after_rows(ba),
             note="Rates in percent, their changes in percentage points (pp); other metrics to 3 significant digits, "
-                 "changes with the relative change.",
+                 "perplexity changes with the relative change.",
         ))
     points = data.points
     if points:
