@@ -5,6 +5,7 @@ Everything lands in one directory ``DIR``::
     DIR/edited/             the edited model (save_pretrained + tokenizer + edit_report.json)
     DIR/evals.jsonl         the full evaluation records (:func:`kfac_edit.evaluate.evaluate`), base then edited
     DIR/before_after.json   headline metrics before and after, what ``kfac-edit report DIR`` shows
+    DIR/records.jsonl, DIR/provenance.json, DIR/report.html, DIR/report.md   the report (:mod:`kfac_edit.report`)
     RESULTS (default DIR/runs.jsonl)   one summary line per run: before, after and delta side by side
 
 nDCG compares against the base model itself unless ``EvalConfig.reference_model`` names another: its top-k are
@@ -103,7 +104,7 @@ def run_workflow(
         "before": {"label": "base", "metrics": before_h or {}},
         "after": {"label": f"{spec.method} {spec.to_json()}", "metrics": after_h},
     })
-    from .report import provenance, write_provenance, write_records
+    from .report import provenance, write_provenance, write_records, write_report
 
     if after_outputs:
         write_records(paths.out_dir / RECORDS_FILE, before_outputs, after_outputs, tokenizer,
@@ -111,6 +112,7 @@ def run_workflow(
     write_provenance(paths.out_dir / PROVENANCE_FILE, provenance(
         model, model_name=model_path, factors_manifest=report.factor_manifest, memorized=list(config.memorized),
         started=started, methods=[spec.method], layers=spec.layers()))
+    write_report(paths.out_dir)
     summary = {
         "kind": "run",
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
