@@ -416,3 +416,59 @@ def test_report_page_renders_in_headless_chromium(sweep_report):
     proc = _chromium(browser, f"--window-size=1280,{height}", f"--screenshot={shot}", paths.html.as_uri())
     assert shot.exists(), proc.stderr[-2000:]
     assert _png_size(shot) == (1280, height)
+
+
+# ------------------------------------------------------------------------ the writers: sweep and run, end to end
+
+from test_sweep import _argv, sweep_inputs  # noqa: E402,F401  (a tiny model, its factors, memorized set, text)
+from test_workflow import LAYERS, eval_args, setup  # noqa: E402,F401
+
+
+def test_sweep_writes_per_record_outputs_and_provenance(sweep_inputs, tmp_path):  # noqa: F811
+    """records.jsonl of the chosen point agrees with the sweep's own measurement of it, record by record."""
+    inp, out = sweep_inputs, tmp_path / "sweep"
+    assert main(_argv(inp, out, "--method", "kfac,svd", "--group", "0-1", "--holdout-fraction", "0.25")) == 0
+    data = load_report_data(out)
+    chosen = data.chosen
+    assert chosen is not None and data.methods == ["kfac", "svd"]
+    lines = data.outputs
+    assert len(lines) == 16 and {line["point"] for line in lines} == {chosen.label()}
+    by_part = {part: [line for line in lines if line["part"] == part] for part in ("selection", "heldout")}
+    assert len(by_part["selection"]) == 12 and len(by_part["heldout"]) == 4
+    for part, group in by_part.items():
+        # the base recites every record (the set is its own continuations); the edited side reproduces the
+        # point's strict and match lengths as the sweep measured them
+        assert all(line["base"]["strict"] and line["base"]["match_len"] == 6 for line in group)
+        strict = sum(line["edited"]["strict"] for line in group) / len(group)
+        assert strict == pytest.approx(chosen.metrics[f"{part}_strict"])
+        lev = sum(1 - line["edited"]["similarity"] for line in group) / len(group)
+        assert lev == pytest.approx(chosen.metrics[f"{part}_avg_levenshtein_norm"], abs=1e-5)
+        for line in group:
+            assert len(line["text"]["edited"]) == len(line["edited"]["generated"]) == 6
+    prov = json.loads((out / "provenance.json").read_text())
+    sweep = json.loads((out / "sweep.json").read_text())
+    manifest = json.loads((inp["factors"] / "manifest.json").read_text())
+    assert prov["model"]["fingerprint"] == sweep["identity"]["model_fingerprint"]
+    assert prov["factors"]["tokens"] == manifest["tokens"] and prov["factors"]["labels"] == "sampled"
+    assert prov["memorized"] == [str(inp["mem"])] and prov["split"]["heldout"] == 4
+    page = (out / "report.html").read_text()
+    assert page.count('<tr class="rec') == 16 and f"fingerprint {prov['model']['fingerprint']}" in page
+    legend = re.search(r'id="fig-tradeoff" data-legend="([^"]*)"', page).group(1).split("|")
+    assert legend.count("kfac") == legend.count("svd") == 1
+
+
+def test_run_writes_per_record_outputs_and_the_report(tiny_model_dir, setup, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(tiny_model_dir), "--factors", str(setup["factors"]), "--layers-json", LAYERS,
+                 "--out", str(out)] + eval_args(setup)) == 0
+    (summary,) = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(lines) == 8
+    # the per-record outputs are those of the evaluations themselves
+    assert sum(line["base"]["strict"] for line in lines) / 8 == summary["before"]["strict"] == 1.0
+    assert sum(line["edited"]["strict"] for line in lines) / 8 == pytest.approx(summary["after"]["strict"])
+    assert sum(line["edited"]["match_len"] for line in lines) / 8 == pytest.approx(summary["after"]["mean_match_len"])
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["model"]["name"] == str(tiny_model_dir) and prov["layers"] == json.loads(LAYERS)
+    page = (out / "report.html").read_text()
+    assert page.count('<tr class="rec') == 8 and "Before / after" in page and "<dt>method</dt>" in page
