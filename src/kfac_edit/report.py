@@ -118,7 +118,9 @@ def format_value(key: str, value: Any) -> str:
     f = float(value)
     if math.isnan(f):
         return "nan"
-    return f"{100 * f:.1f}%" if is_rate(key) else _sig3(f)
+    if is_rate(key):
+        return f"{100 * f:.1f}%"
+    return str(value) if isinstance(value, int) else _sig3(f)  # counts (records, tokens) as they are
 
 
 def format_delta(key: str, before: Any, after: Any) -> str:
@@ -132,6 +134,8 @@ def format_delta(key: str, before: Any, after: Any) -> str:
         return "nan"
     if is_rate(key):
         return f"{100 * d:+.1f} pp"
+    if isinstance(before, int) and isinstance(after, int):
+        return f"{after - before:+d}"
     text = "+0" if d == 0 else ("+" if d > 0 else "") + _sig3(d)
     if b != 0 and math.isfinite(b) and ("perplexity" in key or "loss" in key):
         text += f" ({100 * d / abs(b):+.1f}%)"
@@ -638,8 +642,10 @@ def plot_spectra(spectra: Mapping[str, Mapping[str, Any]], max_modules: int = MA
                 ax.axvline(float(used), color=color, ls="--", lw=1)
                 h = ax.axvspan(1, max(1.0, float(used)), color=color, alpha=0.08)
                 legend.setdefault(f"{label.split()[0]}: kept region (in a kept pair)", h)
-                ax.text(float(used), 0.02 + (0.1 if key == "act_eigvals" else 0), f" {label[0]} {int(used)}/{len(values)}",
-                        color=color, fontsize=7, transform=ax.get_xaxis_transform())
+                right = float(used) > 0.6 * len(values)  # near the right edge: the label goes left of the line
+                ax.text(float(used), 0.02 + (0.1 if key == "act_eigvals" else 0),
+                        f"{label[0]} {int(used)}/{len(values)} " if right else f" {label[0]} {int(used)}/{len(values)}",
+                        color=color, fontsize=7, ha="right" if right else "left", transform=ax.get_xaxis_transform())
         ax.set_yscale("log")
         ax.yaxis.set_minor_locator(NullLocator())  # minor log ticks cost seconds of layout and add little
         if max(len(m.get("grad_eigvals", [])), len(m.get("act_eigvals", []))) > 200:
@@ -1070,7 +1076,12 @@ def _render_html(data: ReportData, sections: list[_Section], images: dict[str, P
         parts.append(f"<pre>{esc(layers)}</pre>")
     for s in sections:
         if s.title == "Before / after":
-            parts += [f"<h2>{esc(s.title)}</h2>", f"<p>{esc(s.note)}</p>", _html_table(s.header, s.rows)]
+            main = [r for r in s.rows if "." not in r[0]]
+            detail = [r for r in s.rows if "." in r[0]]
+            parts += [f"<h2>{esc(s.title)}</h2>", f"<p>{esc(s.note)}</p>", _html_table(s.header, main or s.rows)]
+            if main and detail:
+                parts.append(f"<details><summary>every metric per set ({len(detail)} more)</summary>"
+                             f"{_html_table(s.header, detail)}</details>")
 
     def figure(name: str) -> str:
         plot = images[name]
@@ -1111,7 +1122,11 @@ def _render_markdown(data: ReportData, sections: list[_Section], images: dict[st
                   "```json", layers, "```"]
     for s in sections:
         if s.title == "Before / after":
-            parts += ["", f"## {s.title}", "", s.note, "", _md_table(s.header, s.rows)]
+            main = [r for r in s.rows if "." not in r[0]] or s.rows
+            parts += ["", f"## {s.title}", "", s.note, "", _md_table(s.header, main)]
+            if len(main) < len(s.rows):
+                parts += ["", f"Every metric per set ({len(s.rows) - len(main)} more): see the HTML page or "
+                          f"{BEFORE_AFTER_FILE if (data.directory / BEFORE_AFTER_FILE).exists() else RESULTS_FILE}."]
     for name in ("tradeoff", "keep_mass"):
         if name in images:
             parts += ["", f"![{name}]({PLOTS_DIR}/{name}.png)", "", f"*{images[name].caption}*"]
