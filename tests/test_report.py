@@ -472,3 +472,18 @@ def test_run_writes_per_record_outputs_and_the_report(tiny_model_dir, setup, tmp
     assert prov["model"]["name"] == str(tiny_model_dir) and prov["layers"] == json.loads(LAYERS)
     page = (out / "report.html").read_text()
     assert page.count('<tr class="rec') == 8 and "Before / after" in page and "<dt>method</dt>" in page
+
+
+def test_method_styles_are_distinct_and_bad_records_file_is_refused(tmp_path):
+    from kfac_edit.report import method_style
+
+    methods = ["kfac", "kfac-independent", "svd", "random", "later-a", "later-b"]
+    styles = [method_style(m, methods) for m in methods]
+    assert len(set(styles)) == len(methods) == len({c for c, _ in styles})
+    write_json(tmp_path / "before_after.json", {"before": {"metrics": {"strict": 1.0}},
+                                                "after": {"metrics": {"strict": 0.0}}})
+    (tmp_path / "records.jsonl").write_text('{"suffix_ids": [1]}\n')
+    assert main(["report", str(tmp_path)]) == 2  # a record without its edited side: one line, exit 2
+    (tmp_path / "records.jsonl").write_text('{"suffix_ids": [1], "edi\n{"suffix_ids": [1], "edited": {}}\n')
+    assert main(["report", str(tmp_path)]) == 2  # a broken line inside the file
+    assert not (tmp_path / "report.html").exists()

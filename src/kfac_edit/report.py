@@ -485,7 +485,8 @@ def plot_tradeoff(data: ReportData) -> Plot:
         axes[0].text(0.5, 0.5, "no points with finite metrics", ha="center", va="center", transform=axes[0].transAxes)
     fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(4, len(legend)), fontsize=9)
     fig.suptitle("Memorization vs perplexity, per method (lines: each method's Pareto front)", fontsize=11)
-    split = " Filled markers: held-out records (reported); hollow: selection records (the choice)." if data.split else ""
+    split = (" Filled markers: held-out records (reported); hollow: selection records (the choice)." if data.split
+             else "")
     caption = ("Memorization against perplexity ratio for every sweep point, one colour and marker per method; lines "
                f"join each method's Pareto front; star: the chosen point (lowest selection strict memorization "
                f"within {data.ppl_budget:g} x base perplexity); square: the base model.{split}")
@@ -764,7 +765,8 @@ def _short_prefix(record: Mapping[str, Any]) -> str:
 def _records_html(outputs: Sequence[Mapping[str, Any]]) -> str:
     esc = html.escape
     if len(outputs) > MAX_RECORD_ROWS:
-        shown, note = list(outputs[:MAX_RECORD_ROWS]), f" The page holds the first {MAX_RECORD_ROWS}; all are in {RECORDS_FILE}."
+        shown = list(outputs[:MAX_RECORD_ROWS])
+        note = f" The page holds the first {MAX_RECORD_ROWS}; all are in {RECORDS_FILE}."
     else:
         shown, note = list(outputs), ""
     has_base = any("base" in r for r in shown)

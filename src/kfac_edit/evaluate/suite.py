@@ -278,7 +278,8 @@ def memorized_outputs(model: torch.nn.Module, tokenizer, config: EvalConfig) -> 
     out = {}
     for name, path in zip(_set_names(config.memorized), config.memorized):
         records = load_records(path, tokenizer, config.prefix_len, config.suffix_len, vocab)
-        scores = memorization.score_records(model, records, config.batch_size, _pad_id(tokenizer), desc=f"outputs {name}")
+        scores = memorization.score_records(model, records, config.batch_size, _pad_id(tokenizer),
+                                            desc=f"outputs {name}")
         out[name] = [record_output(r, s) for r, s in zip(records, scores)]
     return out
 
