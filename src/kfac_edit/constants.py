@@ -22,6 +22,8 @@ BEFORE_AFTER_FILE = "before_after.json"  # headline metrics before / after, what
 HTML_FILE = "report.html"
 MARKDOWN_FILE = "report.md"
 PLOTS_DIR = "plots"
+RECORDS_FILE = "records.jsonl"  # per memorized record: base and edited continuations of the reported point
+PROVENANCE_FILE = "provenance.json"  # model, factors, memorized sets, times and versions behind a report
 SPLIT_DIR = "split"  # the selection / held-out parts of the memorized records, as the sweep used them
 
 # Run directories (kfac_edit.workflow, `kfac-edit run`)

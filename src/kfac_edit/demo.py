@@ -33,6 +33,7 @@ Output directory (written whole, atomically)::
     results.jsonl, sweep.json, best.json, spectra.json, split/   the sweep's directory (:mod:`kfac_edit.sweep`);
                         best.json is the headline K-FAC edit (`kfac-edit edit --layers-file DIR/best.json`)
     before_after.json   base vs the headline K-FAC edit (:mod:`kfac_edit.report`)
+    records.jsonl, provenance.json   each canary continued by the base and the headline edit; where it all came from
     report.html, report.md, plots/*.png   the standard report (:func:`kfac_edit.report.write_report`)
     factors/            the K-FAC factors (`kfac-edit collect` format)
     edited/             the headline K-FAC edit as a Hugging Face model directory (+ edit_report.json)
@@ -240,7 +241,9 @@ def run_demo(
     with atomic_dir(out) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        outcome = run_sweep(model, tokenizer, factors, sweep, evaluation, tmp, cache=cache, write_report=False)
+        factors.manifest.setdefault("data", str(paths.corpus))  # provenance: what the factors were collected on
+        outcome = run_sweep(model, tokenizer, factors, sweep, evaluation, tmp, cache=cache, write_report=False,
+                            outputs_for=lambda records: choose_headline(config, records))  # report: the headline
         timings["sweep"] = time.perf_counter() - t0
         records = outcome.records
         base = base_record(records)

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .constants import BEST_FILE, RESULTS_FILE, SPECTRA_FILE, SPLIT_DIR, SWEEP_FILE
+from .constants import BEST_FILE, PROVENANCE_FILE, RECORDS_FILE, RESULTS_FILE, SPECTRA_FILE, SPLIT_DIR, SWEEP_FILE
 from .edit import apply_edit, check_factors, resolve_targets, restore
 from .eigen import EigenCache
 from .errors import UserError
@@ -341,12 +341,15 @@ def run_sweep(
     out_dir: str | os.PathLike,
     cache: EigenCache | None = None,
     write_report: bool = True,
+    outputs_for=None,
 ) -> SweepOutcome:
     """Run (or resume) the sweep of ``config`` on ``model``, evaluating each point as ``eval_config`` says.
 
     ``model`` is edited in place point by point and restored after each; on return it holds its original weights.
     ``factors`` may be ``None`` only for the ``svd`` method. ``cache`` defaults to an in-memory
-    :class:`EigenCache`. Raises :class:`UserError` before any work when an input is wrong.
+    :class:`EigenCache`. ``outputs_for(records)`` picks the point whose per-record outputs (``records.jsonl``) and
+    spectra the report shows (default: the chosen point). Raises :class:`UserError` before any work when an input is
+    wrong.
     """
     from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
@@ -376,6 +379,7 @@ def run_sweep(
     split_records_ = _read_split(eval_config, config) if config.holdout_fraction else None
 
     out = Path(out_dir)
+    started_at = time.time()
     identity = _identity(model, factors, config, eval_config)
     if split_records_ is not None:  # the records themselves: an edited file under the same name splits otherwise
         identity["memorized_digest"] = hashlib.sha256(json.dumps(split_records_, sort_keys=True).encode()).hexdigest()
@@ -399,6 +403,7 @@ def run_sweep(
     names = _set_names(evaluated_sets + list(config.capability))
     parts = dict(zip(names, (SELECTION, HELDOUT))) if split is not None else {}
     capability = {n: Path(p).stem for n, p in zip(names[len(evaluated_sets):], config.capability)}
+    eval_config_memorized = list(eval_config.memorized)
     eval_config = dataclasses.replace(eval_config, memorized=evaluated_sets + list(config.capability))
     write_json(
         out / SWEEP_FILE,
@@ -482,13 +487,23 @@ def run_sweep(
         layers = chosen.config.layers()
         write_json(best_path, layers if chosen.config.method == "kfac" else
                    {"method": chosen.config.method, "seed": config.seed, "layers": layers})
-        if point_spec(chosen.config).needs_factors:
-            _write_spectra(out, chosen, factors, cache)
     else:
         best_path.unlink(missing_ok=True)
         (out / SPECTRA_FILE).unlink(missing_ok=True)
         log.warning("no point is within %g x the base perplexity; no %s written", config.ppl_budget, BEST_FILE)
         best_path = None
+    shown = outputs_for(records) if outputs_for is not None else chosen
+    if shown is not None:
+        write_point_outputs(out, model, tokenizer, shown, factors, cache,
+                            dataclasses.replace(eval_config, memorized=evaluated_sets), parts, config.seed)
+    else:
+        (out / RECORDS_FILE).unlink(missing_ok=True)
+    from .report import provenance, write_provenance
+
+    write_provenance(out / PROVENANCE_FILE, provenance(
+        model, factors_manifest=getattr(factors, "manifest", None), memorized=list(eval_config_memorized),
+        split=split, started=started_at, weights_digest=identity["weights_digest"],
+        capability=list(config.capability)))
     if write_report:
         from .report import write_report as _write_report
 
@@ -513,6 +528,29 @@ def _read_split(eval_config, config: SweepConfig) -> tuple[list[dict], list[dict
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def write_point_outputs(out: Path, model, tokenizer, point: SweepRecord, factors, cache: EigenCache, eval_config,
+                        parts: dict[str, str] | None = None, seed: int = 0) -> None:
+    """What the report shows of one point: ``records.jsonl`` (every memorized record of ``eval_config`` continued by
+    the base model and by the edited one, :func:`kfac_edit.report.write_records`) and, for a method with factors,
+    ``spectra.json``. Two generation passes; ``model`` holds its original weights on return."""
+    from .evaluate.suite import memorized_outputs
+    from .report import write_records
+
+    restore(model)
+    before = memorized_outputs(model, tokenizer, eval_config)
+    spec = point_spec(point.config, seed)
+    try:
+        apply_edit(model, factors if spec.needs_factors else None, spec, cache=cache)
+        after = memorized_outputs(model, tokenizer, eval_config)
+    finally:
+        restore(model)
+    write_records(out / RECORDS_FILE, before, after, tokenizer, parts, point=point.label())
+    if spec.needs_factors:
+        _write_spectra(out, point, factors, cache)
+    else:
+        (out / SPECTRA_FILE).unlink(missing_ok=True)
 
 
 def _write_spectra(out: Path, chosen: SweepRecord, factors, cache: EigenCache) -> None:

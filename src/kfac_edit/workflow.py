@@ -5,6 +5,7 @@ Everything lands in one directory ``DIR``::
     DIR/edited/             the edited model (save_pretrained + tokenizer + edit_report.json)
     DIR/evals.jsonl         the full evaluation records (:func:`kfac_edit.evaluate.evaluate`), base then edited
     DIR/before_after.json   headline metrics before and after, what ``kfac-edit report DIR`` shows
+    DIR/records.jsonl, DIR/provenance.json, DIR/report.html, DIR/report.md   the report (:mod:`kfac_edit.report`)
     RESULTS (default DIR/runs.jsonl)   one summary line per run: before, after and delta side by side
 
 nDCG compares against the base model itself unless ``EvalConfig.reference_model`` names another: its top-k are
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .constants import BEFORE_AFTER_FILE, EDITED_DIR, EVALS_FILE, RUNS_FILE
+from .constants import BEFORE_AFTER_FILE, EDITED_DIR, EVALS_FILE, PROVENANCE_FILE, RECORDS_FILE, RUNS_FILE
 from .edit import apply_edit, check_edit_inputs, check_output_dir, load_edit_factors, save_edited
 from .eigen import EigenCache, default_cache_dir
 from .evaluate.suite import EvalConfig, check_inputs, evaluate, headline_metrics, own_reference_topk
@@ -77,10 +78,12 @@ def run_workflow(
 
     reference_topk = own_reference_topk(model, tokenizer, config)
     before = None
+    before_outputs: dict = {}  # per-record outputs of the memorized sets, for the report (records.jsonl)
+    after_outputs: dict = {}
     if not skip_baseline:
         own = dataclasses.replace(base_config, ndcg_data=None) if reference_topk is not None else base_config
         if own.memorized or own.quotes or own.perplexity_data or own.ndcg_data:
-            before = evaluate(model, tokenizer, own)
+            before = evaluate(model, tokenizer, own, outputs=before_outputs)
         else:
             before = {"metrics": {}}
         if reference_topk is not None:
@@ -92,7 +95,7 @@ def run_workflow(
     report.factor_manifest.setdefault("directory", str(factors_dir) if factors_dir is not None else None)
     save_edited(model, load_tokenizer_as_saved(model_path), paths.edited, report)
     after = evaluate(model, tokenizer, dataclasses.replace(base_config, model=str(paths.edited)),
-                     reference_topk=reference_topk)
+                     reference_topk=reference_topk, outputs=after_outputs)
 
     before_h = headline_metrics(before["metrics"]) if before is not None else None
     after_h = headline_metrics(after["metrics"])
@@ -101,6 +104,15 @@ def run_workflow(
         "before": {"label": "base", "metrics": before_h or {}},
         "after": {"label": f"{spec.method} {spec.to_json()}", "metrics": after_h},
     })
+    from .report import provenance, write_provenance, write_records, write_report
+
+    if after_outputs:
+        write_records(paths.out_dir / RECORDS_FILE, before_outputs, after_outputs, tokenizer,
+                      point=f"{spec.method} {spec.to_json()}")
+    write_provenance(paths.out_dir / PROVENANCE_FILE, provenance(
+        model, model_name=model_path, factors_manifest=report.factor_manifest, memorized=list(config.memorized),
+        started=started, methods=[spec.method], layers=spec.layers()))
+    write_report(paths.out_dir)
     summary = {
         "kind": "run",
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -210,6 +210,7 @@ class RecordScore:
     lev_norm: float
     match_len: int
     suffix_len: int
+    generated: list[int] | None = field(default=None, repr=False, compare=False)  # the greedy continuation
 
 
 def score_record(generated: Sequence[int], target: Sequence[int]) -> RecordScore:
@@ -219,6 +220,7 @@ def score_record(generated: Sequence[int], target: Sequence[int]) -> RecordScore
         lev_norm=distance / len(target),
         match_len=match_length(generated, target),
         suffix_len=len(target),
+        generated=list(generated),
     )
 
 

@@ -179,6 +179,7 @@ def evaluate(
     reference_model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
     reference_tokenizer=None,
     reference_topk: torch.Tensor | None = None,
+    outputs: dict[str, list[dict]] | None = None,
 ) -> dict:
     """Evaluate ``model`` as ``config`` asks and return the results record (see the module docstring).
 
@@ -187,6 +188,7 @@ def evaluate(
             at ``config.reference_model`` is loaded, only when its top-k are not cached yet.
         reference_tokenizer: checked against ``tokenizer`` when given.
         reference_topk: precomputed reference top-k (:func:`.ndcg.reference_topk`), e.g. taken before an edit.
+        outputs: filled, when given, with each memorized set's per-record outputs (:func:`memorized_outputs`).
     """
     config.validate()
     started = time.time()
@@ -224,6 +226,8 @@ def evaluate(
                     desc=f"perturb {name}",
                 )
             metrics.setdefault(kind, {})[name] = summary
+            if outputs is not None and kind == "memorized":
+                outputs[name] = [record_output(r, s) for r, s in zip(records, scores)]
             timings[f"{kind}:{name}"] = time.time() - t0
     if config.perplexity_data:
         t0 = time.time()
@@ -259,6 +263,25 @@ def evaluate(
     if config.out:
         append_jsonl(config.out, record)
     return record
+
+
+def record_output(record: MemRecord, score: memorization.RecordScore) -> dict:
+    """One record's output: its prefix and suffix ids, the greedy continuation and its scores."""
+    return {"prefix_ids": list(record.prefix_ids), "suffix_ids": list(record.suffix_ids),
+            "generated": list(score.generated or []), "strict": bool(score.strict), "match_len": score.match_len,
+            "lev_norm": score.lev_norm, "source": record.source}
+
+
+def memorized_outputs(model: torch.nn.Module, tokenizer, config: EvalConfig) -> dict[str, list[dict]]:
+    """Per memorized set of ``config`` (by set name), per record: :func:`record_output` (one generation pass)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    out = {}
+    for name, path in zip(_set_names(config.memorized), config.memorized):
+        records = load_records(path, tokenizer, config.prefix_len, config.suffix_len, vocab)
+        scores = memorization.score_records(model, records, config.batch_size, _pad_id(tokenizer),
+                                            desc=f"outputs {name}")
+        out[name] = [record_output(r, s) for r, s in zip(records, scores)]
+    return out
 
 
 def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
