@@ -1,28 +1,52 @@
 """Atomic file writes: an interrupted run never leaves a file that loads as if it were complete.
 
 Every file the package writes goes through these helpers: the content is written to a temporary file in the
-same directory, flushed to disk, then renamed over the target (rename is atomic on POSIX filesystems).
+same directory, flushed to disk, then renamed over the target (rename is atomic on POSIX filesystems). A write that
+fails for a reason the user can fix (disk full, read-only filesystem, no permission) is a one-line
+:class:`~kfac_edit.errors.UserError`, and the old target is left as it was.
+
+Every command also calls :func:`check_output` on each output before any work (a path under a file, a directory
+where a file goes, a read-only or full disk are refused up front) and holds :func:`output_lock` on it while it
+writes (a second writer is refused with the holder's pid).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import socket
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from .constants import CACHE_ENV
+from .errors import UserError
+
+_USER_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}  # fmt: skip
+
+
+def _user_write_error(exc: OSError, target: Path) -> UserError | None:
+    """The one-line error for a write failure the user can fix, or ``None`` (a bug: let it propagate)."""
+    why = _USER_ERRNOS.get(exc.errno)
+    if why is None:
+        return None
+    return UserError(f"cannot write {target}: {why}; free space or pick another location (nothing was replaced)")
 
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is renamed onto ``target``, on error removed."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise (_user_write_error(exc, target) or exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -31,6 +55,12 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, target)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        error = _user_write_error(exc, target)
+        if error is None:
+            raise
+        raise error from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -51,12 +81,24 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
 def append_jsonl(target: str | os.PathLike, record: dict) -> None:
     """Append one JSON line to ``target`` (a whole line per write, flushed and synced)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, default=_json_default) + "\n"
-    with open(target, "a") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    size = target.stat().st_size if target.is_file() else None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        error = _user_write_error(exc, target)
+        with contextlib.suppress(OSError):  # no torn line left behind: back to the old content
+            if size is None:
+                target.unlink(missing_ok=True)
+            else:
+                os.truncate(target, size)
+        if error is None:
+            raise
+        raise error from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -85,8 +127,11 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     Files already in ``target`` that the caller wants to keep must be written again into the temporary directory.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise (_user_write_error(exc, target) or exc) from None
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the result should read like a plain mkdir's
     try:
         yield tmp
@@ -98,9 +143,127 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = _user_write_error(exc, target)
+        if error is None:
+            raise
+        raise error from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output(path: str | os.PathLike | None, kind: str = "dir", flag: str = "--out",
+                 overwrite: bool | None = None) -> Path | None:
+    """Refuse, before any work, an output location that cannot be written: one line naming ``flag``.
+
+    ``kind`` is ``"dir"`` (the command writes a directory there) or ``"file"``. Refused: a file where a directory
+    goes and a directory where a file goes; a path under an existing file; a nearest existing directory that is
+    read-only (or not ours) or on a full disk; and, when ``overwrite`` is ``False``, an existing file output.
+    Nothing is created. ``None`` passes through (no output asked for).
+    """
+    if path is None:
+        return None
+    out = Path(path).expanduser()
+    if out.is_dir() and kind == "file":
+        raise UserError(f"{flag} {out} is a directory; give a file path, e.g. {out / 'results.jsonl'}")
+    if out.exists() and not out.is_dir() and kind == "dir":
+        raise UserError(f"{flag} {out} is a file; give a directory")
+    if out.is_file() and overwrite is False:
+        raise UserError(f"{flag} {out} exists; pass --overwrite to replace it or pick another path")
+    existing = out if out.is_dir() else out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {out} is under {existing}, which is a file; pick another path")
+    probe = None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kfac-edit-probe.", dir=existing)
+        os.close(fd)
+    except OSError as exc:
+        why = _USER_ERRNOS.get(exc.errno, exc.strerror or type(exc).__name__)
+        raise UserError(f"{flag} {out} cannot be written ({existing}: {why}); pick another path") from None
+    finally:
+        if probe is not None:
+            os.unlink(probe)
+    if shutil.disk_usage(existing).free == 0:
+        raise UserError(f"{flag} {out} cannot be written ({existing}: no space left on the device); free space first")
+    return out
+
+
+_HELD_LOCKS: dict[Path, int] = {}  # lock file -> how many times this process holds it
+
+
+def _lock_file(target: Path) -> Path:
+    return target.parent / f".{target.name}.kfac-edit.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike | None) -> Iterator[None]:
+    """Hold the write lock of output ``target`` (a file or directory): ``.NAME.kfac-edit.lock`` beside it.
+
+    A second process asking for the same lock while the holder lives is refused with a :class:`UserError` naming
+    the holder's pid; a lock left by a killed process (its pid gone, on this host) is taken over. The same
+    process may nest the lock (a command calling another's code). ``None``: no lock.
+    """
+    if target is None:
+        yield
+        return
+    target = Path(target).expanduser().absolute()
+    lock = _lock_file(target)
+    if _HELD_LOCKS.get(lock):
+        _HELD_LOCKS[lock] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[lock] -= 1
+        return
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise (_user_write_error(exc, target) or exc) from None
+    host = socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+                pid, holder_host = int(holder["pid"]), str(holder.get("host", host))
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, holder_host = None, host  # half-written by a writer that died at once: stale
+            if pid is not None and (holder_host != host or _pid_alive(pid)):
+                where = "" if holder_host == host else f" on {holder_host}"
+                raise UserError(
+                    f"{target} is being written by another kfac-edit (pid {pid}{where}); wait for it to finish or pick "
+                    f"another output (if no such process runs, delete {lock})"
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its writer is gone
+            continue
+        except OSError as exc:
+            raise (_user_write_error(exc, target) or exc) from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"pid": os.getpid(), "host": host}))
+        break
+    else:  # pragma: no cover - three racing takeovers
+        raise UserError(f"cannot take the lock {lock}; retry")
+    _HELD_LOCKS[lock] = 1
+    try:
+        yield
+    finally:
+        _HELD_LOCKS.pop(lock, None)
+        lock.unlink(missing_ok=True)
 
 
 def cache_root(sub: str | None = None) -> Path:

@@ -47,7 +47,11 @@ def read_reference(path: str | os.PathLike) -> dict[tuple[int, str], dict[str, A
         for label, t in (("A", A), ("G", G)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != t.shape[1]:
                 raise UserError(f"'{path}': {key}.{label} is not a square matrix")
-        n = int(entry["n_tokens"].item() if isinstance(entry["n_tokens"], torch.Tensor) else entry["n_tokens"])
+        n = entry["n_tokens"].item() if isinstance(entry["n_tokens"], torch.Tensor) and entry["n_tokens"].numel() == 1 \
+            else entry["n_tokens"]
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n):
+            raise UserError(f"'{path}': {key}.n_tokens is {n!r}, not a whole number of tokens; fix the factor file")
+        n = int(n)
         if n <= 0:
             raise UserError(f"'{path}': {key}.n_tokens is {n}; the means cannot be turned back into sums")
         out[(int(match.group(1)), match.group(2))] = {"A": A, "G": G, "n_tokens": n}
@@ -146,5 +150,5 @@ def import_reference(
 
         manifest["model_fingerprint"] = model_fingerprint(model)
     factors = Factors.from_means(means, manifest)
-    factors.check_finite()
+    factors.check_sane(str(path))  # what a load would refuse is refused here, before a directory is written
     return factors
