@@ -293,6 +293,9 @@ def _check_resume(out: Path, identity: dict[str, Any]) -> None:
         if (out / RESULTS_FILE).exists():
             raise UserError(f"{out} holds {RESULTS_FILE} but no {SWEEP_FILE}; use a new --out DIR")
         return
+    results = out / RESULTS_FILE
+    if not results.exists() or not results.read_bytes().strip():  # a sweep that failed before its first result:
+        return  # nothing to resume, so its settings bind nothing (a corrected retry starts afresh)
     try:
         old = json.loads(path.read_text()).get("identity", {})
     except json.JSONDecodeError:
@@ -360,6 +363,11 @@ def run_sweep(
         raise UserError("the sweep needs --perplexity-data SOURCE: the best point is chosen within a perplexity budget")
     eval_config.out = None  # the sweep writes its own records
     restore(model)
+    from .evaluate.suite import check_inputs
+    from .models import model_limits
+
+    check_inputs(eval_config, tokenizer, model.get_input_embeddings().num_embeddings,  # before anything is written
+                 model_limits(model.config)[1], has_reference=True)
     if config.groups:
         blocks = sweep_blocks(model, SweepConfig(blocks=sorted({b for g in config.groups for b in g})), None)
     else:
@@ -438,20 +446,21 @@ def run_sweep(
         rest["metrics"]["perplexity"] = first["metrics"]["perplexity"]
         return point_metrics(rest, parts, capability)
 
+    pending = [p for p in points if p.id not in done]
+    if needs_factors and pending:  # before the first evaluation: factors that cannot edit fail here
+        names = sorted({proj.name for proj, _ in targets})
+        for name in tqdm(names, desc="eigendecompositions", unit="module", disable=None):
+            cache.get(factors, name)  # once for the whole sweep (memory, else disk)
+
     if "base" not in done:
         t0 = time.perf_counter()
         base = SweepRecord(BASE_CONFIG, measure(), kind="base", seconds=round(time.perf_counter() - t0, 3))
         append_jsonl(results, base.to_dict())
         log.info("base model: strict %.4f, perplexity %.4f", base.strict, base.perplexity)
 
-    pending = [p for p in points if p.id not in done]
     ppl_limit = None
     if config.skip_over is not None:
         ppl_limit = config.skip_over * base_record(read_results(results)).perplexity
-    if needs_factors and pending:
-        names = sorted({proj.name for proj, _ in targets})
-        for name in tqdm(names, desc="eigendecompositions", unit="module", disable=None):
-            cache.get(factors, name)  # once for the whole sweep (memory, else disk)
     log.info("sweep: %d points, %d done, %d to run", len(points), len(points) - len(pending), len(pending))
     bar = tqdm(pending, desc="sweep", unit="point", disable=None)
     started = time.perf_counter()

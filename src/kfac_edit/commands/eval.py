@@ -116,8 +116,11 @@ def _evaluate(args: argparse.Namespace, config) -> int:
 
     ours = bool(config.memorized or config.quotes or config.perplexity_data or config.ndcg_data)
     if ours or not args.lm_eval_tasks:  # with only --lm-eval-tasks, our suite has nothing to do
+        from ..models import check_causal_lm, model_limits
+
         tokenizer = load_tokenizer(args.model)
-        check_inputs(config, tokenizer, len(tokenizer))  # fail on bad input before loading the model
+        rows, positions = model_limits(check_causal_lm(args.model))  # token ids vs embedding rows, lengths vs context
+        check_inputs(config, tokenizer, rows, positions)  # fail on bad input before loading the model
         model, tokenizer = load_for_eval(args)
         record = evaluate(model, tokenizer, config)
         print_summary(record)
