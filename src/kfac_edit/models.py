@@ -286,6 +286,8 @@ def parse_layers(text: str | None, n_blocks: int | None = None) -> list[int] | N
         try:
             if "-" in part:
                 lo, hi = (int(s) for s in part.split("-", 1))
+                if hi < lo:
+                    raise UserError(f"layers range '{part}' names no block (it runs backwards); write {hi}-{lo}")
                 out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))

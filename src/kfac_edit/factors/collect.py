@@ -72,7 +72,7 @@ class CollectConfig:
     labels: str = _opt("sampled", "sampled: labels drawn from the model's softmax (true Fisher, default); gold: next "
                        "token (empirical)")  # fmt: skip
     seed: int = _opt(0, "seed of the sampled labels (default: 0)")
-    max_tokens: int | None = _opt(None, "tokens to read from the data (default: 20000000; in Python: all the batches)",
+    max_tokens: int | None = _opt(None, "tokens to read from the data, rounded up to whole batches (default: 20000000; in Python: all the batches)",
                                   "--tokens")  # fmt: skip
     seq_len: int = _opt(512, "tokens per packed window (default: 512)")
     batch_size: int = _opt(16, "windows per forward/backward (default: 16)")

@@ -73,9 +73,13 @@ def _names_from_template(keys, template: str) -> dict[tuple[int, str], str]:
 
 
 def _names_from_model(keys, model) -> dict[tuple[int, str], tuple[str, tuple[int, int]]]:
-    from ..models import find_projections
+    from ..models import find_projections, num_blocks
 
     blocks = sorted({b for b, _ in keys})
+    n = num_blocks(model)
+    if blocks[-1] >= n:
+        raise UserError(f"the factor file has block {blocks[-1]}, but the --model has blocks 0..{n - 1}; is this the "
+                        "right --model?")
     kinds = [k for k in PROJECTIONS if any(kind == k for _, kind in keys)]
     projections = find_projections(model, blocks, kinds)
     by_key = {(p.block, p.kind): p for p in projections}
@@ -86,10 +90,13 @@ def meta_model(name_or_path: str):
     """The architecture of a model (config only, weights on the meta device: nothing is loaded or allocated)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..models import check_causal_lm
+
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the config of model '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    check_causal_lm(name_or_path)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
