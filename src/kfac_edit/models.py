@@ -159,8 +159,11 @@ def _has_layout(model: nn.Module, layout: tuple[str, dict[str, str]]) -> bool:
 
 
 def _is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (or subclass) or GPT-2's ``Conv1D``: the layers whose forward returns one tensor and whose
+    weight :class:`Projection` reads. A module that merely holds a 2-D weight (an MoE router returning a tuple) is not."""
     weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.dim() == 2
+    kind_ok = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return kind_ok and isinstance(weight, torch.Tensor) and weight.dim() == 2
 
 
 def _mixture_of_experts(model: nn.Module) -> str | None:

@@ -136,12 +136,6 @@ def check_inputs(
         raise UserError(
             f"records of {longest} tokens exceed the model's {max_positions} positions; lower --prefix-len/--suffix-len"
         )
-    lengths = [("--ppl-block", config.ppl_block, config.perplexity_data), ("--ndcg-seq-len", config.ndcg_seq_len,
-               config.ndcg_data)]  # fmt: skip
-    for flag, length, used in lengths:
-        if max_positions and used and length > max_positions:
-            raise UserError(f"{flag} {length} exceeds the model's context of {max_positions} positions; use at most "
-                            f"{max_positions}")
     if config.perplexity_data:
         _check_source(config.perplexity_data, "--perplexity-data")
         if config.perplexity_data.endswith(".pt"):
@@ -157,6 +151,12 @@ def check_inputs(
 
         check_causal_lm(config.reference_model, "--reference-model")
         check_same_tokenizer(tokenizer, load_tokenizer(config.reference_model), config.reference_model)
+    lengths = [("--ppl-block", config.ppl_block, config.perplexity_data), ("--ndcg-seq-len", config.ndcg_seq_len,
+               config.ndcg_data)]  # fmt: skip
+    for flag, length, used in lengths:
+        if max_positions and used and length > max_positions:
+            raise UserError(f"{flag} {length} exceeds the model's context of {max_positions} positions; use at most "
+                            f"{max_positions}")
     return sets
 
 
