@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from safetensors.torch import save_file
 
 from ..constants import MANIFEST_FILE, TENSORS_FILE
 from ..errors import UserError
-from ..fileio import atomic_path, write_json
+from ..fileio import atomic_path, json_text
 from ..identity import tensor_checksum, tensors_digest
 
 FORMAT_VERSION = 2
@@ -255,9 +256,12 @@ class Factors:
         manifest["modules"] = module_entries
         manifest[CHECKSUMS] = {key: tensor_checksum(t) for key, t in tensors.items()}
         header = {"run_id": run_id, "manifest": json.dumps(manifest, default=str)}
-        with atomic_path(directory / TENSORS_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata=header)
-        write_json(directory / MANIFEST_FILE, manifest)
+        # Both contents are written before either file is replaced (a full disk fails here, the old pair intact);
+        # then the tensors are renamed into place, the manifest last.
+        with atomic_path(directory / MANIFEST_FILE) as manifest_tmp:
+            with atomic_path(directory / TENSORS_FILE) as tensors_tmp:
+                _save_tensors(tensors, tensors_tmp, header)
+                manifest_tmp.write_text(json_text(manifest))
         self.manifest = manifest
         return directory
 
@@ -340,6 +344,21 @@ class Factors:
         factors = cls(modules, manifest)
         factors.check_sane(str(directory))
         return factors
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
+    """``save_file``, with an I/O failure (safetensors reports ``os error N`` in its own exception type) raised as
+    the ``OSError`` it is, so that :mod:`kfac_edit.fileio` turns a full disk into one line."""
+    try:
+        save_file(tensors, str(path), metadata=header)
+    except OSError:
+        raise
+    except Exception as exc:
+        found = re.search(r"(?:os error|code:)\s*(\d+)", str(exc))
+        if found:
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from exc
+        raise
 
 
 def _first_line(exc: BaseException) -> str:
