@@ -234,6 +234,11 @@ def output_lock(target: str | os.PathLike | None) -> Iterator[None]:
         finally:
             _HELD_LOCKS[lock] -= 1
         return
+    created = []  # the directories made to hold the lock: removed again if the command leaves them empty
+    parent = lock.parent
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -269,6 +274,11 @@ def output_lock(target: str | os.PathLike | None) -> Iterator[None]:
     finally:
         _HELD_LOCKS.pop(lock, None)
         lock.unlink(missing_ok=True)
+        for directory in created:  # deepest first; a directory the command wrote into stays
+            try:
+                directory.rmdir()
+            except OSError:
+                break
 
 
 def cache_root(sub: str | None = None) -> Path:

@@ -388,6 +388,13 @@ def run_sweep(
     if split_records_ is not None:  # the records themselves: an edited file under the same name splits otherwise
         identity["memorized_digest"] = hashlib.sha256(json.dumps(split_records_, sort_keys=True).encode()).hexdigest()
     _check_resume(out, identity)
+    cache = cache if cache is not None else EigenCache(None)
+    results = out / RESULTS_FILE
+    done = {r.id for r in read_results(results)} if results.exists() else set()
+    if needs_factors and any(p.id not in done for p in points):  # before anything is written or evaluated:
+        names = sorted({proj.name for proj, _ in targets})  # factors that cannot edit fail here
+        for name in tqdm(names, desc="eigendecompositions", unit="module", disable=None):
+            cache.get(factors, name)  # once for the whole sweep (memory, else disk)
     out.mkdir(parents=True, exist_ok=True)
     split = None
     evaluated_sets = list(eval_config.memorized)
@@ -425,10 +432,8 @@ def run_sweep(
             "ppl_budget": config.ppl_budget,
         },
     )
-    results = out / RESULTS_FILE
     _repair_torn_tail(results)
     done = {r.id for r in read_results(results)} if results.exists() else set()
-    cache = cache if cache is not None else EigenCache(None)
 
     reference_topk = own_reference_topk(model, tokenizer, eval_config)
 
@@ -447,10 +452,6 @@ def run_sweep(
         return point_metrics(rest, parts, capability)
 
     pending = [p for p in points if p.id not in done]
-    if needs_factors and pending:  # before the first evaluation: factors that cannot edit fail here
-        names = sorted({proj.name for proj, _ in targets})
-        for name in tqdm(names, desc="eigendecompositions", unit="module", disable=None):
-            cache.get(factors, name)  # once for the whole sweep (memory, else disk)
 
     if "base" not in done:
         t0 = time.perf_counter()
