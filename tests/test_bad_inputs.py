@@ -329,6 +329,8 @@ def test_second_writer_is_refused_with_the_holders_pid(env, tmp_path, capsys, li
     assert line == 2 and len(err) == 1 and case.expect in err[0] and not out.exists() and lock.read_bytes() == before
     lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename}))  # its writer is gone: stale
     assert main([str(a) for a in argv]) == 0 and (out / MANIFEST_FILE).exists() and not lock.exists()
+    printed = capsys.readouterr().out  # --tokens 100 with 4 windows of 32 per batch: a whole batch is read
+    assert "--tokens 100 was rounded up to whole batches (--batch-size 4 windows of --seq-len 32)" in printed
 
 
 def test_output_lock_nests_in_one_process_and_refuses_another(tmp_path, live_pid):
@@ -462,6 +464,9 @@ def _input_cases(env, tmp: Path) -> dict[str, Case]:
                "--seq-len", "32", "--device", "cpu", "--no-progress"]  # fmt: skip
     edit = ["edit", "--model", env["model"], "--factors", env["factors"], "--out", out, "--device", "cpu"]
     bert = env["bert"]
+    broken = tmp / "broken-sweep"
+    broken.mkdir()
+    (broken / "results.jsonl").write_text('{"kind": "base"}\n{"kind": \n{"kind": "point"}\n')
     reference = tmp / "old.pt"
     torch.save({"blk0.gate": {"A": torch.eye(16), "G": torch.eye(24), "n_tokens": 10}}, reference)
     return {
@@ -500,6 +505,8 @@ def _input_cases(env, tmp: Path) -> dict[str, Case]:
         "eval missing --model": Case(["eval", "--model", tmp / "no-model", "--memorized", env["mem"], *EVAL],
                                      "no-model"),
         "report missing dir": Case(["report", tmp / "no-sweep"], "no-sweep"),
+        "report DIR is a file": Case(["report", binary], "is a file", [binary]),
+        "report malformed results line": Case(["report", broken], "line 2", [broken]),
     }
 
 
@@ -509,7 +516,8 @@ INPUT_CASES = ["eval binary --memorized", "run binary --memorized", "edit binary
                "eval --ndcg-seq-len past the context", "eval token id past the embedding rows",
                "collect --layers backwards", "collect --modules not a linear layer", "collect --modules not KIND=PATH",
                "edit missing --factors", "edit layers JSON keep_mass > 1", "edit block the model lacks",
-               "collect missing --data", "eval missing --memorized", "eval missing --model", "report missing dir"]  # fmt: skip
+               "collect missing --data", "eval missing --memorized", "eval missing --model", "report missing dir",
+               "report DIR is a file", "report malformed results line"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", INPUT_CASES)

@@ -107,7 +107,10 @@ def append_jsonl(target: str | os.PathLike, record: dict) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file, skipping a torn last line (one left by a killed writer)."""
+    """Read a JSONL file, skipping a torn last line (one left by a killed writer).
+
+    A malformed line elsewhere raises ``ValueError("line N: ...")`` naming its line in the file (1-based).
+    """
     records = []
     path = Path(path)
     if not path.exists():
@@ -118,10 +121,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
             if i == len(lines) - 1:
                 break
-            raise
+            raise ValueError(f"line {i + 1}: {exc.msg} at column {exc.colno}") from None
     return records
 
 
