@@ -429,6 +429,8 @@ def test_full_disk_is_refused_up_front_and_during_a_save(env, tmp_path, capsys, 
             "--seq-len", "32", "--batch-size", "4", "--device", "cpu", "--no-progress", "--overwrite"]  # fmt: skip
     line = check_refused(Case(argv, "no space left", [old]), capsys)
     assert str(old) in line
+    fresh = point / "fresh"  # a new --out on that disk: no empty directory stays behind
+    check_refused(Case([*argv[:6], fresh, *argv[7:]], "no space left", [fresh, old]), capsys)
     try:  # now fill it up
         with open(filler, "ab", buffering=0) as fh:
             while True:

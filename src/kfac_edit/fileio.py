@@ -223,9 +223,10 @@ def output_lock(target: str | os.PathLike | None) -> Iterator[None]:
 
     A second process asking for the same lock while the holder lives is refused with a :class:`UserError` naming
     the holder's pid; a lock left by a killed process (its pid gone, on this host) is taken over. The same
-    process may nest the lock (a command calling another's code). ``None``: no lock.
+    process may nest the lock (a command calling another's code). ``None``: no lock. Under ``torchrun`` only rank 0
+    (the rank that writes) takes it: the other ranks of the same job must not be refused.
     """
-    if target is None:
+    if target is None or os.environ.get("RANK", "0") != "0":
         yield
         return
     target = Path(target).expanduser().absolute()

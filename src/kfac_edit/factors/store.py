@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +233,16 @@ class Factors:
         """
         stored_dtype = None if keep_dtype else torch.float32
         directory = Path(directory)
+        made = not directory.exists()
+        try:
+            self._save(directory, stored_dtype)
+        except BaseException:
+            if made:  # a save that fails (a full disk) leaves no empty directory behind
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return directory
+
+    def _save(self, directory: Path, stored_dtype: torch.dtype | None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         run_id = uuid.uuid4().hex
 
@@ -263,7 +274,6 @@ class Factors:
                 _save_tensors(tensors, tensors_tmp, header)
                 manifest_tmp.write_text(json_text(manifest))
         self.manifest = manifest
-        return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, names: Iterable[str] | None = None, device: str = "cpu") -> "Factors":
