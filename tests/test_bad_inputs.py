@@ -553,3 +553,46 @@ def test_resume_with_other_layers_names_the_modules(env, tmp_path, capsys):
     now = {"weights_digest": "b", "modules": ["x"], "seed": 0}
     (diff,) = fingerprint_differences(saved, now)
     assert diff.startswith("collected modules (--layers") and "weights" not in diff
+
+
+# ------------------------------------------------------------------------------------------------- property tests
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_factor_file(tmp_path_factory):
+    """Factors made as a collection makes them (sums of outer products of random rows), saved once."""
+    gen = torch.Generator().manual_seed(0)
+    x, g = torch.randn(20, 5, generator=gen), torch.randn(20, 3, generator=gen)
+    factors = Factors.from_means({"m.gate": (x.T @ x / 20, g.T @ g / 20, 20), "m.down": (g.T @ g / 20, x.T @ x / 20, 20)})
+    factors.check_sane()
+    directory = factors.save(tmp_path_factory.mktemp("small") / "factors")
+    return directory, (directory / TENSORS_FILE).read_bytes()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(position=st.floats(0, 1, exclude_max=True), mask=st.integers(1, 255))
+def test_every_flipped_byte_of_a_factor_file_is_one_line(small_factor_file, tmp_path, position, mask):
+    """Any single changed byte of factors.safetensors (header, names, offsets, data) fails the load with a
+    one-line :class:`UserError` (damaged, other run, or implausible), never another exception; or, when the byte is
+    one no load reads (the header's copy of the manifest), the factors load bit-identical to the saved ones."""
+    directory, data = small_factor_file
+    case = tmp_path / "factors"  # the same path for every example: a fresh copy each time
+    shutil.rmtree(case, ignore_errors=True)
+    shutil.copytree(directory, case)
+    flipped = bytearray(data)
+    flipped[int(position * len(data))] ^= mask
+    (case / TENSORS_FILE).write_bytes(bytes(flipped))
+    try:
+        loaded = Factors.load(case)
+    except UserError as exc:
+        assert "\n" not in str(exc) and ("recollect" in str(exc) or "collect the factors again" in str(exc))
+        return
+    original = Factors.load(directory)
+    header_len = int.from_bytes(data[:8], "little")
+    assert 8 <= int(position * len(data)) < 8 + header_len  # only a header byte can go unnoticed
+    for name in original.names:
+        assert torch.equal(loaded.modules[name].activation_sum, original.modules[name].activation_sum)
+        assert torch.equal(loaded.modules[name].grad_sum, original.modules[name].grad_sum)
+        assert loaded.tokens(name) == original.tokens(name)

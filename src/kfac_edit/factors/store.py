@@ -260,7 +260,7 @@ class Factors:
             }
             for name, mf in self.modules.items()
         }
-        skip = ("modules", "run_id", "format_version", CHECKSUMS, "directory")
+        skip = ("modules", "run_id", "format_version", CHECKSUMS)
         manifest = {k: v for k, v in self.manifest.items() if k not in skip}
         kept = "fp32 sums" if stored_dtype is not None else "sums in their accumulation dtype"
         manifest.update(format_version=FORMAT_VERSION, run_id=run_id, stored=f"{kept}; mean = sum / tokens")
