@@ -442,6 +442,20 @@ def test_full_disk_is_refused_up_front_and_during_a_save(env, tmp_path, capsys, 
     check_refused(Case([*argv[:6], new, *argv[7:]], "no space left", [new, old]), capsys)
 
 
+def test_full_disk_during_an_edit_save_keeps_the_earlier_edit(env, tmp_path, capsys, small_tmpfs):
+    point = small_tmpfs("size=2m")
+    out = point / "edited"
+    argv = ["edit", "--model", env["model"], "--factors", env["factors"], "--layers-json", LAYERS, "--out", out,
+            "--device", "cpu"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    try:  # fill the disk but for a few KiB: less than a model needs
+        with open(point / "filler", "wb", buffering=0) as fh:
+            fh.write(b"\0" * max(0, shutil.disk_usage(point).free - 16384))
+    except OSError:
+        pass
+    check_refused(Case(argv, "no space left", [out]), capsys)
+
+
 def test_append_that_fails_leaves_no_torn_line(tmp_path, small_tmpfs):
     from kfac_edit.fileio import append_jsonl, read_jsonl
 

@@ -16,8 +16,9 @@ import contextlib
 import errno
 import json
 import os
-import socket
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,9 +31,17 @@ _USER_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk
                 errno.EPERM: "permission denied"}  # fmt: skip
 
 
-def _user_write_error(exc: OSError, target: Path) -> UserError | None:
-    """The one-line error for a write failure the user can fix, or ``None`` (a bug: let it propagate)."""
-    why = _USER_ERRNOS.get(exc.errno)
+def _user_write_error(exc: BaseException, target: Path) -> UserError | None:
+    """The one-line error for a write failure the user can fix, or ``None`` (a bug: let it propagate).
+
+    An ``OSError`` by its errno; another exception (safetensors reports I/O errors as ``... os error 28 ...`` in its
+    own type) by the errno its message names.
+    """
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and isinstance(exc, Exception):
+        found = re.search(r"(?:os error|\[Errno)\s*(\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    why = _USER_ERRNOS.get(code)
     if why is None:
         return None
     return UserError(f"cannot write {target}: {why}; free space or pick another location (nothing was replaced)")
@@ -55,7 +64,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, target)
-    except OSError as exc:
+    except Exception as exc:
         tmp_path.unlink(missing_ok=True)
         error = _user_write_error(exc, target)
         if error is None:
@@ -151,7 +160,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         error = _user_write_error(exc, target)
         if error is None:

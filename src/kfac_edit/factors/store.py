@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -271,7 +270,7 @@ class Factors:
         # then the tensors are renamed into place, the manifest last.
         with atomic_path(directory / MANIFEST_FILE) as manifest_tmp:
             with atomic_path(directory / TENSORS_FILE) as tensors_tmp:
-                _save_tensors(tensors, tensors_tmp, header)
+                save_file(tensors, str(tensors_tmp), metadata=header)  # I/O errors: one line (fileio)
                 manifest_tmp.write_text(json_text(manifest))
         self.manifest = manifest
 
@@ -354,21 +353,6 @@ class Factors:
         factors = cls(modules, manifest)
         factors.check_sane(str(directory))
         return factors
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
-    """``save_file``, with an I/O failure (safetensors reports ``os error N`` in its own exception type) raised as
-    the ``OSError`` it is, so that :mod:`kfac_edit.fileio` turns a full disk into one line."""
-    try:
-        save_file(tensors, str(path), metadata=header)
-    except OSError:
-        raise
-    except Exception as exc:
-        found = re.search(r"(?:os error|code:)\s*(\d+)", str(exc))
-        if found:
-            code = int(found.group(1))
-            raise OSError(code, os.strerror(code), str(path)) from exc
-        raise
 
 
 def _first_line(exc: BaseException) -> str:
