@@ -39,13 +39,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    from datetime import datetime, timezone
-
-    from ..evaluate.miner import MinerConfig, find_memorized
-    from ..fileio import atomic_path, check_output, output_lock, write_json
-    from ..identity import model_fingerprint
-    from .eval import load_for_eval
+    from ..evaluate.miner import MinerConfig
+    from ..fileio import check_output, output_lock
 
     config = MinerConfig(
         data=args.data,

@@ -98,15 +98,12 @@ def methods_of(options: list[str] | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..edit import check_factors_dir
-    from ..eigen import EigenCache, default_cache_dir
     from ..errors import UserError
     from ..fileio import check_output, output_lock
     from ..models import parse_layers, parse_projections
-    from ..sweep import SweepConfig, needed_modules, run_sweep
-    from .eval import eval_config_from_args, load_for_eval
+    from ..sweep import SweepConfig
+    from .eval import eval_config_from_args
 
     keep_masses, per_method = keep_mass_grids(args.keep_mass)
     config = SweepConfig(
