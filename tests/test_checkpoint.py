@@ -195,9 +195,12 @@ def test_damaged_checkpoint_refused_with_reason(interrupted, capsys):
 
 def test_checkpoint_keeps_fp64_sums_exact_and_replaces_older(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    act = torch.randn(5, 5, dtype=torch.float64, generator=gen)
-    factors = Factors.from_means({"m.gate": (act, torch.randn(3, 3, dtype=torch.float64, generator=gen), 7),
-                                  "m.up": (act, torch.randn(3, 3, dtype=torch.float64, generator=gen), 7)})  # fmt: skip
+    def spd(n):  # a sum of outer products: symmetric PSD, as a collection makes
+        m = torch.randn(n, n, dtype=torch.float64, generator=gen)
+        return m @ m.T + torch.eye(n, dtype=torch.float64)
+
+    act = spd(5)
+    factors = Factors.from_means({"m.gate": (act, spd(3), 7), "m.up": (act, spd(3), 7)})
     fingerprint = {"seed": 0, "labels": "sampled"}
     for sequence in (1, 2):
         state = CheckpointState(

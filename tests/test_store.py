@@ -62,7 +62,8 @@ def test_version_1_directory_still_loads(tmp_path):
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(0)
-    act, g_gate, g_up = (torch.randn(n, n, generator=gen) for n in (3, 2, 2))
+    square = (torch.randn(n, n, generator=gen) for n in (3, 2, 2))
+    act, g_gate, g_up = (m @ m.T + torch.eye(len(m)) for m in square)  # sums of outer products: symmetric PSD
     tensors = {f"{GATE}.activation_cov": act, f"{GATE}.grad_cov": g_gate, f"{UP}.grad_cov": g_up}
     save_file(tensors, str(tmp_path / TENSORS_FILE), metadata={"run_id": "old"})
     entry = {"shape": [2, 3], "activation_tokens": 5, "grad_tokens": 5, "activation_cov_key": f"{GATE}.activation_cov"}

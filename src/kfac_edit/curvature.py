@@ -116,6 +116,12 @@ def eigendecompose(cov: torch.Tensor, name: str = "") -> Eigen:
     vectors = vectors.flip(1)
     top = float(values[0]) if values.numel() else 0.0
     low = float(values[-1]) if values.numel() else 0.0
+    negative = float(values.clamp_max(0.0).abs().sum())
+    if not top > 0 or negative > 1e-3 * float(values.abs().sum()):  # zero, or far from PSD: an edit would zero W
+        raise UserError(
+            f"{where}: the factor is not positive semi-definite (largest eigenvalue {top:.3g}, negative eigenvalues "
+            f"hold {negative:.3g}); recollect the factors of this module"
+        )
     if low < -1e-6 * max(top, 0.0) - 1e-12:
         log.warning("%s: covariance has a negative eigenvalue %.3g (largest %.3g); clamped to 0", where, low, top)
     return Eigen(values.clamp_min(0.0).contiguous(), vectors.contiguous())

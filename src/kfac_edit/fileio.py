@@ -1,28 +1,61 @@
 """Atomic file writes: an interrupted run never leaves a file that loads as if it were complete.
 
 Every file the package writes goes through these helpers: the content is written to a temporary file in the
-same directory, flushed to disk, then renamed over the target (rename is atomic on POSIX filesystems).
+same directory, flushed to disk, then renamed over the target (rename is atomic on POSIX filesystems). A write that
+fails for a reason the user can fix (disk full, read-only filesystem, no permission) is a one-line
+:class:`~kfac_edit.errors.UserError`, and the old target is left as it was.
+
+Every command also calls :func:`check_output` on each output before any work (a path under a file, a directory
+where a file goes, a read-only or full disk are refused up front) and holds :func:`output_lock` on it while it
+writes (a second writer is refused with the holder's pid).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from .constants import CACHE_ENV
+from .errors import UserError
+
+_USER_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}  # fmt: skip
+
+
+def _user_write_error(exc: BaseException, target: Path) -> UserError | None:
+    """The one-line error for a write failure the user can fix, or ``None`` (a bug: let it propagate).
+
+    An ``OSError`` by its errno; another exception (safetensors reports I/O errors as ``... os error 28 ...`` in its
+    own type) by the errno its message names.
+    """
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and isinstance(exc, Exception):
+        found = re.search(r"(?:os error|\[Errno)\s*(\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    why = _USER_ERRNOS.get(code)
+    if why is None:
+        return None
+    return UserError(f"cannot write {target}: {why}; free space or pick another location (nothing was replaced)")
 
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it is renamed onto ``target``, on error removed."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise (_user_write_error(exc, target) or exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -31,6 +64,12 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, target)
+    except Exception as exc:
+        tmp_path.unlink(missing_ok=True)
+        error = _user_write_error(exc, target)
+        if error is None:
+            raise
+        raise error from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -42,25 +81,45 @@ def _umask() -> int:
     return mask
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as the indented JSON text :func:`write_json` writes."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+
+
 def write_json(target: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``target`` atomically."""
     with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+        tmp.write_text(json_text(obj))
 
 
 def append_jsonl(target: str | os.PathLike, record: dict) -> None:
     """Append one JSON line to ``target`` (a whole line per write, flushed and synced)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, default=_json_default) + "\n"
-    with open(target, "a") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    size = target.stat().st_size if target.is_file() else None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        error = _user_write_error(exc, target)
+        with contextlib.suppress(OSError):  # no torn line left behind: back to the old content
+            if size is None:
+                target.unlink(missing_ok=True)
+            else:
+                os.truncate(target, size)
+        if error is None:
+            raise
+        raise error from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file, skipping a torn last line (one left by a killed writer)."""
+    """Read a JSONL file, skipping a torn last line (one left by a killed writer).
+
+    A malformed line elsewhere raises ``ValueError("line N: ...")`` naming its line in the file (1-based).
+    """
     records = []
     path = Path(path)
     if not path.exists():
@@ -71,10 +130,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
             if i == len(lines) - 1:
                 break
-            raise
+            raise ValueError(f"line {i + 1}: {exc.msg} at column {exc.colno}") from None
     return records
 
 
@@ -85,8 +144,11 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     Files already in ``target`` that the caller wants to keep must be written again into the temporary directory.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise (_user_write_error(exc, target) or exc) from None
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the result should read like a plain mkdir's
     try:
         yield tmp
@@ -98,9 +160,138 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = _user_write_error(exc, target)
+        if error is None:
+            raise
+        raise error from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output(path: str | os.PathLike | None, kind: str = "dir", flag: str = "--out",
+                 overwrite: bool | None = None) -> Path | None:
+    """Refuse, before any work, an output location that cannot be written: one line naming ``flag``.
+
+    ``kind`` is ``"dir"`` (the command writes a directory there) or ``"file"``. Refused: a file where a directory
+    goes and a directory where a file goes; a path under an existing file; a nearest existing directory that is
+    read-only (or not ours) or on a full disk; and, when ``overwrite`` is ``False``, an existing file output.
+    Nothing is created. ``None`` passes through (no output asked for).
+    """
+    if path is None:
+        return None
+    out = Path(path).expanduser()
+    if out.is_dir() and kind == "file":
+        raise UserError(f"{flag} {out} is a directory; give a file path, e.g. {out / 'results.jsonl'}")
+    if out.exists() and not out.is_dir() and kind == "dir":
+        raise UserError(f"{flag} {out} is a file; give a directory")
+    if out.is_file() and overwrite is False:
+        raise UserError(f"{flag} {out} exists; pass --overwrite to replace it or pick another path")
+    existing = out if out.is_dir() else out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {out} is under {existing}, which is a file; pick another path")
+    probe = None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kfac-edit-probe.", dir=existing)
+        os.close(fd)
+    except OSError as exc:
+        why = _USER_ERRNOS.get(exc.errno, exc.strerror or type(exc).__name__)
+        raise UserError(f"{flag} {out} cannot be written ({existing}: {why}); pick another path") from None
+    finally:
+        if probe is not None:
+            os.unlink(probe)
+    if shutil.disk_usage(existing).free == 0:
+        raise UserError(f"{flag} {out} cannot be written ({existing}: no space left on the device); free space first")
+    return out
+
+
+_HELD_LOCKS: dict[Path, int] = {}  # lock file -> how many times this process holds it
+
+
+def _lock_file(target: Path) -> Path:
+    return target.parent / f".{target.name}.kfac-edit.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike | None) -> Iterator[None]:
+    """Hold the write lock of output ``target`` (a file or directory): ``.NAME.kfac-edit.lock`` beside it.
+
+    A second process asking for the same lock while the holder lives is refused with a :class:`UserError` naming
+    the holder's pid; a lock left by a killed process (its pid gone, on this host) is taken over. The same
+    process may nest the lock (a command calling another's code). ``None``: no lock. Under ``torchrun`` only rank 0
+    (the rank that writes) takes it: the other ranks of the same job must not be refused.
+    """
+    if target is None or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    target = Path(target).expanduser().absolute()
+    lock = _lock_file(target)
+    if _HELD_LOCKS.get(lock):
+        _HELD_LOCKS[lock] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[lock] -= 1
+        return
+    created = []  # the directories made to hold the lock: removed again if the command leaves them empty
+    parent = lock.parent
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise (_user_write_error(exc, target) or exc) from None
+    host = socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+                pid, holder_host = int(holder["pid"]), str(holder.get("host", host))
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, holder_host = None, host  # half-written by a writer that died at once: stale
+            if pid is not None and (holder_host != host or _pid_alive(pid)):
+                where = "" if holder_host == host else f" on {holder_host}"
+                raise UserError(
+                    f"{target} is being written by another kfac-edit (pid {pid}{where}); wait for it to finish or pick "
+                    f"another output (if no such process runs, delete {lock})"
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its writer is gone
+            continue
+        except OSError as exc:
+            raise (_user_write_error(exc, target) or exc) from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"pid": os.getpid(), "host": host}))
+        break
+    else:  # pragma: no cover - three racing takeovers
+        raise UserError(f"cannot take the lock {lock}; retry")
+    _HELD_LOCKS[lock] = 1
+    try:
+        yield
+    finally:
+        _HELD_LOCKS.pop(lock, None)
+        lock.unlink(missing_ok=True)
+        for directory in created:  # deepest first; a directory the command wrote into stays
+            try:
+                directory.rmdir()
+            except OSError:
+                break
 
 
 def cache_root(sub: str | None = None) -> Path:

@@ -9,7 +9,8 @@ run check that it resumes the same thing (collection checkpoints, sweeps).
 * :func:`path_identity`: a local path with its files' sizes and mtimes, or a hub id as it is;
 * :func:`data_digest`: local text data (each file's name, size and first 64 KiB);
 * :func:`json_digest`: anything JSON-serializable (configs, cache keys);
-* :func:`tensors_digest`: tensors' exact bytes (factor contents, the eigen cache key).
+* :func:`tensors_digest`: tensors' exact bytes (factor contents, the eigen cache key);
+* :func:`tensor_checksum`: one tensor's exact bytes, full sha256 (factor file checksums).
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ def tensors_digest(tensors: Iterable[torch.Tensor], extra: str = "", length: int
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     h.update(extra.encode())
     return h.hexdigest()[:length]
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    """sha256 (hex) of one tensor's exact bytes, read without a copy when the tensor is contiguous on the CPU."""
+    t = t.detach().to("cpu").contiguous()
+    data = t.view(torch.uint8).numpy() if t.numel() else b""
+    return hashlib.sha256(data).hexdigest()
 
 
 def tokenizer_digest(tokenizer) -> str:

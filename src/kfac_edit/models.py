@@ -159,8 +159,11 @@ def _has_layout(model: nn.Module, layout: tuple[str, dict[str, str]]) -> bool:
 
 
 def _is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (or subclass) or GPT-2's ``Conv1D``: the layers whose forward returns one tensor and whose
+    weight :class:`Projection` reads. A module that merely holds a 2-D weight (an MoE router returning a tuple) is not."""
     weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.dim() == 2
+    kind_ok = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return kind_ok and isinstance(weight, torch.Tensor) and weight.dim() == 2
 
 
 def _mixture_of_experts(model: nn.Module) -> str | None:
@@ -286,6 +289,8 @@ def parse_layers(text: str | None, n_blocks: int | None = None) -> list[int] | N
         try:
             if "-" in part:
                 lo, hi = (int(s) for s in part.split("-", 1))
+                if hi < lo:
+                    raise UserError(f"layers range '{part}' names no block (it runs backwards); write {hi}-{lo}")
                 out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
@@ -340,6 +345,57 @@ def resolve_dtype(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "a
     return stored if isinstance(stored, torch.dtype) and stored in DTYPES.values() else torch.float32
 
 
+def model_config(name_or_path: str | os.PathLike):
+    """The model's transformers config (``config.json`` only: no weights are read); one line when there is none."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(os.fspath(name_or_path))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}") from None
+
+
+def _causal_lm_class(config) -> str | None:
+    """The class name ``AutoModelForCausalLM`` builds for ``config``, or ``None`` when it builds none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+
+
+def check_causal_lm(name_or_path: str | os.PathLike, flag: str = "--model"):
+    """Refuse, from the config alone, a model that is not a causal LM; return its config.
+
+    A checkpoint saved as a bare encoder or backbone (``BertModel``, ``GPT2Model``) or with another head
+    (``BertForMaskedLM``) has no trained language-modelling head: ``AutoModelForCausalLM`` would give it a random one
+    and every metric would be noise. Accepted: an architecture named ``...ForCausalLM`` / ``...LMHeadModel``, or the
+    class ``AutoModelForCausalLM`` builds for this model type; a config recording no architecture is trusted.
+    """
+    config = model_config(name_or_path)
+    causal = _causal_lm_class(config)
+    archs = [str(a) for a in (getattr(config, "architectures", None) or [])]
+    fits = any(a.endswith(("ForCausalLM", "LMHeadModel")) or a == causal for a in archs) if archs else True
+    if causal is None or not fits:
+        what = archs[0] if archs else f"model type {getattr(config, 'model_type', '?')}"
+        raise UserError(
+            f"{flag} '{name_or_path}' is not a causal language model ({what}); give a model with its language-modelling "
+            "head, saved as ...ForCausalLM"
+        )
+    return config
+
+
+def model_limits(config_or_path) -> tuple[int | None, int | None]:
+    """``(embedding rows, context positions)`` of a model, from its config (or a path to one); ``None`` if unknown.
+
+    Token ids are checked against the embedding rows (``vocab_size``; OLMo-2 has 100,352 rows for 100,278
+    tokenizer entries), not against ``len(tokenizer)``.
+    """
+    config = model_config(config_or_path) if isinstance(config_or_path, (str, os.PathLike)) else config_or_path
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text, "vocab_size", None)
+    positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    return (int(rows) if rows else None), (int(positions) if positions else None)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling of --dtype, manifests and lm-eval's ``dtype=``)."""
     return str(dtype).removeprefix("torch.")
@@ -359,6 +415,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    check_causal_lm(name_or_path)
     torch_dtype = resolve_dtype(name_or_path, dtype)
     kwargs = {"dtype": torch_dtype}
     if device_map:

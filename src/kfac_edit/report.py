@@ -316,7 +316,8 @@ def load_report_data(directory: str | os.PathLike, ppl_budget: float | None = No
     """Read the report inputs of ``directory``; ``ppl_budget`` overrides the one recorded in ``sweep.json``."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise UserError(f"report directory {directory} does not exist; give the --out DIR of a sweep or run")
+        what = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise UserError(f"report directory {directory} {what}; give the --out DIR of a sweep or run")
     has_results = (directory / RESULTS_FILE).exists()
     has_table = (directory / BEFORE_AFTER_FILE).exists()
     if not has_results and not has_table:

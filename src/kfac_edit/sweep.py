@@ -293,6 +293,9 @@ def _check_resume(out: Path, identity: dict[str, Any]) -> None:
         if (out / RESULTS_FILE).exists():
             raise UserError(f"{out} holds {RESULTS_FILE} but no {SWEEP_FILE}; use a new --out DIR")
         return
+    results = out / RESULTS_FILE
+    if not results.exists() or not results.read_bytes().strip():  # a sweep that failed before its first result:
+        return  # nothing to resume, so its settings bind nothing (a corrected retry starts afresh)
     try:
         old = json.loads(path.read_text()).get("identity", {})
     except json.JSONDecodeError:
@@ -363,6 +366,11 @@ def run_sweep(
         raise UserError("the sweep needs --perplexity-data SOURCE: the best point is chosen within a perplexity budget")
     eval_config.out = None  # the sweep writes its own records
     restore(model)
+    from .evaluate.suite import check_inputs
+    from .models import model_limits
+
+    check_inputs(eval_config, tokenizer, model.get_input_embeddings().num_embeddings,  # before anything is written
+                 model_limits(model.config)[1], has_reference=True)
     if config.groups:
         blocks = sweep_blocks(model, SweepConfig(blocks=sorted({b for g in config.groups for b in g})), None)
     else:
@@ -384,6 +392,13 @@ def run_sweep(
     if split_records_ is not None:  # the records themselves: an edited file under the same name splits otherwise
         identity["memorized_digest"] = hashlib.sha256(json.dumps(split_records_, sort_keys=True).encode()).hexdigest()
     _check_resume(out, identity)
+    cache = cache if cache is not None else EigenCache(None)
+    results = out / RESULTS_FILE
+    done = {r.id for r in read_results(results)} if results.exists() else set()
+    if needs_factors and any(p.id not in done for p in points):  # before anything is written or evaluated:
+        names = sorted({proj.name for proj, _ in targets})  # factors that cannot edit fail here
+        for name in tqdm(names, desc="eigendecompositions", unit="module", disable=None):
+            cache.get(factors, name)  # once for the whole sweep (memory, else disk)
     out.mkdir(parents=True, exist_ok=True)
     split = None
     evaluated_sets = list(eval_config.memorized)
@@ -422,10 +437,8 @@ def run_sweep(
             "ppl_budget": config.ppl_budget,
         },
     )
-    results = out / RESULTS_FILE
     _repair_torn_tail(results)
     done = {r.id for r in read_results(results)} if results.exists() else set()
-    cache = cache if cache is not None else EigenCache(None)
 
     reference_topk = own_reference_topk(model, tokenizer, eval_config)
 
@@ -443,20 +456,17 @@ def run_sweep(
         rest["metrics"]["perplexity"] = first["metrics"]["perplexity"]
         return point_metrics(rest, parts, capability)
 
+    pending = [p for p in points if p.id not in done]
+
     if "base" not in done:
         t0 = time.perf_counter()
         base = SweepRecord(BASE_CONFIG, measure(), kind="base", seconds=round(time.perf_counter() - t0, 3))
         append_jsonl(results, base.to_dict())
         log.info("base model: strict %.4f, perplexity %.4f", base.strict, base.perplexity)
 
-    pending = [p for p in points if p.id not in done]
     ppl_limit = None
     if config.skip_over is not None:
         ppl_limit = config.skip_over * base_record(read_results(results)).perplexity
-    if needs_factors and pending:
-        names = sorted({proj.name for proj, _ in targets})
-        for name in tqdm(names, desc="eigendecompositions", unit="module", disable=None):
-            cache.get(factors, name)  # once for the whole sweep (memory, else disk)
     log.info("sweep: %d points, %d done, %d to run", len(points), len(points) - len(pending), len(pending))
     bar = tqdm(pending, desc="sweep", unit="point", disable=None)
     started = time.perf_counter()

@@ -16,6 +16,7 @@ file is written when a check fails.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from datetime import datetime, timezone
@@ -24,11 +25,11 @@ from pathlib import Path
 import torch
 
 from .constants import BEFORE_AFTER_FILE, EDITED_DIR, EVALS_FILE, PROVENANCE_FILE, RECORDS_FILE, RUNS_FILE
-from .edit import apply_edit, check_edit_inputs, check_output_dir, load_edit_factors, save_edited
+from .edit import apply_edit, check_edit_inputs, check_output_dir, load_edit_factors, resolve_targets, save_edited
 from .eigen import EigenCache, default_cache_dir
 from .evaluate.suite import EvalConfig, check_inputs, evaluate, headline_metrics, own_reference_topk
 from .fileio import append_jsonl, write_json
-from .models import load_tokenizer_as_saved
+from .models import check_causal_lm, load_tokenizer_as_saved, model_limits
 from .spec import EditSpec
 
 
@@ -48,10 +49,14 @@ def run_paths(out_dir: str | Path, results: str | Path | None = None) -> RunPath
 
 
 def check_run_inputs(model_path: str, spec: EditSpec, factors_dir: str | None, config: EvalConfig, paths: RunPaths,
-                     tokenizer) -> None:
-    """The checks that need no model: the spec edits something, factors exist, eval inputs parse, output is free."""
+                     tokenizer, limits: tuple[int | None, int | None] | None = None) -> None:
+    """The checks that need no model: the spec edits something, factors exist, eval inputs parse, output is free.
+
+    ``limits`` is ``(embedding rows, context positions)``, read from the model's config when not given.
+    """
     check_edit_inputs(spec, factors_dir)
-    check_inputs(config, tokenizer, len(tokenizer), has_reference=True)
+    rows, positions = limits if limits is not None else model_limits(check_causal_lm(model_path))
+    check_inputs(config, tokenizer, rows, positions, has_reference=True)
     check_output_dir(paths.edited, source=model_path)
 
 
@@ -72,9 +77,20 @@ def run_workflow(
     """
     started = time.time()
     paths = run_paths(out_dir, results)
-    check_run_inputs(model_path, spec, factors_dir, config, paths, tokenizer)
+    check_run_inputs(model_path, spec, factors_dir, config, paths, tokenizer, limits=(model.get_input_embeddings().num_embeddings, model_limits(model.config)[1]))
     factors = load_edit_factors(model, spec, factors_dir)
+    cache = EigenCache(default_cache_dir())
+    if factors is not None:  # every eigendecomposition before the first evaluation: bad factors fail here
+        for proj, _ in resolve_targets(model, spec):
+            cache.get(factors, proj.name)
     base_config = dataclasses.replace(config, out=str(paths.evals), model=model_path)
+    records: list[dict] = []  # appended to evals.jsonl at the end: a failed run leaves no stale baseline there
+
+    def evaluated(cfg: EvalConfig, **kwargs) -> dict:
+        record = evaluate(model, tokenizer, dataclasses.replace(cfg, out=None), **kwargs)
+        record["config"]["out"] = cfg.out
+        records.append(copy.deepcopy(record))
+        return record
 
     reference_topk = own_reference_topk(model, tokenizer, config)
     before = None
@@ -83,7 +99,7 @@ def run_workflow(
     if not skip_baseline:
         own = dataclasses.replace(base_config, ndcg_data=None) if reference_topk is not None else base_config
         if own.memorized or own.quotes or own.perplexity_data or own.ndcg_data:
-            before = evaluate(model, tokenizer, own, outputs=before_outputs)
+            before = evaluated(own, outputs=before_outputs)
         else:
             before = {"metrics": {}}
         if reference_topk is not None:
@@ -91,11 +107,13 @@ def run_workflow(
                                          "k": config.ndcg_k, "seq_len": config.ndcg_seq_len,
                                          "note": "the base model is the reference"}
 
-    report = apply_edit(model, factors, spec, cache=EigenCache(default_cache_dir()))
+    report = apply_edit(model, factors, spec, cache=cache)
     report.factor_manifest.setdefault("directory", str(factors_dir) if factors_dir is not None else None)
     save_edited(model, load_tokenizer_as_saved(model_path), paths.edited, report)
-    after = evaluate(model, tokenizer, dataclasses.replace(base_config, model=str(paths.edited)),
-                     reference_topk=reference_topk, outputs=after_outputs)
+    after = evaluated(dataclasses.replace(base_config, model=str(paths.edited)), reference_topk=reference_topk,
+                      outputs=after_outputs)
+    for record in records:
+        append_jsonl(paths.evals, record)
 
     before_h = headline_metrics(before["metrics"]) if before is not None else None
     after_h = headline_metrics(after["metrics"])

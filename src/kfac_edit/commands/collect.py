@@ -97,4 +97,7 @@ def _run(args: argparse.Namespace) -> int:
         + (f", {m['passes']} passes" if m["passes"] > 1 else "")
         + f") -> {args.out}"
     )
+    if config.max_tokens is not None and tokens > config.max_tokens:  # the last batch is read whole: say so
+        print(f"note: --tokens {config.max_tokens:,} was rounded up to whole batches (--batch-size {config.batch_size} "
+              f"windows of --seq-len {config.seq_len}): {tokens:,} tokens were read")
     return 0

@@ -35,10 +35,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ..demo import DemoConfig, check_out_dir, run_demo
 
+    from ..fileio import check_output, output_lock
+
+    check_output(args.out, "dir")
     check_out_dir(args.out)
     config = replace(DemoConfig.quick() if args.quick else DemoConfig(), holdout_fraction=args.holdout_fraction,
                      seed=args.seed)
-    results = run_demo(config, args.out, cache_dir=args.cache_dir)
+    with output_lock(args.out):
+        results = run_demo(config, args.out, cache_dir=args.cache_dir)
     print(results["table"])
     print(f"report: {args.out}/report.html; results: {args.out}/results.json, {args.out}/summary.json")
     return 0

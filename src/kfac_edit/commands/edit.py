@@ -75,17 +75,20 @@ def run(args: argparse.Namespace) -> int:
 
     from ..constants import EDIT_REPORT_FILE
     from ..edit import edit_model_dir
+    from ..fileio import check_output, output_lock
 
     spec = spec_from_args(args)
-    report = edit_model_dir(
-        args.model,
-        spec,
-        out_dir=args.out,
-        factors_dir=args.factors,
-        device=args.device,
-        dtype=args.dtype,
-        cache_dir=args.cache_dir,
-    )
+    check_output(args.out, "dir")
+    with output_lock(args.out):
+        report = edit_model_dir(
+            args.model,
+            spec,
+            out_dir=args.out,
+            factors_dir=args.factors,
+            device=args.device,
+            dtype=args.dtype,
+            cache_dir=args.cache_dir,
+        )
     print(report.summary())
     print(f"wrote {Path(args.out) / EDIT_REPORT_FILE} and the edited model in {args.out}")
     return 0

@@ -96,16 +96,26 @@ def print_summary(record: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate.suite import check_inputs, evaluate
-    from ..lm_eval_tasks import check_lm_eval_args, run_lm_eval_from_args
-    from ..models import load_tokenizer
+    from ..fileio import check_output, output_lock
+    from ..lm_eval_tasks import check_lm_eval_args
 
     config = eval_config_from_args(args, args.out)
+    check_output(args.out, "file")
     check_lm_eval_args(args)
+    with output_lock(args.out):
+        return _evaluate(args, config)
+
+
+def _evaluate(args: argparse.Namespace, config) -> int:
+    from ..evaluate.suite import check_inputs, evaluate
+    from ..lm_eval_tasks import run_lm_eval_from_args
+    from ..models import check_causal_lm, load_tokenizer, model_limits
+
     ours = bool(config.memorized or config.quotes or config.perplexity_data or config.ndcg_data)
     if ours or not args.lm_eval_tasks:  # with only --lm-eval-tasks, our suite has nothing to do
         tokenizer = load_tokenizer(args.model)
-        check_inputs(config, tokenizer, len(tokenizer))  # fail on bad input before loading the model
+        rows, positions = model_limits(check_causal_lm(args.model))  # token ids vs embedding rows, lengths vs context
+        check_inputs(config, tokenizer, rows, positions)  # fail on bad input before loading the model
         model, tokenizer = load_for_eval(args)
         record = evaluate(model, tokenizer, config)
         print_summary(record)

@@ -34,17 +34,13 @@ def register(subparsers) -> None:
     p.add_argument("--dedup-threshold", type=float, default=0.7, help=_help("dedup_threshold") + " (default 0.7)")
     p.add_argument("--dedup-ngram", type=int, default=5, help=_help("dedup_ngram") + " (default 5)")
     p.add_argument("--batch-size", type=int, default=32, help=_help("batch_size") + " (default 32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    from datetime import datetime, timezone
-
-    from ..evaluate.miner import MinerConfig, find_memorized
-    from ..fileio import atomic_path, write_json
-    from ..identity import model_fingerprint
-    from .eval import load_for_eval
+    from ..evaluate.miner import MinerConfig
+    from ..fileio import check_output, output_lock
 
     config = MinerConfig(
         data=args.data,
@@ -56,6 +52,21 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     config.validate()
+    check_output(args.out, "file", overwrite=args.overwrite)
+    check_output(f"{args.out}.meta.json", "file", overwrite=args.overwrite)
+    with output_lock(args.out):
+        return _find(args, config)
+
+
+def _find(args: argparse.Namespace, config) -> int:
+    import json
+    from datetime import datetime, timezone
+
+    from ..evaluate.miner import find_memorized
+    from ..fileio import atomic_path, write_json
+    from ..identity import model_fingerprint
+    from .eval import load_for_eval
+
     model, tokenizer = load_for_eval(args)
     records, stats = find_memorized(model, tokenizer, config)
     with atomic_path(args.out) as tmp:

@@ -36,11 +36,15 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..factors.reference import import_reference
     from ..factors.store import check_writable
+    from ..fileio import check_output, output_lock
 
     out: Path = args.out
+    check_output(out, "dir")
     check_writable(out, args.overwrite)
     factors = import_reference(args.old, name_template=args.name_template, model=args.model)
-    factors.save(out)
+    with output_lock(out):
+        check_writable(out, args.overwrite)
+        factors.save(out)
     shared = len(factors) * 2 - len(factors.tensors())
     print(
         f"imported {len(factors)} modules ({shared} shared gate/up activation factors) from {args.old} -> {out}"

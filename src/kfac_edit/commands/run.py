@@ -35,13 +35,18 @@ def run(args: argparse.Namespace) -> int:
     from ..workflow import check_run_inputs, format_table, run_paths, run_workflow
     from .eval import eval_config_from_args, load_for_eval
 
+    from ..fileio import check_output, output_lock
+
     spec = spec_from_args(args)
     config = eval_config_from_args(args, out=None)
     paths = run_paths(args.out, args.results)
+    check_output(paths.out_dir, "dir")
+    check_output(paths.results, "file", flag="--results")
     check_run_inputs(args.model, spec, args.factors, config, paths, load_tokenizer(args.model))  # before loading
-    model, tokenizer = load_for_eval(args)
-    summary = run_workflow(model, tokenizer, args.model, spec, args.factors, config, args.out,
-                           skip_baseline=args.skip_baseline, results=args.results)
+    with output_lock(paths.out_dir):
+        model, tokenizer = load_for_eval(args)
+        summary = run_workflow(model, tokenizer, args.model, spec, args.factors, config, args.out,
+                               skip_baseline=args.skip_baseline, results=args.results)
     print(format_table(summary))
     print(f"edited model: {paths.edited}; evaluations: {paths.evals}; summary appended to {paths.results}")
     return 0

@@ -98,15 +98,12 @@ def methods_of(options: list[str] | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..edit import check_factors_dir
-    from ..eigen import EigenCache, default_cache_dir
     from ..errors import UserError
-    from ..factors.store import Factors
+    from ..fileio import check_output, output_lock
     from ..models import parse_layers, parse_projections
-    from ..sweep import SweepConfig, needed_modules, run_sweep
-    from .eval import eval_config_from_args, load_for_eval
+    from ..sweep import SweepConfig
+    from .eval import eval_config_from_args
 
     keep_masses, per_method = keep_mass_grids(args.keep_mass)
     config = SweepConfig(
@@ -132,6 +129,19 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("the sweep needs --perplexity-data SOURCE: the best point is chosen within a perplexity budget")
     for method in config.methods:
         check_factors_dir(method, args.factors)
+    check_output(args.out, "dir")
+    with output_lock(args.out):
+        return _sweep(args, config, eval_config)
+
+
+def _sweep(args: argparse.Namespace, config, eval_config) -> int:
+    from pathlib import Path
+
+    from ..eigen import EigenCache, default_cache_dir
+    from ..factors.store import Factors
+    from ..sweep import needed_modules, run_sweep
+    from .eval import load_for_eval
+
     model, tokenizer = load_for_eval(args)
     factors = None
     if args.factors:

@@ -67,8 +67,16 @@ def load_records(
         if n is not None and n < 1:
             raise UserError(f"{name} {n} is too short; use at least 1")
     records: list[MemRecord] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"records file '{path}' is not UTF-8 text (byte {exc.start}: {exc.reason}); give a JSONL memorized set"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot read records file '{path}': {exc.strerror}") from None
+    if True:  # one JSON object a line
+        for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"

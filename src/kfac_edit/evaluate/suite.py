@@ -123,7 +123,7 @@ def check_inputs(
 ) -> dict[str, dict[str, list[MemRecord]]]:
     """Check every input of ``config`` without running a model; return the record sets by kind and name.
 
-    Cheap enough to call before loading the model (with ``vocab_size=len(tokenizer)``), so that a bad file fails
+    Cheap enough to call before loading the model (with :func:`kfac_edit.models.model_limits`), so that a bad file fails
     in a second, not after minutes of loading. Loads the reference's tokenizer (not its weights) to compare it.
     """
     config.validate()
@@ -147,7 +147,16 @@ def check_inputs(
     if config.reference_model:
         from ..models import load_tokenizer
 
+        from ..models import check_causal_lm
+
+        check_causal_lm(config.reference_model, "--reference-model")
         check_same_tokenizer(tokenizer, load_tokenizer(config.reference_model), config.reference_model)
+    lengths = [("--ppl-block", config.ppl_block, config.perplexity_data), ("--ndcg-seq-len", config.ndcg_seq_len,
+               config.ndcg_data)]  # fmt: skip
+    for flag, length, used in lengths:
+        if max_positions and used and length > max_positions:
+            raise UserError(f"{flag} {length} exceeds the model's context of {max_positions} positions; use at most "
+                            f"{max_positions}")
     return sets
 
 

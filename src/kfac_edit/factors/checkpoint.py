@@ -95,9 +95,10 @@ def run_fingerprint(
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences between two fingerprints (empty when they match)."""
     out = []
+    other_modules = saved.get("modules") != current.get("modules")
     for key in list(FINGERPRINT_LABELS) + sorted((set(saved) | set(current)) - set(FINGERPRINT_LABELS)):
         a, b = saved.get(key), current.get(key)
-        if a == b:
+        if a == b or (key == "weights_digest" and other_modules):  # the digest covers the collected modules only
             continue
         label = FINGERPRINT_LABELS.get(key, key)
         if key == "modules":

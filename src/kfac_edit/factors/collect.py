@@ -21,6 +21,8 @@ the position a checkpoint records.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 import os
@@ -41,6 +43,7 @@ from ..spec import LabelMode
 from .collector import FactorCollector
 from .distributed import DistContext, all_reduce_ints, broadcast_object, reduce_factors_to_main
 from .memory import plan_passes
+from ..fileio import check_output, output_lock
 from .store import Factors, check_writable
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ class CollectConfig:
     labels: str = _opt("sampled", "sampled: labels drawn from the model's softmax (true Fisher, default); gold: next "
                        "token (empirical)")  # fmt: skip
     seed: int = _opt(0, "seed of the sampled labels (default: 0)")
-    max_tokens: int | None = _opt(None, "tokens to read from the data (default: 20000000; in Python: all the batches)",
+    max_tokens: int | None = _opt(None, "tokens to read from the data, rounded up to whole batches (default: 20000000; in Python: all the batches)",
                                   "--tokens")  # fmt: skip
     seq_len: int = _opt(512, "tokens per packed window (default: 512)")
     batch_size: int = _opt(16, "windows per forward/backward (default: 16)")
@@ -164,6 +167,7 @@ def collect_factors(
 
     config = replace(config or CollectConfig(), **options)
     if config.out is not None:  # nothing is loaded and nothing is written until out may take the result
+        check_output(config.out, "dir")
         check_writable(config.out, config.overwrite)
         pending = latest_checkpoint(config.out)
         if pending is not None and not (config.resume or config.overwrite):
@@ -178,7 +182,11 @@ def collect_factors(
     device = resolve_device(None if config.device == "auto" else config.device) if model_id else None
     joined = ctx is None and model_id is not None
     ctx = init_distributed(device, timeout_s=config.dist_timeout) if joined else (ctx or DistContext())
+    lock = contextlib.ExitStack()  # rank 0 holds --out's lock until the factors are saved
     try:
+        if ctx.is_main and config.out is not None:
+            lock.enter_context(output_lock(config.out))
+            check_writable(config.out, config.overwrite)  # again, under the lock: no other writer got in between
         if model_id is not None:
             model, tokenizer = _load_model(model_id, config, ctx, device)
         projections = _prepare(model, config, ctx, projections, check_context=source is not None)
@@ -192,6 +200,9 @@ def collect_factors(
             remove_checkpoints(config.out)
         batches = _batch_source(data, tokenizer, config)
         factors = _collect_partitions(model, projections, batches, config, ctx, fingerprint)
+    except BaseException:
+        lock.close()
+        raise
     finally:
         if joined:
             shutdown(ctx)
@@ -204,9 +215,10 @@ def collect_factors(
             data=describe_source(source), text_field=config.text_field, seq_len=config.seq_len,
             batch_size=config.batch_size, max_tokens=config.max_tokens, gradient_checkpointing=config.gradient_checkpointing,
         )  # fmt: skip
-    if config.out is not None:
-        factors.save(config.out)
-        remove_checkpoints(config.out)
+    with lock:
+        if config.out is not None:
+            factors.save(config.out)
+            remove_checkpoints(config.out)
     return factors
 
 

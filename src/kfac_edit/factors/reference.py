@@ -47,7 +47,11 @@ def read_reference(path: str | os.PathLike) -> dict[tuple[int, str], dict[str, A
         for label, t in (("A", A), ("G", G)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != t.shape[1]:
                 raise UserError(f"'{path}': {key}.{label} is not a square matrix")
-        n = int(entry["n_tokens"].item() if isinstance(entry["n_tokens"], torch.Tensor) else entry["n_tokens"])
+        n = entry["n_tokens"].item() if isinstance(entry["n_tokens"], torch.Tensor) and entry["n_tokens"].numel() == 1 \
+            else entry["n_tokens"]
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n):
+            raise UserError(f"'{path}': {key}.n_tokens is {n!r}, not a whole number of tokens; fix the factor file")
+        n = int(n)
         if n <= 0:
             raise UserError(f"'{path}': {key}.n_tokens is {n}; the means cannot be turned back into sums")
         out[(int(match.group(1)), match.group(2))] = {"A": A, "G": G, "n_tokens": n}
@@ -69,9 +73,13 @@ def _names_from_template(keys, template: str) -> dict[tuple[int, str], str]:
 
 
 def _names_from_model(keys, model) -> dict[tuple[int, str], tuple[str, tuple[int, int]]]:
-    from ..models import find_projections
+    from ..models import find_projections, num_blocks
 
     blocks = sorted({b for b, _ in keys})
+    n = num_blocks(model)
+    if blocks[-1] >= n:
+        raise UserError(f"the factor file has block {blocks[-1]}, but the --model has blocks 0..{n - 1}; is this the "
+                        "right --model?")
     kinds = [k for k in PROJECTIONS if any(kind == k for _, kind in keys)]
     projections = find_projections(model, blocks, kinds)
     by_key = {(p.block, p.kind): p for p in projections}
@@ -82,10 +90,13 @@ def meta_model(name_or_path: str):
     """The architecture of a model (config only, weights on the meta device: nothing is loaded or allocated)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..models import check_causal_lm
+
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the config of model '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    check_causal_lm(name_or_path)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -146,5 +157,5 @@ def import_reference(
 
         manifest["model_fingerprint"] = model_fingerprint(model)
     factors = Factors.from_means(means, manifest)
-    factors.check_finite()
+    factors.check_sane(str(path))  # what a load would refuse is refused here, before a directory is written
     return factors

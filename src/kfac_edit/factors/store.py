@@ -17,7 +17,11 @@ Directory layout (format version 2)::
     DIR/factors.safetensors   tensors "<activation key>.activation_sum" and "<module>.grad_sum" (fp32 sums)
     DIR/manifest.json         configuration, per-module shapes, activation keys and token counts, and a run id
 
-Both files carry the same ``run_id``; the manifest is written last, so an interrupted save never loads. Version 1
+Both files carry the same ``run_id``; the manifest is written last, so an interrupted save never loads. The manifest
+also holds ``checksums``: ``{tensor name: sha256 of its bytes}``, verified for every tensor a load reads, so a damaged
+file (a flipped byte, a truncated tensor) is found instead of edited with; directories written before checksums were
+added load without the check. Every load also checks what it read (:meth:`Factors.check_sane`: finite, symmetric,
+positive trace, non-negative diagonal, token counts > 0), so zero or non-PSD factors never reach an edit. Version 1
 directories (tensors ``*.activation_cov``/``*.grad_cov`` holding the same sums, named by ``activation_cov_key`` and
 ``grad_cov_key`` in the manifest) still load.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +42,15 @@ from safetensors.torch import save_file
 
 from ..constants import MANIFEST_FILE, TENSORS_FILE
 from ..errors import UserError
-from ..fileio import atomic_path, write_json
-from ..identity import tensors_digest
+from ..fileio import atomic_path, json_text
+from ..identity import tensor_checksum, tensors_digest
 
 FORMAT_VERSION = 2
 ACTIVATION_SUM = "activation_sum"  # tensor "<activation key>.activation_sum"
 GRAD_SUM = "grad_sum"  # tensor "<module>.grad_sum"
 V1_ACTIVATION_KEY, V1_GRAD_KEY = "activation_cov_key", "grad_cov_key"  # version 1 manifest: tensor names
+CHECKSUMS = "checksums"  # manifest field: {tensor name: sha256 hex of the tensor's bytes}
+SYMMETRY_TOLERANCE = 1e-3  # max |S - Sᵀ| allowed, relative to max |S|
 
 
 @dataclass
@@ -162,6 +169,19 @@ class Factors:
                         f"{name}.{label} contains NaN/Inf; collect in float32 (--dtype float32) or check the model"
                     )
 
+    def check_sane(self, where: str = "") -> None:
+        """Raise :class:`UserError` naming the first module whose factors could not come from a collection.
+
+        Sums of outer products are symmetric positive semi-definite with a positive trace, and counts are positive
+        integers: NaN/Inf, an asymmetric matrix, a zero or negative trace, a negative diagonal entry (e.g. a
+        negated G) or a zero token count would make an edit keep nothing (a zeroed model) or nonsense.
+        """
+        for name, mf in self.modules.items():
+            problem = _factor_problem(mf)
+            if problem:
+                place = f"factors in {where} for {name}" if where else f"factors of {name}"
+                raise UserError(f"{place} are {problem}; recollect them")
+
     # ------------------------------------------------------------------ arithmetic
     def subset(self, names: Iterable[str]) -> "Factors":
         """The modules ``names`` (those held), sharing this object's tensors."""
@@ -212,6 +232,16 @@ class Factors:
         """
         stored_dtype = None if keep_dtype else torch.float32
         directory = Path(directory)
+        made = not directory.exists()
+        try:
+            self._save(directory, stored_dtype)
+        except BaseException:
+            if made:  # a save that fails (a full disk) leaves no empty directory behind
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return directory
+
+    def _save(self, directory: Path, stored_dtype: torch.dtype | None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         run_id = uuid.uuid4().hex
 
@@ -229,62 +259,135 @@ class Factors:
             }
             for name, mf in self.modules.items()
         }
-        manifest = {k: v for k, v in self.manifest.items() if k not in ("modules", "run_id", "format_version")}
+        skip = ("modules", "run_id", "format_version", CHECKSUMS)
+        manifest = {k: v for k, v in self.manifest.items() if k not in skip}
         kept = "fp32 sums" if stored_dtype is not None else "sums in their accumulation dtype"
         manifest.update(format_version=FORMAT_VERSION, run_id=run_id, stored=f"{kept}; mean = sum / tokens")
         manifest["modules"] = module_entries
+        manifest[CHECKSUMS] = {key: tensor_checksum(t) for key, t in tensors.items()}
         header = {"run_id": run_id, "manifest": json.dumps(manifest, default=str)}
-        with atomic_path(directory / TENSORS_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata=header)
-        write_json(directory / MANIFEST_FILE, manifest)
+        # Both contents are written before either file is replaced (a full disk fails here, the old pair intact);
+        # then the tensors are renamed into place, the manifest last.
+        with atomic_path(directory / MANIFEST_FILE) as manifest_tmp:
+            with atomic_path(directory / TENSORS_FILE) as tensors_tmp:
+                save_file(tensors, str(tensors_tmp), metadata=header)  # I/O errors: one line (fileio)
+                manifest_tmp.write_text(json_text(manifest))
         self.manifest = manifest
-        return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, names: Iterable[str] | None = None, device: str = "cpu") -> "Factors":
-        """Load factors saved by :meth:`save` (format version 1 or 2); ``names`` restricts which modules are read."""
+        """Load factors saved by :meth:`save` (format version 1 or 2); ``names`` restricts which modules are read.
+
+        Every tensor read is verified against the manifest's checksum (when it has them) and every module read is
+        checked by :meth:`check_sane`: a damaged or implausible directory is a one-line :class:`UserError`.
+        """
         directory = Path(directory)
         manifest_path = directory / MANIFEST_FILE
         tensors_path = directory / TENSORS_FILE
-        if not manifest_path.exists() or not tensors_path.exists():
+        if not manifest_path.is_file() or not tensors_path.is_file():
             raise UserError(
                 f"'{directory}' holds no complete factors ({MANIFEST_FILE} or {TENSORS_FILE} missing); "
                 "run `kfac-edit collect` (or `import-factors`) to make them"
             )
+
+        def damaged(why: str) -> UserError:
+            return UserError(f"factors in {directory} are damaged ({why}); recollect them")
+
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{manifest_path} is not valid JSON ({exc}); collect the factors again") from exc
+            manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise damaged(f"{MANIFEST_FILE} is not valid JSON: {str(exc).splitlines()[0]}") from None
+        if not isinstance(manifest, dict):
+            raise damaged(f"{MANIFEST_FILE} holds a {type(manifest).__name__}, not an object")
         version = manifest.get("format_version", 1)
         if version not in (1, FORMAT_VERSION):
             raise UserError(f"{manifest_path} has format version {version}; this kfac-edit reads 1 and {FORMAT_VERSION}")
         entries = manifest.get("modules", {})
+        checksums = manifest.get(CHECKSUMS) or {}
+        if not isinstance(entries, dict) or not isinstance(checksums, dict):
+            raise damaged(f"{MANIFEST_FILE} field 'modules' or '{CHECKSUMS}' is not an object")
         wanted = list(entries) if names is None else list(names)
         modules: dict[str, ModuleFactors] = {}
         loaded: dict[str, torch.Tensor] = {}
-        with safe_open(str(tensors_path), framework="pt", device=device) as fh:
+        try:
+            fh_context = safe_open(str(tensors_path), framework="pt", device=device)
+        except Exception as exc:  # safetensors' errors for a truncated, empty or garbled file; OSError
+            raise damaged(f"{TENSORS_FILE} cannot be read: {_first_line(exc)}") from None
+        with fh_context as fh:
             meta = fh.metadata() or {}
             if meta.get("run_id") != manifest.get("run_id"):
                 raise UserError(
                     f"{tensors_path} and {manifest_path} come from different runs (an interrupted save?); "
                     "collect the factors again"
                 )
+            held = set(fh.keys())
+
+            def read(tensor_name: str) -> torch.Tensor:
+                if tensor_name not in held:
+                    raise damaged(f"{TENSORS_FILE} has no tensor '{tensor_name}' that {MANIFEST_FILE} names")
+                try:
+                    t = fh.get_tensor(tensor_name)
+                except Exception as exc:
+                    raise damaged(f"tensor '{tensor_name}' cannot be read: {_first_line(exc)}") from None
+                if tensor_name in checksums and tensor_checksum(t) != checksums[tensor_name]:
+                    raise damaged(f"tensor '{tensor_name}' does not match its checksum")
+                return t
+
             for name in wanted:
                 if name not in entries:
                     raise UserError(f"no factors for module '{name}' in {directory}; collect factors for that layer")
                 entry = entries[name]
-                if version == 1:  # tensor names in the manifest; the activation key is the owner's module name
-                    atensor, gtensor = entry[V1_ACTIVATION_KEY], entry[V1_GRAD_KEY]
-                    akey = atensor.removesuffix(".activation_cov")
-                else:
-                    akey = entry["activation_key"]
-                    atensor, gtensor = f"{akey}.{ACTIVATION_SUM}", f"{name}.{GRAD_SUM}"
+                try:
+                    if version == 1:  # tensor names in the manifest; the activation key is the owner's module name
+                        atensor, gtensor = entry[V1_ACTIVATION_KEY], entry[V1_GRAD_KEY]
+                        akey = atensor.removesuffix(".activation_cov")
+                    else:
+                        akey = entry["activation_key"]
+                        atensor, gtensor = f"{akey}.{ACTIVATION_SUM}", f"{name}.{GRAD_SUM}"
+                    counts = _count(entry["activation_tokens"]), _count(entry["grad_tokens"])
+                except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                    raise damaged(f"the manifest entry of {name} is incomplete ({type(exc).__name__}: {exc})") from None
                 if akey not in loaded:
-                    loaded[akey] = fh.get_tensor(atensor)
-                modules[name] = ModuleFactors(
-                    loaded[akey], fh.get_tensor(gtensor), int(entry["activation_tokens"]), int(entry["grad_tokens"]), akey
-                )
-        return cls(modules, manifest)
+                    loaded[akey] = read(atensor)
+                modules[name] = ModuleFactors(loaded[akey], read(gtensor), *counts, akey)
+        factors = cls(modules, manifest)
+        factors.check_sane(str(directory))
+        return factors
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _count(value: Any) -> int:
+    """A token count from the manifest: an integer (``True``/``2.5``/``"7"`` are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"token count {value!r} is not an integer")
+    return value
+
+
+def _factor_problem(mf: ModuleFactors) -> str | None:
+    """What is wrong with one module's sums and counts, or ``None``."""
+    for label, count in (("activation", mf.activation_tokens), ("grad", mf.grad_tokens)):
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            return f"from no tokens ({label} token count {count!r}, not a positive integer)"
+    for label, t in ((ACTIVATION_SUM, mf.activation_sum), (GRAD_SUM, mf.grad_sum)):
+        if t.dim() != 2 or t.shape[0] != t.shape[1]:
+            return f"not square ({label} has shape {tuple(t.shape)})"
+        if not bool(torch.isfinite(t).all()):
+            return f"not finite ({label} holds NaN or Inf)"
+        t64 = t.detach().to(torch.float64)
+        scale = float(t64.abs().max()) if t64.numel() else 0.0
+        trace = float(torch.diagonal(t64).sum())
+        if not trace > 0:
+            return f"not positive semi-definite ({label} has trace {trace:.3g}, not > 0)"
+        if float(torch.diagonal(t64).min()) < -SYMMETRY_TOLERANCE * scale:
+            return f"not positive semi-definite ({label} has a negative diagonal entry)"
+        asym = float((t64 - t64.T).abs().max())
+        if asym > SYMMETRY_TOLERANCE * scale:
+            return f"not symmetric ({label}: max |S - S^T| is {asym / scale:.2g} of max |S|)"
+    return None
 
 
 def check_writable(out: Path, overwrite: bool) -> None:
