@@ -327,11 +327,11 @@ def select_mass(mass: torch.Tensor, keep_mass: float) -> torch.Tensor:
     return torch.from_numpy(keep.reshape(m.shape)).to(mass.device)
 
 
-def mass_fraction(mass: torch.Tensor, mask: torch.Tensor) -> float:
+def kept_mass_fraction(mass: torch.Tensor, mask: torch.Tensor) -> float:
     """``Σ mass[mask] / Σ mass`` in fp64 (0.0 for a zero mass); ``mask`` bool ``(out, in)`` or staircase counts."""
     m = mass.detach().to("cpu", torch.float64).clamp_min(0.0)
     if _is_counts(mask):
-        raise ValueError("mass_fraction needs a bool mask; build it with pairs_mask(counts, act_eigvals)")
+        raise ValueError("kept_mass_fraction needs a bool mask; build it with pairs_mask(counts, act_eigvals)")
     total = float(m.sum())
     return float(m[mask.to("cpu")].sum()) / total if total > 0 else 0.0
 
