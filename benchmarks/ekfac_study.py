@@ -50,6 +50,7 @@ GRID = (0.9995, 0.999, 0.998, 0.995, 0.9925, 0.99, 0.9875, 0.985, 0.9825, 0.98, 
 PPL_BUDGETS = (1.05, 1.10, 1.20)
 CANARY_LEVELS = (0.5, 0.25, 0.1, 0.0)  # equal canary removal: all-canary strict memorization at most this
 BLOCKS, KINDS = (0, 1), ("gate", "up", "down")
+MODES = ("curvature", "activation", "loss")  # predict modes
 
 
 def rows_of(records):
@@ -101,7 +102,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/ekfac_study.json")
     parser.add_argument("--factor-tokens", type=int, default=100_000)
     parser.add_argument("--protect-records", type=int, default=400, help="fresh rule sequences for --protect factors")
-    parser.add_argument("--protect-weights", default="0.5,0.9")
+    parser.add_argument("--protect-weights", default="0.9,0.99,0.995,0.999")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -244,8 +245,11 @@ def main() -> int:
             files[name] = Path(tmp) / f"{name}.jsonl"
             files[name].write_text("".join(json.dumps(r) + "\n" for r in records))
         task_data = {name: task_batches(path, tokenizer) for name, path in files.items()}
-        predicted = {mode: {c.task: c.share for c in predict_cost(model, factors, spec, task_data, mode=mode, cache=cache)}
-                     for mode in ("curvature", "activation")}  # fmt: skip
+        predicted = {}
+        for mode in MODES:
+            costs = predict_cost(model, factors, spec, task_data, mode=mode, cache=cache)
+            predicted[mode] = {c.task: c.share for c in costs}
+            predicted["loss_estimate"] = {c.task: c.loss_estimate for c in costs}
     before = {name: (mean_loss(model, padded(rows_of(r))), float(np.mean(exact_continuations(model, r))))
               for name, r in tasks.items()}  # fmt: skip
     apply_edit(model, factors, spec, cache=cache)
@@ -253,8 +257,8 @@ def main() -> int:
              for name, r in tasks.items()}  # fmt: skip
     restore(model)
     task_rows = [
-        {"task": name, "records": len(tasks[name]), "predicted_curvature": predicted["curvature"][name],
-         "predicted_activation": predicted["activation"][name], "loss_before": before[name][0],
+        {"task": name, "records": len(tasks[name]), **{f"predicted_{m}": predicted[m][name] for m in MODES},
+         "predicted_loss_estimate": predicted["loss_estimate"][name], "loss_before": before[name][0],
          "loss_increase": after[name][0] - before[name][0], "accuracy_before": before[name][1],
          "accuracy_drop": before[name][1] - after[name][1]}
         for name in tasks
@@ -264,7 +268,7 @@ def main() -> int:
         "tasks": task_rows,
         "spearman": {
             f"{mode}_vs_{measure}": spearman([r[f"predicted_{mode}"] for r in task_rows], [r[measure] for r in task_rows])
-            for mode in ("curvature", "activation") for measure in ("loss_increase", "accuracy_drop")
+            for mode in (*MODES, "loss_estimate") for measure in ("loss_increase", "accuracy_drop")
         },  # fmt: skip
     }
     timings["predict_cpu_s"] = time.process_time() - t

@@ -9,7 +9,7 @@ from test_collect import exact_model
 from test_ekfac import gold_batch
 
 from kfac_edit.cli import main
-from kfac_edit.curvature import eigendecompose
+from kfac_edit.curvature import eigendecompose, select_pairs
 from kfac_edit.edit import apply_edit, restore
 from kfac_edit.factors.collect import collect_factors
 from kfac_edit.factors.ekfac import collect_ekfac
@@ -38,9 +38,10 @@ def test_task_in_kept_directions_predicts_zero():
         handle.remove()
     outside = collect_ekfac(model, factors, [gold_batch(seed=4, shape=(4, 9))], names=[DOWN], labels="gold",
                             progress=False)  # fmt: skip
+    coeffs = grad_eig.vectors.T @ proj.weight().detach() @ act_eig.vectors
     for mode in PredictMode:
-        assert removed_share(task_mass(inside, DOWN, mode, grad_eig), kept) < 1e-20, mode
-        assert removed_share(task_mass(outside, DOWN, mode, grad_eig), kept) > 0.01, mode
+        assert removed_share(task_mass(inside, DOWN, mode, grad_eig, coeffs), kept) < 1e-20, mode
+        assert removed_share(task_mass(outside, DOWN, mode, grad_eig, coeffs), kept) > 0.01, mode
 
 
 def test_predict_on_the_collection_data_is_the_removed_mass():
@@ -63,6 +64,24 @@ def test_predict_on_the_collection_data_is_the_removed_mass():
             assert abs(own.modules[record.name] - (1 - record.mass_fraction)) < 1e-9, (method, record.name)
         assert abs(own.share - sum(1 - r.mass_fraction for r in report.modules) / 3) < 1e-9
         assert 0.0 < costs[1].share < 1.0 and costs[1].share != own.share
+        assert own.loss_estimate > 0
+    # the loss estimate is ½ Σ_removed m_ij C_ij², by hand for one module
+    spec = EditSpec.from_json({"1": {"up": 0.6}})
+    cost = predict_cost(model, factors, spec, {"own": [batch]}, mode="loss")[0]
+    name = "model.layers.1.mlp.up_proj"
+    grad_eig, act_eig = eigendecompose(factors.grad_cov(name)), eigendecompose(factors.activation_cov(name))
+    coeffs = grad_eig.vectors.T @ model.get_submodule(name).weight.detach() @ act_eig.vectors
+    own_ekfac = collect_ekfac(model, factors, [batch], names=[name], labels="gold", progress=False)
+    report = apply_edit(model, factors, spec)
+    restore(model)
+    kept_pairs = torch.zeros(factors.shape(name), dtype=torch.bool)
+    counts = select_pairs(grad_eig.values, act_eig.values, 0.6)
+    for i, c in enumerate(counts.tolist()):
+        kept_pairs[i, :c] = True
+    assert int(kept_pairs.sum()) == report.modules[0].pairs_kept
+    weighted = own_ekfac.pair_mass(name) * coeffs.square()
+    assert abs(cost.loss_estimate - 0.5 * float(weighted[~kept_pairs].sum())) < 1e-10 * cost.loss_estimate
+    assert abs(cost.share - float(weighted[~kept_pairs].sum() / weighted.sum())) < 1e-10
 
 
 def test_cli_predict_writes_json_with_config(tmp_path, tiny_model_dir, tiny_corpus_jsonl, capsys):

@@ -7,7 +7,13 @@ A task's data gives each pair a mass in that same basis, from one pass over the 
 
 * ``curvature`` (default): ``m_ij = E_task[(u_G[i]ᵀ g aᵀ u_A[j])²]``, the task's per-token gradient energy;
 * ``activation``: ``m_ij = λ_G[i]·E_task[(u_A[j]ᵀ a)²]``, the task's activation energy weighted by the edited
-  module's own gradient spectrum (the backward pass is still run, but its gradients are not used).
+  module's own gradient spectrum (the backward pass is still run, but its gradients are not used);
+* ``loss``: ``m_ij = E_task[(u_G[i]ᵀ g aᵀ u_A[j])²]·C_ij²`` with ``C = U_Gᵀ W U_A`` the weight's coefficients: the
+  task's curvature times what the edit takes away on each pair.
+
+Besides the share, every task gets ``loss_estimate``: ``½ Σ_modules Σ_{(i,j)∉M} E_task[(u_G[i]ᵀ g aᵀ u_A[j])²]·C_ij²``,
+the second-order estimate of its mean token loss increase (nats) with the task's own diagonal curvature in this basis
+(the first-order term is dropped: a trained model's mean gradient is small next to the removed weight).
 
 The module's **removed share** is ``Σ_{(i,j)∉M} m_ij / Σ m_ij``; a task's share is the mean over the edited
 modules (each module's share is in the result too). A task whose data lies entirely in kept pairs predicts 0.
@@ -38,6 +44,7 @@ class PredictMode(_Choice):
 
     CURVATURE = "curvature"
     ACTIVATION = "activation"
+    LOSS = "loss"
 
 
 def kept_pairs(name: str, keep_mass: float, method: Method, grad_eig, act_eig, ekfac=None, protect=None) -> torch.Tensor:
@@ -69,21 +76,26 @@ def removed_share(mass: torch.Tensor, kept: torch.Tensor) -> float:
 
 @dataclass
 class TaskCost:
-    """One task's predicted cost: ``share`` (mean over modules) and ``modules`` ``{name: share}``."""
+    """One task's predicted cost: ``share`` (mean over modules), ``modules`` ``{name: share}``, ``loss_estimate``."""
 
     task: str
     share: float
     modules: dict[str, float]
     tokens: int
+    loss_estimate: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "share": self.share, "modules": self.modules, "labelled_tokens": self.tokens}
+        return {"task": self.task, "share": self.share, "modules": self.modules, "labelled_tokens": self.tokens,
+                "loss_estimate": self.loss_estimate}  # fmt: skip
 
 
-def task_mass(task_ekfac, name: str, mode: PredictMode, grad_eig) -> torch.Tensor:
-    """The task's ``(out, in)`` mass on module ``name``'s pairs (see the module docstring)."""
+def task_mass(task_ekfac, name: str, mode: PredictMode, grad_eig, coeffs: torch.Tensor | None = None) -> torch.Tensor:
+    """The task's ``(out, in)`` mass on module ``name``'s pairs (see the module docstring; ``coeffs``: ``C`` for
+    the ``loss`` mode)."""
     if mode is PredictMode.CURVATURE:
         return task_ekfac.pair_mass(name)
+    if mode is PredictMode.LOSS:
+        return task_ekfac.pair_mass(name) * coeffs.square()
     return torch.outer(grad_eig.values.to(torch.float64).cpu(), task_ekfac.activation_energy(name))
 
 
@@ -123,16 +135,21 @@ def predict_cost(
         check_protection(model, targets, protect.factors, "the --protect factors")
     cache = cache if cache is not None else EigenCache(None)
     names = [p.name for p, _ in targets]
-    kept, bases = {}, {}
+    kept, bases, coeffs = {}, {}, {}
     for proj, keep_mass in targets:
         bases[proj.name] = cache.get(factors, proj.name)
+        grad_eig, act_eig = bases[proj.name]
+        coeffs[proj.name] = grad_eig.vectors.T @ proj.weight().detach().to("cpu", torch.float64) @ act_eig.vectors
         kept[proj.name] = kept_pairs(proj.name, keep_mass, spec.method, *bases[proj.name], ekfac=ekfac, protect=protect)
     results = []
     for task, batches in tasks.items():
         measured = collect_ekfac(model, factors, batches, names=names, labels="gold", cache=cache, progress=progress)
-        shares = {n: removed_share(task_mass(measured, n, mode, bases[n][0]), kept[n]) for n in names}
+        shares = {n: removed_share(task_mass(measured, n, mode, bases[n][0], coeffs[n]), kept[n]) for n in names}
         tokens = measured.modules[names[0]].tokens
-        results.append(TaskCost(task, sum(shares.values()) / len(shares), shares, tokens))
+        estimate = sum(
+            0.5 * float(task_mass(measured, n, PredictMode.LOSS, None, coeffs[n])[~kept[n]].sum()) for n in names
+        )
+        results.append(TaskCost(task, sum(shares.values()) / len(shares), shares, tokens, estimate))
     return results
 
 

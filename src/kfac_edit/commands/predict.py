@@ -23,8 +23,9 @@ def register(subparsers) -> None:
     add_spec_arguments(p)
     p.add_argument("--data", required=True, nargs="+", metavar="TASK.jsonl",
                    help="task files: JSONL records with prefix_ids/suffix_ids (as memorized.jsonl) or a text field")
-    p.add_argument("--mode", choices=["curvature", "activation"], default="curvature",
-                   help="the task's mass on a pair: its curvature (default) or its activation energy")
+    p.add_argument("--mode", choices=["curvature", "activation", "loss"], default="curvature",
+                   help="the task's mass on a pair: its curvature (default), its activation energy, or its curvature "
+                   "times the squared weight coefficient (loss)")
     p.add_argument("--max-records", type=int, default=None, metavar="N", help="read at most N records per task")
     p.add_argument("--protect", metavar="DIR", help="as for `edit`: factors of a capability the edit keeps")
     p.add_argument("--protect-weight", type=float, default=None, metavar="W", help="as for `edit` (default 0.9)")
@@ -52,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
     )  # fmt: skip
     for task in result["tasks"]:
-        print(f"{task['task']}: {100 * task['share']:.2f}% of its {args.mode} in removed pairs "
-              f"({task['labelled_tokens']} tokens)")  # fmt: skip
+        print(f"{task['task']}: {100 * task['share']:.2f}% of its {args.mode} in removed pairs, estimated loss "
+              f"increase {task['loss_estimate']:.4g} nats/token ({task['labelled_tokens']} tokens)")  # fmt: skip
     if args.out:
         write_json(args.out, result)
         print(f"wrote {args.out}")
