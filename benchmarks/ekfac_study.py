@@ -12,7 +12,7 @@ One process, one torch thread, CPU. Steps (all through the public API):
 3. **protection**: factors collected on fresh rule sequences (pairs ``(a, d)`` of neither held-out rule set), the
    K-FAC grid again with ``--protect`` at two weights; at equal canary removal (all canaries at most a level of
    strict memorization) the rule accuracy each variant loses;
-4. **prediction**: for the K-FAC edit chosen at +10% perplexity, ``predict`` shares (both modes) of 7 tasks vs
+4. **prediction**: for the K-FAC edit chosen at +10% perplexity, ``predict`` shares (3 modes) of 8 tasks vs
    the measured increase of their mean token loss and the drop of their exact-continuation accuracy; Spearman.
 
 Writes one JSON: configuration, every grid point, the tables, timings (CPU seconds from ``time.process_time``).
@@ -102,7 +102,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/ekfac_study.json")
     parser.add_argument("--factor-tokens", type=int, default=100_000)
     parser.add_argument("--protect-records", type=int, default=400, help="fresh rule sequences for --protect factors")
-    parser.add_argument("--protect-weights", default="0.9,0.99,0.995,0.999")
+    parser.add_argument("--protect-weights", default="0.9,0.95,0.97,0.98,0.99")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -234,8 +234,9 @@ def main() -> int:
         "rule_small_steps": continuation_records(steps_of(1, 3, 200), tb_config, tokenizer, "rule"),
         "rule_large_steps": continuation_records(steps_of(8, 10, 200), tb_config, tokenizer, "rule"),
         "random_unseen": continuation_records(rng.integers(0, n, (200, tb_config.seq_len)), tb_config, tokenizer, "r"),
-        "constant": continuation_records(np.repeat(rng.integers(0, n, (100, 1)), tb_config.seq_len, 1), tb_config,
-                                         tokenizer, "constant"),  # fmt: skip
+        "rule_mid_steps": continuation_records(steps_of(4, 7, 200), tb_config, tokenizer, "rule"),
+        "training_mixture": [{"prefix_ids": ids[: tb_config.prefix_len + 1], "suffix_ids": ids[tb_config.prefix_len + 1 :]}
+                             for ids in (tokenizer(r["text"])["input_ids"] for r in read_jsonl(paths.corpus)[:400])],
     }
     edit_point = chosen(grids["kfac"], 1.10)
     spec = EditSpec.from_json(layers(edit_point["keep_mass"]), method="kfac")
