@@ -97,9 +97,9 @@ def test_cli_predict_writes_json_with_config(tmp_path, tiny_model_dir, tiny_corp
             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "% of its curvature in removed pairs" in printed
+    assert "% of its activation in removed pairs" in printed
     result = json.loads(out.read_text())
-    assert result["config"]["spec"]["layers"] == {"1": {"up": 0.5}} and result["config"]["mode"] == "curvature"
+    assert result["config"]["spec"]["layers"] == {"1": {"up": 0.5}} and result["config"]["mode"] == "activation"
     assert [t["task"] for t in result["tasks"]] == [str(task), str(tiny_corpus_jsonl)]
     assert result["tasks"][0]["labelled_tokens"] == 40
     assert all(0.0 < t["share"] < 1.0 for t in result["tasks"])

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_olmo2
 from test_collect import exact_model
 from test_ekfac import brute_force_select, gold_batch
 
@@ -127,6 +128,12 @@ def test_cli_collect_ekfac_edit_ekfac_and_protect(tmp_path, tiny_model_dir, tiny
     assert main(edit + ["--out", str(tmp_path / "e2"), "--protect", str(partial)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("kfac-edit: error: ") and "cover other modules" in err and not (tmp_path / "e2").exists()
+    foreign = tmp_path / "foreign"  # same shapes, another model (3 blocks): refused by its config fingerprint
+    collect_factors(make_tiny_olmo2(dtype=torch.float32, layers=3), [gold_batch()], labels="gold", layers=[1],
+                    progress=False, out=foreign)  # fmt: skip
+    assert main(edit + ["--out", str(tmp_path / "e2"), "--protect", str(foreign)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "collected on another model" in err and not (tmp_path / "e2").exists()
     assert main(edit + ["--out", str(tmp_path / "e3"), "--protect", str(factors), "--protect-weight", "0.5"]) == 0
     report = json.loads((tmp_path / "e3" / "edit_report.json").read_text())
     assert report["modules"][0]["protected_mass_fraction"] >= 0.5

@@ -5,9 +5,9 @@ eigenbasis (conventions in :mod:`kfac_edit.curvature`; the selection is the edit
 A task's data gives each pair a mass in that same basis, from one pass over the task (the EK-FAC pass of
 :mod:`kfac_edit.factors.ekfac` with the task's own next tokens as labels):
 
-* ``curvature`` (default): ``m_ij = E_task[(u_G[i]ᵀ g aᵀ u_A[j])²]``, the task's per-token gradient energy;
-* ``activation``: ``m_ij = λ_G[i]·E_task[(u_A[j]ᵀ a)²]``, the task's activation energy weighted by the edited
-  module's own gradient spectrum (the backward pass is still run, but its gradients are not used);
+* ``activation`` (default): ``m_ij = λ_G[i]·E_task[(u_A[j]ᵀ a)²]``, the task's activation energy weighted by the
+  edited module's own gradient spectrum (the backward pass is still run, but its gradients are not used);
+* ``curvature``: ``m_ij = E_task[(u_G[i]ᵀ g aᵀ u_A[j])²]``, the task's per-token gradient energy;
 * ``loss``: ``m_ij = E_task[(u_G[i]ᵀ g aᵀ u_A[j])²]·C_ij²`` with ``C = U_Gᵀ W U_A`` the weight's coefficients: the
   task's curvature times what the edit takes away on each pair.
 
@@ -18,7 +18,8 @@ the second-order estimate of its mean token loss increase (nats) with the task's
 The module's **removed share** is ``Σ_{(i,j)∉M} m_ij / Σ m_ij``; a task's share is the mean over the edited
 modules (each module's share is in the result too). A task whose data lies entirely in kept pairs predicts 0.
 :func:`predict_cost` is the entry point; ``kfac-edit predict`` prints the shares and writes them as JSON with the
-configuration.
+configuration. ``activation`` is the default because it ranked tasks best on the arithmetic testbed (Spearman 0.76
+against the loss increase over 8 tasks, the curvature share -0.29: ``benchmarks/ekfac_study.py``).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def predict_cost(
     factors,
     spec: EditSpec,
     tasks: dict[str, Iterable[dict[str, torch.Tensor]]],
-    mode: PredictMode | str = PredictMode.CURVATURE,
+    mode: PredictMode | str = PredictMode.ACTIVATION,
     cache=None,
     ekfac=None,
     protect=None,
@@ -203,7 +204,7 @@ def predict_files(
     factors_dir: str | os.PathLike,
     spec: EditSpec,
     data: Sequence[str],
-    mode: str = "curvature",
+    mode: str = "activation",
     device: str | None = "auto",
     dtype: str = "auto",
     max_records: int | None = None,

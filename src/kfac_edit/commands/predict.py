@@ -15,7 +15,7 @@ def register(subparsers) -> None:
         help="predict an edit's cost per task: the share of its curvature in the pairs the edit removes",
         description="For each task file, one pass over its records (gold labels) in the factors' eigenbasis; per "
         "edited module the share of the task's mass on the pairs the edit removes (curvature: E[(u_G[i]^T g a^T "
-        "u_A[j])^2]; activation: lambda_i * E[(u_A[j]^T a)^2]); the task's share is the mean over modules. Nothing "
+        "u_A[j])^2]; activation: lambda_i * E[(u_A[j]^T a)^2]; loss: curvature * C_ij^2); the task's share is the mean over modules. Nothing "
         "is edited or generated.",
     )
     p.add_argument("--model", required=True, help="model: hub id or local directory")
@@ -23,8 +23,8 @@ def register(subparsers) -> None:
     add_spec_arguments(p)
     p.add_argument("--data", required=True, nargs="+", metavar="TASK.jsonl",
                    help="task files: JSONL records with prefix_ids/suffix_ids (as memorized.jsonl) or a text field")
-    p.add_argument("--mode", choices=["curvature", "activation", "loss"], default="curvature",
-                   help="the task's mass on a pair: its curvature (default), its activation energy, or its curvature "
+    p.add_argument("--mode", choices=["activation", "curvature", "loss"], default="activation",
+                   help="the task's mass on a pair: its activation energy (default), its curvature, or its curvature "
                    "times the squared weight coefficient (loss)")
     p.add_argument("--max-records", type=int, default=None, metavar="N", help="read at most N records per task")
     p.add_argument("--protect", metavar="DIR", help="as for `edit`: factors of a capability the edit keeps")
