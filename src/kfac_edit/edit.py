@@ -8,6 +8,11 @@ the CPU), so :func:`restore` puts them back bit for bit. :func:`save_edited` wri
 directory (loadable by ``AutoModelForCausalLM.from_pretrained`` and lm-eval) plus ``edit_report.json``;
 :func:`edit_model_dir` is what ``kfac-edit edit`` does, and under ``torchrun`` it first spreads the
 eigendecompositions over the ranks (:func:`~kfac_edit.eigen.distributed_eigendecompose`).
+
+``--method ekfac`` ranks the pairs by EK-FAC eigenvalues (:mod:`kfac_edit.factors.ekfac`, passed as ``ekfac=``) and
+``--protect`` (a :class:`Protection`) keeps, besides the method's own pairs, those holding a share of a protected
+capability's curvature; both select through :func:`~kfac_edit.curvature.select_mass` / ``select_pairs`` and project
+with the general mask path of :func:`~kfac_edit.curvature.project_weight`.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ class ModuleEdit:
     """What one projection's edit kept.
 
     ``mass_fraction``: share of the method's own mass kept (curvature mass ``λ_G[i]·μ_A[j]`` for ``kfac`` and
-    ``kfac-independent``, Σσ² for ``svd``, ``None`` for ``random``). ``pairs_kept``/``pairs_total``: coefficients
+    ``kfac-independent``, the EK-FAC second moments for ``ekfac``, Σσ² for ``svd``, ``None`` for ``random``).
+    ``protected_mass_fraction``: with a :class:`Protection`, the share of the protected mass kept. ``pairs_kept``/``pairs_total``: coefficients
     kept (eigen-pairs; for ``svd`` singular directions out of ``min(out, in)``). ``grad_vectors_used`` /
     ``act_vectors_used``: distinct G / A eigenvectors (left / right singular vectors for ``svd``).
     ``weight_change``: ``‖W' − W‖ / ‖W‖`` (Frobenius).
