@@ -101,6 +101,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/ekfac_study.json")
     parser.add_argument("--factor-tokens", type=int, default=100_000)
+    parser.add_argument("--labels", choices=["sampled", "gold"], default="sampled", help="labels of both passes")
     parser.add_argument("--protect-records", type=int, default=400, help="fresh rule sequences for --protect factors")
     parser.add_argument("--protect-weights", default="0.9,0.95,0.97,0.98,0.99")
     args = parser.parse_args()
@@ -133,7 +134,7 @@ def main() -> int:
     t = time.process_time()
     batches = list(token_batches(str(paths.corpus), tokenizer, seq_len=tb_config.seq_len + 2, batch_size=128,
                                  max_tokens=args.factor_tokens, with_index=True))  # fmt: skip
-    factors = collect_factors(model, batches, layers=list(BLOCKS), kinds=list(KINDS), labels="sampled", seed=0,
+    factors = collect_factors(model, batches, layers=list(BLOCKS), kinds=list(KINDS), labels=args.labels, seed=0,
                               max_tokens=args.factor_tokens, progress=False)  # fmt: skip
     timings["collect_cpu_s"] = time.process_time() - t
     cache = EigenCache(None)
@@ -197,7 +198,7 @@ def main() -> int:
     protect_seqs = rule_sequences(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]), tb_config.seq_len, n)
     protect_batches = list(token_batches([to_text(s) for s in protect_seqs], tokenizer, seq_len=tb_config.seq_len + 2,
                                          batch_size=128, with_index=True))  # fmt: skip
-    protect_factors = collect_factors(model, protect_batches, layers=list(BLOCKS), kinds=list(KINDS), labels="sampled",
+    protect_factors = collect_factors(model, protect_batches, layers=list(BLOCKS), kinds=list(KINDS), labels=args.labels,
                                       seed=0, progress=False)  # fmt: skip
     weights = [float(w) for w in args.protect_weights.split(",")]
     for w in weights:
@@ -280,7 +281,7 @@ def main() -> int:
         "benchmark": "ekfac_study",
         "command": " ".join(["python", *sys.argv]),
         "config": {"testbed": tb_config.to_dict(), "testbed_hash": tb_config.config_hash(), "blocks": BLOCKS,
-                   "projections": KINDS, "factor_tokens": args.factor_tokens, "labels": "sampled", "grid": GRID,
+                   "projections": KINDS, "factor_tokens": args.factor_tokens, "labels": args.labels, "grid": GRID,
                    "ppl_budgets": PPL_BUDGETS, "canary_levels": CANARY_LEVELS, "holdout_fraction": 0.5,
                    "protect_records": args.protect_records, "protect_weights": weights, "torch_threads": 1},  # fmt: skip
         "base": base,
