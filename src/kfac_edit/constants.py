@@ -9,6 +9,7 @@ TENSORS_FILE = "factors.safetensors"  # factor sums and counts
 MANIFEST_FILE = "manifest.json"  # how the factors were collected
 CHECKPOINT_DIR = "checkpoint"  # collection checkpoints, inside the factor directory being written
 STATE_FILE = "state.json"  # a checkpoint's progress
+EKFAC_FILE = "ekfac.safetensors"  # EK-FAC pair sums in the factors' eigenbasis (kfac_edit.factors.ekfac)
 
 # Edited model directories (kfac_edit.edit)
 EDIT_REPORT_FILE = "edit_report.json"  # beside save_pretrained's files

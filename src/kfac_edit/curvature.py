@@ -304,6 +304,60 @@ def select_pairs_mask(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, kee
     return pairs_mask(counts, act_eigvals, device=grad_eigvals.device)
 
 
+def select_mass(mass: torch.Tensor, keep_mass: float) -> torch.Tensor:
+    """The smallest set of pairs, taken in descending order of an arbitrary nonnegative ``(out, in)`` mass matrix,
+    whose summed mass reaches ``keep_mass·Σ mass``; a bool ``(out, in)`` mask on ``mass``'s device.
+
+    The generalization of :func:`select_pairs` to masses that are not products ``λ_i·μ_j`` (the EK-FAC second
+    moments of :mod:`kfac_edit.factors.ekfac`, a protected capability's projected curvature). Pairs are ranked by
+    mass, equal masses by row-major index; the kept count is the first ``k`` whose running fp64 sum, added in that
+    order, is ``>= keep_mass·total``: exactly what adding pairs one at a time does. One sort, O(N log N) for
+    ``N = out·in``. ``keep_mass >= 1`` keeps every pair; ``keep_mass <= 0`` (or an all-zero mass) keeps none.
+    """
+    if mass.dim() != 2:
+        raise ValueError(f"mass must be 2-D (out, in), got shape {tuple(mass.shape)}")
+    m = mass.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(m).all():
+        raise ValueError("mass contains NaN or Inf")
+    m = np.maximum(m, 0.0)
+    if keep_mass >= 1.0:
+        return torch.ones(mass.shape, dtype=torch.bool, device=mass.device)
+    flat = m.ravel()
+    target = float(keep_mass) * float(flat.sum()) if flat.size else 0.0
+    keep = np.zeros(flat.size, dtype=bool)
+    if target > 0.0:
+        order = np.argsort(-flat, kind="stable")
+        cums = np.cumsum(flat[order])
+        k = min(int(np.searchsorted(cums, target, side="left")) + 1, flat.size)
+        keep[order[:k]] = True
+    return torch.from_numpy(keep.reshape(m.shape)).to(mass.device)
+
+
+def kept_mass_fraction(mass: torch.Tensor, mask: torch.Tensor) -> float:
+    """``Σ mass[mask] / Σ mass`` in fp64 (0.0 for a zero mass); ``mask`` bool ``(out, in)`` or staircase counts."""
+    m = mass.detach().to("cpu", torch.float64).clamp_min(0.0)
+    if _is_counts(mask):
+        raise ValueError("kept_mass_fraction needs a bool mask; build it with pairs_mask(counts, act_eigvals)")
+    total = float(m.sum())
+    return float(m[mask.to("cpu")].sum()) / total if total > 0 else 0.0
+
+
+def diagonal_in_basis(cov: torch.Tensor, eig: Eigen) -> torch.Tensor:
+    """``u[k]ᵀ cov u[k]`` for every eigenvector ``u[k]`` of ``eig`` (fp64, ``>= 0``): another covariance's energy
+    along this basis, e.g. a protected capability's ``G_p`` along the edited module's ``u_G``."""
+    c = cov.detach().to(eig.vectors.device, torch.float64)
+    c = (c + c.T) * 0.5
+    u = eig.vectors
+    return ((c @ u) * u).sum(0).clamp_min(0.0)
+
+
+def projected_mass(grad_cov: torch.Tensor, act_cov: torch.Tensor, grad_eig: Eigen, act_eig: Eigen) -> torch.Tensor:
+    """The ``(out, in)`` mass of another curvature ``G_p ⊗ A_p`` on the pairs of this eigenbasis:
+    ``(u_G[i]ᵀ G_p u_G[i])·(u_A[j]ᵀ A_p u_A[j])`` (fp64). For ``G_p, A_p`` the factors of the basis itself this is
+    ``λ_i·μ_j``."""
+    return torch.outer(diagonal_in_basis(grad_cov, grad_eig), diagonal_in_basis(act_cov, act_eig))
+
+
 def truncation_rank(values: torch.Tensor, keep_mass: float) -> int:
     """The smallest ``r`` whose top-``r`` values (sorted descending) sum to ``keep_mass`` of the total."""
     values = values.detach().to(torch.float64).clamp_min(0.0)

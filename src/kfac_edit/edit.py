@@ -8,6 +8,11 @@ the CPU), so :func:`restore` puts them back bit for bit. :func:`save_edited` wri
 directory (loadable by ``AutoModelForCausalLM.from_pretrained`` and lm-eval) plus ``edit_report.json``;
 :func:`edit_model_dir` is what ``kfac-edit edit`` does, and under ``torchrun`` it first spreads the
 eigendecompositions over the ranks (:func:`~kfac_edit.eigen.distributed_eigendecompose`).
+
+``--method ekfac`` ranks the pairs by EK-FAC eigenvalues (:mod:`kfac_edit.factors.ekfac`, passed as ``ekfac=``) and
+``--protect`` (a :class:`Protection`) keeps, besides the method's own pairs, those holding a share of a protected
+capability's curvature; both select through :func:`~kfac_edit.curvature.select_mass` / ``select_pairs`` and project
+with the general mask path of :func:`~kfac_edit.curvature.project_weight`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import nn
 
 from .constants import EDIT_REPORT_FILE
 from .curvature import independent_counts, pair_stats, project_weight, random_basis_edit, select_pairs, svd_truncate
+from .curvature import kept_mass_fraction, pair_mass_fraction, pairs_mask, projected_mass, select_mass
 from .eigen import EigenCache, default_cache_dir, distributed_eigendecompose
 from .errors import UserError
 from .factors.distributed import init_distributed, rank_device, shutdown
@@ -51,7 +57,8 @@ class ModuleEdit:
     """What one projection's edit kept.
 
     ``mass_fraction``: share of the method's own mass kept (curvature mass ``λ_G[i]·μ_A[j]`` for ``kfac`` and
-    ``kfac-independent``, Σσ² for ``svd``, ``None`` for ``random``). ``pairs_kept``/``pairs_total``: coefficients
+    ``kfac-independent``, the EK-FAC second moments for ``ekfac``, Σσ² for ``svd``, ``None`` for ``random``).
+    ``protected_mass_fraction``: with a :class:`Protection`, the share of the protected mass kept. ``pairs_kept``/``pairs_total``: coefficients
     kept (eigen-pairs; for ``svd`` singular directions out of ``min(out, in)``). ``grad_vectors_used`` /
     ``act_vectors_used``: distinct G / A eigenvectors (left / right singular vectors for ``svd``).
     ``weight_change``: ``‖W' − W‖ / ‖W‖`` (Frobenius).
@@ -72,6 +79,7 @@ class ModuleEdit:
     weight_change: float
     eigen_seconds: float
     seconds: float
+    protected_mass_fraction: float | None = None  # with --protect: share of the protected curvature kept
 
 
 @dataclass
@@ -192,6 +200,24 @@ def load_edit_factors(model: nn.Module, spec: EditSpec, factors_dir: str | os.Pa
     return factors
 
 
+def load_protect_factors(model: nn.Module, spec: EditSpec, protect_dir: str | os.PathLike):
+    """The protected capability's factors of ``spec``'s targets from ``protect_dir``, checked against ``model``."""
+    from .factors.store import Factors
+
+    targets = resolve_targets(model, spec)
+    where = f"the --protect factors in {protect_dir}"
+    manifest_names = set(Factors.load(protect_dir, names=[]).manifest.get("modules", {}))
+    missing = [p.name for p, _ in targets if p.name not in manifest_names]
+    if missing:
+        raise UserError(
+            f"{where} hold no factors for {missing[0]}: they cover other modules; collect the protected capability's "
+            "factors for the edited layers"
+        )
+    protect = Factors.load(protect_dir, names=[p.name for p, _ in targets])
+    check_protection(model, targets, protect, where)
+    return protect
+
+
 def restore(model: nn.Module) -> list[str]:
     """Put back the original weights of every module :func:`apply_edit` changed (exactly); returns their names."""
     originals = model.__dict__.pop(ORIGINALS_ATTR, {})
@@ -206,9 +232,55 @@ def _module_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
+DEFAULT_PROTECT_WEIGHT = 0.9  # --protect-weight: share of the protected curvature whose pairs are kept
+
+
+@dataclass
+class Protection:
+    """A capability to keep: its K-FAC ``factors`` (collected on its data) and the ``weight`` of its selection.
+
+    The edit then keeps the union of two selections in the edited module's eigenbasis: the method's own (pairs
+    holding ``keep_mass`` of its mass) and the smallest set of top pairs by the protected mass
+    ``(u_G[i]ᵀ G_p u_G[i])·(u_A[j]ᵀ A_p u_A[j])`` holding ``weight`` of the protected total
+    (:func:`~kfac_edit.curvature.projected_mass`, selected like ``kfac``'s pairs). ``weight`` 0 protects nothing.
+    """
+
+    factors: Any
+    weight: float = DEFAULT_PROTECT_WEIGHT
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise UserError(f"--protect-weight {self.weight} is outside [0, 1]; give the share of the protected "
+                            "curvature to keep, e.g. 0.9")  # fmt: skip
+
+    def mask(self, name: str, grad_eig, act_eig) -> torch.Tensor:
+        """The protected selection of module ``name``, a bool ``(out, in)`` mask."""
+        mass = self.masses(name, grad_eig, act_eig)
+        return pairs_mask(select_pairs(mass[0], mass[1], self.weight), mass[1], device=grad_eig.vectors.device)
+
+    def masses(self, name: str, grad_eig, act_eig) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u_G[i]ᵀ G_p u_G[i])_i`` and ``(u_A[j]ᵀ A_p u_A[j])_j``: the protected mass is their outer product."""
+        from .curvature import diagonal_in_basis
+
+        return (diagonal_in_basis(self.factors.grad_cov(name), grad_eig),
+                diagonal_in_basis(self.factors.activation_cov(name), act_eig))  # fmt: skip
+
+
+def check_protection(model: nn.Module, targets: list[tuple[Projection, float]], protect, where: str) -> None:
+    """:class:`UserError` when the protected factors come from another model or lack a target module."""
+    recorded = (getattr(protect, "manifest", None) or {}).get("model_fingerprint")
+    if recorded and recorded != model_fingerprint(model):
+        raise UserError(
+            f"{where} were collected on another model (config fingerprint {recorded}, this model "
+            f"{model_fingerprint(model)}); collect the protected capability's factors with this model"
+        )
+    check_factors(targets, protect, where=where)
+
+
 def _edit_one(
-    proj: Projection, keep_mass: float, spec: EditSpec, factors, cache: EigenCache, originals: dict[str, torch.Tensor]
-) -> ModuleEdit:
+    proj: Projection, keep_mass: float, spec: EditSpec, factors, cache: EigenCache, originals: dict[str, torch.Tensor],
+    ekfac=None, protect: Protection | None = None,
+) -> ModuleEdit:  # fmt: skip
     """Edit one projection in place (its original goes into ``originals`` first) and describe the edit."""
     t0 = time.perf_counter()
     weight = proj.weight().detach()
@@ -219,7 +291,29 @@ def _edit_one(
         grad_eig, act_eig = cache.get(factors, proj.name, device)
         eigen_seconds = time.perf_counter() - t0
     out_dim, in_dim = proj.shape
-    if spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT):
+    protected = None
+    if protect is not None and spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT, Method.EKFAC):
+        select = {Method.KFAC: select_pairs, Method.KFAC_INDEPENDENT: independent_counts}.get(spec.method)
+        if select is None:
+            own_mass = ekfac.pair_mass(proj.name)
+            mask = select_mass(own_mass, keep_mass).to(device)
+        else:
+            mask = pairs_mask(select(grad_eig.values, act_eig.values, keep_mass), act_eig.values, device=device)
+        mask |= protect.mask(proj.name, grad_eig, act_eig)
+        new_weight = project_weight(weight, grad_eig, act_eig, mask)
+        kept = pair_stats(grad_eig.values, act_eig.values, mask)
+        fraction = kept_mass_fraction(own_mass, mask) if select is None else kept.mass_fraction
+        kept = (fraction, kept.pairs_kept, kept.pairs_total, kept.grad_vectors_used, kept.act_vectors_used)
+        rows, cols = protect.masses(proj.name, grad_eig, act_eig)
+        protected = pair_mass_fraction(rows, cols, mask.cpu())
+    elif spec.method is Method.EKFAC:
+        own_mass = ekfac.pair_mass(proj.name)
+        mask = select_mass(own_mass, keep_mass).to(device)
+        new_weight = project_weight(weight, grad_eig, act_eig, mask)
+        kept = pair_stats(grad_eig.values, act_eig.values, mask)
+        kept = (kept_mass_fraction(own_mass, mask), kept.pairs_kept, kept.pairs_total, kept.grad_vectors_used,
+                kept.act_vectors_used)  # fmt: skip
+    elif spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT):
         select = select_pairs if spec.method is Method.KFAC else independent_counts
         counts = select(grad_eig.values, act_eig.values, keep_mass)  # per-row counts: no dense mask
         new_weight = project_weight(weight, grad_eig, act_eig, counts)
@@ -243,14 +337,20 @@ def _edit_one(
         keep_mass=keep_mass, mass_fraction=mass_fraction, pairs_kept=pairs_kept, pairs_total=pairs_total,
         pairs_fraction=pairs_kept / pairs_total if pairs_total else 0.0, grad_vectors_used=grad_used,
         act_vectors_used=act_used, weight_change=change, eigen_seconds=round(eigen_seconds, 4),
-        seconds=round(time.perf_counter() - t0, 4),
+        seconds=round(time.perf_counter() - t0, 4), protected_mass_fraction=protected,
     )
     log.debug("%s", record)
     return record
 
 
-def apply_edit(model: nn.Module, factors, spec: EditSpec, cache: EigenCache | None = None) -> EditReport:
+def apply_edit(
+    model: nn.Module, factors, spec: EditSpec, cache: EigenCache | None = None, *, ekfac=None,
+    protect: Protection | None = None,
+) -> EditReport:  # fmt: skip
     """Edit ``model`` in place as ``spec`` says and return an :class:`EditReport`.
+
+    ``ekfac``: the :class:`~kfac_edit.factors.ekfac.Ekfac` eigenvalues of ``factors`` (needed by ``ekfac``; checked
+    to be in their eigenbasis). ``protect``: a :class:`Protection` (its selection is kept too, see there).
 
     Every check (blocks, projection kinds, factors present and of the right shape) runs before any weight
     changes. A model edited earlier is first restored: edits never compound, so a sweep just calls this again.
@@ -272,13 +372,21 @@ def apply_edit(model: nn.Module, factors, spec: EditSpec, cache: EigenCache | No
                 recorded,
                 model_fingerprint(model),
             )
+    if spec.method is Method.EKFAC:
+        if ekfac is None:
+            raise UserError("--method ekfac needs EK-FAC eigenvalues: run `kfac-edit collect --ekfac` for the factors")
+        ekfac.check_basis(factors, [p.name for p, _ in targets])
+    if protect is not None:
+        if spec.method not in (Method.KFAC, Method.KFAC_INDEPENDENT, Method.EKFAC):
+            raise UserError(f"--protect works with the kfac, kfac-independent and ekfac methods, not {spec.method}")
+        check_protection(model, targets, protect.factors, "the --protect factors")
     cache = cache if cache is not None else EigenCache(None)
     originals: dict[str, torch.Tensor] = {}
     model.__dict__[ORIGINALS_ATTR] = originals  # a plain attribute: not a buffer, so never saved with the model
     modules: list[ModuleEdit] = []
     try:
         for proj, keep_mass in tqdm(targets, desc=f"edit ({spec.method})", unit="module", disable=None):
-            modules.append(_edit_one(proj, keep_mass, spec, factors, cache, originals))
+            modules.append(_edit_one(proj, keep_mass, spec, factors, cache, originals, ekfac, protect))
     except BaseException:  # a failure part-way (NaN factors, out of memory, Ctrl-C) leaves the model as it was
         restore(model)
         raise
@@ -339,6 +447,8 @@ def edit_model_dir(
     device: str | None = "auto",
     dtype: str = "auto",
     cache_dir: str | os.PathLike | None = None,
+    protect_dir: str | os.PathLike | None = None,
+    protect_weight: float = DEFAULT_PROTECT_WEIGHT,
 ) -> EditReport:
     """What ``kfac-edit edit`` does: load, check everything, edit, save ``out_dir`` (nothing is written on error).
 
@@ -348,6 +458,15 @@ def edit_model_dir(
     """
     check_edit_inputs(spec, factors_dir)
     check_output_dir(out_dir, source=model)
+    if protect_dir is not None:
+        Protection(None, protect_weight)  # the weight's check, before loading anything
+        if not Path(protect_dir).is_dir():
+            raise UserError(f"--protect {protect_dir} is not a directory; give factors `kfac-edit collect` wrote")
+    if spec.method is Method.EKFAC:
+        from .factors.ekfac import Ekfac
+
+        if not Ekfac.exists(factors_dir):
+            Ekfac.load(factors_dir)  # the one-line error saying how to make them
     ctx = init_distributed(resolve_device(device))
     try:
         net, _ = load_model(model, dtype=dtype, device=str(rank_device(resolve_device(device), ctx)))
@@ -356,7 +475,16 @@ def edit_model_dir(
         if ctx.enabled and factors is not None:
             names = [p.name for p, _ in resolve_targets(net, spec)]
             distributed_eigendecompose(factors, names, cache, ctx, device=next(net.parameters()).device)
-        report = apply_edit(net, factors, spec, cache=cache)
+        ekfac = protect = None
+        if spec.method is Method.EKFAC:
+            from .factors.ekfac import Ekfac
+
+            ekfac = Ekfac.load(factors_dir, names=[p.name for p, _ in resolve_targets(net, spec)])
+        if protect_dir is not None:
+            protect = Protection(load_protect_factors(net, spec, protect_dir), protect_weight)
+        report = apply_edit(net, factors, spec, cache=cache, ekfac=ekfac, protect=protect)
+        if protect_dir is not None:
+            report.factor_manifest["protect"] = {"directory": str(protect_dir), "weight": protect_weight}
         report.factor_manifest.setdefault("directory", str(factors_dir) if factors_dir is not None else None)
         if ctx.is_main:
             save_edited(net, load_tokenizer_as_saved(model), out_dir, report)

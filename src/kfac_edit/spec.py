@@ -47,13 +47,16 @@ class Method(_Choice):
     * ``kfac-independent``: keep the top eigenvectors of ``G`` and of ``A`` each holding ``keep_mass`` of its trace;
     * ``svd``: data-free baseline, keep the top singular directions of ``W`` holding ``keep_mass`` of Σσ²;
     * ``random``: control, keep as many coefficients as ``kfac`` would, at random positions in a random orthogonal
-      basis pair.
+      basis pair;
+    * ``ekfac``: as ``kfac`` in the same eigenbasis, pairs ranked by their EK-FAC second moment
+      ``E[(u_G[i]ᵀ g aᵀ u_A[j])²]`` (``collect --ekfac``, :mod:`kfac_edit.factors.ekfac`) instead of ``λ_i·μ_j``.
     """
 
     KFAC = "kfac"
     KFAC_INDEPENDENT = "kfac-independent"
     SVD = "svd"
     RANDOM = "random"
+    EKFAC = "ekfac"
 
     @property
     def needs_factors(self) -> bool:

@@ -23,7 +23,8 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
         help="kfac: top pairs of G ⊗ A (the default, unless a layers file written as {method, seed, layers} "
         "names another); kfac-independent: top eigenvectors of G and of A separately; "
         "svd: top singular directions of W holding keep_mass of Σσ² (data-free baseline); random: as many "
-        "coefficients as kfac, random positions in a random orthogonal basis (control)",
+        "coefficients as kfac, random positions in a random orthogonal basis (control); ekfac: as kfac, pairs "
+        "ranked by their EK-FAC second moments (needs `collect --ekfac`)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the random method's bases (default 0)")
 
@@ -63,6 +64,20 @@ def register(subparsers) -> None:
         help="dtype to load, edit and save the weights in (default: the checkpoint's own dtype)",
     )
     p.add_argument(
+        "--protect",
+        metavar="DIR",
+        help="factors of a capability to keep (`kfac-edit collect` on its data): the edit also keeps the top pairs "
+        "holding --protect-weight of that capability's curvature in the edited modules' eigenbasis",
+    )
+    p.add_argument(
+        "--protect-weight",
+        type=float,
+        default=0.9,
+        metavar="W",
+        help="share of the protected curvature (u_G[i]^T G_p u_G[i] * u_A[j]^T A_p u_A[j]) whose pairs are kept "
+        "besides the method's own selection (default 0.9; 0 protects nothing)",
+    )
+    p.add_argument(
         "--cache-dir",
         metavar="DIR",
         help="where eigendecompositions are cached (default: $KFAC_EDIT_CACHE/eigen, else ~/.cache/kfac-edit/eigen)",
@@ -88,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             cache_dir=args.cache_dir,
+            protect_dir=args.protect,
+            protect_weight=args.protect_weight,
         )
     print(report.summary())
     print(f"wrote {Path(args.out) / EDIT_REPORT_FILE} and the edited model in {args.out}")

@@ -1,0 +1,335 @@
+"""EK-FAC eigenvalues: a second pass over the data in the K-FAC eigenbasis (the eigenvalue correction).
+
+K-FAC gives pair ``(i, j)`` (the Fisher eigenvector ``u_G[i] ⊗ u_A[j]``, conventions in :mod:`kfac_edit.curvature`)
+the mass ``λ_G[i]·μ_A[j]``, which is exact only when the gradient and activation statistics are independent. The
+eigenvalue correction keeps the K-FAC eigenbasis and replaces that product by the true second moment of the
+per-token weight gradient ``g aᵀ`` along the pair::
+
+    E[(u_G[i]ᵀ g aᵀ u_A[j])²] = E[(u_G[i]ᵀ g)² (u_A[j]ᵀ a)²]      over the labelled tokens
+
+A second pass (the same hooks, rows and labels as :class:`~kfac_edit.factors.collector.FactorCollector`) rotates
+each valid row, ``a' = U_Aᵀ a`` and ``g' = U_Gᵀ g``, and adds ``(g'²)ᵀ (a'²)`` into an ``(out, in)`` **pair sum**
+(one GEMM per module per step). As with the other factors it keeps sums and a token count, so passes and ranks add
+up (:meth:`Ekfac.add_`). The pass also sums the rotated activation energy ``a'²`` (``(in,)``): ``E[a'_j²]`` is
+``u_A[j]ᵀ A u_A[j]``, what :mod:`kfac_edit.predict` uses for its activation-energy share.
+
+Reductions (tested): with one token, or with one activation row for every token (``A`` of rank one), the second
+moment is ``λ_i·μ_j`` exactly. Its total ``Σ_ij`` is ``E[|g|²|a|²]``, not ``tr(G)·tr(A)``.
+
+Stored with the factors: ``DIR/ekfac.safetensors`` holds ``"<module>.pair_sum"`` and
+``"<module>.activation_energy_sum"``; its header and ``manifest.json``'s ``"ekfac"`` entry record per module the
+token count and the **basis**: :meth:`Factors.content_hash` of the factors whose eigenvectors were used. Loading
+checks it (:meth:`Ekfac.check_basis`): EK-FAC eigenvalues of other factors are refused in one line.
+
+The pass runs in one process (no ranks), over the data given; :func:`collect_ekfac` is its entry point
+(``kfac-edit collect --ekfac`` runs it after the K-FAC pass, on the factors as written to disk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..constants import EKFAC_FILE, MANIFEST_FILE
+from ..errors import UserError
+from ..fileio import atomic_path, write_json
+from ..models import Projection
+from .collector import FactorCollector, accumulate_dtype_for
+from .store import Factors, ModuleFactors
+
+PAIR_SUM = "pair_sum"  # tensor "<module>.pair_sum": Σ_t (g'_t²)ᵀ(a'_t²), (out, in)
+ACTIVATION_ENERGY_SUM = "activation_energy_sum"  # tensor "<module>.activation_energy_sum": Σ_t a'_t², (in,)
+
+
+@dataclass
+class EkfacModule:
+    """Second-moment sums of one module in the eigenbasis of the factors whose content hash is ``basis``."""
+
+    pair_sum: torch.Tensor  # (out, in)
+    activation_energy_sum: torch.Tensor  # (in,)
+    tokens: int
+    basis: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.pair_sum.shape)
+
+
+class Ekfac:
+    """EK-FAC pair masses of several modules (see the module docstring)."""
+
+    def __init__(self, modules: dict[str, EkfacModule] | None = None, manifest: dict[str, Any] | None = None):
+        self.modules = dict(modules or {})
+        self.manifest = dict(manifest or {})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.modules)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.modules
+
+    def _get(self, name: str) -> EkfacModule:
+        if name not in self.modules:
+            raise UserError(
+                f"no EK-FAC eigenvalues for {name}; run `kfac-edit collect --ekfac` with this module's layer"
+            )
+        return self.modules[name]
+
+    def pair_mass(self, name: str) -> torch.Tensor:
+        """``E[(u_G[i]ᵀ g aᵀ u_A[j])²]``, ``(out, in)`` fp64."""
+        m = self._get(name)
+        return m.pair_sum.to(torch.float64) / max(m.tokens, 1)
+
+    def activation_energy(self, name: str) -> torch.Tensor:
+        """``E[(u_A[j]ᵀ a)²]``, ``(in,)`` fp64."""
+        m = self._get(name)
+        return m.activation_energy_sum.to(torch.float64) / max(m.tokens, 1)
+
+    def add_(self, other: "Ekfac") -> "Ekfac":
+        """Add another pass's sums (same modules in the same basis) into this one."""
+        for name, theirs in other.modules.items():
+            mine = self.modules.get(name)
+            if mine is None:
+                self.modules[name] = EkfacModule(
+                    theirs.pair_sum.clone(), theirs.activation_energy_sum.clone(), theirs.tokens, theirs.basis
+                )
+                continue
+            if mine.basis != theirs.basis or mine.shape != theirs.shape:
+                raise UserError(f"cannot add EK-FAC sums of {name}: they were computed in different eigenbases")
+            mine.pair_sum += theirs.pair_sum.to(mine.pair_sum)
+            mine.activation_energy_sum += theirs.activation_energy_sum.to(mine.activation_energy_sum)
+            mine.tokens += theirs.tokens
+        return self
+
+    def check_basis(self, factors: Factors, names: Iterable[str], where: str = "the EK-FAC eigenvalues") -> None:
+        """:class:`UserError` unless every module of ``names`` was computed in the eigenbasis of ``factors``."""
+        for name in names:
+            m = self._get(name)
+            if m.shape != tuple(factors.shape(name)):
+                raise UserError(
+                    f"{where} of {name} have shape {m.shape[0]}x{m.shape[1]} but its factors fit "
+                    f"{factors.shape(name)[0]}x{factors.shape(name)[1]}: they belong to other factors; run "
+                    "`kfac-edit collect --ekfac` again"
+                )
+            if m.basis != factors.content_hash(name):
+                raise UserError(
+                    f"{where} of {name} were computed in the eigenbasis of other factors (basis {m.basis}, these "
+                    f"factors {factors.content_hash(name)}); run `kfac-edit collect --ekfac` on these factors"
+                )
+
+    # ------------------------------------------------------------------ I/O
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``DIR/ekfac.safetensors`` and record it in ``DIR/manifest.json`` (the factors' directory)."""
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST_FILE
+        if not manifest_path.exists():
+            raise UserError(f"'{directory}' holds no factors; EK-FAC eigenvalues are stored beside their factors")
+        run_id = uuid.uuid4().hex
+        entries = {name: {"tokens": m.tokens, "basis": m.basis, "shape": list(m.shape)} for name, m in self.modules.items()}
+        meta = {k: v for k, v in self.manifest.items() if k != "modules"}
+        record = {**meta, "file": EKFAC_FILE, "run_id": run_id, "modules": entries}
+        tensors = {}
+        for name, m in self.modules.items():
+            tensors[f"{name}.{PAIR_SUM}"] = m.pair_sum.detach().cpu().contiguous()
+            tensors[f"{name}.{ACTIVATION_ENERGY_SUM}"] = m.activation_energy_sum.detach().cpu().contiguous()
+        with atomic_path(directory / EKFAC_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"run_id": run_id, "ekfac": json.dumps(record, default=str)})
+        manifest = json.loads(manifest_path.read_text())
+        manifest["ekfac"] = record
+        write_json(manifest_path, manifest)
+        return directory / EKFAC_FILE
+
+    @classmethod
+    def exists(cls, directory: str | os.PathLike) -> bool:
+        return (Path(directory) / EKFAC_FILE).exists()
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, names: Iterable[str] | None = None) -> "Ekfac":
+        """Read ``DIR/ekfac.safetensors`` (``names``: only these modules)."""
+        path = Path(directory) / EKFAC_FILE
+        if not path.exists():
+            raise UserError(
+                f"'{directory}' holds no EK-FAC eigenvalues ({EKFAC_FILE}); run `kfac-edit collect --ekfac` "
+                "for --method ekfac"
+            )
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            record = json.loads((fh.metadata() or {}).get("ekfac", "{}"))
+            entries = record.get("modules", {})
+            modules = {}
+            for name in list(entries) if names is None else list(names):
+                if name not in entries:
+                    raise UserError(
+                        f"no EK-FAC eigenvalues for {name} in {path}; run `kfac-edit collect --ekfac` with its layer"
+                    )
+                e = entries[name]
+                modules[name] = EkfacModule(
+                    fh.get_tensor(f"{name}.{PAIR_SUM}"), fh.get_tensor(f"{name}.{ACTIVATION_ENERGY_SUM}"),
+                    int(e["tokens"]), str(e["basis"]),
+                )  # fmt: skip
+        return cls(modules, record)
+
+
+# ---------------------------------------------------------------------------------------------------- the pass
+class EkfacCollector(FactorCollector):
+    """The collector's step (forward, labels, backward, valid rows) with hooks that accumulate in an eigenbasis.
+
+    ``bases``: ``{module name: (grad_eig, act_eig)}``. The K-FAC sums are not collected again: ``factors`` holds
+    only the token counts; the results are in :attr:`ekfac`-style sums ``pair_sums`` / ``energy_sums``.
+    """
+
+    def __init__(self, model: nn.Module, projections: Sequence[Projection], bases: dict, labels: str = "sampled",
+                 seed: int = 0):  # fmt: skip
+        self.bases = bases
+        self.pair_sums: dict[str, torch.Tensor] = {}
+        self.energy_sums: dict[str, torch.Tensor] = {}
+        self._rotated: dict[str, torch.Tensor] = {}
+        super().__init__(model, projections, labels, seed)
+
+    def _allocate(self) -> None:
+        for p in self.projections:
+            if p.name not in self.bases:
+                raise ValueError(f"no eigenbasis given for {p.name}")
+            grad_eig, act_eig = self.bases[p.name]
+            if (grad_eig.size, act_eig.size) != tuple(p.shape):
+                raise UserError(
+                    f"the eigenbasis of {p.name} fits {grad_eig.size}x{act_eig.size} but the model's weight is "
+                    f"{p.shape[0]}x{p.shape[1]}: the factors come from another model"
+                )
+            device, dtype = p.module.weight.device, accumulate_dtype_for(p.module)
+            self.bases[p.name] = (grad_eig.to(device), act_eig.to(device))
+            empty = torch.zeros(0, 0, dtype=dtype, device=device)  # counts only (see the class docstring)
+            self.factors.modules[p.name] = ModuleFactors(empty, empty, activation_key=p.name)
+            self.pair_sums[p.name] = torch.zeros(p.shape, dtype=dtype, device=device)
+            self.energy_sums[p.name] = torch.zeros(p.shape[1], dtype=dtype, device=device)
+
+    def _forward_hook(self, index: int):
+        projection = self.projections[index]
+        name = projection.name
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
+            if self._phase is None:
+                return None
+            if self._phase == "forward":
+                x = args[0] if args else next(iter(kwargs.values()))
+                self._forward_hits[index] += 1
+                total = self.pair_sums[name]
+                with torch.no_grad():
+                    u_act = self.bases[name][1].vectors_as(total.dtype)
+                    rotated = self._rows(x.detach()).to(total.dtype) @ u_act
+                    squared = rotated.square_()
+                    self.energy_sums[name] += squared.sum(0)
+                    self._rotated[name] = squared
+            if output.requires_grad and torch.is_grad_enabled():
+                output.register_hook(self._grad_hook(index))
+                if self._phase == "forward" and projection.block == self.lowest_block:
+                    self._targets.append(output)
+            return None
+
+        return hook
+
+    def _grad_hook(self, index: int):
+        name = self.projections[index].name
+
+        def hook(grad: torch.Tensor) -> None:
+            self._grad_hits[index] += 1
+            total = self.pair_sums[name]
+            with torch.no_grad():
+                u_grad = self.bases[name][0].vectors_as(total.dtype)
+                rotated = (self._rows(grad).to(total.dtype) @ u_grad).square_()
+                total.addmm_(rotated.T, self._rotated.pop(name))
+            return None
+
+        return hook
+
+    def symmetrize(self) -> Factors:  # nothing to mirror: the pair sums are full GEMMs
+        return self.factors
+
+    def result(self, basis: dict[str, str], manifest: dict[str, Any]) -> Ekfac:
+        modules = {
+            p.name: EkfacModule(
+                self.pair_sums[p.name].cpu(), self.energy_sums[p.name].cpu(), self.factors.modules[p.name].grad_tokens,
+                basis[p.name],
+            )  # fmt: skip
+            for p in self.projections
+        }
+        return Ekfac(modules, manifest)
+
+
+def _projections_of(model: nn.Module, names: Sequence[str]) -> list[Projection]:
+    from ..models import find_projections, projection_kinds
+
+    found = {p.name: p for p in find_projections(model, None, projection_kinds(model))}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise UserError(f"the model has no module {missing[0]}: the factors come from another model")
+    return [found[n] for n in names]
+
+
+def collect_ekfac(
+    model: nn.Module,
+    factors: Factors,
+    batches: Iterable[dict[str, torch.Tensor]],
+    names: Sequence[str] | None = None,
+    labels: str | None = None,
+    seed: int | None = None,
+    cache=None,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> Ekfac:
+    """EK-FAC second moments of ``names`` (default: every module of ``factors``) in the eigenbasis of ``factors``.
+
+    ``batches``: ``{"input_ids", "attention_mask"[, "window_index"]}`` as for the K-FAC pass; with the same data,
+    ``labels`` and ``seed`` (default: those in ``factors.manifest``) the sampled labels are the same. ``cache``: an
+    :class:`~kfac_edit.eigen.EigenCache` for the eigenbases (default: one in memory). ``max_tokens``: stop before
+    the batch that would start beyond this many real tokens.
+    """
+    from ..eigen import EigenCache
+    from ..progress import progress_bar as tqdm
+
+    names = list(factors.names if names is None else names)
+    labels = labels or factors.manifest.get("labels") or "sampled"
+    seed = int(seed if seed is not None else factors.manifest.get("seed") or 0)
+    cache = cache if cache is not None else EigenCache(None)
+    projections = _projections_of(model, names)
+    for p in projections:
+        if tuple(factors.shape(p.name)) != tuple(p.shape):
+            raise UserError(
+                f"factors for {p.name} fit {factors.shape(p.name)} but the model's weight is {p.shape}: the factors "
+                "come from another model"
+            )
+    device = next(model.parameters()).device
+    bases = {n: cache.get(factors, n, device) for n in names}
+    basis = {n: factors.content_hash(n) for n in names}
+    collector = EkfacCollector(model, projections, bases, labels, seed)
+    tokens = 0
+    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="EK-FAC pass", disable=None if progress else True)
+    try:
+        with collector:
+            for batch in batches:
+                if max_tokens is not None and tokens >= max_tokens:
+                    break
+                mask = batch.get("attention_mask")
+                n = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                collector.accumulate(batch)
+                tokens += n
+                bar.update(n)
+    finally:
+        bar.close()
+    if collector.labelled_tokens == 0:
+        raise UserError("no token with a label was seen in the EK-FAC pass; give it more text")
+    manifest = {"labels": labels, "seed": seed, "tokens": tokens, "labelled_tokens": collector.labelled_tokens}
+    result = collector.result(basis, manifest)
+    for name, m in result.modules.items():
+        if not bool(torch.isfinite(m.pair_sum).all()):
+            raise UserError(f"{name}: the EK-FAC sums contain NaN/Inf; collect in float32 (--dtype float32)")
+    return result
