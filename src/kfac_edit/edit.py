@@ -249,8 +249,39 @@ def _edit_one(
     return record
 
 
-def apply_edit(model: nn.Module, factors, spec: EditSpec, cache: EigenCache | None = None) -> EditReport:
+def _bsn_edits(targets, bsn, originals: dict[str, torch.Tensor], model: nn.Module) -> list[ModuleEdit]:
+    """The ``bsn`` method: learn the masks of every target jointly (:func:`~kfac_edit.bsn.learn_masks`), apply them."""
+    from .bsn import learn_masks, masked_weight
+
+    if bsn is None:
+        raise UserError("method bsn learns from data: give --forget FILE (records to remove) and --clean-data SOURCE")
+    t0 = time.perf_counter()
+    masks = learn_masks(model, targets, bsn.data, bsn.config)
+    seconds = (time.perf_counter() - t0) / max(1, len(targets))
+    records = []
+    for proj, keep in targets:
+        weight = proj.weight().detach()
+        new_weight = masked_weight(proj, masks[proj.name])
+        wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        norm = float(weight.to(wide).norm())
+        change = float((new_weight.to(wide) - weight.to(wide)).norm()) / norm if norm > 0 else 0.0
+        kept = int(masks[proj.name].sum())
+        originals[proj.name] = proj.module.weight.detach().to("cpu", copy=True)
+        proj.set_weight(new_weight)
+        records.append(ModuleEdit(
+            name=proj.name, block=proj.block, kind=proj.kind, shape=proj.shape, method=Method.BSN.value,
+            keep_mass=keep, mass_fraction=None, pairs_kept=kept, pairs_total=weight.numel(),
+            pairs_fraction=kept / weight.numel(), grad_vectors_used=None, act_vectors_used=None,
+            weight_change=change, eigen_seconds=0.0, seconds=round(seconds, 4),
+        ))
+    return records
+
+
+def apply_edit(model: nn.Module, factors, spec: EditSpec, cache: EigenCache | None = None, bsn=None) -> EditReport:
     """Edit ``model`` in place as ``spec`` says and return an :class:`EditReport`.
+
+    ``bsn`` (a :class:`~kfac_edit.bsn.BsnInputs`: forget records, clean text, hyper-parameters) is needed by the
+    ``bsn`` method only, which learns one mask per target jointly (``keep_mass`` = share of entries kept).
 
     Every check (blocks, projection kinds, factors present and of the right shape) runs before any weight
     changes. A model edited earlier is first restored: edits never compound, so a sweep just calls this again.
@@ -277,7 +308,10 @@ def apply_edit(model: nn.Module, factors, spec: EditSpec, cache: EigenCache | No
     model.__dict__[ORIGINALS_ATTR] = originals  # a plain attribute: not a buffer, so never saved with the model
     modules: list[ModuleEdit] = []
     try:
-        for proj, keep_mass in tqdm(targets, desc=f"edit ({spec.method})", unit="module", disable=None):
+        if spec.method is Method.BSN:
+            modules = _bsn_edits(targets, bsn, originals, model)
+        for proj, keep_mass in tqdm(targets if spec.method is not Method.BSN else [], desc=f"edit ({spec.method})",
+                                    unit="module", disable=None):
             modules.append(_edit_one(proj, keep_mass, spec, factors, cache, originals))
     except BaseException:  # a failure part-way (NaN factors, out of memory, Ctrl-C) leaves the model as it was
         restore(model)

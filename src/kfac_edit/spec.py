@@ -47,18 +47,26 @@ class Method(_Choice):
     * ``kfac-independent``: keep the top eigenvectors of ``G`` and of ``A`` each holding ``keep_mass`` of its trace;
     * ``svd``: data-free baseline, keep the top singular directions of ``W`` holding ``keep_mass`` of Σσ²;
     * ``random``: control, keep as many coefficients as ``kfac`` would, at random positions in a random orthogonal
-      basis pair.
+      basis pair;
+    * ``bsn``: BalancedSubnet (Sakarvadia et al.), a learned mask keeping ``keep_mass`` of the entries of ``W``,
+      trained to raise the loss on forget records and keep it on clean text (:mod:`kfac_edit.bsn`; needs data).
     """
 
     KFAC = "kfac"
     KFAC_INDEPENDENT = "kfac-independent"
     SVD = "svd"
     RANDOM = "random"
+    BSN = "bsn"
 
     @property
     def needs_factors(self) -> bool:
-        """Every method but ``svd`` reads the K-FAC factors (``random`` sizes its edit by ``kfac``'s)."""
-        return self is not Method.SVD
+        """Every method but ``svd`` and ``bsn`` reads the K-FAC factors (``random`` sizes its edit by ``kfac``'s)."""
+        return self not in (Method.SVD, Method.BSN)
+
+    @property
+    def needs_data(self) -> bool:
+        """``bsn`` learns from forget records and clean text (:class:`~kfac_edit.bsn.BsnInputs`)."""
+        return self is Method.BSN
 
 
 class LabelMode(_Choice):
