@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +91,40 @@ def test_learn_masks_is_deterministic_and_leaves_the_model_alone(tiny_model):
     assert torch.equal(targets[0][0].module.weight, before)
     assert all(p.requires_grad for p in tiny_model.parameters())
     assert int((~first[name]).sum()) == int(0.2 * before.numel() + 1e-9)
+
+
+from test_sweep import _argv, sweep_inputs  # noqa: E402,F401  (the tiny model, factors and records of test_sweep)
+
+
+def test_sweep_and_edit_cli_run_bsn_and_refuse_bad_data(sweep_inputs, tmp_path, capsys):
+    from kfac_edit.cli import main
+
+    inp, out = sweep_inputs, tmp_path / "bsn"
+    argv = _argv(inp, out, "--method", "kfac,bsn", "--keep-mass", "bsn=0.8", "--group", "0-1",
+                 "--clean-data", str(inp["text"]), "--bsn-epochs", "2", "--bsn-batch-size", "8")
+    assert main(argv) == 0
+    capsys.readouterr()
+    lines = read_jsonl(out / "results.jsonl")
+    assert [r["id"] for r in lines] == ["base", "kfac|b0-1|gate,up|k0.3", "kfac|b0-1|gate,up|k0.9",
+                                        "bsn|b0-1|gate,up|k0.8"]
+    edit = lines[-1]["edit"]["modules"]
+    assert len(edit) == 4 and all(m["pairs_fraction"] == pytest.approx(0.8, abs=5e-3) for m in edit)
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["identity"]["bsn"]["epochs"] == 2 and sweep["identity"]["bsn"]["loss_weight"] == 0.05
+    # the held-out records as the forget set: refused, one line, exit 2, nothing written
+    heldout = out / "split" / "heldout.jsonl"
+    for extra, message in (([*argv[argv.index("--method"):], "--forget", str(heldout)], "shares"),
+                           (["--method", "bsn", "--keep-mass", "bsn=0.8"], "--clean-data SOURCE")):
+        bad = _argv(inp, tmp_path / "bad", *extra)
+        assert main(bad) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()
+    assert main(["edit", "--model", str(inp["model"]), "--layers-json", '{"0": {"up": 0.9}}', "--method", "bsn",
+                 "--out", str(tmp_path / "edited"), "--device", "cpu"]) == 2
+    assert "--forget FILE" in capsys.readouterr().err and not (tmp_path / "edited").exists()
+    assert main(["edit", "--model", str(inp["model"]), "--layers-json", '{"0": {"up": 0.9}}', "--method", "bsn",
+                 "--forget", str(inp["mem"]), "--clean-data", str(inp["text"]), "--bsn-epochs", "1",
+                 "--out", str(tmp_path / "edited"), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "edited" / "edit_report.json").read_text())
+    assert report["method"] == "bsn" and report["modules"][0]["pairs_fraction"] == pytest.approx(0.9, abs=5e-3)

@@ -373,12 +373,14 @@ def edit_model_dir(
     device: str | None = "auto",
     dtype: str = "auto",
     cache_dir: str | os.PathLike | None = None,
+    bsn: tuple | None = None,
 ) -> EditReport:
     """What ``kfac-edit edit`` does: load, check everything, edit, save ``out_dir`` (nothing is written on error).
 
     ``cache_dir`` defaults to :func:`~kfac_edit.eigen.default_cache_dir`. Under ``torchrun`` (``WORLD_SIZE > 1``)
     the ranks first share the eigendecompositions out by cost, each computing its part, then every rank edits from
-    its filled cache and only the main rank writes ``out_dir``.
+    its filled cache and only the main rank writes ``out_dir``. ``bsn``: ``(forget records file, clean-text
+    SOURCE, BsnConfig)`` for method ``bsn``.
     """
     check_edit_inputs(spec, factors_dir)
     check_output_dir(out_dir, source=model)
@@ -390,7 +392,15 @@ def edit_model_dir(
         if ctx.enabled and factors is not None:
             names = [p.name for p, _ in resolve_targets(net, spec)]
             distributed_eigendecompose(factors, names, cache, ctx, device=next(net.parameters()).device)
-        report = apply_edit(net, factors, spec, cache=cache)
+        inputs = None
+        if bsn is not None:
+            from .bsn import BsnInputs, load_bsn_data
+
+            forget, clean, bsn_config = bsn
+            tokenizer = load_tokenizer_as_saved(model)
+            vocab = net.get_input_embeddings().num_embeddings
+            inputs = BsnInputs(load_bsn_data(forget, clean, tokenizer, bsn_config, vocab_size=vocab), bsn_config)
+        report = apply_edit(net, factors, spec, cache=cache, bsn=inputs)
         report.factor_manifest.setdefault("directory", str(factors_dir) if factors_dir is not None else None)
         if ctx.is_main:
             save_edited(net, load_tokenizer_as_saved(model), out_dir, report)

@@ -23,9 +23,38 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
         help="kfac: top pairs of G ⊗ A (the default, unless a layers file written as {method, seed, layers} "
         "names another); kfac-independent: top eigenvectors of G and of A separately; "
         "svd: top singular directions of W holding keep_mass of Σσ² (data-free baseline); random: as many "
-        "coefficients as kfac, random positions in a random orthogonal basis (control)",
+        "coefficients as kfac, random positions in a random orthogonal basis (control); bsn: BalancedSubnet, a "
+        "learned mask keeping keep_mass of the entries (needs --forget and --clean-data)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the random method's bases (default 0)")
+
+
+def add_bsn_arguments(p: argparse.ArgumentParser, forget_help: str) -> None:
+    """The data and hyper-parameters of method bsn (:class:`~kfac_edit.bsn.BsnConfig`): --forget, --clean-data,
+    --bsn-epochs, --bsn-lr ... (defaults: the paper's reference implementation)."""
+    from dataclasses import fields
+
+    from ..bsn import BsnConfig
+
+    g = p.add_argument_group("method bsn (BalancedSubnet)")
+    g.add_argument("--forget", metavar="FILE", help=forget_help)
+    g.add_argument("--clean-data", metavar="SOURCE", help="clean text whose loss bsn keeps (e.g. the training "
+                   "mixture); local jsonl/txt/parquet or hf:NAME")
+    for f in fields(BsnConfig):
+        kind = int if f.name in ("epochs", "batch_size", "clean_seq_len", "max_clean_tokens", "seed") else float
+        default = f.default
+        g.add_argument(f"--bsn-{f.name.replace('_', '-')}", dest=f"bsn_{f.name}", type=kind, default=default,
+                       help=f"{f.metadata['help']} (default {default})")
+
+
+def bsn_config_from_args(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from ..bsn import BsnConfig
+
+    config = BsnConfig(**{f.name: getattr(args, f"bsn_{f.name}") for f in fields(BsnConfig)})
+    config.validate()
+    return config
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -55,6 +84,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", required=True, metavar="EDITED_DIR", help="directory to write (new, or an earlier edit)")
     add_spec_arguments(p)
+    add_bsn_arguments(p, "memorized records (JSONL) bsn learns to forget; needed by method bsn")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument(
         "--dtype",
@@ -77,6 +107,14 @@ def run(args: argparse.Namespace) -> int:
     from ..edit import edit_model_dir
 
     spec = spec_from_args(args)
+    bsn = None
+    if spec.method.needs_data:
+        from ..errors import UserError
+
+        if not args.forget or not args.clean_data:
+            raise UserError("method bsn learns from data: pass --forget FILE (records to remove) and --clean-data "
+                            "SOURCE (text to keep)")
+        bsn = (args.forget, args.clean_data, bsn_config_from_args(args))
     report = edit_model_dir(
         args.model,
         spec,
@@ -85,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         cache_dir=args.cache_dir,
+        bsn=bsn,
     )
     print(report.summary())
     print(f"wrote {Path(args.out) / EDIT_REPORT_FILE} and the edited model in {args.out}")
