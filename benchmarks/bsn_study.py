@@ -2,7 +2,7 @@
 
 One :func:`kfac_edit.sweep.run_sweep` per testbed with the methods ``kfac``, ``svd`` and ``bsn``, each over its own
 keep_mass grid, on one block group (gate, up and down of every block), the canaries split into a selection half and a
-held-out half (seed 0). BSN learns its masks from the selection half only (the sweep's default forget set) and
+held-out half (``--seed``, default 0). BSN learns its masks from the selection half only (the sweep's default forget set) and
 from the same unlabeled text the K-FAC factors are collected on (the testbed's factor corpus) as clean text. A
 second sweep runs ``bsn`` again with the paper's defaults as they are (5 epochs), labelled ``bsn-5ep``. For each
 method and perplexity budget (+5/+10/+20% over the unedited model, on the held-out text), the point with the lowest
@@ -61,9 +61,11 @@ def main(argv=None) -> int:
                    "second sweep keeps 5)")
     p.add_argument("--bsn-max-clean-tokens", type=int, default=20_000)
     p.add_argument("--factor-tokens", type=int, default=200_000)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the sampled labels and bsn")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    out = Path(args.out or f"benchmarks/results/bsn_study_{args.testbed}.json")
+    suffix = f"_seed{args.seed}" if args.seed else ""
+    out = Path(args.out or f"benchmarks/results/bsn_study_{args.testbed}{suffix}.json")
     torch.set_num_threads(1)
 
     from kfac_edit.bsn import BsnConfig
@@ -84,14 +86,14 @@ def main(argv=None) -> int:
     with Clock() as c:
         batches = token_batches(str(factor_corpus), tok, seq_len=window, batch_size=128,
                                 max_tokens=args.factor_tokens, with_index=True)
-        factors = collect_factors(model, batches, layers=blocks, kinds=list(kinds), labels="sampled", seed=0,
+        factors = collect_factors(model, batches, layers=blocks, kinds=list(kinds), labels="sampled", seed=args.seed,
                                   max_tokens=args.factor_tokens, progress=False)
     timings["collect"] = c.timing.as_dict()
     evaluation = EvalConfig(memorized=[str(paths.memorized)], perplexity_data=str(paths.clean), prefix_len=None,
                             suffix_len=None, ppl_block=window, batch_size=128)
-    bsn_main = BsnConfig(epochs=args.bsn_epochs, max_clean_tokens=args.bsn_max_clean_tokens)
-    bsn_paper = BsnConfig(max_clean_tokens=args.bsn_max_clean_tokens)
-    common = dict(projection_sets=[kinds], groups=[tuple(blocks)], holdout_fraction=0.5, seed=0,
+    bsn_main = BsnConfig(epochs=args.bsn_epochs, max_clean_tokens=args.bsn_max_clean_tokens, seed=args.seed)
+    bsn_paper = BsnConfig(max_clean_tokens=args.bsn_max_clean_tokens, seed=args.seed)
+    common = dict(projection_sets=[kinds], groups=[tuple(blocks)], holdout_fraction=0.5, seed=args.seed,
                   capability=[str(paths.rule_heldout)], clean_data=str(factor_corpus), ppl_budget=1.2)
     sweeps = {
         "main": SweepConfig(methods=["kfac", "svd", "bsn"], keep_masses=list(KFAC_GRID),
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
         "factor_tokens": args.factor_tokens,
         "bsn": {"main": dataclasses.asdict(bsn_main), "bsn-5ep": dataclasses.asdict(bsn_paper),
                 "clean_data": "the factor corpus", "forget": "the selection half of the canaries"},
-        "split": {"holdout_fraction": 0.5, "seed": 0},
+        "split": {"holdout_fraction": 0.5, "seed": args.seed},
         "base": {"perplexity": base.perplexity, "heldout_strict": base.metrics["heldout_strict"],
                  "selection_strict": base.metrics["selection_strict"], "capability": base.metrics.get(capability)},
         "capability_metric": capability,
