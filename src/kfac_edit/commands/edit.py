@@ -57,6 +57,19 @@ def bsn_config_from_args(args: argparse.Namespace):
     return config
 
 
+def bsn_inputs_from_args(spec, args: argparse.Namespace):
+    """``(forget FILE, clean SOURCE, BsnConfig)`` when ``spec``'s method is bsn (a one-line error without the data),
+    else ``None``."""
+    if not spec.method.needs_data:
+        return None
+    from ..errors import UserError
+
+    if not args.forget or not args.clean_data:
+        raise UserError("method bsn learns from data: pass --forget FILE (records to remove) and --clean-data "
+                        "SOURCE (text to keep)")
+    return args.forget, args.clean_data, bsn_config_from_args(args)
+
+
 def spec_from_args(args: argparse.Namespace):
     """The :class:`~kfac_edit.spec.EditSpec` that ``add_spec_arguments``' options describe."""
     from ..spec import EditSpec
@@ -107,14 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from ..edit import edit_model_dir
 
     spec = spec_from_args(args)
-    bsn = None
-    if spec.method.needs_data:
-        from ..errors import UserError
-
-        if not args.forget or not args.clean_data:
-            raise UserError("method bsn learns from data: pass --forget FILE (records to remove) and --clean-data "
-                            "SOURCE (text to keep)")
-        bsn = (args.forget, args.clean_data, bsn_config_from_args(args))
+    bsn = bsn_inputs_from_args(spec, args)
     report = edit_model_dir(
         args.model,
         spec,
