@@ -206,6 +206,13 @@ def _module_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
+def _weight_change(weight: torch.Tensor, new_weight: torch.Tensor) -> float:
+    """``‖W' − W‖ / ‖W‖`` (Frobenius, in fp32 or fp64); 0 for a zero ``W``."""
+    wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    norm = float(weight.to(wide).norm())
+    return float((new_weight.to(wide) - weight.to(wide)).norm()) / norm if norm > 0 else 0.0
+
+
 def _edit_one(
     proj: Projection, keep_mass: float, spec: EditSpec, factors, cache: EigenCache, originals: dict[str, torch.Tensor]
 ) -> ModuleEdit:
@@ -232,9 +239,7 @@ def _edit_one(
         n_keep = int(select_pairs(grad_eig.values, act_eig.values, keep_mass).sum())
         new_weight = random_basis_edit(weight, n_keep, seed=_module_seed(spec.seed, proj.name))
         kept = (None, n_keep, out_dim * in_dim, None, None)
-    wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    norm = float(weight.to(wide).norm())
-    change = float((new_weight.to(wide) - weight.to(wide)).norm()) / norm if norm > 0 else 0.0
+    change = _weight_change(weight, new_weight)
     originals[proj.name] = proj.module.weight.detach().to("cpu", copy=True)
     proj.set_weight(new_weight)
     mass_fraction, pairs_kept, pairs_total, grad_used, act_used = kept
@@ -262,9 +267,7 @@ def _bsn_edits(targets, bsn, originals: dict[str, torch.Tensor], model: nn.Modul
     for proj, keep in targets:
         weight = proj.weight().detach()
         new_weight = masked_weight(proj, masks[proj.name])
-        wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        norm = float(weight.to(wide).norm())
-        change = float((new_weight.to(wide) - weight.to(wide)).norm()) / norm if norm > 0 else 0.0
+        change = _weight_change(weight, new_weight)
         kept = int(masks[proj.name].sum())
         originals[proj.name] = proj.module.weight.detach().to("cpu", copy=True)
         proj.set_weight(new_weight)

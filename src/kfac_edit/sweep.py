@@ -78,7 +78,7 @@ class SweepConfig:
     )
     methods: list[str] = field(
         default_factory=lambda: ["kfac"],
-        metadata={"help": "edit methods to sweep (kfac, kfac-independent, svd, random)"},
+        metadata={"help": "edit methods to sweep (kfac, kfac-independent, svd, random, bsn)"},
     )
     method_keep_masses: dict[str, list[float]] = field(
         default_factory=dict, metadata={"help": "per-method keep_mass grids replacing keep_masses, e.g. svd=0.7,0.8"}
