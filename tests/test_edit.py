@@ -92,8 +92,8 @@ def test_spec_unknown_method():
 
 
 def test_method_and_label_mode_enums():
-    assert [m.value for m in Method] == ["kfac", "kfac-independent", "svd", "random", "ekfac"]
-    assert [m.needs_factors for m in Method] == [True, True, False, True, True]
+    assert [m.value for m in Method] == ["kfac", "kfac-independent", "svd", "random", "ekfac", "bsn"]
+    assert [m.needs_factors for m in Method] == [True, True, False, True, True, False]
     assert [m.value for m in LabelMode] == ["sampled", "gold"]
     with pytest.raises(UserError, match="unknown label mode 'true'; use one of sampled, gold"):
         LabelMode.parse("true", "label mode")

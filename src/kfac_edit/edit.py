@@ -277,6 +277,13 @@ def check_protection(model: nn.Module, targets: list[tuple[Projection, float]], 
     check_factors(targets, protect, where=where)
 
 
+def _weight_change(weight: torch.Tensor, new_weight: torch.Tensor) -> float:
+    """``‖W' − W‖ / ‖W‖`` (Frobenius, in fp32 or fp64); 0 for a zero ``W``."""
+    wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    norm = float(weight.to(wide).norm())
+    return float((new_weight.to(wide) - weight.to(wide)).norm()) / norm if norm > 0 else 0.0
+
+
 def _edit_one(
     proj: Projection, keep_mass: float, spec: EditSpec, factors, cache: EigenCache, originals: dict[str, torch.Tensor],
     ekfac=None, protect: Protection | None = None,
@@ -326,9 +333,7 @@ def _edit_one(
         n_keep = int(select_pairs(grad_eig.values, act_eig.values, keep_mass).sum())
         new_weight = random_basis_edit(weight, n_keep, seed=_module_seed(spec.seed, proj.name))
         kept = (None, n_keep, out_dim * in_dim, None, None)
-    wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    norm = float(weight.to(wide).norm())
-    change = float((new_weight.to(wide) - weight.to(wide)).norm()) / norm if norm > 0 else 0.0
+    change = _weight_change(weight, new_weight)
     originals[proj.name] = proj.module.weight.detach().to("cpu", copy=True)
     proj.set_weight(new_weight)
     mass_fraction, pairs_kept, pairs_total, grad_used, act_used = kept
@@ -343,14 +348,42 @@ def _edit_one(
     return record
 
 
+def _bsn_edits(targets, bsn, originals: dict[str, torch.Tensor], model: nn.Module) -> list[ModuleEdit]:
+    """The ``bsn`` method: learn the masks of every target jointly (:func:`~kfac_edit.bsn.learn_masks`), apply them."""
+    from .bsn import learn_masks, masked_weight
+
+    if bsn is None:
+        raise UserError("method bsn learns from data: give --forget FILE (records to remove) and --clean-data SOURCE")
+    t0 = time.perf_counter()
+    masks = learn_masks(model, targets, bsn.data, bsn.config)
+    seconds = (time.perf_counter() - t0) / max(1, len(targets))
+    records = []
+    for proj, keep in targets:
+        weight = proj.weight().detach()
+        new_weight = masked_weight(proj, masks[proj.name])
+        change = _weight_change(weight, new_weight)
+        kept = int(masks[proj.name].sum())
+        originals[proj.name] = proj.module.weight.detach().to("cpu", copy=True)
+        proj.set_weight(new_weight)
+        records.append(ModuleEdit(
+            name=proj.name, block=proj.block, kind=proj.kind, shape=proj.shape, method=Method.BSN.value,
+            keep_mass=keep, mass_fraction=None, pairs_kept=kept, pairs_total=weight.numel(),
+            pairs_fraction=kept / weight.numel(), grad_vectors_used=None, act_vectors_used=None,
+            weight_change=change, eigen_seconds=0.0, seconds=round(seconds, 4),
+        ))
+    return records
+
+
 def apply_edit(
     model: nn.Module, factors, spec: EditSpec, cache: EigenCache | None = None, *, ekfac=None,
-    protect: Protection | None = None,
+    protect: Protection | None = None, bsn=None,
 ) -> EditReport:  # fmt: skip
     """Edit ``model`` in place as ``spec`` says and return an :class:`EditReport`.
 
     ``ekfac``: the :class:`~kfac_edit.factors.ekfac.Ekfac` eigenvalues of ``factors`` (needed by ``ekfac``; checked
     to be in their eigenbasis). ``protect``: a :class:`Protection` (its selection is kept too, see there).
+    ``bsn`` (a :class:`~kfac_edit.bsn.BsnInputs`: forget records, clean text, hyper-parameters) is needed by the
+    ``bsn`` method only, which learns one mask per target jointly (``keep_mass`` = share of entries kept).
 
     Every check (blocks, projection kinds, factors present and of the right shape) runs before any weight
     changes. A model edited earlier is first restored: edits never compound, so a sweep just calls this again.
@@ -385,7 +418,10 @@ def apply_edit(
     model.__dict__[ORIGINALS_ATTR] = originals  # a plain attribute: not a buffer, so never saved with the model
     modules: list[ModuleEdit] = []
     try:
-        for proj, keep_mass in tqdm(targets, desc=f"edit ({spec.method})", unit="module", disable=None):
+        if spec.method is Method.BSN:
+            modules = _bsn_edits(targets, bsn, originals, model)
+        for proj, keep_mass in tqdm(targets if spec.method is not Method.BSN else [], desc=f"edit ({spec.method})",
+                                    unit="module", disable=None):
             modules.append(_edit_one(proj, keep_mass, spec, factors, cache, originals, ekfac, protect))
     except BaseException:  # a failure part-way (NaN factors, out of memory, Ctrl-C) leaves the model as it was
         restore(model)
@@ -449,12 +485,14 @@ def edit_model_dir(
     cache_dir: str | os.PathLike | None = None,
     protect_dir: str | os.PathLike | None = None,
     protect_weight: float = DEFAULT_PROTECT_WEIGHT,
+    bsn: tuple | None = None,
 ) -> EditReport:
     """What ``kfac-edit edit`` does: load, check everything, edit, save ``out_dir`` (nothing is written on error).
 
     ``cache_dir`` defaults to :func:`~kfac_edit.eigen.default_cache_dir`. Under ``torchrun`` (``WORLD_SIZE > 1``)
     the ranks first share the eigendecompositions out by cost, each computing its part, then every rank edits from
-    its filled cache and only the main rank writes ``out_dir``.
+    its filled cache and only the main rank writes ``out_dir``. ``bsn``: ``(forget records file, clean-text
+    SOURCE, BsnConfig)`` for method ``bsn``.
     """
     check_edit_inputs(spec, factors_dir)
     check_output_dir(out_dir, source=model)
@@ -482,7 +520,15 @@ def edit_model_dir(
             ekfac = Ekfac.load(factors_dir, names=[p.name for p, _ in resolve_targets(net, spec)])
         if protect_dir is not None:
             protect = Protection(load_protect_factors(net, spec, protect_dir), protect_weight)
-        report = apply_edit(net, factors, spec, cache=cache, ekfac=ekfac, protect=protect)
+        inputs = None
+        if bsn is not None:
+            from .bsn import BsnInputs, load_bsn_data
+
+            forget, clean, bsn_config = bsn
+            tokenizer = load_tokenizer_as_saved(model)
+            vocab = net.get_input_embeddings().num_embeddings
+            inputs = BsnInputs(load_bsn_data(forget, clean, tokenizer, bsn_config, vocab_size=vocab), bsn_config)
+        report = apply_edit(net, factors, spec, cache=cache, ekfac=ekfac, protect=protect, bsn=inputs)
         if protect_dir is not None:
             report.factor_manifest["protect"] = {"directory": str(protect_dir), "weight": protect_weight}
         report.factor_manifest.setdefault("directory", str(factors_dir) if factors_dir is not None else None)

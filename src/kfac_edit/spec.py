@@ -50,6 +50,8 @@ class Method(_Choice):
       basis pair;
     * ``ekfac``: as ``kfac`` in the same eigenbasis, pairs ranked by their EK-FAC second moment
       ``E[(u_G[i]ᵀ g aᵀ u_A[j])²]`` (``collect --ekfac``, :mod:`kfac_edit.factors.ekfac`) instead of ``λ_i·μ_j``.
+    * ``bsn``: BalancedSubnet (Sakarvadia et al.), a learned mask keeping ``keep_mass`` of the entries of ``W``,
+      trained to raise the loss on forget records and keep it on clean text (:mod:`kfac_edit.bsn`; needs data).
     """
 
     KFAC = "kfac"
@@ -57,11 +59,17 @@ class Method(_Choice):
     SVD = "svd"
     RANDOM = "random"
     EKFAC = "ekfac"
+    BSN = "bsn"
 
     @property
     def needs_factors(self) -> bool:
-        """Every method but ``svd`` reads the K-FAC factors (``random`` sizes its edit by ``kfac``'s)."""
-        return self is not Method.SVD
+        """Every method but ``svd`` and ``bsn`` reads the K-FAC factors (``random`` sizes its edit by ``kfac``'s)."""
+        return self not in (Method.SVD, Method.BSN)
+
+    @property
+    def needs_data(self) -> bool:
+        """``bsn`` learns from forget records and clean text (:class:`~kfac_edit.bsn.BsnInputs`)."""
+        return self is Method.BSN
 
 
 class LabelMode(_Choice):

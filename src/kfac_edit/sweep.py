@@ -43,6 +43,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .bsn import BsnConfig
 from .constants import BEST_FILE, PROVENANCE_FILE, RECORDS_FILE, RESULTS_FILE, SPECTRA_FILE, SPLIT_DIR, SWEEP_FILE
 from .edit import apply_edit, check_factors, resolve_targets, restore
 from .eigen import EigenCache
@@ -77,7 +78,7 @@ class SweepConfig:
     )
     methods: list[str] = field(
         default_factory=lambda: ["kfac"],
-        metadata={"help": "edit methods to sweep (kfac, kfac-independent, svd, random)"},
+        metadata={"help": "edit methods to sweep (kfac, kfac-independent, svd, random, bsn)"},
     )
     method_keep_masses: dict[str, list[float]] = field(
         default_factory=dict, metadata={"help": "per-method keep_mass grids replacing keep_masses, e.g. svd=0.7,0.8"}
@@ -97,6 +98,13 @@ class SweepConfig:
                                 "(metrics: perplexity and memorization_skipped; never chosen)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the held-out split and of the random method"})
+    clean_data: str | None = field(
+        default=None, metadata={"help": "clean text (SOURCE) whose loss bsn keeps; needed by method bsn"}
+    )
+    forget: str | None = field(
+        default=None, metadata={"help": "records bsn learns to forget (default: the selection part of the split)"}
+    )
+    bsn: BsnConfig = field(default_factory=BsnConfig, metadata={"help": "hyper-parameters of method bsn"})
 
     def keep_masses_of(self, method: str) -> list[float]:
         return list(self.method_keep_masses.get(method, self.keep_masses))
@@ -132,6 +140,10 @@ class SweepConfig:
             raise UserError(f"--ppl-budget {self.ppl_budget} must be a positive number, e.g. 1.2")
         if self.blocks is not None and not self.blocks:
             raise UserError("--blocks names no block; give e.g. 20-27")
+        if Method.BSN.value in self.methods:
+            if not self.clean_data:
+                raise UserError("method bsn needs clean text: pass --clean-data SOURCE (e.g. the training mixture)")
+            self.bsn.validate()
 
 
 def block_groups(blocks: Sequence[int], max_combo: int) -> list[tuple[int, ...]]:
@@ -284,6 +296,8 @@ def _identity(model, factors, config: SweepConfig, eval_config) -> dict[str, Any
         "capability": list(config.capability),
         "skip_over": config.skip_over,
         "eval": eval_settings,
+        **({"bsn": {**asdict(config.bsn), "clean_data": config.clean_data, "forget": config.forget}}
+           if Method.BSN.value in config.methods else {}),
     }
 
 
@@ -399,6 +413,7 @@ def run_sweep(
         names = sorted({proj.name for proj, _ in targets})  # factors that cannot edit fail here
         for name in tqdm(names, desc="eigendecompositions", unit="module", disable=None):
             cache.get(factors, name)  # once for the whole sweep (memory, else disk)
+    bsn_inputs = _bsn_inputs(config, split_records_, eval_config, tokenizer, model)  # checks before any file
     out.mkdir(parents=True, exist_ok=True)
     split = None
     evaluated_sets = list(eval_config.memorized)
@@ -474,7 +489,8 @@ def run_sweep(
         t0 = time.perf_counter()
         try:
             spec = point_spec(point, config.seed)
-            report = apply_edit(model, factors if spec.needs_factors else None, spec, cache=cache)
+            report = apply_edit(model, factors if spec.needs_factors else None, spec, cache=cache,
+                                bsn=bsn_inputs if spec.method is Method.BSN else None)
             metrics = measure(ppl_limit)
         finally:
             restore(model)
@@ -533,6 +549,36 @@ def _read_split(eval_config, config: SweepConfig) -> tuple[list[dict], list[dict
         except ValueError as exc:
             raise UserError(f"{path} is not valid JSONL ({exc}); fix or remove the broken line") from None
     return split_records(records, config.holdout_fraction, config.seed)
+
+
+def _bsn_inputs(config: SweepConfig, split: tuple[list[dict], list[dict]] | None, eval_config, tokenizer, model):
+    """The data of method bsn (``None`` when the sweep does not run it): the forget records are ``config.forget``
+    (refused when it shares a record with the held-out part) or else the selection part (every memorized record
+    without a split); the clean text is ``config.clean_data``. ``split``: the (selection, held-out) records."""
+    from .bsn import BsnInputs, check_disjoint, load_bsn_data
+    from .evaluate.records import _parse_record, load_records
+
+    if Method.BSN.value not in config.methods:
+        return None
+    vocab = model.get_input_embeddings().num_embeddings
+
+    def read(path):
+        return load_records(path, tokenizer=tokenizer, prefix_len=eval_config.prefix_len,
+                            suffix_len=eval_config.suffix_len, vocab_size=vocab)
+
+    def parse(records, part):
+        return [_parse_record(r, f"{part} record {i + 1}", tokenizer, eval_config.prefix_len, eval_config.suffix_len,
+                              vocab) for i, r in enumerate(records)]
+
+    if config.forget is not None:
+        forget = read(config.forget)
+        if split is not None:
+            check_disjoint(forget, parse(split[1], HELDOUT), where=f"--forget {config.forget}")
+    elif split is not None:
+        forget = parse(split[0], SELECTION)
+    else:
+        forget = [r for path in eval_config.memorized for r in read(path)]
+    return BsnInputs(load_bsn_data(forget, config.clean_data, tokenizer, config.bsn, vocab_size=vocab), config.bsn)
 
 
 def _duration(seconds: float) -> str:

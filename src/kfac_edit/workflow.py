@@ -70,10 +70,12 @@ def run_workflow(
     out_dir: str | Path,
     skip_baseline: bool = False,
     results: str | Path | None = None,
+    bsn=None,
 ) -> dict:
     """Evaluate, edit, save, evaluate again; return the summary line (also appended to the results JSONL).
 
     ``model`` is edited in place. ``config.out`` is ignored: evaluation records go to ``DIR/evals.jsonl``.
+    ``bsn``: the :class:`~kfac_edit.bsn.BsnInputs` of method bsn.
     """
     started = time.time()
     paths = run_paths(out_dir, results)
@@ -107,7 +109,7 @@ def run_workflow(
                                          "k": config.ndcg_k, "seq_len": config.ndcg_seq_len,
                                          "note": "the base model is the reference"}
 
-    report = apply_edit(model, factors, spec, cache=cache)
+    report = apply_edit(model, factors, spec, cache=cache, bsn=bsn)
     report.factor_manifest.setdefault("directory", str(factors_dir) if factors_dir is not None else None)
     save_edited(model, load_tokenizer_as_saved(model_path), paths.edited, report)
     after = evaluated(dataclasses.replace(base_config, model=str(paths.edited)), reference_topk=reference_topk,

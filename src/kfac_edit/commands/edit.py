@@ -24,9 +24,51 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
         "names another); kfac-independent: top eigenvectors of G and of A separately; "
         "svd: top singular directions of W holding keep_mass of Σσ² (data-free baseline); random: as many "
         "coefficients as kfac, random positions in a random orthogonal basis (control); ekfac: as kfac, pairs "
-        "ranked by their EK-FAC second moments (needs `collect --ekfac`)",
+        "ranked by their EK-FAC second moments (needs `collect --ekfac`); bsn: BalancedSubnet, a "
+        "learned mask keeping keep_mass of the entries (needs --forget and --clean-data)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the random method's bases (default 0)")
+
+
+def add_bsn_arguments(p: argparse.ArgumentParser, forget_help: str) -> None:
+    """The data and hyper-parameters of method bsn (:class:`~kfac_edit.bsn.BsnConfig`): --forget, --clean-data,
+    --bsn-epochs, --bsn-lr ... (defaults: the paper's reference implementation)."""
+    from dataclasses import fields
+
+    from ..bsn import BsnConfig
+
+    g = p.add_argument_group("method bsn (BalancedSubnet)")
+    g.add_argument("--forget", metavar="FILE", help=forget_help)
+    g.add_argument("--clean-data", metavar="SOURCE", help="clean text whose loss bsn keeps (e.g. the training "
+                   "mixture); local jsonl/txt/parquet or hf:NAME")
+    for f in fields(BsnConfig):
+        kind = int if f.name in ("epochs", "batch_size", "clean_seq_len", "max_clean_tokens", "seed") else float
+        default = f.default
+        g.add_argument(f"--bsn-{f.name.replace('_', '-')}", dest=f"bsn_{f.name}", type=kind, default=default,
+                       help=f"{f.metadata['help']} (default {default})")
+
+
+def bsn_config_from_args(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from ..bsn import BsnConfig
+
+    config = BsnConfig(**{f.name: getattr(args, f"bsn_{f.name}") for f in fields(BsnConfig)})
+    config.validate()
+    return config
+
+
+def bsn_inputs_from_args(spec, args: argparse.Namespace):
+    """``(forget FILE, clean SOURCE, BsnConfig)`` when ``spec``'s method is bsn (a one-line error without the data),
+    else ``None``."""
+    if not spec.method.needs_data:
+        return None
+    from ..errors import UserError
+
+    if not args.forget or not args.clean_data:
+        raise UserError("method bsn learns from data: pass --forget FILE (records to remove) and --clean-data "
+                        "SOURCE (text to keep)")
+    return args.forget, args.clean_data, bsn_config_from_args(args)
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -56,6 +98,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", required=True, metavar="EDITED_DIR", help="directory to write (new, or an earlier edit)")
     add_spec_arguments(p)
+    add_bsn_arguments(p, "memorized records (JSONL) bsn learns to forget; needed by method bsn")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument(
         "--dtype",
@@ -93,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from ..fileio import check_output, output_lock
 
     spec = spec_from_args(args)
+    bsn = bsn_inputs_from_args(spec, args)
     check_output(args.out, "dir")
     with output_lock(args.out):
         report = edit_model_dir(
@@ -105,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             protect_dir=args.protect,
             protect_weight=args.protect_weight,
+            bsn=bsn,
         )
     print(report.summary())
     print(f"wrote {Path(args.out) / EDIT_REPORT_FILE} and the edited model in {args.out}")

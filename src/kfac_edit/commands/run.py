@@ -8,7 +8,7 @@ ORDER = 50
 
 
 def register(subparsers) -> None:
-    from .edit import add_spec_arguments
+    from .edit import add_bsn_arguments, add_spec_arguments
     from .eval import add_eval_arguments, add_model_arguments
 
     p = subparsers.add_parser(
@@ -22,6 +22,7 @@ def register(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--factors", metavar="DIR", help="K-FAC factors of MODEL (from `kfac-edit collect`); all methods but svd")
     add_spec_arguments(p)
+    add_bsn_arguments(p, "memorized records (JSONL) bsn learns to forget; needed by method bsn")
     p.add_argument("--out", default="kfac-edit-run", metavar="DIR", help="run directory (default ./kfac-edit-run)")
     p.add_argument("--results", metavar="FILE.jsonl", help="summary JSONL to append to (default DIR/runs.jsonl)")
     p.add_argument("--skip-baseline", action="store_true", help="do not evaluate the base model (after only)")
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..models import load_tokenizer
-    from .edit import spec_from_args
+    from .edit import bsn_inputs_from_args, spec_from_args
     from ..workflow import check_run_inputs, format_table, run_paths, run_workflow
     from .eval import eval_config_from_args, load_for_eval
 
@@ -43,10 +44,16 @@ def run(args: argparse.Namespace) -> int:
     check_output(paths.out_dir, "dir")
     check_output(paths.results, "file", flag="--results")
     check_run_inputs(args.model, spec, args.factors, config, paths, load_tokenizer(args.model))  # before loading
+    bsn = bsn_inputs_from_args(spec, args)  # (forget, clean, config) or None; refused before loading when missing
     with output_lock(paths.out_dir):
         model, tokenizer = load_for_eval(args)
+        if bsn is not None:
+            from ..bsn import BsnInputs, load_bsn_data
+
+            vocab = model.get_input_embeddings().num_embeddings
+            bsn = BsnInputs(load_bsn_data(bsn[0], bsn[1], tokenizer, bsn[2], vocab_size=vocab), bsn[2])
         summary = run_workflow(model, tokenizer, args.model, spec, args.factors, config, args.out,
-                               skip_baseline=args.skip_baseline, results=args.results)
+                               skip_baseline=args.skip_baseline, results=args.results, bsn=bsn)
     print(format_table(summary))
     print(f"edited model: {paths.edited}; evaluations: {paths.evals}; summary appended to {paths.results}")
     return 0

@@ -63,6 +63,10 @@ def register(subparsers) -> None:
         metavar="DIR",
         help="where eigendecompositions are cached (default: $KFAC_EDIT_CACHE/eigen, else ~/.cache/kfac-edit/eigen)",
     )
+    from .edit import add_bsn_arguments
+
+    add_bsn_arguments(p, "records bsn learns to forget (default: the selection part of the split; refused when "
+                      "they share a record with the held-out part)")
     add_eval_arguments(p)
     p.add_argument("--out", default="kfac-sweep", metavar="DIR", help="output directory (default kfac-sweep)")
     p.set_defaults(func=run)
@@ -103,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from ..fileio import check_output, output_lock
     from ..models import parse_layers, parse_projections
     from ..sweep import SweepConfig
+    from .edit import bsn_config_from_args
     from .eval import eval_config_from_args
 
     keep_masses, per_method = keep_mass_grids(args.keep_mass)
@@ -119,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         capability=list(args.capability),
         skip_over=args.skip_over,
         seed=args.seed,
+        clean_data=args.clean_data,
+        forget=args.forget,
+        bsn=bsn_config_from_args(args),
     )
     config.validate()
     eval_config = eval_config_from_args(args, None)
