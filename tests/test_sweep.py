@@ -327,3 +327,38 @@ def test_skip_over_measures_memorization_only_within_the_limit(sweep_inputs, tmp
 
     with pytest.raises(UserError, match="skip-over"):
         SweepConfig(**grid, skip_over=0.5).validate()
+
+
+def test_sweep_runs_ekfac_points_and_they_equal_a_direct_edit(sweep_inputs, tmp_path, capsys):
+    """`sweep --method ekfac` reads the EK-FAC eigenvalues beside the factors; its point equals apply_edit's."""
+    from kfac_edit.eigen import EigenCache
+    from kfac_edit.factors.ekfac import Ekfac, collect_ekfac
+    from kfac_edit.factors.store import Factors
+    from kfac_edit.models import load_model
+
+    inp = sweep_inputs
+    model, tokenizer = load_model(str(inp["model"]), dtype="float32", device="cpu")
+    factors = Factors.load(inp["factors"])
+    texts = random_number_texts(40, min_len=20, max_len=40, seed=3)
+    batches = token_batches(texts, tokenizer, seq_len=32, batch_size=8, with_index=True)
+    collect_ekfac(model, factors, batches, cache=EigenCache(None), progress=False).save(inp["factors"])
+    out = tmp_path / "ekfac"
+    assert main(_argv(inp, out, "--method", "ekfac", "--group", "0-1", "--keep-mass", "0.5",
+                      "--holdout-fraction", "0")) == 0
+    capsys.readouterr()
+    point = read_jsonl(out / "results.jsonl")[1]
+    assert point["id"] == "ekfac|b0-1|gate,up|k0.5"
+    spec = EditSpec({(b, k): 0.5 for b in (0, 1) for k in ("gate", "up")}, "ekfac")
+    report = apply_edit(model, factors, spec, ekfac=Ekfac.load(inp["factors"]))
+    metrics = evaluate(model, tokenizer, EvalConfig(memorized=[str(inp["mem"])], prefix_len=PREFIX,
+                                                    suffix_len=SUFFIX, batch_size=16))["metrics"]
+    restore(model)
+    assert point["metrics"]["strict"] == pytest.approx(point_metrics({"metrics": metrics})["strict"])
+    swept = {m["name"]: m["mass_fraction"] for m in point["edit"]["modules"]}
+    assert swept == pytest.approx({m.name: m.mass_fraction for m in report.modules}, rel=1e-9)
+    assert all(0.5 <= f < 1 for f in swept.values())  # EK-FAC mass kept, not the K-FAC product's
+    # without ekfac.safetensors beside the factors: one line, exit 2, nothing written
+    (inp["factors"] / "ekfac.safetensors").unlink()
+    assert main(_argv(inp, tmp_path / "none", "--method", "ekfac", "--group", "0-1", "--holdout-fraction", "0")) == 2
+    err = capsys.readouterr().err
+    assert "collect --ekfac" in err and "Traceback" not in err and not (tmp_path / "none").exists()

@@ -414,6 +414,7 @@ def run_sweep(
         for name in tqdm(names, desc="eigendecompositions", unit="module", disable=None):
             cache.get(factors, name)  # once for the whole sweep (memory, else disk)
     bsn_inputs = _bsn_inputs(config, split_records_, eval_config, tokenizer, model)  # checks before any file
+    method_inputs = {Method.BSN: {"bsn": bsn_inputs}, Method.EKFAC: {"ekfac": _ekfac_inputs(config, factors, targets)}}
     out.mkdir(parents=True, exist_ok=True)
     split = None
     evaluated_sets = list(eval_config.memorized)
@@ -490,7 +491,7 @@ def run_sweep(
         try:
             spec = point_spec(point, config.seed)
             report = apply_edit(model, factors if spec.needs_factors else None, spec, cache=cache,
-                                bsn=bsn_inputs if spec.method is Method.BSN else None)
+                                **method_inputs.get(spec.method, {}))
             metrics = measure(ppl_limit)
         finally:
             restore(model)
@@ -521,7 +522,8 @@ def run_sweep(
     shown = outputs_for(records) if outputs_for is not None else chosen
     if shown is not None:
         write_point_outputs(out, model, tokenizer, shown, factors, cache,
-                            dataclasses.replace(eval_config, memorized=evaluated_sets), parts, config.seed)
+                            dataclasses.replace(eval_config, memorized=evaluated_sets), parts, config.seed,
+                            method_inputs)
     else:
         (out / RECORDS_FILE).unlink(missing_ok=True)
     from .report import provenance, write_provenance
@@ -549,6 +551,19 @@ def _read_split(eval_config, config: SweepConfig) -> tuple[list[dict], list[dict
         except ValueError as exc:
             raise UserError(f"{path} is not valid JSONL ({exc}); fix or remove the broken line") from None
     return split_records(records, config.holdout_fraction, config.seed)
+
+
+def _ekfac_inputs(config: SweepConfig, factors, targets):
+    """The EK-FAC eigenvalues of ``factors`` (from their directory) when the sweep runs ``ekfac``, checked to be in
+    their eigenbasis; else ``None``."""
+    if Method.EKFAC.value not in config.methods:
+        return None
+    from .factors.ekfac import Ekfac
+
+    names = [proj.name for proj, _ in targets]
+    ekfac = Ekfac.load((factors.manifest or {}).get("directory") or "", names=names)
+    ekfac.check_basis(factors, names)
+    return ekfac
 
 
 def _bsn_inputs(config: SweepConfig, split: tuple[list[dict], list[dict]] | None, eval_config, tokenizer, model):
@@ -587,10 +602,12 @@ def _duration(seconds: float) -> str:
 
 
 def write_point_outputs(out: Path, model, tokenizer, point: SweepRecord, factors, cache: EigenCache, eval_config,
-                        parts: dict[str, str] | None = None, seed: int = 0) -> None:
+                        parts: dict[str, str] | None = None, seed: int = 0,
+                        method_inputs: dict | None = None) -> None:  # fmt: skip
     """What the report shows of one point: ``records.jsonl`` (every memorized record of ``eval_config`` continued by
     the base model and by the edited one, :func:`kfac_edit.report.write_records`) and, for a method with factors,
-    ``spectra.json``. Two generation passes; ``model`` holds its original weights on return."""
+    ``spectra.json``. Two generation passes; ``model`` holds its original weights on return. ``method_inputs``:
+    per method, the extra :func:`~kfac_edit.edit.apply_edit` arguments (``bsn``'s data, ``ekfac``'s eigenvalues)."""
     from .evaluate.suite import memorized_outputs
     from .report import write_records
 
@@ -598,7 +615,8 @@ def write_point_outputs(out: Path, model, tokenizer, point: SweepRecord, factors
     before = memorized_outputs(model, tokenizer, eval_config)
     spec = point_spec(point.config, seed)
     try:
-        apply_edit(model, factors if spec.needs_factors else None, spec, cache=cache)
+        apply_edit(model, factors if spec.needs_factors else None, spec, cache=cache,
+                   **(method_inputs or {}).get(spec.method, {}))
         after = memorized_outputs(model, tokenizer, eval_config)
     finally:
         restore(model)
