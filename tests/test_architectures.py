@@ -145,3 +145,97 @@ def test_load_model_dtype_auto_keeps_a_bf16_checkpoint_bf16_on_cpu(tmp_path, tin
     assert next(model.parameters()).dtype == torch.bfloat16
     model, _ = load_model(str(model_dir), dtype="float64", device="cpu")
     assert next(model.parameters()).dtype == torch.float64
+
+
+def _cli_dir(tmp_path, model_type, tokenizer, capsys):
+    model_dir = tmp_path / f"tiny-{model_type}"
+    tiny_model(model_type).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    capsys.readouterr()  # transformers' own save messages
+    return model_dir
+
+
+def _changed_params(model_dir, edited_dir) -> set[str]:
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+        after = AutoModelForCausalLM.from_pretrained(edited_dir, dtype=torch.float32).state_dict()
+    return {k for k, v in before.items() if not torch.equal(after[k], v)}
+
+
+COLLECT = ["--tokens", "96", "--seq-len", "16", "--batch-size", "2", "--layers", "1", "--no-progress", "--device", "cpu"]
+
+
+def test_modules_travel_with_the_factors_from_collect_to_edit_on_the_cli(tmp_path, tiny_tokenizer, tiny_corpus_jsonl, capsys):
+    """GPT-J collected at paths no table names (an attention projection as 'up'): ``edit`` finds them in the
+    manifest without --modules, accepts the same --modules, and refuses other ones in one line."""
+    from kfac_edit.cli import main
+    from kfac_edit.factors.store import Factors
+
+    model_dir = _cli_dir(tmp_path, "gptj", tiny_tokenizer, capsys)
+    factors = tmp_path / "factors"
+    modules = "up=attn.q_proj,down=mlp.fc_out"
+    argv = ["collect", "--model", str(model_dir), "--data", str(tiny_corpus_jsonl), "--out", str(factors)]
+    assert main(argv + COLLECT + ["--modules", modules]) == 0
+    manifest = Factors.load(factors, names=[]).manifest
+    assert manifest["module_paths"] == {"blocks": "transformer.h", "up": "attn.q_proj", "down": "mlp.fc_out"}
+    layers = '{"1": {"up": 0.5, "down": 0.5}}'
+    edit = ["edit", "--model", str(model_dir), "--factors", str(factors), "--layers-json", layers, "--device", "cpu"]
+    assert main(edit + ["--out", str(tmp_path / "e1")]) == 0
+    assert _changed_params(model_dir, tmp_path / "e1") == {"transformer.h.1.attn.q_proj.weight", "transformer.h.1.mlp.fc_out.weight"}
+    assert main(edit + ["--out", str(tmp_path / "e2"), "--modules", modules]) == 0
+    assert _changed_params(model_dir, tmp_path / "e2") == _changed_params(model_dir, tmp_path / "e1")
+    capsys.readouterr()
+    assert main(edit + ["--out", str(tmp_path / "e3"), "--modules", "up=mlp.fc_in,down=mlp.fc_out"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--modules up=mlp.fc_in,down=mlp.fc_out disagrees with the modules" in err[0]
+    assert "(up=attn.q_proj,down=mlp.fc_out)" in err[0]
+    assert not (tmp_path / "e3").exists()
+
+
+@pytest.mark.parametrize("model_type", ["falcon", "gptj"])
+def test_falcon_and_gptj_collect_and_edit_through_the_cli(model_type, tmp_path, tiny_tokenizer, tiny_corpus_jsonl, capsys):
+    from kfac_edit.cli import main
+
+    model_dir = _cli_dir(tmp_path, model_type, tiny_tokenizer, capsys)
+    factors = tmp_path / "factors"
+    argv = ["collect", "--model", str(model_dir), "--data", str(tiny_corpus_jsonl), "--out", str(factors)]
+    assert main(argv + COLLECT) == 0
+    layers = '{"1": {"up": 0.5, "down": 0.5}}'
+    edit = ["edit", "--model", str(model_dir), "--factors", str(factors), "--layers-json", layers, "--device", "cpu"]
+    assert main(edit + ["--out", str(tmp_path / "edited")]) == 0
+    up, down = ("dense_h_to_4h", "dense_4h_to_h") if model_type == "falcon" else ("fc_in", "fc_out")
+    assert _changed_params(model_dir, tmp_path / "edited") == {f"transformer.h.1.mlp.{up}.weight", f"transformer.h.1.mlp.{down}.weight"}
+
+
+@pytest.mark.parametrize(
+    "modules, expected",
+    [
+        ("up=mlp.act,down=mlp.fc_out", "--modules up=mlp.act: transformer.h.0.mlp.act is a NewGELUActivation, not a linear layer"),
+        ("up=mlp.fc_in,down=mlp.nope", "--modules down=mlp.nope: block 0 (transformer.h.0) has no module 'mlp.nope'"),
+    ],
+)
+def test_modules_naming_a_non_linear_or_missing_module_is_one_line_exit_2(modules, expected, tmp_path, tiny_tokenizer, tiny_corpus_jsonl, capsys):
+    from kfac_edit.cli import main
+
+    model_dir = _cli_dir(tmp_path, "gptj", tiny_tokenizer, capsys)
+    argv = ["collect", "--model", str(model_dir), "--data", str(tiny_corpus_jsonl), "--out", str(tmp_path / "f")]
+    assert main(argv + COLLECT + ["--modules", modules]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "f").exists()
+    edit = ["edit", "--model", str(model_dir), "--method", "svd", "--layers-json", '{"1": {"up": 0.5}}']
+    assert main(edit + ["--modules", modules, "--out", str(tmp_path / "e"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_a_module_missing_in_some_block_is_named(tmp_path):
+    from kfac_edit.models import use_modules
+
+    model = tiny_model("gptj")
+    del model.transformer.h[1].mlp.fc_in
+    with pytest.raises(UserError, match=r"^--modules up=mlp.fc_in: block 1 \(transformer.h.1\) has no module 'mlp.fc_in'$"):
+        use_modules(model, {"up": "mlp.fc_in"})

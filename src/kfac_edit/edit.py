@@ -139,6 +139,35 @@ def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, 
     return [(p, spec.keep_mass[(p.block, p.kind)]) for p in found if (p.block, p.kind) in spec.keep_mass]
 
 
+def declare_modules(
+    model: nn.Module, modules: str | dict[str, str] | None, factors_dir: str | os.PathLike | None
+) -> None:
+    """Find the projections of ``model`` where its factors were collected.
+
+    The factor manifest's ``module_paths`` (written by ``collect``) and ``modules`` (``--modules``, the syntax of
+    ``collect``: ``up=mlp.fc_in,down=mlp.fc_out``) both name them; when both are given they must agree
+    (:class:`UserError` otherwise). Neither: the projection table. See :func:`~kfac_edit.models.use_modules`.
+    """
+    from .factors.store import Factors
+    from .models import LAYOUT_KEY, parse_modules_option, use_modules
+
+    given = parse_modules_option(modules) if isinstance(modules, str) else (dict(modules) if modules else None)
+    recorded = None
+    if factors_dir is not None and Path(factors_dir).is_dir():
+        recorded = Factors.load(factors_dir, names=[]).manifest.get(LAYOUT_KEY)  # the manifest only
+    blocks_path = None
+    if recorded:
+        recorded = dict(recorded)
+        blocks_path = recorded.pop("blocks", None)
+        if given and given != recorded:
+            show = lambda m: ",".join(f"{k}={m[k]}" for k in PROJECTIONS if k in m)  # noqa: E731
+            raise UserError(
+                f"--modules {show(given)} disagrees with the modules the factors in {factors_dir} were collected "
+                f"from ({show(recorded)}); drop --modules (the factors name their modules) or collect again"
+            )
+    use_modules(model, given or recorded, blocks_path=blocks_path)
+
+
 def check_factors(targets: list[tuple[Projection, float]], factors, where: str = "the factors") -> None:
     """:class:`UserError` when a target has no factors or factors of another shape (factors of another model)."""
     if factors is None:
@@ -339,10 +368,12 @@ def edit_model_dir(
     device: str | None = "auto",
     dtype: str = "auto",
     cache_dir: str | os.PathLike | None = None,
+    modules: str | dict[str, str] | None = None,
 ) -> EditReport:
     """What ``kfac-edit edit`` does: load, check everything, edit, save ``out_dir`` (nothing is written on error).
 
-    ``cache_dir`` defaults to :func:`~kfac_edit.eigen.default_cache_dir`. Under ``torchrun`` (``WORLD_SIZE > 1``)
+    ``cache_dir`` defaults to :func:`~kfac_edit.eigen.default_cache_dir`; the projections are found by
+    :func:`declare_modules` (the factors' recorded paths, or ``modules``). Under ``torchrun`` (``WORLD_SIZE > 1``)
     the ranks first share the eigendecompositions out by cost, each computing its part, then every rank edits from
     its filled cache and only the main rank writes ``out_dir``.
     """
@@ -351,6 +382,7 @@ def edit_model_dir(
     ctx = init_distributed(resolve_device(device))
     try:
         net, _ = load_model(model, dtype=dtype, device=str(rank_device(resolve_device(device), ctx)))
+        declare_modules(net, modules, factors_dir)
         factors = load_edit_factors(net, spec, factors_dir)
         cache = EigenCache(cache_dir if cache_dir is not None else default_cache_dir())
         if ctx.enabled and factors is not None:

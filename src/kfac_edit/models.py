@@ -121,12 +121,60 @@ def num_blocks(model: nn.Module) -> int:
     return len(_get(model, blocks_path))
 
 
+# The layout declared by :func:`use_modules` (``--modules``, or the paths a factor manifest recorded) is kept on the
+# model as this plain attribute: every function here reads it before the table.
+LAYOUT_ATTR = "_kfac_edit_layout"
+LAYOUT_KEY = "module_paths"  # the factor manifest's record of the layout: {"blocks": path, kind: path in a block}
+
+
+def use_modules(model: nn.Module, modules: dict[str, str] | None, blocks_path: str | None = None) -> None:
+    """Declare the MLP layout of ``model``: ``modules`` ``{kind: path inside a block}`` (``None``: forget it).
+
+    ``blocks_path`` (the blocks' ModuleList) defaults to the table's, else the longest ModuleList. Every block must
+    hold every named module and each must be a linear layer, else a :class:`UserError` naming the first that is not.
+    """
+    model.__dict__.pop(LAYOUT_ATTR, None)
+    if not modules:
+        return
+    if blocks_path is None:
+        try:
+            blocks_path = _architecture(model)[0]
+        except UserError:
+            blocks_path = _guess_blocks_path(model)
+    try:
+        blocks = _get(model, blocks_path)
+    except AttributeError:
+        raise UserError(f"the model has no module '{blocks_path}' holding its blocks; check --modules") from None
+    for i, block in enumerate(blocks):
+        for kind, sub in modules.items():
+            try:
+                module = _get(block, sub)
+            except AttributeError:
+                raise UserError(f"--modules {kind}={sub}: block {i} ({blocks_path}.{i}) has no module '{sub}'") from None
+            if not _is_linear(module):
+                raise UserError(
+                    f"--modules {kind}={sub}: {blocks_path}.{i}.{sub} is a {type(module).__name__}, not a linear "
+                    "layer (a module with a 2-D weight); name the linear layers of the MLP"
+                )
+    model.__dict__[LAYOUT_ATTR] = (blocks_path, dict(modules))
+
+
+def module_paths(model: nn.Module) -> dict[str, str]:
+    """The layout in use, as a factor manifest records it: ``{"blocks": path, kind: path inside a block, ...}``."""
+    blocks_path, kinds = _architecture(model)
+    return {"blocks": blocks_path, **{k: kinds[k] for k in PROJECTIONS if k in kinds}}
+
+
 def _architecture(model: nn.Module) -> tuple[str, dict[str, str]]:
-    """``(blocks path, {kind: path inside a block})`` of a model: the table, else a known layout found by structure.
+    """``(blocks path, {kind: path inside a block})`` of a model: the layout declared by :func:`use_modules`, the
+    table, else a known layout found by structure.
 
     Mixture-of-experts models and models whose MLP matches no known layout are a :class:`UserError` (one line
     saying what is unsupported and why).
     """
+    declared = model.__dict__.get(LAYOUT_ATTR)
+    if declared is not None:
+        return declared
     mtype = model_type(model)
     if mtype in ARCHITECTURES:
         return ARCHITECTURES[mtype]

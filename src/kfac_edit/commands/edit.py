@@ -28,6 +28,17 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the random method's bases (default 0)")
 
 
+def add_modules_argument(p: argparse.ArgumentParser) -> None:
+    """``--modules``, as ``collect`` takes it (``edit``, ``run`` and ``sweep``)."""
+    p.add_argument(
+        "--modules",
+        default=None,
+        metavar="KIND=PATH,...",
+        help="the MLP's linear layers inside a block, e.g. up=mlp.fc_in,down=mlp.fc_out (as given to collect); "
+        "default: the paths the factors' manifest records, else the projection table; must agree with the manifest",
+    )
+
+
 def spec_from_args(args: argparse.Namespace):
     """The :class:`~kfac_edit.spec.EditSpec` that ``add_spec_arguments``' options describe."""
     from ..spec import EditSpec
@@ -55,6 +66,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", required=True, metavar="EDITED_DIR", help="directory to write (new, or an earlier edit)")
     add_spec_arguments(p)
+    add_modules_argument(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument(
         "--dtype",
@@ -85,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         cache_dir=args.cache_dir,
+        modules=args.modules,
     )
     print(report.summary())
     print(f"wrote {Path(args.out) / EDIT_REPORT_FILE} and the edited model in {args.out}")

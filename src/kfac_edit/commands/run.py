@@ -8,7 +8,7 @@ ORDER = 50
 
 
 def register(subparsers) -> None:
-    from .edit import add_spec_arguments
+    from .edit import add_modules_argument, add_spec_arguments
     from .eval import add_eval_arguments, add_model_arguments
 
     p = subparsers.add_parser(
@@ -22,6 +22,7 @@ def register(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--factors", metavar="DIR", help="K-FAC factors of MODEL (from `kfac-edit collect`); all methods but svd")
     add_spec_arguments(p)
+    add_modules_argument(p)
     p.add_argument("--out", default="kfac-edit-run", metavar="DIR", help="run directory (default ./kfac-edit-run)")
     p.add_argument("--results", metavar="FILE.jsonl", help="summary JSONL to append to (default DIR/runs.jsonl)")
     p.add_argument("--skip-baseline", action="store_true", help="do not evaluate the base model (after only)")
@@ -30,6 +31,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..edit import declare_modules
     from ..models import load_tokenizer
     from .edit import spec_from_args
     from ..workflow import check_run_inputs, format_table, run_paths, run_workflow
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     paths = run_paths(args.out, args.results)
     check_run_inputs(args.model, spec, args.factors, config, paths, load_tokenizer(args.model))  # before loading
     model, tokenizer = load_for_eval(args)
+    declare_modules(model, args.modules, args.factors)
     summary = run_workflow(model, tokenizer, args.model, spec, args.factors, config, args.out,
                            skip_baseline=args.skip_baseline, results=args.results)
     print(format_table(summary))

@@ -17,6 +17,7 @@ def _help(name: str) -> str:
 
 def register(subparsers) -> None:
     from ..spec import METHODS
+    from .edit import add_modules_argument
     from .eval import add_eval_arguments, add_model_arguments
 
     p = subparsers.add_parser(
@@ -30,6 +31,7 @@ def register(subparsers) -> None:
     )
     add_model_arguments(p)
     p.add_argument("--factors", metavar="DIR", help="K-FAC factors of the model (`kfac-edit collect`); all but svd")
+    add_modules_argument(p)
     p.add_argument("--blocks", metavar="BLOCKS", help=_help("blocks"))
     p.add_argument(
         "--projections",
@@ -100,7 +102,7 @@ def methods_of(options: list[str] | None) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..edit import check_factors_dir
+    from ..edit import check_factors_dir, declare_modules
     from ..eigen import EigenCache, default_cache_dir
     from ..errors import UserError
     from ..factors.store import Factors
@@ -133,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     for method in config.methods:
         check_factors_dir(method, args.factors)
     model, tokenizer = load_for_eval(args)
+    declare_modules(model, args.modules, args.factors)
     factors = None
     if args.factors:
         held = list(Factors.load(args.factors, names=[]).manifest.get("modules", {}))  # manifest only

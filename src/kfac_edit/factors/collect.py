@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import Projection
+from ..models import LAYOUT_KEY, Projection
 from .checkpoint import (
     CheckpointState, latest_checkpoint, load_checkpoint, remove_checkpoints, run_fingerprint, save_checkpoint, utc_now,
 )  # fmt: skip
@@ -199,6 +199,9 @@ def collect_factors(
         return None
     if model_id is not None:
         factors.manifest["model"] = model_id
+    paths = _recorded_paths(model, projections)
+    if paths is not None:
+        factors.manifest[LAYOUT_KEY] = paths
     if source is not None:
         factors.manifest.update(
             data=describe_source(source), text_field=config.text_field, seq_len=config.seq_len,
@@ -211,6 +214,21 @@ def collect_factors(
 
 
 # ---------------------------------------------------------------------------------------------------- preparation
+def _recorded_paths(model: nn.Module, projections: Sequence[Projection]) -> dict[str, str] | None:
+    """The layout the manifest records (``edit``, ``run`` and ``sweep`` find the modules by it); ``None`` when the
+    collected modules do not follow one layout (projections passed by hand)."""
+    from ..models import module_paths
+
+    try:
+        paths = module_paths(model)
+    except UserError:
+        return None
+    blocks = paths["blocks"]
+    if all(p.kind in paths and p.name == f"{blocks}.{p.block}.{paths[p.kind]}" for p in projections):
+        return paths
+    return None
+
+
 def _load_model(model_id: str, config: CollectConfig, ctx: DistContext, device: torch.device):
     from ..models import load_model
     from .distributed import rank_device
@@ -233,7 +251,7 @@ def _prepare(
     model: nn.Module, config: CollectConfig, ctx: DistContext, projections: Sequence[Projection] | None, check_context: bool
 ) -> list[Projection]:
     """The projections to collect, after the checks that need the model: context, offloading, memory."""
-    from ..models import find_projections, projection_kinds
+    from ..models import find_projections, projection_kinds, use_modules
     from .memory import check_memory
 
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -241,9 +259,11 @@ def _prepare(
         raise UserError(
             f"--seq-len {config.seq_len} is beyond the model's context of {context} tokens; use at most {context}"
         )
+    if config.modules:
+        use_modules(model, config.modules)  # every block checked; the layout is recorded in the manifest
     if projections is None:
-        kinds = config.kinds or projection_kinds(model, config.modules)
-        projections = find_projections(model, config.layers, kinds, modules=config.modules)
+        kinds = config.kinds or projection_kinds(model)
+        projections = find_projections(model, config.layers, kinds)
     offloaded = [p.name for p in projections if p.module.weight.device.type == "meta"]
     if offloaded:
         raise UserError(
