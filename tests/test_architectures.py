@@ -214,7 +214,7 @@ def test_falcon_and_gptj_collect_and_edit_through_the_cli(model_type, tmp_path, 
     "modules, expected",
     [
         ("up=mlp.act,down=mlp.fc_out", "--modules up=mlp.act: transformer.h.0.mlp.act is a NewGELUActivation, not a linear layer"),
-        ("up=mlp.fc_in,down=mlp.nope", "--modules down=mlp.nope: block 0 (transformer.h.0) has no module 'mlp.nope'"),
+        ("up=mlp.fc_in,down=mlp.nope", "block 0 has no module 'mlp.nope' (--modules down=mlp.nope, blocks in transformer.h)"),
     ],
 )
 def test_modules_naming_a_non_linear_or_missing_module_is_one_line_exit_2(modules, expected, tmp_path, tiny_tokenizer, tiny_corpus_jsonl, capsys):
@@ -237,5 +237,5 @@ def test_a_module_missing_in_some_block_is_named(tmp_path):
 
     model = tiny_model("gptj")
     del model.transformer.h[1].mlp.fc_in
-    with pytest.raises(UserError, match=r"^--modules up=mlp.fc_in: block 1 \(transformer.h.1\) has no module 'mlp.fc_in'$"):
+    with pytest.raises(UserError, match=r"^block 1 has no module 'mlp.fc_in' \(--modules up=mlp.fc_in, blocks in transformer.h\)"):
         use_modules(model, {"up": "mlp.fc_in"})

@@ -150,7 +150,10 @@ def use_modules(model: nn.Module, modules: dict[str, str] | None, blocks_path: s
             try:
                 module = _get(block, sub)
             except AttributeError:
-                raise UserError(f"--modules {kind}={sub}: block {i} ({blocks_path}.{i}) has no module '{sub}'") from None
+                raise UserError(
+                    f"block {i} has no module '{sub}' (--modules {kind}={sub}, blocks in {blocks_path}); name a "
+                    "module every block has"
+                ) from None
             if not _is_linear(module):
                 raise UserError(
                     f"--modules {kind}={sub}: {blocks_path}.{i}.{sub} is a {type(module).__name__}, not a linear "
