@@ -39,6 +39,7 @@ from .spec import LAYERS_EXAMPLE, EditSpec, Method
 log = logging.getLogger(__name__)
 
 ORIGINALS_ATTR = "_kfac_edit_originals"  # on an edited model: {module name: original weight, as stored, on the CPU}
+BIAS_SUFFIX = "#bias"  # ORIGINALS_ATTR key of a module's original bias (edited with its weight: --bias joint)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,7 +55,7 @@ class ModuleEdit:
     ``kfac-independent``, Σσ² for ``svd``, ``None`` for ``random``). ``pairs_kept``/``pairs_total``: coefficients
     kept (eigen-pairs; for ``svd`` singular directions out of ``min(out, in)``). ``grad_vectors_used`` /
     ``act_vectors_used``: distinct G / A eigenvectors (left / right singular vectors for ``svd``).
-    ``weight_change``: ``‖W' − W‖ / ‖W‖`` (Frobenius).
+    ``weight_change``: ``‖W' − W‖ / ‖W‖`` (Frobenius; of ``[W b]`` when ``bias``).
     """
 
     name: str
@@ -72,6 +73,7 @@ class ModuleEdit:
     weight_change: float
     eigen_seconds: float
     seconds: float
+    bias: bool = False  # the bias was edited with the weight: [W b] projected, shape (out, in + 1)
 
 
 @dataclass
@@ -169,7 +171,11 @@ def declare_modules(
 
 
 def check_factors(targets: list[tuple[Projection, float]], factors, where: str = "the factors") -> None:
-    """:class:`UserError` when a target has no factors or factors of another shape (factors of another model)."""
+    """:class:`UserError` when a target has no factors or factors of another shape (factors of another model).
+
+    A biased target whose factors are ``(out, in + 1)`` (collected with ``--bias joint``) is marked
+    :attr:`~kfac_edit.models.Projection.homogeneous`: its edit projects ``[W b]``.
+    """
     if factors is None:
         raise UserError("this edit method needs K-FAC factors; pass --factors DIR (made by `kfac-edit collect`)")
     names = list(factors.names)
@@ -181,12 +187,37 @@ def check_factors(targets: list[tuple[Projection, float]], factors, where: str =
                 f"{have or 'none'}; collect factors for block {proj.block} or drop it from the layers JSON"
             )
         fshape = tuple(factors.shape(proj.name))
-        if fshape != tuple(proj.shape):
+        out_dim, in_dim = proj.shape
+        # factors over [a; 1] (collected with --bias joint) make the projection homogeneous: [W b] is edited
+        proj.homogeneous = proj.has_bias and fshape == (out_dim, in_dim + 1)
+        if fshape != proj.factor_shape:
             raise UserError(
                 f"factors for {proj.name} fit a weight of shape {fshape[0]}x{fshape[1]} (out x in) but the model's "
                 f"weight is {proj.shape[0]}x{proj.shape[1]}: the factors come from another model; collect factors "
                 "for this model"
             )
+
+
+def without_bias_coordinate(factors, targets: list[tuple[Projection, float]]):
+    """``factors`` with the homogeneous targets' ``A`` over ``a`` alone (the last row and column of ``A`` over
+    ``[a; 1]`` dropped: exactly the factor collected with ``--bias keep``); those targets stop being homogeneous.
+
+    The K-FAC edit of ``W`` alone (``--bias keep``) from factors collected with ``--bias joint``.
+    """
+    from .factors.store import Factors, ModuleFactors
+
+    modules = dict(factors.modules)
+    sliced: dict[str, torch.Tensor] = {}
+    for proj, _ in targets:
+        if not proj.homogeneous:
+            continue
+        mf = modules[proj.name]
+        key = mf.activation_key + BIAS_SUFFIX  # not the key of the full A any more
+        if key not in sliced:
+            sliced[key] = mf.activation_sum[:-1, :-1].contiguous()
+        modules[proj.name] = ModuleFactors(sliced[key], mf.grad_sum, mf.activation_tokens, mf.grad_tokens, key)
+        proj.homogeneous = False
+    return Factors(modules, factors.manifest) if sliced else factors
 
 
 def check_factors_dir(method: Method | str, factors_dir: str | os.PathLike | None) -> None:
@@ -226,9 +257,13 @@ def restore(model: nn.Module) -> list[str]:
     originals = model.__dict__.pop(ORIGINALS_ATTR, {})
     with torch.no_grad():
         for name, weight in originals.items():
+            if name.endswith(BIAS_SUFFIX):  # a bias edited jointly with its weight
+                module = model.get_submodule(name.removesuffix(BIAS_SUFFIX))
+                module.bias.copy_(weight.to(module.bias.device))
+                continue
             module = model.get_submodule(name)
             module.weight.copy_(weight.to(module.weight.device))
-    return list(originals)
+    return [name for name in originals if not name.endswith(BIAS_SUFFIX)]
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -240,14 +275,16 @@ def _edit_one(
 ) -> ModuleEdit:
     """Edit one projection in place (its original goes into ``originals`` first) and describe the edit."""
     t0 = time.perf_counter()
-    weight = proj.weight().detach()
+    if spec.method is Method.SVD:
+        proj.homogeneous = False  # the data-free baseline truncates W alone
+    weight = proj.affine_weight().detach()  # [W b] for a homogeneous projection
     device = weight.device
     eigen_seconds = 0.0
     grad_eig = act_eig = None
     if spec.needs_factors:
         grad_eig, act_eig = cache.get(factors, proj.name, device)
         eigen_seconds = time.perf_counter() - t0
-    out_dim, in_dim = proj.shape
+    out_dim, in_dim = proj.factor_shape
     if spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT):
         select = select_pairs if spec.method is Method.KFAC else independent_counts
         counts = select(grad_eig.values, act_eig.values, keep_mass)  # per-row counts: no dense mask
@@ -265,14 +302,16 @@ def _edit_one(
     norm = float(weight.to(wide).norm())
     change = float((new_weight.to(wide) - weight.to(wide)).norm()) / norm if norm > 0 else 0.0
     originals[proj.name] = proj.module.weight.detach().to("cpu", copy=True)
-    proj.set_weight(new_weight)
+    if proj.homogeneous:
+        originals[proj.name + BIAS_SUFFIX] = proj.module.bias.detach().to("cpu", copy=True)
+    proj.set_affine_weight(new_weight)
     mass_fraction, pairs_kept, pairs_total, grad_used, act_used = kept
     record = ModuleEdit(
         name=proj.name, block=proj.block, kind=proj.kind, shape=(out_dim, in_dim), method=spec.method.value,
         keep_mass=keep_mass, mass_fraction=mass_fraction, pairs_kept=pairs_kept, pairs_total=pairs_total,
         pairs_fraction=pairs_kept / pairs_total if pairs_total else 0.0, grad_vectors_used=grad_used,
         act_vectors_used=act_used, weight_change=change, eigen_seconds=round(eigen_seconds, 4),
-        seconds=round(time.perf_counter() - t0, 4),
+        seconds=round(time.perf_counter() - t0, 4), bias=proj.homogeneous,
     )
     log.debug("%s", record)
     return record
@@ -293,6 +332,8 @@ def apply_edit(model: nn.Module, factors, spec: EditSpec, cache: EigenCache | No
     targets = resolve_targets(model, spec)
     if spec.needs_factors:
         check_factors(targets, factors)
+        if spec.bias == "keep":
+            factors = without_bias_coordinate(factors, targets)
         recorded = (getattr(factors, "manifest", None) or {}).get("model_fingerprint")
         if recorded and targets and recorded != model_fingerprint(model):
             log.warning(

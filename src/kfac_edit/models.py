@@ -24,6 +24,8 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 PROJECTIONS = ("gate", "up", "down")
+# --bias: "joint" = K-FAC of the affine map (A over [a; 1], the bias edited with the weight); "keep" = biases untouched
+BIAS_MODES = ("joint", "keep")
 
 # model_type -> (path of the ModuleList of blocks, {kind: path of the projection inside a block}).
 # Every entry was checked on a tiny random model of the installed transformers (tests/test_architectures.py).
@@ -83,6 +85,34 @@ class Projection:
     block: int
     kind: str  # "gate" | "up" | "down"
     module: nn.Module
+    # Factors over the homogeneous input [a; 1] (a biased layer under ``--bias joint``, the default): A is
+    # (in + 1, in + 1) and the edit projects the affine weight [W b]; False: the bias is left as it is.
+    homogeneous: bool = False
+
+    @property
+    def has_bias(self) -> bool:
+        return isinstance(getattr(self.module, "bias", None), torch.Tensor)
+
+    @property
+    def factor_shape(self) -> tuple[int, int]:
+        """``(out, in + 1)`` for a homogeneous projection (the affine weight ``[W b]``), else ``(out, in)``."""
+        out, inp = self.shape
+        return (out, inp + int(self.homogeneous))
+
+    def affine_weight(self) -> torch.Tensor:
+        """``[W b]`` ``(out, in + 1)`` for a homogeneous projection (a copy), else :meth:`weight`."""
+        if not self.homogeneous:
+            return self.weight()
+        return torch.cat([self.weight(), self.module.bias.detach().unsqueeze(1).to(self.module.weight.dtype)], dim=1)
+
+    @torch.no_grad()
+    def set_affine_weight(self, new_weight: torch.Tensor) -> None:
+        """Overwrite ``[W b]`` (homogeneous) or ``W`` from a tensor of :attr:`factor_shape`."""
+        if not self.homogeneous:
+            return self.set_weight(new_weight)
+        self.set_weight(new_weight[:, :-1])
+        bias = self.module.bias
+        bias.copy_(new_weight[:, -1].to(dtype=bias.dtype, device=bias.device))
 
     @property
     def transposed(self) -> bool:
@@ -261,6 +291,7 @@ def find_projections(
     projections: Sequence[str] = PROJECTIONS,
     modules: dict[str, str] | None = None,
     blocks_path: str | None = None,
+    bias: str = "joint",
 ) -> list[Projection]:
     """The MLP projections of the chosen blocks, in block order then ``gate, up, down`` order.
 
@@ -269,7 +300,10 @@ def find_projections(
         projections: kinds to return; a kind the architecture lacks is an error.
         modules: overrides ``{kind: path inside a block}`` for unknown architectures.
         blocks_path: path of the blocks' ModuleList when ``modules`` is given for an unknown architecture.
+        bias: ``joint`` (biased layers are :attr:`Projection.homogeneous`) or ``keep`` (no projection is).
     """
+    if bias not in BIAS_MODES:
+        raise UserError(f"unknown --bias '{bias}'; use one of {', '.join(BIAS_MODES)}")
     if modules:
         if blocks_path is None:
             try:
@@ -314,7 +348,9 @@ def find_projections(
                     f"module {blocks_path}.{i}.{sub} holds quantized weights ({dtype_name(module.weight.dtype)}); "
                     "kfac-edit edits float weights: load the model without quantization"
                 )
-            out.append(Projection(name=f"{blocks_path}.{i}.{sub}", block=i, kind=kind, module=module))
+            proj = Projection(name=f"{blocks_path}.{i}.{sub}", block=i, kind=kind, module=module)
+            proj.homogeneous = bias == "joint" and proj.has_bias
+            out.append(proj)
     return out
 
 

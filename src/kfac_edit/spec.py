@@ -96,9 +96,12 @@ class EditSpec:
     keep_mass: dict[tuple[int, str], float] = field(default_factory=dict)
     method: Method = Method.KFAC
     seed: int = 0
+    bias: str = "joint"  # biased layers: joint = [W b] projected when the factors are over [a; 1]; keep = W alone
 
     def __post_init__(self) -> None:
         self.method = Method.parse(self.method, "edit method")
+        if self.bias not in ("joint", "keep"):
+            raise UserError(f"unknown --bias '{self.bias}'; use joint or keep")
         for (block, kind), value in self.keep_mass.items():
             _check_entry(block, kind, value)
 
@@ -111,7 +114,9 @@ class EditSpec:
         return sorted({block for block, _ in self.keep_mass})
 
     @classmethod
-    def from_json(cls, source: str | dict, method: str | None = None, seed: int | None = None) -> "EditSpec":
+    def from_json(
+        cls, source: str | dict, method: str | None = None, seed: int | None = None, bias: str | None = None
+    ) -> "EditSpec":
         """Parse the reference layers JSON, ``{"23": {"gate": 0.6, "up": 0.6}, "24": {"gate": 0.6}}``.
 
         Keys are block indices, values map projection kinds to keep_mass. A missing projection or a keep_mass
@@ -133,6 +138,7 @@ class EditSpec:
         if "layers" in data and isinstance(data["layers"], dict):
             method = method if method is not None else data.get("method")
             seed = seed if seed is not None else data.get("seed")
+            bias = bias if bias is not None else data.get("bias")
             data = data["layers"]
         keep_mass: dict[tuple[int, str], float] = {}
         for key, kinds in data.items():
@@ -154,17 +160,19 @@ class EditSpec:
                 _check_entry(block, kind, value)
                 if value < NO_EDIT_AT:
                     keep_mass[(block, kind)] = value
-        return cls(keep_mass, method=method or Method.KFAC, seed=int(seed or 0))
+        return cls(keep_mass, method=method or Method.KFAC, seed=int(seed or 0), bias=bias or "joint")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, method: str | None = None, seed: int | None = None) -> "EditSpec":
+    def from_file(
+        cls, path: str | os.PathLike, method: str | None = None, seed: int | None = None, bias: str | None = None
+    ) -> "EditSpec":
         path = Path(path)
         try:
             text = path.read_text()
         except OSError as exc:
             raise UserError(f"cannot read the layers file '{path}': {exc.strerror}") from None
         try:
-            return cls.from_json(text, method=method, seed=seed)
+            return cls.from_json(text, method=method, seed=seed, bias=bias)
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
 
@@ -180,4 +188,8 @@ class EditSpec:
         return json.dumps(self.layers())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method.value, "seed": self.seed, "layers": self.layers()}
+        """``{"method", "seed", "layers"}`` (plus ``"bias": "keep"`` when biases are kept)."""
+        out: dict[str, Any] = {"method": self.method.value, "seed": self.seed, "layers": self.layers()}
+        if self.bias != "joint":
+            out["bias"] = self.bias
+        return out

@@ -26,6 +26,13 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
         "coefficients as kfac, random positions in a random orthogonal basis (control)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the random method's bases (default 0)")
+    p.add_argument(
+        "--bias",
+        default=None,
+        choices=("joint", "keep"),
+        help="biased layers: joint (default) edits [W b] together when the factors were collected over [a; 1] "
+        "(collect's default); keep leaves every bias as it is and edits W alone",
+    )
 
 
 def add_modules_argument(p: argparse.ArgumentParser) -> None:
@@ -44,8 +51,8 @@ def spec_from_args(args: argparse.Namespace):
     from ..spec import EditSpec
 
     if args.layers_file is not None:
-        return EditSpec.from_file(args.layers_file, method=args.method, seed=args.seed)
-    return EditSpec.from_json(args.layers_json, method=args.method, seed=args.seed)
+        return EditSpec.from_file(args.layers_file, method=args.method, seed=args.seed, bias=args.bias)
+    return EditSpec.from_json(args.layers_json, method=args.method, seed=args.seed, bias=args.bias)
 
 
 def register(subparsers) -> None:

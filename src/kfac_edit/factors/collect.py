@@ -65,6 +65,11 @@ class CollectConfig:
 
     layers: Any = _opt("all", "block indices, e.g. 23,24,25 or 20-27 or all (default: all)")
     kinds: Any = _opt(None, "subset of gate,up,down (default: every one the architecture has)", "--projections")
+    bias: str = _opt(
+        "joint",
+        "biased layers: joint = A over [a; 1], the K-FAC of the affine map (the edit projects [W b]); keep = A over "
+        "a alone (the edit leaves biases as they are)",
+    )
     modules: Any = _opt(None, "for architectures not known: KIND=PATH inside a block, e.g. up=mlp.fc_in,down=mlp.fc_out")
     labels: str = _opt("sampled", "sampled: labels drawn from the model's softmax (true Fisher, default); gold: next "
                        "token (empirical)")  # fmt: skip
@@ -97,7 +102,7 @@ class CollectConfig:
     progress: bool = _opt(True, "show a progress bar (tokens/s)")
 
     def __post_init__(self) -> None:
-        from ..models import parse_layers, parse_modules_option, parse_projections
+        from ..models import BIAS_MODES, parse_layers, parse_modules_option, parse_projections
         from .memory import parse_size
 
         for name in ("max_tokens", "batch_size", "checkpoint_every", "layers_per_pass"):
@@ -109,6 +114,8 @@ class CollectConfig:
         if self.dist_timeout <= 0:
             raise UserError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout:g}")
         LabelMode.parse(self.labels, "label mode")
+        if self.bias not in BIAS_MODES:
+            raise UserError(f"unknown --bias '{self.bias}'; use one of {', '.join(BIAS_MODES)}")
         if isinstance(self.layers, str) or self.layers is None:
             self.layers = parse_layers(self.layers)
         if isinstance(self.kinds, str):
@@ -199,6 +206,7 @@ def collect_factors(
         return None
     if model_id is not None:
         factors.manifest["model"] = model_id
+    factors.manifest["bias"] = "joint" if any(p.homogeneous for p in projections) else "keep"
     paths = _recorded_paths(model, projections)
     if paths is not None:
         factors.manifest[LAYOUT_KEY] = paths
@@ -263,7 +271,7 @@ def _prepare(
         use_modules(model, config.modules)  # every block checked; the layout is recorded in the manifest
     if projections is None:
         kinds = config.kinds or projection_kinds(model)
-        projections = find_projections(model, config.layers, kinds)
+        projections = find_projections(model, config.layers, kinds, bias=config.bias)
     offloaded = [p.name for p in projections if p.module.weight.device.type == "meta"]
     if offloaded:
         raise UserError(

@@ -156,8 +156,13 @@ def sample_labels(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def activation_keys(projections: Sequence[Projection]) -> dict[str, str]:
     """``{module name: activation key}``: ``up`` reads the same input as its block's ``gate``, so when both are
     chosen ``up``'s key is ``gate``'s name (one shared activation sum); every other module's key is its own name."""
-    gates = {p.block: p.name for p in projections if p.kind == "gate"}
-    return {p.name: gates.get(p.block, p.name) if p.kind == "up" else p.name for p in projections}
+    gates = {p.block: p for p in projections if p.kind == "gate"}
+    shared = {
+        p.name: gates[p.block].name
+        for p in projections
+        if p.kind == "up" and p.block in gates and gates[p.block].homogeneous == p.homogeneous  # same rows [a; 1]
+    }
+    return {p.name: shared.get(p.name, p.name) for p in projections}
 
 
 # ---------------------------------------------------------------------------------------------------- collector
@@ -222,12 +227,12 @@ class FactorCollector:
         for p in self.projections:
             if p.name in self.factors.modules:
                 have = self.factors.modules[p.name].shape
-                if have != p.shape:
-                    raise UserError(f"existing factors of {p.name} have shape {have}, the model's weight {p.shape}")
+                if have != p.factor_shape:
+                    raise UserError(f"existing factors of {p.name} have shape {have}, the model's weight {p.factor_shape}")
                 continue
             weight = p.module.weight
             dtype = accumulate_dtype_for(p.module)
-            n_out, n_in = p.shape
+            n_out, n_in = p.factor_shape  # in + 1 for a homogeneous projection: A over [a; 1]
             key = keys[p.name]
             shared = self.factors.activation_sums().get(key)
             activation_sum = shared if shared is not None else torch.zeros(n_in, n_in, dtype=dtype, device=weight.device)
@@ -311,7 +316,10 @@ class FactorCollector:
                 else:
                     self._shared_input[key] = signature
                     with torch.no_grad():
-                        add_gram(mf.activation_sum, self._rows(x.detach()), upper=True)
+                        rows = self._rows(x.detach())
+                        if projection.homogeneous:  # [a; 1]: the bias's input coordinate
+                            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+                        add_gram(mf.activation_sum, rows, upper=True)
             if output.requires_grad and torch.is_grad_enabled():
                 # Non-reentrant checkpointing re-runs forward hooks during backward: the hook on the recomputed
                 # output then never fires (gradients flow to the original output); reentrant checkpointing is the

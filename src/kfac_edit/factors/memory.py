@@ -60,7 +60,7 @@ def module_memory(projections: Sequence[Projection], dtype: torch.dtype | None =
     out = []
     for p in projections:
         size = torch.empty((), dtype=dtype or accumulate_dtype_for(p.module)).element_size()
-        n_out, n_in = p.shape
+        n_out, n_in = p.factor_shape  # A over [a; 1] for a homogeneous (biased) projection
         act = size * n_in * n_in if keys[p.name] == p.name else 0  # a shared A is counted once
         out.append(ModuleMemory(p.name, p.block, p.kind, (n_out, n_in), _device_of(p), act, size * n_out * n_out))
     return out
