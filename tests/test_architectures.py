@@ -3,7 +3,7 @@
 For each family a tiny random model is built in code (hidden 16, two blocks), factors are collected on random
 tokens with :func:`collect_factors`, block 1's projections are edited with :func:`apply_edit`, the model is saved
 with ``save_pretrained`` and read back with ``from_pretrained``: exactly the edited weights differ from the
-original checkpoint, and those changed. Mixture-of-experts families are refused with one line naming the experts.
+original checkpoint, and those changed (with their biases: ``--bias joint`` is the default). Mixture-of-experts families are refused with one line naming the experts.
 """
 
 from __future__ import annotations
@@ -101,11 +101,13 @@ def test_collect_edit_save_reload_changes_only_the_edited_weights(model_type, tm
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "edited", dtype=torch.float32)
     state = reloaded.state_dict()
 
-    edited_params = {f"{p.name}.weight" for p in find_projections(model, layers=[1], projections=kinds)}
+    found = find_projections(model, layers=[1], projections=kinds)
+    edited_weights = {f"{p.name}.weight" for p in found}
+    edited_biases = {f"{p.name}.bias" for p in found if p.has_bias}  # --bias joint (the default): [W b] edited
     changed = {k for k, v in original.items() if k in state and not torch.equal(state[k], v)}
-    assert changed == edited_params
+    assert changed == edited_weights | edited_biases
     assert set(original) - set(state) <= {k for k in original if "lm_head" in k or "embed_out" in k}  # tied heads
-    for name in edited_params:
+    for name in edited_weights:
         assert (state[name] - original[name]).abs().max() > 1e-4, name  # keep_mass 0.5 changes the weight visibly
 
 
@@ -184,7 +186,9 @@ def test_modules_travel_with_the_factors_from_collect_to_edit_on_the_cli(tmp_pat
     layers = '{"1": {"up": 0.5, "down": 0.5}}'
     edit = ["edit", "--model", str(model_dir), "--factors", str(factors), "--layers-json", layers, "--device", "cpu"]
     assert main(edit + ["--out", str(tmp_path / "e1")]) == 0
-    assert _changed_params(model_dir, tmp_path / "e1") == {"transformer.h.1.attn.q_proj.weight", "transformer.h.1.mlp.fc_out.weight"}
+    assert _changed_params(model_dir, tmp_path / "e1") == {
+        "transformer.h.1.attn.q_proj.weight", "transformer.h.1.mlp.fc_out.weight", "transformer.h.1.mlp.fc_out.bias"
+    }  # fmt: skip
     assert main(edit + ["--out", str(tmp_path / "e2"), "--modules", modules]) == 0
     assert _changed_params(model_dir, tmp_path / "e2") == _changed_params(model_dir, tmp_path / "e1")
     capsys.readouterr()
@@ -207,7 +211,12 @@ def test_falcon_and_gptj_collect_and_edit_through_the_cli(model_type, tmp_path, 
     edit = ["edit", "--model", str(model_dir), "--factors", str(factors), "--layers-json", layers, "--device", "cpu"]
     assert main(edit + ["--out", str(tmp_path / "edited")]) == 0
     up, down = ("dense_h_to_4h", "dense_4h_to_h") if model_type == "falcon" else ("fc_in", "fc_out")
-    assert _changed_params(model_dir, tmp_path / "edited") == {f"transformer.h.1.mlp.{up}.weight", f"transformer.h.1.mlp.{down}.weight"}
+    expected = {f"transformer.h.1.mlp.{up}.weight", f"transformer.h.1.mlp.{down}.weight"}
+    if model_type == "gptj":  # biased fc_in/fc_out: [W b] edited (--bias joint, the default)
+        expected |= {f"transformer.h.1.mlp.{up}.bias", f"transformer.h.1.mlp.{down}.bias"}
+    assert _changed_params(model_dir, tmp_path / "edited") == expected
+    assert main(edit + ["--out", str(tmp_path / "kept"), "--bias", "keep"]) == 0
+    assert _changed_params(model_dir, tmp_path / "kept") == {n for n in expected if n.endswith(".weight")}
 
 
 @pytest.mark.parametrize(
