@@ -67,6 +67,18 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, str]]] = {
     # Gemma 3 with its vision tower (AutoModelForCausalLM gives Gemma3ForConditionalGeneration): the text blocks
     "gemma3": ("model.language_model.layers", _LLAMA_LIKE[1]),
 }
+# Mixture of experts: model_type -> (blocks path, experts module inside a block, {kind: path of a dense MLP's
+# projection inside a block}). Every routed expert's gate, up and down is a projection (kfac_edit.experts); the dense
+# paths are taken in the blocks that have them: Qwen2-MoE's shared expert, Qwen3-MoE's dense blocks (mlp_only_layers).
+MOE_ARCHITECTURES: dict[str, tuple[str, str, dict[str, str]]] = {
+    "olmoe": ("model.layers", "mlp.experts", {}),
+    "mixtral": ("model.layers", "mlp.experts", {}),
+    "qwen2_moe": (
+        "model.layers", "mlp.experts",
+        {"gate": "mlp.shared_expert.gate_proj", "up": "mlp.shared_expert.up_proj", "down": "mlp.shared_expert.down_proj"},
+    ),
+    "qwen3_moe": ("model.layers", "mlp.experts", _LLAMA_LIKE[1]),
+}  # fmt: skip
 _FUSED_NOTE = "; its gate and up are one fused linear layer, mlp.gate_up_proj, edited as kind 'up'"
 FUSED_GATE_UP = frozenset(t for t, arch in ARCHITECTURES.items() if arch is _FUSED_GATE_UP)
 
@@ -88,6 +100,7 @@ class Projection:
     # Factors over the homogeneous input [a; 1] (a biased layer under ``--bias joint``, the default): A is
     # (in + 1, in + 1) and the edit projects the affine weight [W b]; False: the bias is left as it is.
     homogeneous: bool = False
+    expert: int | None = None  # a routed expert's matrix (module is an ExpertWeight view; see kfac_edit.experts)
 
     @property
     def has_bias(self) -> bool:
@@ -117,7 +130,7 @@ class Projection:
     @property
     def transposed(self) -> bool:
         """True for GPT-2 ``Conv1D``, which stores its weight as ``(in, out)``."""
-        return not isinstance(self.module, nn.Linear)
+        return self.expert is None and not isinstance(self.module, nn.Linear)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -211,11 +224,14 @@ def _architecture(model: nn.Module) -> tuple[str, dict[str, str]]:
     mtype = model_type(model)
     if mtype in ARCHITECTURES:
         return ARCHITECTURES[mtype]
+    if mtype in MOE_ARCHITECTURES:
+        blocks_path, experts_path, _ = MOE_ARCHITECTURES[mtype]
+        return blocks_path, dict.fromkeys(PROJECTIONS, experts_path)
     moe = _mixture_of_experts(model)
     if moe:
         raise UserError(
-            f"mixture-of-experts model '{mtype}' is not supported yet: {moe}; kfac-edit has no per-expert factors, "
-            "and neither its projection table nor --modules can reach experts"
+            f"mixture-of-experts model '{mtype}' is not supported yet: {moe}; kfac-edit reads the experts of "
+            f"{', '.join(sorted(MOE_ARCHITECTURES))} only, and --modules cannot reach experts"
         )
     # Unknown model type: accept any model whose blocks have one of the known layouts.
     for layout in {id(layout): layout for layout in ARCHITECTURES.values()}.values():
@@ -331,6 +347,8 @@ def find_projections(
                 f"{_FUSED_NOTE if kind == 'gate' and kinds.get('up') == _FUSED_GATE_UP[1]['up'] else ''}); "
                 f"pass --projections {','.join(k for k in PROJECTIONS if k in kinds)}"
             )
+    if LAYOUT_ATTR not in model.__dict__ and not modules and model_type(model) in MOE_ARCHITECTURES:
+        return _expert_projections(model, blocks, layer_list, projections, bias)
     out = []
     for i in layer_list:
         for kind in PROJECTIONS:
@@ -351,6 +369,37 @@ def find_projections(
             proj = Projection(name=f"{blocks_path}.{i}.{sub}", block=i, kind=kind, module=module)
             proj.homogeneous = bias == "joint" and proj.has_bias
             out.append(proj)
+    return out
+
+
+def _expert_projections(
+    model: nn.Module, blocks, layer_list: list[int], projections: Sequence[str], bias: str
+) -> list[Projection]:
+    """A mixture-of-experts model's projections: per block, each expert's kinds (expert order), then the dense ones."""
+    from .experts import ExpertWeight, check_experts
+
+    blocks_path, experts_path, dense = MOE_ARCHITECTURES[model_type(model)]
+    out = []
+    for i in layer_list:
+        prefix = f"{blocks_path}.{i}"
+        try:
+            experts = _get(blocks[i], experts_path)
+        except AttributeError:
+            experts = None  # a dense block
+        if experts is not None:
+            for e in range(check_experts(experts, f"{prefix}.{experts_path}")):
+                for kind in (k for k in PROJECTIONS if k in projections):
+                    name = f"{prefix}.{experts_path}.{e}.{kind}"
+                    out.append(Projection(name, i, kind, ExpertWeight(experts, e, kind), expert=e))  # type: ignore[arg-type]
+        for kind in (k for k in PROJECTIONS if k in projections and k in dense):
+            try:
+                module = _get(blocks[i], dense[kind])
+            except AttributeError:
+                continue  # this block has no such dense MLP
+            if _is_linear(module):
+                proj = Projection(f"{prefix}.{dense[kind]}", i, kind, module)
+                proj.homogeneous = bias == "joint" and proj.has_bias
+                out.append(proj)
     return out
 
 
