@@ -261,9 +261,19 @@ def restore(model: nn.Module) -> list[str]:
                 module = model.get_submodule(name.removesuffix(BIAS_SUFFIX))
                 module.bias.copy_(weight.to(module.bias.device))
                 continue
-            module = model.get_submodule(name)
-            module.weight.copy_(weight.to(module.weight.device))
+            target = _weight_of(model, name)
+            target.copy_(weight.to(target.device))
     return [name for name in originals if not name.endswith(BIAS_SUFFIX)]
+
+
+def _weight_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of module ``name`` as stored, or the ``(out, in)`` view of an expert projection's matrix."""
+    from .experts import expert_weight
+
+    try:
+        return model.get_submodule(name).weight
+    except AttributeError:
+        return expert_weight(model, name)
 
 
 def _module_seed(seed: int, name: str) -> int:

@@ -278,6 +278,11 @@ def _prepare(
             f"--device-map {config.device_map} offloaded {offloaded[0]} (and {len(offloaded) - 1} more) off the GPUs; "
             "factors need every collected module on a device: use more GPUs or collect fewer --layers"
         )
+    if config.gradient_checkpointing and any(p.expert is not None for p in projections):
+        raise UserError(
+            "--gradient-checkpointing cannot be combined with per-expert factors (the experts would be recomputed in "
+            "backward and counted twice); collect a mixture-of-experts model without gradient checkpointing"
+        )
     if config.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         try:
