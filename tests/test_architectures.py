@@ -60,7 +60,8 @@ def tiny_model(model_type: str, seed: int = 0):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **NESTED[model_type])).eval()
     defaults = AutoConfig.for_model(model_type)
-    sizes = dict(TINY, num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    sizes = dict(TINY, num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                 shared_expert_intermediate_size=32)
     known = {k: v for k, v in sizes.items() if hasattr(defaults, k) or k in getattr(defaults, "attribute_map", {})}
     if isinstance(getattr(type(defaults), "head_dim", None), property):  # Falcon derives it
         known.pop("head_dim")
