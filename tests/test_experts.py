@@ -114,11 +114,12 @@ def test_moe_collect_edit_save_reload_changes_only_the_requested_blocks_experts(
         warnings.simplefilter("ignore")
         state = AutoModelForCausalLM.from_pretrained(tmp_path / "edited", dtype=torch.float32).state_dict()
     changed = {k for k, v in original.items() if k in state and not torch.equal(state[k], v)}
-    expected = {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"}
-    if model_type == "qwen2_moe":  # the shared expert is an ordinary MLP of the block
+    experts = MOE_ARCHITECTURES[model_type][1]
+    expected = {f"model.layers.1.{experts}.gate_up_proj", f"model.layers.1.{experts}.down_proj"}
+    if model_type in ("qwen2_moe", "qwen3_next"):  # the shared expert is an ordinary MLP of the block
         expected |= {"model.layers.1.mlp.shared_expert.gate_proj.weight", "model.layers.1.mlp.shared_expert.down_proj.weight"}
     assert changed == expected
-    name = "model.layers.1.mlp.experts.gate_up_proj"
+    name = f"model.layers.1.{experts}.gate_up_proj"
     inter = original[name].shape[1] // 2
     assert torch.equal(state[name][:, inter:], original[name][:, inter:])  # up rows untouched
     assert all((state[name][e, :inter] - original[name][e, :inter]).abs().max() > 1e-4 for e in range(4))  # every gate
@@ -141,3 +142,39 @@ def test_the_memory_plan_counts_factors_per_expert():
     assert len(memory) == 3 * 4
     d, inter, size = 16, 32, 4  # fp32 sums: A_e (d x d) shared by gate/up, G (I x I) each; down A (I x I), G (d x d)
     assert sum(m.total for m in memory) == 4 * size * (d * d + 2 * inter * inter + inter * inter + d * d)
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE_ARCHITECTURES))
+def test_the_tapped_experts_compute_what_the_model_computes(model_type):
+    """The expert-by-expert forward used while collecting gives the logits of the model's own eager experts."""
+    from kfac_edit.experts import tap_experts
+
+    model = eager_fp64(model_type)
+    batch = random_batches()[0]
+    with torch.no_grad():
+        own = model(**batch, use_cache=False).logits
+        experts_path = MOE_ARCHITECTURES[model_type][1]
+        taps = []
+        for block in model.model.layers:
+            try:
+                taps.append(tap_experts(block.get_submodule(experts_path), lambda: True, lambda *a: None))
+            except AttributeError:
+                pass
+        assert taps
+        tapped = model(**batch, use_cache=False).logits
+        for tap in taps:
+            tap.remove()
+        again = model(**batch, use_cache=False).logits
+    torch.testing.assert_close(tapped, own, rtol=1e-12, atol=1e-12)
+    assert torch.equal(again, own)
+
+
+def test_an_expert_layout_that_cannot_be_read_is_one_line_naming_it():
+    model = tiny_model("olmoe")
+    model.model.layers[1].mlp.experts.is_transposed = True
+    with pytest.raises(UserError) as info:
+        find_projections(model, layers=[1])
+    assert str(info.value) == (
+        "OlmoeExperts at model.layers.1.mlp.experts has is_transposed=True; kfac-edit's per-expert factors support "
+        "the [gate; up] (out, in) layout without bias or post-expert norm only"
+    )

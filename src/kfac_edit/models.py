@@ -78,6 +78,12 @@ MOE_ARCHITECTURES: dict[str, tuple[str, str, dict[str, str]]] = {
         {"gate": "mlp.shared_expert.gate_proj", "up": "mlp.shared_expert.up_proj", "down": "mlp.shared_expert.down_proj"},
     ),
     "qwen3_moe": ("model.layers", "mlp.experts", _LLAMA_LIKE[1]),
+    "phimoe": ("model.layers", "mlp.experts", {}),
+    "granitemoe": ("model.layers", "block_sparse_moe.experts", {}),
+    "qwen3_next": (
+        "model.layers", "mlp.experts",
+        {"gate": "mlp.shared_expert.gate_proj", "up": "mlp.shared_expert.up_proj", "down": "mlp.shared_expert.down_proj"},
+    ),
 }  # fmt: skip
 _FUSED_NOTE = "; its gate and up are one fused linear layer, mlp.gate_up_proj, edited as kind 'up'"
 FUSED_GATE_UP = frozenset(t for t, arch in ARCHITECTURES.items() if arch is _FUSED_GATE_UP)
