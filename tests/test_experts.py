@@ -142,6 +142,10 @@ def test_the_memory_plan_counts_factors_per_expert():
     assert len(memory) == 3 * 4
     d, inter, size = 16, 32, 4  # fp32 sums: A_e (d x d) shared by gate/up, G (I x I) each; down A (I x I), G (d x d)
     assert sum(m.total for m in memory) == 4 * size * (d * d + 2 * inter * inter + inter * inter + d * d)
+    from kfac_edit.factors.memory import memory_plan
+
+    table = memory_plan(find_projections(model, layers=[0])).table()
+    assert "gate  32x16 on cpu: A 1.00 KiB + G 4.00 KiB = 5.00 KiB per expert, blocks 0 (4 experts, 20.00 KiB)" in table, table
 
 
 @pytest.mark.parametrize("model_type", sorted(MOE_ARCHITECTURES))
