@@ -182,3 +182,21 @@ def test_an_expert_layout_that_cannot_be_read_is_one_line_naming_it():
         "OlmoeExperts at model.layers.1.mlp.experts has is_transposed=True; kfac-edit's per-expert factors support "
         "the [gate; up] (out, in) layout without bias or post-expert norm only"
     )
+
+
+def test_the_per_expert_layers_json_form_overrides_the_blocks_keep_mass():
+    from kfac_edit.edit import resolve_targets
+
+    model = tiny_model("olmoe")
+    layers = {"1": {"gate": 0.5, "experts": {"2": {"gate": 0.9}, "3": {"gate": 1.0, "down": 0.25}}}}
+    spec = EditSpec.from_json(layers)
+    targets = {p.name.removeprefix("model.layers.1.mlp.experts."): keep for p, keep in resolve_targets(model, spec)}
+    assert targets == {"0.gate": 0.5, "1.gate": 0.5, "2.gate": 0.9, "3.down": 0.25}  # expert 3's gate: not edited
+    assert EditSpec.from_json(spec.to_dict()).to_dict() == spec.to_dict()
+    assert spec.to_dict()["layers"] == layers
+    only = EditSpec.from_json({"0": {"experts": {"1": {"up": 0.5}}}})
+    assert [p.name for p, _ in resolve_targets(model, only)] == ["model.layers.0.mlp.experts.1.up"]
+    with pytest.raises(UserError, match="^block 0 has no routed expert 7"):
+        resolve_targets(model, EditSpec.from_json({"0": {"experts": {"7": {"up": 0.5}}}}))
+    with pytest.raises(UserError, match="expert key 'x' is not an expert index"):
+        EditSpec.from_json({"0": {"experts": {"x": {"up": 0.5}}}})

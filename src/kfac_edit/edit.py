@@ -34,7 +34,7 @@ from .fileio import atomic_dir, write_json
 from .identity import model_fingerprint
 from .models import PROJECTIONS, Projection, find_projections, load_model, load_tokenizer_as_saved, model_type
 from .models import num_blocks, projection_kinds, resolve_device
-from .spec import LAYERS_EXAMPLE, EditSpec, Method
+from .spec import LAYERS_EXAMPLE, NO_EDIT_AT, EditSpec, Method
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +124,11 @@ def _factor_blocks(names: list[str]) -> list[int]:
 
 def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, float]]:
     """The projections ``spec`` edits, with their keep_mass; :class:`UserError` for blocks or kinds the model lacks."""
-    if not spec.keep_mass:
+    if not spec.edits_something:
         return []
     n = num_blocks(model)
     kinds = projection_kinds(model)
-    for block, kind in spec.keep_mass:
+    for block, kind in [*spec.keep_mass, *((b, k) for b, _, k in spec.expert_keep_mass)]:
         if not 0 <= block < n:
             raise UserError(f"block {block} does not exist: the model has blocks 0..{n - 1}; fix the layers JSON")
         if kind not in kinds:
@@ -136,9 +136,23 @@ def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, 
                 f"projection '{kind}' does not exist in a {model_type(model)} model (it has {', '.join(kinds)}); "
                 "remove it from the layers JSON"
             )
-    used = sorted({kind for _, kind in spec.keep_mass}, key=PROJECTIONS.index)
-    found = find_projections(model, layers=spec.blocks, projections=used)
-    return [(p, spec.keep_mass[(p.block, p.kind)]) for p in found if (p.block, p.kind) in spec.keep_mass]
+    used = {kind for _, kind in spec.keep_mass} | {kind for _, _, kind in spec.expert_keep_mass}
+    found = find_projections(model, layers=spec.blocks, projections=sorted(used, key=PROJECTIONS.index))
+    experts = {(b, e) for b, e, _ in spec.expert_keep_mass}
+    for block, expert in sorted(experts):
+        if not any(p.block == block and p.expert == expert for p in found):
+            raise UserError(
+                f"block {block} has no routed expert {expert} (the layers JSON's \"experts\" form is for "
+                "mixture-of-experts blocks; experts count from 0); fix the layers JSON"
+            )
+    out = []
+    for p in found:
+        keep_mass = spec.keep_mass.get((p.block, p.kind))
+        if p.expert is not None:
+            keep_mass = spec.expert_keep_mass.get((p.block, p.expert, p.kind), keep_mass)
+        if keep_mass is not None and keep_mass < NO_EDIT_AT:
+            out.append((p, keep_mass))
+    return out
 
 
 def declare_modules(
@@ -233,7 +247,7 @@ def check_factors_dir(method: Method | str, factors_dir: str | os.PathLike | Non
 
 def check_edit_inputs(spec: EditSpec, factors_dir: str | os.PathLike | None) -> None:
     """The checks that need no model: ``spec`` edits something and, if its method needs them, factors are given."""
-    if not spec.keep_mass:
+    if not spec.edits_something:
         raise UserError(
             "the layers JSON edits nothing (no projection has keep_mass below 0.9999); give e.g. " + LAYERS_EXAMPLE
         )
