@@ -185,6 +185,7 @@ def test_modules_travel_with_the_factors_from_collect_to_edit_on_the_cli(tmp_pat
     assert main(argv + COLLECT + ["--modules", modules]) == 0
     manifest = Factors.load(factors, names=[]).manifest
     assert manifest["module_paths"] == {"blocks": "transformer.h", "up": "attn.q_proj", "down": "mlp.fc_out"}
+    assert manifest["model"] == str(model_dir.resolve())  # a local model as a resolved path
     layers = '{"1": {"up": 0.5, "down": 0.5}}'
     edit = ["edit", "--model", str(model_dir), "--factors", str(factors), "--layers-json", layers, "--device", "cpu"]
     assert main(edit + ["--out", str(tmp_path / "e1")]) == 0

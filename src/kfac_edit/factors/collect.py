@@ -204,8 +204,9 @@ def collect_factors(
             shutdown(ctx)
     if factors is None:  # not rank 0: rank 0 writes
         return None
-    if model_id is not None:
-        factors.manifest["model"] = model_id
+    if model_id is not None:  # a local directory as an absolute path (the factors may be read from elsewhere)
+        local = Path(model_id).expanduser()
+        factors.manifest["model"] = str(local.resolve()) if local.is_dir() else model_id
     factors.manifest["bias"] = "joint" if any(p.homogeneous for p in projections) else "keep"
     paths = _recorded_paths(model, projections)
     if paths is not None:
