@@ -36,8 +36,9 @@ def eval_args(setup):
 def test_run_evaluates_edits_saves_and_summarizes(tiny_model_dir, setup, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["run", "--model", str(tiny_model_dir), "--factors", str(setup["factors"]), "--layers-json", LAYERS,
-            "--out", str(out)] + eval_args(setup)
+            "--out", str(out), "--cache-dir", str(tmp_path / "eigen")] + eval_args(setup)
     assert main(argv) == 0
+    assert len(list((tmp_path / "eigen").glob("*.safetensors"))) == 3  # one per edited module: --cache-dir on run too
     table = capsys.readouterr().out
     assert "strict" in table and "perplexity" in table and "delta" in table
     (summary,) = read_jsonl(out / "runs.jsonl")
@@ -89,3 +90,11 @@ def test_run_bad_input_exits_2_and_writes_nothing(tiny_model_dir, setup, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("kfac-edit: error: ") and message in err
     assert not out.exists()
+
+
+def test_sweep_takes_layers_as_the_same_option_as_blocks():
+    from kfac_edit.cli import build_parser
+
+    parser = build_parser()
+    common = ["sweep", "--model", "m", "--out", "o"]
+    assert parser.parse_args(common + ["--layers", "1-2"]).blocks == parser.parse_args(common + ["--blocks", "1-2"]).blocks == "1-2"

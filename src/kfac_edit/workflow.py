@@ -64,10 +64,12 @@ def run_workflow(
     out_dir: str | Path,
     skip_baseline: bool = False,
     results: str | Path | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict:
     """Evaluate, edit, save, evaluate again; return the summary line (also appended to the results JSONL).
 
     ``model`` is edited in place. ``config.out`` is ignored: evaluation records go to ``DIR/evals.jsonl``.
+    ``cache_dir``: the eigen cache (default :func:`~kfac_edit.eigen.default_cache_dir`).
     """
     started = time.time()
     paths = run_paths(out_dir, results)
@@ -88,7 +90,7 @@ def run_workflow(
                                          "k": config.ndcg_k, "seq_len": config.ndcg_seq_len,
                                          "note": "the base model is the reference"}
 
-    report = apply_edit(model, factors, spec, cache=EigenCache(default_cache_dir()))
+    report = apply_edit(model, factors, spec, cache=EigenCache(cache_dir if cache_dir is not None else default_cache_dir()))
     report.factor_manifest.setdefault("directory", str(factors_dir) if factors_dir is not None else None)
     save_edited(model, load_tokenizer_as_saved(model_path), paths.edited, report)
     after = evaluate(model, tokenizer, dataclasses.replace(base_config, model=str(paths.edited)),

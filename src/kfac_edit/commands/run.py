@@ -26,6 +26,11 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="kfac-edit-run", metavar="DIR", help="run directory (default ./kfac-edit-run)")
     p.add_argument("--results", metavar="FILE.jsonl", help="summary JSONL to append to (default DIR/runs.jsonl)")
     p.add_argument("--skip-baseline", action="store_true", help="do not evaluate the base model (after only)")
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where eigendecompositions are cached (default: $KFAC_EDIT_CACHE/eigen, else ~/.cache/kfac-edit/eigen)",
+    )
     add_eval_arguments(p)
     p.set_defaults(func=run)
 
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_eval(args)
     declare_modules(model, args.modules, args.factors)
     summary = run_workflow(model, tokenizer, args.model, spec, args.factors, config, args.out,
-                           skip_baseline=args.skip_baseline, results=args.results)
+                           skip_baseline=args.skip_baseline, results=args.results, cache_dir=args.cache_dir)
     print(format_table(summary))
     print(f"edited model: {paths.edited}; evaluations: {paths.evals}; summary appended to {paths.results}")
     return 0

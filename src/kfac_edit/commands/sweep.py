@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     add_model_arguments(p)
     p.add_argument("--factors", metavar="DIR", help="K-FAC factors of the model (`kfac-edit collect`); all but svd")
     add_modules_argument(p)
-    p.add_argument("--blocks", metavar="BLOCKS", help=_help("blocks"))
+    p.add_argument("--blocks", "--layers", dest="blocks", metavar="BLOCKS", help=_help("blocks") + " (--layers: the same)")
     p.add_argument(
         "--projections",
         action="append",
