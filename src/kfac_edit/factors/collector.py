@@ -26,6 +26,10 @@ One step (:meth:`FactorCollector.accumulate`):
    needed to reach them (no weight gradients, nothing below that block); each projection's gradient hook adds its
    valid rows into ``G`` as soon as the gradient exists, after which it is freed.
 
+A biased projection under ``bias="joint"`` (:attr:`Projection.homogeneous`) adds ``[a; 1]`` rows to ``A``. Routed
+experts (:mod:`kfac_edit.experts`) have no module to hook: their experts module runs tapped, and expert ``e``'s
+``A``/``G`` take the labelled rows of the tokens routed to it, counted per expert.
+
 Sums are fp32 (fp64 when the model is fp64); bf16/fp16 rows enter fp32 products (on CUDA a bf16 GEMM with fp32
 output, which is exact for the products; elsewhere the rows are cast to fp32 first).
 """
@@ -213,6 +217,8 @@ class FactorCollector:
         # per-step state
         self._phase: str | None = None  # "forward" while the model runs forward, "backward" during backward
         self._valid_index: dict[torch.device, torch.Tensor] = {}
+        self._valid_masks: dict[torch.device, torch.Tensor] = {}  # the same positions as flat masks (for experts)
+        self._n_positions = 0  # B·T of the current batch
         self._targets: list[torch.Tensor] = []
         self._forward_hits: list[int] = []
         self._grad_hits: list[int] = []
@@ -364,6 +370,10 @@ class FactorCollector:
             down = chosen.get((e, "down"))
             if self._phase != "forward" or (not split and down is None):
                 return
+            for _, i in [*split, ("down", down)] if down is not None else split:  # per-expert row counts
+                mf = self.factors.modules[self.projections[i].name]
+                mf.activation_tokens += n
+                mf.grad_tokens += n
             with torch.no_grad():
                 if split:  # gate and up read x: one activation sum
                     add_gram(self.factors.modules[self.projections[split[0][1]].name].activation_sum,
@@ -379,10 +389,6 @@ class FactorCollector:
                 outputs.register_hook(gram_hook(sums, keep))
                 if block == self.lowest_block:
                     self._targets.append(outputs)
-                for _, i in members:
-                    mf = self.factors.modules[self.projections[i].name]
-                    mf.activation_tokens += n
-                    mf.grad_tokens += n
 
         return tap_experts(experts, lambda: self._phase is not None, on_expert)
 
@@ -448,7 +454,7 @@ class FactorCollector:
             uniforms = window_uniforms(self.seed, window_index.tolist(), seq_len).reshape(-1)[idx.cpu()]
 
         self._valid_index = {device: idx}
-        self._valid_masks: dict[torch.device, torch.Tensor] = {}
+        self._valid_masks = {}
         self._n_positions = input_ids.numel()
         self._mirrored = False
         self._forward_hits = [0] * len(self.projections)
