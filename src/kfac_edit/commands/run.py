@@ -9,6 +9,7 @@ ORDER = 50
 
 def register(subparsers) -> None:
     from .edit import add_modules_argument, add_spec_arguments
+    from ..lm_eval_tasks import add_lm_eval_arguments
     from .eval import add_eval_arguments, add_model_arguments
 
     p = subparsers.add_parser(
@@ -32,11 +33,13 @@ def register(subparsers) -> None:
         help="where eigendecompositions are cached (default: $KFAC_EDIT_CACHE/eigen, else ~/.cache/kfac-edit/eigen)",
     )
     add_eval_arguments(p)
+    add_lm_eval_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..edit import declare_modules
+    from ..lm_eval_tasks import check_lm_eval_args, run_lm_eval_from_args
     from ..models import load_tokenizer
     from .edit import spec_from_args
     from ..workflow import check_run_inputs, format_table, run_paths, run_workflow
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     config = eval_config_from_args(args, out=None)
     paths = run_paths(args.out, args.results)
+    check_lm_eval_args(args)
     check_run_inputs(args.model, spec, args.factors, config, paths, load_tokenizer(args.model))  # before loading
     model, tokenizer = load_for_eval(args)
     declare_modules(model, args.modules, args.factors)
@@ -52,4 +56,8 @@ def run(args: argparse.Namespace) -> int:
                            skip_baseline=args.skip_baseline, results=args.results, cache_dir=args.cache_dir)
     print(format_table(summary))
     print(f"edited model: {paths.edited}; evaluations: {paths.evals}; summary appended to {paths.results}")
+    if args.lm_eval_tasks:  # lm-eval on the base model and on the saved edit, results beside the evaluations
+        del model  # lm-eval loads its own copies
+        for path in ([] if args.skip_baseline else [args.model]) + [str(paths.edited)]:
+            run_lm_eval_from_args(argparse.Namespace(**{**vars(args), "model": path, "out": str(paths.evals)}))
     return 0
