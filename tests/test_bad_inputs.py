@@ -509,7 +509,7 @@ def _input_cases(env, tmp: Path) -> dict[str, Case]:
         "eval token id past the embedding rows": Case(["eval", "--model", env["wide"], "--memorized", big_id, *EVAL],
                                                       "token id 100", [out]),  # fmt: skip
         "collect --layers backwards": Case([*collect, "--layers", "1-0"], "names no block", [out]),
-        "collect --modules not a linear layer": Case([*collect, "--modules", "up=mlp"], "is not a linear layer", [out]),
+        "collect --modules not a linear layer": Case([*collect, "--modules", "up=mlp"], "not a linear layer", [out]),
         "collect --modules not KIND=PATH": Case([*collect, "--modules", "mlp"], "is not KIND=PATH", [out]),
         # handled before issue 10: they stay handled
         "edit missing --factors": Case([*edit[:3], "--factors", tmp / "nothing", *edit[5:], "--layers-json", LAYERS],

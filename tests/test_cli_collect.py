@@ -120,6 +120,7 @@ def test_import_factors_cli(tiny_model_dir, tmp_path, capsys):
     assert torch.equal(factors.activation_cov("model.layers.1.mlp.up_proj"), A)
     assert torch.equal(factors.grad_cov("model.layers.1.mlp.up_proj"), torch.eye(24) * 3)
     assert factors.manifest["imported_from"] == str((tmp_path / "old.pt").resolve())
+    assert factors.manifest["grad_convention"].startswith("mean-loss G: ours / (B*(S-1))^2")
     templated = tmp_path / "templated"
     assert main(["import-factors", str(tmp_path / "old.pt"), "--out", str(templated), "--name-template", "h.{i}.{proj}"]) == 0
     assert Factors.load(templated).names[:2] == ["h.0.gate", "h.0.up"]

@@ -148,7 +148,7 @@ def test_gpt2_conv1d_matches_brute_force():
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0
     batch = {"input_ids": ids, "attention_mask": mask}
-    factors = collect_factors(model, [batch], labels="gold", progress=False)  # default kinds: up, down
+    factors = collect_factors(model, [batch], labels="gold", bias="keep", progress=False)  # kinds: up, down; A over a
     assert factors.names == [f"transformer.h.{i}.mlp.{m}" for i in (0, 1) for m in ("c_fc", "c_proj")]
     expected = brute_force(model, batch, find_projections(model, projections=["up", "down"]))
     for name, (A, G, n) in expected.items():

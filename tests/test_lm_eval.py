@@ -96,3 +96,18 @@ def test_eval_cli_runs_lm_eval_beside_our_results(tmp_path, tiny_model_dir, monk
     # bad input: one line, exit 2, before anything runs
     assert main(["eval", "--model", str(tiny_model_dir), "--memorized", str(mem), "--lm-eval-include", "x"]) == 2
     assert "need --lm-eval-tasks" in capsys.readouterr().err
+
+
+def test_eval_out_is_written_when_only_lm_eval_tasks_ran(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """``eval --out`` gets a line with the lm-eval metrics when no metric of ours was asked for (lm-eval stubbed)."""
+    import kfac_edit.lm_eval_tasks as tasks
+    from kfac_edit.cli import main
+    from kfac_edit.fileio import read_jsonl
+
+    monkeypatch.setattr(tasks, "check_lm_eval_args", lambda args: None)
+    monkeypatch.setattr(tasks, "run_lm_eval", lambda *a, **k: {"metrics": {"arc_easy": {"acc": 0.25}}})
+    out = tmp_path / "results.jsonl"
+    assert main(["eval", "--model", str(tiny_model_dir), "--out", str(out), "--lm-eval-tasks", "arc_easy"]) == 0
+    (line,) = read_jsonl(out)
+    assert line["model"] == str(tiny_model_dir) and line["metrics"] == {"lm_eval": {"arc_easy": {"acc": 0.25}}}
+    assert line["lm_eval_dir"] == str(tmp_path / "lm_eval" / tiny_model_dir.name)

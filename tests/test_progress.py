@@ -47,3 +47,19 @@ def test_quiet_loops_and_disabled_bars(monkeypatch, caplog):
     bar = progress_bar(range(2), desc="tty")
     assert type(bar) is not LogLines and not bar.disable  # a terminal gets tqdm's own bar
     bar.close()
+
+
+def test_no_progress_is_an_option_of_every_command_and_switches_every_bar_off(monkeypatch):
+    import kfac_edit.progress as progress
+    from kfac_edit.cli import build_parser, main
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert all("--no-progress" in p._option_string_actions for p in sub.choices.values())
+    monkeypatch.setattr(progress, "_interactive", lambda: False)
+    try:
+        assert main(["report", "--no-progress", "/nonexistent-kfac-dir"]) == 2  # parsed; the run fails on the dir
+        assert progress.progress_bar(range(3), total=3).disable is True
+        progress.switch_off(False)
+        assert isinstance(progress.progress_bar(range(3), total=3), progress.LogLines)
+    finally:
+        progress.switch_off(False)

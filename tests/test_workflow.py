@@ -36,8 +36,9 @@ def eval_args(setup):
 def test_run_evaluates_edits_saves_and_summarizes(tiny_model_dir, setup, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["run", "--model", str(tiny_model_dir), "--factors", str(setup["factors"]), "--layers-json", LAYERS,
-            "--out", str(out)] + eval_args(setup)
+            "--out", str(out), "--cache-dir", str(tmp_path / "eigen")] + eval_args(setup)
     assert main(argv) == 0
+    assert len(list((tmp_path / "eigen").glob("*.safetensors"))) == 3  # one per edited module: --cache-dir on run too
     table = capsys.readouterr().out
     assert "strict" in table and "perplexity" in table and "delta" in table
     (summary,) = read_jsonl(out / "runs.jsonl")
@@ -89,3 +90,24 @@ def test_run_bad_input_exits_2_and_writes_nothing(tiny_model_dir, setup, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("kfac-edit: error: ") and message in err
     assert not out.exists()
+
+
+def test_sweep_takes_layers_as_the_same_option_as_blocks():
+    from kfac_edit.cli import build_parser
+
+    parser = build_parser()
+    common = ["sweep", "--model", "m", "--out", "o"]
+    assert parser.parse_args(common + ["--layers", "1-2"]).blocks == parser.parse_args(common + ["--blocks", "1-2"]).blocks == "1-2"
+
+
+def test_run_takes_the_lm_eval_options_and_runs_lm_eval_before_and_after(tiny_model_dir, setup, tmp_path, monkeypatch):
+    import kfac_edit.lm_eval_tasks as tasks
+
+    calls = []
+    monkeypatch.setattr(tasks, "check_lm_eval_args", lambda args: None)
+    monkeypatch.setattr(tasks, "run_lm_eval", lambda model, tasks_, out_dir, **kw: calls.append((model, out_dir)) or {"metrics": {}})
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(tiny_model_dir), "--factors", str(setup["factors"]), "--layers-json", LAYERS,
+            "--out", str(out), "--lm-eval-tasks", "arc_easy", "--lm-eval-limit", "4"] + eval_args(setup)
+    assert main(argv) == 0
+    assert calls == [(str(tiny_model_dir), out / "lm_eval" / tiny_model_dir.name), (str(out / "edited"), out / "lm_eval" / "edited")]

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         mod.register(sub)
     for command_parser in sub.choices.values():  # -v/-q also after the subcommand: `kfac-edit collect -v ...`
         _add_verbosity(command_parser, argparse.SUPPRESS)
+        if "--no-progress" not in command_parser._option_string_actions:  # the same option on every command
+            command_parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     return parser
 
 
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _quiet_transformers()
+    from .progress import switch_off
+
+    switch_off(getattr(args, "no_progress", False))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

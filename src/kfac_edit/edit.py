@@ -40,11 +40,12 @@ from .fileio import atomic_dir, write_json
 from .identity import model_fingerprint
 from .models import PROJECTIONS, Projection, find_projections, load_model, load_tokenizer_as_saved, model_type
 from .models import num_blocks, projection_kinds, resolve_device
-from .spec import LAYERS_EXAMPLE, EditSpec, Method
+from .spec import LAYERS_EXAMPLE, NO_EDIT_AT, EditSpec, Method
 
 log = logging.getLogger(__name__)
 
 ORIGINALS_ATTR = "_kfac_edit_originals"  # on an edited model: {module name: original weight, as stored, on the CPU}
+BIAS_SUFFIX = "#bias"  # ORIGINALS_ATTR key of a module's original bias (edited with its weight: --bias joint)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,10 +59,11 @@ class ModuleEdit:
 
     ``mass_fraction``: share of the method's own mass kept (curvature mass ``λ_G[i]·μ_A[j]`` for ``kfac`` and
     ``kfac-independent``, the EK-FAC second moments for ``ekfac``, Σσ² for ``svd``, ``None`` for ``random``).
-    ``protected_mass_fraction``: with a :class:`Protection`, the share of the protected mass kept. ``pairs_kept``/``pairs_total``: coefficients
+    ``protected_mass_fraction``: with a :class:`Protection`, the share of the protected mass kept.
+    ``pairs_kept``/``pairs_total``: coefficients
     kept (eigen-pairs; for ``svd`` singular directions out of ``min(out, in)``). ``grad_vectors_used`` /
     ``act_vectors_used``: distinct G / A eigenvectors (left / right singular vectors for ``svd``).
-    ``weight_change``: ``‖W' − W‖ / ‖W‖`` (Frobenius).
+    ``weight_change``: ``‖W' − W‖ / ‖W‖`` (Frobenius; of ``[W b]`` when ``bias``).
     """
 
     name: str
@@ -80,6 +82,7 @@ class ModuleEdit:
     eigen_seconds: float
     seconds: float
     protected_mass_fraction: float | None = None  # with --protect: share of the protected curvature kept
+    bias: bool = False  # the bias was edited with the weight: [W b] projected, shape (out, in + 1)
 
 
 @dataclass
@@ -130,11 +133,11 @@ def _factor_blocks(names: list[str]) -> list[int]:
 
 def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, float]]:
     """The projections ``spec`` edits, with their keep_mass; :class:`UserError` for blocks or kinds the model lacks."""
-    if not spec.keep_mass:
+    if not spec.edits_something:
         return []
     n = num_blocks(model)
     kinds = projection_kinds(model)
-    for block, kind in spec.keep_mass:
+    for block, kind in [*spec.keep_mass, *((b, k) for b, _, k in spec.expert_keep_mass)]:
         if not 0 <= block < n:
             raise UserError(f"block {block} does not exist: the model has blocks 0..{n - 1}; fix the layers JSON")
         if kind not in kinds:
@@ -142,13 +145,60 @@ def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, 
                 f"projection '{kind}' does not exist in a {model_type(model)} model (it has {', '.join(kinds)}); "
                 "remove it from the layers JSON"
             )
-    used = sorted({kind for _, kind in spec.keep_mass}, key=PROJECTIONS.index)
-    found = find_projections(model, layers=spec.blocks, projections=used)
-    return [(p, spec.keep_mass[(p.block, p.kind)]) for p in found if (p.block, p.kind) in spec.keep_mass]
+    used = {kind for _, kind in spec.keep_mass} | {kind for _, _, kind in spec.expert_keep_mass}
+    found = find_projections(model, layers=spec.blocks, projections=sorted(used, key=PROJECTIONS.index))
+    experts = {(b, e) for b, e, _ in spec.expert_keep_mass}
+    for block, expert in sorted(experts):
+        if not any(p.block == block and p.expert == expert for p in found):
+            raise UserError(
+                f"block {block} has no routed expert {expert} (the layers JSON's \"experts\" form is for "
+                "mixture-of-experts blocks; experts count from 0); fix the layers JSON"
+            )
+    out = []
+    for p in found:
+        keep_mass = spec.keep_mass.get((p.block, p.kind))
+        if p.expert is not None:
+            keep_mass = spec.expert_keep_mass.get((p.block, p.expert, p.kind), keep_mass)
+        if keep_mass is not None and keep_mass < NO_EDIT_AT:
+            out.append((p, keep_mass))
+    return out
+
+
+def declare_modules(
+    model: nn.Module, modules: str | dict[str, str] | None, factors_dir: str | os.PathLike | None
+) -> None:
+    """Find the projections of ``model`` where its factors were collected.
+
+    The factor manifest's ``module_paths`` (written by ``collect``) and ``modules`` (``--modules``, the syntax of
+    ``collect``: ``up=mlp.fc_in,down=mlp.fc_out``) both name them; when both are given they must agree
+    (:class:`UserError` otherwise). Neither: the projection table. See :func:`~kfac_edit.models.use_modules`.
+    """
+    from .factors.store import Factors
+    from .models import LAYOUT_KEY, parse_modules_option, use_modules
+
+    given = parse_modules_option(modules) if isinstance(modules, str) else (dict(modules) if modules else None)
+    recorded = None
+    if factors_dir is not None and Path(factors_dir).is_dir():
+        recorded = Factors.load(factors_dir, names=[]).manifest.get(LAYOUT_KEY)  # the manifest only
+    blocks_path = None
+    if recorded:
+        recorded = dict(recorded)
+        blocks_path = recorded.pop("blocks", None)
+        if given and given != recorded:
+            show = lambda m: ",".join(f"{k}={m[k]}" for k in PROJECTIONS if k in m)  # noqa: E731
+            raise UserError(
+                f"--modules {show(given)} disagrees with the modules the factors in {factors_dir} were collected "
+                f"from ({show(recorded)}); drop --modules (the factors name their modules) or collect again"
+            )
+    use_modules(model, given or recorded, blocks_path=blocks_path)
 
 
 def check_factors(targets: list[tuple[Projection, float]], factors, where: str = "the factors") -> None:
-    """:class:`UserError` when a target has no factors or factors of another shape (factors of another model)."""
+    """:class:`UserError` when a target has no factors or factors of another shape (factors of another model).
+
+    A biased target whose factors are ``(out, in + 1)`` (collected with ``--bias joint``) is marked
+    :attr:`~kfac_edit.models.Projection.homogeneous`: its edit projects ``[W b]``.
+    """
     if factors is None:
         raise UserError("this edit method needs K-FAC factors; pass --factors DIR (made by `kfac-edit collect`)")
     names = list(factors.names)
@@ -160,12 +210,37 @@ def check_factors(targets: list[tuple[Projection, float]], factors, where: str =
                 f"{have or 'none'}; collect factors for block {proj.block} or drop it from the layers JSON"
             )
         fshape = tuple(factors.shape(proj.name))
-        if fshape != tuple(proj.shape):
+        out_dim, in_dim = proj.shape
+        # factors over [a; 1] (collected with --bias joint) make the projection homogeneous: [W b] is edited
+        proj.homogeneous = proj.has_bias and fshape == (out_dim, in_dim + 1)
+        if fshape != proj.factor_shape:
             raise UserError(
                 f"factors for {proj.name} fit a weight of shape {fshape[0]}x{fshape[1]} (out x in) but the model's "
                 f"weight is {proj.shape[0]}x{proj.shape[1]}: the factors come from another model; collect factors "
                 "for this model"
             )
+
+
+def without_bias_coordinate(factors, targets: list[tuple[Projection, float]]):
+    """``factors`` with the homogeneous targets' ``A`` over ``a`` alone (the last row and column of ``A`` over
+    ``[a; 1]`` dropped: exactly the factor collected with ``--bias keep``); those targets stop being homogeneous.
+
+    The K-FAC edit of ``W`` alone (``--bias keep``) from factors collected with ``--bias joint``.
+    """
+    from .factors.store import Factors, ModuleFactors
+
+    modules = dict(factors.modules)
+    sliced: dict[str, torch.Tensor] = {}
+    for proj, _ in targets:
+        if not proj.homogeneous:
+            continue
+        mf = modules[proj.name]
+        key = mf.activation_key + BIAS_SUFFIX  # not the key of the full A any more
+        if key not in sliced:
+            sliced[key] = mf.activation_sum[:-1, :-1].contiguous()
+        modules[proj.name] = ModuleFactors(sliced[key], mf.grad_sum, mf.activation_tokens, mf.grad_tokens, key)
+        proj.homogeneous = False
+    return Factors(modules, factors.manifest) if sliced else factors
 
 
 def check_factors_dir(method: Method | str, factors_dir: str | os.PathLike | None) -> None:
@@ -181,7 +256,7 @@ def check_factors_dir(method: Method | str, factors_dir: str | os.PathLike | Non
 
 def check_edit_inputs(spec: EditSpec, factors_dir: str | os.PathLike | None) -> None:
     """The checks that need no model: ``spec`` edits something and, if its method needs them, factors are given."""
-    if not spec.keep_mass:
+    if not spec.edits_something:
         raise UserError(
             "the layers JSON edits nothing (no projection has keep_mass below 0.9999); give e.g. " + LAYERS_EXAMPLE
         )
@@ -223,9 +298,23 @@ def restore(model: nn.Module) -> list[str]:
     originals = model.__dict__.pop(ORIGINALS_ATTR, {})
     with torch.no_grad():
         for name, weight in originals.items():
-            module = model.get_submodule(name)
-            module.weight.copy_(weight.to(module.weight.device))
-    return list(originals)
+            if name.endswith(BIAS_SUFFIX):  # a bias edited jointly with its weight
+                module = model.get_submodule(name.removesuffix(BIAS_SUFFIX))
+                module.bias.copy_(weight.to(module.bias.device))
+                continue
+            target = _weight_of(model, name)
+            target.copy_(weight.to(target.device))
+    return [name for name in originals if not name.endswith(BIAS_SUFFIX)]
+
+
+def _weight_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of module ``name`` as stored, or the ``(out, in)`` view of an expert projection's matrix."""
+    from .experts import expert_weight
+
+    try:
+        return model.get_submodule(name).weight
+    except AttributeError:
+        return expert_weight(model, name)
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -290,14 +379,16 @@ def _edit_one(
 ) -> ModuleEdit:  # fmt: skip
     """Edit one projection in place (its original goes into ``originals`` first) and describe the edit."""
     t0 = time.perf_counter()
-    weight = proj.weight().detach()
+    if spec.method is Method.SVD:
+        proj.homogeneous = False  # the data-free baseline truncates W alone
+    weight = proj.affine_weight().detach()  # [W b] for a homogeneous projection
     device = weight.device
     eigen_seconds = 0.0
     grad_eig = act_eig = None
     if spec.needs_factors:
         grad_eig, act_eig = cache.get(factors, proj.name, device)
         eigen_seconds = time.perf_counter() - t0
-    out_dim, in_dim = proj.shape
+    out_dim, in_dim = proj.factor_shape
     protected = None
     if protect is not None and spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT, Method.EKFAC):
         select = {Method.KFAC: select_pairs, Method.KFAC_INDEPENDENT: independent_counts}.get(spec.method)
@@ -335,14 +426,16 @@ def _edit_one(
         kept = (None, n_keep, out_dim * in_dim, None, None)
     change = _weight_change(weight, new_weight)
     originals[proj.name] = proj.module.weight.detach().to("cpu", copy=True)
-    proj.set_weight(new_weight)
+    if proj.homogeneous:
+        originals[proj.name + BIAS_SUFFIX] = proj.module.bias.detach().to("cpu", copy=True)
+    proj.set_affine_weight(new_weight)
     mass_fraction, pairs_kept, pairs_total, grad_used, act_used = kept
     record = ModuleEdit(
         name=proj.name, block=proj.block, kind=proj.kind, shape=(out_dim, in_dim), method=spec.method.value,
         keep_mass=keep_mass, mass_fraction=mass_fraction, pairs_kept=pairs_kept, pairs_total=pairs_total,
         pairs_fraction=pairs_kept / pairs_total if pairs_total else 0.0, grad_vectors_used=grad_used,
         act_vectors_used=act_used, weight_change=change, eigen_seconds=round(eigen_seconds, 4),
-        seconds=round(time.perf_counter() - t0, 4), protected_mass_fraction=protected,
+        seconds=round(time.perf_counter() - t0, 4), protected_mass_fraction=protected, bias=proj.homogeneous,
     )
     log.debug("%s", record)
     return record
@@ -397,6 +490,8 @@ def apply_edit(
     targets = resolve_targets(model, spec)
     if spec.needs_factors:
         check_factors(targets, factors)
+        if spec.bias == "keep":
+            factors = without_bias_coordinate(factors, targets)
         recorded = (getattr(factors, "manifest", None) or {}).get("model_fingerprint")
         if recorded and targets and recorded != model_fingerprint(model):
             log.warning(
@@ -486,10 +581,12 @@ def edit_model_dir(
     protect_dir: str | os.PathLike | None = None,
     protect_weight: float = DEFAULT_PROTECT_WEIGHT,
     bsn: tuple | None = None,
+    modules: str | dict[str, str] | None = None,
 ) -> EditReport:
     """What ``kfac-edit edit`` does: load, check everything, edit, save ``out_dir`` (nothing is written on error).
 
-    ``cache_dir`` defaults to :func:`~kfac_edit.eigen.default_cache_dir`. Under ``torchrun`` (``WORLD_SIZE > 1``)
+    ``cache_dir`` defaults to :func:`~kfac_edit.eigen.default_cache_dir`; the projections are found by
+    :func:`declare_modules` (the factors' recorded paths, or ``modules``). Under ``torchrun`` (``WORLD_SIZE > 1``)
     the ranks first share the eigendecompositions out by cost, each computing its part, then every rank edits from
     its filled cache and only the main rank writes ``out_dir``. ``bsn``: ``(forget records file, clean-text
     SOURCE, BsnConfig)`` for method ``bsn``.
@@ -508,6 +605,7 @@ def edit_model_dir(
     ctx = init_distributed(resolve_device(device))
     try:
         net, _ = load_model(model, dtype=dtype, device=str(rank_device(resolve_device(device), ctx)))
+        declare_modules(net, modules, factors_dir)
         factors = load_edit_factors(net, spec, factors_dir)
         cache = EigenCache(cache_dir if cache_dir is not None else default_cache_dir())
         if ctx.enabled and factors is not None:

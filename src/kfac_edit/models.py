@@ -24,6 +24,8 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 PROJECTIONS = ("gate", "up", "down")
+# --bias: "joint" = K-FAC of the affine map (A over [a; 1], the bias edited with the weight); "keep" = biases untouched
+BIAS_MODES = ("joint", "keep")
 
 # model_type -> (path of the ModuleList of blocks, {kind: path of the projection inside a block}).
 # Every entry was checked on a tiny random model of the installed transformers (tests/test_architectures.py).
@@ -65,6 +67,24 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, str]]] = {
     # Gemma 3 with its vision tower (AutoModelForCausalLM gives Gemma3ForConditionalGeneration): the text blocks
     "gemma3": ("model.language_model.layers", _LLAMA_LIKE[1]),
 }
+# Mixture of experts: model_type -> (blocks path, experts module inside a block, {kind: path of a dense MLP's
+# projection inside a block}). Every routed expert's gate, up and down is a projection (kfac_edit.experts); the dense
+# paths are taken in the blocks that have them: Qwen2-MoE's shared expert, Qwen3-MoE's dense blocks (mlp_only_layers).
+MOE_ARCHITECTURES: dict[str, tuple[str, str, dict[str, str]]] = {
+    "olmoe": ("model.layers", "mlp.experts", {}),
+    "mixtral": ("model.layers", "mlp.experts", {}),
+    "qwen2_moe": (
+        "model.layers", "mlp.experts",
+        {"gate": "mlp.shared_expert.gate_proj", "up": "mlp.shared_expert.up_proj", "down": "mlp.shared_expert.down_proj"},
+    ),
+    "qwen3_moe": ("model.layers", "mlp.experts", _LLAMA_LIKE[1]),
+    "phimoe": ("model.layers", "mlp.experts", {}),
+    "granitemoe": ("model.layers", "block_sparse_moe.experts", {}),
+    "qwen3_next": (
+        "model.layers", "mlp.experts",
+        {"gate": "mlp.shared_expert.gate_proj", "up": "mlp.shared_expert.up_proj", "down": "mlp.shared_expert.down_proj"},
+    ),
+}  # fmt: skip
 _FUSED_NOTE = "; its gate and up are one fused linear layer, mlp.gate_up_proj, edited as kind 'up'"
 FUSED_GATE_UP = frozenset(t for t, arch in ARCHITECTURES.items() if arch is _FUSED_GATE_UP)
 
@@ -83,11 +103,40 @@ class Projection:
     block: int
     kind: str  # "gate" | "up" | "down"
     module: nn.Module
+    # Factors over the homogeneous input [a; 1] (a biased layer under ``--bias joint``, the default): A is
+    # (in + 1, in + 1) and the edit projects the affine weight [W b]; False: the bias is left as it is.
+    homogeneous: bool = False
+    expert: int | None = None  # a routed expert's matrix (module is an ExpertWeight view; see kfac_edit.experts)
+
+    @property
+    def has_bias(self) -> bool:
+        return isinstance(getattr(self.module, "bias", None), torch.Tensor)
+
+    @property
+    def factor_shape(self) -> tuple[int, int]:
+        """``(out, in + 1)`` for a homogeneous projection (the affine weight ``[W b]``), else ``(out, in)``."""
+        out, inp = self.shape
+        return (out, inp + int(self.homogeneous))
+
+    def affine_weight(self) -> torch.Tensor:
+        """``[W b]`` ``(out, in + 1)`` for a homogeneous projection (a copy), else :meth:`weight`."""
+        if not self.homogeneous:
+            return self.weight()
+        return torch.cat([self.weight(), self.module.bias.detach().unsqueeze(1).to(self.module.weight.dtype)], dim=1)
+
+    @torch.no_grad()
+    def set_affine_weight(self, new_weight: torch.Tensor) -> None:
+        """Overwrite ``[W b]`` (homogeneous) or ``W`` from a tensor of :attr:`factor_shape`."""
+        if not self.homogeneous:
+            return self.set_weight(new_weight)
+        self.set_weight(new_weight[:, :-1])
+        bias = self.module.bias
+        bias.copy_(new_weight[:, -1].to(dtype=bias.dtype, device=bias.device))
 
     @property
     def transposed(self) -> bool:
         """True for GPT-2 ``Conv1D``, which stores its weight as ``(in, out)``."""
-        return not isinstance(self.module, nn.Linear)
+        return self.expert is None and not isinstance(self.module, nn.Linear)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -121,20 +170,74 @@ def num_blocks(model: nn.Module) -> int:
     return len(_get(model, blocks_path))
 
 
+# The layout declared by :func:`use_modules` (``--modules``, or the paths a factor manifest recorded) is kept on the
+# model as this plain attribute: every function here reads it before the table.
+LAYOUT_ATTR = "_kfac_edit_layout"
+LAYOUT_KEY = "module_paths"  # the factor manifest's record of the layout: {"blocks": path, kind: path in a block}
+
+
+def use_modules(model: nn.Module, modules: dict[str, str] | None, blocks_path: str | None = None) -> None:
+    """Declare the MLP layout of ``model``: ``modules`` ``{kind: path inside a block}`` (``None``: forget it).
+
+    ``blocks_path`` (the blocks' ModuleList) defaults to the table's, else the longest ModuleList. Every block must
+    hold every named module and each must be a linear layer, else a :class:`UserError` naming the first that is not.
+    """
+    model.__dict__.pop(LAYOUT_ATTR, None)
+    if not modules:
+        return
+    if blocks_path is None:
+        try:
+            blocks_path = _architecture(model)[0]
+        except UserError:
+            blocks_path = _guess_blocks_path(model)
+    try:
+        blocks = _get(model, blocks_path)
+    except AttributeError:
+        raise UserError(f"the model has no module '{blocks_path}' holding its blocks; check --modules") from None
+    for i, block in enumerate(blocks):
+        for kind, sub in modules.items():
+            try:
+                module = _get(block, sub)
+            except AttributeError:
+                raise UserError(
+                    f"block {i} has no module '{sub}' (--modules {kind}={sub}, blocks in {blocks_path}); name a "
+                    "module every block has"
+                ) from None
+            if not _is_linear(module):
+                raise UserError(
+                    f"--modules {kind}={sub}: {blocks_path}.{i}.{sub} is a {type(module).__name__}, not a linear "
+                    "layer (a module with a 2-D weight); name the linear layers of the MLP"
+                )
+    model.__dict__[LAYOUT_ATTR] = (blocks_path, dict(modules))
+
+
+def module_paths(model: nn.Module) -> dict[str, str]:
+    """The layout in use, as a factor manifest records it: ``{"blocks": path, kind: path inside a block, ...}``."""
+    blocks_path, kinds = _architecture(model)
+    return {"blocks": blocks_path, **{k: kinds[k] for k in PROJECTIONS if k in kinds}}
+
+
 def _architecture(model: nn.Module) -> tuple[str, dict[str, str]]:
-    """``(blocks path, {kind: path inside a block})`` of a model: the table, else a known layout found by structure.
+    """``(blocks path, {kind: path inside a block})`` of a model: the layout declared by :func:`use_modules`, the
+    table, else a known layout found by structure.
 
     Mixture-of-experts models and models whose MLP matches no known layout are a :class:`UserError` (one line
     saying what is unsupported and why).
     """
+    declared = model.__dict__.get(LAYOUT_ATTR)
+    if declared is not None:
+        return declared
     mtype = model_type(model)
     if mtype in ARCHITECTURES:
         return ARCHITECTURES[mtype]
+    if mtype in MOE_ARCHITECTURES:
+        blocks_path, experts_path, _ = MOE_ARCHITECTURES[mtype]
+        return blocks_path, dict.fromkeys(PROJECTIONS, experts_path)
     moe = _mixture_of_experts(model)
     if moe:
         raise UserError(
-            f"mixture-of-experts model '{mtype}' is not supported yet: {moe}; kfac-edit has no per-expert factors, "
-            "and neither its projection table nor --modules can reach experts"
+            f"mixture-of-experts model '{mtype}' is not supported yet: {moe}; kfac-edit reads the experts of "
+            f"{', '.join(sorted(MOE_ARCHITECTURES))} only, and --modules cannot reach experts"
         )
     # Unknown model type: accept any model whose blocks have one of the known layouts.
     for layout in {id(layout): layout for layout in ARCHITECTURES.values()}.values():
@@ -213,6 +316,7 @@ def find_projections(
     projections: Sequence[str] = PROJECTIONS,
     modules: dict[str, str] | None = None,
     blocks_path: str | None = None,
+    bias: str = "joint",
 ) -> list[Projection]:
     """The MLP projections of the chosen blocks, in block order then ``gate, up, down`` order.
 
@@ -221,7 +325,10 @@ def find_projections(
         projections: kinds to return; a kind the architecture lacks is an error.
         modules: overrides ``{kind: path inside a block}`` for unknown architectures.
         blocks_path: path of the blocks' ModuleList when ``modules`` is given for an unknown architecture.
+        bias: ``joint`` (biased layers are :attr:`Projection.homogeneous`) or ``keep`` (no projection is).
     """
+    if bias not in BIAS_MODES:
+        raise UserError(f"unknown --bias '{bias}'; use one of {', '.join(BIAS_MODES)}")
     if modules:
         if blocks_path is None:
             try:
@@ -249,6 +356,8 @@ def find_projections(
                 f"{_FUSED_NOTE if kind == 'gate' and kinds.get('up') == _FUSED_GATE_UP[1]['up'] else ''}); "
                 f"pass --projections {','.join(k for k in PROJECTIONS if k in kinds)}"
             )
+    if LAYOUT_ATTR not in model.__dict__ and not modules and model_type(model) in MOE_ARCHITECTURES:
+        return _expert_projections(model, blocks, layer_list, projections, bias)
     out = []
     for i in layer_list:
         for kind in PROJECTIONS:
@@ -266,7 +375,40 @@ def find_projections(
                     f"module {blocks_path}.{i}.{sub} holds quantized weights ({dtype_name(module.weight.dtype)}); "
                     "kfac-edit edits float weights: load the model without quantization"
                 )
-            out.append(Projection(name=f"{blocks_path}.{i}.{sub}", block=i, kind=kind, module=module))
+            proj = Projection(name=f"{blocks_path}.{i}.{sub}", block=i, kind=kind, module=module)
+            proj.homogeneous = bias == "joint" and proj.has_bias
+            out.append(proj)
+    return out
+
+
+def _expert_projections(
+    model: nn.Module, blocks, layer_list: list[int], projections: Sequence[str], bias: str
+) -> list[Projection]:
+    """A mixture-of-experts model's projections: per block, each expert's kinds (expert order), then the dense ones."""
+    from .experts import ExpertWeight, check_experts
+
+    blocks_path, experts_path, dense = MOE_ARCHITECTURES[model_type(model)]
+    out = []
+    for i in layer_list:
+        prefix = f"{blocks_path}.{i}"
+        try:
+            experts = _get(blocks[i], experts_path)
+        except AttributeError:
+            experts = None  # a dense block
+        if experts is not None:
+            for e in range(check_experts(experts, f"{prefix}.{experts_path}")):
+                for kind in (k for k in PROJECTIONS if k in projections):
+                    name = f"{prefix}.{experts_path}.{e}.{kind}"
+                    out.append(Projection(name, i, kind, ExpertWeight(experts, e, kind), expert=e))  # type: ignore[arg-type]
+        for kind in (k for k in PROJECTIONS if k in projections and k in dense):
+            try:
+                module = _get(blocks[i], dense[kind])
+            except AttributeError:
+                continue  # this block has no such dense MLP
+            if _is_linear(module):
+                proj = Projection(f"{prefix}.{dense[kind]}", i, kind, module)
+                proj.homogeneous = bias == "joint" and proj.has_bias
+                out.append(proj)
     return out
 
 

@@ -83,10 +83,22 @@ def _interactive() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)()) or "ipykernel" in sys.modules
 
 
+_switched_off = False  # every command's --no-progress (set by the CLI through switch_off)
+
+
+def switch_off(off: bool = True) -> None:
+    """Turn every progress bar and progress line of this process off (``--no-progress``) or back on."""
+    global _switched_off
+    _switched_off = bool(off)
+
+
 def progress_bar(*args, **kwargs):
-    """A tqdm bar on a terminal, :class:`LogLines` elsewhere, nothing with ``disable=True`` (tqdm's arguments)."""
+    """A tqdm bar on a terminal, :class:`LogLines` elsewhere, nothing with ``disable=True`` (tqdm's arguments) or
+    after :func:`switch_off`."""
     from tqdm.auto import tqdm
 
+    if _switched_off:
+        kwargs["disable"] = True
     if kwargs.get("disable") is True:
         return tqdm(*args, **kwargs)
     if _interactive():

@@ -83,6 +83,29 @@ METHODS = Method.values()
 LABEL_MODES = LabelMode.values()
 
 
+EXPERTS_KEY = "experts"  # layers JSON, per expert: {"12": {"gate": 0.6, "experts": {"3": {"gate": 0.5}}}}
+
+
+def _parse_experts(block: int, per_expert: Any) -> dict[tuple[int, int, str], float]:
+    """The per-expert part of a block's entry, ``{"3": {"gate": 0.5}}`` -> ``{(block, 3, "gate"): 0.5}``."""
+    if not isinstance(per_expert, dict):
+        raise UserError(f'layers JSON block {block} "experts" must map expert indices to {{projection: keep_mass}}')
+    out: dict[tuple[int, int, str], float] = {}
+    for key, kinds in per_expert.items():
+        try:
+            expert = int(key)
+        except (TypeError, ValueError):
+            raise UserError(f"layers JSON block {block} expert key '{key}' is not an expert index") from None
+        if not isinstance(kinds, dict):
+            raise UserError(f"layers JSON block {block} expert {key} must map projections to keep_mass")
+        for kind, value in kinds.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"keep_mass for block {block} expert {key} {kind} must be a number in [0, 1]")
+            _check_entry(block, kind, float(value))
+            out[(block, expert, kind)] = float(value)
+    return out
+
+
 def _check_entry(block: int, kind: str, value: float) -> None:
     if not isinstance(block, int) or block < 0:
         raise UserError(f"block '{block}' is not a block index (blocks count from 0); use keys like \"23\"")
@@ -107,11 +130,21 @@ class EditSpec:
     keep_mass: dict[tuple[int, str], float] = field(default_factory=dict)
     method: Method = Method.KFAC
     seed: int = 0
+    bias: str = "joint"  # biased layers: joint = [W b] projected when the factors are over [a; 1]; keep = W alone
+    # Mixture of experts, per expert: (block, expert, kind) -> keep_mass, winning over the block's (block, kind) for
+    # that expert; a value >= NO_EDIT_AT leaves that expert's projection unedited.
+    expert_keep_mass: dict[tuple[int, int, str], float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.method = Method.parse(self.method, "edit method")
+        if self.bias not in ("joint", "keep"):
+            raise UserError(f"unknown --bias '{self.bias}'; use joint or keep")
         for (block, kind), value in self.keep_mass.items():
             _check_entry(block, kind, value)
+        for (block, expert, kind), value in self.expert_keep_mass.items():
+            _check_entry(block, kind, value)
+            if not isinstance(expert, int) or expert < 0:
+                raise UserError(f"expert '{expert}' of block {block} is not an expert index (experts count from 0)")
 
     @property
     def needs_factors(self) -> bool:
@@ -119,10 +152,16 @@ class EditSpec:
 
     @property
     def blocks(self) -> list[int]:
-        return sorted({block for block, _ in self.keep_mass})
+        return sorted({block for block, _ in self.keep_mass} | {block for block, _, _ in self.expert_keep_mass})
+
+    @property
+    def edits_something(self) -> bool:
+        return bool(self.keep_mass) or any(v < NO_EDIT_AT for v in self.expert_keep_mass.values())
 
     @classmethod
-    def from_json(cls, source: str | dict, method: str | None = None, seed: int | None = None) -> "EditSpec":
+    def from_json(
+        cls, source: str | dict, method: str | None = None, seed: int | None = None, bias: str | None = None
+    ) -> "EditSpec":
         """Parse the reference layers JSON, ``{"23": {"gate": 0.6, "up": 0.6}, "24": {"gate": 0.6}}``.
 
         Keys are block indices, values map projection kinds to keep_mass. A missing projection or a keep_mass
@@ -144,8 +183,10 @@ class EditSpec:
         if "layers" in data and isinstance(data["layers"], dict):
             method = method if method is not None else data.get("method")
             seed = seed if seed is not None else data.get("seed")
+            bias = bias if bias is not None else data.get("bias")
             data = data["layers"]
         keep_mass: dict[tuple[int, str], float] = {}
+        expert_keep_mass: dict[tuple[int, int, str], float] = {}
         for key, kinds in data.items():
             try:
                 block = int(key)
@@ -156,6 +197,10 @@ class EditSpec:
                     f"layers JSON block {key} must map projections to keep_mass, e.g. {{\"gate\": 0.6}}; "
                     f"got {json.dumps(kinds)}"
                 )
+            kinds = dict(kinds)
+            per_expert = kinds.pop(EXPERTS_KEY, None)
+            if per_expert is not None:
+                expert_keep_mass.update(_parse_experts(block, per_expert))
             for kind, value in kinds.items():
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise UserError(
@@ -165,10 +210,13 @@ class EditSpec:
                 _check_entry(block, kind, value)
                 if value < NO_EDIT_AT:
                     keep_mass[(block, kind)] = value
-        return cls(keep_mass, method=method or Method.KFAC, seed=int(seed or 0))
+        return cls(keep_mass, method=method or Method.KFAC, seed=int(seed or 0), bias=bias or "joint",
+                   expert_keep_mass=expert_keep_mass)  # fmt: skip
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, method: str | None = None, seed: int | None = None) -> "EditSpec":
+    def from_file(
+        cls, path: str | os.PathLike, method: str | None = None, seed: int | None = None, bias: str | None = None
+    ) -> "EditSpec":
         path = Path(path)
         try:
             text = path.read_bytes().decode("utf-8")
@@ -179,7 +227,7 @@ class EditSpec:
         except OSError as exc:
             raise UserError(f"cannot read the layers file '{path}': {exc.strerror}") from None
         try:
-            return cls.from_json(text, method=method, seed=seed)
+            return cls.from_json(text, method=method, seed=seed, bias=bias)
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
 
@@ -188,11 +236,18 @@ class EditSpec:
         out: dict[str, dict[str, float]] = {}
         for (block, kind) in sorted(self.keep_mass, key=lambda bk: (bk[0], PROJECTIONS.index(bk[1]))):
             out.setdefault(str(block), {})[kind] = self.keep_mass[(block, kind)]
-        return out
+        for block, expert, kind in sorted(self.expert_keep_mass, key=lambda b: (b[0], b[1], PROJECTIONS.index(b[2]))):
+            experts = out.setdefault(str(block), {}).setdefault(EXPERTS_KEY, {})
+            experts.setdefault(str(expert), {})[kind] = self.expert_keep_mass[(block, expert, kind)]
+        return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
     def to_json(self) -> str:
         """The reference layers JSON (method and seed are not part of it: see :meth:`to_dict`)."""
         return json.dumps(self.layers())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method.value, "seed": self.seed, "layers": self.layers()}
+        """``{"method", "seed", "layers"}`` (plus ``"bias": "keep"`` when biases are kept)."""
+        out: dict[str, Any] = {"method": self.method.value, "seed": self.seed, "layers": self.layers()}
+        if self.bias != "joint":
+            out["bias"] = self.bias
+        return out

@@ -71,17 +71,20 @@ def run_workflow(
     skip_baseline: bool = False,
     results: str | Path | None = None,
     bsn=None,
+    cache_dir: str | Path | None = None,
 ) -> dict:
     """Evaluate, edit, save, evaluate again; return the summary line (also appended to the results JSONL).
 
     ``model`` is edited in place. ``config.out`` is ignored: evaluation records go to ``DIR/evals.jsonl``.
     ``bsn``: the :class:`~kfac_edit.bsn.BsnInputs` of method bsn.
+    ``cache_dir``: the eigen cache (default :func:`~kfac_edit.eigen.default_cache_dir`).
     """
     started = time.time()
     paths = run_paths(out_dir, results)
-    check_run_inputs(model_path, spec, factors_dir, config, paths, tokenizer, limits=(model.get_input_embeddings().num_embeddings, model_limits(model.config)[1]))
+    limits = (model.get_input_embeddings().num_embeddings, model_limits(model.config)[1])
+    check_run_inputs(model_path, spec, factors_dir, config, paths, tokenizer, limits=limits)
     factors = load_edit_factors(model, spec, factors_dir)
-    cache = EigenCache(default_cache_dir())
+    cache = EigenCache(cache_dir if cache_dir is not None else default_cache_dir())
     if factors is not None:  # every eigendecomposition before the first evaluation: bad factors fail here
         for proj, _ in resolve_targets(model, spec):
             cache.get(factors, proj.name)

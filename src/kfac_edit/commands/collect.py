@@ -47,6 +47,7 @@ def register(subparsers) -> None:
     option(p, "device", default="auto")
     option(p, "seed", type=int, default=0)
     option(p, "modules", default=None)
+    option(p, "bias", choices=["joint", "keep"], default="joint")
     option(p, "text_field", default="text")
     option(p, "gradient_checkpointing", action="store_true")
     option(p, "overwrite", action="store_true")

@@ -28,6 +28,24 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
         "learned mask keeping keep_mass of the entries (needs --forget and --clean-data)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the random method's bases (default 0)")
+    p.add_argument(
+        "--bias",
+        default=None,
+        choices=("joint", "keep"),
+        help="biased layers: joint (default) edits [W b] together when the factors were collected over [a; 1] "
+        "(collect's default); keep leaves every bias as it is and edits W alone",
+    )
+
+
+def add_modules_argument(p: argparse.ArgumentParser) -> None:
+    """``--modules``, as ``collect`` takes it (``edit``, ``run`` and ``sweep``)."""
+    p.add_argument(
+        "--modules",
+        default=None,
+        metavar="KIND=PATH,...",
+        help="the MLP's linear layers inside a block, e.g. up=mlp.fc_in,down=mlp.fc_out (as given to collect); "
+        "default: the paths the factors' manifest records, else the projection table; must agree with the manifest",
+    )
 
 
 def add_bsn_arguments(p: argparse.ArgumentParser, forget_help: str) -> None:
@@ -76,8 +94,8 @@ def spec_from_args(args: argparse.Namespace):
     from ..spec import EditSpec
 
     if args.layers_file is not None:
-        return EditSpec.from_file(args.layers_file, method=args.method, seed=args.seed)
-    return EditSpec.from_json(args.layers_json, method=args.method, seed=args.seed)
+        return EditSpec.from_file(args.layers_file, method=args.method, seed=args.seed, bias=args.bias)
+    return EditSpec.from_json(args.layers_json, method=args.method, seed=args.seed, bias=args.bias)
 
 
 def register(subparsers) -> None:
@@ -99,6 +117,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="EDITED_DIR", help="directory to write (new, or an earlier edit)")
     add_spec_arguments(p)
     add_bsn_arguments(p, "memorized records (JSONL) bsn learns to forget; needed by method bsn")
+    add_modules_argument(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument(
         "--dtype",
@@ -150,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
             protect_dir=args.protect,
             protect_weight=args.protect_weight,
             bsn=bsn,
+            modules=args.modules,
         )
     print(report.summary())
     print(f"wrote {Path(args.out) / EDIT_REPORT_FILE} and the edited model in {args.out}")

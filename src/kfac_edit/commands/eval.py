@@ -122,5 +122,12 @@ def _evaluate(args: argparse.Namespace, config) -> int:
         if args.out:
             print(f"appended results to {args.out}")
         del model  # lm-eval loads its own copy
-    run_lm_eval_from_args(args)
+    lm_record = run_lm_eval_from_args(args)
+    if lm_record is not None and args.out and not ours:  # only lm-eval ran: --out still gets a line
+        from ..fileio import append_jsonl
+        from ..lm_eval_tasks import lm_eval_out_dir
+
+        append_jsonl(args.out, {"model": args.model, "metrics": {"lm_eval": lm_record.get("metrics", {})},
+                                "lm_eval_dir": str(lm_eval_out_dir(args.model, args.out))})  # fmt: skip
+        print(f"appended results to {args.out}")
     return 0

@@ -17,6 +17,7 @@ def _help(name: str) -> str:
 
 def register(subparsers) -> None:
     from ..spec import METHODS
+    from .edit import add_modules_argument
     from .eval import add_eval_arguments, add_model_arguments
 
     p = subparsers.add_parser(
@@ -30,7 +31,8 @@ def register(subparsers) -> None:
     )
     add_model_arguments(p)
     p.add_argument("--factors", metavar="DIR", help="K-FAC factors of the model (`kfac-edit collect`); all but svd")
-    p.add_argument("--blocks", metavar="BLOCKS", help=_help("blocks"))
+    add_modules_argument(p)
+    p.add_argument("--blocks", "--layers", dest="blocks", metavar="BLOCKS", help=_help("blocks") + " (--layers: the same)")
     p.add_argument(
         "--projections",
         action="append",
@@ -145,12 +147,14 @@ def run(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace, config, eval_config) -> int:
     from pathlib import Path
 
+    from ..edit import declare_modules
     from ..eigen import EigenCache, default_cache_dir
     from ..factors.store import Factors
     from ..sweep import needed_modules, run_sweep
     from .eval import load_for_eval
 
     model, tokenizer = load_for_eval(args)
+    declare_modules(model, args.modules, args.factors)
     factors = None
     if args.factors:
         held = list(Factors.load(args.factors, names=[]).manifest.get("modules", {}))  # manifest only

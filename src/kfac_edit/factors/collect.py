@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import Projection
+from ..models import LAYOUT_KEY, Projection
 from .checkpoint import (
     CheckpointState, latest_checkpoint, load_checkpoint, remove_checkpoints, run_fingerprint, save_checkpoint, utc_now,
 )  # fmt: skip
@@ -68,6 +68,11 @@ class CollectConfig:
 
     layers: Any = _opt("all", "block indices, e.g. 23,24,25 or 20-27 or all (default: all)")
     kinds: Any = _opt(None, "subset of gate,up,down (default: every one the architecture has)", "--projections")
+    bias: str = _opt(
+        "joint",
+        "biased layers: joint = A over [a; 1], the K-FAC of the affine map (the edit projects [W b]); keep = A over "
+        "a alone (the edit leaves biases as they are)",
+    )
     modules: Any = _opt(None, "for architectures not known: KIND=PATH inside a block, e.g. up=mlp.fc_in,down=mlp.fc_out")
     labels: str = _opt("sampled", "sampled: labels drawn from the model's softmax (true Fisher, default); gold: next "
                        "token (empirical)")  # fmt: skip
@@ -100,7 +105,7 @@ class CollectConfig:
     progress: bool = _opt(True, "show a progress bar (tokens/s)")
 
     def __post_init__(self) -> None:
-        from ..models import parse_layers, parse_modules_option, parse_projections
+        from ..models import BIAS_MODES, parse_layers, parse_modules_option, parse_projections
         from .memory import parse_size
 
         for name in ("max_tokens", "batch_size", "checkpoint_every", "layers_per_pass"):
@@ -112,6 +117,8 @@ class CollectConfig:
         if self.dist_timeout <= 0:
             raise UserError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout:g}")
         LabelMode.parse(self.labels, "label mode")
+        if self.bias not in BIAS_MODES:
+            raise UserError(f"unknown --bias '{self.bias}'; use one of {', '.join(BIAS_MODES)}")
         if isinstance(self.layers, str) or self.layers is None:
             self.layers = parse_layers(self.layers)
         if isinstance(self.kinds, str):
@@ -208,8 +215,13 @@ def collect_factors(
             shutdown(ctx)
     if factors is None:  # not rank 0: rank 0 writes
         return None
-    if model_id is not None:
-        factors.manifest["model"] = model_id
+    if model_id is not None:  # a local directory as an absolute path (the factors may be read from elsewhere)
+        local = Path(model_id).expanduser()
+        factors.manifest["model"] = str(local.resolve()) if local.is_dir() else model_id
+    factors.manifest["bias"] = "joint" if any(p.homogeneous for p in projections) else "keep"
+    paths = _recorded_paths(model, projections)
+    if paths is not None:
+        factors.manifest[LAYOUT_KEY] = paths
     if source is not None:
         factors.manifest.update(
             data=describe_source(source), text_field=config.text_field, seq_len=config.seq_len,
@@ -223,6 +235,21 @@ def collect_factors(
 
 
 # ---------------------------------------------------------------------------------------------------- preparation
+def _recorded_paths(model: nn.Module, projections: Sequence[Projection]) -> dict[str, str] | None:
+    """The layout the manifest records (``edit``, ``run`` and ``sweep`` find the modules by it); ``None`` when the
+    collected modules do not follow one layout (projections passed by hand)."""
+    from ..models import module_paths
+
+    try:
+        paths = module_paths(model)
+    except UserError:
+        return None
+    blocks = paths["blocks"]
+    if all(p.kind in paths and p.name == f"{blocks}.{p.block}.{paths[p.kind]}" for p in projections):
+        return paths
+    return None
+
+
 def _load_model(model_id: str, config: CollectConfig, ctx: DistContext, device: torch.device):
     from ..models import load_model
     from .distributed import rank_device
@@ -245,7 +272,7 @@ def _prepare(
     model: nn.Module, config: CollectConfig, ctx: DistContext, projections: Sequence[Projection] | None, check_context: bool
 ) -> list[Projection]:
     """The projections to collect, after the checks that need the model: context, offloading, memory."""
-    from ..models import find_projections, projection_kinds
+    from ..models import find_projections, projection_kinds, use_modules
     from .memory import check_memory
 
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -253,14 +280,21 @@ def _prepare(
         raise UserError(
             f"--seq-len {config.seq_len} is beyond the model's context of {context} tokens; use at most {context}"
         )
+    if config.modules:
+        use_modules(model, config.modules)  # every block checked; the layout is recorded in the manifest
     if projections is None:
-        kinds = config.kinds or projection_kinds(model, config.modules)
-        projections = find_projections(model, config.layers, kinds, modules=config.modules)
+        kinds = config.kinds or projection_kinds(model)
+        projections = find_projections(model, config.layers, kinds, bias=config.bias)
     offloaded = [p.name for p in projections if p.module.weight.device.type == "meta"]
     if offloaded:
         raise UserError(
             f"--device-map {config.device_map} offloaded {offloaded[0]} (and {len(offloaded) - 1} more) off the GPUs; "
             "factors need every collected module on a device: use more GPUs or collect fewer --layers"
+        )
+    if config.gradient_checkpointing and any(p.expert is not None for p in projections):
+        raise UserError(
+            "--gradient-checkpointing cannot be combined with per-expert factors (the experts would be recomputed in "
+            "backward and counted twice); collect a mixture-of-experts model without gradient checkpointing"
         )
     if config.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable

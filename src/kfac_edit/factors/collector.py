@@ -26,6 +26,10 @@ One step (:meth:`FactorCollector.accumulate`):
    needed to reach them (no weight gradients, nothing below that block); each projection's gradient hook adds its
    valid rows into ``G`` as soon as the gradient exists, after which it is freed.
 
+A biased projection under ``bias="joint"`` (:attr:`Projection.homogeneous`) adds ``[a; 1]`` rows to ``A``. Routed
+experts (:mod:`kfac_edit.experts`) have no module to hook: their experts module runs tapped, and expert ``e``'s
+``A``/``G`` take the labelled rows of the tokens routed to it, counted per expert.
+
 Sums are fp32 (fp64 when the model is fp64); bf16/fp16 rows enter fp32 products (on CUDA a bf16 GEMM with fp32
 output, which is exact for the products; elsewhere the rows are cast to fp32 first).
 """
@@ -156,8 +160,13 @@ def sample_labels(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def activation_keys(projections: Sequence[Projection]) -> dict[str, str]:
     """``{module name: activation key}``: ``up`` reads the same input as its block's ``gate``, so when both are
     chosen ``up``'s key is ``gate``'s name (one shared activation sum); every other module's key is its own name."""
-    gates = {p.block: p.name for p in projections if p.kind == "gate"}
-    return {p.name: gates.get(p.block, p.name) if p.kind == "up" else p.name for p in projections}
+    gates = {(p.block, p.expert): p for p in projections if p.kind == "gate"}  # an expert's gate and up share too
+    shared = {
+        p.name: gates[p.block, p.expert].name
+        for p in projections
+        if p.kind == "up" and (p.block, p.expert) in gates and gates[p.block, p.expert].homogeneous == p.homogeneous
+    }
+    return {p.name: shared.get(p.name, p.name) for p in projections}
 
 
 # ---------------------------------------------------------------------------------------------------- collector
@@ -208,6 +217,8 @@ class FactorCollector:
         # per-step state
         self._phase: str | None = None  # "forward" while the model runs forward, "backward" during backward
         self._valid_index: dict[torch.device, torch.Tensor] = {}
+        self._valid_masks: dict[torch.device, torch.Tensor] = {}  # the same positions as flat masks (for experts)
+        self._n_positions = 0  # B·T of the current batch
         self._targets: list[torch.Tensor] = []
         self._forward_hits: list[int] = []
         self._grad_hits: list[int] = []
@@ -222,12 +233,12 @@ class FactorCollector:
         for p in self.projections:
             if p.name in self.factors.modules:
                 have = self.factors.modules[p.name].shape
-                if have != p.shape:
-                    raise UserError(f"existing factors of {p.name} have shape {have}, the model's weight {p.shape}")
+                if have != p.factor_shape:
+                    raise UserError(f"existing factors of {p.name} have shape {have}, the model's weight {p.factor_shape}")
                 continue
             weight = p.module.weight
             dtype = accumulate_dtype_for(p.module)
-            n_out, n_in = p.shape
+            n_out, n_in = p.factor_shape  # in + 1 for a homogeneous projection: A over [a; 1]
             key = keys[p.name]
             shared = self.factors.activation_sums().get(key)
             activation_sum = shared if shared is not None else torch.zeros(n_in, n_in, dtype=dtype, device=weight.device)
@@ -257,8 +268,14 @@ class FactorCollector:
                 module.training = True
         embeddings = self.model.get_input_embeddings()
         self._handles.append(embeddings.register_forward_hook(self._embedding_hook))
+        taps: dict[int, list[int]] = {}  # experts module -> indices of its projections
         for index, p in enumerate(self.projections):
+            if p.expert is not None:
+                taps.setdefault(id(p.module.experts), []).append(index)
+                continue
             self._handles.append(p.module.register_forward_hook(self._forward_hook(index), with_kwargs=True))
+        for indices in taps.values():
+            self._handles.append(self._tap_experts(indices))
 
     def _remove(self) -> None:
         for handle in self._handles:
@@ -311,7 +328,10 @@ class FactorCollector:
                 else:
                     self._shared_input[key] = signature
                     with torch.no_grad():
-                        add_gram(mf.activation_sum, self._rows(x.detach()), upper=True)
+                        rows = self._rows(x.detach())
+                        if projection.homogeneous:  # [a; 1]: the bias's input coordinate
+                            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+                        add_gram(mf.activation_sum, rows, upper=True)
             if output.requires_grad and torch.is_grad_enabled():
                 # Non-reentrant checkpointing re-runs forward hooks during backward: the hook on the recomputed
                 # output then never fires (gradients flow to the original output); reentrant checkpointing is the
@@ -322,6 +342,64 @@ class FactorCollector:
             return None
 
         return hook
+
+    def _tap_experts(self, indices: list[int]):
+        """Per-expert factors of one experts module (:func:`kfac_edit.experts.tap_experts`): expert ``e``'s ``A``
+        over the labelled rows routed to it, ``G`` over the gradients of its outputs at those rows."""
+        from ..experts import tap_experts
+
+        chosen = {(self.projections[i].expert, self.projections[i].kind): i for i in indices}
+        experts = self.projections[indices[0]].module.experts
+        block = self.projections[indices[0]].block
+        inter = experts.down_proj.shape[-1]
+
+        def gram_hook(targets: list[tuple[torch.Tensor, slice]], keep: torch.Tensor):
+            def hook(grad: torch.Tensor) -> None:
+                with torch.no_grad():
+                    rows = grad.index_select(0, keep)
+                    for grad_sum, cols in targets:
+                        add_gram(grad_sum, rows[:, cols], upper=True)
+
+            return hook
+
+        def on_expert(e, x, gate_up_out, h, down_out, token_positions) -> None:
+            valid = self._valid_mask(x.device)
+            keep = valid[token_positions].nonzero().squeeze(1)  # routed rows that have a label
+            n = int(keep.numel())
+            split = [(k, i) for k, i in ((k, chosen.get((e, k))) for k in ("gate", "up")) if i is not None]
+            down = chosen.get((e, "down"))
+            if self._phase != "forward" or (not split and down is None):
+                return
+            for _, i in [*split, ("down", down)] if down is not None else split:  # per-expert row counts
+                mf = self.factors.modules[self.projections[i].name]
+                mf.activation_tokens += n
+                mf.grad_tokens += n
+            with torch.no_grad():
+                if split:  # gate and up read x: one activation sum
+                    add_gram(self.factors.modules[self.projections[split[0][1]].name].activation_sum,
+                             x.detach().index_select(0, keep), upper=True)  # fmt: skip
+                if down is not None:
+                    add_gram(self.factors.modules[self.projections[down].name].activation_sum,
+                             h.detach().index_select(0, keep), upper=True)  # fmt: skip
+            for outputs, members in ((gate_up_out, split), (down_out, [("down", down)] if down is not None else [])):
+                if not members or not outputs.requires_grad:
+                    continue
+                cols = {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}
+                sums = [(self.factors.modules[self.projections[i].name].grad_sum, cols[k]) for k, i in members]
+                outputs.register_hook(gram_hook(sums, keep))
+                if block == self.lowest_block:
+                    self._targets.append(outputs)
+
+        return tap_experts(experts, lambda: self._phase is not None, on_expert)
+
+    def _valid_mask(self, device: torch.device) -> torch.Tensor:
+        """``(B·T,)`` bool on ``device``: the flat positions that have a label (the experts see flat tokens)."""
+        if device not in self._valid_masks:
+            idx = self._valid_index[next(iter(self._valid_index))].to(device)
+            mask = torch.zeros(self._n_positions, dtype=torch.bool, device=device)
+            mask[idx] = True
+            self._valid_masks[device] = mask
+        return self._valid_masks[device]
 
     def _grad_hook(self, index: int):
         mf = self.factors.modules[self.projections[index].name]
@@ -376,6 +454,8 @@ class FactorCollector:
             uniforms = window_uniforms(self.seed, window_index.tolist(), seq_len).reshape(-1)[idx.cpu()]
 
         self._valid_index = {device: idx}
+        self._valid_masks = {}
+        self._n_positions = input_ids.numel()
         self._mirrored = False
         self._forward_hits = [0] * len(self.projections)
         self._grad_hits = [0] * len(self.projections)
@@ -423,12 +503,14 @@ class FactorCollector:
             self._targets = []
             self._valid_index = {}
         for p, f_hits, g_hits in zip(self.projections, self._forward_hits, self._grad_hits):
-            if f_hits != 1 or g_hits != 1:
+            if p.expert is None and (f_hits != 1 or g_hits != 1):  # an expert counts its routed rows itself
                 raise RuntimeError(
                     f"{p.name}: forward ran {f_hits}x and its output gradient arrived {g_hits}x in one step "
                     "(expected once each); is the module shared or skipped in this architecture?"
                 )
         for p in self.projections:
+            if p.expert is not None:
+                continue
             mf = self.factors.modules[p.name]
             mf.activation_tokens += n_valid
             mf.grad_tokens += n_valid

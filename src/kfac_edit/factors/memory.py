@@ -44,6 +44,7 @@ class ModuleMemory:
     device: str
     activation_bytes: int
     grad_bytes: int
+    expert: bool = False  # one routed expert's matrix (a mixture-of-experts block holds one per expert and kind)
 
     @property
     def total(self) -> int:
@@ -60,9 +61,10 @@ def module_memory(projections: Sequence[Projection], dtype: torch.dtype | None =
     out = []
     for p in projections:
         size = torch.empty((), dtype=dtype or accumulate_dtype_for(p.module)).element_size()
-        n_out, n_in = p.shape
+        n_out, n_in = p.factor_shape  # A over [a; 1] for a homogeneous (biased) projection
         act = size * n_in * n_in if keys[p.name] == p.name else 0  # a shared A is counted once
-        out.append(ModuleMemory(p.name, p.block, p.kind, (n_out, n_in), _device_of(p), act, size * n_out * n_out))
+        out.append(ModuleMemory(p.name, p.block, p.kind, (n_out, n_in), _device_of(p), act, size * n_out * n_out,
+                                expert=p.expert is not None))  # fmt: skip
     return out
 
 
@@ -148,14 +150,15 @@ class MemoryPlan:
         """Per-module factor memory (modules of the same kind, shape and device on one line) and the totals."""
         groups: dict[tuple, list[ModuleMemory]] = {}
         for m in self.modules:
-            groups.setdefault((m.kind, m.shape, m.device, m.activation_bytes, m.grad_bytes), []).append(m)
+            groups.setdefault((m.kind, m.shape, m.device, m.activation_bytes, m.grad_bytes, m.expert), []).append(m)
         lines = ["factor memory (sums; gate and up share A):"]
-        for (kind, shape, device, act, grad), members in groups.items():
+        for (kind, shape, device, act, grad, expert), members in groups.items():
             blocks = _ranges([m.block for m in members])
             what = f"A {format_bytes(act)} + G {format_bytes(grad)}" if act else f"G {format_bytes(grad)} (A shared)"
+            unit, count = ("expert", f"{len(members)} experts") if expert else ("module", f"{len(members)} modules")
             lines.append(
-                f"  {kind:<5} {shape[0]}x{shape[1]} on {device}: {what} = {format_bytes(act + grad)} per module, "
-                f"blocks {blocks} ({len(members)} modules, {format_bytes((act + grad) * len(members))})"
+                f"  {kind:<5} {shape[0]}x{shape[1]} on {device}: {what} = {format_bytes(act + grad)} per {unit}, "
+                f"blocks {blocks} ({count}, {format_bytes((act + grad) * len(members))})"
             )
         n_pass = len(self.passes)
         largest = max((self.pass_bytes(i) for i in range(n_pass)), default=0)

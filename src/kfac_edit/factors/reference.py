@@ -3,7 +3,8 @@
 The reference format is ``{"blk{i}.{gate|up|down}": {"A": mean (in, in), "G": mean (out, out), "n_tokens": int}}``.
 Means are turned back into sums (``mean * n_tokens``) so imported factors behave like collected ones. ``gate`` and
 ``up`` of a block read the same input: when their ``A`` is the same tensor, or an equal one with the same token
-count, it is shared (stored once). The reference's ``G`` is taken as given; its label mode is unknown.
+count, it is shared (stored once). The reference's ``G`` is taken as given (the mean-loss ``G``, ours divided by
+``(B·(S−1))²``: :data:`GRAD_CONVENTION`, recorded in the manifest); its label mode is unknown.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from ..models import PROJECTIONS
 from .store import Factors
 
 DEFAULT_NAME_TEMPLATE = "model.layers.{i}.mlp.{proj}_proj"
+# What the manifest of imported factors says about their G (issue 12): the reference sums g gᵀ of the gradient of the
+# *mean* token loss of each batch, so its G is ours (gradient of the summed loss) divided by (B·(S−1))² for batches of
+# B windows of S tokens. A constant factor on G changes no eigenvector and no mass fraction: keep_mass edits agree.
+GRAD_CONVENTION = "mean-loss G: ours / (B*(S-1))^2 for batches of B windows of S tokens (keep_mass edits unchanged)"
 _KEY = re.compile(r"^blk(\d+)\.(gate|up|down)$")
 
 
@@ -146,6 +151,7 @@ def import_reference(
         "name_template": None if model is not None else name_template,
         "model": model_name or (getattr(getattr(model, "config", None), "_name_or_path", None) if model is not None else None),
         "labels": None,
+        "grad_convention": GRAD_CONVENTION,
         "tokens": max(e["n_tokens"] for e in entries.values()),
         "layers": sorted({b for b, _ in entries}),
         "projections": [k for k in PROJECTIONS if any(kind == k for _, kind in entries)],

@@ -1,0 +1,202 @@
+"""Mixture of experts: per-expert factors against a brute force over the model's own eager experts computation.
+
+The brute force runs the model with transformers' ``eager`` experts (the model's code, not ours), records every
+``F.linear`` call on an expert's slice of the fused ``gate_up_proj`` / ``down_proj`` with its input and output
+(gradient retained), and sums per expert over the labelled tokens routed to it: ``A_e`` from the inputs,
+``G_e`` from the output gradients of the summed gold loss (so the routing weight, which multiplies after down,
+is in ``G`` as the model computes it). Factors from ``collect_factors`` must match in fp64.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kfac_edit.edit import EditSpec, apply_edit, restore
+from kfac_edit.errors import UserError
+from kfac_edit.factors.collect import collect_factors
+from kfac_edit.models import MOE_ARCHITECTURES, find_projections, projection_kinds
+
+from test_architectures import random_batches, tiny_model
+
+
+def eager_fp64(model_type: str):
+    model = tiny_model(model_type).double()
+    model.set_experts_implementation("eager")  # fp64 needs it (grouped_mm is fp32/bf16 only); the model's own code
+    return model
+
+
+def brute_force(model, block: int, batches):
+    """``{(expert, kind): (A, G, rows)}`` of block ``block`` from the eager experts' own ``F.linear`` calls."""
+    experts = model.model.layers[block].mlp.experts
+    n_experts, inter = experts.gate_up_proj.shape[0], experts.down_proj.shape[-1]
+    sums: dict = {}
+    for batch in batches:
+        calls = []
+        real_linear = F.linear
+
+        def linear(x, weight, bias=None):
+            out = real_linear(x, weight, bias)
+            for e in range(n_experts):
+                for kind, param in (("gate_up", experts.gate_up_proj), ("down", experts.down_proj)):
+                    if weight.data_ptr() == param[e].data_ptr() and weight.shape == param[e].shape:
+                        out.retain_grad()
+                        calls.append((e, kind, x, out))
+            return out
+
+        routed = {}
+
+        def record_routing(mod, args) -> None:
+            routed["index"] = args[1]
+
+        handle = experts.register_forward_pre_hook(record_routing)
+        F.linear = torch.nn.functional.linear = linear
+        try:
+            logits = model(**batch).logits
+        finally:
+            F.linear = torch.nn.functional.linear = real_linear
+            handle.remove()
+        ids = batch["input_ids"]
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        loss.backward()
+        labelled = torch.ones_like(ids, dtype=torch.bool)
+        labelled[:, -1] = False
+        labelled = labelled.reshape(-1)
+        for e, kind, x, out in calls:
+            tokens = torch.where((routed["index"] == e).T)[1]  # the eager loop's token order: by slot, then token
+            keep = labelled[tokens]
+            a, g = x.detach()[keep], out.grad[keep]
+            parts = {"gate": (a, g[:, :inter]), "up": (a, g[:, inter:])} if kind == "gate_up" else {"down": (a, g)}
+            for k, (rows, grads) in parts.items():
+                A, G, n = sums.get((e, k), (0, 0, 0))
+                sums[e, k] = (A + rows.T @ rows, G + grads.T @ grads, n + int(keep.sum()))
+    model.zero_grad(set_to_none=True)
+    return sums
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "mixtral"])
+def test_per_expert_factors_equal_a_brute_force_over_the_eager_experts(model_type):
+    model = eager_fp64(model_type)
+    batches = random_batches()
+    expected = brute_force(model, 1, batches)
+    factors = collect_factors(model, batches, layers=[1], labels="gold", progress=False)
+    n_experts = model.model.layers[1].mlp.experts.gate_up_proj.shape[0]
+    assert len(factors) == 3 * n_experts and len(expected) == 3 * n_experts  # every expert got tokens
+    rows = {e: expected[e, "gate"][2] for e in range(n_experts)}
+    assert sum(rows.values()) == 2 * 2 * 11 * 2  # 2 batches x 2 windows x 11 labelled positions x top-2
+    assert len(set(rows.values())) > 1  # experts see different numbers of tokens
+    for (e, kind), (A, G, n) in expected.items():
+        mf = factors.modules[f"model.layers.1.mlp.experts.{e}.{kind}"]
+        assert mf.activation_tokens == mf.grad_tokens == n
+        torch.testing.assert_close(mf.activation_sum, A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(mf.grad_sum, G, rtol=1e-10, atol=1e-12)
+        assert float(G.norm()) > 0
+    gate, up = (factors.modules[f"model.layers.1.mlp.experts.0.{k}"] for k in ("gate", "up"))
+    assert gate.activation_sum is up.activation_sum  # an expert's gate and up read the same rows: one A
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE_ARCHITECTURES))
+def test_moe_collect_edit_save_reload_changes_only_the_requested_blocks_experts(model_type, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(model_type)
+    original_dir = tmp_path / "original"
+    model.save_pretrained(original_dir)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    assert projection_kinds(model) == ["gate", "up", "down"]
+    factors = collect_factors(model, random_batches(), layers=[1], progress=False)
+    apply_edit(model, factors, EditSpec({(1, "gate"): 0.5, (1, "down"): 0.5}))  # all experts of block 1; no up
+    model.save_pretrained(tmp_path / "edited")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = AutoModelForCausalLM.from_pretrained(tmp_path / "edited", dtype=torch.float32).state_dict()
+    changed = {k for k, v in original.items() if k in state and not torch.equal(state[k], v)}
+    experts = MOE_ARCHITECTURES[model_type][1]
+    expected = {f"model.layers.1.{experts}.gate_up_proj", f"model.layers.1.{experts}.down_proj"}
+    if model_type in ("qwen2_moe", "qwen3_next"):  # the shared expert is an ordinary MLP of the block
+        expected |= {"model.layers.1.mlp.shared_expert.gate_proj.weight", "model.layers.1.mlp.shared_expert.down_proj.weight"}
+    assert changed == expected
+    name = f"model.layers.1.{experts}.gate_up_proj"
+    inter = original[name].shape[1] // 2
+    assert torch.equal(state[name][:, inter:], original[name][:, inter:])  # up rows untouched
+    assert all((state[name][e, :inter] - original[name][e, :inter]).abs().max() > 1e-4 for e in range(4))  # every gate
+    assert not any("mlp.gate.weight" in k for k in changed)  # the router is never edited
+    restore(model)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_collecting_experts_with_gradient_checkpointing_is_refused():
+    model = tiny_model("olmoe")
+    with pytest.raises(UserError, match="--gradient-checkpointing cannot be combined with per-expert factors"):
+        collect_factors(model, random_batches(), layers=[1], gradient_checkpointing=True, progress=False)
+
+
+def test_the_memory_plan_counts_factors_per_expert():
+    from kfac_edit.factors.memory import module_memory
+
+    model = tiny_model("olmoe")
+    memory = module_memory(find_projections(model, layers=[0]))
+    assert len(memory) == 3 * 4
+    d, inter, size = 16, 32, 4  # fp32 sums: A_e (d x d) shared by gate/up, G (I x I) each; down A (I x I), G (d x d)
+    assert sum(m.total for m in memory) == 4 * size * (d * d + 2 * inter * inter + inter * inter + d * d)
+    from kfac_edit.factors.memory import memory_plan
+
+    table = memory_plan(find_projections(model, layers=[0])).table()
+    assert "gate  32x16 on cpu: A 1.00 KiB + G 4.00 KiB = 5.00 KiB per expert, blocks 0 (4 experts, 20.00 KiB)" in table, table
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE_ARCHITECTURES))
+def test_the_tapped_experts_compute_what_the_model_computes(model_type):
+    """The expert-by-expert forward used while collecting gives the logits of the model's own eager experts."""
+    from kfac_edit.experts import tap_experts
+
+    model = eager_fp64(model_type)
+    batch = random_batches()[0]
+    with torch.no_grad():
+        own = model(**batch, use_cache=False).logits
+        experts_path = MOE_ARCHITECTURES[model_type][1]
+        taps = []
+        for block in model.model.layers:
+            try:
+                taps.append(tap_experts(block.get_submodule(experts_path), lambda: True, lambda *a: None))
+            except AttributeError:
+                pass
+        assert taps
+        tapped = model(**batch, use_cache=False).logits
+        for tap in taps:
+            tap.remove()
+        again = model(**batch, use_cache=False).logits
+    torch.testing.assert_close(tapped, own, rtol=1e-12, atol=1e-12)
+    assert torch.equal(again, own)
+
+
+def test_an_expert_layout_that_cannot_be_read_is_one_line_naming_it():
+    model = tiny_model("olmoe")
+    model.model.layers[1].mlp.experts.is_transposed = True
+    with pytest.raises(UserError) as info:
+        find_projections(model, layers=[1])
+    assert str(info.value) == (
+        "OlmoeExperts at model.layers.1.mlp.experts has is_transposed=True; kfac-edit's per-expert factors support "
+        "the [gate; up] (out, in) layout without bias or post-expert norm only"
+    )
+
+
+def test_the_per_expert_layers_json_form_overrides_the_blocks_keep_mass():
+    from kfac_edit.edit import resolve_targets
+
+    model = tiny_model("olmoe")
+    layers = {"1": {"gate": 0.5, "experts": {"2": {"gate": 0.9}, "3": {"gate": 1.0, "down": 0.25}}}}
+    spec = EditSpec.from_json(layers)
+    targets = {p.name.removeprefix("model.layers.1.mlp.experts."): keep for p, keep in resolve_targets(model, spec)}
+    assert targets == {"0.gate": 0.5, "1.gate": 0.5, "2.gate": 0.9, "3.down": 0.25}  # expert 3's gate: not edited
+    assert EditSpec.from_json(spec.to_dict()).to_dict() == spec.to_dict()
+    assert spec.to_dict()["layers"] == layers
+    only = EditSpec.from_json({"0": {"experts": {"1": {"up": 0.5}}}})
+    assert [p.name for p, _ in resolve_targets(model, only)] == ["model.layers.0.mlp.experts.1.up"]
+    with pytest.raises(UserError, match="^block 0 has no routed expert 7"):
+        resolve_targets(model, EditSpec.from_json({"0": {"experts": {"7": {"up": 0.5}}}}))
+    with pytest.raises(UserError, match="expert key 'x' is not an expert index"):
+        EditSpec.from_json({"0": {"experts": {"x": {"up": 0.5}}}})
