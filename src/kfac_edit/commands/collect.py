@@ -48,6 +48,7 @@ def register(subparsers) -> None:
     option(p, "seed", type=int, default=0)
     option(p, "modules", default=None)
     option(p, "text_field", default="text")
+    option(p, "exclude", nargs="+", default=None, metavar="FILE")
     option(p, "gradient_checkpointing", action="store_true")
     option(p, "overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -97,4 +98,8 @@ def _run(args: argparse.Namespace) -> int:
         + (f", {m['passes']} passes" if m["passes"] > 1 else "")
         + f") -> {args.out}"
     )
+    if m.get("exclude"):
+        x = m["exclude"]
+        print(f"excluded {x['windows_dropped']:,} of {x['windows_seen']:,} windows sharing an {x['n']}-gram with "
+              f"{x['records']} records of {', '.join(x['files'])}")
     return 0
