@@ -14,6 +14,14 @@ Every step is the public API a user runs on a real model:
    text (``clean.jsonl``, one document a window).
 4. :func:`kfac_edit.report.write_report` on the sweep's directory.
 
+The testbed is a parameter (``DemoConfig.testbed``; ``DemoConfig.text()`` for the English-text one,
+:mod:`kfac_edit.text_testbed`). On the text testbed step 2 collects on ``factor_corpus.jsonl`` (the training prose
+without the canaries: the factor-data recipe), perplexity is on held-out modules' text, the capability set is
+``facts.jsonl`` (``facts_accuracy``, shown as ``rule_accuracy``; absent with ``n_facts=0``: ``None``, no accuracy
+table) and ``rule_loss`` is the held-out text's loss; a second collection on ``corpus.jsonl`` (canaries in) and its
+K-FAC sweep (into ``canaries_in/``) give the ``canaries_in_factors`` row. Both testbeds report
+``svd_at_kfac_perplexity``: SVD's choice among points no more costly than the K-FAC headline.
+
 The demo's rows (``results.json`` ``points``) come from the sweep records: ``selection_strict``/``heldout_strict``
 (canary strict memorization on each half), ``canary_strict``/``canary_loose`` (both halves pooled),
 ``rule_accuracy``, ``rule_loss`` (mean next-token loss on rule text) and its change ``rule_loss_increase``,
