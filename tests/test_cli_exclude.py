@@ -87,3 +87,47 @@ def test_exclude_bad_input_is_one_line(tiny_model_dir, corpus, tmp_path, capsys)
     assert main(_args(tiny_model_dir, data, out, "--exclude", str(bad))) == 2
     assert "outside the model's vocabulary" in capsys.readouterr().err
     assert not out.exists()
+
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_exclude_interrupted_and_resumed_equals_one_pass(tiny_model_dir, corpus, tmp_path, capsys, monkeypatch):
+    """--exclude with checkpoints: stopped after 5 batches, --resume gives the one-pass factors (gold labels: the
+    same sums); resuming with other --exclude records is refused in one line."""
+    import kfac_edit.data
+
+    docs, record = corpus
+    data = _write(tmp_path / "corpus.jsonl", docs)
+    ids_file = tmp_path / "memorized.jsonl"
+    ids_file.write_text(json.dumps({"prefix_ids": record[:4], "suffix_ids": record[4:]}) + "\n")
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"prefix_ids": docs[5][:4], "suffix_ids": docs[5][4:12]}) + "\n")
+    one = tmp_path / "one"
+    assert main(_args(tiny_model_dir, data, one, "--exclude", str(ids_file))) == 0
+
+    args = _args(tiny_model_dir, data, tmp_path / "ckpt", "--exclude", str(ids_file), "--checkpoint-every", "64")
+    real = kfac_edit.data.token_batches
+
+    def stopping(*a, **kw):
+        for i, batch in enumerate(real(*a, **kw)):
+            if i == 5:
+                raise _Interrupt()
+            yield batch
+
+    monkeypatch.setattr(kfac_edit.data, "token_batches", stopping)
+    assert main(args) == 130
+    monkeypatch.setattr(kfac_edit.data, "token_batches", real)
+    capsys.readouterr()
+    refused = args[: args.index("--exclude") + 1] + [str(other)] + args[args.index("--exclude") + 2 :]
+    assert main([*refused, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exclude" in err[0], err
+    assert main([*args, "--resume"]) == 0
+    a, b = Factors.load(one), Factors.load(tmp_path / "ckpt")
+    for name in a.names:
+        torch.testing.assert_close(a.modules[name].activation_sum, b.modules[name].activation_sum)
+        torch.testing.assert_close(a.modules[name].grad_sum, b.modules[name].grad_sum)
+    assert b.manifest["tokens"] == 37 * SEQ

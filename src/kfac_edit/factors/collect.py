@@ -198,6 +198,10 @@ def collect_factors(
                 model, projections, data=source, text_field=config.text_field, seq_len=config.seq_len,
                 labels=config.labels, seed=config.seed, layers_per_pass=config.layers_per_pass,
             )  # fmt: skip
+            if config.exclude:  # a resume must exclude the same records
+                from ..identity import data_digest
+
+                fingerprint["exclude"] = [data_digest(f) for f in config.exclude]
         if config.overwrite and ctx.is_main and config.out is not None:
             remove_checkpoints(config.out)
         batches = _batch_source(data, tokenizer, config)
