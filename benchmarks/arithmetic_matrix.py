@@ -74,7 +74,7 @@ def run_one(name: str, work: Path) -> dict:
     return {
         "name": name,
         "overrides": CONFIGS[name],
-        "testbed": testbed.__dict__ if not hasattr(testbed, "to_dict") else testbed.to_dict(),
+        "testbed": testbed.to_dict(),
         "base": {k: base[k] for k in ("canary_strict", "heldout_strict", "rule_accuracy", "perplexity")},
         "split": results["split"],
         "rule_accuracy_matched": compare(results),
