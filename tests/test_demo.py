@@ -169,3 +169,47 @@ def test_format_table_names_every_point():
     assert "ok   K-FAC held-out canary strict memorization" in table and "(cache hit)" in table
     assert "20 to choose on (selection), 20 held out" in table
     assert "at most +5%" in table and "0.0% (0.97)" in table and "none" in table
+
+
+@pytest.fixture(scope="session")
+def text_testbed_cache(tmp_path_factory):
+    """One cache root for the quick text testbed, shared with tests/test_text_testbed.py: trained once a session."""
+    return tmp_path_factory.getbasetemp() / "shared-text-testbed-cache"
+
+
+@pytest.mark.slow
+def test_text_demo_through_the_cli(tmp_path, capsys, text_testbed_cache):
+    """`demo --testbed text --quick`: factors from prose without the canaries; the held-out canaries drop at ~1.01x
+    held-out perplexity while SVD given no more perplexity keeps them. Measured (seed 0): base 5/5 held-out canaries
+    strict, K-FAC 1/5 at keep_mass 0.96 (1.0065x), SVD at <= that perplexity 5/5, at +5% 4/5."""
+    out = tmp_path / "text-demo"
+    assert main(["demo", "--testbed", "text", "--quick", "--out", str(out), "--cache-dir",
+                 str(text_testbed_cache)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    base, head = results["base"], results["headline"]
+    kfac, svd_same = head["kfac"], head["svd_at_kfac_perplexity"]
+    assert results["testbed"]["kind"] == "text" and results["split"]["heldout"] == 5
+    assert results["factors"]["tokens"] >= 100_000
+    # the base model recites its held-out canaries; K-FAC (chosen on the selection half) removes most of them
+    assert base["heldout_strict"] >= 0.8
+    assert kfac["selection_strict"] == 0.0 and kfac["heldout_strict"] <= 0.4
+    assert kfac["perplexity"] <= 1.05 * base["perplexity"]
+    # SVD at no more held-out perplexity than K-FAC's edit keeps clearly more held-out canaries
+    assert svd_same is not None and svd_same["perplexity"] <= kfac["perplexity"]
+    assert svd_same["heldout_strict"] - kfac["heldout_strict"] >= 0.4
+    at5 = results["matched"]["perplexity"]["0.05"]
+    assert at5["svd"]["heldout_strict"] - at5["kfac"]["heldout_strict"] >= 0.4
+    # no capability set in the quick text testbed (no facts): no accuracy table, accuracy None
+    assert "rule_accuracy" not in results["matched"] and kfac["rule_accuracy"] is None
+    # the comparison row: factors on the training stream with the canaries
+    canaries_in = results["canaries_in_factors"]
+    assert canaries_in["factors"]["tokens"] >= 100_000 and len(canaries_in["points"]) == 14
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["testbed"]["kind"] == "text" and summary["matched_on"] == "perplexity"
+    assert summary["kfac"]["heldout_strict"] == kfac["heldout_strict"]
+    assert summary["kfac"]["perplexity_ratio"] == pytest.approx(kfac["perplexity"] / base["perplexity"])
+    assert summary["kfac_canaries_in_factors"]["heldout_strict"] == canaries_in["kfac"]["heldout_strict"]
+    assert "K-FAC, canaries in F" in printed and "SVD (<= K-FAC's ppl)" in printed and "held-out text" in printed
+    for name in ("report.html", "best.json", "factors/manifest.json", "edited/config.json", "split/heldout.jsonl"):
+        assert (out / name).exists(), name

@@ -127,15 +127,24 @@ def test_config_hash():
     assert TextTestbedConfig().config_hash() != TextTestbedConfig(seed=1).config_hash()
 
 
-def test_quick_build_learns_the_canaries_and_is_cached(tmp_path):
-    """A quick build trains (about a minute on one CPU thread) and memorizes its canaries far above chance."""
+@pytest.fixture(scope="session")
+def text_testbed_cache(tmp_path_factory):
+    """One cache root for the quick text testbed, shared with tests/test_demo.py: trained once a session."""
+    return tmp_path_factory.getbasetemp() / "shared-text-testbed-cache"
+
+
+def test_quick_build_learns_the_canaries_and_is_cached(text_testbed_cache):
+    """A quick build trains (about a minute on one CPU thread) and memorizes its canaries far above chance.
+
+    The build is shared with the text demo test (whichever runs first trains it, in this session's cache)."""
     from kfac_edit.evaluate import EvalConfig, evaluate
     from kfac_edit.models import load_model
 
     config = TextTestbedConfig.quick()
-    paths = build_text_testbed(config, cache_dir=tmp_path, progress=False)
-    assert not paths.cached
+    paths = build_text_testbed(config, cache_dir=text_testbed_cache, progress=False)
+    assert paths.root.parent.parent == text_testbed_cache  # <cache>/text_testbed/<hash>
     info = paths.load_info()
+    assert info["training"]["train_seconds"] > 0 and info["config_hash"] == config.config_hash()
     base = info["base_metrics"]
     # chance of a strict suffix is (1 / vocabulary) ** suffix_len, about 1e-30
     assert base["canary_strict"] >= 0.5, base  # measured 0.8
@@ -169,5 +178,5 @@ def test_quick_build_learns_the_canaries_and_is_cached(tmp_path):
     starts = (windows[:, : len(canary_ids)] == canary_ids).all(1)  # factor_corpus: no canary anywhere
     assert not starts.any()
 
-    again = build_text_testbed(config, cache_dir=tmp_path, progress=False)
+    again = build_text_testbed(config, cache_dir=text_testbed_cache, progress=False)
     assert again.cached and again.root == paths.root

@@ -14,6 +14,14 @@ Every step is the public API a user runs on a real model:
    text (``clean.jsonl``, one document a window).
 4. :func:`kfac_edit.report.write_report` on the sweep's directory.
 
+The testbed is a parameter (``DemoConfig.testbed``; ``DemoConfig.text()`` for the English-text one,
+:mod:`kfac_edit.text_testbed`). On the text testbed step 2 collects on ``factor_corpus.jsonl`` (the training prose
+without the canaries: the factor-data recipe), perplexity is on held-out modules' text, the capability set is
+``facts.jsonl`` (``facts_accuracy``, shown as ``rule_accuracy``; absent with ``n_facts=0``: ``None``, no accuracy
+table) and ``rule_loss`` is the held-out text's loss; a second collection on ``corpus.jsonl`` (canaries in) and its
+K-FAC sweep (into ``canaries_in/``) give the ``canaries_in_factors`` row. Both testbeds report
+``svd_at_kfac_perplexity``: SVD's choice among points no more costly than the K-FAC headline.
+
 The demo's rows (``results.json`` ``points``) come from the sweep records: ``selection_strict``/``heldout_strict``
 (canary strict memorization on each half), ``canary_strict``/``canary_loose`` (both halves pooled),
 ``rule_accuracy``, ``rule_loss`` (mean next-token loss on rule text) and its change ``rule_loss_increase``,
@@ -55,6 +63,7 @@ from .pareto import (ACCURACY_DROPS, PPL_INCREASES, SweepRecord, accuracy_drop, 
                      choose_within, match_by_cost, perplexity_increase)
 from .constants import BEST_FILE, DEMO_RESULTS_FILE, SUMMARY_FILE, TABLE_FILE
 from .testbed import TestbedConfig, build_testbed
+from .text_testbed import TextTestbedConfig, build_text_testbed
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +74,7 @@ RULE_ACCURACY = "rule_heldout_accuracy"  # the sweep's name for the capability s
 class DemoConfig:
     """The testbed, the edit and the grids of the demo."""
 
-    testbed: TestbedConfig = field(default_factory=TestbedConfig)
+    testbed: TestbedConfig | TextTestbedConfig = field(default_factory=TestbedConfig)
     blocks: tuple[int, ...] = (0, 1)  # edited blocks
     projections: tuple[str, ...] = ("gate", "up", "down")  # edited MLP projections of each block
     # keep_mass grids: K-FAC's interesting range is close to 1 (the curvature mass is concentrated), SVD's lower
@@ -81,6 +90,7 @@ class DemoConfig:
     labels: str = "sampled"  # true Fisher; "gold" for the empirical Fisher
     seed: int = 0  # seed of the sampled labels and of the held-out split
     batch_size: int = 128  # windows per collection batch; prompts per generation batch
+    ppl_tokens: int | None = None  # perplexity tokens per point (None: the whole perplexity set)
 
     def __post_init__(self) -> None:
         if self.keep_mass is not None and self.keep_mass not in self.kfac_grid:
@@ -111,6 +121,25 @@ class DemoConfig:
         """The small configuration of ``--quick`` and the integration test: trains in well under a minute."""
         return cls(testbed=TestbedConfig.quick(), factor_tokens=100_000)
 
+    @classmethod
+    def text(cls, quick: bool = False, **overrides) -> "DemoConfig":
+        """The demo on the English-text testbed (:mod:`kfac_edit.text_testbed`): the grids, budget and factor tokens
+        of ``benchmarks/text_testbed_study.py`` (K-FAC down to 0.6, SVD 0.98..0.41; the issue's +20% budget)."""
+        testbed = TextTestbedConfig.quick() if quick else TextTestbedConfig()
+        fields = dict(
+            testbed=testbed, ppl_budget=1.20, factor_tokens=100_000 if quick else 150_000, batch_size=64,
+            ppl_tokens=None if quick else 13_200,
+            kfac_grid=(0.998, 0.995, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7, 0.6),
+            svd_grid=tuple(round(0.98 - 0.03 * i, 3) for i in range(20)),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    @property
+    def kind(self) -> str:
+        """``"text"`` or ``"arithmetic"``: which testbed."""
+        return "text" if isinstance(self.testbed, TextTestbedConfig) else "arithmetic"
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["testbed_hash"] = self.testbed.config_hash()
@@ -121,8 +150,9 @@ class DemoConfig:
 # The comparison
 
 
-def demo_row(record: SweepRecord, base: SweepRecord) -> dict[str, Any]:
-    """One row of the demo (module docstring) from a sweep record."""
+def demo_row(record: SweepRecord, base: SweepRecord, capability: str | None = RULE_ACCURACY) -> dict[str, Any]:
+    """One row of the demo (module docstring) from a sweep record; ``capability`` names the accuracy metric shown
+    as ``rule_accuracy`` (``None``: no capability set, the value is ``None``)."""
     m = record.metrics
     modules = record.edit.get("modules", [])
     return {
@@ -132,7 +162,7 @@ def demo_row(record: SweepRecord, base: SweepRecord) -> dict[str, Any]:
         "canary_loose": m["loose"],
         "selection_strict": m["selection_strict"],
         "heldout_strict": m["heldout_strict"],
-        "rule_accuracy": m[RULE_ACCURACY],
+        "rule_accuracy": m[capability] if capability else None,
         "rule_loss": m["perplexity.mean_loss"],
         "rule_loss_increase": m["perplexity.mean_loss"] - base.metrics["perplexity.mean_loss"],
         "perplexity": m["perplexity"],
@@ -158,14 +188,18 @@ def matched_svd(config: DemoConfig, records: list[SweepRecord], headline: SweepR
     return choose_within([r for r in records if r.config.method == "svd"], lambda r: r.perplexity, limit)
 
 
-def cost_tables(records: list[SweepRecord], rows: dict[str, dict]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per cost (``perplexity``: +5..+30%; ``rule_accuracy``: at most 1..20 points lower), per budget, per method:
-    the row of the point chosen on the selection canaries within that budget, or ``None``."""
+def cost_tables(records: list[SweepRecord], rows: dict[str, dict],
+                capability: str | None = RULE_ACCURACY) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per cost (``perplexity``: +5..+30%; ``rule_accuracy``: the ``capability`` metric at most 1..20 points lower,
+    when there is one), per budget, per method: the row of the point chosen on the selection canaries within that
+    budget, or ``None``."""
     base = base_record(records)
     points = [r for r in records if r.kind == "point"]
     out = {}
-    for name, cost, budgets in (("perplexity", perplexity_increase(base), PPL_INCREASES),
-                                ("rule_accuracy", accuracy_drop(base, RULE_ACCURACY), ACCURACY_DROPS)):
+    costs = [("perplexity", perplexity_increase(base), PPL_INCREASES)]
+    if capability:
+        costs.append(("rule_accuracy", accuracy_drop(base, capability), ACCURACY_DROPS))
+    for name, cost, budgets in costs:
         table = match_by_cost(points, cost, budgets)
         out[name] = {f"{b:g}": {m: rows[t[b].id] if t[b] else None for m, t in table.items()} for b in budgets}
     return out
@@ -212,30 +246,39 @@ def run_demo(
 
     # 1. the testbed
     t0 = time.perf_counter()
-    paths = build_testbed(config.testbed, cache_dir=cache_dir, progress=progress)
+    text = config.kind == "text"
+    build = build_text_testbed if text else build_testbed
+    paths = build(config.testbed, cache_dir=cache_dir, progress=progress)
     timings["testbed"] = time.perf_counter() - t0
     info = paths.load_info()
     model, tokenizer = load_model(str(paths.model_dir), dtype="float32", device="cpu")
 
-    # 2. K-FAC factors of the edited projections, over the training mixture
-    t0 = time.perf_counter()
-    batches = token_batches(
-        str(paths.corpus), tokenizer, seq_len=config.testbed.seq_len + 2, batch_size=config.batch_size,
-        max_tokens=config.factor_tokens, with_index=True,
-    )
-    factors = collect_factors(
-        model, batches, layers=list(config.blocks), kinds=list(config.projections), labels=config.labels,
-        seed=config.seed, max_tokens=config.factor_tokens, progress=progress,
-    )
-    timings["collect"] = time.perf_counter() - t0
+    # 2. K-FAC factors of the edited projections: over the training mixture (arithmetic), over the training prose
+    #    without the canaries (text: the recipe; the training stream with them is the comparison row)
+    def collect(source: Path):
+        t0 = time.perf_counter()
+        batches = token_batches(
+            str(source), tokenizer, seq_len=config.testbed.seq_len + 2, batch_size=config.batch_size,
+            max_tokens=config.factor_tokens, with_index=True,
+        )
+        collected = collect_factors(
+            model, batches, layers=list(config.blocks), kinds=list(config.projections), labels=config.labels,
+            seed=config.seed, max_tokens=config.factor_tokens, progress=progress,
+        )
+        timings["collect"] = timings.get("collect", 0.0) + time.perf_counter() - t0
+        return collected
+
+    factors = collect(paths.factor_corpus if text else paths.corpus)
 
     # 3. the sweep (base, K-FAC grid, SVD grid) into a fresh directory, renamed into place at the end
-    sweep = config.sweep_config(capability=(str(paths.rule_heldout),))
+    capability_file = paths.rule_heldout if paths.rule_heldout.exists() else None
+    capability = f"{capability_file.stem}_accuracy" if capability_file else None
+    sweep = config.sweep_config(capability=(str(capability_file),) if capability_file else ())
     evaluation = EvalConfig(
         memorized=[str(paths.memorized)], perplexity_data=str(paths.clean),
-        prefix_len=None, suffix_len=None,  # records are used whole: prefix = bos + prefix_len numbers, suffix = rest
+        prefix_len=None, suffix_len=None,  # records are used whole: prefix = bos + prefix_len tokens, suffix = rest
         ppl_block=config.testbed.seq_len + 2,  # [bos, x_1..x_L, eos]: the training window
-        batch_size=config.batch_size,
+        batch_size=config.batch_size, **({"max_tokens": config.ppl_tokens} if config.ppl_tokens else {}),
     )
     cache = EigenCache(None)
     with atomic_dir(out) as tmp:
@@ -249,7 +292,22 @@ def run_demo(
         base = base_record(records)
         headline = choose_headline(config, records)
         matched = matched_svd(config, records, headline)
-        rows = {r.id: demo_row(r, base) for r in records}
+        at_cost = choose_within([r for r in records if r.config.method == "svd"], lambda r: r.perplexity,
+                                headline.perplexity)  # SVD given no more perplexity than the headline took
+        rows = {r.id: demo_row(r, base, capability) for r in records}
+        canaries_in = None
+        if text:  # what the canaries in the factor data do: the same K-FAC sweep on factors from corpus.jsonl
+            with_canaries = collect(paths.corpus)
+            t0 = time.perf_counter()
+            kfac_only = dataclasses.replace(sweep, methods=["kfac"], method_keep_masses={})
+            other = run_sweep(model, tokenizer, with_canaries, kfac_only, evaluation, tmp / "canaries_in",
+                              cache=EigenCache(None), write_report=False)
+            timings["sweep_canaries_in"] = time.perf_counter() - t0
+            chosen = choose_headline(config, other.records)
+            canaries_in = {"factors": {k: v for k, v in with_canaries.manifest.items() if k != "modules"},
+                           "kfac": demo_row(chosen, base_record(other.records), capability),
+                           "points": [demo_row(r, base_record(other.records), capability)
+                                      for r in other.records if r.kind == "point"]}
         results = {
             "kind": "demo",
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -262,9 +320,11 @@ def run_demo(
             "base": rows["base"],
             "points": [rows[r.id] for r in records if r.kind == "point"],
             "headline": {"kfac": rows[headline.id], "svd_matched": rows[matched.id] if matched else None,
+                         "svd_at_kfac_perplexity": rows[at_cost.id] if at_cost else None,
                          "matched_on": "perplexity"},
-            "matched": cost_tables(records, rows),
-            "checks": _checks(rows["base"], rows[headline.id], rows[matched.id] if matched else None),
+            "matched": cost_tables(records, rows, capability),
+            "checks": _checks(config, rows["base"], rows[headline.id], rows[matched.id] if matched else None),
+            **({"canaries_in_factors": canaries_in} if canaries_in else {}),
             "timings_s": {},
         }
         factors.save(tmp / "factors")
@@ -279,7 +339,7 @@ def run_demo(
             "before": {"label": "base", "metrics": base.metrics},
             "after": {"label": headline.label(), "metrics": headline.metrics},
         })
-        write_json(tmp / SUMMARY_FILE, summary(config, results, headline, matched))
+        write_json(tmp / SUMMARY_FILE, summary(config, results, headline, matched, capability))
         _write_results(tmp, results, timings, started)
     # the report pages name their directory, so they are written once it has its final name
     write_report(out, ppl_budget=config.ppl_budget)
@@ -287,8 +347,10 @@ def run_demo(
     return results
 
 
-def summary(config: DemoConfig, results: dict, headline: SweepRecord, matched: SweepRecord | None) -> dict:
-    """``summary.json``: the headline comparison in machine-readable form (issue 11.5)."""
+def summary(config: DemoConfig, results: dict, headline: SweepRecord, matched: SweepRecord | None,
+            capability: str | None = RULE_ACCURACY) -> dict:
+    """``summary.json``: the headline comparison in machine-readable form (issue 11.5). ``rule_accuracy`` is the
+    capability set's accuracy (text testbed: fact recall; ``None`` without facts)."""
     base = results["base"]
 
     def side(record: SweepRecord | None) -> dict | None:
@@ -297,16 +359,27 @@ def summary(config: DemoConfig, results: dict, headline: SweepRecord, matched: S
         m = record.metrics
         return {"layers": record.config.layers(), "heldout_strict": m["heldout_strict"],
                 "selection_strict": m["selection_strict"], "perplexity_ratio": m["perplexity"] / base["perplexity"],
-                "rule_accuracy": m[RULE_ACCURACY]}
+                "rule_accuracy": m[capability] if capability else None}
 
-    return {
-        "testbed": dataclasses.asdict(config.testbed),
+    out = {
+        "testbed": {"kind": config.kind, **dataclasses.asdict(config.testbed)},
         "base": {"heldout_strict": base["heldout_strict"], "perplexity": base["perplexity"],
                  "rule_accuracy": base["rule_accuracy"]},
         "kfac": side(headline),
         "svd": side(matched),
         "matched_on": "perplexity",
     }
+    at_cost = results["headline"].get("svd_at_kfac_perplexity")
+    if at_cost is not None:
+        out["svd_at_kfac_perplexity"] = {
+            "keep_mass": at_cost["keep_mass"], "heldout_strict": at_cost["heldout_strict"],
+            "selection_strict": at_cost["selection_strict"], "perplexity_ratio": at_cost["perplexity"] / base["perplexity"]}
+    if "canaries_in_factors" in results:
+        row = results["canaries_in_factors"]["kfac"]
+        out["kfac_canaries_in_factors"] = {
+            "keep_mass": row["keep_mass"], "heldout_strict": row["heldout_strict"],
+            "selection_strict": row["selection_strict"], "perplexity_ratio": row["perplexity"] / base["perplexity"]}
+    return out
 
 
 def _write_results(directory: Path, results: dict, timings: dict[str, float], started: float) -> str:
@@ -320,11 +393,26 @@ def _write_results(directory: Path, results: dict, timings: dict[str, float], st
     return table
 
 
-def _checks(base: dict, headline: dict, matched: dict | None) -> dict[str, dict]:
+def _checks(config: DemoConfig, base: dict, headline: dict, matched: dict | None) -> dict[str, dict]:
     """The issue's targets, each with the measured value and whether it holds (canaries: the held-out half)."""
 
     def check(value: float | None, ok: bool, target: str) -> dict:
         return {"value": value, "target": target, "ok": bool(ok)}
+
+    if config.kind == "text":  # issue 11: <= 10% held-out at <= 1.20x; SVD at that cost >= 3x as many and >= 30%
+        ratio = headline["perplexity"] / base["perplexity"]
+        out = {
+            "base_canary_strict": check(base["canary_strict"], base["canary_strict"] >= 0.95, ">= 0.95"),
+            "kfac_canary_strict": check(headline["heldout_strict"], headline["heldout_strict"] <= 0.10, "<= 0.10"),
+            "kfac_perplexity_ratio": check(ratio, ratio <= 1.20, "<= 1.20x"),
+        }
+        if matched is None:
+            out["svd_keeps_more_canaries"] = check(None, False, "an SVD point within the perplexity budget")
+        else:
+            svd = matched["heldout_strict"]
+            ok = svd >= 0.30 and svd >= 3 * headline["heldout_strict"]
+            out["svd_keeps_more_canaries"] = check(svd, ok, ">= 0.30 and >= 3x K-FAC")
+        return out
 
     out = {
         "base_canary_strict": check(base["canary_strict"], base["canary_strict"] >= 0.95, ">= 0.95"),
@@ -349,9 +437,10 @@ def _row(label: str, p: dict) -> str:
     delta = "" if p["method"] == "base" else f" ({p['rule_loss_increase']:+.4f})"
     change = p.get("weight_change")
     change_s = "-" if change is None else f"{100 * change:.1f}%"
+    accuracy = "-" if p["rule_accuracy"] is None else f"{100 * p['rule_accuracy']:.1f}%"
     return (
         f"{label:<22}{keep:>6}{100 * p['selection_strict']:>9.1f}%{100 * p['heldout_strict']:>9.1f}%"
-        f"{100 * p['canary_loose']:>9.1f}%{100 * p['rule_accuracy']:>9.1f}%   {p['rule_loss']:.4f}{delta:<12}"
+        f"{100 * p['canary_loose']:>9.1f}%{accuracy:>10}   {p['rule_loss']:.4f}{delta:<12}"
         f"{p['perplexity']:>8.3f}{change_s:>9}"
     )
 
@@ -359,8 +448,10 @@ def _row(label: str, p: dict) -> str:
 def _cost_lines(results: dict) -> list[str]:
     """The matched-cost tables: per budget, each method's point chosen on the selection canaries."""
     lines = []
-    for name, title, fmt in (("perplexity", "rule perplexity increase", "at most +{:.0f}%"),
-                             ("rule_accuracy", "rule accuracy drop", "at most {:.0f} points")):
+    text = results.get("testbed", {}).get("kind") == "text"
+    for name, title, fmt in (("perplexity", f"{'held-out text' if text else 'rule'} perplexity increase",
+                              "at most +{:.0f}%"),
+                             ("rule_accuracy", f"{'fact' if text else 'rule'} accuracy drop", "at most {:.0f} points")):
         table = results.get("matched", {}).get(name, {})
         if not table:
             continue
@@ -384,9 +475,11 @@ def format_table(results: dict) -> str:
     head, matched = results["headline"]["kfac"], results["headline"]["svd_matched"]
     cfg, tb = results["config"], results["testbed"]
     blocks = ",".join(str(b) for b in cfg["blocks"])
+    text = tb.get("kind") == "text"
+    capability, cost = ("facts", "text") if text else ("rule", "rule")
     header = (
-        f"{'':<22}{'keep':>6}{'select':>10}{'held-out':>10}{'canary':>10}{'rule':>10}   {'rule loss':<19}{'rule':>8}"
-        f"{'weight':>9}\n"
+        f"{'':<22}{'keep':>6}{'select':>10}{'held-out':>10}{'canary':>10}{capability:>10}   {cost + ' loss':<19}"
+        f"{cost:>8}{'weight':>9}\n"
         f"{'model':<22}{'mass':>6}{'strict':>10}{'strict':>10}{'loose':>10}{'acc':>10}   {'(change)':<19}{'ppl':>8}"
         f"{'change':>9}"
     )
@@ -394,21 +487,30 @@ def format_table(results: dict) -> str:
     params = tb.get("n_parameters", 0) / 1e6
     t = tb["config"]
     split = results.get("split") or {}
+    world = (f"{t['canary_len']}-word canaries x {t['canary_repeats']} repeats in Python documentation prose "
+             f"(vocabulary {t['vocab_size']})" if text else
+             f"canaries x {t['canary_repeats']} repeats among arithmetic sequences mod {t['n_numbers']}")
     lines = [
-        f"kfac-edit demo: Olmo2 testbed {tb['config_hash']} ({params:.2f}M parameters, {t['n_layers']} blocks; "
-        f"{t['n_canaries']} canaries x {t['canary_repeats']} repeats among arithmetic sequences mod {t['n_numbers']})",
+        f"kfac-edit demo: Olmo2 {'text ' if text else ''}testbed {tb['config_hash']} ({params:.2f}M parameters, "
+        f"{t['n_layers']} blocks; {t['n_canaries']} {world})",
         f"edit: MLP {','.join(cfg['projections'])} of blocks {blocks}; factors from {results['factors'].get('tokens', '?')} "
-        f"corpus tokens, {cfg['labels']} labels",
+        + ("tokens of factor_corpus.jsonl (the training prose without the canaries)" if text else "corpus tokens")
+        + f", {cfg['labels']} labels",
         f"canaries: {split.get('selection', '?')} to choose on (selection), {split.get('heldout', '?')} held out to "
-        "report on; SVD matched on rule perplexity",
+        f"report on; SVD matched on {'held-out text' if text else 'rule'} perplexity",
         "",
         header,
         rule,
         _row("base model", base),
         _row("K-FAC (headline)", head),
         _row("SVD (matched ppl)", matched) if matched else "SVD (matched ppl)     none in the grid is that cheap",
-        rule,
     ]
+    at_cost = results["headline"].get("svd_at_kfac_perplexity")
+    if at_cost is not None:
+        lines.append(_row("SVD (<= K-FAC's ppl)", at_cost))
+    if results.get("canaries_in_factors"):
+        lines.append(_row("K-FAC, canaries in F", results["canaries_in_factors"]["kfac"]))
+    lines += [rule]
     for p in points:
         lines.append(_row(f"  {'K-FAC' if p['method'] == 'kfac' else 'SVD'}", p))
     lines.append(rule)
@@ -420,9 +522,11 @@ def format_table(results: dict) -> str:
         "kfac_canary_strict": "K-FAC held-out canary strict memorization",
         "kfac_rule_accuracy": "K-FAC rule accuracy",
         "svd_keeps_more_canaries": "SVD at matched ppl keeps more held-out canaries",
+        "kfac_perplexity_ratio": "K-FAC held-out perplexity ratio",
     }
     for key, c in results["checks"].items():
-        value = "n/a" if c["value"] is None else f"{100 * c['value']:.1f}%"
+        value = ("n/a" if c["value"] is None else f"{c['value']:.3f}x" if key.endswith("ratio")
+                 else f"{100 * c['value']:.1f}%")
         lines.append(f"{'ok  ' if c['ok'] else 'MISS'} {names[key]:<50} {value:>7}  target {c['target']}")
     if results.get("timings_s"):
         tm = results["timings_s"]

@@ -49,6 +49,7 @@ def register(subparsers) -> None:
     option(p, "modules", default=None)
     option(p, "bias", choices=["joint", "keep"], default="joint")
     option(p, "text_field", default="text")
+    option(p, "exclude", nargs="+", default=None, metavar="FILE")
     option(p, "gradient_checkpointing", action="store_true")
     option(p, "overwrite", action="store_true")
     p.add_argument(
@@ -108,6 +109,10 @@ def _run(args: argparse.Namespace) -> int:
         + (f", {m['passes']} passes" if m["passes"] > 1 else "")
         + f") -> {args.out}"
     )
+    if m.get("exclude"):
+        x = m["exclude"]
+        print(f"excluded {x['windows_dropped']:,} of {x['windows_seen']:,} windows sharing an {x['n']}-gram with "
+              f"{x['records']} records of {', '.join(x['files'])}")
     if config.max_tokens is not None and tokens > config.max_tokens:  # the last batch is read whole: say so
         print(f"note: --tokens {config.max_tokens:,} was rounded up to whole batches (--batch-size {config.batch_size} "
               f"windows of --seq-len {config.seq_len}): {tokens:,} tokens were read")

@@ -103,6 +103,9 @@ class CollectConfig:
     dist_timeout: float = _opt(1800.0, "with several ranks (torchrun / accelerate launch): how long a rank waits for "
                                "the others at a checkpoint or at the end before failing (default: 1800)")  # fmt: skip
     progress: bool = _opt(True, "show a progress bar (tokens/s)")
+    exclude: Any = _opt(None, "memorized-set JSONL files (the eval command's record formats): windows sharing an "
+                        "8-token n-gram with any record are dropped before collection, so the factors come from text "
+                        "without the memorized set; --tokens counts the tokens kept")  # fmt: skip
 
     def __post_init__(self) -> None:
         from ..models import BIAS_MODES, parse_layers, parse_modules_option, parse_projections
@@ -127,6 +130,13 @@ class CollectConfig:
             self.modules = parse_modules_option(self.modules)
         if isinstance(self.memory_budget, str):
             self.memory_budget = parse_size(self.memory_budget)
+        if isinstance(self.exclude, (str, os.PathLike)):
+            self.exclude = [self.exclude]
+        if self.exclude is not None:
+            self.exclude = [str(f) for f in self.exclude] or None
+            missing = [f for f in self.exclude or () if not Path(f).is_file()]
+            if missing:
+                raise UserError(f"--exclude file '{missing[0]}' does not exist; give memorized-set JSONL files")
         if self.out is not None:
             self.out = Path(self.out)
         elif self.checkpoint_every or self.resume:
@@ -203,9 +213,16 @@ def collect_factors(
                 model, projections, data=source, text_field=config.text_field, seq_len=config.seq_len,
                 labels=config.labels, seed=config.seed, layers_per_pass=config.layers_per_pass,
             )  # fmt: skip
+            if config.exclude:  # a resume must exclude the same records
+                from ..identity import data_digest
+
+                fingerprint["exclude"] = [data_digest(f) for f in config.exclude]
         if config.overwrite and ctx.is_main and config.out is not None:
             remove_checkpoints(config.out)
         batches = _batch_source(data, tokenizer, config)
+        exclusion: dict = {}
+        if config.exclude:
+            batches = _excluding(batches, model, tokenizer, config, exclusion)
         factors = _collect_partitions(model, projections, batches, config, ctx, fingerprint)
     except BaseException:
         lock.close()
@@ -227,6 +244,8 @@ def collect_factors(
             data=describe_source(source), text_field=config.text_field, seq_len=config.seq_len,
             batch_size=config.batch_size, max_tokens=config.max_tokens, gradient_checkpointing=config.gradient_checkpointing,
         )  # fmt: skip
+    if config.exclude:
+        factors.manifest["exclude"] = exclusion
     with lock:
         if config.out is not None:
             factors.save(config.out)
@@ -308,8 +327,57 @@ def _prepare(
     return list(projections)
 
 
+def _excluding(source: BatchSource, model: nn.Module, tokenizer: Any, config: CollectConfig, info: dict) -> BatchSource:
+    """``source`` without the windows that overlap ``config.exclude``'s records (:func:`kfac_edit.data.exclude_overlapping`,
+    n = :data:`kfac_edit.data.EXCLUDE_NGRAM`), cut at ``config.max_tokens`` tokens *kept*. ``info`` receives what the
+    manifest records: files, digest of the records' token ids, n, records, windows seen / dropped (first pass, this
+    rank's shard)."""
+    from ..data import EXCLUDE_NGRAM, exclude_overlapping
+    from ..evaluate.records import load_records
+    from ..identity import json_digest
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    records = []
+    for path in config.exclude:
+        try:
+            loaded = load_records(path, tokenizer, vocab_size=vocab)
+        except ValueError as exc:
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(f"--exclude {path}: text records need the model's tokenizer; give token-id records "
+                            "(prefix_ids/suffix_ids) or the model by name") from None
+        records += [[t for t in r.prefix_ids + r.suffix_ids if t not in special] for r in loaded]
+    info.update(files=[str(f) for f in config.exclude], digest=json_digest(records), n=EXCLUDE_NGRAM,
+                records=len(records), windows_seen=0, windows_dropped=0)
+    passes = []
+
+    def counted(batches, counts: dict):
+        for batch in batches:
+            counts["seen"] += batch["input_ids"].shape[0]
+            yield batch
+
+    def excluded(skip_windows: int, shard: tuple[int, int]):
+        counts = {"seen": 0, "kept": 0}
+        passes.append(counts)
+        tokens = 0
+        for batch in exclude_overlapping(counted(source(skip_windows, shard), counts), records):
+            if config.max_tokens is not None and tokens >= config.max_tokens:
+                break
+            mask = batch.get("attention_mask")
+            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            counts["kept"] += batch["input_ids"].shape[0]
+            if passes[0] is counts:
+                info.update(windows_seen=counts["seen"], windows_dropped=counts["seen"] - counts["kept"])
+            yield batch
+
+    return excluded
+
+
 def _batch_source(data: Any, tokenizer: Any, config: CollectConfig) -> BatchSource:
-    """``data`` as a :data:`BatchSource`."""
+    """``data`` as a :data:`BatchSource` (with ``config.exclude``: not cut at ``max_tokens``, :func:`_excluding` is)."""
+    if config.exclude:
+        config = replace(config, max_tokens=None)
     if isinstance(data, (str, os.PathLike)):
         if tokenizer is None:
             raise UserError("a data source string needs a tokenizer: pass tokenizer=, or the model's name to load both")
