@@ -52,12 +52,7 @@ def register(subparsers) -> None:
     option(p, "exclude", nargs="+", default=None, metavar="FILE")
     option(p, "gradient_checkpointing", action="store_true")
     option(p, "overwrite", action="store_true")
-    p.add_argument(
-        "--ekfac",
-        action="store_true",
-        help="then a second pass over the same data in the factors' eigenbasis: EK-FAC eigenvalues "
-        "E[(u_G[i]^T g a^T u_A[j])^2] per pair, stored as DIR/ekfac.safetensors (for --method ekfac; one process)",
-    )
+    option(p, "ekfac", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     scale = p.add_argument_group("scale and resilience")
     option(scale, "checkpoint_every", type=int, default=None, metavar="TOKENS")
@@ -86,14 +81,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
+    from ..constants import EKFAC_FILE
     from ..factors.collect import CollectConfig, collect_factors
 
     options = {f.name: getattr(args, f.name) for f in fields(CollectConfig) if hasattr(args, f.name)}
     config = CollectConfig(**options, progress=not args.no_progress)
-    if args.ekfac and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from ..errors import UserError
-
-        raise UserError("--ekfac runs in one process; launch `kfac-edit collect --ekfac` without torchrun")
     start = time.perf_counter()
     factors = collect_factors(args.model, args.data, config)
     seconds = time.perf_counter() - start
@@ -116,30 +108,6 @@ def _run(args: argparse.Namespace) -> int:
     if config.max_tokens is not None and tokens > config.max_tokens:  # the last batch is read whole: say so
         print(f"note: --tokens {config.max_tokens:,} was rounded up to whole batches (--batch-size {config.batch_size} "
               f"windows of --seq-len {config.seq_len}): {tokens:,} tokens were read")
-    if args.ekfac:
-        _ekfac_pass(args, config)
+    if config.ekfac:
+        print(f"EK-FAC eigenvalues of {len(factors)} modules -> {Path(args.out) / EKFAC_FILE}")
     return 0
-
-
-def _ekfac_pass(args: argparse.Namespace, config) -> None:
-    """The EK-FAC pass over the same data and labels, in the eigenbasis of the factors as written to disk."""
-    from ..data import token_batches
-    from ..eigen import EigenCache, default_cache_dir
-    from ..factors.ekfac import collect_ekfac
-    from ..factors.store import Factors
-    from ..models import load_model, resolve_device
-
-    start = time.perf_counter()
-    device = resolve_device(None if config.device == "auto" else config.device)
-    model, tokenizer = load_model(args.model, dtype=config.dtype, device=str(device))
-    factors = Factors.load(args.out)
-    batches = token_batches(
-        args.data, tokenizer, config.seq_len, config.batch_size, max_tokens=config.max_tokens,
-        text_field=config.text_field, with_index=True,
-    )  # fmt: skip
-    ekfac = collect_ekfac(
-        model, factors, batches, cache=EigenCache(default_cache_dir()), max_tokens=config.max_tokens,
-        progress=config.progress,
-    )  # fmt: skip
-    path = ekfac.save(args.out)
-    print(f"EK-FAC eigenvalues of {len(ekfac.names)} modules in {time.perf_counter() - start:.1f} s -> {path}")

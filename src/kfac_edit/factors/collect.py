@@ -106,6 +106,9 @@ class CollectConfig:
     exclude: Any = _opt(None, "memorized-set JSONL files (the eval command's record formats): windows sharing an "
                         "8-token n-gram with any record are dropped before collection, so the factors come from text "
                         "without the memorized set; --tokens counts the tokens kept")  # fmt: skip
+    ekfac: bool = _opt(False, "then a second pass over the same data and labels in the eigenbasis of the factors as "
+                       "written: EK-FAC eigenvalues E[(u_G[i]^T g a^T u_A[j])^2] per pair, stored as "
+                       "DIR/ekfac.safetensors (for --method ekfac; one process; needs --out)")  # fmt: skip
 
     def __post_init__(self) -> None:
         from ..models import BIAS_MODES, parse_layers, parse_modules_option, parse_projections
@@ -120,6 +123,8 @@ class CollectConfig:
         if self.dist_timeout <= 0:
             raise UserError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout:g}")
         LabelMode.parse(self.labels, "label mode")
+        if self.ekfac and self.out is None:
+            raise UserError("--ekfac stores its eigenvalues beside the factors: give the factors an output directory")
         if self.bias not in BIAS_MODES:
             raise UserError(f"unknown --bias '{self.bias}'; use one of {', '.join(BIAS_MODES)}")
         if isinstance(self.layers, str) or self.layers is None:
@@ -199,6 +204,10 @@ def collect_factors(
     device = resolve_device(None if config.device == "auto" else config.device) if model_id else None
     joined = ctx is None and model_id is not None
     ctx = init_distributed(device, timeout_s=config.dist_timeout) if joined else (ctx or DistContext())
+    if config.ekfac and ctx.enabled:
+        if joined:
+            shutdown(ctx)
+        raise UserError("--ekfac runs in one process; launch `kfac-edit collect --ekfac` without torchrun")
     lock = contextlib.ExitStack()  # rank 0 holds --out's lock until the factors are saved
     try:
         if ctx.is_main and config.out is not None:
@@ -250,7 +259,27 @@ def collect_factors(
         if config.out is not None:
             factors.save(config.out)
             remove_checkpoints(config.out)
+        if config.ekfac:
+            _ekfac_pass(model, tokenizer, data, config)
     return factors
+
+
+def _ekfac_pass(model: nn.Module, tokenizer: Any, data: Any, config: CollectConfig) -> None:
+    """The EK-FAC pass (:mod:`kfac_edit.factors.ekfac`) over the same data, exclusion and labels, in the eigenbasis
+    of the factors as written to ``config.out`` (what ``edit --method ekfac`` reads back)."""
+    from ..eigen import EigenCache, default_cache_dir
+    from .ekfac import collect_ekfac
+
+    start = time.perf_counter()
+    batches = _batch_source(data, tokenizer, config)
+    if config.exclude:
+        batches = _excluding(batches, model, tokenizer, config, {})
+    ekfac = collect_ekfac(
+        model, Factors.load(config.out), batches(0, (0, 1)), cache=EigenCache(default_cache_dir()),
+        max_tokens=config.max_tokens, progress=config.progress,
+    )  # fmt: skip
+    path = ekfac.save(config.out)
+    log.info("EK-FAC eigenvalues of %d modules in %.1f s -> %s", len(ekfac.names), time.perf_counter() - start, path)
 
 
 # ---------------------------------------------------------------------------------------------------- preparation
