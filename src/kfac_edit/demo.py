@@ -62,7 +62,7 @@ from .fileio import atomic_dir, atomic_path, write_json
 from .pareto import (ACCURACY_DROPS, PPL_INCREASES, SweepRecord, accuracy_drop, base_record, choose_best,
                      choose_within, match_by_cost, perplexity_increase)
 from .constants import BEST_FILE, DEMO_RESULTS_FILE, SUMMARY_FILE, TABLE_FILE
-from .testbed import TestbedConfig, build_testbed
+from .testbed import TestbedConfig, build_testbed, one_thread
 from .text_testbed import TextTestbedConfig, build_text_testbed
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,14 @@ def run_demo(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train (or load) -> collect -> sweep K-FAC and SVD -> report; write ``out_dir``; return ``results.json``."""
+    """Train (or load) -> collect -> sweep K-FAC and SVD -> report; write ``out_dir``; return ``results.json``.
+
+    Runs on one torch thread (:func:`~kfac_edit.testbed.one_thread`): the testbeds' models are tiny."""
+    with one_thread():
+        return _run_demo(config, out_dir, cache_dir, progress)
+
+
+def _run_demo(config: DemoConfig | None, out_dir: str | Path, cache_dir: str | Path | None, progress: bool) -> dict:
     from .data import token_batches
     from .edit import apply_edit, restore, save_edited
     from .eigen import EigenCache

@@ -23,6 +23,7 @@ plain PyTorch: fixed-length documents, AdamW, linear warmup and cosine decay, a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -306,12 +307,21 @@ def train(model, data: TestbedData, config: TestbedConfig, tokenizer, progress: 
     one CPU thread, so the trained weights do not depend on the machine's core count (the matrices are too small
     to gain much from more threads). Returns training statistics.
     """
+    with one_thread():
+        return _train_loop(model, data, config, tokenizer, progress)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one torch thread, then restore the count. The testbeds' matrices are so small that thread
+    hand-offs cost more than they save (on a busy 2-core machine, two threads made the demo's collection ~10x slower
+    in wall clock: 155 s against 8 s of CPU for 200k tokens)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_loop(model, data, config, tokenizer, progress)
+        yield
     finally:
         torch.set_num_threads(threads)
 
