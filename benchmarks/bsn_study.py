@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--bsn-max-clean-tokens", type=int, default=20_000)
     p.add_argument("--factor-tokens", type=int, default=None,
                    help="factor tokens (default: 200000 arithmetic, 150000 text as in DemoConfig.text())")
+    p.add_argument("--bsn-grid", default=None,
+                   help="comma-separated bsn keep_mass grid replacing the testbed's (e.g. a finer one)")
     p.add_argument("--no-paper-sweep", action="store_true", help="skip the second bsn sweep with 5 epochs")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the sampled labels and bsn")
     p.add_argument("--out", default=None)
@@ -88,6 +90,8 @@ def main(argv=None) -> int:
     text = args.testbed == "text"
     kfac_grid, svd_grid, bsn_grid = (TEXT_KFAC_GRID, TEXT_SVD_GRID, TEXT_BSN_GRID) if text else (
         KFAC_GRID, SVD_GRID, BSN_GRID)
+    if args.bsn_grid:
+        bsn_grid = tuple(float(v) for v in args.bsn_grid.split(","))
     if args.factor_tokens is None:
         args.factor_tokens = 150_000 if text else 200_000
     timings = {}
