@@ -181,7 +181,7 @@ def main(argv=None) -> int:
             print(f"| {row['method']} | +{100 * row['ppl_budget']:.0f}% | none within | | | | |")
             continue
         print(f"| {row['method']} | +{100 * row['ppl_budget']:.0f}% | {row['keep_mass']:g} | "
-              f"{row['heldout_strict']:.3f} | {row['selection_strict']:.3f} | +{100 * row['perplexity_increase']:.1f}% | "
+              f"{row['heldout_strict']:.3f} | {row['selection_strict']:.3f} | {100 * row['perplexity_increase']:+.1f}% | "
               f"{row['capability'] if row['capability'] is None else format(row['capability'], '.3f')} |")
     print(f"timings: {json.dumps(timings)}")
     print(f"wrote {out}")
