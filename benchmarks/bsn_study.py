@@ -9,9 +9,12 @@ method and perplexity budget (+5/+10/+20% over the unedited model, on the held-o
 *selection* strict memorization within the budget is chosen (:func:`kfac_edit.pareto.match_by_cost`), and its
 *held-out* strict memorization is what the table reports.
 
-    python benchmarks/bsn_study.py [--testbed arith|text] [--out benchmarks/results/bsn_study_arith.json]
+    python benchmarks/bsn_study.py [--testbed arith|text] [--seed N] [--bsn-epochs N] [--bsn-grid K,K,...] [--out FILE]
 
-``--testbed text`` needs :mod:`kfac_edit.text_testbed` (the English-text testbed), when the package has it.
+``--testbed text``: the default English-text testbed (``TextTestbedConfig()``, the demo's; cached under
+``KFAC_EDIT_CACHE``), the K-FAC and SVD grids of ``DemoConfig.text()``, 150k factor tokens of ``factor_corpus.jsonl``,
+perplexity on the first 13,200 tokens of the held-out text, fact recall (``facts.jsonl``) as the capability when the
+testbed has it, and a coarser BSN grid (``--bsn-grid`` replaces it).
 Writes the JSON (configuration, CPU/wall time, the table, every point) and prints a Markdown table.
 """
 
@@ -34,10 +37,17 @@ BUDGETS = (0.05, 0.10, 0.20)
 KFAC_GRID = (0.998, 0.995, 0.99, 0.985, 0.98, 0.975, 0.97, 0.96, 0.95, 0.94, 0.92, 0.9, 0.85, 0.8)
 SVD_GRID = (0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 0.775, 0.75, 0.7, 0.65, 0.6)
 BSN_GRID = (0.998, 0.995, 0.99, 0.98, 0.97, 0.95, 0.9, 0.8)
+# text testbed: the K-FAC and SVD grids of DemoConfig.text(); BSN over the ratios that moved the arithmetic testbed
+TEXT_KFAC_GRID = (0.998, 0.995, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7, 0.6)
+TEXT_SVD_GRID = tuple(round(0.98 - 0.03 * i, 3) for i in range(20))
+TEXT_BSN_GRID = (0.995, 0.99, 0.98, 0.95, 0.9, 0.8)
+TEXT_PPL_TOKENS = 13_200  # DemoConfig.text(): perplexity tokens per point
 
 
 def build(testbed: str):
-    """(paths, seq_len of a training window, factor corpus) of the quick configuration of ``testbed``."""
+    """(paths, config, seq_len of a training window, factor corpus) of ``testbed``: the quick arithmetic testbed, or
+    the default text testbed (``TextTestbedConfig()``, the demo's; cached under ``KFAC_EDIT_CACHE``) whose factor
+    corpus is ``factor_corpus.jsonl`` (the training prose without the canaries)."""
     if testbed == "arith":
         from kfac_edit.testbed import TestbedConfig, build_testbed
 
@@ -48,9 +58,9 @@ def build(testbed: str):
         from kfac_edit.text_testbed import TextTestbedConfig, build_text_testbed
     except ImportError:
         raise SystemExit("--testbed text needs kfac_edit.text_testbed, which this checkout lacks") from None
-    config = TextTestbedConfig.quick()
+    config = TextTestbedConfig()
     paths = build_text_testbed(config, progress=False)
-    return paths, config, config.seq_len + 2, getattr(paths, "factor_corpus", paths.corpus)
+    return paths, config, config.seq_len + 2, paths.factor_corpus
 
 
 def main(argv=None) -> int:
@@ -60,7 +70,11 @@ def main(argv=None) -> int:
                    help="epochs of the main bsn sweep (the paper's 5 make 15 steps on the quick testbed; the "
                    "second sweep keeps 5)")
     p.add_argument("--bsn-max-clean-tokens", type=int, default=20_000)
-    p.add_argument("--factor-tokens", type=int, default=200_000)
+    p.add_argument("--factor-tokens", type=int, default=None,
+                   help="factor tokens (default: 200000 arithmetic, 150000 text as in DemoConfig.text())")
+    p.add_argument("--bsn-grid", default=None,
+                   help="comma-separated bsn keep_mass grid replacing the testbed's (e.g. a finer one)")
+    p.add_argument("--no-paper-sweep", action="store_true", help="skip the second bsn sweep with 5 epochs")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the sampled labels and bsn")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -76,6 +90,13 @@ def main(argv=None) -> int:
     from kfac_edit.pareto import base_record, match_by_cost, perplexity_increase
     from kfac_edit.sweep import SweepConfig, run_sweep
 
+    text = args.testbed == "text"
+    kfac_grid, svd_grid, bsn_grid = (TEXT_KFAC_GRID, TEXT_SVD_GRID, TEXT_BSN_GRID) if text else (
+        KFAC_GRID, SVD_GRID, BSN_GRID)
+    if args.bsn_grid:
+        bsn_grid = tuple(float(v) for v in args.bsn_grid.split(","))
+    if args.factor_tokens is None:
+        args.factor_tokens = 150_000 if text else 200_000
     timings = {}
     with Clock() as c:
         paths, tb_config, window, factor_corpus = build(args.testbed)
@@ -90,16 +111,20 @@ def main(argv=None) -> int:
                                   max_tokens=args.factor_tokens, progress=False)
     timings["collect"] = c.timing.as_dict()
     evaluation = EvalConfig(memorized=[str(paths.memorized)], perplexity_data=str(paths.clean), prefix_len=None,
-                            suffix_len=None, ppl_block=window, batch_size=128)
+                            suffix_len=None, ppl_block=window, batch_size=64 if text else 128,
+                            **({"max_tokens": TEXT_PPL_TOKENS} if text else {}))
+    capability_file = Path(paths.rule_heldout)
+    capability_files = [str(capability_file)] if capability_file.exists() else []
     bsn_main = BsnConfig(epochs=args.bsn_epochs, max_clean_tokens=args.bsn_max_clean_tokens, seed=args.seed)
     bsn_paper = BsnConfig(max_clean_tokens=args.bsn_max_clean_tokens, seed=args.seed)
     common = dict(projection_sets=[kinds], groups=[tuple(blocks)], holdout_fraction=0.5, seed=args.seed,
-                  capability=[str(paths.rule_heldout)], clean_data=str(factor_corpus), ppl_budget=1.2)
+                  capability=capability_files, clean_data=str(factor_corpus), ppl_budget=1.2)
     sweeps = {
-        "main": SweepConfig(methods=["kfac", "svd", "bsn"], keep_masses=list(KFAC_GRID),
-                            method_keep_masses={"svd": list(SVD_GRID), "bsn": list(BSN_GRID)}, bsn=bsn_main, **common),
-        "bsn-5ep": SweepConfig(methods=["bsn"], keep_masses=list(BSN_GRID), bsn=bsn_paper, **common),
+        "main": SweepConfig(methods=["kfac", "svd", "bsn"], keep_masses=list(kfac_grid),
+                            method_keep_masses={"svd": list(svd_grid), "bsn": list(bsn_grid)}, bsn=bsn_main, **common),
     }
+    if not args.no_paper_sweep:
+        sweeps["bsn-5ep"] = SweepConfig(methods=["bsn"], keep_masses=list(bsn_grid), bsn=bsn_paper, **common)
     records = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, sweep in sweeps.items():
@@ -111,7 +136,7 @@ def main(argv=None) -> int:
     base = base_record(records["main"])
     cost = perplexity_increase(base)
     table = []
-    capability = Path(paths.rule_heldout).stem + "_accuracy"
+    capability = capability_file.stem + "_accuracy"
     for name, recs in records.items():
         chosen = match_by_cost(recs, cost, BUDGETS)
         for method, per_budget in chosen.items():
@@ -129,7 +154,8 @@ def main(argv=None) -> int:
         "command": "python benchmarks/bsn_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "testbed": args.testbed,
         "testbed_config": tb_config.to_dict(),
-        "grids": {"kfac": KFAC_GRID, "svd": SVD_GRID, "bsn": BSN_GRID},
+        "grids": {"kfac": kfac_grid, "svd": svd_grid, "bsn": bsn_grid},
+        "ppl_tokens": TEXT_PPL_TOKENS if text else None,
         "blocks": blocks,
         "projections": kinds,
         "factor_tokens": args.factor_tokens,
@@ -155,8 +181,8 @@ def main(argv=None) -> int:
             print(f"| {row['method']} | +{100 * row['ppl_budget']:.0f}% | none within | | | | |")
             continue
         print(f"| {row['method']} | +{100 * row['ppl_budget']:.0f}% | {row['keep_mass']:g} | "
-              f"{row['heldout_strict']:.3f} | {row['selection_strict']:.3f} | +{100 * row['perplexity_increase']:.1f}% | "
-              f"{row['capability']:.3f} |")
+              f"{row['heldout_strict']:.3f} | {row['selection_strict']:.3f} | {100 * row['perplexity_increase']:+.1f}% | "
+              f"{row['capability'] if row['capability'] is None else format(row['capability'], '.3f')} |")
     print(f"timings: {json.dumps(timings)}")
     print(f"wrote {out}")
     return 0

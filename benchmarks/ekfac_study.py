@@ -1,6 +1,13 @@
 """EK-FAC vs K-FAC, protected capabilities, and the predicted cost of an edit, on the quick arithmetic testbed.
 
     python benchmarks/ekfac_study.py --out benchmarks/results/ekfac_study.json
+    python benchmarks/ekfac_study.py --testbed text --out benchmarks/results/ekfac_study_text.json
+
+``--testbed text``: the default English-text testbed (``TextTestbedConfig()``, the demo's; cached under
+``KFAC_EDIT_CACHE``), factors and the EK-FAC pass on ``factor_corpus.jsonl`` (the training prose without the
+canaries, the recipe), perplexity on the held-out text (packed windows of ``seq_len + 2`` tokens, the first 13,200
+tokens as ``DemoConfig.text()``), the capability is fact recall (``facts.jsonl``, when the testbed has it); only
+step 2 runs there (protection and prediction are arithmetic-only).
 
 One process, one torch thread, CPU. Steps (all through the public API):
 
@@ -48,8 +55,10 @@ from kfac_edit.testbed import rule_sequences, to_text
 GRID = (0.9995, 0.999, 0.998, 0.995, 0.9925, 0.99, 0.9875, 0.985, 0.9825, 0.98, 0.9775, 0.975, 0.9725, 0.97, 0.965,
         0.96, 0.95, 0.94, 0.92, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)  # fmt: skip
 PPL_BUDGETS = (1.05, 1.10, 1.20)
+TEXT_PPL_BUDGETS = (1.0025, 1.005, 1.01, *PPL_BUDGETS)  # text: both reach 0 held-out within +1.1%, so finer too
 CANARY_LEVELS = (0.5, 0.25, 0.1, 0.0)  # equal canary removal: all-canary strict memorization at most this
 BLOCKS, KINDS = (0, 1), ("gate", "up", "down")
+TEXT_PPL_TOKENS = 13_200  # DemoConfig.text(): perplexity tokens of the held-out text
 MODES = ("curvature", "activation", "loss")  # predict modes
 
 
@@ -99,24 +108,39 @@ def spearman(x, y) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/ekfac_study.json")
+    parser.add_argument("--testbed", choices=["arith", "text"], default="arith")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/ekfac_study[_text].json")
     parser.add_argument("--factor-tokens", type=int, default=100_000)
     parser.add_argument("--labels", choices=["sampled", "gold"], default="sampled", help="labels of both passes")
     parser.add_argument("--protect-records", type=int, default=400, help="fresh rule sequences for --protect factors")
     parser.add_argument("--protect-weights", default="0.9,0.95,0.97,0.98,0.99")
     args = parser.parse_args()
+    text = args.testbed == "text"
+    args.out = args.out or f"benchmarks/results/ekfac_study{'_text' if text else ''}.json"
     torch.set_num_threads(1)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     timings = {}
 
-    tb_config = TestbedConfig.quick()
-    paths = build_testbed(tb_config, progress=False)
+    if text:
+        from kfac_edit.text_testbed import TextTestbedConfig, build_text_testbed
+
+        tb_config = TextTestbedConfig()
+        paths = build_text_testbed(tb_config, progress=False)
+    else:
+        tb_config = TestbedConfig.quick()
+        paths = build_testbed(tb_config, progress=False)
     model, tokenizer = load_model(str(paths.model_dir), dtype="float32", device="cpu")
     canaries = read_jsonl(paths.memorized)
     selection, heldout = split_records(canaries, 0.5, seed=0)
-    rule = read_jsonl(paths.rule_heldout)
-    clean_rows = [tokenizer(r["text"])["input_ids"] for r in read_jsonl(paths.clean)]
-    eval_sets = {"selection": padded(rows_of(selection)), "clean": padded(clean_rows)}
+    rule = read_jsonl(paths.rule_heldout) if paths.rule_heldout.exists() else []  # text: the facts
+    if text:  # packed windows of the held-out text, as the sweep's perplexity
+        clean_rows = None
+        clean = [(b["input_ids"], b["attention_mask"]) for b in token_batches(
+            str(paths.clean), tokenizer, seq_len=tb_config.seq_len + 2, batch_size=64, max_tokens=TEXT_PPL_TOKENS)]
+    else:
+        clean_rows = [tokenizer(r["text"])["input_ids"] for r in read_jsonl(paths.clean)]
+        clean = padded(clean_rows)
+    eval_sets = {"selection": padded(rows_of(selection)), "clean": clean}
 
     def metrics() -> dict:
         sel = exact_continuations(model, selection)
@@ -124,7 +148,7 @@ def main() -> int:
         return {
             "selection_strict": sum(sel) / len(sel), "heldout_strict": sum(held) / len(held),
             "heldout_memorized": int(sum(held)), "canary_strict": (sum(sel) + sum(held)) / (len(sel) + len(held)),
-            "rule_accuracy": sum(exact_continuations(model, rule)) / len(rule),
+            "rule_accuracy": sum(exact_continuations(model, rule)) / len(rule) if rule else None,
             "perplexity": math.exp(mean_loss(model, eval_sets["clean"])),
         }  # fmt: skip
 
@@ -132,7 +156,7 @@ def main() -> int:
 
     # 1. factors and the EK-FAC pass over the same batches
     t = time.process_time()
-    batches = list(token_batches(str(paths.corpus), tokenizer, seq_len=tb_config.seq_len + 2, batch_size=128,
+    batches = list(token_batches(str(paths.factor_corpus if text else paths.corpus), tokenizer, seq_len=tb_config.seq_len + 2, batch_size=128,
                                  max_tokens=args.factor_tokens, with_index=True))  # fmt: skip
     factors = collect_factors(model, batches, layers=list(BLOCKS), kinds=list(KINDS), labels=args.labels, seed=0,
                               max_tokens=args.factor_tokens, progress=False)  # fmt: skip
@@ -169,7 +193,7 @@ def main() -> int:
         return min(within, key=lambda p: (p["selection_strict"], p["perplexity"])) if within else None
 
     comparison = []
-    for budget in PPL_BUDGETS:
+    for budget in TEXT_PPL_BUDGETS if text else PPL_BUDGETS:
         row = {"ppl_budget": budget}
         for method, points in grids.items():
             p = chosen(points, budget)
@@ -180,6 +204,9 @@ def main() -> int:
             None if not (k and e) or k["heldout_memorized"] == 0 else 1 - e["heldout_memorized"] / k["heldout_memorized"]
         )
         comparison.append(row)
+    if text:
+        return finish(args, tb_config, base, factors, ekfac, comparison, grids, timings, cpu0, wall0,
+                      capability=f"{paths.rule_heldout.stem}_accuracy" if rule else None)
 
     # 3. protection of the rule capability
     t = time.process_time()
@@ -276,7 +303,6 @@ def main() -> int:
     timings["predict_cpu_s"] = time.process_time() - t
     timings["total_cpu_s"] = time.process_time() - cpu0
     timings["total_wall_s"] = time.perf_counter() - wall0
-
     result = {
         "benchmark": "ekfac_study",
         "command": " ".join(["python", *sys.argv]),
@@ -296,6 +322,30 @@ def main() -> int:
     write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("base", "ekfac_vs_kfac", "protection", "timings")}, indent=1))
     print(json.dumps(prediction, indent=1))
+    return 0
+
+
+def finish(args, tb_config, base, factors, ekfac, comparison, grids, timings, cpu0, wall0, capability) -> int:
+    """The text testbed's result (step 2 only): ``rule_accuracy`` holds ``capability`` (fact recall) there."""
+    timings["total_cpu_s"] = time.process_time() - cpu0
+    timings["total_wall_s"] = time.perf_counter() - wall0
+    result = {
+        "benchmark": "ekfac_study",
+        "command": " ".join(["python", *sys.argv]),
+        "config": {"testbed": tb_config.to_dict(), "testbed_kind": "text", "testbed_hash": tb_config.config_hash(),
+                   "blocks": BLOCKS, "projections": KINDS, "factor_tokens": args.factor_tokens,
+                   "factor_data": "factor_corpus.jsonl", "ppl_tokens": TEXT_PPL_TOKENS, "labels": args.labels,
+                   "grid": GRID, "ppl_budgets": TEXT_PPL_BUDGETS, "holdout_fraction": 0.5, "torch_threads": 1,
+                   "rule_accuracy_is": capability},  # fmt: skip
+        "base": base,
+        "factors": {"tokens": factors.manifest.get("tokens"), "ekfac_labelled_tokens": ekfac.manifest["labelled_tokens"]},
+        "ekfac_vs_kfac": comparison,
+        "grids": grids,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, result)
+    print(json.dumps({k: result[k] for k in ("base", "ekfac_vs_kfac", "timings")}, indent=1))
     return 0
 
 
