@@ -81,6 +81,19 @@ def _umask() -> int:
     return mask
 
 
+def read_text(path: str | os.PathLike, what: str, expected: str) -> str:
+    """The UTF-8 text of ``path``; a binary or unreadable file is one :class:`UserError` naming ``what`` it is
+    (e.g. "records file") and the ``expected`` content (e.g. "a JSONL memorized set")."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{what} '{path}' is not UTF-8 text (byte {exc.start}: {exc.reason}); give {expected}"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} '{path}': {exc.strerror}") from None
+
+
 def json_text(obj: Any) -> str:
     """``obj`` as the indented JSON text :func:`write_json` writes."""
     return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"

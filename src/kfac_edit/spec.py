@@ -217,15 +217,10 @@ class EditSpec:
     def from_file(
         cls, path: str | os.PathLike, method: str | None = None, seed: int | None = None, bias: str | None = None
     ) -> "EditSpec":
+        from .fileio import read_text
+
         path = Path(path)
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise UserError(
-                f"the layers file '{path}' is not UTF-8 text (byte {exc.start}: {exc.reason}); give a layers JSON file"
-            ) from None
-        except OSError as exc:
-            raise UserError(f"cannot read the layers file '{path}': {exc.strerror}") from None
+        text = read_text(path, "the layers file", "a layers JSON file")
         try:
             return cls.from_json(text, method=method, seed=seed, bias=bias)
         except UserError as exc:

@@ -58,6 +58,7 @@ import numpy as np
 
 from .errors import UserError
 from .fileio import atomic_dir, cache_root, write_json
+from .identity import json_digest
 from .testbed import TestbedPaths, exact_continuations, make_model, train
 
 log = logging.getLogger(__name__)
@@ -162,11 +163,8 @@ class TextTestbedConfig:
 
     def config_hash(self) -> str:
         """16 hex digits of sha256 over the fields, :data:`TEXT_TESTBED_VERSION` and the Python version."""
-        payload = json.dumps(
-            {"version": TEXT_TESTBED_VERSION, "python": "%d.%d" % sys.version_info[:2], **self.to_dict()},
-            sort_keys=True,
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        python = "%d.%d" % sys.version_info[:2]
+        return json_digest({"version": TEXT_TESTBED_VERSION, "python": python, **self.to_dict()})
 
 
 #: Measured (quick build, 2-core machine under load): 38 s CPU, 8 of 10 canaries strict, held-out perplexity 85.

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import read_text
 
 ID_FIELDS = ("prefix_ids", "suffix_ids")
 TEXT_FIELDS = (("prefix", "target_suffix"), ("prefix_text", "suffix_text"))
@@ -67,26 +68,18 @@ def load_records(
         if n is not None and n < 1:
             raise UserError(f"{name} {n} is too short; use at least 1")
     records: list[MemRecord] = []
-    try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"records file '{path}' is not UTF-8 text (byte {exc.start}: {exc.reason}); give a JSONL memorized set"
-        ) from None
-    except OSError as exc:
-        raise UserError(f"cannot read records file '{path}': {exc.strerror}") from None
-    if True:  # one JSON object a line
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: malformed JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{where}: expected a JSON object with prefix_ids/suffix_ids or prefix/target_suffix")
-            records.append(_parse_record(obj, where, tokenizer, prefix_len, suffix_len, vocab_size))
+    lines = read_text(path, "records file", "a JSONL memorized set").splitlines()
+    for lineno, line in enumerate(lines, 1):  # one JSON object a line
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: malformed JSON ({exc.msg}); fix or remove that line") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{where}: expected a JSON object with prefix_ids/suffix_ids or prefix/target_suffix")
+        records.append(_parse_record(obj, where, tokenizer, prefix_len, suffix_len, vocab_size))
     if not records:
         raise UserError(f"records file '{path}' holds no records; it needs one JSON object a line")
     return records
