@@ -193,7 +193,10 @@ class _PairIndex:
         products = self.lam[rows] * self.mu_asc[self.n - 1 - ranks]
         order = np.argsort(-products, kind="stable")
         cums = self.mass(counts_hi) + np.cumsum(products[order])
-        take = min(int(np.searchsorted(cums, target)) + 1, n)
+        # A target the running sum misses only by summation-order rounding (keep_mass within an ulp of 1): the
+        # shortest prefix reaching the largest sum, so pairs too small to change it in fp64 stay out, as bisection
+        # (which sums by row) leaves them.
+        take = min(int(np.searchsorted(cums, min(target, float(cums[-1])))) + 1, n)
         return np.bincount(rows[order[:take]], minlength=extra.size)
 
     def mass(self, counts: np.ndarray) -> float:
