@@ -31,7 +31,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -305,6 +305,18 @@ class Window:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+
+
+def pad_right(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows of any lengths as one right-padded batch: ``(input_ids, attention_mask)``, both
+    ``(len(rows), longest)`` int64, padding id 0 with mask 0."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
 
 
 def pack_documents(documents: Iterable[str], tokenizer, seq_len: int) -> Iterator[Window]:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .curvature import independent_counts, pairs_mask, select_mass, select_pairs
+from .data import pad_right
 from .errors import UserError
 from .spec import EditSpec, Method, _Choice
 
@@ -188,13 +189,7 @@ def task_batches(path: str | os.PathLike, tokenizer, batch_size: int = 32, max_r
         raise UserError(f"{path} holds no record of at least 2 tokens")
     batches = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(r) for r in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_right(rows[start : start + batch_size])
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
 

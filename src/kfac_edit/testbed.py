@@ -385,6 +385,8 @@ def exact_continuations(model, records: Sequence[dict], batch_size: int = 256) -
     """
     import torch
 
+    from .data import pad_right
+
     device = next(model.parameters()).device
     results: list[bool] = []
     was_training = model.training
@@ -393,12 +395,7 @@ def exact_continuations(model, records: Sequence[dict], batch_size: int = 256) -
         for i in range(0, len(records), batch_size):
             chunk = records[i : i + batch_size]
             seqs = [list(r["prefix_ids"]) + list(r["suffix_ids"]) for r in chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.zeros(len(seqs), width, dtype=torch.long)
-            mask = torch.zeros(len(seqs), width, dtype=torch.long)
-            for row, s in enumerate(seqs):
-                ids[row, : len(s)] = torch.tensor(s)
-                mask[row, : len(s)] = 1
+            ids, mask = pad_right(seqs)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             predicted = logits.argmax(-1).cpu()  # predicted[:, t] is the guess for ids[:, t + 1]
             for row, r in enumerate(chunk):
