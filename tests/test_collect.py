@@ -75,11 +75,9 @@ def capture(model, projections, batch):
     return logits, ins, outs
 
 
-def brute_force(model, batch, projections):
-    """A and G with gold labels by a Python loop: one backward per token loss, explicit outer products per row.
-
-    G's rows are gradients of the *summed* loss, built here as the sum of the single-token-loss gradients.
-    """
+def token_gradients(model, batch, projections):
+    """``(inputs, grads, positions)``: each projection's input and the gradient of the *summed* gold-label loss
+    w.r.t. its output, built by a Python loop as the sum of single-token-loss gradients (one backward per token)."""
     logits, ins, outs = capture(model, projections, batch)
     ids = batch["input_ids"]
     positions = valid_positions(batch["attention_mask"]).nonzero().tolist()
@@ -89,8 +87,14 @@ def brute_force(model, batch, projections):
         token_loss = F.cross_entropy(logits[b, t], ids[b, t + 1])
         for n, g in zip(names, torch.autograd.grad(token_loss, [outs[n] for n in names], retain_graph=True)):
             summed[n] += g
+    return ins, summed, positions
+
+
+def brute_force(model, batch, projections):
+    """A and G with gold labels by a Python loop (:func:`token_gradients`), explicit outer products per row."""
+    ins, summed, positions = token_gradients(model, batch, projections)
     result = {}
-    for n in names:
+    for n in summed:
         A = sum(torch.outer(ins[n][b, t].detach(), ins[n][b, t].detach()) for b, t in positions)
         G = sum(torch.outer(summed[n][b, t], summed[n][b, t]) for b, t in positions)
         result[n] = (A, G, len(positions))

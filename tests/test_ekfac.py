@@ -5,16 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_collect import capture, exact_model
+from test_collect import exact_model, token_gradients
 
 from kfac_edit.curvature import eigendecompose, pairs_mask, projected_mass, select_mass, select_pairs
 from kfac_edit.eigen import EigenCache
 from kfac_edit.errors import UserError
 from kfac_edit.factors.collect import collect_factors
-from kfac_edit.factors.collector import valid_positions
 from kfac_edit.factors.ekfac import Ekfac, collect_ekfac
 from kfac_edit.factors.store import Factors
 from kfac_edit.models import find_projections
@@ -36,17 +34,9 @@ def gold_batch(seed=1, shape=(3, 7)):
 def brute_force_ekfac(model, batch, factors):
     """Σ over valid tokens of (U_Gᵀ g aᵀ U_A)², one token-loss backward at a time, explicit outer products."""
     projections = [p for p in find_projections(model) if p.name in factors]
-    logits, ins, outs = capture(model, projections, batch)
-    ids = batch["input_ids"]
-    positions = valid_positions(batch["attention_mask"]).nonzero().tolist()
-    names = list(outs)
-    summed = {n: torch.zeros_like(outs[n]) for n in names}
-    for b, t in positions:
-        loss = F.cross_entropy(logits[b, t], ids[b, t + 1])
-        for n, g in zip(names, torch.autograd.grad(loss, [outs[n] for n in names], retain_graph=True)):
-            summed[n] += g
+    ins, summed, positions = token_gradients(model, batch, projections)
     result = {}
-    for n in names:
+    for n in summed:
         ug = eigendecompose(factors.grad_cov(n)).vectors
         ua = eigendecompose(factors.activation_cov(n)).vectors
         total = 0
