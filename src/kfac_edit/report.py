@@ -776,8 +776,8 @@ def _summary_lines(data: ReportData) -> list[str]:
                      f"{format_value('perplexity', base.perplexity)}; perplexity budget {data.ppl_budget:g} x base = "
                      f"{format_value('perplexity', base.perplexity * data.ppl_budget)}.")
     if chosen is not None:
-        lines.append(f"Chosen point (lowest {'selection ' if data.split else ''}strict memorization within the budget): "
-                     f"{chosen.label()}: {name} memorization {format_value(mem, chosen.metrics.get(mem))}, perplexity "
+        lines.append(f"Chosen point (lowest {'selection ' if data.split else ''}strict memorization within the "
+                     f"budget): {chosen.label()}: {name} memorization {format_value(mem, chosen.metrics.get(mem))}, perplexity "
                      f"{format_value('perplexity', chosen.perplexity)}.")
     elif data.points and base is not None:
         lines.append("No point is within the perplexity budget; raise --ppl-budget or widen the grid.")
