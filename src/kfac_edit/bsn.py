@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -74,11 +74,6 @@ class BsnConfig:
             raise UserError(f"--bsn-clean-seq-len {self.clean_seq_len} is too short; use at least 2")
         if self.max_clean_tokens is not None and self.max_clean_tokens < 2:
             raise UserError(f"--bsn-max-clean-tokens {self.max_clean_tokens} is too small; use at least 2")
-
-
-def config_help() -> dict[str, str]:
-    """Help text of each :class:`BsnConfig` field (the CLI's ``--bsn-*`` options)."""
-    return {f.name: f.metadata["help"] for f in fields(BsnConfig)}
 
 
 @dataclass
@@ -171,16 +166,6 @@ def mask_of(scores: torch.Tensor, keep: float) -> torch.Tensor:
     return _TopKMask.apply(scores.abs(), n_drop)
 
 
-def _batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[row, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def sequence_losses(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per sequence, the mean next-token cross-entropy over its real tokens: (B,) from logits (B, T, V)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -199,6 +184,7 @@ def learn_masks(model: nn.Module, targets: Sequence[tuple], data: BsnData, confi
     """
     from torch.func import functional_call
 
+    from .data import pad_right
     from .progress import progress_bar as tqdm
 
     config.validate()
@@ -207,18 +193,13 @@ def learn_masks(model: nn.Module, targets: Sequence[tuple], data: BsnData, confi
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(int(config.seed))
     weights, scores, keeps = {}, {}, {}
-    for proj, keep in targets:
-        w = proj.module.weight.detach()
-        fan_in = proj.shape[1]
-        bound = 1.0 / math.sqrt(fan_in)
-        s = (torch.rand(w.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+    for proj, keep in targets:  # scores uniform in ±1/sqrt(fan_in), fan_in = proj.shape[1] (W is (out, in))
+        weights[proj.name] = w = proj.module.weight.detach()
+        s = (torch.rand(w.shape, generator=gen, dtype=torch.float32) * 2 - 1) * (1.0 / math.sqrt(proj.shape[1]))
         scores[proj.name] = s.to(device).requires_grad_(True)
-        weights[proj.name] = w
         keeps[proj.name] = float(keep)
     optimizer = torch.optim.SGD(list(scores.values()), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
-    pad_id = 0 if pad_id is None else int(pad_id)
     examples = [(s, True) for s in data.forget] + [(s, False) for s in data.clean]
     n_steps = config.epochs * math.ceil(len(examples) / config.batch_size)
     alpha = config.loss_weight
@@ -233,7 +214,7 @@ def learn_masks(model: nn.Module, targets: Sequence[tuple], data: BsnData, confi
             order = torch.randperm(len(examples), generator=gen).tolist()
             for start in range(0, len(order), config.batch_size):
                 chunk = [examples[i] for i in order[start : start + config.batch_size]]
-                ids, mask = _batch([s for s, _ in chunk], pad_id, device)
+                ids, mask = (t.to(device) for t in pad_right([s for s, _ in chunk]))  # padding: masked out
                 is_forget = torch.tensor([f for _, f in chunk], device=device)
                 masked = {f"{name}.weight": weights[name] * mask_of(scores[name], keeps[name]).to(weights[name].dtype)
                           for name in scores}
