@@ -110,13 +110,20 @@ class SweepRecord:
     def id(self) -> str:
         return "base" if self.kind == "base" else self.config.id
 
+    def metric(self, name: str) -> float:
+        """``metrics[name]`` as a float; NaN when absent or not a number."""
+        try:
+            return float(self.metrics[name])
+        except (KeyError, TypeError, ValueError):
+            return math.nan
+
     @property
     def strict(self) -> float:
-        return _metric(self.metrics, "strict")
+        return self.metric("strict")
 
     @property
     def perplexity(self) -> float:
-        return _metric(self.metrics, "perplexity")
+        return self.metric("perplexity")
 
     def label(self) -> str:
         """Short human label: ``"b20-22 gate,up k=0.8"`` (``"base"`` for the unedited model)."""
@@ -144,14 +151,6 @@ class SweepRecord:
                    seconds=float(d.get("seconds", 0.0)), timestamp=str(d.get("timestamp", "")))
 
 
-def _metric(metrics: Mapping[str, Any], name: str) -> float:
-    """``metrics[name]`` as a float; NaN when absent or not a number."""
-    try:
-        return float(metrics[name])
-    except (KeyError, TypeError, ValueError):
-        return math.nan
-
-
 def read_results(path: str | os.PathLike) -> list[SweepRecord]:
     """Read ``results.jsonl`` (or a directory holding it); a torn last line is skipped; the last record of an id wins."""
     path = Path(path)
@@ -174,10 +173,8 @@ def read_results(path: str | os.PathLike) -> list[SweepRecord]:
     return list(by_id.values())
 
 
-def pareto_front(
-    points: Sequence[Any],
-    objectives: Callable[[Any], Sequence[float]] = lambda p: (p.strict, p.perplexity),
-) -> list[int]:
+def pareto_front(points: Sequence[Any],
+                 objectives: Callable[[Any], Sequence[float]] = lambda p: (p.strict, p.perplexity)) -> list[int]:
     """Indices of the points no other point dominates, all objectives minimized, sorted by the objectives.
 
     ``p`` dominates ``q`` when ``p`` is <= ``q`` in every objective and < in at least one. Points with equal
@@ -202,7 +199,7 @@ def base_record(records: Sequence[SweepRecord]) -> SweepRecord | None:
 def memorization_key(record: SweepRecord, metric: str = "strict") -> float:
     """What a choice minimizes: ``selection_strict`` when the sweep split its records, else ``strict`` (``metric``
     for another memorization metric, e.g. ``loose``)."""
-    return _metric(record.metrics, f"selection_{metric}" if f"selection_{metric}" in record.metrics else metric)
+    return record.metric(f"selection_{metric}" if f"selection_{metric}" in record.metrics else metric)
 
 
 def choose_within(points: Sequence[SweepRecord], cost: Callable[[SweepRecord], float],
@@ -238,9 +235,8 @@ PPL_INCREASES = (0.05, 0.10, 0.20, 0.30)  # matched-cost budgets: held-out perpl
 ACCURACY_DROPS = (0.01, 0.05, 0.10, 0.20)  # matched-cost budgets: capability accuracy at most 1 ... 20 points lower
 
 
-def match_by_cost(
-    records: Sequence[SweepRecord], cost: Callable[[SweepRecord], float], budgets: Sequence[float]
-) -> dict[str, dict[float, SweepRecord | None]]:
+def match_by_cost(records: Sequence[SweepRecord], cost: Callable[[SweepRecord], float],
+                  budgets: Sequence[float]) -> dict[str, dict[float, SweepRecord | None]]:
     """For each method, for each budget: the point :func:`choose_within` picks among the method's points whose
     ``cost`` is at most the budget (``None`` when none is). Methods compared at one budget paid at most the same cost.
 
@@ -258,4 +254,4 @@ def perplexity_increase(base: SweepRecord) -> Callable[[SweepRecord], float]:
 
 def accuracy_drop(base: SweepRecord, metric: str) -> Callable[[SweepRecord], float]:
     """Cost: how much lower ``metric`` (a capability accuracy, e.g. ``rule_heldout_accuracy``) is than on ``base``."""
-    return lambda r: _metric(base.metrics, metric) - _metric(r.metrics, metric)
+    return lambda r: base.metric(metric) - r.metric(metric)

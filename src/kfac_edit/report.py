@@ -2,8 +2,9 @@
 
 Inputs, all in one directory ``DIR`` (each optional, but ``results.jsonl`` or ``before_after.json`` must exist):
 
-* ``results.jsonl`` -- sweep records, schema in :mod:`kfac_edit.pareto` (several methods, held-out split metrics
-  ``selection_*``/``heldout_*``, capability metrics ``*_accuracy``).
+* ``results.jsonl`` -- sweep records (schema: :mod:`kfac_edit.pareto`); ``sweep.json`` -- the sweep's settings
+  (``ppl_budget`` chooses the best point, ``grid`` and ``split`` go into the provenance header);
+  ``provenance.json`` -- model, factors, memorized sets, times and versions (:func:`provenance`).
 * ``before_after.json`` -- ``{"before": {"label": str, "metrics": {...}}, "after": {"label": str, "metrics": {...}}}``;
   when absent it is derived from the base record and the chosen point of ``results.jsonl``.
 * ``records.jsonl`` -- what the model says after the edit, one line per memorized record (:func:`write_records`)::
@@ -16,7 +17,7 @@ Inputs, all in one directory ``DIR`` (each optional, but ``results.jsonl`` or ``
 
   ``similarity`` is ``1 - levenshtein / len(suffix)`` over tokens; ``text`` holds the decoded prefix and each
   continuation decoded token by token (so that matching tokens can be marked).
-* ``spectra.json`` -- eigenvalue spectra of edited modules (written by :func:`write_spectra`)::
+* ``spectra.json`` -- eigenvalue spectra of edited modules (:func:`write_spectra`)::
 
       {"modules": {"model.layers.20.mlp.up_proj": {
           "keep_mass": 0.8,
@@ -24,16 +25,10 @@ Inputs, all in one directory ``DIR`` (each optional, but ``results.jsonl`` or ``
           "grad_used": 10, "act_used": 12,             # eigenvectors that appear in at least one kept pair
           "mass_fraction": 0.801}}}                    # kept share of (sum lambda_G)(sum mu_A)
 
-* ``provenance.json`` -- model, factors, memorized sets, times and versions (:func:`provenance`).
-* ``sweep.json`` -- the sweep's configuration: ``ppl_budget`` chooses the best point, ``grid`` and ``split`` go
-  into the provenance header.
-
-Outputs: ``DIR/report.html`` (self-contained: plots embedded as base64 PNG, opens offline), ``DIR/report.md`` and the
-PNG plots it links in ``DIR/plots/``: ``tradeoff.png`` (memorization vs perplexity ratio, one colour and marker per
-method, each method's Pareto front; all points on a log axis beside a zoom on the budget region), ``keep_mass.png``
-(memorization, perplexity ratio and every capability metric against keep_mass, per method), ``spectra.png`` (when
-spectra exist). Every figure element of the page carries ``data-legend``: its legend entries, ``|``-separated. Both
-files render one sequence of sections (:func:`_render`) through a formatter each (:class:`_Html`, :class:`_Markdown`).
+Outputs: ``DIR/report.html`` (self-contained: plots embedded as base64 PNG, opens offline) and ``DIR/report.md``, one
+sequence of sections (:func:`_render`) through two formatters (:class:`_Html`, :class:`_Markdown`), and the plots
+(:func:`plot_tradeoff`, :func:`plot_costs`, :func:`plot_spectra`) as ``DIR/plots/{tradeoff,keep_mass,spectra}.png``.
+Every figure element of the page carries ``data-legend``: its legend entries, ``|``-separated.
 
 Number formats: rates (``strict``, ``loose``, ``*_strict``, ``*_loose``, ``*_accuracy``) as percentages, their
 changes in percentage points; everything else (perplexity, losses, nDCG) to 3 significant digits, changes with the
@@ -70,16 +65,9 @@ PREFIX_CHARS = 60  # the per-record table shows the end of each prefix, this man
 FIGURE_WIDTH = 12.5  # inches at 100 dpi: 1250 px, drawn at their own size in a 1280 px window
 
 # (metric key, column title) in the order tables show them; formats follow format_value
-_COLUMNS = (
-    ("selection_strict", "selection strict"),
-    ("heldout_strict", "held-out strict"),
-    ("strict", "strict (all)"),
-    ("loose", "loose (all)"),
-    ("heldout_loose", "held-out loose"),
-    ("avg_levenshtein_norm", "avg Lev./L"),
-    ("perplexity", "perplexity"),
-    ("ndcg", "nDCG"),
-)
+_COLUMNS = (("selection_strict", "selection strict"), ("heldout_strict", "held-out strict"), ("strict", "strict (all)"),
+            ("loose", "loose (all)"), ("heldout_loose", "held-out loose"), ("avg_levenshtein_norm", "avg Lev./L"),
+            ("perplexity", "perplexity"), ("ndcg", "nDCG"))
 
 # one colour and marker per method; later methods take the next free pair
 _METHOD_STYLES = {"kfac": ("tab:blue", "o"), "kfac-independent": ("tab:green", "s"), "svd": ("tab:red", "^"),
@@ -168,14 +156,9 @@ def _decode_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
     return pieces
 
 
-def write_records(
-    path: str | os.PathLike,
-    before: Mapping[str, Sequence[Mapping[str, Any]]] | None,
-    after: Mapping[str, Sequence[Mapping[str, Any]]],
-    tokenizer=None,
-    parts: Mapping[str, str] | None = None,
-    point: str = "",
-) -> int:
+def write_records(path: str | os.PathLike, before: Mapping[str, Sequence[Mapping[str, Any]]] | None,
+                  after: Mapping[str, Sequence[Mapping[str, Any]]], tokenizer=None,
+                  parts: Mapping[str, str] | None = None, point: str = "") -> int:
     """Write ``records.jsonl`` (layout in the module docstring) from per-set outputs of the base model (``before``,
     may be empty) and of the edited one (``after``), as :func:`kfac_edit.evaluate.suite.memorized_outputs` returns
     them; ``parts`` maps set names to ``selection``/``heldout``. Returns the number of records written."""
@@ -208,15 +191,9 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
-def provenance(
-    model,
-    model_name: str | None = None,
-    factors_manifest: Mapping[str, Any] | None = None,
-    memorized: Sequence[str] = (),
-    started: float | None = None,
-    weights_digest: str | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
+def provenance(model, model_name: str | None = None, factors_manifest: Mapping[str, Any] | None = None,
+               memorized: Sequence[str] = (), started: float | None = None, weights_digest: str | None = None,
+               **extra: Any) -> dict[str, Any]:
     """What a report came from: the model (name, fingerprint, dtype, parameters), the factors (data, tokens, labels,
     seed, from their manifest), the memorized files, start and finish times (``started``: a ``time.time()``), the
     package versions, and ``extra`` (e.g. ``split``, ``methods``, ``layers``) as given."""
@@ -231,14 +208,11 @@ def provenance(
     manifest = factors_manifest or {}
     now = time.time()
     return {
-        "model": {
-            "name": model_name or getattr(config, "_name_or_path", None),
-            "model_type": getattr(config, "model_type", type(model).__name__),
-            "fingerprint": model_fingerprint(model),
-            "weights_digest": weights_digest,
-            "dtype": str(params[0].dtype).replace("torch.", "") if params else None,
-            "parameters": sum(p.numel() for p in params),
-        },
+        "model": {"name": model_name or getattr(config, "_name_or_path", None),
+                  "model_type": getattr(config, "model_type", type(model).__name__),
+                  "fingerprint": model_fingerprint(model), "weights_digest": weights_digest,
+                  "dtype": str(params[0].dtype).replace("torch.", "") if params else None,
+                  "parameters": sum(p.numel() for p in params)},
         "factors": {k: manifest[k] for k in ("directory", "data", "tokens", "labels", "seed", "seq_len", "model",
                                              "created", "run_id") if manifest.get(k) is not None} if manifest else None,
         "memorized": list(memorized),
@@ -396,11 +370,6 @@ def _finish(fig, legend: dict[str, Any], caption: str, data: ReportData | None =
     return Plot(buf.getvalue(), list(legend), caption)
 
 
-def _value(r: SweepRecord, key: str) -> float:
-    v = r.metrics.get(key)
-    return float(v) if _is_number(v) else math.nan
-
-
 def _budget_label(data: ReportData) -> str:
     return f"budget: {data.ppl_budget:g} x base perplexity"
 
@@ -443,34 +412,34 @@ def plot_tradeoff(data: ReportData) -> Plot:
     base, chosen, methods, series = data.base, data.chosen, data.methods, data.memorization
     has_base = base is not None and math.isfinite(base.perplexity)
     plotted = [p for p in data.points if math.isfinite(p.perplexity)
-               and any(math.isfinite(_value(p, key)) for key, _, _ in series)]
+               and any(math.isfinite(p.metric(key)) for key, _, _ in series)]
     ratios = [data.ratio(p) for p in plotted]
     legend: dict[str, Any] = {}
     for ax in axes:
         for method in methods:
             color, marker = method_style(method, methods)
             for key, _, filled in series:
-                shown = [p for p in plotted if p.config.method == method and math.isfinite(_value(p, key))]
+                shown = [p for p in plotted if p.config.method == method and math.isfinite(p.metric(key))]
                 if not shown:
                     continue
-                h = ax.scatter([data.ratio(p) for p in shown], [_value(p, key) for p in shown], marker=marker, s=34,
+                h = ax.scatter([data.ratio(p) for p in shown], [p.metric(key) for p in shown], marker=marker, s=34,
                                alpha=0.8, zorder=3, facecolors=color if filled else "none", edgecolors=color,
                                linewidths=1.2)
                 if filled:
                     legend.setdefault(method, h)
-                front = [shown[i] for i in pareto_front(shown, lambda p, k=key: (_value(p, k), p.perplexity))]
-                ax.step([data.ratio(p) for p in front], [_value(p, key) for p in front], where="post",
+                front = [shown[i] for i in pareto_front(shown, lambda p, k=key: (p.metric(k), p.perplexity))]
+                ax.step([data.ratio(p) for p in front], [p.metric(key) for p in front], where="post",
                         color=color, lw=1.6 if filled else 1.0, ls="-" if filled else ":", zorder=2)
         if has_base:
             for key, _, filled in series:
-                if math.isfinite(_value(base, key)):
-                    h = ax.scatter([1.0], [_value(base, key)], marker="s", s=80, zorder=5, edgecolors="black",
+                if math.isfinite(base.metric(key)):
+                    h = ax.scatter([1.0], [base.metric(key)], marker="s", s=80, zorder=5, edgecolors="black",
                                    facecolors="black" if filled else "none", linewidths=1.5)
                     if filled:
                         legend.setdefault("base model", h)
             legend.setdefault(_budget_label(data), ax.axvline(data.ppl_budget, color="gray", ls="--", lw=1.2))
         if chosen is not None:
-            h = ax.scatter([data.ratio(chosen)], [_value(chosen, series[0][0])], marker="*", s=320, zorder=6,
+            h = ax.scatter([data.ratio(chosen)], [chosen.metric(series[0][0])], marker="*", s=320, zorder=6,
                            color="gold", edgecolors="black")
             legend.setdefault(f"chosen: {chosen.label()}", h)
         ax.set_ylabel(f"{series[0][1]} memorization (lower is better)")
@@ -530,11 +499,11 @@ def plot_costs(data: ReportData) -> Plot:
             color, marker = method_style(method, methods)
             for metric, filled in drawn:
                 ax.plot([1 - r.config.keep_mass for r in recs],
-                        [data.ratio(r) if metric == "perplexity" else _value(r, metric) for r in recs],
+                        [data.ratio(r) if metric == "perplexity" else r.metric(metric) for r in recs],
                         color=color, marker=marker, ms=4 if strong else 2.5, lw=1.5 if strong else 0.7,
                         alpha=1.0 if strong else 0.45, ls="-" if filled else ":", mfc=color if filled else "none")
         if base is not None:
-            level = 1.0 if key == "perplexity" else _value(base, drawn[0][0])
+            level = 1.0 if key == "perplexity" else base.metric(drawn[0][0])
             if math.isfinite(level):
                 legend.setdefault("base model", ax.axhline(level, color="black", lw=1, ls="--"))
             if key == "perplexity":
@@ -769,16 +738,19 @@ def provenance_rows(data: ReportData) -> list[tuple[str, str]]:
 def _summary_lines(data: ReportData) -> list[str]:
     base, chosen = data.base, data.chosen
     mem, name, _ = data.memorization[0]
+
+    def measured(r: SweepRecord) -> str:
+        return (f"{name} memorization {format_value(mem, r.metrics.get(mem))}, perplexity "
+                f"{format_value('perplexity', r.perplexity)}")
+
     lines = [f"{len(data.points)} sweep points evaluated ({', '.join(data.methods) or 'no method'})."
              ] if data.records else []
     if base is not None:
-        lines.append(f"Base model: {name} memorization {format_value(mem, base.metrics.get(mem))}, perplexity "
-                     f"{format_value('perplexity', base.perplexity)}; perplexity budget {data.ppl_budget:g} x base = "
+        lines.append(f"Base model: {measured(base)}; perplexity budget {data.ppl_budget:g} x base = "
                      f"{format_value('perplexity', base.perplexity * data.ppl_budget)}.")
     if chosen is not None:
         lines.append(f"Chosen point (lowest {'selection ' if data.split else ''}strict memorization within the "
-                     f"budget): {chosen.label()}: {name} memorization {format_value(mem, chosen.metrics.get(mem))}, perplexity "
-                     f"{format_value('perplexity', chosen.perplexity)}.")
+                     f"budget): {chosen.label()}: {measured(chosen)}.")
     elif data.points and base is not None:
         lines.append("No point is within the perplexity budget; raise --ppl-budget or widen the grid.")
     elif data.points:

@@ -177,9 +177,8 @@ def point_spec(point: PointConfig, seed: int = 0) -> EditSpec:
     return EditSpec({(b, k): point.keep_mass for b in point.blocks for k in point.projections}, point.method, seed)
 
 
-def point_metrics(
-    eval_record: dict[str, Any], parts: dict[str, str] | None = None, capability: dict[str, str] | None = None
-) -> dict[str, float]:
+def point_metrics(eval_record: dict[str, Any], parts: dict[str, str] | None = None,
+                  capability: dict[str, str] | None = None) -> dict[str, float]:
     """A sweep record's metrics: the headline metrics of :func:`~kfac_edit.evaluate.suite.headline_metrics`
     (``strict``, ``loose``, ``avg_levenshtein_norm`` pooled over the memorized sets, ``perplexity``, ``ndcg``,
     ``quotes_*`` ...), then every other scalar of the evaluation under its dotted name.
@@ -317,17 +316,9 @@ def _apply(model, point: PointConfig, factors, cache: EigenCache, seed: int, met
                       **(method_inputs or {}).get(spec.method, {}))
 
 
-def run_sweep(
-    model: torch.nn.Module,
-    tokenizer,
-    factors,
-    config: SweepConfig,
-    eval_config,
-    out_dir: str | os.PathLike,
-    cache: EigenCache | None = None,
-    write_report: bool = True,
-    outputs_for=None,
-) -> SweepOutcome:
+def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, eval_config,
+              out_dir: str | os.PathLike, cache: EigenCache | None = None, write_report: bool = True,
+              outputs_for=None) -> SweepOutcome:
     """Run (or resume) the sweep of ``config`` on ``model``, evaluating each point as ``eval_config`` says.
 
     ``model`` is edited in place point by point and restored after each; on return it holds its original weights.
