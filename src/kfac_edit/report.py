@@ -852,7 +852,7 @@ class _Html:
 
     def table(self, header: Sequence[str], rows: Sequence[Sequence[str]], highlight: Sequence[bool] = ()) -> str:
         out = ["<table>", "<tr>" + "".join(f"<th>{self.esc(h)}</th>" for h in header) + "</tr>"]
-        for row, chosen in zip(rows, [*highlight, *[False] * (len(rows) - len(highlight))]):
+        for row, chosen in zip(rows, highlight or [False] * len(rows)):
             cells = "".join(f"<td>{self.esc(c)}</td>" for c in row)
             out.append(f'<tr class="chosen">{cells}</tr>' if chosen else f"<tr>{cells}</tr>")
         return "\n".join(out + ["</table>"])
@@ -924,9 +924,8 @@ class _Markdown:
         return "\n".join(f"- **{k}**: {v}" for k, v in rows)
 
     def table(self, header: Sequence[str], rows: Sequence[Sequence[str]], highlight: Sequence[bool] = ()) -> str:
-        bold = [*highlight, *[False] * (len(rows) - len(highlight))]
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        for row, b in zip(rows, bold):
+        for row, b in zip(rows, highlight or [False] * len(rows)):
             cells = [c.replace("|", "\\|") for c in row]
             lines.append("| " + " | ".join(f"**{c}**" if b else c for c in cells) + " |")
         return "\n".join(lines)

@@ -17,15 +17,13 @@ Files in the output directory ``DIR``:
 
 * ``results.jsonl``: one record per point as it finishes, plus one ``base`` record for the unedited model (schema in
   :mod:`kfac_edit.pareto`). A rerun skips points already there (resume); a torn last line is repaired.
-* ``sweep.json``: the settings that make results comparable (model, weights digest, factor content digest,
-  methods, split, evaluation options); a rerun with other settings is refused. Also the grid, the perplexity budget
-  and the split (sizes, fraction, seed).
-* ``split/selection.jsonl``, ``split/heldout.jsonl``: the two parts of the memorized records, as read.
+* ``sweep.json``: the identity that makes results comparable (:func:`_identity`; a rerun with another is refused),
+  the grid, the perplexity budget and the split (sizes, fraction, seed); ``split/{selection,heldout}.jsonl``: the
+  two parts of the memorized records, as read.
 * ``best.json``: the point with the lowest strict memorization on the selection part whose perplexity is within
-  ``ppl_budget`` x the base perplexity, in the layers-json format ``kfac-edit edit --layers-file DIR/best.json``
-  applies (the split lives in ``sweep.json``, not here).
-* ``spectra.json``: eigenvalues of G and A of the chosen point's modules; ``records.jsonl``, ``provenance.json``,
-  ``report.html``, ``report.md``, ``plots/*.png``: the report (:mod:`kfac_edit.report`).
+  ``ppl_budget`` x the base perplexity, as ``kfac-edit edit --layers-file DIR/best.json`` applies it.
+* ``spectra.json``, ``records.jsonl``, ``provenance.json``, ``report.html``, ``report.md``, ``plots/*.png``: the
+  report of the chosen point (:mod:`kfac_edit.report`).
 """
 
 from __future__ import annotations
