@@ -3,25 +3,19 @@ Memorization in Language Models" (ICLR 2025), written for any model :mod:`kfac_e
 
 The method, as that paper describes it:
 
-* every chosen weight ``W`` (a projection of :func:`~kfac_edit.models.find_projections`; any layout) gets a real
-  score ``s`` of the same shape, drawn uniform in ``±1/sqrt(fan_in)`` (PyTorch's Kaiming-uniform with ``a = √5``);
-  ``W`` itself is frozen;
-* the mask ``M`` zeroes the ``ratio`` share of the entries with the smallest ``|s|`` and keeps the rest; the
-  forward pass uses ``W ⊙ M``; the gradient reaches ``s`` straight through the top-k (``∂M/∂|s| := 1``);
-* the scores are learned by SGD with momentum on the balanced loss
-  ``−(1 − α)·L_forget + α·L_clean``, where ``L`` is the mean next-token cross-entropy of each sequence averaged
-  over the sequences of a batch, the forget sequences are the memorized records to remove (prefix + suffix) and the
-  clean ones are ordinary text; a batch draws from both sets, shuffled together (one epoch = one pass over both);
+* every chosen weight ``W`` (a projection of :func:`~kfac_edit.models.find_projections`; any layout) is frozen and
+  gets a score ``s`` of its shape, uniform in ``±1/sqrt(fan_in)`` (PyTorch's Kaiming-uniform with ``a = √5``);
+* the mask ``M`` zeroes the ``ratio`` share of the entries with the smallest ``|s|``; the forward pass uses
+  ``W ⊙ M``; the gradient reaches ``s`` straight through the top-k (``∂M/∂|s| := 1``);
+* the scores are learned by SGD with momentum on ``−(1 − α)·L_forget + α·L_clean``, ``L`` the mean next-token
+  cross-entropy of each sequence averaged over a batch's sequences; forget sequences are the memorized records to
+  remove (prefix + suffix), clean ones ordinary text, shuffled together (one epoch = one pass over both);
 * the final edit is ``W' = W ⊙ M`` (the pruned entries are exactly zero).
 
-In kfac-edit the per-projection value of the layers JSON (``keep_mass`` in :class:`~kfac_edit.spec.EditSpec`) is,
-for ``bsn``, the share of the projection's entries kept: ``ratio = 1 − keep_mass``. So a sweep grids over BSN's
-main knob exactly like over keep_mass (``--keep-mass bsn=0.9,0.95,0.99``); the paper's smallest ratios
-(< 1e-4) are ``keep_mass >= 0.9999``, which edits nothing here.
-
-Defaults of :class:`BsnConfig` are the reference implementation's (``do_random_greedy`` of
-msakarvadia/memorization: 5 epochs, SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch size 64, loss weight
-α = 0.05).
+For ``bsn`` the per-projection value of the layers JSON (``keep_mass``) is the share of entries kept:
+``ratio = 1 − keep_mass``, so a sweep grids over it like over keep_mass (``--keep-mass bsn=0.9,0.95,0.99``); the
+paper's ratios below 1e-4 are ``keep_mass >= 0.9999``, which edits nothing here. :class:`BsnConfig` defaults are the
+reference implementation's (``do_random_greedy`` of msakarvadia/memorization).
 """
 
 from __future__ import annotations
@@ -49,12 +43,10 @@ class BsnConfig:
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay of the scores"})
     batch_size: int = field(default=64, metadata={"help": "sequences per step (forget and clean shuffled together)"})
     loss_weight: float = field(
-        default=0.05, metadata={"help": "α of the loss −(1−α)·L_forget + α·L_clean (weight of the clean loss)"}
-    )
+        default=0.05, metadata={"help": "α of the loss −(1−α)·L_forget + α·L_clean (weight of the clean loss)"})
     clean_seq_len: int = field(default=128, metadata={"help": "tokens per window of the clean text"})
     max_clean_tokens: int | None = field(
-        default=None, metadata={"help": "read at most this many tokens of clean text (default: all of it)"}
-    )
+        default=None, metadata={"help": "read at most this many tokens of clean text (default: all of it)"})
     seed: int = field(default=0, metadata={"help": "seed of the score initialization and the batch order"})
 
     def validate(self) -> None:
@@ -113,10 +105,8 @@ def check_disjoint(forget: Iterable, heldout: Iterable, where: str = "--forget")
     held = {record_key(r) for r in heldout}
     overlap = sum(1 for r in forget if record_key(r) in held)
     if overlap:
-        raise UserError(
-            f"{where} shares {overlap} record(s) with the held-out records; BSN may only see the selection part: "
-            "drop them from the forget set"
-        )
+        raise UserError(f"{where} shares {overlap} record(s) with the held-out records; BSN may only see the selection "
+                        "part: drop them from the forget set")
 
 
 def load_bsn_data(forget: str | Sequence, clean: str | Iterable[str], tokenizer, config: BsnConfig,
@@ -130,8 +120,7 @@ def load_bsn_data(forget: str | Sequence, clean: str | Iterable[str], tokenizer,
         records = load_records(forget, tokenizer=tokenizer, vocab_size=vocab_size)
     else:
         records = list(forget)
-    keys = [record_key(r) for r in records]
-    forget_ids = [list(p) + list(s) for p, s in keys]
+    forget_ids = [list(p) + list(s) for p, s in map(record_key, records)]
     clean_ids: list[list[int]] = []
     for batch in token_batches(clean, tokenizer, config.clean_seq_len, 256, max_tokens=config.max_clean_tokens):
         for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
@@ -193,9 +182,10 @@ def learn_masks(model: nn.Module, targets: Sequence[tuple], data: BsnData, confi
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(int(config.seed))
     weights, scores, keeps = {}, {}, {}
-    for proj, keep in targets:  # scores uniform in ±1/sqrt(fan_in), fan_in = proj.shape[1] (W is (out, in))
-        weights[proj.name] = w = proj.module.weight.detach()
-        s = (torch.rand(w.shape, generator=gen, dtype=torch.float32) * 2 - 1) * (1.0 / math.sqrt(proj.shape[1]))
+    for proj, keep in targets:
+        w = weights[proj.name] = proj.module.weight.detach()
+        bound = 1.0 / math.sqrt(proj.shape[1])  # fan_in: W is (out, in)
+        s = (torch.rand(w.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
         scores[proj.name] = s.to(device).requires_grad_(True)
         keeps[proj.name] = float(keep)
     optimizer = torch.optim.SGD(list(scores.values()), lr=config.lr, momentum=config.momentum,

@@ -175,13 +175,9 @@ def read_results(path: str | os.PathLike) -> list[SweepRecord]:
 
 def pareto_front(points: Sequence[Any],
                  objectives: Callable[[Any], Sequence[float]] = lambda p: (p.strict, p.perplexity)) -> list[int]:
-    """Indices of the points no other point dominates, all objectives minimized, sorted by the objectives.
-
-    ``p`` dominates ``q`` when ``p`` is <= ``q`` in every objective and < in at least one. Points with equal
-    objectives do not dominate each other: duplicates on the front are all returned. Points with a NaN objective are
-    never on the front (and dominate nothing). By default the objectives are ``(strict, perplexity)`` of a
-    :class:`SweepRecord`; pass ``objectives`` for plain tuples, e.g. ``objectives=lambda p: p``.
-    """
+    """Indices of the points no other point dominates (all ``objectives`` minimized; default ``(strict, perplexity)``
+    of a :class:`SweepRecord`, ``lambda p: p`` for tuples), sorted by the objectives. ``p`` dominates ``q`` when it is
+    <= in every objective and < in one: equal points are all on the front; a point with a NaN objective never is."""
     values = [tuple(float(v) for v in objectives(p)) for p in points]
     front: list[int] = []
     # in the objectives' order a point can only be dominated by an earlier point (or an equal one)
@@ -204,12 +200,10 @@ def memorization_key(record: SweepRecord, metric: str = "strict") -> float:
 
 def choose_within(points: Sequence[SweepRecord], cost: Callable[[SweepRecord], float],
                   limit: float) -> SweepRecord | None:
-    """The point with the lowest :func:`memorization_key` among those whose ``cost(point) <= limit``.
-
-    Ties go to the lower perplexity, then the lower loose memorization (of the selection part when split), then the
-    smaller edit (fewer blocks, fewer projections, higher keep_mass). Base records and points with a NaN memorization,
-    perplexity or cost are ignored. ``None`` when no point is within the limit.
-    """
+    """The point with the lowest :func:`memorization_key` among those with ``cost(point) <= limit`` (``None`` if none);
+    ties go to the lower perplexity, the lower loose memorization (selection part when split), then the smaller edit
+    (fewer blocks, fewer projections, higher keep_mass). Base records and NaN memorization, perplexity or cost are
+    ignored."""
     ok = [p for p in points if p.kind == "point" and not math.isnan(memorization_key(p))
           and not math.isnan(p.perplexity) and not math.isnan(cost(p)) and cost(p) <= limit]
     if not ok:
@@ -237,11 +231,9 @@ ACCURACY_DROPS = (0.01, 0.05, 0.10, 0.20)  # matched-cost budgets: capability ac
 
 def match_by_cost(records: Sequence[SweepRecord], cost: Callable[[SweepRecord], float],
                   budgets: Sequence[float]) -> dict[str, dict[float, SweepRecord | None]]:
-    """For each method, for each budget: the point :func:`choose_within` picks among the method's points whose
-    ``cost`` is at most the budget (``None`` when none is). Methods compared at one budget paid at most the same cost.
-
-    Costs: :func:`perplexity_increase` (``PPL_INCREASES``) and :func:`accuracy_drop` (``ACCURACY_DROPS``).
-    """
+    """Per method, per budget: the point :func:`choose_within` picks among the method's points whose ``cost`` is at
+    most the budget, so that methods compared at one budget paid at most the same cost. Costs:
+    :func:`perplexity_increase` (budgets ``PPL_INCREASES``), :func:`accuracy_drop` (``ACCURACY_DROPS``)."""
     methods = sorted({r.config.method for r in records if r.kind == "point"})
     return {m: {b: choose_within([r for r in records if r.config.method == m], cost, b) for b in budgets}
             for m in methods}

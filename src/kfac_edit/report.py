@@ -650,11 +650,16 @@ def _record_header(has_base: bool) -> list[str]:
             + ["edited continuation", "match length" + both, "similarity" + both])
 
 
-def _match_cells(r: Mapping[str, Any]) -> list[str]:
-    """Match length and similarity of the edited continuation (base → edited when the record has a base side)."""
+def _record_cells(r: Mapping[str, Any], k: int, has_base: bool, text, continuation) -> list[tuple[str, str]]:
+    """(class, cell) of one record's row under :func:`_record_header`: ``text(str)`` renders plain text,
+    ``continuation(r, side)`` a continuation; match length and similarity base → edited when there is a base."""
     sides = [r[s] for s in ("base", "edited") if s in r]
-    return [" → ".join(str(s["match_len"]) for s in sides) + f" / {len(r['suffix_ids'])}",
-            " → ".join(f"{100 * s['similarity']:.0f}%" for s in sides)]
+    return ([("n", str(r.get("index", k))), ("set", text(str(r.get("part") or r.get("set", "")))),
+             ("prefix", text(_short_prefix(r))), ("text", text("".join(_pieces(r, "suffix"))))]
+            + [("text", continuation(r, side) if side in r else "-")
+               for side in (("base", "edited") if has_base else ("edited",))]
+            + [("n", " → ".join(str(s["match_len"]) for s in sides) + f" / {len(r['suffix_ids'])}"),
+               ("n", " → ".join(f"{100 * s['similarity']:.0f}%" for s in sides))])
 
 
 def _records_intro(outputs: Sequence[Mapping[str, Any]], groups: Mapping[str, list], has_base: bool) -> str:
@@ -894,11 +899,7 @@ class _Html:
         for status, recs in groups.items():
             parts += [self.heading(3, f"{status} ({len(recs)})"), '<table class="records">', header]
             for k, r in enumerate(recs):
-                cells = [("n", str(r.get("index", k))), ("set", self.esc(str(r.get("part") or r.get("set", "")))),
-                         ("prefix", self.esc(_short_prefix(r))), ("text", self.esc("".join(_pieces(r, "suffix"))))]
-                cells += [("text", self._continuation(r, side) if side in r else "-")
-                          for side in (("base", "edited") if has_base else ("edited",))]
-                cells += [("n", text) for text in _match_cells(r)]
+                cells = _record_cells(r, k, has_base, self.esc, self._continuation)
                 parts.append(f'<tr class="{"rec" if k < SAMPLE_ROWS else "rec more"}" data-status="{status}">'
                              + "".join(f'<td class="{c}">{v}</td>' for c, v in cells) + "</tr>")
             parts.append("</table>")
@@ -942,10 +943,8 @@ class _Markdown:
         parts = [self.heading(2, "What the edited model says: memorized records"),
                  _records_intro(outputs, groups, has_base) + f" All are in {RECORDS_FILE} and on the HTML page."]
         for status, recs in groups.items():
-            rows = [[str(r.get("index", k)), str(r.get("part") or r.get("set", "")), _short_prefix(r),
-                     "".join(_pieces(r, "suffix")).strip()]
-                    + ["".join(_pieces(r, side)).strip() if side in r else "-"
-                       for side in (("base", "edited") if has_base else ("edited",))] + _match_cells(r)
+            rows = [[cell for _, cell in _record_cells(r, k, has_base, str.strip,
+                                                       lambda r, side: "".join(_pieces(r, side)).strip())]
                     for k, r in enumerate(recs[:SAMPLE_ROWS])]
             parts += [self.heading(3, f"{status} ({len(recs)})"), self.table(_record_header(has_base), rows)]
         return "\n\n".join(parts)

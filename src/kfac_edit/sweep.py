@@ -1,11 +1,10 @@
 """``kfac-edit sweep``: which blocks, which projections, which keep_mass? A grid search with a resumable log.
 
-The grid: for each method (``methods``, each with its own keep_mass grid), every single block of ``blocks`` and
-every run of up to ``max_combo`` adjacent blocks (or the explicit ``groups``), times each projection set, times each
-keep_mass. For each point the model is edited in place (:func:`~kfac_edit.edit.apply_edit`
-with a shared :class:`~kfac_edit.eigen.EigenCache`, so each factor is eigendecomposed once for the whole sweep),
-evaluated (:func:`~kfac_edit.evaluate.suite.evaluate`: memorization strict/loose, perplexity, optionally quotes and
-nDCG against the unedited model) and restored bit for bit.
+The grid (:func:`sweep_points`): for each method, every single block of ``blocks`` and every run of up to
+``max_combo`` adjacent blocks (or the explicit ``groups``), times each projection set, times each keep_mass of the
+method. For each point the model is edited in place (:func:`~kfac_edit.edit.apply_edit` with a shared
+:class:`~kfac_edit.eigen.EigenCache`: each factor is eigendecomposed once per sweep), evaluated
+(:func:`~kfac_edit.evaluate.suite.evaluate`) and restored bit for bit.
 
 Held-out selection: the memorized records are split (:func:`split_records`, ``holdout_fraction``, by a hash of each
 record's content and the seed) into a selection part, on which the best point is chosen, and a held-out part that
@@ -147,13 +146,9 @@ def sweep_points(config: SweepConfig, blocks: Sequence[int]) -> list[PointConfig
 
 def split_records(records: Sequence[Any], holdout_fraction: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
     """Split ``records`` (JSON-able, e.g. the lines of memorized-set files) into (selection, held-out), each in the
-    order given.
-
-    Each record is ranked by a hash of its content and ``seed`` (SHA-256 of ``seed`` and its canonical JSON); the
-    ``round(holdout_fraction * n)`` first of that ranking are held out. So the split depends on neither the order of
-    the records nor their position: a rerun, a shuffled file, or the same records in another file give the same
-    parts. Raises :class:`UserError` when the fraction is outside (0, 1) or leaves either part empty.
-    """
+    order given: the ``round(holdout_fraction * n)`` records first by SHA-256 of ``seed`` and their canonical JSON
+    are held out, so a rerun, a shuffled file or the same records in another file give the same parts.
+    :class:`UserError` when the fraction is outside (0, 1) or leaves either part empty."""
     n = len(records)
     if not 0 < holdout_fraction < 1:
         raise UserError(f"--holdout-fraction {holdout_fraction} is outside (0, 1); e.g. 0.5")
@@ -317,14 +312,11 @@ def _apply(model, point: PointConfig, factors, cache: EigenCache, seed: int, met
 def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, eval_config,
               out_dir: str | os.PathLike, cache: EigenCache | None = None, write_report: bool = True,
               outputs_for=None) -> SweepOutcome:
-    """Run (or resume) the sweep of ``config`` on ``model``, evaluating each point as ``eval_config`` says.
-
-    ``model`` is edited in place point by point and restored after each; on return it holds its original weights.
-    ``factors`` may be ``None`` only for the ``svd`` method. ``cache`` defaults to an in-memory
-    :class:`EigenCache`. ``outputs_for(records)`` picks the point whose per-record outputs (``records.jsonl``) and
-    spectra the report shows (default: the chosen point). Raises :class:`UserError` before any work when an input is
-    wrong.
-    """
+    """Run (or resume) the sweep of ``config`` on ``model`` (edited in place point by point, restored after each),
+    evaluating each point as ``eval_config`` says. ``factors`` may be ``None`` for methods without factors;
+    ``cache`` defaults to an in-memory :class:`EigenCache`; ``outputs_for(records)`` picks the point whose
+    ``records.jsonl`` and spectra the report shows (default: the chosen one). Wrong input: :class:`UserError` before
+    any work."""
     from .evaluate.suite import _set_names, check_inputs, evaluate, own_reference_topk
     from .models import model_limits
     from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
@@ -458,8 +450,7 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
 
 
 def _read_split(eval_config, config: SweepConfig) -> tuple[list[dict], list[dict]]:
-    """The memorized records of every ``--memorized`` file (as JSON objects, checked by the evaluation later),
-    split by :func:`split_records`."""
+    """The records of every ``--memorized`` file (JSON, checked by the evaluation later) by :func:`split_records`."""
     records: list[dict] = []
     for path in eval_config.memorized:
         if not Path(path).is_file():
@@ -485,9 +476,8 @@ def _ekfac_inputs(config: SweepConfig, factors, targets):
 
 
 def _bsn_inputs(config: SweepConfig, split: tuple[list[dict], list[dict]] | None, eval_config, tokenizer, model):
-    """The data of method bsn (``None`` when the sweep does not run it): the forget records are ``config.forget``
-    (refused when it shares a record with the held-out part) or else the selection part (every memorized record
-    without a split); the clean text is ``config.clean_data``. ``split``: the (selection, held-out) records."""
+    """The data of method bsn (``None`` when the sweep does not run it): forget records ``config.forget`` (refused
+    when sharing a record with the held-out part of ``split``), else the selection part (all without a split)."""
     if Method.BSN.value not in config.methods:
         return None
     from .bsn import BsnInputs, check_disjoint, load_bsn_data
@@ -517,10 +507,9 @@ def _bsn_inputs(config: SweepConfig, split: tuple[list[dict], list[dict]] | None
 def write_point_outputs(out: Path, model, tokenizer, point: SweepRecord, factors, cache: EigenCache, eval_config,
                         parts: dict[str, str] | None = None, seed: int = 0,
                         method_inputs: dict | None = None) -> None:  # fmt: skip
-    """What the report shows of one point: ``records.jsonl`` (every memorized record of ``eval_config`` continued by
-    the base model and by the edited one, :func:`kfac_edit.report.write_records`) and, for a method with factors,
-    ``spectra.json`` (:func:`kfac_edit.report.write_spectra`). Two generation passes; ``model`` holds its original
-    weights on return. ``method_inputs``: as :func:`_apply` takes them."""
+    """What the report shows of one point (two generation passes, ``model`` restored on return): ``records.jsonl``
+    (every memorized record continued by the base and the edited model) and, for a method with factors,
+    ``spectra.json``. ``method_inputs``: as :func:`_apply` takes them."""
     from .evaluate.suite import memorized_outputs
     from .report import write_records, write_spectra
 
