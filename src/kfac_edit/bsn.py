@@ -43,10 +43,12 @@ class BsnConfig:
     weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay of the scores"})
     batch_size: int = field(default=64, metadata={"help": "sequences per step (forget and clean shuffled together)"})
     loss_weight: float = field(
-        default=0.05, metadata={"help": "α of the loss −(1−α)·L_forget + α·L_clean (weight of the clean loss)"})
+        default=0.05, metadata={"help": "α of the loss −(1−α)·L_forget + α·L_clean (weight of the clean loss)"}
+    )
     clean_seq_len: int = field(default=128, metadata={"help": "tokens per window of the clean text"})
     max_clean_tokens: int | None = field(
-        default=None, metadata={"help": "read at most this many tokens of clean text (default: all of it)"})
+        default=None, metadata={"help": "read at most this many tokens of clean text (default: all of it)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the score initialization and the batch order"})
 
     def validate(self) -> None:

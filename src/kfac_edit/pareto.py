@@ -225,6 +225,15 @@ def choose_best(points: Sequence[SweepRecord], base_ppl: float, ppl_budget: floa
     return choose_within(points, lambda p: p.perplexity, ppl_budget * base_ppl)
 
 
+def chosen_point(records: Sequence[SweepRecord], ppl_budget: float) -> SweepRecord | None:
+    """:func:`choose_best` among ``records`` against their base record; ``None`` also without a base record of
+    positive, finite perplexity."""
+    base = base_record(records)
+    if base is None or not (base.perplexity > 0 and math.isfinite(base.perplexity)):
+        return None
+    return choose_best(records, base.perplexity, ppl_budget)
+
+
 PPL_INCREASES = (0.05, 0.10, 0.20, 0.30)  # matched-cost budgets: held-out perplexity at most +5% ... +30%
 ACCURACY_DROPS = (0.01, 0.05, 0.10, 0.20)  # matched-cost budgets: capability accuracy at most 1 ... 20 points lower
 

@@ -55,7 +55,7 @@ from .constants import (BEFORE_AFTER_FILE, HTML_FILE, MARKDOWN_FILE, PLOTS_DIR, 
                         RESULTS_FILE, SPECTRA_FILE, SWEEP_FILE)
 from .errors import UserError
 from .fileio import atomic_path, read_jsonl, write_json
-from .pareto import SweepRecord, base_record, choose_best, format_blocks, pareto_front, read_results
+from .pareto import SweepRecord, base_record, chosen_point, format_blocks, pareto_front, read_results
 
 DEFAULT_PPL_BUDGET = 1.2
 MAX_SPECTRA_MODULES = 12
@@ -274,10 +274,7 @@ class ReportData:
 
     @property
     def chosen(self) -> SweepRecord | None:
-        base = self.base
-        if base is None or not (base.perplexity > 0 and math.isfinite(base.perplexity)):
-            return None
-        return choose_best(self.points, base.perplexity, self.ppl_budget)
+        return chosen_point(self.records, self.ppl_budget)
 
     def ratio(self, r: SweepRecord) -> float:
         """Perplexity of ``r`` over the base perplexity (the perplexity itself without a base)."""

@@ -49,7 +49,7 @@ from .errors import UserError
 from .fileio import append_jsonl, atomic_path, read_jsonl, write_json
 from .identity import model_fingerprint, weights_digest
 from .models import PROJECTIONS, find_projections, num_blocks
-from .pareto import BASE_CONFIG, PointConfig, SweepRecord, base_record, choose_best, read_results
+from .pareto import BASE_CONFIG, PointConfig, SweepRecord, base_record, chosen_point, read_results
 from .spec import NO_EDIT_AT, EditSpec, Method
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,8 @@ def sweep_blocks(model, config: SweepConfig, factor_names: Sequence[str] | None)
     if wanted is not None:
         bad = [b for b in wanted if not 0 <= b < n_blocks]
         if bad:
-            raise UserError(f"block {bad[0]} does not exist: the model has blocks 0..{n_blocks - 1}; fix --blocks")
+            raise UserError(f"block {bad[0]} does not exist: the model has blocks 0..{n_blocks - 1}; "
+                            "fix --blocks/--group")
         return sorted(set(wanted))
     if factor_names is None:
         return list(range(n_blocks))
@@ -418,10 +419,7 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
             log.info("[%d/%d] %s (%s left)", i, len(pending), summary, bar.format_interval(left))
 
     records = read_results(results)
-    base = base_record(records)
-    chosen = None
-    if base is not None and base.perplexity > 0 and math.isfinite(base.perplexity):
-        chosen = choose_best([r for r in records if r.kind == "point"], base.perplexity, config.ppl_budget)
+    chosen = chosen_point(records, config.ppl_budget)
     best_path = out / BEST_FILE
     if chosen is not None:
         layers = chosen.config.layers()
