@@ -663,9 +663,9 @@ def _records_intro(outputs: Sequence[Mapping[str, Any]], groups: Mapping[str, li
     point = next((r["point"] for r in outputs if r.get("point")), "")
     counts = ", ".join(f"{len(v)} {k}" for k, v in groups.items())
     return (f"{len(outputs)} memorized records, each prompted with its prefix and continued greedily by the "
-            + ("base model and by " if has_base else "") + f"the edit `{point}`: {counts}. Similarity: 1 - token "
-            f"Levenshtein distance / suffix length. Each group shows its {SAMPLE_ROWS} records closest to the suffix "
-            "first.")
+            + ("base model and by " if has_base else "") + "the edit" + (f" `{point}`" if point else "")
+            + f": {counts}. Similarity: 1 - token Levenshtein distance / suffix length. Each group shows its "
+            f"{SAMPLE_ROWS} records closest to the suffix first.")
 
 
 # ---------------------------------------------------------------------------------------------------- provenance
