@@ -3,32 +3,26 @@ Memorization in Language Models" (ICLR 2025), written for any model :mod:`kfac_e
 
 The method, as that paper describes it:
 
-* every chosen weight ``W`` (a projection of :func:`~kfac_edit.models.find_projections`; any layout) gets a real
-  score ``s`` of the same shape, drawn uniform in ``±1/sqrt(fan_in)`` (PyTorch's Kaiming-uniform with ``a = √5``);
-  ``W`` itself is frozen;
-* the mask ``M`` zeroes the ``ratio`` share of the entries with the smallest ``|s|`` and keeps the rest; the
-  forward pass uses ``W ⊙ M``; the gradient reaches ``s`` straight through the top-k (``∂M/∂|s| := 1``);
-* the scores are learned by SGD with momentum on the balanced loss
-  ``−(1 − α)·L_forget + α·L_clean``, where ``L`` is the mean next-token cross-entropy of each sequence averaged
-  over the sequences of a batch, the forget sequences are the memorized records to remove (prefix + suffix) and the
-  clean ones are ordinary text; a batch draws from both sets, shuffled together (one epoch = one pass over both);
+* every chosen weight ``W`` (a projection of :func:`~kfac_edit.models.find_projections`; any layout) is frozen and
+  gets a score ``s`` of its shape, uniform in ``±1/sqrt(fan_in)`` (PyTorch's Kaiming-uniform with ``a = √5``);
+* the mask ``M`` zeroes the ``ratio`` share of the entries with the smallest ``|s|``; the forward pass uses
+  ``W ⊙ M``; the gradient reaches ``s`` straight through the top-k (``∂M/∂|s| := 1``);
+* the scores are learned by SGD with momentum on ``−(1 − α)·L_forget + α·L_clean``, ``L`` the mean next-token
+  cross-entropy of each sequence averaged over a batch's sequences; forget sequences are the memorized records to
+  remove (prefix + suffix), clean ones ordinary text, shuffled together (one epoch = one pass over both);
 * the final edit is ``W' = W ⊙ M`` (the pruned entries are exactly zero).
 
-In kfac-edit the per-projection value of the layers JSON (``keep_mass`` in :class:`~kfac_edit.spec.EditSpec`) is,
-for ``bsn``, the share of the projection's entries kept: ``ratio = 1 − keep_mass``. So a sweep grids over BSN's
-main knob exactly like over keep_mass (``--keep-mass bsn=0.9,0.95,0.99``); the paper's smallest ratios
-(< 1e-4) are ``keep_mass >= 0.9999``, which edits nothing here.
-
-Defaults of :class:`BsnConfig` are the reference implementation's (``do_random_greedy`` of
-msakarvadia/memorization: 5 epochs, SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch size 64, loss weight
-α = 0.05).
+For ``bsn`` the per-projection value of the layers JSON (``keep_mass``) is the share of entries kept:
+``ratio = 1 − keep_mass``, so a sweep grids over it like over keep_mass (``--keep-mass bsn=0.9,0.95,0.99``); the
+paper's ratios below 1e-4 are ``keep_mass >= 0.9999``, which edits nothing here. :class:`BsnConfig` defaults are the
+reference implementation's (``do_random_greedy`` of msakarvadia/memorization).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -76,11 +70,6 @@ class BsnConfig:
             raise UserError(f"--bsn-max-clean-tokens {self.max_clean_tokens} is too small; use at least 2")
 
 
-def config_help() -> dict[str, str]:
-    """Help text of each :class:`BsnConfig` field (the CLI's ``--bsn-*`` options)."""
-    return {f.name: f.metadata["help"] for f in fields(BsnConfig)}
-
-
 @dataclass
 class BsnData:
     """The sequences BalancedSubnet learns from: token ids (lists, any length >= 2) of each forget record
@@ -118,10 +107,8 @@ def check_disjoint(forget: Iterable, heldout: Iterable, where: str = "--forget")
     held = {record_key(r) for r in heldout}
     overlap = sum(1 for r in forget if record_key(r) in held)
     if overlap:
-        raise UserError(
-            f"{where} shares {overlap} record(s) with the held-out records; BSN may only see the selection part: "
-            "drop them from the forget set"
-        )
+        raise UserError(f"{where} shares {overlap} record(s) with the held-out records; BSN may only see the selection "
+                        "part: drop them from the forget set")
 
 
 def load_bsn_data(forget: str | Sequence, clean: str | Iterable[str], tokenizer, config: BsnConfig,
@@ -135,8 +122,7 @@ def load_bsn_data(forget: str | Sequence, clean: str | Iterable[str], tokenizer,
         records = load_records(forget, tokenizer=tokenizer, vocab_size=vocab_size)
     else:
         records = list(forget)
-    keys = [record_key(r) for r in records]
-    forget_ids = [list(p) + list(s) for p, s in keys]
+    forget_ids = [list(p) + list(s) for p, s in map(record_key, records)]
     clean_ids: list[list[int]] = []
     for batch in token_batches(clean, tokenizer, config.clean_seq_len, 256, max_tokens=config.max_clean_tokens):
         for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
@@ -171,16 +157,6 @@ def mask_of(scores: torch.Tensor, keep: float) -> torch.Tensor:
     return _TopKMask.apply(scores.abs(), n_drop)
 
 
-def _batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[row, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def sequence_losses(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per sequence, the mean next-token cross-entropy over its real tokens: (B,) from logits (B, T, V)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -199,6 +175,7 @@ def learn_masks(model: nn.Module, targets: Sequence[tuple], data: BsnData, confi
     """
     from torch.func import functional_call
 
+    from .data import pad_right
     from .progress import progress_bar as tqdm
 
     config.validate()
@@ -208,17 +185,13 @@ def learn_masks(model: nn.Module, targets: Sequence[tuple], data: BsnData, confi
     gen = torch.Generator().manual_seed(int(config.seed))
     weights, scores, keeps = {}, {}, {}
     for proj, keep in targets:
-        w = proj.module.weight.detach()
-        fan_in = proj.shape[1]
-        bound = 1.0 / math.sqrt(fan_in)
+        w = weights[proj.name] = proj.module.weight.detach()
+        bound = 1.0 / math.sqrt(proj.shape[1])  # fan_in: W is (out, in)
         s = (torch.rand(w.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
         scores[proj.name] = s.to(device).requires_grad_(True)
-        weights[proj.name] = w
         keeps[proj.name] = float(keep)
     optimizer = torch.optim.SGD(list(scores.values()), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
-    pad_id = 0 if pad_id is None else int(pad_id)
     examples = [(s, True) for s in data.forget] + [(s, False) for s in data.clean]
     n_steps = config.epochs * math.ceil(len(examples) / config.batch_size)
     alpha = config.loss_weight
@@ -233,7 +206,7 @@ def learn_masks(model: nn.Module, targets: Sequence[tuple], data: BsnData, confi
             order = torch.randperm(len(examples), generator=gen).tolist()
             for start in range(0, len(order), config.batch_size):
                 chunk = [examples[i] for i in order[start : start + config.batch_size]]
-                ids, mask = _batch([s for s, _ in chunk], pad_id, device)
+                ids, mask = (t.to(device) for t in pad_right([s for s, _ in chunk]))  # padding: masked out
                 is_forget = torch.tensor([f for _, f in chunk], device=device)
                 masked = {f"{name}.weight": weights[name] * mask_of(scores[name], keeps[name]).to(weights[name].dtype)
                           for name in scores}

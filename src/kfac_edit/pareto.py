@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .constants import RESULTS_FILE
@@ -51,7 +52,6 @@ from .errors import UserError
 from .fileio import read_jsonl
 
 SCHEMA_VERSION = 1
-METRICS = ("strict", "loose", "avg_levenshtein_norm", "perplexity", "ndcg")
 
 
 def format_blocks(blocks: Sequence[int]) -> str:
@@ -83,21 +83,13 @@ class PointConfig:
         return {str(b): {p: self.keep_mass for p in self.projections} for b in self.blocks}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "blocks": list(self.blocks),
-            "projections": list(self.projections),
-            "keep_mass": self.keep_mass,
-        }
+        return {**asdict(self), "blocks": list(self.blocks), "projections": list(self.projections)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PointConfig":
-        return cls(
-            method=str(d.get("method", "kfac")),
-            blocks=tuple(int(b) for b in d.get("blocks", ())),
-            projections=tuple(str(p) for p in d.get("projections", ())),
-            keep_mass=float(d.get("keep_mass", 1.0)),
-        )
+        return cls(method=str(d.get("method", "kfac")), blocks=tuple(int(b) for b in d.get("blocks", ())),
+                   projections=tuple(str(p) for p in d.get("projections", ())),
+                   keep_mass=float(d.get("keep_mass", 1.0)))
 
 
 BASE_CONFIG = PointConfig(method="none", blocks=(), projections=(), keep_mass=1.0)
@@ -118,13 +110,20 @@ class SweepRecord:
     def id(self) -> str:
         return "base" if self.kind == "base" else self.config.id
 
+    def metric(self, name: str) -> float:
+        """``metrics[name]`` as a float; NaN when absent or not a number."""
+        try:
+            return float(self.metrics[name])
+        except (KeyError, TypeError, ValueError):
+            return math.nan
+
     @property
     def strict(self) -> float:
-        return _metric(self.metrics, "strict")
+        return self.metric("strict")
 
     @property
     def perplexity(self) -> float:
-        return _metric(self.metrics, "perplexity")
+        return self.metric("perplexity")
 
     def label(self) -> str:
         """Short human label: ``"b20-22 gate,up k=0.8"`` (``"base"`` for the unedited model)."""
@@ -135,19 +134,10 @@ class SweepRecord:
         return f"{method}b{format_blocks(c.blocks)} {','.join(c.projections)} k={c.keep_mass:g}"
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "schema": SCHEMA_VERSION,
-            "id": self.id,
-            "kind": self.kind,
-            "config": self.config.to_dict(),
-            "layers": self.config.layers(),
-            "metrics": dict(self.metrics),
-        }
-        if self.edit:
-            out["edit"] = self.edit
-        out["seconds"] = self.seconds
-        out["timestamp"] = self.timestamp or datetime.now(timezone.utc).isoformat(timespec="seconds")
-        return out
+        return {"schema": SCHEMA_VERSION, "id": self.id, "kind": self.kind, "config": self.config.to_dict(),
+                "layers": self.config.layers(), "metrics": dict(self.metrics),
+                **({"edit": self.edit} if self.edit else {}), "seconds": self.seconds,
+                "timestamp": self.timestamp or datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SweepRecord":
@@ -156,33 +146,17 @@ class SweepRecord:
             raise ValueError(f"unknown record kind '{kind}'")
         if "metrics" not in d:
             raise ValueError("record has no 'metrics'")
-        config = BASE_CONFIG if kind == "base" else PointConfig.from_dict(d.get("config", {}))
-        return cls(
-            config=config,
-            metrics={k: v for k, v in d["metrics"].items()},
-            kind=kind,
-            edit=dict(d.get("edit", {})),
-            seconds=float(d.get("seconds", 0.0)),
-            timestamp=str(d.get("timestamp", "")),
-        )
-
-
-def _metric(metrics: Mapping[str, Any], name: str) -> float:
-    value = metrics.get(name)
-    if value is None:
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
+        return cls(config=BASE_CONFIG if kind == "base" else PointConfig.from_dict(d.get("config", {})),
+                   metrics=dict(d["metrics"].items()), kind=kind, edit=dict(d.get("edit", {})),
+                   seconds=float(d.get("seconds", 0.0)), timestamp=str(d.get("timestamp", "")))
 
 
 def read_results(path: str | os.PathLike) -> list[SweepRecord]:
     """Read ``results.jsonl`` (or a directory holding it); a torn last line is skipped; the last record of an id wins."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, RESULTS_FILE)
-    if not os.path.exists(path):
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.exists():
         raise UserError(f"no sweep results at {path}; run `kfac-edit sweep --out DIR` first or give the right DIR")
     try:
         raw = read_jsonl(path)
@@ -199,63 +173,44 @@ def read_results(path: str | os.PathLike) -> list[SweepRecord]:
     return list(by_id.values())
 
 
-def pareto_front(
-    points: Sequence[Any],
-    objectives: Callable[[Any], Sequence[float]] = lambda p: (p.strict, p.perplexity),
-) -> list[int]:
-    """Indices of the points no other point dominates, all objectives minimized, sorted by the objectives.
-
-    ``p`` dominates ``q`` when ``p`` is <= ``q`` in every objective and < in at least one. Points with equal
-    objectives do not dominate each other: duplicates on the front are all returned. Points with a NaN objective are
-    never on the front (and dominate nothing). By default the objectives are ``(strict, perplexity)`` of a
-    :class:`SweepRecord`; pass ``objectives`` for plain tuples, e.g. ``objectives=lambda p: p``.
-    """
+def pareto_front(points: Sequence[Any],
+                 objectives: Callable[[Any], Sequence[float]] = lambda p: (p.strict, p.perplexity)) -> list[int]:
+    """Indices of the points no other point dominates (all ``objectives`` minimized; default ``(strict, perplexity)``
+    of a :class:`SweepRecord`, ``lambda p: p`` for tuples), sorted by the objectives. ``p`` dominates ``q`` when it is
+    <= in every objective and < in one: equal points are all on the front; a point with a NaN objective never is."""
     values = [tuple(float(v) for v in objectives(p)) for p in points]
-    valid = [i for i, v in enumerate(values) if not any(math.isnan(x) for x in v)]
-    # Sort by objectives: a point can only be dominated by a point earlier in this order (or an equal one).
-    order = sorted(valid, key=lambda i: values[i])
     front: list[int] = []
-    for i in order:
-        v = values[i]
-        dominated = any(
-            all(a <= b for a, b in zip(values[j], v)) and values[j] != v for j in front
-        )
-        if not dominated:
+    # in the objectives' order a point can only be dominated by an earlier point (or an equal one)
+    for i in sorted((i for i, v in enumerate(values) if not any(map(math.isnan, v))), key=lambda i: values[i]):
+        if not any(all(a <= b for a, b in zip(values[j], values[i])) and values[j] != values[i] for j in front):
             front.append(i)
     return front
 
 
 def base_record(records: Sequence[SweepRecord]) -> SweepRecord | None:
     """The record of the unedited model, if the sweep wrote one."""
-    for rec in records:
-        if rec.kind == "base":
-            return rec
-    return None
+    return next((r for r in records if r.kind == "base"), None)
 
 
-def memorization_key(record: SweepRecord) -> float:
-    """What a choice minimizes: ``selection_strict`` when the sweep split its records, else ``strict``."""
-    if "selection_strict" in record.metrics:
-        return _metric(record.metrics, "selection_strict")
-    return record.strict
+def memorization_key(record: SweepRecord, metric: str = "strict") -> float:
+    """What a choice minimizes: ``selection_strict`` when the sweep split its records, else ``strict`` (``metric``
+    for another memorization metric, e.g. ``loose``)."""
+    return record.metric(f"selection_{metric}" if f"selection_{metric}" in record.metrics else metric)
 
 
-def choose_within(
-    points: Sequence[SweepRecord], cost: Callable[[SweepRecord], float], limit: float
-) -> SweepRecord | None:
-    """The point with the lowest :func:`memorization_key` among those whose ``cost(point) <= limit``.
-
-    Ties go to the lower perplexity, then the lower loose memorization (of the selection part when split), then the
-    smaller edit (fewer blocks, fewer projections, higher keep_mass). Base records and points with a NaN memorization,
-    perplexity or cost are ignored. ``None`` when no point is within the limit.
-    """
+def choose_within(points: Sequence[SweepRecord], cost: Callable[[SweepRecord], float],
+                  limit: float) -> SweepRecord | None:
+    """The point with the lowest :func:`memorization_key` among those with ``cost(point) <= limit`` (``None`` if none);
+    ties go to the lower perplexity, the lower loose memorization (selection part when split), then the smaller edit
+    (fewer blocks, fewer projections, higher keep_mass). Base records and NaN memorization, perplexity or cost are
+    ignored."""
     ok = [p for p in points if p.kind == "point" and not math.isnan(memorization_key(p))
           and not math.isnan(p.perplexity) and not math.isnan(cost(p)) and cost(p) <= limit]
     if not ok:
         return None
 
     def key(p: SweepRecord):
-        loose = _metric(p.metrics, "selection_loose" if "selection_loose" in p.metrics else "loose")
+        loose = memorization_key(p, "loose")
         return (memorization_key(p), p.perplexity, math.inf if math.isnan(loose) else loose, len(p.config.blocks),
                 len(p.config.projections), -p.config.keep_mass, p.id)
 
@@ -270,18 +225,24 @@ def choose_best(points: Sequence[SweepRecord], base_ppl: float, ppl_budget: floa
     return choose_within(points, lambda p: p.perplexity, ppl_budget * base_ppl)
 
 
+def chosen_point(records: Sequence[SweepRecord], ppl_budget: float) -> SweepRecord | None:
+    """:func:`choose_best` among ``records`` against their base record; ``None`` also without a base record of
+    positive, finite perplexity."""
+    base = base_record(records)
+    if base is None or not (base.perplexity > 0 and math.isfinite(base.perplexity)):
+        return None
+    return choose_best(records, base.perplexity, ppl_budget)
+
+
 PPL_INCREASES = (0.05, 0.10, 0.20, 0.30)  # matched-cost budgets: held-out perplexity at most +5% ... +30%
 ACCURACY_DROPS = (0.01, 0.05, 0.10, 0.20)  # matched-cost budgets: capability accuracy at most 1 ... 20 points lower
 
 
-def match_by_cost(
-    records: Sequence[SweepRecord], cost: Callable[[SweepRecord], float], budgets: Sequence[float]
-) -> dict[str, dict[float, SweepRecord | None]]:
-    """For each method, for each budget: the point :func:`choose_within` picks among the method's points whose
-    ``cost`` is at most the budget (``None`` when none is). Methods compared at one budget paid at most the same cost.
-
-    Costs: :func:`perplexity_increase` (``PPL_INCREASES``) and :func:`accuracy_drop` (``ACCURACY_DROPS``).
-    """
+def match_by_cost(records: Sequence[SweepRecord], cost: Callable[[SweepRecord], float],
+                  budgets: Sequence[float]) -> dict[str, dict[float, SweepRecord | None]]:
+    """Per method, per budget: the point :func:`choose_within` picks among the method's points whose ``cost`` is at
+    most the budget, so that methods compared at one budget paid at most the same cost. Costs:
+    :func:`perplexity_increase` (budgets ``PPL_INCREASES``), :func:`accuracy_drop` (``ACCURACY_DROPS``)."""
     methods = sorted({r.config.method for r in records if r.kind == "point"})
     return {m: {b: choose_within([r for r in records if r.config.method == m], cost, b) for b in budgets}
             for m in methods}
@@ -294,4 +255,4 @@ def perplexity_increase(base: SweepRecord) -> Callable[[SweepRecord], float]:
 
 def accuracy_drop(base: SweepRecord, metric: str) -> Callable[[SweepRecord], float]:
     """Cost: how much lower ``metric`` (a capability accuracy, e.g. ``rule_heldout_accuracy``) is than on ``base``."""
-    return lambda r: _metric(base.metrics, metric) - _metric(r.metrics, metric)
+    return lambda r: base.metric(metric) - r.metric(metric)

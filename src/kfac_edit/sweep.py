@@ -1,11 +1,10 @@
 """``kfac-edit sweep``: which blocks, which projections, which keep_mass? A grid search with a resumable log.
 
-The grid: for each method (``methods``, each with its own keep_mass grid), every single block of ``blocks`` and
-every run of up to ``max_combo`` adjacent blocks (or the explicit ``groups``), times each projection set, times each
-keep_mass. For each point the model is edited in place (:func:`~kfac_edit.edit.apply_edit`
-with a shared :class:`~kfac_edit.eigen.EigenCache`, so each factor is eigendecomposed once for the whole sweep),
-evaluated (:func:`~kfac_edit.evaluate.suite.evaluate`: memorization strict/loose, perplexity, optionally quotes and
-nDCG against the unedited model) and restored bit for bit.
+The grid (:func:`sweep_points`): for each method, every single block of ``blocks`` and every run of up to
+``max_combo`` adjacent blocks (or the explicit ``groups``), times each projection set, times each keep_mass of the
+method. For each point the model is edited in place (:func:`~kfac_edit.edit.apply_edit` with a shared
+:class:`~kfac_edit.eigen.EigenCache`: each factor is eigendecomposed once per sweep), evaluated
+(:func:`~kfac_edit.evaluate.suite.evaluate`) and restored bit for bit.
 
 Held-out selection: the memorized records are split (:func:`split_records`, ``holdout_fraction``, by a hash of each
 record's content and the seed) into a selection part, on which the best point is chosen, and a held-out part that
@@ -17,26 +16,25 @@ Files in the output directory ``DIR``:
 
 * ``results.jsonl``: one record per point as it finishes, plus one ``base`` record for the unedited model (schema in
   :mod:`kfac_edit.pareto`). A rerun skips points already there (resume); a torn last line is repaired.
-* ``sweep.json``: the settings that make results comparable (model, weights digest, factor content digest,
-  methods, split, evaluation options); a rerun with other settings is refused. Also the grid, the perplexity budget
-  and the split (sizes, fraction, seed).
-* ``split/selection.jsonl``, ``split/heldout.jsonl``: the two parts of the memorized records, as read.
+* ``sweep.json``: the identity that makes results comparable (:func:`_identity`; a rerun with another is refused),
+  the grid, the perplexity budget and the split (sizes, fraction, seed); ``split/{selection,heldout}.jsonl``: the
+  two parts of the memorized records, as read.
 * ``best.json``: the point with the lowest strict memorization on the selection part whose perplexity is within
-  ``ppl_budget`` x the base perplexity, in the layers-json format ``kfac-edit edit --layers-file DIR/best.json``
-  applies (the split lives in ``sweep.json``, not here).
-* ``spectra.json``: eigenvalues of G and A of the chosen point's modules; ``report.html``, ``report.md``,
-  ``plots/*.png``: the report (:mod:`kfac_edit.report`).
+  ``ppl_budget`` x the base perplexity, as ``kfac-edit edit --layers-file DIR/best.json`` applies it.
+* ``spectra.json``, ``records.jsonl``, ``provenance.json``, ``report.html``, ``report.md``, ``plots/*.png``: the
+  report of the chosen point (:mod:`kfac_edit.report`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,60 +49,43 @@ from .errors import UserError
 from .fileio import append_jsonl, atomic_path, read_jsonl, write_json
 from .identity import model_fingerprint, weights_digest
 from .models import PROJECTIONS, find_projections, num_blocks
+from .pareto import BASE_CONFIG, PointConfig, SweepRecord, base_record, chosen_point, read_results
 from .spec import NO_EDIT_AT, EditSpec, Method
-from .pareto import BASE_CONFIG, PointConfig, SweepRecord, base_record, choose_best, read_results
 
 log = logging.getLogger(__name__)
 
 SELECTION, HELDOUT = "selection", "heldout"  # the parts of the memorized records (metric prefixes, file stems)
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A config field with its CLI help text; a list, dict or dataclass default is copied for each config."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class SweepConfig:
     """The grid of a sweep and how its best point is chosen."""
 
-    blocks: list[int] | None = field(
-        default=None, metadata={"help": "blocks to sweep, e.g. 20-27 (default: every block the factors cover)"}
-    )
-    projection_sets: list[tuple[str, ...]] = field(
-        default_factory=lambda: [("gate", "up")], metadata={"help": "projection sets, each edited as a whole"}
-    )
-    keep_masses: list[float] = field(
-        default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9], metadata={"help": "keep_mass values to try"}
-    )
-    max_combo: int = field(default=3, metadata={"help": "longest run of adjacent blocks edited together"})
-    ppl_budget: float = field(
-        default=1.2, metadata={"help": "best point: perplexity at most this multiple of the base perplexity"}
-    )
-    methods: list[str] = field(
-        default_factory=lambda: ["kfac"],
-        metadata={"help": "edit methods to sweep (kfac, kfac-independent, svd, random, bsn)"},
-    )
-    method_keep_masses: dict[str, list[float]] = field(
-        default_factory=dict, metadata={"help": "per-method keep_mass grids replacing keep_masses, e.g. svd=0.7,0.8"}
-    )
-    groups: list[tuple[int, ...]] | None = field(
-        default=None, metadata={"help": "block groups edited together, instead of the runs of --blocks/--max-combo"}
-    )
-    holdout_fraction: float = field(
-        default=0.5, metadata={"help": "share of the memorized records held out from the choice (0: no split)"}
-    )
-    capability: list[str] = field(
-        default_factory=list,
-        metadata={"help": "capability record files, reported as STEM_accuracy (e.g. held-out rules)"},
-    )
-    skip_over: float | None = field(
-        default=None, metadata={"help": "points over this multiple of the base perplexity get no memorization pass "
-                                "(metrics: perplexity and memorization_skipped; never chosen)"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the held-out split and of the random method"})
-    clean_data: str | None = field(
-        default=None, metadata={"help": "clean text (SOURCE) whose loss bsn keeps; needed by method bsn"}
-    )
-    forget: str | None = field(
-        default=None, metadata={"help": "records bsn learns to forget (default: the selection part of the split)"}
-    )
-    bsn: BsnConfig = field(default_factory=BsnConfig, metadata={"help": "hyper-parameters of method bsn"})
+    blocks: list[int] | None = _opt(None, "blocks to sweep, e.g. 20-27 (default: every block the factors cover)")
+    projection_sets: list[tuple[str, ...]] = _opt([("gate", "up")], "projection sets, each edited as a whole")
+    keep_masses: list[float] = _opt([0.5, 0.6, 0.7, 0.8, 0.9], "keep_mass values to try")
+    max_combo: int = _opt(3, "longest run of adjacent blocks edited together")
+    ppl_budget: float = _opt(1.2, "best point: perplexity at most this multiple of the base perplexity")
+    methods: list[str] = _opt(["kfac"], "edit methods to sweep (kfac, kfac-independent, svd, random, bsn)")
+    method_keep_masses: dict[str, list[float]] = _opt(
+        {}, "per-method keep_mass grids replacing keep_masses, e.g. svd=0.7,0.8")
+    groups: list[tuple[int, ...]] | None = _opt(
+        None, "block groups edited together, instead of the runs of --blocks/--max-combo")
+    holdout_fraction: float = _opt(0.5, "share of the memorized records held out from the choice (0: no split)")
+    capability: list[str] = _opt([], "capability record files, reported as STEM_accuracy (e.g. held-out rules)")
+    skip_over: float | None = _opt(None, "points over this multiple of the base perplexity get no memorization pass "
+                                         "(metrics: perplexity and memorization_skipped; never chosen)")
+    seed: int = _opt(0, "seed of the held-out split and of the random method")
+    clean_data: str | None = _opt(None, "clean text (SOURCE) whose loss bsn keeps; needed by method bsn")
+    forget: str | None = _opt(None, "records bsn learns to forget (default: the selection part of the split)")
+    bsn: BsnConfig = _opt(BsnConfig(), "hyper-parameters of method bsn")
 
     def keep_masses_of(self, method: str) -> list[float]:
         return list(self.method_keep_masses.get(method, self.keep_masses))
@@ -149,39 +130,25 @@ class SweepConfig:
 def block_groups(blocks: Sequence[int], max_combo: int) -> list[tuple[int, ...]]:
     """Single blocks, then runs of 2..max_combo adjacent blocks all in ``blocks`` (``[0, 1, 3]``, 2 ->
     ``(0,), (1,), (3,), (0, 1)``)."""
-    have = sorted(set(blocks))
-    groups: list[tuple[int, ...]] = []
-    for size in range(1, max_combo + 1):
-        for start in have:
-            run = tuple(range(start, start + size))
-            if all(b in have for b in run):
-                groups.append(run)
-    return groups
+    have = set(blocks)
+    return [tuple(range(start, start + size)) for size in range(1, max_combo + 1) for start in sorted(have)
+            if all(b in have for b in range(start, start + size))]
 
 
 def sweep_points(config: SweepConfig, blocks: Sequence[int]) -> list[PointConfig]:
     """The grid, in order: method, projection set, block group (``config.groups``, else the runs of
     :func:`block_groups`, short ones first), keep_mass."""
     groups = [tuple(sorted(set(g))) for g in config.groups] if config.groups else block_groups(blocks, config.max_combo)
-    points = []
-    for method in config.methods:
-        for projections in config.projection_sets:
-            ordered = tuple(k for k in PROJECTIONS if k in projections)
-            for group in groups:
-                for keep_mass in config.keep_masses_of(method):
-                    points.append(PointConfig(method, group, ordered, float(keep_mass)))
-    return points
+    return [PointConfig(method, group, tuple(k for k in PROJECTIONS if k in projections), float(keep_mass))
+            for method in config.methods for projections in config.projection_sets for group in groups
+            for keep_mass in config.keep_masses_of(method)]
 
 
 def split_records(records: Sequence[Any], holdout_fraction: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
     """Split ``records`` (JSON-able, e.g. the lines of memorized-set files) into (selection, held-out), each in the
-    order given.
-
-    Each record is ranked by a hash of its content and ``seed`` (SHA-256 of ``seed`` and its canonical JSON); the
-    ``round(holdout_fraction * n)`` first of that ranking are held out. So the split depends on neither the order of
-    the records nor their position: a rerun, a shuffled file, or the same records in another file give the same
-    parts. Raises :class:`UserError` when the fraction is outside (0, 1) or leaves either part empty.
-    """
+    order given: the ``round(holdout_fraction * n)`` records first by SHA-256 of ``seed`` and their canonical JSON
+    are held out, so a rerun, a shuffled file or the same records in another file give the same parts.
+    :class:`UserError` when the fraction is outside (0, 1) or leaves either part empty."""
     n = len(records)
     if not 0 < holdout_fraction < 1:
         raise UserError(f"--holdout-fraction {holdout_fraction} is outside (0, 1); e.g. 0.5")
@@ -203,9 +170,8 @@ def point_spec(point: PointConfig, seed: int = 0) -> EditSpec:
     return EditSpec({(b, k): point.keep_mass for b in point.blocks for k in point.projections}, point.method, seed)
 
 
-def point_metrics(
-    eval_record: dict[str, Any], parts: dict[str, str] | None = None, capability: dict[str, str] | None = None
-) -> dict[str, float]:
+def point_metrics(eval_record: dict[str, Any], parts: dict[str, str] | None = None,
+                  capability: dict[str, str] | None = None) -> dict[str, float]:
     """A sweep record's metrics: the headline metrics of :func:`~kfac_edit.evaluate.suite.headline_metrics`
     (``strict``, ``loose``, ``avg_levenshtein_norm`` pooled over the memorized sets, ``perplexity``, ``ndcg``,
     ``quotes_*`` ...), then every other scalar of the evaluation under its dotted name.
@@ -218,9 +184,7 @@ def point_metrics(
     metrics = eval_record["metrics"]
     capability = capability or {}
     memorized = metrics.get("memorized") or {}
-    pooled = {k: v for k, v in metrics.items() if k != "memorized"}
-    pooled["memorized"] = {name: s for name, s in memorized.items() if name not in capability}
-    out = headline_metrics(pooled)
+    out = headline_metrics({**metrics, "memorized": {n: s for n, s in memorized.items() if n not in capability}})
     for name, part in (parts or {}).items():
         for key in ("strict", "loose", "avg_levenshtein_norm"):
             out[f"{part}_{key}"] = memorized[name][key]
@@ -240,74 +204,67 @@ class SweepOutcome:
     split: dict[str, Any] | None = None  # sizes, fraction and seed of the held-out split (None: no split)
 
 
-def _factor_blocks(model, names) -> list[int]:
-    names = set(names)
-    return sorted({p.block for p in find_projections(model) if p.name in names})
-
-
 def sweep_blocks(model, config: SweepConfig, factor_names: Sequence[str] | None) -> list[int]:
-    """``config.blocks`` checked against the model, else every block the factors cover (every block without)."""
+    """The blocks of ``config.groups`` or ``config.blocks`` checked against the model, else every block the factors
+    cover (every block without factors)."""
     n_blocks = num_blocks(model)
-    if config.blocks is not None:
-        bad = [b for b in config.blocks if not 0 <= b < n_blocks]
+    wanted = sorted({b for g in config.groups for b in g}) if config.groups else config.blocks
+    if wanted is not None:
+        bad = [b for b in wanted if not 0 <= b < n_blocks]
         if bad:
-            raise UserError(f"block {bad[0]} does not exist: the model has blocks 0..{n_blocks - 1}; fix --blocks")
-        return sorted(set(config.blocks))
-    if factor_names is not None:
-        blocks = _factor_blocks(model, factor_names)
-        if not blocks:
-            raise UserError("the factors cover no block of this model; collect factors for it or pass --blocks")
-        return blocks
-    return list(range(n_blocks))
+            raise UserError(f"block {bad[0]} does not exist: the model has blocks 0..{n_blocks - 1}; "
+                            "fix --blocks/--group")
+        return sorted(set(wanted))
+    if factor_names is None:
+        return list(range(n_blocks))
+    names = set(factor_names)
+    blocks = sorted({p.block for p in find_projections(model) if p.name in names})
+    if not blocks:
+        raise UserError("the factors cover no block of this model; collect factors for it or pass --blocks")
+    return blocks
 
 
 def needed_modules(model, config: SweepConfig, factor_names: Sequence[str] | None) -> list[str]:
     """Names of every module some point of the grid edits (the factors to load)."""
-    if config.groups:
-        blocks = sorted({b for g in config.groups for b in g})
-    else:
-        blocks = sweep_blocks(model, config, factor_names)
     kinds = sorted({k for s in config.projection_sets for k in s}, key=PROJECTIONS.index)
-    return [p.name for p in find_projections(model, layers=blocks, projections=kinds)]
+    return [p.name for p in find_projections(model, layers=sweep_blocks(model, config, factor_names),
+                                             projections=kinds)]
 
 
-def factors_digest(factors) -> dict[str, str] | None:
-    """Per module, :meth:`~kfac_edit.factors.store.Factors.content_hash` (sums and token counts); ``None`` without
-    factors. Factors with other content never resume each other's sweep, whatever their names; a wider grid that
-    reads more modules of the same factors still resumes (only modules read by both are compared)."""
-    if factors is None:
-        return None
-    return {name: factors.content_hash(name) for name in sorted(factors.names)}
+def _identity(model, factors, config: SweepConfig, eval_config, split: tuple[list, list] | None) -> dict[str, Any]:
+    """What must match for a rerun to resume: results under other settings would not be comparable.
 
-
-def _identity(model, factors, config: SweepConfig, eval_config) -> dict[str, Any]:
-    """What must match for a rerun to resume: results under other settings would not be comparable."""
+    ``factors_digest``: per module, :meth:`~kfac_edit.factors.store.Factors.content_hash` (sums and token counts), so
+    factors with other content never resume each other's sweep, whatever their names (a wider grid that reads more
+    modules of the same factors still resumes: :func:`_check_resume` compares the modules both read).
+    ``memorized_digest``: the split records themselves (an edited file under the same name splits otherwise)."""
     manifest = getattr(factors, "manifest", {}) or {}
-    eval_settings = {k: v for k, v in asdict(eval_config).items() if k not in ("out", "model")}
-    return {
+    identity = {
         "model": getattr(getattr(model, "config", None), "_name_or_path", None),
         "model_fingerprint": model_fingerprint(model),
         "weights_digest": weights_digest(model),
         "factors": manifest.get("run_id") or manifest.get("directory") or manifest.get("model"),
-        "factors_digest": factors_digest(factors),
+        "factors_digest": None if factors is None else {n: factors.content_hash(n) for n in sorted(factors.names)},
         "methods": sorted(config.methods),
         "seed": config.seed,
         "holdout_fraction": config.holdout_fraction,
         "capability": list(config.capability),
         "skip_over": config.skip_over,
-        "eval": eval_settings,
-        **({"bsn": {**asdict(config.bsn), "clean_data": config.clean_data, "forget": config.forget}}
-           if Method.BSN.value in config.methods else {}),
+        "eval": {k: v for k, v in asdict(eval_config).items() if k not in ("out", "model")},
     }
+    if Method.BSN.value in config.methods:
+        identity["bsn"] = {**asdict(config.bsn), "clean_data": config.clean_data, "forget": config.forget}
+    if split is not None:
+        identity["memorized_digest"] = hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()
+    return identity
 
 
 def _check_resume(out: Path, identity: dict[str, Any]) -> None:
-    path = out / SWEEP_FILE
+    path, results = out / SWEEP_FILE, out / RESULTS_FILE
     if not path.exists():
-        if (out / RESULTS_FILE).exists():
+        if results.exists():
             raise UserError(f"{out} holds {RESULTS_FILE} but no {SWEEP_FILE}; use a new --out DIR")
         return
-    results = out / RESULTS_FILE
     if not results.exists() or not results.read_bytes().strip():  # a sweep that failed before its first result:
         return  # nothing to resume, so its settings bind nothing (a corrected retry starts afresh)
     try:
@@ -315,10 +272,9 @@ def _check_resume(out: Path, identity: dict[str, Any]) -> None:
     except json.JSONDecodeError:
         raise UserError(f"{path} is not valid JSON; remove {out} or use a new --out DIR") from None
     differ = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-    if "factors_digest" in differ and old.get("factors_digest") is not None and identity.get("factors_digest"):
-        od, nd = old["factors_digest"], identity["factors_digest"]
-        if all(od[n] == nd[n] for n in set(od) & set(nd)):
-            differ.remove("factors_digest")
+    od, nd = old.get("factors_digest"), identity.get("factors_digest")
+    if "factors_digest" in differ and od is not None and nd and all(od[n] == nd[n] for n in set(od) & set(nd)):
+        differ.remove("factors_digest")
     differ = ["--factors content" if k == "factors_digest" else "--method" if k == "methods" else k for k in differ]
     if "eval" in differ:
         differ.remove("eval")
@@ -333,14 +289,11 @@ def _check_resume(out: Path, identity: dict[str, Any]) -> None:
 
 def _repair_torn_tail(path: Path) -> None:
     """Cut a partial last line (left by a killed run) so that appended records start on a line of their own."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
+    data = path.read_bytes() if path.exists() else b""
     if data and not data.endswith(b"\n"):
-        keep = data[: data.rfind(b"\n") + 1]
         log.warning("%s: dropping a partial last line left by an interrupted run", path)
         with atomic_path(path) as tmp:
-            tmp.write_bytes(keep)
+            tmp.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
 def _edit_summary(report) -> dict[str, Any]:
@@ -349,28 +302,26 @@ def _edit_summary(report) -> dict[str, Any]:
     return {"seconds": report.seconds, "modules": [{k: getattr(m, k) for k in keys} for m in report.modules]}
 
 
-def run_sweep(
-    model: torch.nn.Module,
-    tokenizer,
-    factors,
-    config: SweepConfig,
-    eval_config,
-    out_dir: str | os.PathLike,
-    cache: EigenCache | None = None,
-    write_report: bool = True,
-    outputs_for=None,
-) -> SweepOutcome:
-    """Run (or resume) the sweep of ``config`` on ``model``, evaluating each point as ``eval_config`` says.
+def _apply(model, point: PointConfig, factors, cache: EigenCache, seed: int, method_inputs: dict | None):
+    """Edit ``model`` in place at ``point``; ``method_inputs``: per method, the extra
+    :func:`~kfac_edit.edit.apply_edit` arguments (``bsn``'s data, ``ekfac``'s eigenvalues)."""
+    spec = point_spec(point, seed)
+    return apply_edit(model, factors if spec.needs_factors else None, spec, cache=cache,
+                      **(method_inputs or {}).get(spec.method, {}))
 
-    ``model`` is edited in place point by point and restored after each; on return it holds its original weights.
-    ``factors`` may be ``None`` only for the ``svd`` method. ``cache`` defaults to an in-memory
-    :class:`EigenCache`. ``outputs_for(records)`` picks the point whose per-record outputs (``records.jsonl``) and
-    spectra the report shows (default: the chosen point). Raises :class:`UserError` before any work when an input is
-    wrong.
-    """
+
+def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, eval_config,
+              out_dir: str | os.PathLike, cache: EigenCache | None = None, write_report: bool = True,
+              outputs_for=None) -> SweepOutcome:
+    """Run (or resume) the sweep of ``config`` on ``model`` (edited in place point by point, restored after each),
+    evaluating each point as ``eval_config`` says. ``factors`` may be ``None`` for methods without factors;
+    ``cache`` defaults to an in-memory :class:`EigenCache`; ``outputs_for(records)`` picks the point whose
+    ``records.jsonl`` and spectra the report shows (default: the chosen one). Wrong input: :class:`UserError` before
+    any work."""
+    from .evaluate.suite import _set_names, check_inputs, evaluate, own_reference_topk
+    from .models import model_limits
     from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
-
-    from .evaluate.suite import evaluate, own_reference_topk
+    from .report import provenance, write_provenance
 
     config.validate()
     eval_config.validate()
@@ -380,82 +331,53 @@ def run_sweep(
         raise UserError("the sweep needs --perplexity-data SOURCE: the best point is chosen within a perplexity budget")
     eval_config.out = None  # the sweep writes its own records
     restore(model)
-    from .evaluate.suite import check_inputs
-    from .models import model_limits
-
     check_inputs(eval_config, tokenizer, model.get_input_embeddings().num_embeddings,  # before anything is written
                  model_limits(model.config)[1], has_reference=True)
-    if config.groups:
-        blocks = sweep_blocks(model, SweepConfig(blocks=sorted({b for g in config.groups for b in g})), None)
-    else:
-        blocks = sweep_blocks(model, config, factors.names if factors is not None else None)
+    blocks = sweep_blocks(model, config, factors.names if factors is not None else None)
     points = sweep_points(config, blocks)
-    needs_factors = False
-    for method in config.methods:
-        everything = EditSpec({(b, k): 0.5 for p in points for b in p.blocks for k in p.projections}, method,
-                              config.seed)
-        if everything.needs_factors:
-            needs_factors = True
-            check_factors(resolve_targets(model, everything), factors)
-    targets = resolve_targets(model, everything)
-    split_records_ = _read_split(eval_config, config) if config.holdout_fraction else None
+    targets = resolve_targets(model, EditSpec({(b, k): 0.5 for p in points for b in p.blocks for k in p.projections}))
+    needs_factors = any(Method.parse(m).needs_factors for m in config.methods)
+    if needs_factors:
+        check_factors(targets, factors)
+    split_parts = _read_split(eval_config, config) if config.holdout_fraction else None
 
     out = Path(out_dir)
     started_at = time.time()
-    identity = _identity(model, factors, config, eval_config)
-    if split_records_ is not None:  # the records themselves: an edited file under the same name splits otherwise
-        identity["memorized_digest"] = hashlib.sha256(json.dumps(split_records_, sort_keys=True).encode()).hexdigest()
+    identity = _identity(model, factors, config, eval_config, split_parts)
     _check_resume(out, identity)
     cache = cache if cache is not None else EigenCache(None)
     results = out / RESULTS_FILE
     done = {r.id for r in read_results(results)} if results.exists() else set()
-    if needs_factors and any(p.id not in done for p in points):  # before anything is written or evaluated:
-        names = sorted({proj.name for proj, _ in targets})  # factors that cannot edit fail here
-        for name in tqdm(names, desc="eigendecompositions", unit="module", disable=None):
+    pending = [p for p in points if p.id not in done]
+    if needs_factors and pending:  # before anything is written or evaluated: factors that cannot edit fail here
+        for name in tqdm(sorted({proj.name for proj, _ in targets}), desc="eigendecompositions", unit="module",
+                         disable=None):
             cache.get(factors, name)  # once for the whole sweep (memory, else disk)
-    bsn_inputs = _bsn_inputs(config, split_records_, eval_config, tokenizer, model)  # checks before any file
-    method_inputs = {Method.BSN: {"bsn": bsn_inputs}, Method.EKFAC: {"ekfac": _ekfac_inputs(config, factors, targets)}}
+    method_inputs = {Method.BSN: {"bsn": _bsn_inputs(config, split_parts, eval_config, tokenizer, model)},
+                     Method.EKFAC: {"ekfac": _ekfac_inputs(config, factors, targets)}}  # checks before any file
     out.mkdir(parents=True, exist_ok=True)
-    split = None
-    evaluated_sets = list(eval_config.memorized)
-    if split_records_ is not None:
+    split, evaluated_sets = None, list(eval_config.memorized)
+    if split_parts is not None:
         (out / SPLIT_DIR).mkdir(exist_ok=True)
-        evaluated_sets = []
-        for part, records in zip((SELECTION, HELDOUT), split_records_):
-            path = out / SPLIT_DIR / f"{part}.jsonl"
+        evaluated_sets = [f"{out / SPLIT_DIR / part}.jsonl" for part in (SELECTION, HELDOUT)]
+        for path, records in zip(evaluated_sets, split_parts):
             with atomic_path(path) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-            evaluated_sets.append(str(path))
-        split = {"holdout_fraction": config.holdout_fraction, "seed": config.seed,
-                 "selection": len(split_records_[0]), "heldout": len(split_records_[1]),
-                 "files": [f"{SPLIT_DIR}/{SELECTION}.jsonl", f"{SPLIT_DIR}/{HELDOUT}.jsonl"]}
-    from .evaluate.suite import _set_names
-
+        split = {"holdout_fraction": config.holdout_fraction, "seed": config.seed, "selection": len(split_parts[0]),
+                 "heldout": len(split_parts[1]),
+                 "files": [f"{SPLIT_DIR}/{part}.jsonl" for part in (SELECTION, HELDOUT)]}
     names = _set_names(evaluated_sets + list(config.capability))
     parts = dict(zip(names, (SELECTION, HELDOUT))) if split is not None else {}
     capability = {n: Path(p).stem for n, p in zip(names[len(evaluated_sets):], config.capability)}
-    eval_config_memorized = list(eval_config.memorized)
+    memorized_given = list(eval_config.memorized)
     eval_config = dataclasses.replace(eval_config, memorized=evaluated_sets + list(config.capability))
-    write_json(
-        out / SWEEP_FILE,
-        {
-            "identity": identity,
-            "grid": {
-                "blocks": blocks,
-                "methods": list(config.methods),
-                "projection_sets": [list(s) for s in config.projection_sets],
-                "keep_masses": {m: config.keep_masses_of(m) for m in config.methods},
-                "groups": [list(g) for g in config.groups] if config.groups else None,
-                "max_combo": config.max_combo,
-                "points": len(points),
-            },
-            "split": split,
-            "ppl_budget": config.ppl_budget,
-        },
-    )
+    grid = {"blocks": blocks, "methods": list(config.methods),
+            "projection_sets": [list(s) for s in config.projection_sets],
+            "keep_masses": {m: config.keep_masses_of(m) for m in config.methods},
+            "groups": [list(g) for g in config.groups] if config.groups else None, "max_combo": config.max_combo,
+            "points": len(points)}
+    write_json(out / SWEEP_FILE, {"identity": identity, "grid": grid, "split": split, "ppl_budget": config.ppl_budget})
     _repair_torn_tail(results)
-    done = {r.id for r in read_results(results)} if results.exists() else set()
-
     reference_topk = own_reference_topk(model, tokenizer, eval_config)
 
     def measure(ppl_limit: float | None = None) -> dict[str, float]:
@@ -472,26 +394,19 @@ def run_sweep(
         rest["metrics"]["perplexity"] = first["metrics"]["perplexity"]
         return point_metrics(rest, parts, capability)
 
-    pending = [p for p in points if p.id not in done]
-
     if "base" not in done:
         t0 = time.perf_counter()
         base = SweepRecord(BASE_CONFIG, measure(), kind="base", seconds=round(time.perf_counter() - t0, 3))
         append_jsonl(results, base.to_dict())
         log.info("base model: strict %.4f, perplexity %.4f", base.strict, base.perplexity)
-
-    ppl_limit = None
-    if config.skip_over is not None:
-        ppl_limit = config.skip_over * base_record(read_results(results)).perplexity
+    ppl_limit = None if config.skip_over is None else config.skip_over * base_record(read_results(results)).perplexity
     log.info("sweep: %d points, %d done, %d to run", len(points), len(points) - len(pending), len(pending))
     bar = tqdm(pending, desc="sweep", unit="point", disable=None)
     started = time.perf_counter()
     for i, point in enumerate(bar, 1):
         t0 = time.perf_counter()
         try:
-            spec = point_spec(point, config.seed)
-            report = apply_edit(model, factors if spec.needs_factors else None, spec, cache=cache,
-                                **method_inputs.get(spec.method, {}))
+            report = _apply(model, point, factors, cache, config.seed, method_inputs)
             metrics = measure(ppl_limit)
         finally:
             restore(model)
@@ -499,16 +414,12 @@ def run_sweep(
         append_jsonl(results, record.to_dict())
         summary = f"{record.label()}: strict {record.strict:.3f} ppl {record.perplexity:.3f}"
         bar.set_postfix_str(summary)
-        if bar.disable:  # no bar (not a terminal): one log line per point, with the time left
-            elapsed = time.perf_counter() - started
-            left = elapsed / i * (len(pending) - i)
-            log.info("[%d/%d] %s (%s left)", i, len(pending), summary, _duration(left))
+        if bar.disable:  # --no-progress: one log line per point, with the time left
+            left = (time.perf_counter() - started) / i * (len(pending) - i)
+            log.info("[%d/%d] %s (%s left)", i, len(pending), summary, bar.format_interval(left))
 
     records = read_results(results)
-    base = base_record(records)
-    chosen = None
-    if base is not None and base.perplexity > 0 and math.isfinite(base.perplexity):
-        chosen = choose_best([r for r in records if r.kind == "point"], base.perplexity, config.ppl_budget)
+    chosen = chosen_point(records, config.ppl_budget)
     best_path = out / BEST_FILE
     if chosen is not None:
         layers = chosen.config.layers()
@@ -526,12 +437,9 @@ def run_sweep(
                             method_inputs)
     else:
         (out / RECORDS_FILE).unlink(missing_ok=True)
-    from .report import provenance, write_provenance
-
     write_provenance(out / PROVENANCE_FILE, provenance(
-        model, factors_manifest=getattr(factors, "manifest", None), memorized=list(eval_config_memorized),
-        split=split, started=started_at, weights_digest=identity["weights_digest"],
-        capability=list(config.capability)))
+        model, factors_manifest=getattr(factors, "manifest", None), memorized=memorized_given, split=split,
+        started=started_at, weights_digest=identity["weights_digest"], capability=list(config.capability)))
     if write_report:
         from .report import write_report as _write_report
 
@@ -540,8 +448,7 @@ def run_sweep(
 
 
 def _read_split(eval_config, config: SweepConfig) -> tuple[list[dict], list[dict]]:
-    """The memorized records of every ``--memorized`` file (as JSON objects, checked by the evaluation later),
-    split by :func:`split_records`."""
+    """The records of every ``--memorized`` file (JSON, checked by the evaluation later) by :func:`split_records`."""
     records: list[dict] = []
     for path in eval_config.memorized:
         if not Path(path).is_file():
@@ -567,23 +474,22 @@ def _ekfac_inputs(config: SweepConfig, factors, targets):
 
 
 def _bsn_inputs(config: SweepConfig, split: tuple[list[dict], list[dict]] | None, eval_config, tokenizer, model):
-    """The data of method bsn (``None`` when the sweep does not run it): the forget records are ``config.forget``
-    (refused when it shares a record with the held-out part) or else the selection part (every memorized record
-    without a split); the clean text is ``config.clean_data``. ``split``: the (selection, held-out) records."""
+    """The data of method bsn (``None`` when the sweep does not run it): forget records ``config.forget`` (refused
+    when sharing a record with the held-out part of ``split``), else the selection part (all without a split)."""
+    if Method.BSN.value not in config.methods:
+        return None
     from .bsn import BsnInputs, check_disjoint, load_bsn_data
     from .evaluate.records import _parse_record, load_records
 
-    if Method.BSN.value not in config.methods:
-        return None
     vocab = model.get_input_embeddings().num_embeddings
+    prefix_len, suffix_len = eval_config.prefix_len, eval_config.suffix_len
 
     def read(path):
-        return load_records(path, tokenizer=tokenizer, prefix_len=eval_config.prefix_len,
-                            suffix_len=eval_config.suffix_len, vocab_size=vocab)
+        return load_records(path, tokenizer=tokenizer, prefix_len=prefix_len, suffix_len=suffix_len, vocab_size=vocab)
 
     def parse(records, part):
-        return [_parse_record(r, f"{part} record {i + 1}", tokenizer, eval_config.prefix_len, eval_config.suffix_len,
-                              vocab) for i, r in enumerate(records)]
+        return [_parse_record(r, f"{part} record {i + 1}", tokenizer, prefix_len, suffix_len, vocab)
+                for i, r in enumerate(records)]
 
     if config.forget is not None:
         forget = read(config.forget)
@@ -596,52 +502,31 @@ def _bsn_inputs(config: SweepConfig, split: tuple[list[dict], list[dict]] | None
     return BsnInputs(load_bsn_data(forget, config.clean_data, tokenizer, config.bsn, vocab_size=vocab), config.bsn)
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def write_point_outputs(out: Path, model, tokenizer, point: SweepRecord, factors, cache: EigenCache, eval_config,
                         parts: dict[str, str] | None = None, seed: int = 0,
                         method_inputs: dict | None = None) -> None:  # fmt: skip
-    """What the report shows of one point: ``records.jsonl`` (every memorized record of ``eval_config`` continued by
-    the base model and by the edited one, :func:`kfac_edit.report.write_records`) and, for a method with factors,
-    ``spectra.json``. Two generation passes; ``model`` holds its original weights on return. ``method_inputs``:
-    per method, the extra :func:`~kfac_edit.edit.apply_edit` arguments (``bsn``'s data, ``ekfac``'s eigenvalues)."""
+    """What the report shows of one point (two generation passes, ``model`` restored on return): ``records.jsonl``
+    (every memorized record continued by the base and the edited model) and, for a method with factors,
+    ``spectra.json``. ``method_inputs``: as :func:`_apply` takes them."""
     from .evaluate.suite import memorized_outputs
-    from .report import write_records
+    from .report import write_records, write_spectra
 
     restore(model)
     before = memorized_outputs(model, tokenizer, eval_config)
-    spec = point_spec(point.config, seed)
     try:
-        apply_edit(model, factors if spec.needs_factors else None, spec, cache=cache,
-                   **(method_inputs or {}).get(spec.method, {}))
+        _apply(model, point.config, factors, cache, seed, method_inputs)
         after = memorized_outputs(model, tokenizer, eval_config)
     finally:
         restore(model)
     write_records(out / RECORDS_FILE, before, after, tokenizer, parts, point=point.label())
-    if spec.needs_factors:
-        _write_spectra(out, point, factors, cache)
-    else:
+    if not point_spec(point.config).needs_factors:
         (out / SPECTRA_FILE).unlink(missing_ok=True)
-
-
-def _write_spectra(out: Path, chosen: SweepRecord, factors, cache: EigenCache) -> None:
-    from .report import write_spectra
-
+        return
     modules = {}
-    for m in chosen.edit.get("modules", []):
-        name = m["name"]
-        if name not in factors:
-            continue
-        grad, act = cache.get(factors, name)
-        modules[name] = {
-            "keep_mass": m.get("keep_mass"),
-            "grad_eigvals": grad.values.cpu(),
-            "act_eigvals": act.values.cpu(),
-            "grad_used": m.get("grad_vectors_used"),
-            "act_used": m.get("act_vectors_used"),
-            "mass_fraction": m.get("mass_fraction"),
-        }
+    for m in point.edit.get("modules", []):
+        if m["name"] in factors:
+            grad, act = cache.get(factors, m["name"])
+            modules[m["name"]] = {"keep_mass": m.get("keep_mass"), "grad_eigvals": grad.values.cpu(),
+                                  "act_eigvals": act.values.cpu(), "grad_used": m.get("grad_vectors_used"),
+                                  "act_used": m.get("act_vectors_used"), "mass_fraction": m.get("mass_fraction")}
     write_spectra(out / SPECTRA_FILE, modules)
