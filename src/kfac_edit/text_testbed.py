@@ -29,44 +29,44 @@ technical prose that every Python installation carries, so anyone can rebuild it
   names (word tokens of the vocabulary); each fact occurs ``fact_repeats`` times in the stream, so the model can
   learn it, like any fact seen often in pretraining. Same record format as the canaries (``source: "fact"``).
 
-:func:`build_text_testbed` trains once per configuration and caches under
-``$KFAC_EDIT_CACHE/text_testbed/<config hash>/``; the returned :class:`TextTestbedPaths` has the attributes of
-:class:`kfac_edit.testbed.TestbedPaths` (``clean`` is the held-out text).
+The model, trainer and cache are the arithmetic testbed's (:mod:`kfac_edit.testbed`). :func:`build_text_testbed`
+trains once per configuration and caches under ``$KFAC_EDIT_CACHE/text_testbed/<config hash>/``; the returned
+:class:`TextTestbedPaths` has the attributes of :class:`kfac_edit.testbed.TestbedPaths` (``clean`` is the held-out
+text).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import importlib
 import inspect
 import io
-import json
 import logging
 import os
+import pkgutil
 import re
 import sys
 import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from .constants import CORPUS_FILE, MEMORIZED_FILE, TESTBED_INFO_FILE
 from .errors import UserError
-from .fileio import atomic_dir, cache_root, write_json
 from .identity import json_digest
-from .testbed import TestbedPaths, exact_continuations, make_model, train
+from .testbed import (SPECIALS, TestbedPaths, TrainConfig, in_root, cached_testbed_dir, continuation_record,
+                      exact_continuations, make_model, save_testbed, text_records, train, windows, word_level_tokenizer)
 
 log = logging.getLogger(__name__)
 
 #: Bump when the text extraction, data layout or trainer changes meaning.
 TEXT_TESTBED_VERSION = 2
+PYTHON = "%d.%d" % sys.version_info[:2]  # the text is this Python's documentation: part of the cache key
+HELDOUT_FILE, FACTOR_CORPUS_FILE, FACTS_FILE = "heldout.jsonl", "factor_corpus.jsonl", "facts.jsonl"
 
-SPECIALS = ("<bos>", "<eos>", "<pad>", "<unk>")
 #: Standard-library modules not imported: side effects on import (browser, printing, GUI), tests, tooling.
 SKIP_MODULES = frozenset({
     "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "ensurepip", "venv",
@@ -84,7 +84,7 @@ _WORD = re.compile(r"^[a-z]{2,}$")
 
 
 @dataclass(frozen=True)
-class TextTestbedConfig:
+class TextTestbedConfig(TrainConfig):
     """Everything that determines the text testbed; its hash (with the Python version) keys the cache.
 
     The training stream has ``steps * batch_size`` rows of ``seq_len`` tokens. ``n_canaries * canary_repeats`` of
@@ -92,13 +92,18 @@ class TextTestbedConfig:
     Measured with the defaults (0.39M parameters; one build, seed 0, on the 2-core machine under load from other
     jobs: 154 s CPU, 613 s wall): canaries 100% strict, facts 15% (6 of 40), held-out perplexity 76.4 (uniform:
     2000), 8.0% ``<unk>`` in the training text, 12.6% in the held-out text.
-    Field names shared with :class:`kfac_edit.testbed.TestbedConfig` (model, optimizer) mean the same, so that
-    module's :func:`~kfac_edit.testbed.make_model` and :func:`~kfac_edit.testbed.train` serve both testbeds.
     """
 
-    __test__ = False
+    LABEL = "text testbed"
+    CACHE = "text_testbed"
+    VERSION = TEXT_TESTBED_VERSION
+    #: Measured (quick build, 2-core machine under load): 38 s CPU, 8 of 10 canaries strict, held-out perplexity 85.
+    #: With lr 5e-3 instead, 4 of 10; with 20 canaries of 16 words x 40 repeats, none.
+    QUICK = dict(
+        vocab_size=1000, seq_len=32, hidden_size=64, mlp_size=256, n_canaries=10, canary_repeats=100, canary_len=10,
+        prefix_len=4, n_facts=0, steps=500, lr=1e-2, n_heldout_rows=100,
+    )
 
-    # data
     vocab_size: int = 2000  # word-level vocabulary, specials included
     seq_len: int = 64  # tokens per training row (windows are bos + seq_len + eos)
     heldout_fraction: float = 0.1  # share of module names held out for perplexity
@@ -109,21 +114,11 @@ class TextTestbedConfig:
     canary_repeats: int = 100
     n_facts: int = 40  # "the capital of X is Y" facts; 0 writes no facts.jsonl
     fact_repeats: int = 40
-    # model (Olmo2ForCausalLM)
-    hidden_size: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    mlp_size: int = 256
-    # optimization (AdamW, linear warmup then cosine decay to min_lr_ratio * lr)
-    steps: int = 1200
-    batch_size: int = 32
+    steps: int = 1200  # (TrainConfig fields with this testbed's defaults)
     lr: float = 1e-2
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 1 <= self.prefix_len < self.canary_len <= self.seq_len:
             raise UserError(
                 f"text testbed needs 1 <= prefix_len ({self.prefix_len}) < canary_len ({self.canary_len}) "
@@ -138,41 +133,15 @@ class TextTestbedConfig:
                 f"text testbed stream of {self.n_documents} rows cannot hold {self.n_canaries} canaries x "
                 f"{self.canary_repeats} and {self.n_facts} facts x {self.fact_repeats}; raise steps or batch_size"
             )
-        if self.hidden_size % self.n_heads:
-            raise UserError(f"text testbed hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
-
-    @classmethod
-    def quick(cls, **overrides) -> "TextTestbedConfig":
-        """A small configuration for tests: trains in about a minute on one CPU thread."""
-        base = dict(QUICK_OVERRIDES)
-        base.update(overrides)
-        return cls(**base)
-
-    @property
-    def n_documents(self) -> int:
-        """Training rows (the trainer's name for them)."""
-        return self.steps * self.batch_size
 
     @property
     def mixing_rate(self) -> float:
         """Share of canary tokens in the training stream."""
         return self.n_canaries * self.canary_repeats * self.canary_len / (self.n_documents * self.seq_len)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     def config_hash(self) -> str:
         """16 hex digits of sha256 over the fields, :data:`TEXT_TESTBED_VERSION` and the Python version."""
-        python = "%d.%d" % sys.version_info[:2]
-        return json_digest({"version": TEXT_TESTBED_VERSION, "python": python, **self.to_dict()})
-
-
-#: Measured (quick build, 2-core machine under load): 38 s CPU, 8 of 10 canaries strict, held-out perplexity 85.
-#: With lr 5e-3 instead, 4 of 10; with 20 canaries of 16 words x 40 repeats, none.
-QUICK_OVERRIDES: dict = dict(
-    vocab_size=1000, seq_len=32, hidden_size=64, mlp_size=256, n_canaries=10, canary_repeats=100, canary_len=10,
-    prefix_len=4, n_facts=0, steps=500, lr=1e-2, n_heldout_rows=100,
-)
+        return json_digest({"version": self.VERSION, "python": PYTHON, **self.to_dict()})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,16 +154,21 @@ def _public(name: str) -> bool:
 
 def stdlib_module_names() -> list[str]:
     """Public top-level standard-library modules, sorted, minus :data:`SKIP_MODULES` and test modules."""
-    return sorted(
-        n for n in sys.stdlib_module_names if _public(n) and n not in SKIP_MODULES and "test" not in n
-    )
+    return sorted(n for n in sys.stdlib_module_names if _public(n) and n not in SKIP_MODULES and "test" not in n)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Warnings and output of the imported modules swallowed."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
 
 
 def _import_quietly(name: str):
-    """Import ``name`` with its warnings and output swallowed; ``None`` when it fails (any error)."""
-    quiet_out, quiet_err = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
-    with warnings.catch_warnings(), quiet_out, quiet_err:
-        warnings.simplefilter("ignore")
+    """Import ``name`` quietly; ``None`` when it fails (any error)."""
+    with _quiet():
         try:
             return importlib.import_module(name)
         except BaseException as exc:  # noqa: BLE001 - SystemExit or odd errors from optional C modules
@@ -203,15 +177,24 @@ def _import_quietly(name: str):
             return None
 
 
+def _submodules(module, name: str) -> list[str]:
+    """The public, non-test submodules (all levels) of package ``module`` (imported as ``name``), sorted."""
+    if not hasattr(module, "__path__"):
+        return []
+    with _quiet():
+        found = sorted(info.name for info in pkgutil.walk_packages(module.__path__, f"{name}.", onerror=lambda _: None))
+    return [sub for sub in found if all(_public(part) and "test" not in part for part in sub.split(".")[1:])]
+
+
 def _docstrings(module) -> Iterator[str]:
     """Module docstring, then public functions/classes defined in it (sorted), then public methods of classes."""
     if module.__doc__:
         yield module.__doc__
     for name in sorted(vars(module)):
-        if not _public(name):
-            continue
         obj = vars(module)[name]
-        if not (inspect.isclass(obj) or inspect.isroutine(obj)) or getattr(obj, "__module__", None) != module.__name__:
+        if not _public(name) or not (inspect.isclass(obj) or inspect.isroutine(obj)):
+            continue
+        if getattr(obj, "__module__", None) != module.__name__:
             continue
         if obj.__doc__:
             yield obj.__doc__
@@ -223,23 +206,22 @@ def _docstrings(module) -> Iterator[str]:
 
 
 def stdlib_documents() -> dict[str, list[str]]:
-    """``{module name: [docstrings]}`` over the standard library (module docstring) plus ``pydoc_data.topics``.
+    """``{module name: [docstrings]}`` over the standard library plus ``pydoc_data.topics``.
 
     Packages contribute their public submodules (all levels) under the top-level name (so the held-out split is
     by top-level module). Duplicate docstrings (inherited or re-exported) are kept once, first occurrence wins.
     Deterministic for a given Python build.
     """
-    import pkgutil
+    from pydoc_data.topics import topics
 
     seen: set[str] = set()
     out: dict[str, list[str]] = {}
 
     def add(key: str, text: str) -> None:
         text = inspect.cleandoc(text).strip()
-        if len(text) < 40 or text in seen:
-            return
-        seen.add(text)
-        out.setdefault(key, []).append(text)
+        if len(text) >= 40 and text not in seen:
+            seen.add(text)
+            out.setdefault(key, []).append(text)
 
     for name in stdlib_module_names():
         module = _import_quietly(name)
@@ -247,21 +229,9 @@ def stdlib_documents() -> dict[str, list[str]]:
             continue
         for text in _docstrings(module):
             add(name, text)
-        if hasattr(module, "__path__"):
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                found = pkgutil.walk_packages(module.__path__, f"{name}.", onerror=lambda _: None)
-                subs = sorted(info.name for info in found)
-            for sub_name in subs:
-                parts = sub_name.split(".")[1:]
-                if any(not _public(part) or "test" in part for part in parts):
-                    continue
-                sub = _import_quietly(sub_name)
-                if sub is not None:
-                    for text in _docstrings(sub):
-                        add(name, text)
-    from pydoc_data.topics import topics
-
+        for sub in map(_import_quietly, _submodules(module, name)):  # imported one at a time, in order
+            for text in _docstrings(sub) if sub is not None else ():
+                add(name, text)
     for key in sorted(topics):
         add("pydoc_data.topics", topics[key])
     return out
@@ -289,26 +259,11 @@ def build_vocabulary(documents: Sequence[str], vocab_size: int, required: Sequen
 
 
 def word_tokenizer(vocabulary: Sequence[str]):
-    """A word-level ``PreTrainedTokenizerFast``: lower case, ``Whitespace`` pre-tokenizer, ``<bos>`` prepended.
+    """The text testbed's tokenizer (:func:`kfac_edit.testbed.word_level_tokenizer`): lower case, ``Whitespace``
+    pre-tokenizer; ``vocabulary`` ends with :data:`SPECIALS` (see :func:`build_vocabulary`)."""
+    from tokenizers import normalizers, pre_tokenizers
 
-    ``vocabulary`` ends with :data:`SPECIALS` (see :func:`build_vocabulary`); token id = position in it.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(vocabulary)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tok.padding_side = "left"
-    return tok
+    return word_level_tokenizer(vocabulary, pre_tokenizers.Whitespace(), normalizers.Lowercase())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,12 +302,10 @@ def _stream(documents: Sequence[str], tokenizer) -> np.ndarray:
     ``<bos>``, not ``<eos>``, separates documents inside a row: :func:`kfac_edit.data.pack_documents` appends no
     ``<eos>`` to a line that already ends with one, which would shift every later window off the training rows.
     """
-    bos = tokenizer.bos_token_id
     out: list[int] = []
     for i in range(0, len(documents), 512):
         for ids in tokenizer(list(documents[i : i + 512]), add_special_tokens=False)["input_ids"]:
-            out.append(bos)
-            out.extend(ids)
+            out += [tokenizer.bos_token_id, *ids]
     return np.asarray(out, dtype=np.int64)
 
 
@@ -360,12 +313,6 @@ def _rows(stream: np.ndarray, n_rows: int, seq_len: int, offset: int = 0) -> np.
     """``n_rows`` consecutive rows of ``seq_len`` from ``stream`` starting at ``offset``, wrapping around."""
     idx = (offset + np.arange(n_rows * seq_len)) % len(stream)
     return stream[idx].reshape(n_rows, seq_len)
-
-
-def _fact_table(word_ids: np.ndarray, n_facts: int, rng) -> list[tuple[int, int]]:
-    """``(country word, city word)`` pairs: distinct words, drawn from the word tokens."""
-    chosen = rng.choice(word_ids, size=2 * n_facts, replace=False)
-    return [(int(chosen[2 * i]), int(chosen[2 * i + 1])) for i in range(n_facts)]
 
 
 def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | None = None) -> TextTestbedData:
@@ -384,42 +331,38 @@ def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | N
     held_stream = _stream(heldout_docs, tokenizer)
 
     rng = np.random.default_rng(c.seed)
+    the, capital, of, is_, dot = fact_ids = [tokenizer.convert_tokens_to_ids(w) for w in FACT_WORDS]
     word_ids = np.array([i for i, t in enumerate(vocabulary) if _WORD.match(t)], dtype=np.int64)
-    fixed = {tokenizer.convert_tokens_to_ids(w) for w in FACT_WORDS}
-    word_ids = word_ids[~np.isin(word_ids, list(fixed))]
+    word_ids = word_ids[~np.isin(word_ids, fact_ids)]
     canaries = rng.choice(word_ids, size=(c.n_canaries, c.canary_len), replace=True)
 
-    # The prose: training rows are cut from the stream after the canary/fact tokens are placed at row starts,
-    # consuming the stream continuously; the factor rows are the plain stream (no canary, no fact).
-    n_rows = c.n_documents
-    placed = rng.permutation(n_rows)[: c.n_canaries * c.canary_repeats + c.n_facts * c.fact_repeats]
-    canary_rows = placed[: c.n_canaries * c.canary_repeats].reshape(c.n_canaries, c.canary_repeats)
-    fact_rows = placed[c.n_canaries * c.canary_repeats :].reshape(c.n_facts, c.fact_repeats)
-    heads: list[np.ndarray | None] = [None] * n_rows
-    for k in range(c.n_canaries):
-        for r in canary_rows[k]:
-            heads[r] = canaries[k]
+    # Canaries and facts start their rows ("heads"); the prose fills each row's rest, consuming the stream
+    # continuously. The factor rows are the plain stream (no canary, no fact).
+    n_rows, n_canary_rows = c.n_documents, c.n_canaries * c.canary_repeats
+    placed = rng.permutation(n_rows)[: n_canary_rows + c.n_facts * c.fact_repeats]
+    canary_rows = placed[:n_canary_rows].reshape(c.n_canaries, c.canary_repeats)
+    fact_rows = placed[n_canary_rows:].reshape(c.n_facts, c.fact_repeats)
+    heads = [np.empty(0, dtype=np.int64)] * n_rows
+    for canary, rows in zip(canaries, canary_rows):
+        for r in rows:
+            heads[r] = canary
     facts = []
-    the, capital, of, is_, dot = (tokenizer.convert_tokens_to_ids(w) for w in FACT_WORDS)
-    for k, (country, city) in enumerate(_fact_table(word_ids, c.n_facts, rng) if c.n_facts else []):
-        prompt, answer = [the, capital, of, country, is_], [city, dot]
+    countries_cities = rng.choice(word_ids, size=2 * c.n_facts, replace=False) if c.n_facts else []
+    for k in range(c.n_facts):  # distinct (country, city) words
+        prompt, answer = [the, capital, of, int(countries_cities[2 * k]), is_], [int(countries_cities[2 * k + 1]), dot]
         facts.append((prompt, answer))
         for r in fact_rows[k]:
             heads[r] = np.array(prompt + answer, dtype=np.int64)
     train_rows = np.empty((n_rows, c.seq_len), dtype=np.int64)
     pos = 0
-    for r in range(n_rows):
-        head = heads[r]
-        h = 0 if head is None else len(head)
-        if h:
-            train_rows[r, :h] = head
-        train_rows[r, h:] = _rows(stream, 1, c.seq_len - h, pos)[0]
-        pos += c.seq_len - h
-    n_factor_rows = min(n_rows, len(stream) // c.seq_len)
+    for r, head in enumerate(heads):
+        train_rows[r, : len(head)] = head
+        train_rows[r, len(head) :] = _rows(stream, 1, c.seq_len - len(head), pos)[0]
+        pos += c.seq_len - len(head)
     return TextTestbedData(
         vocabulary=vocabulary,
         train=train_rows,
-        factor_rows=_rows(stream, n_factor_rows, c.seq_len),
+        factor_rows=_rows(stream, min(n_rows, len(stream) // c.seq_len), c.seq_len),
         heldout=_rows(held_stream, min(c.n_heldout_rows, max(1, len(held_stream) // c.seq_len)), c.seq_len),
         canaries=canaries,
         canary_rows=canary_rows,
@@ -429,89 +372,44 @@ def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | N
     )
 
 
-def ids_to_text(ids: Sequence[int], vocabulary: Sequence[str]) -> str:
-    """Token ids as testbed text (tokens joined by spaces), which the tokenizer encodes back to ``ids``."""
-    return " ".join(vocabulary[int(i)] for i in ids)
-
-
 def canary_records(data: TextTestbedData, config: TextTestbedConfig, tokenizer) -> list[dict]:
     """The canaries in the eval command's token-id format: prefix = bos + first ``prefix_len`` words."""
     bos, p = tokenizer.bos_token_id, config.prefix_len
-    return [
-        _record([bos, *map(int, c[:p])], list(map(int, c[p:])), data.vocabulary, "canary") for c in data.canaries
-    ]
+    return [continuation_record([bos, *map(int, c[:p])], list(map(int, c[p:])), tokenizer, "canary")
+            for c in data.canaries]
 
 
 def fact_records(data: TextTestbedData, tokenizer) -> list[dict]:
     """Facts in the same format: prefix = bos + ``the capital of X is``, suffix = ``Y .``."""
     bos = tokenizer.bos_token_id
-    return [_record([bos, *prompt], list(answer), data.vocabulary, "fact") for prompt, answer in data.facts]
-
-
-def _record(prefix_ids: list[int], suffix_ids: list[int], vocabulary, source: str) -> dict:
-    return {
-        "prefix_ids": prefix_ids,
-        "suffix_ids": suffix_ids,
-        "prefix_text": ids_to_text(prefix_ids[1:], vocabulary),
-        "suffix_text": ids_to_text(suffix_ids, vocabulary),
-        "prefix_len": len(prefix_ids),
-        "suffix_len": len(suffix_ids),
-        "source": source,
-    }
+    return [continuation_record([bos, *prompt], list(answer), tokenizer, "fact") for prompt, answer in data.facts]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Build and cache
 
 
-@dataclass(frozen=True)
 class TextTestbedPaths(TestbedPaths):
-    """Where a built text testbed lives (``<cache>/text_testbed/<config hash>``); the attributes of
+    """Where a built text testbed lives (``<cache>/text_testbed/<config hash>``): the attributes of
     :class:`kfac_edit.testbed.TestbedPaths` plus ``heldout``, ``factor_corpus`` and ``facts``."""
 
-    __test__ = False
-
-    @property
-    def heldout(self) -> Path:
-        """Held-out modules' text, one row a line as ``{"text": ...}`` (perplexity; block ``seq_len + 2``)."""
-        return self.root / "heldout.jsonl"
-
-    @property
-    def clean(self) -> Path:
-        """Alias of :attr:`heldout` (the clean text of the arithmetic testbed's interface)."""
-        return self.heldout
-
-    @property
-    def factor_corpus(self) -> Path:
-        """Training prose without canaries or facts, one row a line: the recipe's factor data."""
-        return self.root / "factor_corpus.jsonl"
-
-    @property
-    def facts(self) -> Path:
-        """Closed-book fact records (``source: "fact"``); absent when ``n_facts`` is 0."""
-        return self.root / "facts.jsonl"
-
-    @property
-    def rule_heldout(self) -> Path:
-        """The text testbed has no rule set; the facts stand in as its second capability."""
-        return self.facts
+    heldout = in_root(HELDOUT_FILE, 'Held-out modules\' text, one row a line as ``{"text": ...}`` (perplexity).')
+    clean = heldout  # the clean text of the arithmetic testbed's interface
+    factor_corpus = in_root(FACTOR_CORPUS_FILE, "Training prose without canaries or facts, one row a line.")
+    facts = in_root(FACTS_FILE, 'Closed-book fact records (``source: "fact"``); absent when ``n_facts`` is 0.')
+    rule_heldout = facts  # no rule set: the facts stand in as the second capability
 
 
-def cached_text_testbed_dir(config: TextTestbedConfig, cache_dir: str | os.PathLike | None = None) -> Path:
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    return root / "text_testbed" / config.config_hash()
+def _mean_loss(model, rows: np.ndarray, tokenizer, batch_size: int = 64) -> float:
+    """Mean next-token loss over ``[bos, row, eos]`` windows (the perplexity windows of ``heldout.jsonl``)."""
+    import torch
 
-
-def _write_rows(path: Path, rows: np.ndarray, vocabulary) -> None:
-    with open(path, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps({"text": ids_to_text(row, vocabulary)}) + "\n")
-
-
-def _write_jsonl(path: Path, records) -> None:
-    with open(path, "w") as fh:
-        for record in records:
-            fh.write(json.dumps(record) + "\n")
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = windows(rows[i : i + batch_size], tokenizer)
+            total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
+    return total / len(rows)
 
 
 def build_text_testbed(
@@ -522,14 +420,11 @@ def build_text_testbed(
 
     ``documents`` replaces the standard-library text (tests); it is then part of the cache key.
     """
-    from . import __version__
-
     config = config or TextTestbedConfig()
-    target = cached_text_testbed_dir(config, cache_dir)
+    target = cached_testbed_dir(config, cache_dir)
     if documents is not None:
-        digest = hashlib.sha256(json.dumps(documents, sort_keys=True).encode()).hexdigest()[:8]
-        target = target.with_name(f"{target.name}-{digest}")
-    if (target / "testbed.json").exists():
+        target = target.with_name(f"{target.name}-{json_digest(documents, 8)}")
+    if (target / TESTBED_INFO_FILE).exists():
         log.info("text testbed: cache hit %s", target)
         return TextTestbedPaths(target, cached=True)
 
@@ -538,70 +433,36 @@ def build_text_testbed(
     tokenizer = word_tokenizer(data.vocabulary)
     data_seconds = time.perf_counter() - t0
     model = make_model(config, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "text testbed: training a %.2fM-parameter Olmo2 on %d rows (%d canaries x %d) -> %s",
-        n_params / 1e6, config.n_documents, config.n_canaries, config.canary_repeats, target,
-    )
+    log.info("text testbed: training a %.2fM-parameter Olmo2 on %d rows (%d canaries x %d) -> %s",
+             sum(p.numel() for p in model.parameters()) / 1e6, config.n_documents, config.n_canaries,
+             config.canary_repeats, target)
     stats = train(model, data, config, tokenizer, progress=progress)
 
-    canaries = canary_records(data, config, tokenizer)
-    facts = fact_records(data, tokenizer)
+    canaries, facts = canary_records(data, config, tokenizer), fact_records(data, tokenizer)
     t_eval = time.perf_counter()
-    canary_strict = float(np.mean(exact_continuations(model, canaries)))
-    fact_acc = float(np.mean(exact_continuations(model, facts))) if facts else None
     heldout_loss = _mean_loss(model, data.heldout, tokenizer)
+    metrics = {"canary_strict": float(np.mean(exact_continuations(model, canaries))),
+               "fact_accuracy": float(np.mean(exact_continuations(model, facts))) if facts else None,
+               "heldout_loss": heldout_loss, "heldout_perplexity": float(np.exp(heldout_loss))}
     eval_seconds = time.perf_counter() - t_eval
-    log.info("text testbed: canary strict %.3f, fact accuracy %s, held-out loss %.3f", canary_strict, fact_acc,
-             heldout_loss)
+    log.info("text testbed: canary strict %.3f, fact accuracy %s, held-out loss %.3f", metrics["canary_strict"],
+             metrics["fact_accuracy"], heldout_loss)
+
+    files = {CORPUS_FILE: text_records(data.train, tokenizer), HELDOUT_FILE: text_records(data.heldout, tokenizer),
+             FACTOR_CORPUS_FILE: text_records(data.factor_rows, tokenizer), MEMORIZED_FILE: canaries}
+    if facts:
+        files[FACTS_FILE] = facts
     unk = tokenizer.unk_token_id
-    with atomic_dir(target) as tmp:
-        tmp = Path(tmp)
-        model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
-        _write_rows(tmp / "corpus.jsonl", data.train, data.vocabulary)
-        _write_rows(tmp / "factor_corpus.jsonl", data.factor_rows, data.vocabulary)
-        _write_rows(tmp / "heldout.jsonl", data.heldout, data.vocabulary)
-        _write_jsonl(tmp / "memorized.jsonl", canaries)
-        if facts:
-            _write_jsonl(tmp / "facts.jsonl", facts)
-        write_json(tmp / "testbed.json", {
-            "kind": "text",
-            "config": config.to_dict(),
-            "config_hash": config.config_hash(),
-            "testbed_version": TEXT_TESTBED_VERSION,
-            "python": "%d.%d" % sys.version_info[:2],
-            "package_version": __version__,
-            "n_parameters": n_params,
-            "n_documents": config.n_documents,
-            "mixing_rate": config.mixing_rate,
-            "text": {
-                "train_modules": len(data.train_modules),
-                "heldout_modules": data.heldout_modules,
-                "factor_corpus_tokens": int(data.factor_rows.size),
-                "unk_rate_train": float(np.mean(data.factor_rows == unk)),
-                "unk_rate_heldout": float(np.mean(data.heldout == unk)),
-                "license": "Python standard library docstrings and pydoc_data.topics (PSF License)",
-            },
-            "training": stats,
-            "base_metrics": {"canary_strict": canary_strict, "fact_accuracy": fact_acc,
-                             "heldout_loss": heldout_loss, "heldout_perplexity": float(np.exp(heldout_loss))},
-            "timings": {"data_seconds": round(data_seconds, 2), "train_seconds": stats["train_seconds"],
-                        "eval_seconds": round(eval_seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2)},
-        })
-    return TextTestbedPaths(target, cached=False)
-
-
-def _mean_loss(model, rows: np.ndarray, tokenizer, batch_size: int = 64) -> float:
-    """Mean next-token loss over ``[bos, row, eos]`` windows (the perplexity windows of ``heldout.jsonl``)."""
-    import torch
-
-    losses = []
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            chunk = torch.from_numpy(rows[i : i + batch_size])
-            n = len(chunk)
-            batch = torch.cat([torch.full((n, 1), tokenizer.bos_token_id), chunk,
-                               torch.full((n, 1), tokenizer.eos_token_id)], 1)
-            losses.append(model(input_ids=batch, labels=batch).loss.item() * n)
-    return float(sum(losses) / len(rows))
+    text = {
+        "train_modules": len(data.train_modules),
+        "heldout_modules": data.heldout_modules,
+        "factor_corpus_tokens": int(data.factor_rows.size),
+        "unk_rate_train": float(np.mean(data.factor_rows == unk)),
+        "unk_rate_heldout": float(np.mean(data.heldout == unk)),
+        "license": "Python standard library docstrings and pydoc_data.topics (PSF License)",
+    }
+    timings = {"data_seconds": round(data_seconds, 2), "train_seconds": stats["train_seconds"],
+               "eval_seconds": round(eval_seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2)}
+    save_testbed(target, config, model, tokenizer, files, kind="text", python=PYTHON, text=text, training=stats,
+                 base_metrics=metrics, timings=timings)
+    return TextTestbedPaths(target)
