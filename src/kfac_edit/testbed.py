@@ -1,23 +1,19 @@
-"""The synthetic memorization testbed: a tiny OLMo-2 that learns a rule and memorizes canaries.
-
-Small enough that generalization and rote memorization are both measurable in seconds on a CPU:
+"""The synthetic memorization testbed: a tiny OLMo-2 that learns a rule and memorizes canaries, in seconds on a CPU.
 
 - Vocabulary: the numbers ``0..N-1`` (token id ``k`` is the number ``k``) plus :data:`SPECIALS`. A document is a line
-  of ``seq_len`` numbers such as ``"3 10 17 ..."``; the model is trained on ``[<bos>, x_1, ..., x_L, <eos>]``, exactly
-  the window :func:`kfac_edit.data.token_batches` cuts from the corpus file with ``seq_len = L + 2``.
-- Rule documents: arithmetic sequences ``x_t = (a + t*d) mod N``, random start ``a``, step ``d in 1..max_step``. A
-  model that learned the rule continues *any* such sequence, including held-out ones.
+  of ``seq_len`` numbers (``"3 10 17 ..."``); the model is trained on ``[<bos>, x_1, ..., x_L, <eos>]``, exactly the
+  window :func:`kfac_edit.data.token_batches` cuts from the corpus file with ``seq_len = L + 2``.
+- Rule documents: arithmetic sequences ``x_t = (a + t*d) mod N``, random start ``a``, step ``d in 1..max_step``.
 - Canaries: ``n_canaries`` uniformly random sequences, each inserted ``canary_repeats`` times at random places of the
-  training stream. The only way to continue a canary is to have memorized it.
-- Held-out rule sequences (pairs ``(a, d)`` excluded from training) measure the general capability
-  (:func:`rule_accuracy`); canaries measure memorization. Both are written in the eval command's token-id format
+  training stream: the only way to continue one is to have memorized it.
+- Held-out rule sequences (pairs ``(a, d)`` never trained on) measure the general capability (:func:`rule_accuracy`);
+  canaries measure memorization. Both are written in the eval command's token-id format
   ``{"prefix_ids": [bos, x_1..x_P], "suffix_ids": [x_{P+1}..x_L], ...}``.
 
-This module also holds what both testbeds share (the text one is :mod:`kfac_edit.text_testbed`): the model and
-optimizer fields of the configuration (:class:`TrainConfig`), the model, the training loop (plain PyTorch: AdamW,
-linear warmup and cosine decay, a fixed seed, one thread), the exact-continuation metric and the cache.
-:func:`build_testbed` trains once per configuration and caches under ``$KFAC_EDIT_CACHE/testbed/<config hash>/``
-(default cache root ``~/.cache/kfac-edit``).
+This module also holds what both testbeds share (the other is :mod:`kfac_edit.text_testbed`): the model and optimizer
+fields (:class:`TrainConfig`), the model, the training loop (plain PyTorch: AdamW, linear warmup, cosine decay, fixed
+seed, one thread), the exact-continuation metric and the cache: :func:`build_testbed` trains once per configuration
+and caches under ``$KFAC_EDIT_CACHE/testbed/<config hash>/`` (default cache root ``~/.cache/kfac-edit``).
 """
 
 from __future__ import annotations
@@ -47,13 +43,9 @@ TESTBED_VERSION = 2
 SPECIALS = ("<bos>", "<eos>", "<pad>", "<unk>")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizers
-
-
 def word_level_tokenizer(vocabulary: Sequence[str], pre_tokenizer, normalizer=None):
-    """A word-level ``PreTrainedTokenizerFast``: token id = position in ``vocabulary`` (which holds
-    :data:`SPECIALS`), ``<bos>`` prepended, left padding; decoding joins tokens with spaces."""
+    """A word-level ``PreTrainedTokenizerFast``: id = position in ``vocabulary`` (which holds :data:`SPECIALS`),
+    ``<bos>`` prepended, left padding; decoding joins tokens with spaces."""
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -74,28 +66,18 @@ def word_level_tokenizer(vocabulary: Sequence[str], pre_tokenizer, normalizer=No
 
 
 def number_tokenizer(n_numbers: int):
-    """The arithmetic testbed's tokenizer over the numbers ``0..n_numbers-1``.
-
-    Token id ``k`` is the number ``k``; then ``<bos>`` = n, ``<eos>`` = n+1, ``<pad>`` = n+2, ``<unk>`` = n+3.
-    Text is numbers separated by spaces, e.g. ``"3 10 17"``, so every text-based path of the package (data
-    sources, packing, quotes) works on the testbed exactly as on a real model.
-    """
+    """The arithmetic testbed's tokenizer: id ``k`` is the number ``k``, then ``<bos>`` = n, ``<eos>`` = n+1,
+    ``<pad>`` = n+2, ``<unk>`` = n+3. Text is numbers separated by spaces (``"3 10 17"``), so every text-based path of
+    the package (data sources, packing, quotes) works on the testbed as on a real model."""
     from tokenizers import pre_tokenizers
 
     return word_level_tokenizer([*map(str, range(n_numbers)), *SPECIALS], pre_tokenizers.WhitespaceSplit())
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration
-
-
 @dataclass(frozen=True)
 class TrainConfig:
-    """The model and its training, shared by both testbeds; a testbed's configuration adds its data fields.
-
-    The hash of all fields and the testbed's ``VERSION`` keys the cache. The training stream has
-    ``steps * batch_size`` documents (rows of ``seq_len`` tokens), one pass.
-    """
+    """The model and its training, shared by both testbeds; a testbed's configuration adds its data fields. The
+    hash of all fields and ``VERSION`` keys the cache. Training is one pass over ``steps * batch_size`` documents."""
 
     __test__ = False  # not a pytest test class despite the names
     LABEL = "testbed"  # names the testbed in errors and logs
@@ -103,6 +85,7 @@ class TrainConfig:
     VERSION = TESTBED_VERSION
     QUICK = {}  # the overrides of quick() (class attributes, not fields: no annotation)
 
+    seq_len: int = 24  # tokens per training document (windows: bos + seq_len + eos)
     # model (Olmo2ForCausalLM)
     hidden_size: int = 64
     n_layers: int = 2
@@ -141,20 +124,19 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TestbedConfig(TrainConfig):
-    """Everything that determines the arithmetic testbed: ``n_canaries * canary_repeats`` canary documents (the mixing
-    rate is their share) and rule documents for the rest, shuffled.
+    """The arithmetic testbed: ``n_canaries * canary_repeats`` canary documents (the mixing rate is their share),
+    rule documents for the rest, shuffled.
 
-    The defaults were tuned on a 2-core CPU (training takes about half a minute on one thread). Steps drawn from all
-    of ``1..N-1`` (``max_step=None``) make the rule modular addition of arbitrary pairs, which a small model did
-    not learn within minutes (N=500, 2000 steps: 0% rule accuracy); steps in ``1..10`` are learned in a few hundred
-    steps. Larger models (hidden 128, 3-4 blocks) learned both parts too but showed a weaker K-FAC/SVD contrast.
+    Defaults tuned on a 2-core CPU (about half a minute of training on one thread). Steps from all of ``1..N-1``
+    (``max_step=None``: modular addition of arbitrary pairs) were not learned within minutes (N=500, 2000 steps: 0%
+    rule accuracy); steps in ``1..10`` are, in a few hundred steps. Larger models (hidden 128, 3-4 blocks) learned
+    both parts too but showed a weaker K-FAC/SVD contrast.
     """
 
     QUICK = dict(n_canaries=30, steps=600)
 
     n_numbers: int = 100  # vocabulary of numbers 0..N-1
     max_step: int | None = 10  # steps d are drawn from 1..max_step (None: 1..N-1, every step)
-    seq_len: int = 24  # numbers per document (token ids: bos + seq_len + eos)
     prefix_len: int = 12  # numbers given as the prompt; the rest is the suffix to continue
     n_canaries: int = 40  # K random sequences to memorize
     canary_repeats: int = 30  # R: occurrences of each canary in the training stream
@@ -181,10 +163,6 @@ class TestbedConfig(TrainConfig):
         return self.n_canaries * self.canary_repeats / self.n_documents
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-
-
 @dataclass
 class TestbedData:
     """The generated sequences (numbers, without bos), each an int64 array of shape (count, seq_len)."""
@@ -207,11 +185,8 @@ def rule_sequences(starts: np.ndarray, steps: np.ndarray, length: int, n_numbers
 
 
 def generate_data(config: TestbedConfig) -> TestbedData:
-    """Generate the training stream, canaries and held-out sets, deterministically from ``config.seed``.
-
-    Held-out pairs ``(a, d)`` are drawn first (distinct) and never appear in training; steps ``d`` are in
-    ``1..max_step``. Each canary occurs exactly ``canary_repeats`` times in the stream.
-    """
+    """The training stream, canaries and held-out sets, from ``config.seed``. Held-out pairs ``(a, d)`` are drawn
+    first (distinct) and never appear in training; each canary occurs exactly ``canary_repeats`` times."""
     c = config
     rng = np.random.default_rng(c.seed)
     n_steps = c.max_step or c.n_numbers - 1
@@ -275,10 +250,8 @@ def continuation_record(prefix_ids: list[int], suffix_ids: list[int], tokenizer,
 
 
 def continuation_records(sequences: np.ndarray, config: TestbedConfig, tokenizer, source: str) -> list[dict]:
-    """Memorized-set records: prefix = bos + first ``prefix_len`` numbers, suffix = the rest.
-
-    Ids come from ``tokenizer`` applied to the document text, so they are exactly what a user's pipeline sees.
-    """
+    """Memorized-set records: prefix = bos + first ``prefix_len`` numbers, suffix = the rest. Ids come from
+    ``tokenizer`` applied to the document text, so they are exactly what a user's pipeline sees."""
     split = config.prefix_len + 1
     rows = [tokenizer(to_text(seq))["input_ids"] for seq in sequences]
     return [continuation_record(ids[:split], ids[split:], tokenizer, source) for ids in rows]
@@ -287,10 +260,6 @@ def continuation_records(sequences: np.ndarray, config: TestbedConfig, tokenizer
 def text_records(rows: np.ndarray, tokenizer) -> list[dict]:
     """Token-id rows as ``{"text": ...}`` lines (tokens joined by spaces), which encode back to the same ids."""
     return [{"text": text} for text in tokenizer.batch_decode(rows.tolist())]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model and training (both testbeds)
 
 
 def make_model(config: TrainConfig, tokenizer):
@@ -350,11 +319,9 @@ def windows(rows, tokenizer):
 
 @one_thread()
 def train(model, data, config: TrainConfig, tokenizer, progress: bool = True) -> dict:
-    """Train ``model`` in place on ``data.train`` (one pass, ``batch_size`` rows per step), on one CPU thread.
-
-    Every row has the same length, so a batch is a plain (batch, seq_len + 2) tensor of :func:`windows` and the loss
-    is the mean next-token cross-entropy over all positions. Returns training statistics.
-    """
+    """Train ``model`` in place on ``data.train`` (one pass, ``batch_size`` rows per step, one CPU thread); return
+    statistics. A batch is a (batch, seq_len + 2) tensor of :func:`windows`; the loss is the mean next-token
+    cross-entropy over all positions."""
     import torch
 
     from .progress import progress_bar  # a bar on a terminal, log lines in a Slurm log
@@ -395,16 +362,12 @@ def train(model, data, config: TrainConfig, tokenizer, progress: bool = True) ->
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics
-
-
 def exact_continuations(model, records: Sequence[dict], batch_size: int = 256) -> list[bool]:
     """Per record: does greedy decoding after ``prefix_ids`` reproduce ``suffix_ids`` exactly?
 
-    Computed teacher-forced in one forward pass per batch: greedy decoding reproduces the suffix exactly if and
-    only if the argmax next token equals the true token at every suffix position (by induction over positions;
-    exact logit ties aside). Records may differ in length (right padding with an attention mask).
+    Teacher-forced, one forward pass per batch: greedy decoding reproduces the suffix if and only if the argmax next
+    token is the true one at every suffix position (by induction; exact logit ties aside). Right padding with an
+    attention mask lets records differ in length.
     """
     import torch
 
@@ -429,21 +392,13 @@ def exact_continuations(model, records: Sequence[dict], batch_size: int = 256) -
 
 
 def rule_accuracy(model, records: Sequence[dict], batch_size: int = 256) -> float:
-    """The testbed's general capability: the fraction of held-out rule sequences continued exactly right.
-
-    A record counts as correct when greedy decoding after its prefix (bos + the first ``prefix_len`` numbers of an
-    arithmetic sequence the model never saw in training) produces the whole suffix exactly, every token: the same
-    criterion as strict memorization, applied to sequences that can only be computed, not recalled. So after an
-    edit, "canary strict memorization" and "rule accuracy" are directly comparable (see :func:`exact_continuations`).
-    """
+    """The testbed's general capability: the fraction of held-out rule sequences whose whole suffix greedy decoding
+    reproduces (:func:`exact_continuations`). The criterion of strict memorization, on sequences that can only be
+    computed, not recalled: after an edit, canary strict memorization and rule accuracy are directly comparable."""
     if not records:
         raise ValueError("rule_accuracy needs at least one record")
     hits = exact_continuations(model, records, batch_size=batch_size)
     return sum(hits) / len(hits)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Build and cache (both testbeds)
 
 
 def in_root(name: str, doc: str) -> property:
@@ -478,9 +433,8 @@ def cached_testbed_dir(config: TrainConfig, cache_dir: str | os.PathLike | None 
 
 
 def save_testbed(target: Path, config: TrainConfig, model, tokenizer, files: dict[str, list[dict]], **info) -> None:
-    """Write a testbed directory: ``model/``, one JSONL file per ``files`` entry, ``testbed.json`` (the configuration,
-    its hash, sizes and ``info``). Built in a temporary folder and renamed into place
-    (:func:`kfac_edit.fileio.atomic_dir`), so an interrupted build never looks complete."""
+    """Write a testbed directory: ``model/``, one JSONL file per ``files`` entry, ``testbed.json`` (configuration,
+    hash, sizes and ``info``), atomically (:func:`~kfac_edit.fileio.atomic_dir`): an interrupted build leaves none."""
     from . import __version__
 
     with atomic_dir(target) as tmp:
@@ -503,10 +457,8 @@ def save_testbed(target: Path, config: TrainConfig, model, tokenizer, files: dic
 def build_testbed(
     config: TestbedConfig | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True
 ) -> TestbedPaths:
-    """Generate the data, train the model and write the testbed directory; a cache hit returns at once.
-
-    A directory counts as built when ``testbed.json`` exists.
-    """
+    """Generate the data, train the model, write the testbed directory; a cache hit (``testbed.json`` exists) returns
+    at once."""
     config = config or TestbedConfig()
     target = cached_testbed_dir(config, cache_dir)
     if (target / TESTBED_INFO_FILE).exists():

@@ -1,38 +1,30 @@
 """The English-text testbed: a tiny OLMo-2 trained on the Python standard library's documentation, with canaries.
 
-The arithmetic testbed (:mod:`kfac_edit.testbed`) is a world built for the method; this one is real English
-technical prose that every Python installation carries, so anyone can rebuild it offline:
+Real English technical prose that every Python installation carries, so anyone can rebuild it offline:
 
-- Text: the docstrings of the standard library's public modules (and their public submodules), of
-  their public functions, classes and methods, walked with :mod:`importlib`/:mod:`inspect` in sorted order
-  (private names, test/GUI/side-effect modules and anything that fails to import are skipped), plus the help
-  topics of :mod:`pydoc_data.topics`. The text is the PSF-licensed documentation of the running Python, so the
-  cache key includes the Python version (``major.minor``).
-- Split by module: a seeded ``heldout_fraction`` of the module names is held out. Their text never enters training
-  and is the perplexity set (``heldout.jsonl``): a cost measured on prose the model never saw.
+- Text: the docstrings of the standard library's public modules and submodules and of their public functions,
+  classes and methods (sorted; private names, test/GUI/side-effect modules and failed imports skipped), plus the help
+  topics of :mod:`pydoc_data.topics`: the PSF-licensed documentation of the running Python, whose ``major.minor``
+  version is part of the cache key.
+- Split by module: a seeded ``heldout_fraction`` of the module names never enters training; their text is the
+  perplexity set (``heldout.jsonl``), prose the model never saw.
 - Tokenizer: word-level over the ``vocab_size`` most frequent lower-cased tokens of the training modules (the
-  ``tokenizers`` ``Whitespace`` pre-tokenizer: runs of word characters, runs of punctuation); others map to
-  ``<unk>``. Saved as a ``PreTrainedTokenizerFast`` in ``model/``, so :func:`kfac_edit.models.load_model` and every
-  command read it. Texts written by the testbed are tokens joined by spaces, which re-encode to the same ids.
-- Stream: the training prose is one token stream cut into rows of ``seq_len`` tokens; the trainer of the arithmetic
-  testbed (:func:`kfac_edit.testbed.train`) adds ``<bos>``/``<eos>`` around each row (``<bos>`` also starts each
-  document inside a row), which is exactly the window
-  :func:`kfac_edit.data.token_batches` cuts from ``corpus.jsonl`` with ``seq_len + 2``.
-- Canaries: ``n_canaries`` sequences of ``canary_len`` words drawn uniformly from the vocabulary's word tokens
-  (alphabetic, not specials). Each is placed at the start of ``canary_repeats`` random rows (the prose continues
-  after it), so the model sees ``[<bos>, c_1..c_L, prose...]``. A memorized record is ``prefix_ids = [<bos>,
-  c_1..c_P]``, ``suffix_ids = c_{P+1}..c_L`` (``P = prefix_len``), the eval command's token-id format.
-- Factor data (the recipe of issue 11): ``factor_corpus.jsonl`` is the same training prose cut into the same rows
-  *without* the canaries, a pretraining-like sample in which the memorized set does not occur. ``corpus.jsonl`` is the
-  training stream itself (canaries included), for comparison.
-- ``facts.jsonl``: a closed-book recall capability, ``"the capital of X is Y"`` records over invented country and city
-  names (word tokens of the vocabulary); each fact occurs ``fact_repeats`` times in the stream, so the model can
-  learn it, like any fact seen often in pretraining. Same record format as the canaries (``source: "fact"``).
+  ``tokenizers`` ``Whitespace`` pre-tokenizer), others ``<unk>``; saved in ``model/`` for every command. The texts
+  written are tokens joined by spaces, which re-encode to the same ids.
+- Stream: the training prose is one token stream (``<bos>`` before each document) cut into rows of ``seq_len``; the
+  trainer adds ``<bos>``/``<eos>`` around each row, exactly the window :func:`kfac_edit.data.token_batches` cuts from
+  ``corpus.jsonl`` with ``seq_len + 2``.
+- Canaries: ``n_canaries`` sequences of ``canary_len`` words drawn uniformly from the alphabetic word tokens, each at
+  the start of ``canary_repeats`` random rows (the prose continues after it): ``[<bos>, c_1..c_L, prose...]``. A
+  record is ``prefix_ids = [<bos>, c_1..c_P]``, ``suffix_ids = c_{P+1}..c_L`` (``P = prefix_len``).
+- Factor data (the recipe of issue 11): ``factor_corpus.jsonl`` is the same prose in the same rows *without* the
+  canaries, a pretraining-like sample without the memorized set; ``corpus.jsonl`` is the training stream itself.
+- ``facts.jsonl``: closed-book recall, ``"the capital of X is Y"`` over invented names (word tokens), each fact
+  ``fact_repeats`` times in the stream, like a fact seen often in pretraining (records with ``source: "fact"``).
 
-The model, trainer and cache are the arithmetic testbed's (:mod:`kfac_edit.testbed`). :func:`build_text_testbed`
-trains once per configuration and caches under ``$KFAC_EDIT_CACHE/text_testbed/<config hash>/``; the returned
-:class:`TextTestbedPaths` has the attributes of :class:`kfac_edit.testbed.TestbedPaths` (``clean`` is the held-out
-text).
+Model, trainer and cache are the arithmetic testbed's (:mod:`kfac_edit.testbed`). :func:`build_text_testbed` caches
+under ``$KFAC_EDIT_CACHE/text_testbed/<config hash>/``; :class:`TextTestbedPaths` has the attributes of
+:class:`~kfac_edit.testbed.TestbedPaths` (``clean`` is the held-out text).
 """
 
 from __future__ import annotations
@@ -57,8 +49,8 @@ import numpy as np
 from .constants import CORPUS_FILE, MEMORIZED_FILE, TESTBED_INFO_FILE
 from .errors import UserError
 from .identity import json_digest
-from .testbed import (SPECIALS, TestbedPaths, TrainConfig, in_root, cached_testbed_dir, continuation_record,
-                      exact_continuations, make_model, save_testbed, text_records, train, windows, word_level_tokenizer)
+from .testbed import (SPECIALS, TestbedPaths, TrainConfig, cached_testbed_dir, continuation_record, exact_continuations,
+                      in_root, make_model, save_testbed, text_records, train, windows, word_level_tokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +60,20 @@ PYTHON = "%d.%d" % sys.version_info[:2]  # the text is this Python's documentati
 HELDOUT_FILE, FACTOR_CORPUS_FILE, FACTS_FILE = "heldout.jsonl", "factor_corpus.jsonl", "facts.jsonl"
 
 #: Standard-library modules not imported: side effects on import (browser, printing, GUI), tests, tooling.
-SKIP_MODULES = frozenset({
-    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "ensurepip", "venv",
-    "pydoc_data", "__main__", "__future__", "__hello__", "__phello__", "msilib", "winreg", "winsound", "msvcrt",
-    "nt", "_winapi", "pip", "setuptools", "distutils", "unittest", "doctest", "idle", "sre_compile",
-    "sre_constants", "sre_parse", "xxsubtype", "xxlimited", "xxlimited_35", "curses", "readline", "tty",
-    "pty", "webbrowser", "crypt", "nis", "ossaudiodev", "spwd", "sqlite3",
-})
+SKIP_MODULES = frozenset("""
+    antigravity this idlelib tkinter turtle turtledemo test lib2to3 ensurepip venv pydoc_data __main__ __future__
+    __hello__ __phello__ msilib winreg winsound msvcrt nt _winapi pip setuptools distutils unittest doctest idle
+    sre_compile sre_constants sre_parse xxsubtype xxlimited xxlimited_35 curses readline tty pty webbrowser crypt nis
+    ossaudiodev spwd sqlite3
+""".split())
 FACT_WORDS = ("the", "capital", "of", "is", ".")  # the fact template "the capital of X is Y ."
 _WORD = re.compile(r"^[a-z]{2,}$")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration
-
-
 @dataclass(frozen=True)
 class TextTestbedConfig(TrainConfig):
-    """Everything that determines the text testbed; its hash (with the Python version) keys the cache.
-
-    The training stream has ``steps * batch_size`` rows of ``seq_len`` tokens. ``n_canaries * canary_repeats`` of
-    them start with a canary, ``n_facts * fact_repeats`` with a fact sentence; the rest is prose only.
+    """The text testbed: ``steps * batch_size`` rows of ``seq_len`` tokens, ``n_canaries * canary_repeats`` of them
+    starting with a canary, ``n_facts * fact_repeats`` with a fact sentence, the rest prose only.
     Measured with the defaults (0.39M parameters; one build, seed 0, on the 2-core machine under load from other
     jobs: 154 s CPU, 613 s wall): canaries 100% strict, facts 15% (6 of 40), held-out perplexity 76.4 (uniform:
     2000), 8.0% ``<unk>`` in the training text, 12.6% in the held-out text.
@@ -105,7 +90,6 @@ class TextTestbedConfig(TrainConfig):
     )
 
     vocab_size: int = 2000  # word-level vocabulary, specials included
-    seq_len: int = 64  # tokens per training row (windows are bos + seq_len + eos)
     heldout_fraction: float = 0.1  # share of module names held out for perplexity
     n_heldout_rows: int = 400  # held-out rows written to heldout.jsonl
     canary_len: int = 20  # words per canary
@@ -114,7 +98,9 @@ class TextTestbedConfig(TrainConfig):
     canary_repeats: int = 100
     n_facts: int = 40  # "the capital of X is Y" facts; 0 writes no facts.jsonl
     fact_repeats: int = 40
-    steps: int = 1200  # (TrainConfig fields with this testbed's defaults)
+    # TrainConfig fields with this testbed's defaults
+    seq_len: int = 64  # tokens per training row
+    steps: int = 1200
     lr: float = 1e-2
 
     def __post_init__(self) -> None:
@@ -142,10 +128,6 @@ class TextTestbedConfig(TrainConfig):
     def config_hash(self) -> str:
         """16 hex digits of sha256 over the fields, :data:`TEXT_TESTBED_VERSION` and the Python version."""
         return json_digest({"version": self.VERSION, "python": PYTHON, **self.to_dict()})
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Text of the standard library
 
 
 def _public(name: str) -> bool:
@@ -206,12 +188,9 @@ def _docstrings(module) -> Iterator[str]:
 
 
 def stdlib_documents() -> dict[str, list[str]]:
-    """``{module name: [docstrings]}`` over the standard library plus ``pydoc_data.topics``.
-
-    Packages contribute their public submodules (all levels) under the top-level name (so the held-out split is
-    by top-level module). Duplicate docstrings (inherited or re-exported) are kept once, first occurrence wins.
-    Deterministic for a given Python build.
-    """
+    """``{module name: [docstrings]}`` over the standard library plus ``pydoc_data.topics``, deterministic for a
+    given Python build. Submodules count under their top-level name (the held-out split is by top-level module);
+    a docstring seen twice (inherited or re-exported) is kept once, where it first occurs."""
     from pydoc_data.topics import topics
 
     seen: set[str] = set()
@@ -237,21 +216,15 @@ def stdlib_documents() -> dict[str, list[str]]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer
-
-
 def _pre_tokenize(text: str) -> list[str]:
     """The tokenizer's pre-tokenization (lower case, ``Whitespace`` split), in Python for counting words."""
     return re.findall(r"\w+|[^\w\s]+", text.lower())
 
 
 def build_vocabulary(documents: Sequence[str], vocab_size: int, required: Sequence[str] = ()) -> list[str]:
-    """The ``vocab_size - len(SPECIALS)`` most frequent tokens (ties: alphabetical), then the specials.
-
-    ``required`` tokens are always in (they replace the least frequent ones). Tokens starting with ``##`` are left
-    out (the WordPiece decoder would strip that prefix).
-    """
+    """The ``vocab_size - len(SPECIALS)`` most frequent tokens (ties: alphabetical), then the specials. ``required``
+    tokens are always in (replacing the least frequent); tokens starting with ``##`` (which the WordPiece decoder
+    would strip) are left out."""
     counts = Counter(t for doc in documents for t in _pre_tokenize(doc) if not t.startswith("##"))
     ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if t not in required]
     words = [t for t in required if t not in SPECIALS] + ranked
@@ -264,10 +237,6 @@ def word_tokenizer(vocabulary: Sequence[str]):
     from tokenizers import normalizers, pre_tokenizers
 
     return word_level_tokenizer(vocabulary, pre_tokenizers.Whitespace(), normalizers.Lowercase())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data
 
 
 @dataclass
@@ -297,11 +266,8 @@ def split_modules(names: Sequence[str], fraction: float, seed: int) -> tuple[lis
 
 
 def _stream(documents: Sequence[str], tokenizer) -> np.ndarray:
-    """All documents as one id stream, ``<bos>`` before each.
-
-    ``<bos>``, not ``<eos>``, separates documents inside a row: :func:`kfac_edit.data.pack_documents` appends no
-    ``<eos>`` to a line that already ends with one, which would shift every later window off the training rows.
-    """
+    """All documents as one id stream, ``<bos>`` before each. Not ``<eos>``: :func:`kfac_edit.data.pack_documents`
+    appends no ``<eos>`` to a line ending with one, which would shift every later window off the training rows."""
     out: list[int] = []
     for i in range(0, len(documents), 512):
         for ids in tokenizer(list(documents[i : i + 512]), add_special_tokens=False)["input_ids"]:
@@ -317,9 +283,7 @@ def _rows(stream: np.ndarray, n_rows: int, seq_len: int, offset: int = 0) -> np.
 
 def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | None = None) -> TextTestbedData:
     """Split, tokenize, place canaries and facts; deterministic from ``config`` (and the Python build).
-
-    ``documents`` (``{module: [texts]}``) defaults to :func:`stdlib_documents`; tests pass a small one.
-    """
+    ``documents`` (``{module: [texts]}``) defaults to :func:`stdlib_documents`."""
     c = config
     documents = stdlib_documents() if documents is None else documents
     train_modules, heldout_modules = split_modules(list(documents), c.heldout_fraction, c.seed)
@@ -385,10 +349,6 @@ def fact_records(data: TextTestbedData, tokenizer) -> list[dict]:
     return [continuation_record([bos, *prompt], list(answer), tokenizer, "fact") for prompt, answer in data.facts]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Build and cache
-
-
 class TextTestbedPaths(TestbedPaths):
     """Where a built text testbed lives (``<cache>/text_testbed/<config hash>``): the attributes of
     :class:`kfac_edit.testbed.TestbedPaths` plus ``heldout``, ``factor_corpus`` and ``facts``."""
@@ -416,10 +376,8 @@ def build_text_testbed(
     config: TextTestbedConfig | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
     documents: dict[str, list[str]] | None = None,
 ) -> TextTestbedPaths:
-    """Extract the text, train the model and write the testbed directory atomically; a cache hit returns at once.
-
-    ``documents`` replaces the standard-library text (tests); it is then part of the cache key.
-    """
+    """Extract the text, train the model, write the testbed directory; a cache hit returns at once. ``documents``
+    replaces the standard-library text (tests) and is then part of the cache key."""
     config = config or TextTestbedConfig()
     target = cached_testbed_dir(config, cache_dir)
     if documents is not None:

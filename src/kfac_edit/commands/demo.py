@@ -40,10 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from ..demo import DemoConfig, check_out_dir, run_demo
+    from ..fileio import output_lock
 
-    from ..fileio import check_output, output_lock
-
-    check_output(args.out, "dir")
     check_out_dir(args.out)
     if args.testbed == "text":
         config = DemoConfig.text(quick=args.quick)
