@@ -19,16 +19,10 @@ modules' text (``rule_loss`` is its loss), ``facts.jsonl`` as the capability set
 ``rule_accuracy``; ``None`` and no accuracy table with ``n_facts=0``), and a second collection on ``corpus.jsonl``
 (canaries in) whose K-FAC sweep (``canaries_in/``) gives the ``canaries_in_factors`` row.
 
-Rows (``results.json`` ``points``, from the sweep records): ``selection_strict``/``heldout_strict`` (canary strict
-memorization on each half), ``canary_strict``/``canary_loose`` (both halves pooled), ``rule_accuracy``, ``rule_loss``
-(mean next-token loss on rule text), ``rule_loss_increase``, ``perplexity`` = exp(rule_loss).
-
-The comparison: the headline K-FAC point is the sweep's choice on the *selection* canaries (lowest strict
-memorization with perplexity within ``ppl_budget`` x base; ``keep_mass`` fixes it instead); SVD is matched on
-perplexity (its choice within the same budget, or within the headline's perplexity when that is higher), and
-``svd_at_kfac_perplexity`` is SVD's choice among points no costlier than the headline; all are reported on the
-*held-out* canaries. The cost tables match every method at +5/+10/+20/+30% perplexity and at rule accuracy at most
-1/5/10/20 points below the base (:func:`kfac_edit.pareto.match_by_cost`).
+The comparison: the headline K-FAC point (:func:`choose_headline`) and SVD matched on perplexity
+(:func:`matched_svd`; ``svd_at_kfac_perplexity``: SVD given no more perplexity than the headline) are chosen on the
+*selection* canaries and reported on the *held-out* ones; the cost tables (:func:`cost_tables`) match every method
+at +5/+10/+20/+30% perplexity and at rule accuracy at most 1/5/10/20 points below the base.
 
 Output directory (written whole, atomically)::
 
@@ -53,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .constants import BEST_FILE, DEMO_RESULTS_FILE, SUMMARY_FILE, TABLE_FILE
+from .constants import BEFORE_AFTER_FILE, BEST_FILE, DEMO_RESULTS_FILE, SUMMARY_FILE, TABLE_FILE
 from .errors import UserError
 from .fileio import atomic_dir, atomic_path, check_output, write_json
 from .pareto import (ACCURACY_DROPS, PPL_INCREASES, SweepRecord, accuracy_drop, base_record, choose_best,
@@ -111,9 +105,9 @@ class DemoConfig:
         )
 
     @classmethod
-    def quick(cls) -> "DemoConfig":
+    def quick(cls, **overrides) -> "DemoConfig":
         """The small configuration of ``--quick`` and the integration test: trains in well under a minute."""
-        return cls(testbed=TestbedConfig.quick(), factor_tokens=100_000)
+        return cls(**{"testbed": TestbedConfig.quick(), "factor_tokens": 100_000, **overrides})
 
     @classmethod
     def text(cls, quick: bool = False, **overrides) -> "DemoConfig":
@@ -137,8 +131,10 @@ class DemoConfig:
 
 
 def demo_row(record: SweepRecord, base: SweepRecord, capability: str | None = RULE_ACCURACY) -> dict[str, Any]:
-    """One row of the demo (module docstring) from a sweep record; ``capability`` names the accuracy metric shown
-    as ``rule_accuracy`` (``None``: no capability set, the value is ``None``)."""
+    """One row of the demo (``results.json`` ``points``) from a sweep record: ``selection_strict``/``heldout_strict``
+    (canary strict memorization on each half), ``canary_strict``/``canary_loose`` (both pooled), ``rule_accuracy``
+    (the ``capability`` metric; ``None`` without one), ``rule_loss`` (mean next-token loss on the perplexity text),
+    its ``rule_loss_increase`` and ``perplexity`` = exp(rule_loss)."""
     m = record.metrics
     modules = record.edit.get("modules", [])
     return {
@@ -364,7 +360,7 @@ def run_demo(
         finally:
             restore(model)
         write_json(tmp / BEST_FILE, headline.config.layers())  # the headline, also when another method won
-        write_json(tmp / "before_after.json", {
+        write_json(tmp / BEFORE_AFTER_FILE, {
             "before": {"label": "base", "metrics": base.metrics},
             "after": {"label": headline.label(), "metrics": headline.metrics},
         })

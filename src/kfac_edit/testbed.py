@@ -384,9 +384,8 @@ def exact_continuations(model, records: Sequence[dict], batch_size: int = 256) -
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             predicted = logits.argmax(-1).cpu()  # predicted[:, t] is the guess for ids[:, t + 1]
             for row, r in enumerate(chunk):
-                p, s = len(r["prefix_ids"]), len(r["suffix_ids"])
-                guess = predicted[row, p - 1 : p - 1 + s]
-                results.append(bool(torch.equal(guess, torch.tensor(list(r["suffix_ids"]), dtype=torch.long))))
+                start = len(r["prefix_ids"]) - 1
+                results.append(predicted[row, start : start + len(r["suffix_ids"])].tolist() == list(r["suffix_ids"]))
     model.train(was_training)
     return results
 

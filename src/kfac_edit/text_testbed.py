@@ -33,6 +33,7 @@ import contextlib
 import importlib
 import inspect
 import io
+import itertools
 import logging
 import os
 import pkgutil
@@ -159,32 +160,29 @@ def _import_quietly(name: str):
             return None
 
 
-def _submodules(module, name: str) -> list[str]:
-    """The public, non-test submodules (all levels) of package ``module`` (imported as ``name``), sorted."""
-    if not hasattr(module, "__path__"):
-        return []
+def _submodules(package, name: str) -> Iterator:
+    """The public, non-test submodules (all levels) of ``package`` (imported as ``name``), sorted by name, each
+    imported when the caller asks for it."""
+    if not hasattr(package, "__path__"):
+        return
     with _quiet():
-        found = sorted(info.name for info in pkgutil.walk_packages(module.__path__, f"{name}.", onerror=lambda _: None))
-    return [sub for sub in found if all(_public(part) and "test" not in part for part in sub.split(".")[1:])]
+        found = list(pkgutil.walk_packages(package.__path__, f"{name}.", onerror=lambda _: None))
+    for sub in sorted(info.name for info in found):
+        if all(_public(part) and "test" not in part for part in sub.split(".")[1:]):
+            module = _import_quietly(sub)
+            if module is not None:
+                yield module
 
 
-def _docstrings(module) -> Iterator[str]:
+def _docstrings(module) -> Iterator[str | None]:
     """Module docstring, then public functions/classes defined in it (sorted), then public methods of classes."""
-    if module.__doc__:
-        yield module.__doc__
-    for name in sorted(vars(module)):
-        obj = vars(module)[name]
-        if not _public(name) or not (inspect.isclass(obj) or inspect.isroutine(obj)):
-            continue
-        if getattr(obj, "__module__", None) != module.__name__:
-            continue
-        if obj.__doc__:
+    yield module.__doc__
+    for name, obj in sorted(vars(module).items()):
+        is_api = inspect.isclass(obj) or inspect.isroutine(obj)
+        if _public(name) and is_api and getattr(obj, "__module__", None) == module.__name__:
             yield obj.__doc__
-        if inspect.isclass(obj):
-            for attr in sorted(vars(obj)):
-                member = vars(obj)[attr]
-                if _public(attr) and inspect.isroutine(member) and getattr(member, "__doc__", None):
-                    yield member.__doc__
+            if inspect.isclass(obj):
+                yield from (m.__doc__ for a, m in sorted(vars(obj).items()) if _public(a) and inspect.isroutine(m))
 
 
 def stdlib_documents() -> dict[str, list[str]]:
@@ -196,8 +194,8 @@ def stdlib_documents() -> dict[str, list[str]]:
     seen: set[str] = set()
     out: dict[str, list[str]] = {}
 
-    def add(key: str, text: str) -> None:
-        text = inspect.cleandoc(text).strip()
+    def add(key: str, text: str | None) -> None:
+        text = inspect.cleandoc(text or "").strip()
         if len(text) >= 40 and text not in seen:
             seen.add(text)
             out.setdefault(key, []).append(text)
@@ -206,10 +204,8 @@ def stdlib_documents() -> dict[str, list[str]]:
         module = _import_quietly(name)
         if module is None:
             continue
-        for text in _docstrings(module):
-            add(name, text)
-        for sub in map(_import_quietly, _submodules(module, name)):  # imported one at a time, in order
-            for text in _docstrings(sub) if sub is not None else ():
+        for each in itertools.chain([module], _submodules(module, name)):
+            for text in _docstrings(each):
                 add(name, text)
     for key in sorted(topics):
         add("pydoc_data.topics", topics[key])
@@ -311,11 +307,11 @@ def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | N
         for r in rows:
             heads[r] = canary
     facts = []
-    countries_cities = rng.choice(word_ids, size=2 * c.n_facts, replace=False) if c.n_facts else []
-    for k in range(c.n_facts):  # distinct (country, city) words
-        prompt, answer = [the, capital, of, int(countries_cities[2 * k]), is_], [int(countries_cities[2 * k + 1]), dot]
+    names = rng.choice(word_ids, size=(c.n_facts, 2), replace=False) if c.n_facts else []  # distinct words
+    for (country, city), rows in zip(names, fact_rows):
+        prompt, answer = [the, capital, of, int(country), is_], [int(city), dot]
         facts.append((prompt, answer))
-        for r in fact_rows[k]:
+        for r in rows:
             heads[r] = np.array(prompt + answer, dtype=np.int64)
     train_rows = np.empty((n_rows, c.seq_len), dtype=np.int64)
     pos = 0
