@@ -218,16 +218,12 @@ def generate_data(config: TestbedConfig) -> TestbedData:
     is_canary = np.concatenate([np.zeros(n_rule_docs, bool), np.ones(n_canary_docs, bool)])
     order = rng.permutation(c.n_documents)
 
-    held = slice(0, c.n_heldout)
-    clean = slice(c.n_heldout, None)
+    held, clean = slice(0, c.n_heldout), slice(c.n_heldout, None)
     return TestbedData(
-        train=docs[order],
-        is_canary=is_canary[order],
-        canaries=canaries,
+        train=docs[order], is_canary=is_canary[order], canaries=canaries,
         heldout=rule_sequences(held_a[held], held_d[held], c.seq_len, c.n_numbers),
         clean=rule_sequences(held_a[clean], held_d[clean], c.seq_len, c.n_numbers),
-        train_steps=doc_steps[order],
-        heldout_steps=np.stack([held_a[held], held_d[held]], 1),
+        train_steps=doc_steps[order], heldout_steps=np.stack([held_a[held], held_d[held]], 1),
     )
 
 
@@ -238,15 +234,9 @@ def to_text(sequence: Iterable[int]) -> str:
 
 def continuation_record(prefix_ids: list[int], suffix_ids: list[int], tokenizer, source: str) -> dict:
     """One record of the eval command's token-id format; ``prefix_ids`` start with ``<bos>``, the texts do not."""
-    return {
-        "prefix_ids": prefix_ids,
-        "suffix_ids": suffix_ids,
-        "prefix_text": tokenizer.decode(prefix_ids[1:]),
-        "suffix_text": tokenizer.decode(suffix_ids),
-        "prefix_len": len(prefix_ids),
-        "suffix_len": len(suffix_ids),
-        "source": source,
-    }
+    return {"prefix_ids": prefix_ids, "suffix_ids": suffix_ids, "prefix_text": tokenizer.decode(prefix_ids[1:]),
+            "suffix_text": tokenizer.decode(suffix_ids), "prefix_len": len(prefix_ids), "suffix_len": len(suffix_ids),
+            "source": source}
 
 
 def continuation_records(sequences: np.ndarray, config: TestbedConfig, tokenizer, source: str) -> list[dict]:
@@ -268,17 +258,10 @@ def make_model(config: TrainConfig, tokenizer):
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
     model_config = Olmo2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        intermediate_size=config.mlp_size,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_heads,
-        max_position_embeddings=config.seq_len + 2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.mlp_size,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_heads,
+        max_position_embeddings=config.seq_len + 2, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
     torch.manual_seed(config.seed)
     return Olmo2ForCausalLM(model_config)
@@ -442,14 +425,9 @@ def save_testbed(target: Path, config: TrainConfig, model, tokenizer, files: dic
         for name, records in files.items():
             (tmp / name).write_text("".join(json.dumps(record) + "\n" for record in records))
         write_json(tmp / TESTBED_INFO_FILE, {
-            "config": config.to_dict(),
-            "config_hash": config.config_hash(),
-            "testbed_version": config.VERSION,
-            "package_version": __version__,
-            "n_parameters": sum(p.numel() for p in model.parameters()),
-            "n_documents": config.n_documents,
-            "mixing_rate": config.mixing_rate,
-            **info,
+            "config": config.to_dict(), "config_hash": config.config_hash(), "testbed_version": config.VERSION,
+            "package_version": __version__, "n_parameters": sum(p.numel() for p in model.parameters()),
+            "n_documents": config.n_documents, "mixing_rate": config.mixing_rate, **info,
         })
 
 

@@ -320,14 +320,10 @@ def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | N
         train_rows[r, len(head) :] = _rows(stream, 1, c.seq_len - len(head), pos)[0]
         pos += c.seq_len - len(head)
     return TextTestbedData(
-        vocabulary=vocabulary,
-        train=train_rows,
+        vocabulary=vocabulary, train=train_rows,
         factor_rows=_rows(stream, min(n_rows, len(stream) // c.seq_len), c.seq_len),
         heldout=_rows(held_stream, min(c.n_heldout_rows, max(1, len(held_stream) // c.seq_len)), c.seq_len),
-        canaries=canaries,
-        canary_rows=canary_rows,
-        facts=facts,
-        train_modules=train_modules,
+        canaries=canaries, canary_rows=canary_rows, facts=facts, train_modules=train_modules,
         heldout_modules=heldout_modules,
     )
 
@@ -407,14 +403,10 @@ def build_text_testbed(
     if facts:
         files[FACTS_FILE] = facts
     unk = tokenizer.unk_token_id
-    text = {
-        "train_modules": len(data.train_modules),
-        "heldout_modules": data.heldout_modules,
-        "factor_corpus_tokens": int(data.factor_rows.size),
-        "unk_rate_train": float(np.mean(data.factor_rows == unk)),
-        "unk_rate_heldout": float(np.mean(data.heldout == unk)),
-        "license": "Python standard library docstrings and pydoc_data.topics (PSF License)",
-    }
+    text = {"train_modules": len(data.train_modules), "heldout_modules": data.heldout_modules,
+            "factor_corpus_tokens": int(data.factor_rows.size), "unk_rate_train": float(np.mean(data.factor_rows == unk)),
+            "unk_rate_heldout": float(np.mean(data.heldout == unk)),
+            "license": "Python standard library docstrings and pydoc_data.topics (PSF License)"}
     timings = {"data_seconds": round(data_seconds, 2), "train_seconds": stats["train_seconds"],
                "eval_seconds": round(eval_seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2)}
     save_testbed(target, config, model, tokenizer, files, kind="text", python=PYTHON, text=text, training=stats,
