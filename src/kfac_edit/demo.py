@@ -256,12 +256,8 @@ def check_out_dir(out_dir: str | Path) -> Path:
 
 
 @one_thread()  # the testbeds' models are tiny
-def run_demo(
-    config: DemoConfig | None = None,
-    out_dir: str | Path = "kfac-edit-demo",
-    cache_dir: str | Path | None = None,
-    progress: bool = True,
-) -> dict:
+def run_demo(config: DemoConfig | None = None, out_dir: str | Path = "kfac-edit-demo",
+             cache_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Train (or load) -> collect -> sweep K-FAC and SVD -> report; write ``out_dir``; return ``results.json``."""
     from .data import token_batches
     from .edit import apply_edit, restore, save_edited

@@ -431,9 +431,8 @@ def save_testbed(target: Path, config: TrainConfig, model, tokenizer, files: dic
         })
 
 
-def build_testbed(
-    config: TestbedConfig | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True
-) -> TestbedPaths:
+def build_testbed(config: TestbedConfig | None = None, cache_dir: str | os.PathLike | None = None,
+                  progress: bool = True) -> TestbedPaths:
     """Generate the data, train the model, write the testbed directory; a cache hit (``testbed.json`` exists) returns
     at once."""
     config = config or TestbedConfig()

@@ -364,10 +364,8 @@ def _mean_loss(model, rows: np.ndarray, tokenizer, batch_size: int = 64) -> floa
     return total / len(rows)
 
 
-def build_text_testbed(
-    config: TextTestbedConfig | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
-    documents: dict[str, list[str]] | None = None,
-) -> TextTestbedPaths:
+def build_text_testbed(config: TextTestbedConfig | None = None, cache_dir: str | os.PathLike | None = None,
+                       progress: bool = True, documents: dict[str, list[str]] | None = None) -> TextTestbedPaths:
     """Extract the text, train the model, write the testbed directory; a cache hit returns at once. ``documents``
     replaces the standard-library text (tests) and is then part of the cache key."""
     config = config or TextTestbedConfig()
