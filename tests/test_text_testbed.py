@@ -14,7 +14,6 @@ from kfac_edit.text_testbed import (
     canary_records,
     fact_records,
     generate_data,
-    ids_to_text,
     split_modules,
     stdlib_documents,
     word_tokenizer,
@@ -89,7 +88,7 @@ def test_tokenizer_round_trips(tmp_path, small_data):
     tok = word_tokenizer(small_data.vocabulary)
     assert len(tok) == 300 and tok.convert_ids_to_tokens(len(tok) - 1) == "<unk>"
     for row in small_data.train[:20]:
-        text = ids_to_text(row, small_data.vocabulary)
+        text = tok.decode(row)
         assert tok(text, add_special_tokens=False)["input_ids"] == row.tolist()
         assert tok(text)["input_ids"][0] == tok.bos_token_id
     tok.save_pretrained(tmp_path)

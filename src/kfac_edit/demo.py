@@ -2,36 +2,27 @@
 
 Every step is the public API a user runs on a real model:
 
-1. :func:`kfac_edit.testbed.build_testbed`: train a tiny OLMo-2 that learns a rule (arithmetic sequences) and
-   memorizes canaries (random sequences repeated in its training stream), or load it from the cache.
+1. :func:`kfac_edit.testbed.build_testbed`: train (or load from the cache) a tiny OLMo-2 that learns a rule
+   (arithmetic sequences) and memorizes canaries (random sequences repeated in its training stream).
 2. :func:`kfac_edit.factors.collect_factors` over ``corpus.jsonl`` (the training mixture), sampled labels (true
-   Fisher), for the MLP projections the edit touches.
-3. :func:`kfac_edit.sweep.run_sweep` with two methods, ``kfac`` and the data-free ``svd`` baseline, each over its
-   own keep_mass grid, on one block group (gate, up and down of blocks 0 and 1 together). The canaries
-   (``memorized.jsonl``) are split into a selection half and a held-out half (:func:`kfac_edit.sweep.split_records`);
-   the held-out rule sequences (``rule_heldout.jsonl``) are a capability set (``rule_heldout_accuracy``: the same
-   exact-continuation test on sequences that can only be computed, not recalled); perplexity is on held-out rule
-   text (``clean.jsonl``, one document a window).
+   Fisher), for the edited MLP projections.
+3. :func:`kfac_edit.sweep.run_sweep` with ``kfac`` and the data-free ``svd`` baseline, each over its own keep_mass
+   grid, on one block group (gate, up and down of blocks 0 and 1 together). The canaries (``memorized.jsonl``) are
+   split into a selection and a held-out half (:func:`kfac_edit.sweep.split_records`); the held-out rule sequences
+   (``rule_heldout.jsonl``) are a capability set (``rule_heldout_accuracy``: exact continuation of sequences that can
+   only be computed, not recalled); perplexity is on held-out rule text (``clean.jsonl``, one document a window).
 4. :func:`kfac_edit.report.write_report` on the sweep's directory.
 
-The testbed is a parameter (``DemoConfig.testbed``; ``DemoConfig.text()`` for the English-text one,
-:mod:`kfac_edit.text_testbed`). On the text testbed step 2 collects on ``factor_corpus.jsonl`` (the training prose
-without the canaries: the factor-data recipe), perplexity is on held-out modules' text, the capability set is
-``facts.jsonl`` (``facts_accuracy``, shown as ``rule_accuracy``; absent with ``n_facts=0``: ``None``, no accuracy
-table) and ``rule_loss`` is the held-out text's loss; a second collection on ``corpus.jsonl`` (canaries in) and its
-K-FAC sweep (into ``canaries_in/``) give the ``canaries_in_factors`` row. Both testbeds report
-``svd_at_kfac_perplexity``: SVD's choice among points no more costly than the K-FAC headline.
+``DemoConfig.text()`` runs it on the English-text testbed (:mod:`kfac_edit.text_testbed`): factors from
+``factor_corpus.jsonl`` (the training prose without the canaries: the factor-data recipe), perplexity on held-out
+modules' text (``rule_loss`` is its loss), ``facts.jsonl`` as the capability set (``facts_accuracy``, shown as
+``rule_accuracy``; ``None`` and no accuracy table with ``n_facts=0``), and a second collection on ``corpus.jsonl``
+(canaries in) whose K-FAC sweep (``canaries_in/``) gives the ``canaries_in_factors`` row.
 
-The demo's rows (``results.json`` ``points``) come from the sweep records: ``selection_strict``/``heldout_strict``
-(canary strict memorization on each half), ``canary_strict``/``canary_loose`` (both halves pooled),
-``rule_accuracy``, ``rule_loss`` (mean next-token loss on rule text) and its change ``rule_loss_increase``,
-``perplexity`` = exp(rule_loss).
-
-The comparison: the headline K-FAC point is the one the sweep chooses, on the *selection* canaries (lowest strict
-memorization with rule perplexity within ``ppl_budget`` x base; ``keep_mass`` fixes it instead); SVD is matched on
-perplexity (its own choice on the selection canaries within the same budget, or within the headline's perplexity when
-that is higher); both are reported on the *held-out* canaries. The cost tables match every method at +5/+10/+20/+30%
-perplexity and at rule accuracy at most 1/5/10/20 points below the base (:func:`kfac_edit.pareto.match_by_cost`).
+The comparison: the headline K-FAC point (:func:`choose_headline`) and SVD matched on perplexity
+(:func:`matched_svd`; ``svd_at_kfac_perplexity``: SVD given no more perplexity than the headline) are chosen on the
+*selection* canaries and reported on the *held-out* ones; the cost tables (:func:`cost_tables`) match every method
+at +5/+10/+20/+30% perplexity and at rule accuracy at most 1/5/10/20 points below the base.
 
 Output directory (written whole, atomically)::
 
@@ -50,22 +41,19 @@ Output directory (written whole, atomically)::
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .constants import BEFORE_AFTER_FILE, BEST_FILE, DEMO_RESULTS_FILE, SUMMARY_FILE, TABLE_FILE
 from .errors import UserError
-from .fileio import atomic_dir, atomic_path, write_json
+from .fileio import atomic_dir, atomic_path, check_output, write_json
 from .pareto import (ACCURACY_DROPS, PPL_INCREASES, SweepRecord, accuracy_drop, base_record, choose_best,
                      choose_within, match_by_cost, perplexity_increase)
-from .constants import BEST_FILE, DEMO_RESULTS_FILE, SUMMARY_FILE, TABLE_FILE
 from .testbed import TestbedConfig, build_testbed, one_thread
 from .text_testbed import TextTestbedConfig, build_text_testbed
-
-log = logging.getLogger(__name__)
 
 RULE_ACCURACY = "rule_heldout_accuracy"  # the sweep's name for the capability set rule_heldout.jsonl
 
@@ -93,10 +81,10 @@ class DemoConfig:
     ppl_tokens: int | None = None  # perplexity tokens per point (None: the whole perplexity set)
 
     def __post_init__(self) -> None:
-        if self.keep_mass is not None and self.keep_mass not in self.kfac_grid:
-            object.__setattr__(self, "kfac_grid", tuple(sorted({*self.kfac_grid, self.keep_mass}, reverse=True)))
         from .sweep import split_records
 
+        if self.keep_mass is not None and self.keep_mass not in self.kfac_grid:
+            object.__setattr__(self, "kfac_grid", tuple(sorted({*self.kfac_grid, self.keep_mass}, reverse=True)))
         if not self.ppl_budget > 1.0:
             raise UserError(f"demo ppl_budget {self.ppl_budget} must be above 1, e.g. 1.05")
         self.sweep_config().validate()
@@ -117,23 +105,21 @@ class DemoConfig:
         )
 
     @classmethod
-    def quick(cls) -> "DemoConfig":
+    def quick(cls, **overrides) -> "DemoConfig":
         """The small configuration of ``--quick`` and the integration test: trains in well under a minute."""
-        return cls(testbed=TestbedConfig.quick(), factor_tokens=100_000)
+        return cls(**{"testbed": TestbedConfig.quick(), "factor_tokens": 100_000, **overrides})
 
     @classmethod
     def text(cls, quick: bool = False, **overrides) -> "DemoConfig":
         """The demo on the English-text testbed (:mod:`kfac_edit.text_testbed`): the grids, budget and factor tokens
         of ``benchmarks/text_testbed_study.py`` (K-FAC down to 0.6, SVD 0.98..0.41; the issue's +20% budget)."""
-        testbed = TextTestbedConfig.quick() if quick else TextTestbedConfig()
         fields = dict(
-            testbed=testbed, ppl_budget=1.20, factor_tokens=100_000 if quick else 150_000, batch_size=64,
-            ppl_tokens=None if quick else 13_200,
+            testbed=TextTestbedConfig.quick() if quick else TextTestbedConfig(), ppl_budget=1.20,
+            factor_tokens=100_000 if quick else 150_000, batch_size=64, ppl_tokens=None if quick else 13_200,
             kfac_grid=(0.998, 0.995, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7, 0.6),
             svd_grid=tuple(round(0.98 - 0.03 * i, 3) for i in range(20)),
         )
-        fields.update(overrides)
-        return cls(**fields)
+        return cls(**{**fields, **overrides})
 
     @property
     def kind(self) -> str:
@@ -141,18 +127,14 @@ class DemoConfig:
         return "text" if isinstance(self.testbed, TextTestbedConfig) else "arithmetic"
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["testbed_hash"] = self.testbed.config_hash()
-        return d
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The comparison
+        return {**dataclasses.asdict(self), "testbed_hash": self.testbed.config_hash()}
 
 
 def demo_row(record: SweepRecord, base: SweepRecord, capability: str | None = RULE_ACCURACY) -> dict[str, Any]:
-    """One row of the demo (module docstring) from a sweep record; ``capability`` names the accuracy metric shown
-    as ``rule_accuracy`` (``None``: no capability set, the value is ``None``)."""
+    """One row of the demo (``results.json`` ``points``) from a sweep record: ``selection_strict``/``heldout_strict``
+    (canary strict memorization on each half), ``canary_strict``/``canary_loose`` (both pooled), ``rule_accuracy``
+    (the ``capability`` metric; ``None`` without one), ``rule_loss`` (mean next-token loss on the perplexity text),
+    its ``rule_loss_increase`` and ``perplexity`` = exp(rule_loss)."""
     m = record.metrics
     modules = record.edit.get("modules", [])
     return {
@@ -181,11 +163,15 @@ def choose_headline(config: DemoConfig, records: list[SweepRecord]) -> SweepReco
     return best if best is not None else max(kfac, key=lambda r: r.config.keep_mass)
 
 
+def _svd_within(records: list[SweepRecord], limit: float) -> SweepRecord | None:
+    """SVD's choice on the selection canaries among its points with perplexity at most ``limit``."""
+    return choose_within([r for r in records if r.config.method == "svd"], lambda r: r.perplexity, limit)
+
+
 def matched_svd(config: DemoConfig, records: list[SweepRecord], headline: SweepRecord) -> SweepRecord | None:
     """SVD matched on perplexity: its choice on the selection canaries among points whose perplexity is within the
     budget, or within the headline's perplexity when that is higher. ``None`` when no SVD point is that cheap."""
-    limit = max(config.ppl_budget * base_record(records).perplexity, headline.perplexity)
-    return choose_within([r for r in records if r.config.method == "svd"], lambda r: r.perplexity, limit)
+    return _svd_within(records, max(config.ppl_budget * base_record(records).perplexity, headline.perplexity))
 
 
 def cost_tables(records: list[SweepRecord], rows: dict[str, dict],
@@ -195,55 +181,92 @@ def cost_tables(records: list[SweepRecord], rows: dict[str, dict],
     budget, or ``None``."""
     base = base_record(records)
     points = [r for r in records if r.kind == "point"]
-    out = {}
-    costs = [("perplexity", perplexity_increase(base), PPL_INCREASES)]
+    costs = {"perplexity": (perplexity_increase(base), PPL_INCREASES)}
     if capability:
-        costs.append(("rule_accuracy", accuracy_drop(base, capability), ACCURACY_DROPS))
-    for name, cost, budgets in costs:
+        costs["rule_accuracy"] = (accuracy_drop(base, capability), ACCURACY_DROPS)
+    out = {}
+    for name, (cost, budgets) in costs.items():
         table = match_by_cost(points, cost, budgets)
         out[name] = {f"{b:g}": {m: rows[t[b].id] if t[b] else None for m, t in table.items()} for b in budgets}
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The pipeline
+def _checks(config: DemoConfig, base: dict, headline: dict, matched: dict | None) -> dict[str, dict]:
+    """The issue's targets, each with the measured value and whether it holds (canaries: the held-out half).
+
+    Text testbed (issue 11): <= 10% held-out at <= 1.20x perplexity; SVD at that cost >= 3x as many and >= 30%."""
+    text = config.kind == "text"
+    strict, ratio = headline["heldout_strict"], headline["perplexity"] / base["perplexity"]
+    checks = {"base_canary_strict": (base["canary_strict"], base["canary_strict"] >= 0.95, ">= 0.95")}
+    if text:
+        checks["kfac_canary_strict"] = (strict, strict <= 0.10, "<= 0.10")
+        checks["kfac_perplexity_ratio"] = (ratio, ratio <= 1.20, "<= 1.20x")
+    else:
+        checks["base_rule_accuracy"] = (base["rule_accuracy"], base["rule_accuracy"] >= 0.99, ">= 0.99")
+        checks["kfac_canary_strict"] = (strict, strict <= 0.05, "<= 0.05")
+        checks["kfac_rule_accuracy"] = (headline["rule_accuracy"], headline["rule_accuracy"] >= 0.95, ">= 0.95")
+    if matched is None:
+        checks["svd_keeps_more_canaries"] = (None, False, "an SVD point within the perplexity budget")
+    elif text:
+        svd = matched["heldout_strict"]
+        checks["svd_keeps_more_canaries"] = (svd, svd >= 0.30 and svd >= 3 * strict, ">= 0.30 and >= 3x K-FAC")
+    else:
+        margin = matched["heldout_strict"] - strict
+        checks["svd_keeps_more_canaries"] = (margin, margin >= 0.25, ">= 0.25")
+    return {key: {"value": value, "target": target, "ok": bool(ok)} for key, (value, ok, target) in checks.items()}
 
 
-def check_out_dir(out_dir: str | Path) -> Path:
-    """The demo replaces its output directory whole: refuse one that holds something else."""
-    out = Path(out_dir).expanduser()
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"--out {out} exists and is not a directory; choose a new path")
-        if any(out.iterdir()) and not (out / DEMO_RESULTS_FILE).exists():
-            raise UserError(
-                f"--out {out} exists and is not a demo directory (no {DEMO_RESULTS_FILE}); choose a new path or remove it"
-            )
+def summary(config: DemoConfig, results: dict, headline: SweepRecord, matched: SweepRecord | None) -> dict:
+    """``summary.json``: the headline comparison in machine-readable form (issue 11.5). ``rule_accuracy`` is the
+    capability set's accuracy (text testbed: fact recall; ``None`` without facts)."""
+    base, rows = results["base"], results["headline"]
+
+    def relative(row: dict) -> dict:
+        return {"heldout_strict": row["heldout_strict"], "selection_strict": row["selection_strict"],
+                "perplexity_ratio": row["perplexity"] / base["perplexity"]}
+
+    def side(record: SweepRecord | None, row: dict | None) -> dict | None:
+        if record is None:
+            return None
+        return {"layers": record.config.layers(), **relative(row), "rule_accuracy": row["rule_accuracy"]}
+
+    out = {
+        "testbed": {"kind": config.kind, **dataclasses.asdict(config.testbed)},
+        "base": {key: base[key] for key in ("heldout_strict", "perplexity", "rule_accuracy")},
+        "kfac": side(headline, rows["kfac"]),
+        "svd": side(matched, rows["svd_matched"]),
+        "matched_on": "perplexity",
+    }
+    others = {"svd_at_kfac_perplexity": rows.get("svd_at_kfac_perplexity"),
+              "kfac_canaries_in_factors": results.get("canaries_in_factors", {}).get("kfac")}
+    for key, row in others.items():
+        if row is not None:
+            out[key] = {"keep_mass": row["keep_mass"], **relative(row)}
     return out
 
 
-def run_demo(
-    config: DemoConfig | None = None,
-    out_dir: str | Path = "kfac-edit-demo",
-    cache_dir: str | Path | None = None,
-    progress: bool = True,
-) -> dict:
-    """Train (or load) -> collect -> sweep K-FAC and SVD -> report; write ``out_dir``; return ``results.json``.
-
-    Runs on one torch thread (:func:`~kfac_edit.testbed.one_thread`): the testbeds' models are tiny."""
-    with one_thread():
-        return _run_demo(config, out_dir, cache_dir, progress)
+def check_out_dir(out_dir: str | Path) -> Path:
+    """The demo replaces its output directory whole: refuse a file, or a directory that holds something else."""
+    out = check_output(out_dir, "dir")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_RESULTS_FILE).exists():
+        raise UserError(
+            f"--out {out} exists and is not a demo directory (no {DEMO_RESULTS_FILE}); choose a new path or remove it"
+        )
+    return out
 
 
-def _run_demo(config: DemoConfig | None, out_dir: str | Path, cache_dir: str | Path | None, progress: bool) -> dict:
+@one_thread()  # the testbeds' models are tiny
+def run_demo(config: DemoConfig | None = None, out_dir: str | Path = "kfac-edit-demo",
+             cache_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Train (or load) -> collect -> sweep K-FAC and SVD -> report; write ``out_dir``; return ``results.json``."""
     from .data import token_batches
     from .edit import apply_edit, restore, save_edited
     from .eigen import EigenCache
-    from .spec import EditSpec
     from .evaluate import EvalConfig
     from .factors import collect_factors
     from .models import load_model
     from .report import write_report
+    from .spec import EditSpec
     from .sweep import run_sweep
 
     config = config or DemoConfig()
@@ -252,11 +275,9 @@ def _run_demo(config: DemoConfig | None, out_dir: str | Path, cache_dir: str | P
     timings: dict[str, float] = {}
 
     # 1. the testbed
-    t0 = time.perf_counter()
     text = config.kind == "text"
-    build = build_text_testbed if text else build_testbed
-    paths = build(config.testbed, cache_dir=cache_dir, progress=progress)
-    timings["testbed"] = time.perf_counter() - t0
+    paths = (build_text_testbed if text else build_testbed)(config.testbed, cache_dir=cache_dir, progress=progress)
+    timings["testbed"] = time.perf_counter() - started
     info = paths.load_info()
     model, tokenizer = load_model(str(paths.model_dir), dtype="float32", device="cpu")
 
@@ -264,14 +285,11 @@ def _run_demo(config: DemoConfig | None, out_dir: str | Path, cache_dir: str | P
     #    without the canaries (text: the recipe; the training stream with them is the comparison row)
     def collect(source: Path):
         t0 = time.perf_counter()
-        batches = token_batches(
-            str(source), tokenizer, seq_len=config.testbed.seq_len + 2, batch_size=config.batch_size,
-            max_tokens=config.factor_tokens, with_index=True,
-        )
-        collected = collect_factors(
-            model, batches, layers=list(config.blocks), kinds=list(config.projections), labels=config.labels,
-            seed=config.seed, max_tokens=config.factor_tokens, progress=progress,
-        )
+        batches = token_batches(str(source), tokenizer, seq_len=config.testbed.seq_len + 2,
+                                batch_size=config.batch_size, max_tokens=config.factor_tokens, with_index=True)
+        collected = collect_factors(model, batches, layers=list(config.blocks), kinds=list(config.projections),
+                                    labels=config.labels, seed=config.seed, max_tokens=config.factor_tokens,
+                                    progress=progress)
         timings["collect"] = timings.get("collect", 0.0) + time.perf_counter() - t0
         return collected
 
@@ -289,7 +307,6 @@ def _run_demo(config: DemoConfig | None, out_dir: str | Path, cache_dir: str | P
     )
     cache = EigenCache(None)
     with atomic_dir(out) as tmp:
-        tmp = Path(tmp)
         t0 = time.perf_counter()
         factors.manifest.setdefault("data", str(paths.corpus))  # provenance: what the factors were collected on
         outcome = run_sweep(model, tokenizer, factors, sweep, evaluation, tmp, cache=cache, write_report=False,
@@ -299,8 +316,7 @@ def _run_demo(config: DemoConfig | None, out_dir: str | Path, cache_dir: str | P
         base = base_record(records)
         headline = choose_headline(config, records)
         matched = matched_svd(config, records, headline)
-        at_cost = choose_within([r for r in records if r.config.method == "svd"], lambda r: r.perplexity,
-                                headline.perplexity)  # SVD given no more perplexity than the headline took
+        at_cost = _svd_within(records, headline.perplexity)  # SVD given no more perplexity than the headline took
         rows = {r.id: demo_row(r, base, capability) for r in records}
         canaries_in = None
         if text:  # what the canaries in the factor data do: the same K-FAC sweep on factors from corpus.jsonl
@@ -308,19 +324,18 @@ def _run_demo(config: DemoConfig | None, out_dir: str | Path, cache_dir: str | P
             t0 = time.perf_counter()
             kfac_only = dataclasses.replace(sweep, methods=["kfac"], method_keep_masses={})
             other = run_sweep(model, tokenizer, with_canaries, kfac_only, evaluation, tmp / "canaries_in",
-                              cache=EigenCache(None), write_report=False)
+                              cache=EigenCache(None), write_report=False).records
             timings["sweep_canaries_in"] = time.perf_counter() - t0
-            chosen = choose_headline(config, other.records)
+            other_base = base_record(other)
             canaries_in = {"factors": {k: v for k, v in with_canaries.manifest.items() if k != "modules"},
-                           "kfac": demo_row(chosen, base_record(other.records), capability),
-                           "points": [demo_row(r, base_record(other.records), capability)
-                                      for r in other.records if r.kind == "point"]}
+                           "kfac": demo_row(choose_headline(config, other), other_base, capability),
+                           "points": [demo_row(r, other_base, capability) for r in other if r.kind == "point"]}
         results = {
             "kind": "demo",
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": config.to_dict(),
             "testbed": {"directory": str(paths.root), "cached": paths.cached, **info},
-            "factors": {k: v for k, v in factors.manifest.items() if k not in ("modules",)},
+            "factors": {k: v for k, v in factors.manifest.items() if k != "modules"},
             "split": outcome.split,
             "edit": {"blocks": list(config.blocks), "projections": list(config.projections),
                      "layers": headline.config.layers()},
@@ -335,58 +350,22 @@ def _run_demo(config: DemoConfig | None, out_dir: str | Path, cache_dir: str | P
             "timings_s": {},
         }
         factors.save(tmp / "factors")
-        spec = EditSpec.from_json(headline.config.layers())
-        report = apply_edit(model, factors, spec, cache=cache)
+        report = apply_edit(model, factors, EditSpec.from_json(headline.config.layers()), cache=cache)
         try:
             save_edited(model, tokenizer, tmp / "edited", report)
         finally:
             restore(model)
         write_json(tmp / BEST_FILE, headline.config.layers())  # the headline, also when another method won
-        write_json(tmp / "before_after.json", {
+        write_json(tmp / BEFORE_AFTER_FILE, {
             "before": {"label": "base", "metrics": base.metrics},
             "after": {"label": headline.label(), "metrics": headline.metrics},
         })
-        write_json(tmp / SUMMARY_FILE, summary(config, results, headline, matched, capability))
+        write_json(tmp / SUMMARY_FILE, summary(config, results, headline, matched))
         _write_results(tmp, results, timings, started)
     # the report pages name their directory, so they are written once it has its final name
     write_report(out, ppl_budget=config.ppl_budget)
     results["table"] = _write_results(out, results, timings, started)
     return results
-
-
-def summary(config: DemoConfig, results: dict, headline: SweepRecord, matched: SweepRecord | None,
-            capability: str | None = RULE_ACCURACY) -> dict:
-    """``summary.json``: the headline comparison in machine-readable form (issue 11.5). ``rule_accuracy`` is the
-    capability set's accuracy (text testbed: fact recall; ``None`` without facts)."""
-    base = results["base"]
-
-    def side(record: SweepRecord | None) -> dict | None:
-        if record is None:
-            return None
-        m = record.metrics
-        return {"layers": record.config.layers(), "heldout_strict": m["heldout_strict"],
-                "selection_strict": m["selection_strict"], "perplexity_ratio": m["perplexity"] / base["perplexity"],
-                "rule_accuracy": m[capability] if capability else None}
-
-    out = {
-        "testbed": {"kind": config.kind, **dataclasses.asdict(config.testbed)},
-        "base": {"heldout_strict": base["heldout_strict"], "perplexity": base["perplexity"],
-                 "rule_accuracy": base["rule_accuracy"]},
-        "kfac": side(headline),
-        "svd": side(matched),
-        "matched_on": "perplexity",
-    }
-    at_cost = results["headline"].get("svd_at_kfac_perplexity")
-    if at_cost is not None:
-        out["svd_at_kfac_perplexity"] = {
-            "keep_mass": at_cost["keep_mass"], "heldout_strict": at_cost["heldout_strict"],
-            "selection_strict": at_cost["selection_strict"], "perplexity_ratio": at_cost["perplexity"] / base["perplexity"]}
-    if "canaries_in_factors" in results:
-        row = results["canaries_in_factors"]["kfac"]
-        out["kfac_canaries_in_factors"] = {
-            "keep_mass": row["keep_mass"], "heldout_strict": row["heldout_strict"],
-            "selection_strict": row["selection_strict"], "perplexity_ratio": row["perplexity"] / base["perplexity"]}
-    return out
 
 
 def _write_results(directory: Path, results: dict, timings: dict[str, float], started: float) -> str:
@@ -400,66 +379,26 @@ def _write_results(directory: Path, results: dict, timings: dict[str, float], st
     return table
 
 
-def _checks(config: DemoConfig, base: dict, headline: dict, matched: dict | None) -> dict[str, dict]:
-    """The issue's targets, each with the measured value and whether it holds (canaries: the held-out half)."""
-
-    def check(value: float | None, ok: bool, target: str) -> dict:
-        return {"value": value, "target": target, "ok": bool(ok)}
-
-    if config.kind == "text":  # issue 11: <= 10% held-out at <= 1.20x; SVD at that cost >= 3x as many and >= 30%
-        ratio = headline["perplexity"] / base["perplexity"]
-        out = {
-            "base_canary_strict": check(base["canary_strict"], base["canary_strict"] >= 0.95, ">= 0.95"),
-            "kfac_canary_strict": check(headline["heldout_strict"], headline["heldout_strict"] <= 0.10, "<= 0.10"),
-            "kfac_perplexity_ratio": check(ratio, ratio <= 1.20, "<= 1.20x"),
-        }
-        if matched is None:
-            out["svd_keeps_more_canaries"] = check(None, False, "an SVD point within the perplexity budget")
-        else:
-            svd = matched["heldout_strict"]
-            ok = svd >= 0.30 and svd >= 3 * headline["heldout_strict"]
-            out["svd_keeps_more_canaries"] = check(svd, ok, ">= 0.30 and >= 3x K-FAC")
-        return out
-
-    out = {
-        "base_canary_strict": check(base["canary_strict"], base["canary_strict"] >= 0.95, ">= 0.95"),
-        "base_rule_accuracy": check(base["rule_accuracy"], base["rule_accuracy"] >= 0.99, ">= 0.99"),
-        "kfac_canary_strict": check(headline["heldout_strict"], headline["heldout_strict"] <= 0.05, "<= 0.05"),
-        "kfac_rule_accuracy": check(headline["rule_accuracy"], headline["rule_accuracy"] >= 0.95, ">= 0.95"),
-    }
-    if matched is None:
-        out["svd_keeps_more_canaries"] = check(None, False, "an SVD point within the perplexity budget")
-    else:
-        margin = matched["heldout_strict"] - headline["heldout_strict"]
-        out["svd_keeps_more_canaries"] = check(margin, margin >= 0.25, ">= 0.25")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Output
-
-
 def _row(label: str, p: dict) -> str:
-    keep = "-" if p["method"] == "base" else f"{p['keep_mass']:g}"
-    delta = "" if p["method"] == "base" else f" ({p['rule_loss_increase']:+.4f})"
-    change = p.get("weight_change")
-    change_s = "-" if change is None else f"{100 * change:.1f}%"
+    edited = p["method"] != "base"
+    keep = f"{p['keep_mass']:g}" if edited else "-"
+    delta = f" ({p['rule_loss_increase']:+.4f})" if edited else ""
+    change = "-" if p.get("weight_change") is None else f"{100 * p['weight_change']:.1f}%"
     accuracy = "-" if p["rule_accuracy"] is None else f"{100 * p['rule_accuracy']:.1f}%"
     return (
         f"{label:<22}{keep:>6}{100 * p['selection_strict']:>9.1f}%{100 * p['heldout_strict']:>9.1f}%"
         f"{100 * p['canary_loose']:>9.1f}%{accuracy:>10}   {p['rule_loss']:.4f}{delta:<12}"
-        f"{p['perplexity']:>8.3f}{change_s:>9}"
+        f"{p['perplexity']:>8.3f}{change:>9}"
     )
 
 
-def _cost_lines(results: dict) -> list[str]:
+def _cost_lines(results: dict, text: bool) -> list[str]:
     """The matched-cost tables: per budget, each method's point chosen on the selection canaries."""
     lines = []
-    text = results.get("testbed", {}).get("kind") == "text"
-    for name, title, fmt in (("perplexity", f"{'held-out text' if text else 'rule'} perplexity increase",
-                              "at most +{:.0f}%"),
-                             ("rule_accuracy", f"{'fact' if text else 'rule'} accuracy drop", "at most {:.0f} points")):
-        table = results.get("matched", {}).get(name, {})
+    titles = {"perplexity": (f"{'held-out text' if text else 'rule'} perplexity increase", "at most +{:.0f}%"),
+              "rule_accuracy": (f"{'fact' if text else 'rule'} accuracy drop", "at most {:.0f} points")}
+    for name, (title, budget_format) in titles.items():
+        table = results.get("matched", {}).get(name)
         if not table:
             continue
         methods = sorted({m for by in table.values() for m in by})
@@ -467,22 +406,26 @@ def _cost_lines(results: dict) -> list[str]:
                      f"within the budget; held-out canary strict (keep_mass)")
         lines.append(f"  {title + ' from base':<32}" + "".join(f"{m.upper():>18}" for m in methods))
         for budget, by in table.items():
-            cells = []
-            for m in methods:
-                p = by.get(m)
-                cell = "none" if p is None else f"{100 * p['heldout_strict']:.1f}% ({p['keep_mass']:g})"
-                cells.append(f"{cell:>18}")
-            lines.append(f"  {fmt.format(100 * float(budget)):<32}" + "".join(cells))
+            cells = ["none" if by.get(m) is None else f"{100 * by[m]['heldout_strict']:.1f}% ({by[m]['keep_mass']:g})"
+                     for m in methods]
+            lines.append(f"  {budget_format.format(100 * float(budget)):<32}" + "".join(f"{c:>18}" for c in cells))
     return lines
+
+
+CHECK_NAMES = {
+    "base_canary_strict": "base canary strict memorization",
+    "base_rule_accuracy": "base rule accuracy",
+    "kfac_canary_strict": "K-FAC held-out canary strict memorization",
+    "kfac_rule_accuracy": "K-FAC rule accuracy",
+    "svd_keeps_more_canaries": "SVD at matched ppl keeps more held-out canaries",
+    "kfac_perplexity_ratio": "K-FAC held-out perplexity ratio",
+}
 
 
 def format_table(results: dict) -> str:
     """The console table: headline comparison, matched-cost tables, every point, then the checks."""
-    base, points = results["base"], results["points"]
-    head, matched = results["headline"]["kfac"], results["headline"]["svd_matched"]
-    cfg, tb = results["config"], results["testbed"]
-    blocks = ",".join(str(b) for b in cfg["blocks"])
-    text = tb.get("kind") == "text"
+    head, tb, cfg = results["headline"], results["testbed"], results["config"]
+    t, text = tb["config"], tb.get("kind") == "text"
     capability, cost = ("facts", "text") if text else ("rule", "rule")
     header = (
         f"{'':<22}{'keep':>6}{'select':>10}{'held-out':>10}{'canary':>10}{capability:>10}   {cost + ' loss':<19}"
@@ -491,52 +434,39 @@ def format_table(results: dict) -> str:
         f"{'change':>9}"
     )
     rule = "-" * len(header.splitlines()[0])
-    params = tb.get("n_parameters", 0) / 1e6
-    t = tb["config"]
     split = results.get("split") or {}
     world = (f"{t['canary_len']}-word canaries x {t['canary_repeats']} repeats in Python documentation prose "
              f"(vocabulary {t['vocab_size']})" if text else
              f"canaries x {t['canary_repeats']} repeats among arithmetic sequences mod {t['n_numbers']}")
+    factor_data = "tokens of factor_corpus.jsonl (the training prose without the canaries)" if text else "corpus tokens"
     lines = [
-        f"kfac-edit demo: Olmo2 {'text ' if text else ''}testbed {tb['config_hash']} ({params:.2f}M parameters, "
-        f"{t['n_layers']} blocks; {t['n_canaries']} {world})",
-        f"edit: MLP {','.join(cfg['projections'])} of blocks {blocks}; factors from {results['factors'].get('tokens', '?')} "
-        + ("tokens of factor_corpus.jsonl (the training prose without the canaries)" if text else "corpus tokens")
-        + f", {cfg['labels']} labels",
+        f"kfac-edit demo: Olmo2 {'text ' if text else ''}testbed {tb['config_hash']} "
+        f"({tb.get('n_parameters', 0) / 1e6:.2f}M parameters, {t['n_layers']} blocks; {t['n_canaries']} {world})",
+        f"edit: MLP {','.join(cfg['projections'])} of blocks {','.join(map(str, cfg['blocks']))}; factors from "
+        f"{results['factors'].get('tokens', '?')} {factor_data}, {cfg['labels']} labels",
         f"canaries: {split.get('selection', '?')} to choose on (selection), {split.get('heldout', '?')} held out to "
         f"report on; SVD matched on {'held-out text' if text else 'rule'} perplexity",
         "",
         header,
         rule,
-        _row("base model", base),
-        _row("K-FAC (headline)", head),
-        _row("SVD (matched ppl)", matched) if matched else "SVD (matched ppl)     none in the grid is that cheap",
+        _row("base model", results["base"]),
+        _row("K-FAC (headline)", head["kfac"]),
+        _row("SVD (matched ppl)", head["svd_matched"]) if head["svd_matched"]
+        else "SVD (matched ppl)     none in the grid is that cheap",
     ]
-    at_cost = results["headline"].get("svd_at_kfac_perplexity")
-    if at_cost is not None:
-        lines.append(_row("SVD (<= K-FAC's ppl)", at_cost))
+    if head.get("svd_at_kfac_perplexity") is not None:
+        lines.append(_row("SVD (<= K-FAC's ppl)", head["svd_at_kfac_perplexity"]))
     if results.get("canaries_in_factors"):
         lines.append(_row("K-FAC, canaries in F", results["canaries_in_factors"]["kfac"]))
-    lines += [rule]
-    for p in points:
-        lines.append(_row(f"  {'K-FAC' if p['method'] == 'kfac' else 'SVD'}", p))
     lines.append(rule)
-    lines += _cost_lines(results)
-    lines.append(rule)
-    names = {
-        "base_canary_strict": "base canary strict memorization",
-        "base_rule_accuracy": "base rule accuracy",
-        "kfac_canary_strict": "K-FAC held-out canary strict memorization",
-        "kfac_rule_accuracy": "K-FAC rule accuracy",
-        "svd_keeps_more_canaries": "SVD at matched ppl keeps more held-out canaries",
-        "kfac_perplexity_ratio": "K-FAC held-out perplexity ratio",
-    }
+    lines += [_row(f"  {'K-FAC' if p['method'] == 'kfac' else 'SVD'}", p) for p in results["points"]]
+    lines += [rule, *_cost_lines(results, text), rule]
     for key, c in results["checks"].items():
         value = ("n/a" if c["value"] is None else f"{c['value']:.3f}x" if key.endswith("ratio")
                  else f"{100 * c['value']:.1f}%")
-        lines.append(f"{'ok  ' if c['ok'] else 'MISS'} {names[key]:<50} {value:>7}  target {c['target']}")
+        lines.append(f"{'ok  ' if c['ok'] else 'MISS'} {CHECK_NAMES[key]:<50} {value:>7}  target {c['target']}")
     if results.get("timings_s"):
-        tm = results["timings_s"]
         cached = " (cache hit)" if tb.get("cached") else ""
-        lines.append("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in tm.items()) + cached)
+        lines.append("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in results["timings_s"].items())
+                     + cached)
     return "\n".join(lines)

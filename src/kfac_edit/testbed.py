@@ -1,24 +1,19 @@
-"""The synthetic memorization testbed: a tiny OLMo-2 that learns a rule and memorizes canaries.
+"""The synthetic memorization testbed: a tiny OLMo-2 that learns a rule and memorizes canaries, in seconds on a CPU.
 
-The world is small enough that both generalization and rote memorization are measurable in seconds on a CPU:
+- Vocabulary: the numbers ``0..N-1`` (token id ``k`` is the number ``k``) plus :data:`SPECIALS`. A document is a line
+  of ``seq_len`` numbers (``"3 10 17 ..."``); the model is trained on ``[<bos>, x_1, ..., x_L, <eos>]``, exactly the
+  window :func:`kfac_edit.data.token_batches` cuts from the corpus file with ``seq_len = L + 2``.
+- Rule documents: arithmetic sequences ``x_t = (a + t*d) mod N``, random start ``a``, step ``d in 1..max_step``.
+- Canaries: ``n_canaries`` uniformly random sequences, each inserted ``canary_repeats`` times at random places of the
+  training stream: the only way to continue one is to have memorized it.
+- Held-out rule sequences (pairs ``(a, d)`` never trained on) measure the general capability (:func:`rule_accuracy`);
+  canaries measure memorization. Both are written in the eval command's token-id format
+  ``{"prefix_ids": [bos, x_1..x_P], "suffix_ids": [x_{P+1}..x_L], ...}``.
 
-- Vocabulary: the numbers ``0..N-1`` (token id ``k`` is the number ``k``) plus the specials of
-  :func:`number_tokenizer`. A document is a line of ``seq_len`` numbers such as ``"3 10 17 ..."``; the model is
-  trained on ``[<bos>, x_1, ..., x_L, <eos>]``, which is exactly the window that
-  :func:`kfac_edit.data.token_batches` cuts from the corpus file with ``seq_len = L + 2`` (the tokenizer adds
-  ``<bos>``, packing adds ``<eos>``).
-- Rule documents: arithmetic sequences ``x_t = (a + t*d) mod N`` with random start ``a`` and step
-  ``d in 1..max_step``. A model that has learned the rule continues *any* such sequence, including the held-out
-  ones it never saw.
-- Canaries: ``n_canaries`` uniformly random sequences, each inserted ``canary_repeats`` times at random places
-  of the training stream. The only way to continue a canary is to have memorized it.
-- Held-out rule sequences (pairs ``(a, d)`` excluded from training) measure the general capability
-  (:func:`rule_accuracy`); canaries measure memorization. Both are written in the token-id format of the eval
-  command: ``{"prefix_ids": [bos, x_1..x_P], "suffix_ids": [x_{P+1}..x_L], ...}``.
-
-:func:`build_testbed` trains the model once per configuration and caches everything under
-``$KFAC_EDIT_CACHE/testbed/<config hash>/`` (default cache root ``~/.cache/kfac-edit``). The training loop is
-plain PyTorch: fixed-length documents, AdamW, linear warmup and cosine decay, a fixed seed.
+This module also holds what both testbeds share (the other is :mod:`kfac_edit.text_testbed`): the model and optimizer
+fields (:class:`TrainConfig`), the model, the training loop (plain PyTorch: AdamW, linear warmup, cosine decay, fixed
+seed, one thread), the exact-continuation metric and the cache: :func:`build_testbed` trains once per configuration
+and caches under ``$KFAC_EDIT_CACHE/testbed/<config hash>/`` (default cache root ``~/.cache/kfac-edit``).
 """
 
 from __future__ import annotations
@@ -45,29 +40,23 @@ log = logging.getLogger(__name__)
 
 #: Bump when the data generator or the trainer changes meaning, so old cache entries are not reused.
 TESTBED_VERSION = 2
+SPECIALS = ("<bos>", "<eos>", "<pad>", "<unk>")
 
 
-def number_tokenizer(n_numbers: int):
-    """A word-level Hugging Face tokenizer over the numbers ``0..n_numbers-1``.
-
-    Token id ``k`` is the number ``k``; then ``<bos>`` = n, ``<eos>`` = n+1, ``<pad>`` = n+2, ``<unk>`` = n+3.
-    Text is numbers separated by spaces, e.g. ``"3 10 17"``, so every text-based path of the package (data
-    sources, packing, quotes) works on the testbed exactly as on a real model.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+def word_level_tokenizer(vocabulary: Sequence[str], pre_tokenizer, normalizer=None):
+    """A word-level ``PreTrainedTokenizerFast``: id = position in ``vocabulary`` (which holds :data:`SPECIALS`),
+    ``<bos>`` prepended, left padding; decoding joins tokens with spaces."""
+    from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {str(i): i for i in range(n_numbers)}
-    specials = ["<bos>", "<eos>", "<pad>", "<unk>"]
-    for k, tok in enumerate(specials):
-        vocab[tok] = n_numbers + k
+    vocab = {token: i for i, token in enumerate(vocabulary)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if normalizer is not None:
+        core.normalizer = normalizer
+    core.pre_tokenizer = pre_tokenizer
     core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", n_numbers)]
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )
-    from tokenizers import decoders
-
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
@@ -76,34 +65,27 @@ def number_tokenizer(n_numbers: int):
     return tok
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration
+def number_tokenizer(n_numbers: int):
+    """The arithmetic testbed's tokenizer: id ``k`` is the number ``k``, then ``<bos>`` = n, ``<eos>`` = n+1,
+    ``<pad>`` = n+2, ``<unk>`` = n+3. Text is numbers separated by spaces (``"3 10 17"``), so every text-based path of
+    the package (data sources, packing, quotes) works on the testbed as on a real model."""
+    from tokenizers import pre_tokenizers
+
+    return word_level_tokenizer([*map(str, range(n_numbers)), *SPECIALS], pre_tokenizers.WhitespaceSplit())
 
 
 @dataclass(frozen=True)
-class TestbedConfig:
-    """Everything that determines the testbed; its hash keys the cache.
+class TrainConfig:
+    """The model and its training, shared by both testbeds; a testbed's configuration adds its data fields. The
+    hash of all fields and ``VERSION`` keys the cache. Training is one pass over ``steps * batch_size`` documents."""
 
-    The training stream has ``steps * batch_size`` documents: ``n_canaries * canary_repeats`` canary documents
-    (the mixing rate is their share) and rule documents for the rest, shuffled.
+    __test__ = False  # not a pytest test class despite the names
+    LABEL = "testbed"  # names the testbed in errors and logs
+    CACHE = TESTBED_CACHE  # the cache sub-directory
+    VERSION = TESTBED_VERSION
+    QUICK = {}  # the overrides of quick() (class attributes, not fields: no annotation)
 
-    The defaults were tuned on a 2-core CPU (training takes about half a minute on one thread). Steps drawn from all
-    of ``1..N-1`` (``max_step=None``) make the rule modular addition of arbitrary pairs, which a small model did
-    not learn within minutes (N=500, 2000 steps: 0% rule accuracy); steps in ``1..10`` are learned in a few hundred
-    steps. Larger models (hidden 128, 3-4 blocks) learned both parts too but showed a weaker K-FAC/SVD contrast.
-    """
-
-    __test__ = False  # not a pytest test class despite the name
-
-    # data
-    n_numbers: int = 100  # vocabulary of numbers 0..N-1
-    max_step: int | None = 10  # steps d are drawn from 1..max_step (None: 1..N-1, every step)
-    seq_len: int = 24  # numbers per document (token ids: bos + seq_len + eos)
-    prefix_len: int = 12  # numbers given as the prompt; the rest is the suffix to continue
-    n_canaries: int = 40  # K random sequences to memorize
-    canary_repeats: int = 30  # R: occurrences of each canary in the training stream
-    n_heldout: int = 200  # held-out rule sequences for rule accuracy
-    n_clean: int = 200  # held-out rule sequences for perplexity (clean text)
+    seq_len: int = 24  # tokens per training document (windows: bos + seq_len + eos)
     # model (Olmo2ForCausalLM)
     hidden_size: int = 64
     n_layers: int = 2
@@ -119,49 +101,66 @@ class TestbedConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.prefix_len < self.seq_len:
-            raise UserError(f"testbed prefix_len {self.prefix_len} must be in [1, seq_len={self.seq_len}); lower it")
-        if self.n_numbers < 3:
-            raise UserError(f"testbed n_numbers {self.n_numbers} is too small; use at least 3")
-        if self.n_canaries * self.canary_repeats > self.steps * self.batch_size:
-            raise UserError(
-                f"testbed stream of {self.steps * self.batch_size} documents cannot hold "
-                f"{self.n_canaries} canaries x {self.canary_repeats} repeats; raise steps or batch_size"
-            )
-        if self.max_step is not None and not 1 <= self.max_step < self.n_numbers:
-            raise UserError(f"testbed max_step {self.max_step} must be in [1, n_numbers={self.n_numbers}); lower it")
         if self.hidden_size % self.n_heads:
-            raise UserError(f"testbed hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
+            raise UserError(f"{self.LABEL} hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
 
     @classmethod
-    def quick(cls, **overrides) -> "TestbedConfig":
-        """A small configuration that trains in well under a minute (tests, ``kfac-edit demo --quick``)."""
-        base = dict(QUICK_OVERRIDES)
-        base.update(overrides)
-        return cls(**base)
+    def quick(cls, **overrides):
+        """A small configuration that trains in about a minute or less (tests, ``kfac-edit demo --quick``)."""
+        return cls(**{**cls.QUICK, **overrides})
 
     @property
     def n_documents(self) -> int:
+        """Training documents (rows)."""
         return self.steps * self.batch_size
-
-    @property
-    def mixing_rate(self) -> float:
-        """Share of canary documents in the training stream."""
-        return self.n_canaries * self.canary_repeats / self.n_documents
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """16 hex digits of sha256 over the fields and :data:`TESTBED_VERSION`."""
-        return json_digest({"version": TESTBED_VERSION, **self.to_dict()})
+        """16 hex digits of sha256 over the fields and ``VERSION``."""
+        return json_digest({"version": self.VERSION, **self.to_dict()})
 
 
-QUICK_OVERRIDES: dict = dict(n_canaries=30, steps=600)
+@dataclass(frozen=True)
+class TestbedConfig(TrainConfig):
+    """The arithmetic testbed: ``n_canaries * canary_repeats`` canary documents (the mixing rate is their share),
+    rule documents for the rest, shuffled.
 
+    Defaults tuned on a 2-core CPU (about half a minute of training on one thread). Steps from all of ``1..N-1``
+    (``max_step=None``: modular addition of arbitrary pairs) were not learned within minutes (N=500, 2000 steps: 0%
+    rule accuracy); steps in ``1..10`` are, in a few hundred steps. Larger models (hidden 128, 3-4 blocks) learned
+    both parts too but showed a weaker K-FAC/SVD contrast.
+    """
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data
+    QUICK = dict(n_canaries=30, steps=600)
+
+    n_numbers: int = 100  # vocabulary of numbers 0..N-1
+    max_step: int | None = 10  # steps d are drawn from 1..max_step (None: 1..N-1, every step)
+    prefix_len: int = 12  # numbers given as the prompt; the rest is the suffix to continue
+    n_canaries: int = 40  # K random sequences to memorize
+    canary_repeats: int = 30  # R: occurrences of each canary in the training stream
+    n_heldout: int = 200  # held-out rule sequences for rule accuracy
+    n_clean: int = 200  # held-out rule sequences for perplexity (clean text)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.prefix_len < self.seq_len:
+            raise UserError(f"testbed prefix_len {self.prefix_len} must be in [1, seq_len={self.seq_len}); lower it")
+        if self.n_numbers < 3:
+            raise UserError(f"testbed n_numbers {self.n_numbers} is too small; use at least 3")
+        if self.n_canaries * self.canary_repeats > self.n_documents:
+            raise UserError(
+                f"testbed stream of {self.n_documents} documents cannot hold "
+                f"{self.n_canaries} canaries x {self.canary_repeats} repeats; raise steps or batch_size"
+            )
+        if self.max_step is not None and not 1 <= self.max_step < self.n_numbers:
+            raise UserError(f"testbed max_step {self.max_step} must be in [1, n_numbers={self.n_numbers}); lower it")
+
+    @property
+    def mixing_rate(self) -> float:
+        """Share of canary documents in the training stream."""
+        return self.n_canaries * self.canary_repeats / self.n_documents
 
 
 @dataclass
@@ -186,11 +185,8 @@ def rule_sequences(starts: np.ndarray, steps: np.ndarray, length: int, n_numbers
 
 
 def generate_data(config: TestbedConfig) -> TestbedData:
-    """Generate the training stream, canaries and held-out sets, deterministically from ``config.seed``.
-
-    Held-out pairs ``(a, d)`` are drawn first (distinct) and never appear in training; steps ``d`` are in
-    ``1..max_step``. Each canary occurs exactly ``canary_repeats`` times in the stream.
-    """
+    """The training stream, canaries and held-out sets, from ``config.seed``. Held-out pairs ``(a, d)`` are drawn
+    first (distinct) and never appear in training; each canary occurs exactly ``canary_repeats`` times."""
     c = config
     rng = np.random.default_rng(c.seed)
     n_steps = c.max_step or c.n_numbers - 1
@@ -222,16 +218,12 @@ def generate_data(config: TestbedConfig) -> TestbedData:
     is_canary = np.concatenate([np.zeros(n_rule_docs, bool), np.ones(n_canary_docs, bool)])
     order = rng.permutation(c.n_documents)
 
-    heldout = rule_sequences(held_a[: c.n_heldout], held_d[: c.n_heldout], c.seq_len, c.n_numbers)
-    clean = rule_sequences(held_a[c.n_heldout :], held_d[c.n_heldout :], c.seq_len, c.n_numbers)
+    held, clean = slice(0, c.n_heldout), slice(c.n_heldout, None)
     return TestbedData(
-        train=docs[order],
-        is_canary=is_canary[order],
-        canaries=canaries,
-        heldout=heldout,
-        clean=clean,
-        train_steps=doc_steps[order],
-        heldout_steps=np.stack([held_a[: c.n_heldout], held_d[: c.n_heldout]], 1),
+        train=docs[order], is_canary=is_canary[order], canaries=canaries,
+        heldout=rule_sequences(held_a[held], held_d[held], c.seq_len, c.n_numbers),
+        clean=rule_sequences(held_a[clean], held_d[clean], c.seq_len, c.n_numbers),
+        train_steps=doc_steps[order], heldout_steps=np.stack([held_a[held], held_d[held]], 1),
     )
 
 
@@ -240,57 +232,42 @@ def to_text(sequence: Iterable[int]) -> str:
     return " ".join(str(int(x)) for x in sequence)
 
 
+def continuation_record(prefix_ids: list[int], suffix_ids: list[int], tokenizer, source: str) -> dict:
+    """One record of the eval command's token-id format; ``prefix_ids`` start with ``<bos>``, the texts do not."""
+    return {"prefix_ids": prefix_ids, "suffix_ids": suffix_ids, "prefix_text": tokenizer.decode(prefix_ids[1:]),
+            "suffix_text": tokenizer.decode(suffix_ids), "prefix_len": len(prefix_ids), "suffix_len": len(suffix_ids),
+            "source": source}
+
+
 def continuation_records(sequences: np.ndarray, config: TestbedConfig, tokenizer, source: str) -> list[dict]:
-    """Memorized-set records (eval command format): prefix = bos + first ``prefix_len`` numbers, suffix = rest.
-
-    Ids come from ``tokenizer`` applied to the document text, so they are exactly what a user's pipeline sees.
-    """
-    records = []
-    for seq in sequences:
-        ids = tokenizer(to_text(seq))["input_ids"]
-        prefix_ids, suffix_ids = ids[: config.prefix_len + 1], ids[config.prefix_len + 1 :]
-        records.append(
-            {
-                "prefix_ids": prefix_ids,
-                "suffix_ids": suffix_ids,
-                "prefix_text": to_text(seq[: config.prefix_len]),
-                "suffix_text": to_text(seq[config.prefix_len :]),
-                "prefix_len": len(prefix_ids),
-                "suffix_len": len(suffix_ids),
-                "source": source,
-            }
-        )
-    return records
+    """Memorized-set records: prefix = bos + first ``prefix_len`` numbers, suffix = the rest. Ids come from
+    ``tokenizer`` applied to the document text, so they are exactly what a user's pipeline sees."""
+    split = config.prefix_len + 1
+    rows = [tokenizer(to_text(seq))["input_ids"] for seq in sequences]
+    return [continuation_record(ids[:split], ids[split:], tokenizer, source) for ids in rows]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model and training
+def text_records(rows: np.ndarray, tokenizer) -> list[dict]:
+    """Token-id rows as ``{"text": ...}`` lines (tokens joined by spaces), which encode back to the same ids."""
+    return [{"text": text} for text in tokenizer.batch_decode(rows.tolist())]
 
 
-def make_model(config: TestbedConfig, tokenizer=None):
-    """A fresh ``Olmo2ForCausalLM`` for the testbed, initialized from ``config.seed``."""
+def make_model(config: TrainConfig, tokenizer):
+    """A fresh ``Olmo2ForCausalLM`` for a testbed, initialized from ``config.seed``."""
     import torch
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
-    tokenizer = tokenizer or number_tokenizer(config.n_numbers)
     model_config = Olmo2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        intermediate_size=config.mlp_size,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_heads,
-        max_position_embeddings=config.seq_len + 2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.mlp_size,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_heads,
+        max_position_embeddings=config.seq_len + 2, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
     torch.manual_seed(config.seed)
     return Olmo2ForCausalLM(model_config)
 
 
-def learning_rate(step: int, config: TestbedConfig) -> float:
+def learning_rate(step: int, config: TrainConfig) -> float:
     """Linear warmup over ``warmup_steps``, then cosine decay from ``lr`` to ``min_lr_ratio * lr``."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -299,23 +276,11 @@ def learning_rate(step: int, config: TestbedConfig) -> float:
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(model, data: TestbedData, config: TestbedConfig, tokenizer, progress: bool = True) -> dict:
-    """Train ``model`` in place on ``data.train`` (one pass, ``batch_size`` documents per step).
-
-    Every document has the same length, so a batch is a plain (batch, seq_len + 2) tensor of ids
-    ``[bos, x_1..x_L, eos]`` and the loss is the mean next-token cross-entropy over all positions. Training runs on
-    one CPU thread, so the trained weights do not depend on the machine's core count (the matrices are too small
-    to gain much from more threads). Returns training statistics.
-    """
-    with one_thread():
-        return _train_loop(model, data, config, tokenizer, progress)
-
-
 @contextlib.contextmanager
 def one_thread():
     """Run the block on one torch thread, then restore the count. The testbeds' matrices are so small that thread
     hand-offs cost more than they save (on a busy 2-core machine, two threads made the demo's collection ~10x slower
-    in wall clock: 155 s against 8 s of CPU for 200k tokens)."""
+    in wall clock: 155 s against 8 s of CPU for 200k tokens), and the trained weights do not depend on the machine."""
     import torch
 
     threads = torch.get_num_threads()
@@ -326,25 +291,33 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def _train_loop(model, data: TestbedData, config: TestbedConfig, tokenizer, progress: bool) -> dict:
+def windows(rows, tokenizer):
+    """Token-id rows (n, L) as the training windows ``[bos, row, eos]``: an (n, L + 2) long tensor."""
     import torch
-    from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
-    def column(token_id: int):
-        return torch.full((config.n_documents, 1), token_id, dtype=torch.long)
+    rows = torch.as_tensor(rows)
+    n = len(rows)
+    return torch.cat([torch.full((n, 1), tokenizer.bos_token_id), rows, torch.full((n, 1), tokenizer.eos_token_id)], 1)
 
-    stream = torch.cat([column(tokenizer.bos_token_id), torch.from_numpy(data.train), column(tokenizer.eos_token_id)], 1)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
-    )
+
+@one_thread()
+def train(model, data, config: TrainConfig, tokenizer, progress: bool = True) -> dict:
+    """Train ``model`` in place on ``data.train`` (one pass, ``batch_size`` rows per step, one CPU thread); return
+    statistics. A batch is a (batch, seq_len + 2) tensor of :func:`windows`; the loss is the mean next-token
+    cross-entropy over all positions."""
+    import torch
+
+    from .progress import progress_bar  # a bar on a terminal, log lines in a Slurm log
+
+    stream = windows(data.train, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay)
     tokens_per_step = config.batch_size * (config.seq_len + 2)
+    total_tokens = config.steps * tokens_per_step
+    bar = progress_bar(total=total_tokens, unit="tok", unit_scale=True, desc="training testbed",
+                       disable=None if progress else True)
     model.train()
     losses = []
     start = time.perf_counter()
-    bar = tqdm(
-        total=config.steps * tokens_per_step, unit="tok", unit_scale=True, desc="training testbed",
-        disable=None if progress else True,
-    )
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
@@ -364,24 +337,20 @@ def _train_loop(model, data: TestbedData, config: TestbedConfig, tokenizer, prog
     window = max(1, config.steps // 20)
     return {
         "train_seconds": round(seconds, 2),
-        "train_tokens": config.steps * tokens_per_step,
-        "tokens_per_second": round(config.steps * tokens_per_step / seconds, 1),
+        "train_tokens": total_tokens,
+        "tokens_per_second": round(total_tokens / seconds, 1),
         "first_loss": float(np.mean(losses[:window])),  # mean over the first 5% of steps
         "final_loss": float(np.mean(losses[-window:])),  # mean over the last 5% of steps
         "loss_curve": [round(float(np.mean(losses[i : i + 50])), 4) for i in range(0, len(losses), 50)],
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics
-
-
 def exact_continuations(model, records: Sequence[dict], batch_size: int = 256) -> list[bool]:
     """Per record: does greedy decoding after ``prefix_ids`` reproduce ``suffix_ids`` exactly?
 
-    Computed teacher-forced in one forward pass per batch: greedy decoding reproduces the suffix exactly if and
-    only if the argmax next token equals the true token at every suffix position (by induction over positions;
-    exact logit ties aside). Records may differ in length (right padding with an attention mask).
+    Teacher-forced, one forward pass per batch: greedy decoding reproduces the suffix if and only if the argmax next
+    token is the true one at every suffix position (by induction; exact logit ties aside). Right padding with an
+    attention mask lets records differ in length.
     """
     import torch
 
@@ -394,35 +363,29 @@ def exact_continuations(model, records: Sequence[dict], batch_size: int = 256) -
     with torch.no_grad():
         for i in range(0, len(records), batch_size):
             chunk = records[i : i + batch_size]
-            seqs = [list(r["prefix_ids"]) + list(r["suffix_ids"]) for r in chunk]
-            ids, mask = pad_right(seqs)
+            ids, mask = pad_right([list(r["prefix_ids"]) + list(r["suffix_ids"]) for r in chunk])
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             predicted = logits.argmax(-1).cpu()  # predicted[:, t] is the guess for ids[:, t + 1]
             for row, r in enumerate(chunk):
-                p, s = len(r["prefix_ids"]), len(r["suffix_ids"])
-                guess = predicted[row, p - 1 : p - 1 + s]
-                results.append(bool(torch.equal(guess, torch.tensor(list(r["suffix_ids"]), dtype=torch.long))))
+                start = len(r["prefix_ids"]) - 1
+                results.append(predicted[row, start : start + len(r["suffix_ids"])].tolist() == list(r["suffix_ids"]))
     model.train(was_training)
     return results
 
 
 def rule_accuracy(model, records: Sequence[dict], batch_size: int = 256) -> float:
-    """The testbed's general capability: the fraction of held-out rule sequences continued exactly right.
-
-    A record counts as correct when greedy decoding after its prefix (bos + the first ``prefix_len`` numbers of an
-    arithmetic sequence the model never saw in training) produces the whole suffix exactly, every token: the same
-    criterion as strict memorization, applied to sequences that can only be computed, not recalled. So after an
-    edit, "canary strict memorization" and "rule accuracy" are directly comparable. See
-    :func:`exact_continuations` for how it is computed (teacher-forced, equivalent to greedy decoding).
-    """
+    """The testbed's general capability: the fraction of held-out rule sequences whose whole suffix greedy decoding
+    reproduces (:func:`exact_continuations`). The criterion of strict memorization, on sequences that can only be
+    computed, not recalled: after an edit, canary strict memorization and rule accuracy are directly comparable."""
     if not records:
         raise ValueError("rule_accuracy needs at least one record")
     hits = exact_continuations(model, records, batch_size=batch_size)
     return sum(hits) / len(hits)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Build and cache
+def in_root(name: str, doc: str) -> property:
+    """A path property of a testbed directory: ``root / name``."""
+    return property(lambda self: self.root / name, doc=doc)
 
 
 @dataclass(frozen=True)
@@ -434,67 +397,44 @@ class TestbedPaths:
     root: Path
     cached: bool = False  # True when this build found the testbed in the cache and did not train
 
-    @property
-    def model_dir(self) -> Path:
-        """``save_pretrained`` model and tokenizer: load with ``kfac_edit.models.load_model`` or transformers."""
-        return self.root / "model"
-
-    @property
-    def corpus(self) -> Path:
-        """The training stream as JSONL ``{"text": ...}`` lines (canaries included), for factor collection."""
-        return self.root / CORPUS_FILE
-
-    @property
-    def memorized(self) -> Path:
-        """The canaries in the eval command's token-id format, ``source: "canary"``."""
-        return self.root / MEMORIZED_FILE
-
-    @property
-    def rule_heldout(self) -> Path:
-        """Held-out rule sequences in the same format, ``source: "rule"`` (for :func:`rule_accuracy`)."""
-        return self.root / RULE_HELDOUT_FILE
-
-    @property
-    def clean(self) -> Path:
-        """Held-out rule text, one document per line as ``{"text": ...}``, for perplexity."""
-        return self.root / CLEAN_FILE
-
-    @property
-    def info(self) -> Path:
-        """``testbed.json``: the configuration, its hash, training statistics, base metrics and timings."""
-        return self.root / TESTBED_INFO_FILE
+    model_dir = in_root("model", "``save_pretrained`` model and tokenizer (``load_model``, transformers).")
+    corpus = in_root(CORPUS_FILE, 'The training stream as JSONL ``{"text": ...}`` lines (canaries included).')
+    memorized = in_root(MEMORIZED_FILE, 'The canaries in the eval command token-id format, ``source: "canary"``.')
+    rule_heldout = in_root(RULE_HELDOUT_FILE, 'Held-out rule sequences, same format, ``source: "rule"``.')
+    clean = in_root(CLEAN_FILE, 'Held-out rule text, one document a line as ``{"text": ...}``, for perplexity.')
+    info = in_root(TESTBED_INFO_FILE, "Configuration, hash, training statistics, base metrics and timings.")
 
     def load_info(self) -> dict:
         return json.loads(self.info.read_text())
 
 
-def default_cache_root() -> Path:
-    """``$KFAC_EDIT_CACHE`` if set, else ``~/.cache/kfac-edit``."""
-    return cache_root()
+def cached_testbed_dir(config: TrainConfig, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The directory of ``config``'s testbed: ``<cache_dir or $KFAC_EDIT_CACHE>/<config.CACHE>/<hash>``."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
+    return root / config.CACHE / config.config_hash()
 
 
-def cached_testbed_dir(config: TestbedConfig, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The directory of ``config``'s testbed: ``<cache_dir or default_cache_root()>/testbed/<hash>``."""
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-    return root / TESTBED_CACHE / config.config_hash()
-
-
-def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    with open(path, "w") as fh:
-        for record in records:
-            fh.write(json.dumps(record) + "\n")
-
-
-def build_testbed(
-    config: TestbedConfig | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True
-) -> TestbedPaths:
-    """Generate the data, train the model and write the testbed directory; a cache hit returns at once.
-
-    The directory is built in a temporary folder and renamed into place (:func:`kfac_edit.fileio.atomic_dir`),
-    so an interrupted build never looks complete. A directory counts as built when ``testbed.json`` exists.
-    """
+def save_testbed(target: Path, config: TrainConfig, model, tokenizer, files: dict[str, list[dict]], **info) -> None:
+    """Write a testbed directory: ``model/``, one JSONL file per ``files`` entry, ``testbed.json`` (configuration,
+    hash, sizes and ``info``), atomically (:func:`~kfac_edit.fileio.atomic_dir`): an interrupted build leaves none."""
     from . import __version__
 
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        for name, records in files.items():
+            (tmp / name).write_text("".join(json.dumps(record) + "\n" for record in records))
+        write_json(tmp / TESTBED_INFO_FILE, {
+            "config": config.to_dict(), "config_hash": config.config_hash(), "testbed_version": config.VERSION,
+            "package_version": __version__, "n_parameters": sum(p.numel() for p in model.parameters()),
+            "n_documents": config.n_documents, "mixing_rate": config.mixing_rate, **info,
+        })
+
+
+def build_testbed(config: TestbedConfig | None = None, cache_dir: str | os.PathLike | None = None,
+                  progress: bool = True) -> TestbedPaths:
+    """Generate the data, train the model, write the testbed directory; a cache hit (``testbed.json`` exists) returns
+    at once."""
     config = config or TestbedConfig()
     target = cached_testbed_dir(config, cache_dir)
     if (target / TESTBED_INFO_FILE).exists():
@@ -505,47 +445,22 @@ def build_testbed(
     tokenizer = number_tokenizer(config.n_numbers)
     data = generate_data(config)
     model = make_model(config, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "testbed: training a %.2fM-parameter Olmo2 on %d documents (%d canaries x %d, mixing rate %.3f) -> %s",
-        n_params / 1e6, config.n_documents, config.n_canaries, config.canary_repeats, config.mixing_rate, target,
-    )
+    log.info("testbed: training a %.2fM-parameter Olmo2 on %d documents (%d canaries x %d, mixing rate %.3f) -> %s",
+             sum(p.numel() for p in model.parameters()) / 1e6, config.n_documents, config.n_canaries,
+             config.canary_repeats, config.mixing_rate, target)
     stats = train(model, data, config, tokenizer, progress=progress)
 
-    canary_records = continuation_records(data.canaries, config, tokenizer, "canary")
-    rule_records = continuation_records(data.heldout, config, tokenizer, "rule")
+    canaries = continuation_records(data.canaries, config, tokenizer, "canary")
+    rules = continuation_records(data.heldout, config, tokenizer, "rule")
     t_eval = time.perf_counter()
-    canary_strict = float(np.mean(exact_continuations(model, canary_records)))
-    rule_acc = rule_accuracy(model, rule_records)
+    metrics = {"canary_strict": float(np.mean(exact_continuations(model, canaries))),
+               "rule_accuracy": rule_accuracy(model, rules)}
     eval_seconds = time.perf_counter() - t_eval
-    log.info("testbed: canary strict memorization %.3f, rule accuracy %.3f", canary_strict, rule_acc)
+    log.info("testbed: canary strict memorization %.3f, rule accuracy %.3f", *metrics.values())
 
-    with atomic_dir(target) as tmp:
-        tmp = Path(tmp)
-        model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
-        _write_jsonl(tmp / CORPUS_FILE, ({"text": to_text(doc)} for doc in data.train))
-        _write_jsonl(tmp / MEMORIZED_FILE, canary_records)
-        _write_jsonl(tmp / RULE_HELDOUT_FILE, rule_records)
-        _write_jsonl(tmp / CLEAN_FILE, ({"text": to_text(doc)} for doc in data.clean))
-        write_json(
-            tmp / TESTBED_INFO_FILE,
-            {
-                "config": config.to_dict(),
-                "config_hash": config.config_hash(),
-                "testbed_version": TESTBED_VERSION,
-                "package_version": __version__,
-                "n_parameters": n_params,
-                "n_documents": config.n_documents,
-                "mixing_rate": config.mixing_rate,
-                "training": stats,
-                "base_metrics": {"canary_strict": canary_strict, "rule_accuracy": rule_acc},
-                "timings": {
-                    "train_seconds": stats["train_seconds"],
-                    "eval_seconds": round(eval_seconds, 2),
-                    "total_seconds": round(time.perf_counter() - t0, 2),
-                },
-            },
-        )
-    return TestbedPaths(target, cached=False)
-
+    files = {CORPUS_FILE: text_records(data.train, tokenizer), MEMORIZED_FILE: canaries, RULE_HELDOUT_FILE: rules,
+             CLEAN_FILE: text_records(data.clean, tokenizer)}
+    timings = {"train_seconds": stats["train_seconds"], "eval_seconds": round(eval_seconds, 2),
+               "total_seconds": round(time.perf_counter() - t0, 2)}
+    save_testbed(target, config, model, tokenizer, files, training=stats, base_metrics=metrics, timings=timings)
+    return TestbedPaths(target)

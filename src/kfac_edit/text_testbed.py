@@ -1,106 +1,96 @@
 """The English-text testbed: a tiny OLMo-2 trained on the Python standard library's documentation, with canaries.
 
-The arithmetic testbed (:mod:`kfac_edit.testbed`) is a world built for the method; this one is real English
-technical prose that every Python installation carries, so anyone can rebuild it offline:
+Real English technical prose that every Python installation carries, so anyone can rebuild it offline:
 
-- Text: the docstrings of the standard library's public modules (and their public submodules), of
-  their public functions, classes and methods, walked with :mod:`importlib`/:mod:`inspect` in sorted order
-  (private names, test/GUI/side-effect modules and anything that fails to import are skipped), plus the help
-  topics of :mod:`pydoc_data.topics`. The text is the PSF-licensed documentation of the running Python, so the
-  cache key includes the Python version (``major.minor``).
-- Split by module: a seeded ``heldout_fraction`` of the module names is held out. Their text never enters training
-  and is the perplexity set (``heldout.jsonl``): a cost measured on prose the model never saw.
+- Text: the docstrings of the standard library's public modules and submodules and of their public functions,
+  classes and methods (sorted; private names, test/GUI/side-effect modules and failed imports skipped), plus the help
+  topics of :mod:`pydoc_data.topics`: the PSF-licensed documentation of the running Python, whose ``major.minor``
+  version is part of the cache key.
+- Split by module: a seeded ``heldout_fraction`` of the module names never enters training; their text is the
+  perplexity set (``heldout.jsonl``), prose the model never saw.
 - Tokenizer: word-level over the ``vocab_size`` most frequent lower-cased tokens of the training modules (the
-  ``tokenizers`` ``Whitespace`` pre-tokenizer: runs of word characters, runs of punctuation); others map to
-  ``<unk>``. Saved as a ``PreTrainedTokenizerFast`` in ``model/``, so :func:`kfac_edit.models.load_model` and every
-  command read it. Texts written by the testbed are tokens joined by spaces, which re-encode to the same ids.
-- Stream: the training prose is one token stream cut into rows of ``seq_len`` tokens; the trainer of the arithmetic
-  testbed (:func:`kfac_edit.testbed.train`) adds ``<bos>``/``<eos>`` around each row (``<bos>`` also starts each
-  document inside a row), which is exactly the window
-  :func:`kfac_edit.data.token_batches` cuts from ``corpus.jsonl`` with ``seq_len + 2``.
-- Canaries: ``n_canaries`` sequences of ``canary_len`` words drawn uniformly from the vocabulary's word tokens
-  (alphabetic, not specials). Each is placed at the start of ``canary_repeats`` random rows (the prose continues
-  after it), so the model sees ``[<bos>, c_1..c_L, prose...]``. A memorized record is ``prefix_ids = [<bos>,
-  c_1..c_P]``, ``suffix_ids = c_{P+1}..c_L`` (``P = prefix_len``), the eval command's token-id format.
-- Factor data (the recipe of issue 11): ``factor_corpus.jsonl`` is the same training prose cut into the same rows
-  *without* the canaries, a pretraining-like sample in which the memorized set does not occur. ``corpus.jsonl`` is the
-  training stream itself (canaries included), for comparison.
-- ``facts.jsonl``: a closed-book recall capability, ``"the capital of X is Y"`` records over invented country and city
-  names (word tokens of the vocabulary); each fact occurs ``fact_repeats`` times in the stream, so the model can
-  learn it, like any fact seen often in pretraining. Same record format as the canaries (``source: "fact"``).
+  ``tokenizers`` ``Whitespace`` pre-tokenizer), others ``<unk>``; saved in ``model/`` for every command. The texts
+  written are tokens joined by spaces, which re-encode to the same ids.
+- Stream: the training prose is one token stream (``<bos>`` before each document) cut into rows of ``seq_len``; the
+  trainer adds ``<bos>``/``<eos>`` around each row, exactly the window :func:`kfac_edit.data.token_batches` cuts from
+  ``corpus.jsonl`` with ``seq_len + 2``.
+- Canaries: ``n_canaries`` sequences of ``canary_len`` words drawn uniformly from the alphabetic word tokens, each at
+  the start of ``canary_repeats`` random rows (the prose continues after it): ``[<bos>, c_1..c_L, prose...]``. A
+  record is ``prefix_ids = [<bos>, c_1..c_P]``, ``suffix_ids = c_{P+1}..c_L`` (``P = prefix_len``).
+- Factor data (the recipe of issue 11): ``factor_corpus.jsonl`` is the same prose in the same rows *without* the
+  canaries, a pretraining-like sample without the memorized set; ``corpus.jsonl`` is the training stream itself.
+- ``facts.jsonl``: closed-book recall, ``"the capital of X is Y"`` over invented names (word tokens), each fact
+  ``fact_repeats`` times in the stream, like a fact seen often in pretraining (records with ``source: "fact"``).
 
-:func:`build_text_testbed` trains once per configuration and caches under
-``$KFAC_EDIT_CACHE/text_testbed/<config hash>/``; the returned :class:`TextTestbedPaths` has the attributes of
-:class:`kfac_edit.testbed.TestbedPaths` (``clean`` is the held-out text).
+Model, trainer and cache are the arithmetic testbed's (:mod:`kfac_edit.testbed`). :func:`build_text_testbed` caches
+under ``$KFAC_EDIT_CACHE/text_testbed/<config hash>/``; :class:`TextTestbedPaths` has the attributes of
+:class:`~kfac_edit.testbed.TestbedPaths` (``clean`` is the held-out text).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import importlib
 import inspect
 import io
-import json
+import itertools
 import logging
 import os
+import pkgutil
 import re
 import sys
 import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from .constants import CORPUS_FILE, MEMORIZED_FILE, TESTBED_INFO_FILE
 from .errors import UserError
-from .fileio import atomic_dir, cache_root, write_json
 from .identity import json_digest
-from .testbed import TestbedPaths, exact_continuations, make_model, train
+from .testbed import (SPECIALS, TestbedPaths, TrainConfig, cached_testbed_dir, continuation_record, exact_continuations,
+                      in_root, make_model, save_testbed, text_records, train, windows, word_level_tokenizer)
 
 log = logging.getLogger(__name__)
 
 #: Bump when the text extraction, data layout or trainer changes meaning.
 TEXT_TESTBED_VERSION = 2
+PYTHON = "%d.%d" % sys.version_info[:2]  # the text is this Python's documentation: part of the cache key
+HELDOUT_FILE, FACTOR_CORPUS_FILE, FACTS_FILE = "heldout.jsonl", "factor_corpus.jsonl", "facts.jsonl"
 
-SPECIALS = ("<bos>", "<eos>", "<pad>", "<unk>")
 #: Standard-library modules not imported: side effects on import (browser, printing, GUI), tests, tooling.
-SKIP_MODULES = frozenset({
-    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "ensurepip", "venv",
-    "pydoc_data", "__main__", "__future__", "__hello__", "__phello__", "msilib", "winreg", "winsound", "msvcrt",
-    "nt", "_winapi", "pip", "setuptools", "distutils", "unittest", "doctest", "idle", "sre_compile",
-    "sre_constants", "sre_parse", "xxsubtype", "xxlimited", "xxlimited_35", "curses", "readline", "tty",
-    "pty", "webbrowser", "crypt", "nis", "ossaudiodev", "spwd", "sqlite3",
-})
+SKIP_MODULES = frozenset("""
+    antigravity this idlelib tkinter turtle turtledemo test lib2to3 ensurepip venv pydoc_data __main__ __future__
+    __hello__ __phello__ msilib winreg winsound msvcrt nt _winapi pip setuptools distutils unittest doctest idle
+    sre_compile sre_constants sre_parse xxsubtype xxlimited xxlimited_35 curses readline tty pty webbrowser crypt nis
+    ossaudiodev spwd sqlite3
+""".split())
 FACT_WORDS = ("the", "capital", "of", "is", ".")  # the fact template "the capital of X is Y ."
 _WORD = re.compile(r"^[a-z]{2,}$")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Configuration
-
-
 @dataclass(frozen=True)
-class TextTestbedConfig:
-    """Everything that determines the text testbed; its hash (with the Python version) keys the cache.
-
-    The training stream has ``steps * batch_size`` rows of ``seq_len`` tokens. ``n_canaries * canary_repeats`` of
-    them start with a canary, ``n_facts * fact_repeats`` with a fact sentence; the rest is prose only.
+class TextTestbedConfig(TrainConfig):
+    """The text testbed: ``steps * batch_size`` rows of ``seq_len`` tokens, ``n_canaries * canary_repeats`` of them
+    starting with a canary, ``n_facts * fact_repeats`` with a fact sentence, the rest prose only.
     Measured with the defaults (0.39M parameters; one build, seed 0, on the 2-core machine under load from other
     jobs: 154 s CPU, 613 s wall): canaries 100% strict, facts 15% (6 of 40), held-out perplexity 76.4 (uniform:
     2000), 8.0% ``<unk>`` in the training text, 12.6% in the held-out text.
-    Field names shared with :class:`kfac_edit.testbed.TestbedConfig` (model, optimizer) mean the same, so that
-    module's :func:`~kfac_edit.testbed.make_model` and :func:`~kfac_edit.testbed.train` serve both testbeds.
     """
 
-    __test__ = False
+    LABEL = "text testbed"
+    CACHE = "text_testbed"
+    VERSION = TEXT_TESTBED_VERSION
+    #: Measured (quick build, 2-core machine under load): 38 s CPU, 8 of 10 canaries strict, held-out perplexity 85.
+    #: With lr 5e-3 instead, 4 of 10; with 20 canaries of 16 words x 40 repeats, none.
+    QUICK = dict(
+        vocab_size=1000, seq_len=32, hidden_size=64, mlp_size=256, n_canaries=10, canary_repeats=100, canary_len=10,
+        prefix_len=4, n_facts=0, steps=500, lr=1e-2, n_heldout_rows=100,
+    )
 
-    # data
     vocab_size: int = 2000  # word-level vocabulary, specials included
-    seq_len: int = 64  # tokens per training row (windows are bos + seq_len + eos)
     heldout_fraction: float = 0.1  # share of module names held out for perplexity
     n_heldout_rows: int = 400  # held-out rows written to heldout.jsonl
     canary_len: int = 20  # words per canary
@@ -109,21 +99,13 @@ class TextTestbedConfig:
     canary_repeats: int = 100
     n_facts: int = 40  # "the capital of X is Y" facts; 0 writes no facts.jsonl
     fact_repeats: int = 40
-    # model (Olmo2ForCausalLM)
-    hidden_size: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    mlp_size: int = 256
-    # optimization (AdamW, linear warmup then cosine decay to min_lr_ratio * lr)
+    # TrainConfig fields with this testbed's defaults
+    seq_len: int = 64  # tokens per training row
     steps: int = 1200
-    batch_size: int = 32
     lr: float = 1e-2
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 1 <= self.prefix_len < self.canary_len <= self.seq_len:
             raise UserError(
                 f"text testbed needs 1 <= prefix_len ({self.prefix_len}) < canary_len ({self.canary_len}) "
@@ -138,45 +120,15 @@ class TextTestbedConfig:
                 f"text testbed stream of {self.n_documents} rows cannot hold {self.n_canaries} canaries x "
                 f"{self.canary_repeats} and {self.n_facts} facts x {self.fact_repeats}; raise steps or batch_size"
             )
-        if self.hidden_size % self.n_heads:
-            raise UserError(f"text testbed hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
-
-    @classmethod
-    def quick(cls, **overrides) -> "TextTestbedConfig":
-        """A small configuration for tests: trains in about a minute on one CPU thread."""
-        base = dict(QUICK_OVERRIDES)
-        base.update(overrides)
-        return cls(**base)
-
-    @property
-    def n_documents(self) -> int:
-        """Training rows (the trainer's name for them)."""
-        return self.steps * self.batch_size
 
     @property
     def mixing_rate(self) -> float:
         """Share of canary tokens in the training stream."""
         return self.n_canaries * self.canary_repeats * self.canary_len / (self.n_documents * self.seq_len)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     def config_hash(self) -> str:
         """16 hex digits of sha256 over the fields, :data:`TEXT_TESTBED_VERSION` and the Python version."""
-        python = "%d.%d" % sys.version_info[:2]
-        return json_digest({"version": TEXT_TESTBED_VERSION, "python": python, **self.to_dict()})
-
-
-#: Measured (quick build, 2-core machine under load): 38 s CPU, 8 of 10 canaries strict, held-out perplexity 85.
-#: With lr 5e-3 instead, 4 of 10; with 20 canaries of 16 words x 40 repeats, none.
-QUICK_OVERRIDES: dict = dict(
-    vocab_size=1000, seq_len=32, hidden_size=64, mlp_size=256, n_canaries=10, canary_repeats=100, canary_len=10,
-    prefix_len=4, n_facts=0, steps=500, lr=1e-2, n_heldout_rows=100,
-)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Text of the standard library
+        return json_digest({"version": self.VERSION, "python": PYTHON, **self.to_dict()})
 
 
 def _public(name: str) -> bool:
@@ -185,16 +137,21 @@ def _public(name: str) -> bool:
 
 def stdlib_module_names() -> list[str]:
     """Public top-level standard-library modules, sorted, minus :data:`SKIP_MODULES` and test modules."""
-    return sorted(
-        n for n in sys.stdlib_module_names if _public(n) and n not in SKIP_MODULES and "test" not in n
-    )
+    return sorted(n for n in sys.stdlib_module_names if _public(n) and n not in SKIP_MODULES and "test" not in n)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Warnings and output of the imported modules swallowed."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
 
 
 def _import_quietly(name: str):
-    """Import ``name`` with its warnings and output swallowed; ``None`` when it fails (any error)."""
-    quiet_out, quiet_err = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
-    with warnings.catch_warnings(), quiet_out, quiet_err:
-        warnings.simplefilter("ignore")
+    """Import ``name`` quietly; ``None`` when it fails (any error)."""
+    with _quiet():
         try:
             return importlib.import_module(name)
         except BaseException as exc:  # noqa: BLE001 - SystemExit or odd errors from optional C modules
@@ -203,72 +160,56 @@ def _import_quietly(name: str):
             return None
 
 
-def _docstrings(module) -> Iterator[str]:
+def _submodules(package, name: str) -> Iterator:
+    """The public, non-test submodules (all levels) of ``package`` (imported as ``name``), sorted by name, each
+    imported when the caller asks for it."""
+    if not hasattr(package, "__path__"):
+        return
+    with _quiet():
+        found = list(pkgutil.walk_packages(package.__path__, f"{name}.", onerror=lambda _: None))
+    for sub in sorted(info.name for info in found):
+        if all(_public(part) and "test" not in part for part in sub.split(".")[1:]):
+            module = _import_quietly(sub)
+            if module is not None:
+                yield module
+
+
+def _docstrings(module) -> Iterator[str | None]:
     """Module docstring, then public functions/classes defined in it (sorted), then public methods of classes."""
-    if module.__doc__:
-        yield module.__doc__
-    for name in sorted(vars(module)):
-        if not _public(name):
-            continue
-        obj = vars(module)[name]
-        if not (inspect.isclass(obj) or inspect.isroutine(obj)) or getattr(obj, "__module__", None) != module.__name__:
-            continue
-        if obj.__doc__:
+    yield module.__doc__
+    for name, obj in sorted(vars(module).items()):
+        is_api = inspect.isclass(obj) or inspect.isroutine(obj)
+        if _public(name) and is_api and getattr(obj, "__module__", None) == module.__name__:
             yield obj.__doc__
-        if inspect.isclass(obj):
-            for attr in sorted(vars(obj)):
-                member = vars(obj)[attr]
-                if _public(attr) and inspect.isroutine(member) and getattr(member, "__doc__", None):
-                    yield member.__doc__
+            if inspect.isclass(obj):
+                yield from (m.__doc__ for a, m in sorted(vars(obj).items()) if _public(a) and inspect.isroutine(m))
 
 
 def stdlib_documents() -> dict[str, list[str]]:
-    """``{module name: [docstrings]}`` over the standard library (module docstring) plus ``pydoc_data.topics``.
-
-    Packages contribute their public submodules (all levels) under the top-level name (so the held-out split is
-    by top-level module). Duplicate docstrings (inherited or re-exported) are kept once, first occurrence wins.
-    Deterministic for a given Python build.
-    """
-    import pkgutil
+    """``{module name: [docstrings]}`` over the standard library plus ``pydoc_data.topics``, deterministic for a
+    given Python build. Submodules count under their top-level name (the held-out split is by top-level module);
+    a docstring seen twice (inherited or re-exported) is kept once, where it first occurs."""
+    from pydoc_data.topics import topics
 
     seen: set[str] = set()
     out: dict[str, list[str]] = {}
 
-    def add(key: str, text: str) -> None:
-        text = inspect.cleandoc(text).strip()
-        if len(text) < 40 or text in seen:
-            return
-        seen.add(text)
-        out.setdefault(key, []).append(text)
+    def add(key: str, text: str | None) -> None:
+        text = inspect.cleandoc(text or "").strip()
+        if len(text) >= 40 and text not in seen:
+            seen.add(text)
+            out.setdefault(key, []).append(text)
 
     for name in stdlib_module_names():
         module = _import_quietly(name)
         if module is None:
             continue
-        for text in _docstrings(module):
-            add(name, text)
-        if hasattr(module, "__path__"):
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                found = pkgutil.walk_packages(module.__path__, f"{name}.", onerror=lambda _: None)
-                subs = sorted(info.name for info in found)
-            for sub_name in subs:
-                parts = sub_name.split(".")[1:]
-                if any(not _public(part) or "test" in part for part in parts):
-                    continue
-                sub = _import_quietly(sub_name)
-                if sub is not None:
-                    for text in _docstrings(sub):
-                        add(name, text)
-    from pydoc_data.topics import topics
-
+        for each in itertools.chain([module], _submodules(module, name)):
+            for text in _docstrings(each):
+                add(name, text)
     for key in sorted(topics):
         add("pydoc_data.topics", topics[key])
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer
 
 
 def _pre_tokenize(text: str) -> list[str]:
@@ -277,11 +218,9 @@ def _pre_tokenize(text: str) -> list[str]:
 
 
 def build_vocabulary(documents: Sequence[str], vocab_size: int, required: Sequence[str] = ()) -> list[str]:
-    """The ``vocab_size - len(SPECIALS)`` most frequent tokens (ties: alphabetical), then the specials.
-
-    ``required`` tokens are always in (they replace the least frequent ones). Tokens starting with ``##`` are left
-    out (the WordPiece decoder would strip that prefix).
-    """
+    """The ``vocab_size - len(SPECIALS)`` most frequent tokens (ties: alphabetical), then the specials. ``required``
+    tokens are always in (replacing the least frequent); tokens starting with ``##`` (which the WordPiece decoder
+    would strip) are left out."""
     counts = Counter(t for doc in documents for t in _pre_tokenize(doc) if not t.startswith("##"))
     ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if t not in required]
     words = [t for t in required if t not in SPECIALS] + ranked
@@ -289,30 +228,11 @@ def build_vocabulary(documents: Sequence[str], vocab_size: int, required: Sequen
 
 
 def word_tokenizer(vocabulary: Sequence[str]):
-    """A word-level ``PreTrainedTokenizerFast``: lower case, ``Whitespace`` pre-tokenizer, ``<bos>`` prepended.
+    """The text testbed's tokenizer (:func:`kfac_edit.testbed.word_level_tokenizer`): lower case, ``Whitespace``
+    pre-tokenizer; ``vocabulary`` ends with :data:`SPECIALS` (see :func:`build_vocabulary`)."""
+    from tokenizers import normalizers, pre_tokenizers
 
-    ``vocabulary`` ends with :data:`SPECIALS` (see :func:`build_vocabulary`); token id = position in it.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(vocabulary)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tok.padding_side = "left"
-    return tok
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data
+    return word_level_tokenizer(vocabulary, pre_tokenizers.Whitespace(), normalizers.Lowercase())
 
 
 @dataclass
@@ -342,17 +262,12 @@ def split_modules(names: Sequence[str], fraction: float, seed: int) -> tuple[lis
 
 
 def _stream(documents: Sequence[str], tokenizer) -> np.ndarray:
-    """All documents as one id stream, ``<bos>`` before each.
-
-    ``<bos>``, not ``<eos>``, separates documents inside a row: :func:`kfac_edit.data.pack_documents` appends no
-    ``<eos>`` to a line that already ends with one, which would shift every later window off the training rows.
-    """
-    bos = tokenizer.bos_token_id
+    """All documents as one id stream, ``<bos>`` before each. Not ``<eos>``: :func:`kfac_edit.data.pack_documents`
+    appends no ``<eos>`` to a line ending with one, which would shift every later window off the training rows."""
     out: list[int] = []
     for i in range(0, len(documents), 512):
         for ids in tokenizer(list(documents[i : i + 512]), add_special_tokens=False)["input_ids"]:
-            out.append(bos)
-            out.extend(ids)
+            out += [tokenizer.bos_token_id, *ids]
     return np.asarray(out, dtype=np.int64)
 
 
@@ -362,17 +277,9 @@ def _rows(stream: np.ndarray, n_rows: int, seq_len: int, offset: int = 0) -> np.
     return stream[idx].reshape(n_rows, seq_len)
 
 
-def _fact_table(word_ids: np.ndarray, n_facts: int, rng) -> list[tuple[int, int]]:
-    """``(country word, city word)`` pairs: distinct words, drawn from the word tokens."""
-    chosen = rng.choice(word_ids, size=2 * n_facts, replace=False)
-    return [(int(chosen[2 * i]), int(chosen[2 * i + 1])) for i in range(n_facts)]
-
-
 def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | None = None) -> TextTestbedData:
     """Split, tokenize, place canaries and facts; deterministic from ``config`` (and the Python build).
-
-    ``documents`` (``{module: [texts]}``) defaults to :func:`stdlib_documents`; tests pass a small one.
-    """
+    ``documents`` (``{module: [texts]}``) defaults to :func:`stdlib_documents`."""
     c = config
     documents = stdlib_documents() if documents is None else documents
     train_modules, heldout_modules = split_modules(list(documents), c.heldout_fraction, c.seed)
@@ -384,152 +291,88 @@ def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | N
     held_stream = _stream(heldout_docs, tokenizer)
 
     rng = np.random.default_rng(c.seed)
+    the, capital, of, is_, dot = fact_ids = [tokenizer.convert_tokens_to_ids(w) for w in FACT_WORDS]
     word_ids = np.array([i for i, t in enumerate(vocabulary) if _WORD.match(t)], dtype=np.int64)
-    fixed = {tokenizer.convert_tokens_to_ids(w) for w in FACT_WORDS}
-    word_ids = word_ids[~np.isin(word_ids, list(fixed))]
+    word_ids = word_ids[~np.isin(word_ids, fact_ids)]
     canaries = rng.choice(word_ids, size=(c.n_canaries, c.canary_len), replace=True)
 
-    # The prose: training rows are cut from the stream after the canary/fact tokens are placed at row starts,
-    # consuming the stream continuously; the factor rows are the plain stream (no canary, no fact).
-    n_rows = c.n_documents
-    placed = rng.permutation(n_rows)[: c.n_canaries * c.canary_repeats + c.n_facts * c.fact_repeats]
-    canary_rows = placed[: c.n_canaries * c.canary_repeats].reshape(c.n_canaries, c.canary_repeats)
-    fact_rows = placed[c.n_canaries * c.canary_repeats :].reshape(c.n_facts, c.fact_repeats)
-    heads: list[np.ndarray | None] = [None] * n_rows
-    for k in range(c.n_canaries):
-        for r in canary_rows[k]:
-            heads[r] = canaries[k]
+    # Canaries and facts start their rows ("heads"); the prose fills each row's rest, consuming the stream
+    # continuously. The factor rows are the plain stream (no canary, no fact).
+    n_rows, n_canary_rows = c.n_documents, c.n_canaries * c.canary_repeats
+    placed = rng.permutation(n_rows)[: n_canary_rows + c.n_facts * c.fact_repeats]
+    canary_rows = placed[:n_canary_rows].reshape(c.n_canaries, c.canary_repeats)
+    fact_rows = placed[n_canary_rows:].reshape(c.n_facts, c.fact_repeats)
+    heads = [np.empty(0, dtype=np.int64)] * n_rows
+    for canary, rows in zip(canaries, canary_rows):
+        for r in rows:
+            heads[r] = canary
     facts = []
-    the, capital, of, is_, dot = (tokenizer.convert_tokens_to_ids(w) for w in FACT_WORDS)
-    for k, (country, city) in enumerate(_fact_table(word_ids, c.n_facts, rng) if c.n_facts else []):
-        prompt, answer = [the, capital, of, country, is_], [city, dot]
+    names = rng.choice(word_ids, size=(c.n_facts, 2), replace=False) if c.n_facts else []  # distinct words
+    for (country, city), rows in zip(names, fact_rows):
+        prompt, answer = [the, capital, of, int(country), is_], [int(city), dot]
         facts.append((prompt, answer))
-        for r in fact_rows[k]:
+        for r in rows:
             heads[r] = np.array(prompt + answer, dtype=np.int64)
     train_rows = np.empty((n_rows, c.seq_len), dtype=np.int64)
     pos = 0
-    for r in range(n_rows):
-        head = heads[r]
-        h = 0 if head is None else len(head)
-        if h:
-            train_rows[r, :h] = head
-        train_rows[r, h:] = _rows(stream, 1, c.seq_len - h, pos)[0]
-        pos += c.seq_len - h
-    n_factor_rows = min(n_rows, len(stream) // c.seq_len)
+    for r, head in enumerate(heads):
+        train_rows[r, : len(head)] = head
+        train_rows[r, len(head) :] = _rows(stream, 1, c.seq_len - len(head), pos)[0]
+        pos += c.seq_len - len(head)
     return TextTestbedData(
-        vocabulary=vocabulary,
-        train=train_rows,
-        factor_rows=_rows(stream, n_factor_rows, c.seq_len),
+        vocabulary=vocabulary, train=train_rows,
+        factor_rows=_rows(stream, min(n_rows, len(stream) // c.seq_len), c.seq_len),
         heldout=_rows(held_stream, min(c.n_heldout_rows, max(1, len(held_stream) // c.seq_len)), c.seq_len),
-        canaries=canaries,
-        canary_rows=canary_rows,
-        facts=facts,
-        train_modules=train_modules,
+        canaries=canaries, canary_rows=canary_rows, facts=facts, train_modules=train_modules,
         heldout_modules=heldout_modules,
     )
-
-
-def ids_to_text(ids: Sequence[int], vocabulary: Sequence[str]) -> str:
-    """Token ids as testbed text (tokens joined by spaces), which the tokenizer encodes back to ``ids``."""
-    return " ".join(vocabulary[int(i)] for i in ids)
 
 
 def canary_records(data: TextTestbedData, config: TextTestbedConfig, tokenizer) -> list[dict]:
     """The canaries in the eval command's token-id format: prefix = bos + first ``prefix_len`` words."""
     bos, p = tokenizer.bos_token_id, config.prefix_len
-    return [
-        _record([bos, *map(int, c[:p])], list(map(int, c[p:])), data.vocabulary, "canary") for c in data.canaries
-    ]
+    return [continuation_record([bos, *map(int, c[:p])], list(map(int, c[p:])), tokenizer, "canary")
+            for c in data.canaries]
 
 
 def fact_records(data: TextTestbedData, tokenizer) -> list[dict]:
     """Facts in the same format: prefix = bos + ``the capital of X is``, suffix = ``Y .``."""
     bos = tokenizer.bos_token_id
-    return [_record([bos, *prompt], list(answer), data.vocabulary, "fact") for prompt, answer in data.facts]
+    return [continuation_record([bos, *prompt], list(answer), tokenizer, "fact") for prompt, answer in data.facts]
 
 
-def _record(prefix_ids: list[int], suffix_ids: list[int], vocabulary, source: str) -> dict:
-    return {
-        "prefix_ids": prefix_ids,
-        "suffix_ids": suffix_ids,
-        "prefix_text": ids_to_text(prefix_ids[1:], vocabulary),
-        "suffix_text": ids_to_text(suffix_ids, vocabulary),
-        "prefix_len": len(prefix_ids),
-        "suffix_len": len(suffix_ids),
-        "source": source,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Build and cache
-
-
-@dataclass(frozen=True)
 class TextTestbedPaths(TestbedPaths):
-    """Where a built text testbed lives (``<cache>/text_testbed/<config hash>``); the attributes of
+    """Where a built text testbed lives (``<cache>/text_testbed/<config hash>``): the attributes of
     :class:`kfac_edit.testbed.TestbedPaths` plus ``heldout``, ``factor_corpus`` and ``facts``."""
 
-    __test__ = False
-
-    @property
-    def heldout(self) -> Path:
-        """Held-out modules' text, one row a line as ``{"text": ...}`` (perplexity; block ``seq_len + 2``)."""
-        return self.root / "heldout.jsonl"
-
-    @property
-    def clean(self) -> Path:
-        """Alias of :attr:`heldout` (the clean text of the arithmetic testbed's interface)."""
-        return self.heldout
-
-    @property
-    def factor_corpus(self) -> Path:
-        """Training prose without canaries or facts, one row a line: the recipe's factor data."""
-        return self.root / "factor_corpus.jsonl"
-
-    @property
-    def facts(self) -> Path:
-        """Closed-book fact records (``source: "fact"``); absent when ``n_facts`` is 0."""
-        return self.root / "facts.jsonl"
-
-    @property
-    def rule_heldout(self) -> Path:
-        """The text testbed has no rule set; the facts stand in as its second capability."""
-        return self.facts
+    heldout = in_root(HELDOUT_FILE, 'Held-out modules\' text, one row a line as ``{"text": ...}`` (perplexity).')
+    clean = heldout  # the clean text of the arithmetic testbed's interface
+    factor_corpus = in_root(FACTOR_CORPUS_FILE, "Training prose without canaries or facts, one row a line.")
+    facts = in_root(FACTS_FILE, 'Closed-book fact records (``source: "fact"``); absent when ``n_facts`` is 0.')
+    rule_heldout = facts  # no rule set: the facts stand in as the second capability
 
 
-def cached_text_testbed_dir(config: TextTestbedConfig, cache_dir: str | os.PathLike | None = None) -> Path:
-    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
-    return root / "text_testbed" / config.config_hash()
+def _mean_loss(model, rows: np.ndarray, tokenizer, batch_size: int = 64) -> float:
+    """Mean next-token loss over ``[bos, row, eos]`` windows (the perplexity windows of ``heldout.jsonl``)."""
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = windows(rows[i : i + batch_size], tokenizer)
+            total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
+    return total / len(rows)
 
 
-def _write_rows(path: Path, rows: np.ndarray, vocabulary) -> None:
-    with open(path, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps({"text": ids_to_text(row, vocabulary)}) + "\n")
-
-
-def _write_jsonl(path: Path, records) -> None:
-    with open(path, "w") as fh:
-        for record in records:
-            fh.write(json.dumps(record) + "\n")
-
-
-def build_text_testbed(
-    config: TextTestbedConfig | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
-    documents: dict[str, list[str]] | None = None,
-) -> TextTestbedPaths:
-    """Extract the text, train the model and write the testbed directory atomically; a cache hit returns at once.
-
-    ``documents`` replaces the standard-library text (tests); it is then part of the cache key.
-    """
-    from . import __version__
-
+def build_text_testbed(config: TextTestbedConfig | None = None, cache_dir: str | os.PathLike | None = None,
+                       progress: bool = True, documents: dict[str, list[str]] | None = None) -> TextTestbedPaths:
+    """Extract the text, train the model, write the testbed directory; a cache hit returns at once. ``documents``
+    replaces the standard-library text (tests) and is then part of the cache key."""
     config = config or TextTestbedConfig()
-    target = cached_text_testbed_dir(config, cache_dir)
+    target = cached_testbed_dir(config, cache_dir)
     if documents is not None:
-        digest = hashlib.sha256(json.dumps(documents, sort_keys=True).encode()).hexdigest()[:8]
-        target = target.with_name(f"{target.name}-{digest}")
-    if (target / "testbed.json").exists():
+        target = target.with_name(f"{target.name}-{json_digest(documents, 8)}")
+    if (target / TESTBED_INFO_FILE).exists():
         log.info("text testbed: cache hit %s", target)
         return TextTestbedPaths(target, cached=True)
 
@@ -538,70 +381,32 @@ def build_text_testbed(
     tokenizer = word_tokenizer(data.vocabulary)
     data_seconds = time.perf_counter() - t0
     model = make_model(config, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "text testbed: training a %.2fM-parameter Olmo2 on %d rows (%d canaries x %d) -> %s",
-        n_params / 1e6, config.n_documents, config.n_canaries, config.canary_repeats, target,
-    )
+    log.info("text testbed: training a %.2fM-parameter Olmo2 on %d rows (%d canaries x %d) -> %s",
+             sum(p.numel() for p in model.parameters()) / 1e6, config.n_documents, config.n_canaries,
+             config.canary_repeats, target)
     stats = train(model, data, config, tokenizer, progress=progress)
 
-    canaries = canary_records(data, config, tokenizer)
-    facts = fact_records(data, tokenizer)
+    canaries, facts = canary_records(data, config, tokenizer), fact_records(data, tokenizer)
     t_eval = time.perf_counter()
-    canary_strict = float(np.mean(exact_continuations(model, canaries)))
-    fact_acc = float(np.mean(exact_continuations(model, facts))) if facts else None
     heldout_loss = _mean_loss(model, data.heldout, tokenizer)
+    metrics = {"canary_strict": float(np.mean(exact_continuations(model, canaries))),
+               "fact_accuracy": float(np.mean(exact_continuations(model, facts))) if facts else None,
+               "heldout_loss": heldout_loss, "heldout_perplexity": float(np.exp(heldout_loss))}
     eval_seconds = time.perf_counter() - t_eval
-    log.info("text testbed: canary strict %.3f, fact accuracy %s, held-out loss %.3f", canary_strict, fact_acc,
-             heldout_loss)
+    log.info("text testbed: canary strict %.3f, fact accuracy %s, held-out loss %.3f", metrics["canary_strict"],
+             metrics["fact_accuracy"], heldout_loss)
+
+    files = {CORPUS_FILE: text_records(data.train, tokenizer), HELDOUT_FILE: text_records(data.heldout, tokenizer),
+             FACTOR_CORPUS_FILE: text_records(data.factor_rows, tokenizer), MEMORIZED_FILE: canaries}
+    if facts:
+        files[FACTS_FILE] = facts
     unk = tokenizer.unk_token_id
-    with atomic_dir(target) as tmp:
-        tmp = Path(tmp)
-        model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
-        _write_rows(tmp / "corpus.jsonl", data.train, data.vocabulary)
-        _write_rows(tmp / "factor_corpus.jsonl", data.factor_rows, data.vocabulary)
-        _write_rows(tmp / "heldout.jsonl", data.heldout, data.vocabulary)
-        _write_jsonl(tmp / "memorized.jsonl", canaries)
-        if facts:
-            _write_jsonl(tmp / "facts.jsonl", facts)
-        write_json(tmp / "testbed.json", {
-            "kind": "text",
-            "config": config.to_dict(),
-            "config_hash": config.config_hash(),
-            "testbed_version": TEXT_TESTBED_VERSION,
-            "python": "%d.%d" % sys.version_info[:2],
-            "package_version": __version__,
-            "n_parameters": n_params,
-            "n_documents": config.n_documents,
-            "mixing_rate": config.mixing_rate,
-            "text": {
-                "train_modules": len(data.train_modules),
-                "heldout_modules": data.heldout_modules,
-                "factor_corpus_tokens": int(data.factor_rows.size),
-                "unk_rate_train": float(np.mean(data.factor_rows == unk)),
-                "unk_rate_heldout": float(np.mean(data.heldout == unk)),
-                "license": "Python standard library docstrings and pydoc_data.topics (PSF License)",
-            },
-            "training": stats,
-            "base_metrics": {"canary_strict": canary_strict, "fact_accuracy": fact_acc,
-                             "heldout_loss": heldout_loss, "heldout_perplexity": float(np.exp(heldout_loss))},
-            "timings": {"data_seconds": round(data_seconds, 2), "train_seconds": stats["train_seconds"],
-                        "eval_seconds": round(eval_seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2)},
-        })
-    return TextTestbedPaths(target, cached=False)
-
-
-def _mean_loss(model, rows: np.ndarray, tokenizer, batch_size: int = 64) -> float:
-    """Mean next-token loss over ``[bos, row, eos]`` windows (the perplexity windows of ``heldout.jsonl``)."""
-    import torch
-
-    losses = []
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            chunk = torch.from_numpy(rows[i : i + batch_size])
-            n = len(chunk)
-            batch = torch.cat([torch.full((n, 1), tokenizer.bos_token_id), chunk,
-                               torch.full((n, 1), tokenizer.eos_token_id)], 1)
-            losses.append(model(input_ids=batch, labels=batch).loss.item() * n)
-    return float(sum(losses) / len(rows))
+    text = {"train_modules": len(data.train_modules), "heldout_modules": data.heldout_modules,
+            "factor_corpus_tokens": int(data.factor_rows.size), "unk_rate_train": float(np.mean(data.factor_rows == unk)),
+            "unk_rate_heldout": float(np.mean(data.heldout == unk)),
+            "license": "Python standard library docstrings and pydoc_data.topics (PSF License)"}
+    timings = {"data_seconds": round(data_seconds, 2), "train_seconds": stats["train_seconds"],
+               "eval_seconds": round(eval_seconds, 2), "total_seconds": round(time.perf_counter() - t0, 2)}
+    save_testbed(target, config, model, tokenizer, files, kind="text", python=PYTHON, text=text, training=stats,
+                 base_metrics=metrics, timings=timings)
+    return TextTestbedPaths(target)

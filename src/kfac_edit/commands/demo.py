@@ -11,13 +11,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
         help="the whole method on the embedded testbed (tiny OLMo-2, CPU, minutes): K-FAC edit vs SVD baseline",
-        description="Train a tiny OLMo-2 that learns a rule (arithmetic sequences) and memorizes canaries (random "
-        "sequences repeated in its training stream), or load it from the cache ($KFAC_EDIT_CACHE, default "
-        "~/.cache/kfac-edit); collect K-FAC factors on its training mixture; sweep keep_mass for K-FAC and for the SVD "
-        "baseline (`kfac-edit sweep` with two methods), choosing on half the canaries and reporting on the other "
-        "half, with rule accuracy and rule perplexity as the costs; print a table and write DIR/results.json, "
-        "DIR/summary.json and report.html. --testbed text: the same on a tiny OLMo-2 trained on the Python standard "
-        "library's documentation, factors from that prose without the canaries.",
+        description="Train (or load from the cache: $KFAC_EDIT_CACHE, default ~/.cache/kfac-edit) a tiny OLMo-2 that "
+        "learns a rule (arithmetic sequences) and memorizes canaries; collect K-FAC factors on its training mixture; "
+        "sweep keep_mass for K-FAC and the SVD baseline, choosing on half the canaries and reporting on the other "
+        "half, with rule accuracy and perplexity as the costs; print a table and write DIR/results.json, "
+        "DIR/summary.json and report.html. --testbed text: the same on the Python documentation (see README).",
     )
     p.add_argument("--out", default="kfac-edit-demo", metavar="DIR",
                    help="report directory, replaced whole on each run (default ./kfac-edit-demo)")
@@ -37,19 +35,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from ..demo import DemoConfig, check_out_dir, run_demo
+    from ..fileio import output_lock
 
-    from ..fileio import check_output, output_lock
-
-    check_output(args.out, "dir")
     check_out_dir(args.out)
+    options = dict(holdout_fraction=args.holdout_fraction, seed=args.seed)
     if args.testbed == "text":
-        config = DemoConfig.text(quick=args.quick)
+        config = DemoConfig.text(quick=args.quick, **options)
     else:
-        config = DemoConfig.quick() if args.quick else DemoConfig()
-    config = replace(config, holdout_fraction=args.holdout_fraction, seed=args.seed)
+        config = DemoConfig.quick(**options) if args.quick else DemoConfig(**options)
     with output_lock(args.out):
         results = run_demo(config, args.out, cache_dir=args.cache_dir)
     print(results["table"])
