@@ -43,7 +43,7 @@ from ..constants import EKFAC_FILE, MANIFEST_FILE
 from ..errors import UserError
 from ..fileio import atomic_path, write_json
 from ..models import Projection
-from .collector import FactorCollector, accumulate_dtype_for
+from .collector import FactorCollector, accumulate_dtype_for, take_tokens
 from .store import Factors, ModuleFactors
 
 PAIR_SUM = "pair_sum"  # tensor "<module>.pair_sum": Σ_t (g'_t²)ᵀ(a'_t²), (out, in)
@@ -181,10 +181,10 @@ class Ekfac:
 
 # ---------------------------------------------------------------------------------------------------- the pass
 class EkfacCollector(FactorCollector):
-    """The collector's step (forward, labels, backward, valid rows) with hooks that accumulate in an eigenbasis.
+    """The collector's step and hooks (forward, labels, backward, valid rows), adding in an eigenbasis instead.
 
     ``bases``: ``{module name: (grad_eig, act_eig)}``. The K-FAC sums are not collected again: ``factors`` holds
-    only the token counts; the results are in :attr:`ekfac`-style sums ``pair_sums`` / ``energy_sums``.
+    only the token counts; the results are the sums ``pair_sums`` and ``energy_sums``.
     """
 
     def __init__(self, model: nn.Module, projections: Sequence[Projection], bases: dict, labels: str = "sampled",
@@ -192,13 +192,11 @@ class EkfacCollector(FactorCollector):
         self.bases = bases
         self.pair_sums: dict[str, torch.Tensor] = {}
         self.energy_sums: dict[str, torch.Tensor] = {}
-        self._rotated: dict[str, torch.Tensor] = {}
+        self._rotated: dict[str, torch.Tensor] = {}  # (u_Aᵀ a)² of this step's rows, until the gradient arrives
         super().__init__(model, projections, labels, seed)
 
     def _allocate(self) -> None:
         for p in self.projections:
-            if p.name not in self.bases:
-                raise ValueError(f"no eigenbasis given for {p.name}")
             grad_eig, act_eig = self.bases[p.name]
             if (grad_eig.size, act_eig.size) != tuple(p.shape):
                 raise UserError(
@@ -212,57 +210,18 @@ class EkfacCollector(FactorCollector):
             self.pair_sums[p.name] = torch.zeros(p.shape, dtype=dtype, device=device)
             self.energy_sums[p.name] = torch.zeros(p.shape[1], dtype=dtype, device=device)
 
-    def _forward_hook(self, index: int):
-        projection = self.projections[index]
-        name = projection.name
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
-            if self._phase is None:
-                return None
-            if self._phase == "forward":
-                x = args[0] if args else next(iter(kwargs.values()))
-                self._forward_hits[index] += 1
-                total = self.pair_sums[name]
-                with torch.no_grad():
-                    u_act = self.bases[name][1].vectors_as(total.dtype)
-                    rotated = self._rows(x.detach()).to(total.dtype) @ u_act
-                    squared = rotated.square_()
-                    self.energy_sums[name] += squared.sum(0)
-                    self._rotated[name] = squared
-            if output.requires_grad and torch.is_grad_enabled():
-                output.register_hook(self._grad_hook(index))
-                if self._phase == "forward" and projection.block == self.lowest_block:
-                    self._targets.append(output)
-            return None
-
-        return hook
-
-    def _grad_hook(self, index: int):
+    def _add_input(self, index: int, x: torch.Tensor) -> None:
         name = self.projections[index].name
+        dtype = self.pair_sums[name].dtype
+        squared = (self._rows(x).to(dtype) @ self.bases[name][1].vectors_as(dtype)).square_()
+        self.energy_sums[name] += squared.sum(0)
+        self._rotated[name] = squared
 
-        def hook(grad: torch.Tensor) -> None:
-            self._grad_hits[index] += 1
-            total = self.pair_sums[name]
-            with torch.no_grad():
-                u_grad = self.bases[name][0].vectors_as(total.dtype)
-                rotated = (self._rows(grad).to(total.dtype) @ u_grad).square_()
-                total.addmm_(rotated.T, self._rotated.pop(name))
-            return None
-
-        return hook
-
-    def symmetrize(self) -> Factors:  # nothing to mirror: the pair sums are full GEMMs
-        return self.factors
-
-    def result(self, basis: dict[str, str], manifest: dict[str, Any]) -> Ekfac:
-        modules = {
-            p.name: EkfacModule(
-                self.pair_sums[p.name].cpu(), self.energy_sums[p.name].cpu(), self.factors.modules[p.name].grad_tokens,
-                basis[p.name],
-            )  # fmt: skip
-            for p in self.projections
-        }
-        return Ekfac(modules, manifest)
+    def _add_grad(self, index: int, rows: torch.Tensor) -> None:
+        name = self.projections[index].name
+        total = self.pair_sums[name]
+        rotated = (rows.to(total.dtype) @ self.bases[name][0].vectors_as(total.dtype)).square_()
+        total.addmm_(rotated.T, self._rotated.pop(name))
 
 
 def _projections_of(model: nn.Module, names: Sequence[str]) -> list[Projection]:
@@ -308,28 +267,21 @@ def collect_ekfac(
                 "come from another model"
             )
     device = next(model.parameters()).device
-    bases = {n: cache.get(factors, n, device) for n in names}
-    basis = {n: factors.content_hash(n) for n in names}
-    collector = EkfacCollector(model, projections, bases, labels, seed)
-    tokens = 0
+    collector = EkfacCollector(model, projections, {n: cache.get(factors, n, device) for n in names}, labels, seed)
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="EK-FAC pass", disable=None if progress else True)
-    try:
-        with collector:
-            for batch in batches:
-                if max_tokens is not None and tokens >= max_tokens:
-                    break
-                mask = batch.get("attention_mask")
-                n = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-                collector.accumulate(batch)
-                tokens += n
-                bar.update(n)
-    finally:
-        bar.close()
+    with bar, collector:
+        for batch in take_tokens(batches, max_tokens):
+            before = collector.tokens
+            collector.accumulate(batch)
+            bar.update(collector.tokens - before)
     if collector.labelled_tokens == 0:
         raise UserError("no token with a label was seen in the EK-FAC pass; give it more text")
-    manifest = {"labels": labels, "seed": seed, "tokens": tokens, "labelled_tokens": collector.labelled_tokens}
-    result = collector.result(basis, manifest)
-    for name, m in result.modules.items():
-        if not bool(torch.isfinite(m.pair_sum).all()):
+    manifest = {"labels": labels, "seed": seed, "tokens": collector.tokens, "labelled_tokens": collector.labelled_tokens}
+    modules = {}
+    for name in names:
+        if not bool(torch.isfinite(collector.pair_sums[name]).all()):
             raise UserError(f"{name}: the EK-FAC sums contain NaN/Inf; collect in float32 (--dtype float32)")
-    return result
+        tokens = collector.factors.modules[name].grad_tokens
+        modules[name] = EkfacModule(collector.pair_sums[name].cpu(), collector.energy_sums[name].cpu(), tokens,
+                                    factors.content_hash(name))  # fmt: skip
+    return Ekfac(modules, manifest)

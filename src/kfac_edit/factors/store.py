@@ -28,6 +28,7 @@ directories (tensors ``*.activation_cov``/``*.grad_cov`` holding the same sums, 
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 import shutil
@@ -230,49 +231,34 @@ class Factors:
 
         Sums are stored as fp32 unless ``keep_dtype`` (checkpoints keep fp64 sums of an fp64 model exact).
         """
-        stored_dtype = None if keep_dtype else torch.float32
         directory = Path(directory)
         made = not directory.exists()
-        try:
-            self._save(directory, stored_dtype)
+        run_id = uuid.uuid4().hex
+        tensors = {f"{key}.{ACTIVATION_SUM}": t for key, t in self.activation_sums().items()}
+        tensors.update({f"{name}.{GRAD_SUM}": mf.grad_sum for name, mf in self.modules.items()})
+        tensors = {k: t.detach().to("cpu", None if keep_dtype else torch.float32).contiguous() for k, t in tensors.items()}
+        manifest = {k: v for k, v in self.manifest.items() if k not in ("modules", "run_id", "format_version", CHECKSUMS)}
+        kept = "sums in their accumulation dtype" if keep_dtype else "fp32 sums"
+        manifest.update(format_version=FORMAT_VERSION, run_id=run_id, stored=f"{kept}; mean = sum / tokens")
+        manifest["modules"] = {
+            name: {"shape": list(mf.shape), "activation_key": mf.activation_key,
+                   "activation_tokens": mf.activation_tokens, "grad_tokens": mf.grad_tokens}
+            for name, mf in self.modules.items()
+        }  # fmt: skip
+        manifest[CHECKSUMS] = {key: tensor_checksum(t) for key, t in tensors.items()}
+        header = {"run_id": run_id, "manifest": json.dumps(manifest, default=str)}
+        try:  # both contents are written before either file is replaced (a full disk fails here, the old pair
+            # intact); then the tensors are renamed into place, the manifest last
+            directory.mkdir(parents=True, exist_ok=True)
+            with atomic_path(directory / MANIFEST_FILE) as manifest_tmp, atomic_path(directory / TENSORS_FILE) as tmp:
+                save_file(tensors, str(tmp), metadata=header)  # I/O errors: one line (fileio)
+                manifest_tmp.write_text(json_text(manifest))
         except BaseException:
             if made:  # a save that fails (a full disk) leaves no empty directory behind
                 shutil.rmtree(directory, ignore_errors=True)
             raise
-        return directory
-
-    def _save(self, directory: Path, stored_dtype: torch.dtype | None) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        run_id = uuid.uuid4().hex
-
-        def stored(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to("cpu", stored_dtype).contiguous()
-
-        tensors = {f"{key}.{ACTIVATION_SUM}": stored(t) for key, t in self.activation_sums().items()}
-        tensors.update({f"{name}.{GRAD_SUM}": stored(mf.grad_sum) for name, mf in self.modules.items()})
-        module_entries = {
-            name: {
-                "shape": list(mf.shape),
-                "activation_key": mf.activation_key,
-                "activation_tokens": mf.activation_tokens,
-                "grad_tokens": mf.grad_tokens,
-            }
-            for name, mf in self.modules.items()
-        }
-        skip = ("modules", "run_id", "format_version", CHECKSUMS)
-        manifest = {k: v for k, v in self.manifest.items() if k not in skip}
-        kept = "fp32 sums" if stored_dtype is not None else "sums in their accumulation dtype"
-        manifest.update(format_version=FORMAT_VERSION, run_id=run_id, stored=f"{kept}; mean = sum / tokens")
-        manifest["modules"] = module_entries
-        manifest[CHECKSUMS] = {key: tensor_checksum(t) for key, t in tensors.items()}
-        header = {"run_id": run_id, "manifest": json.dumps(manifest, default=str)}
-        # Both contents are written before either file is replaced (a full disk fails here, the old pair intact);
-        # then the tensors are renamed into place, the manifest last.
-        with atomic_path(directory / MANIFEST_FILE) as manifest_tmp:
-            with atomic_path(directory / TENSORS_FILE) as tensors_tmp:
-                save_file(tensors, str(tensors_tmp), metadata=header)  # I/O errors: one line (fileio)
-                manifest_tmp.write_text(json_text(manifest))
         self.manifest = manifest
+        return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, names: Iterable[str] | None = None, device: str = "cpu") -> "Factors":
@@ -282,8 +268,7 @@ class Factors:
         checked by :meth:`check_sane`: a damaged or implausible directory is a one-line :class:`UserError`.
         """
         directory = Path(directory)
-        manifest_path = directory / MANIFEST_FILE
-        tensors_path = directory / TENSORS_FILE
+        manifest_path, tensors_path = directory / MANIFEST_FILE, directory / TENSORS_FILE
         if not manifest_path.is_file() or not tensors_path.is_file():
             raise UserError(
                 f"'{directory}' holds no complete factors ({MANIFEST_FILE} or {TENSORS_FILE} missing); "
@@ -296,26 +281,23 @@ class Factors:
         try:
             manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise damaged(f"{MANIFEST_FILE} is not valid JSON: {str(exc).splitlines()[0]}") from None
+            raise damaged(f"{MANIFEST_FILE} is not valid JSON: {first_line(exc)}") from None
         if not isinstance(manifest, dict):
             raise damaged(f"{MANIFEST_FILE} holds a {type(manifest).__name__}, not an object")
         version = manifest.get("format_version", 1)
         if version not in (1, FORMAT_VERSION):
             raise UserError(f"{manifest_path} has format version {version}; this kfac-edit reads 1 and {FORMAT_VERSION}")
-        entries = manifest.get("modules", {})
-        checksums = manifest.get(CHECKSUMS) or {}
+        entries, checksums = manifest.get("modules", {}), manifest.get(CHECKSUMS) or {}
         if not isinstance(entries, dict) or not isinstance(checksums, dict):
             raise damaged(f"{MANIFEST_FILE} field 'modules' or '{CHECKSUMS}' is not an object")
-        wanted = list(entries) if names is None else list(names)
-        modules: dict[str, ModuleFactors] = {}
-        loaded: dict[str, torch.Tensor] = {}
         try:
             fh_context = safe_open(str(tensors_path), framework="pt", device=device)
         except Exception as exc:  # safetensors' errors for a truncated, empty or garbled file; OSError
-            raise damaged(f"{TENSORS_FILE} cannot be read: {_first_line(exc)}") from None
+            raise damaged(f"{TENSORS_FILE} cannot be read: {first_line(exc)}") from None
+        modules: dict[str, ModuleFactors] = {}
+        loaded: dict[str, torch.Tensor] = {}  # activation key -> its sum, read once
         with fh_context as fh:
-            meta = fh.metadata() or {}
-            if meta.get("run_id") != manifest.get("run_id"):
+            if (fh.metadata() or {}).get("run_id") != manifest.get("run_id"):
                 raise UserError(
                     f"{tensors_path} and {manifest_path} come from different runs (an interrupted save?); "
                     "collect the factors again"
@@ -328,12 +310,12 @@ class Factors:
                 try:
                     t = fh.get_tensor(tensor_name)
                 except Exception as exc:
-                    raise damaged(f"tensor '{tensor_name}' cannot be read: {_first_line(exc)}") from None
+                    raise damaged(f"tensor '{tensor_name}' cannot be read: {first_line(exc)}") from None
                 if tensor_name in checksums and tensor_checksum(t) != checksums[tensor_name]:
                     raise damaged(f"tensor '{tensor_name}' does not match its checksum")
                 return t
 
-            for name in wanted:
+            for name in list(entries) if names is None else list(names):
                 if name not in entries:
                     raise UserError(f"no factors for module '{name}' in {directory}; collect factors for that layer")
                 entry = entries[name]
@@ -344,8 +326,8 @@ class Factors:
                     else:
                         akey = entry["activation_key"]
                         atensor, gtensor = f"{akey}.{ACTIVATION_SUM}", f"{name}.{GRAD_SUM}"
-                    counts = _count(entry["activation_tokens"]), _count(entry["grad_tokens"])
-                except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                    counts = entry["activation_tokens"], entry["grad_tokens"]  # integers: check_sane
+                except (KeyError, TypeError, AttributeError) as exc:
                     raise damaged(f"the manifest entry of {name} is incomplete ({type(exc).__name__}: {exc})") from None
                 if akey not in loaded:
                     loaded[akey] = read(atensor)
@@ -355,16 +337,15 @@ class Factors:
         return factors
 
 
-def _first_line(exc: BaseException) -> str:
+def utc_now() -> str:
+    """The time now, as the manifests and checkpoints record it (ISO 8601, UTC, seconds)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none): for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _count(value: Any) -> int:
-    """A token count from the manifest: an integer (``True``/``2.5``/``"7"`` are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"token count {value!r} is not an integer")
-    return value
 
 
 def _factor_problem(mf: ModuleFactors) -> str | None:
@@ -379,10 +360,10 @@ def _factor_problem(mf: ModuleFactors) -> str | None:
             return f"not finite ({label} holds NaN or Inf)"
         t64 = t.detach().to(torch.float64)
         scale = float(t64.abs().max()) if t64.numel() else 0.0
-        trace = float(torch.diagonal(t64).sum())
-        if not trace > 0:
-            return f"not positive semi-definite ({label} has trace {trace:.3g}, not > 0)"
-        if float(torch.diagonal(t64).min()) < -SYMMETRY_TOLERANCE * scale:
+        diagonal = torch.diagonal(t64)
+        if not float(diagonal.sum()) > 0:
+            return f"not positive semi-definite ({label} has trace {float(diagonal.sum()):.3g}, not > 0)"
+        if float(diagonal.min()) < -SYMMETRY_TOLERANCE * scale:
             return f"not positive semi-definite ({label} has a negative diagonal entry)"
         asym = float((t64 - t64.T).abs().max())
         if asym > SYMMETRY_TOLERANCE * scale:
