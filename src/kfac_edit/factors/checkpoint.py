@@ -21,7 +21,6 @@ sharded); everything that changes the factors may not.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from ..errors import UserError
 from ..fileio import atomic_dir, write_json
 from ..identity import data_digest, model_fingerprint, weights_digest
 from ..models import Projection
-from .store import Factors
+from .store import Factors, first_line, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -62,34 +61,27 @@ FINGERPRINT_LABELS = {
 
 
 # ---------------------------------------------------------------------------------------------------- fingerprint
-def run_fingerprint(
-    model: nn.Module,
-    projections: Sequence[Projection],
-    *,
-    data: str | None,
-    text_field: str = "text",
-    seq_len: int,
-    labels: str,
-    seed: int,
-    layers_per_pass: int | None,
-) -> dict[str, Any]:
-    """Everything that changes the collected factors (see :data:`FINGERPRINT_LABELS`); ``data=None``: batches
-    given in Python (not fingerprinted)."""
+def run_fingerprint(model: nn.Module, projections: Sequence[Projection], config: Any, data: str | None) -> dict[str, Any]:
+    """Everything of a collection (``config``: its :class:`~kfac_edit.factors.collect.CollectConfig`) that changes
+    the factors (see :data:`FINGERPRINT_LABELS`); ``data=None``: batches given in Python (not fingerprinted)."""
     from ..data import describe_source
 
-    return {
+    fingerprint = {
         "model_fingerprint": model_fingerprint(model),
         "weights_digest": weights_digest((p.name, p.module.weight) for p in projections),
         "dtype": str(projections[0].module.weight.dtype).removeprefix("torch.") if projections else None,
         "modules": [p.name for p in projections],
-        "layers_per_pass": layers_per_pass,
-        "labels": labels,
-        "seed": int(seed),
-        "seq_len": int(seq_len),
+        "layers_per_pass": config.layers_per_pass,
+        "labels": config.labels,
+        "seed": int(config.seed),
+        "seq_len": int(config.seq_len),
         "data": describe_source(data) if data is not None else None,
-        "text_field": text_field,
-        "data_digest": data_digest(data, text_field) if data is not None else None,
+        "text_field": config.text_field,
+        "data_digest": data_digest(data, config.text_field) if data is not None else None,
     }
+    if config.exclude:  # a resume must exclude the same records
+        fingerprint["exclude"] = [data_digest(f) for f in config.exclude]
+    return fingerprint
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -111,10 +103,6 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
 
 
 # ---------------------------------------------------------------------------------------------------- state
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 @dataclass
 class CheckpointState:
     """Where a collection stands. ``windows``: packed windows of the stream consumed in pass ``pass_index``."""
@@ -129,7 +117,7 @@ class CheckpointState:
     world_size: int = 1
     batch_size: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier resumes of this run
-    created: str = field(default_factory=lambda: utc_now())
+    created: str = field(default_factory=utc_now)
     run_id: str | None = None
     tensors_bytes: int | None = None
     version: int = STATE_VERSION
@@ -205,7 +193,7 @@ def load_checkpoint(
     except FileNotFoundError:
         raise corrupt(f"{STATE_FILE} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
-        raise corrupt(f"{STATE_FILE} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise corrupt(f"{STATE_FILE} is unreadable ({first_line(exc)})") from None
     if state.version != STATE_VERSION:
         raise UserError(
             f"checkpoint {path} has format version {state.version}, this kfac-edit reads {STATE_VERSION}; {start_over}"
@@ -224,19 +212,14 @@ def load_checkpoint(
                 f"with, or {start_over}"
             )
     try:
-        factors = Factors.load(path)
-    except UserError as exc:
-        raise corrupt(str(exc).split(";")[0]) from None
-    except Exception as exc:  # safetensors raises several types for a damaged file
-        raise corrupt(f"{TENSORS_FILE} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        factors = Factors.load(path)  # checksums and sanity (finite, symmetric, PSD diagonal) checked
+    except Exception as exc:  # its UserError, or an OSError
+        why = str(exc).split(";")[0] if isinstance(exc, UserError) else f"{TENSORS_FILE} cannot be read ({first_line(exc)})"
+        raise corrupt(why) from None
     if factors.manifest.get("run_id") != state.run_id:
         raise corrupt(f"{STATE_FILE} and {TENSORS_FILE} come from different writes")
     held = state.passes[: state.pass_index + (1 if state.windows else 0)]  # a pass not yet started holds nothing
     expected = {n for group in held for n in group}
     if set(factors.names) != expected:
         raise corrupt(f"it holds {len(factors.names)} modules, its state says {len(expected)}")
-    try:
-        factors.check_finite()
-    except UserError as exc:
-        raise corrupt(str(exc).split(";")[0]) from None
     return factors, state

@@ -22,7 +22,6 @@ the position a checkpoint records.
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import math
 import os
@@ -36,20 +35,22 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import LAYOUT_KEY, Projection
-from .checkpoint import (
-    CheckpointState, latest_checkpoint, load_checkpoint, remove_checkpoints, run_fingerprint, save_checkpoint, utc_now,
-)  # fmt: skip
+from ..fileio import check_output, output_lock
 from ..spec import LabelMode
-from .collector import FactorCollector
+from .checkpoint import (
+    CheckpointState, latest_checkpoint, load_checkpoint, remove_checkpoints, run_fingerprint, save_checkpoint,
+)  # fmt: skip
+from .collector import FactorCollector, describe_projections, take_tokens
 from .distributed import DistContext, all_reduce_ints, broadcast_object, reduce_factors_to_main
 from .memory import plan_passes
-from ..fileio import check_output, output_lock
-from .store import Factors, check_writable
+from .store import Factors, check_writable, utc_now
 
 log = logging.getLogger(__name__)
 
 # batches(skip_windows, (rank, world_size)) -> batches with "window_index" (e.g. data.token_batches(..., with_index=True))
 BatchSource = Callable[[int, tuple[int, int]], Iterable[dict[str, torch.Tensor]]]
+# what the manifest of factors collected from a source string records of the configuration (beside "data")
+SOURCE_MANIFEST_KEYS = ("text_field", "seq_len", "batch_size", "max_tokens", "gradient_checkpointing")
 
 
 def _opt(default: Any, help: str, flag: str | None = None) -> Any:
@@ -218,20 +219,11 @@ def collect_factors(
         projections = _prepare(model, config, ctx, projections, check_context=source is not None)
         fingerprint = None
         if config.checkpoint_every or config.resume:
-            fingerprint = run_fingerprint(
-                model, projections, data=source, text_field=config.text_field, seq_len=config.seq_len,
-                labels=config.labels, seed=config.seed, layers_per_pass=config.layers_per_pass,
-            )  # fmt: skip
-            if config.exclude:  # a resume must exclude the same records
-                from ..identity import data_digest
-
-                fingerprint["exclude"] = [data_digest(f) for f in config.exclude]
+            fingerprint = run_fingerprint(model, projections, config, source)
         if config.overwrite and ctx.is_main and config.out is not None:
             remove_checkpoints(config.out)
-        batches = _batch_source(data, tokenizer, config)
         exclusion: dict = {}
-        if config.exclude:
-            batches = _excluding(batches, model, tokenizer, config, exclusion)
+        batches = _batch_source(data, model, tokenizer, config, exclusion)
         factors = _collect_partitions(model, projections, batches, config, ctx, fingerprint)
     except BaseException:
         lock.close()
@@ -249,10 +241,8 @@ def collect_factors(
     if paths is not None:
         factors.manifest[LAYOUT_KEY] = paths
     if source is not None:
-        factors.manifest.update(
-            data=describe_source(source), text_field=config.text_field, seq_len=config.seq_len,
-            batch_size=config.batch_size, max_tokens=config.max_tokens, gradient_checkpointing=config.gradient_checkpointing,
-        )  # fmt: skip
+        factors.manifest["data"] = describe_source(source)
+        factors.manifest.update({k: getattr(config, k) for k in SOURCE_MANIFEST_KEYS})
     if config.exclude:
         factors.manifest["exclude"] = exclusion
     with lock:
@@ -271,9 +261,7 @@ def _ekfac_pass(model: nn.Module, tokenizer: Any, data: Any, config: CollectConf
     from .ekfac import collect_ekfac
 
     start = time.perf_counter()
-    batches = _batch_source(data, tokenizer, config)
-    if config.exclude:
-        batches = _excluding(batches, model, tokenizer, config, {})
+    batches = _batch_source(data, model, tokenizer, config, {})
     ekfac = collect_ekfac(
         model, Factors.load(config.out), batches(0, (0, 1)), cache=EigenCache(default_cache_dir()),
         max_tokens=config.max_tokens, progress=config.progress,
@@ -307,23 +295,23 @@ def _load_model(model_id: str, config: CollectConfig, ctx: DistContext, device: 
             f"--device-map {config.device_map} spreads one model over the GPUs of one process; it cannot be combined "
             f"with {ctx.world_size} ranks: launch a single process, or drop --device-map"
         )
-    device = rank_device(device, ctx)
     if config.device_map:
         try:
             import accelerate  # noqa: F401  (transformers needs it for device_map)
         except ImportError:
             raise UserError("--device-map needs the accelerate package: pip install accelerate") from None
-    return load_model(model_id, dtype=config.dtype, device=None if config.device_map else str(device), device_map=config.device_map)
+    device = None if config.device_map else str(rank_device(device, ctx))
+    return load_model(model_id, dtype=config.dtype, device=device, device_map=config.device_map)
 
 
 def _prepare(
     model: nn.Module, config: CollectConfig, ctx: DistContext, projections: Sequence[Projection] | None, check_context: bool
 ) -> list[Projection]:
     """The projections to collect, after the checks that need the model: context, offloading, memory."""
-    from ..models import find_projections, projection_kinds, use_modules
+    from ..models import find_projections, model_limits, projection_kinds, use_modules
     from .memory import check_memory
 
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = model_limits(model.config)[1]
     if check_context and context is not None and config.seq_len > context:
         raise UserError(
             f"--seq-len {config.seq_len} is beyond the model's context of {context} tokens; use at most {context}"
@@ -331,8 +319,7 @@ def _prepare(
     if config.modules:
         use_modules(model, config.modules)  # every block checked; the layout is recorded in the manifest
     if projections is None:
-        kinds = config.kinds or projection_kinds(model)
-        projections = find_projections(model, config.layers, kinds, bias=config.bias)
+        projections = find_projections(model, config.layers, config.kinds or projection_kinds(model), bias=config.bias)
     offloaded = [p.name for p in projections if p.module.weight.device.type == "meta"]
     if offloaded:
         raise UserError(
@@ -354,6 +341,39 @@ def _prepare(
         projections, config.layers_per_pass, config.memory_budget, print_table=ctx.is_main, keeps_results=ctx.is_main
     )
     return list(projections)
+
+
+def _batch_source(data: Any, model: nn.Module, tokenizer: Any, config: CollectConfig, exclusion: dict) -> BatchSource:
+    """``data`` as a :data:`BatchSource`, cut at ``config.max_tokens`` tokens (a callable: as it is); with
+    ``config.exclude`` the tokens kept are counted (:func:`_excluding`, which fills ``exclusion``)."""
+    max_tokens = None if config.exclude else config.max_tokens
+    if isinstance(data, (str, os.PathLike)):
+        if tokenizer is None:
+            raise UserError("a data source string needs a tokenizer: pass tokenizer=, or the model's name to load both")
+
+        def source(skip_windows: int, shard: tuple[int, int]):
+            from .. import data as data_module  # looked up at call time (tests replace token_batches)
+
+            return data_module.token_batches(
+                str(data), tokenizer, config.seq_len, config.batch_size, max_tokens=max_tokens,
+                skip_windows=skip_windows, shard=shard, text_field=config.text_field, with_index=True,
+                warn_if_short="--tokens",
+            )  # fmt: skip
+
+    elif callable(data):
+        source = data
+    else:
+        used = []
+
+        def source(skip_windows: int, shard: tuple[int, int]):
+            if skip_windows or shard != (0, 1):
+                raise UserError("resuming or several ranks need the data as a source string or a BatchSource callable")
+            if used and iter(data) is data:
+                raise UserError("several passes (--layers-per-pass) read the batches again: give a list, not an iterator")
+            used.append(True)
+            return take_tokens(data, max_tokens)
+
+    return _excluding(source, model, tokenizer, config, exclusion) if config.exclude else source
 
 
 def _excluding(source: BatchSource, model: nn.Module, tokenizer: Any, config: CollectConfig, info: dict) -> BatchSource:
@@ -379,67 +399,24 @@ def _excluding(source: BatchSource, model: nn.Module, tokenizer: Any, config: Co
         records += [[t for t in r.prefix_ids + r.suffix_ids if t not in special] for r in loaded]
     info.update(files=[str(f) for f in config.exclude], digest=json_digest(records), n=EXCLUDE_NGRAM,
                 records=len(records), windows_seen=0, windows_dropped=0)
-    passes = []
-
-    def counted(batches, counts: dict):
-        for batch in batches:
-            counts["seen"] += batch["input_ids"].shape[0]
-            yield batch
+    calls = []
 
     def excluded(skip_windows: int, shard: tuple[int, int]):
-        counts = {"seen": 0, "kept": 0}
-        passes.append(counts)
-        tokens = 0
-        for batch in exclude_overlapping(counted(source(skip_windows, shard), counts), records):
-            if config.max_tokens is not None and tokens >= config.max_tokens:
-                break
-            mask = batch.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            counts["kept"] += batch["input_ids"].shape[0]
-            if passes[0] is counts:
-                info.update(windows_seen=counts["seen"], windows_dropped=counts["seen"] - counts["kept"])
+        calls.append(True)
+        first, seen, kept = len(calls) == 1, [0], 0
+
+        def counted(batches):
+            for batch in batches:
+                seen[0] += batch["input_ids"].shape[0]
+                yield batch
+
+        for batch in take_tokens(exclude_overlapping(counted(source(skip_windows, shard)), records), config.max_tokens):
+            kept += batch["input_ids"].shape[0]
+            if first:
+                info.update(windows_seen=seen[0], windows_dropped=seen[0] - kept)
             yield batch
 
     return excluded
-
-
-def _batch_source(data: Any, tokenizer: Any, config: CollectConfig) -> BatchSource:
-    """``data`` as a :data:`BatchSource` (with ``config.exclude``: not cut at ``max_tokens``, :func:`_excluding` is)."""
-    if config.exclude:
-        config = replace(config, max_tokens=None)
-    if isinstance(data, (str, os.PathLike)):
-        if tokenizer is None:
-            raise UserError("a data source string needs a tokenizer: pass tokenizer=, or the model's name to load both")
-
-        def packed(skip_windows: int, shard: tuple[int, int]):
-            from .. import data as data_module  # looked up at call time (tests replace token_batches)
-
-            return data_module.token_batches(
-                str(data), tokenizer, config.seq_len, config.batch_size, max_tokens=config.max_tokens,
-                skip_windows=skip_windows, shard=shard, text_field=config.text_field, with_index=True,
-                warn_if_short="--tokens",
-            )  # fmt: skip
-
-        return packed
-    if callable(data):
-        return data
-    used = []
-
-    def given(skip_windows: int, shard: tuple[int, int]):
-        if skip_windows or shard != (0, 1):
-            raise UserError("resuming or several ranks need the data as a source string or a BatchSource callable")
-        if used and iter(data) is data:
-            raise UserError("several passes (--layers-per-pass) read the batches again: give a list, not an iterator")
-        used.append(True)
-        tokens = 0
-        for batch in data:  # stop before the batch that would start after max_tokens real tokens
-            if config.max_tokens is not None and tokens >= config.max_tokens:
-                return
-            mask = batch.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            yield batch
-
-    return given
 
 
 # ---------------------------------------------------------------------------------------------------- partitions
@@ -494,76 +471,69 @@ def _collect_partitions(
         done = loaded.subset(n for group in pass_names[: start.pass_index] for n in group).to("cpu")
     tokens_per_step = config.seq_len * config.batch_size * ctx.world_size
     steps_per_checkpoint = math.ceil(config.checkpoint_every / tokens_per_step) if config.checkpoint_every else None
-    sequence = start.sequence
+    state = start
 
-    def checkpoint(pass_index: int, windows: int, tokens: int, labelled: int, current: Factors | None) -> None:
-        nonlocal sequence
-        sequence += 1
-        held = Factors({**done.modules, **(current.modules if current is not None else {})}, {"checkpoint_of": "kfac-edit collect"})
-        state = replace(
-            start, pass_index=pass_index, windows=windows, tokens=tokens, labelled_tokens=labelled, sequence=sequence,
-            world_size=ctx.world_size, batch_size=config.batch_size, created=utc_now(),
-        )  # fmt: skip
+    def checkpoint(current: Factors, **position: int) -> None:
+        nonlocal state
+        state = replace(state, **position, sequence=state.sequence + 1, world_size=ctx.world_size,
+                        batch_size=config.batch_size, created=utc_now())  # fmt: skip
         t0 = time.perf_counter()
+        held = Factors({**done.modules, **current.modules}, {"checkpoint_of": "kfac-edit collect"})
         path = save_checkpoint(config.out, held, state)
-        log.info("checkpoint %s (%d windows, %d tokens) in %.1f s", path, windows, tokens, time.perf_counter() - t0)
+        log.info("checkpoint %s (%d windows, %d tokens) in %.1f s", path, state.windows, state.tokens,
+                 time.perf_counter() - t0)  # fmt: skip
 
     manifest: dict[str, Any] | None = None
     for pass_index in range(start.pass_index, len(passes)):
         group = passes[pass_index]
         resumed = pass_index == start.pass_index
-        position, tokens_total, labelled_total = (start.windows, start.tokens, start.labelled_tokens) if resumed else (0, 0, 0)
+        position, tokens, labelled = (start.windows, start.tokens, start.labelled_tokens) if resumed else (0, 0, 0)
         partial = None
         if resumed and position and loaded is not None:  # the checkpointed part of this pass, back on its devices
             partial = loaded.subset(pass_names[pass_index]).to({p.name: p.module.weight.device for p in group})
         collector = FactorCollector(model, group, config.labels, config.seed, factors=partial, start_window=position)
-        seen = [0, 0]  # this rank's tokens / labelled tokens at the last meeting
+        seen = (0, 0)  # this rank's tokens / labelled tokens at the last meeting
         bar = tqdm(
-            total=config.max_tokens, initial=tokens_total, unit="tok", unit_scale=True,
+            total=config.max_tokens, initial=tokens, unit="tok", unit_scale=True,
             desc=f"pass {pass_index + 1}/{len(passes)}" if len(passes) > 1 else "collecting factors",
             disable=None if (config.progress and ctx.is_main) else True,
         )  # fmt: skip
-        exhausted, steps = False, 0
-        try:
-            with collector:
-                stream = iter(batches(position, (ctx.rank, ctx.world_size)))
-                while True:
-                    if not exhausted:
-                        batch = next(stream, None)
-                        exhausted = batch is None
-                        if not exhausted:
-                            before = collector.tokens
-                            collector.accumulate(batch)
-                            steps += 1
-                            bar.update((collector.tokens - before) * ctx.world_size)
-                            if steps_per_checkpoint is None or steps % steps_per_checkpoint:
-                                continue
-                    # a meeting: a checkpoint step of a rank with data, or a rank whose shard is exhausted
-                    any_active, windows_total = all_reduce_ints(
-                        ctx, [int(not exhausted), collector.windows], "max", what="status exchange"
-                    )
-                    reduce_factors_to_main(ctx, collector.symmetrize())
-                    delta = all_reduce_ints(
-                        ctx, [collector.tokens - seen[0], collector.labelled_tokens - seen[1]], "sum", what="token counts"
-                    )
-                    seen = [collector.tokens, collector.labelled_tokens]
-                    tokens_total += delta[0]
-                    labelled_total += delta[1]
-                    bar.n = tokens_total
-                    bar.refresh()
-                    if not any_active:
-                        break
-                    if config.checkpoint_every and ctx.is_main:
-                        checkpoint(pass_index, windows_total, tokens_total, labelled_total, collector.factors)
-        finally:
-            bar.close()
+        with bar, collector:
+            stream = iter(batches(position, (ctx.rank, ctx.world_size)))
+            exhausted = False
+            while True:
+                batch = None if exhausted else next(stream, None)
+                exhausted = batch is None
+                if batch is not None:
+                    before = collector.tokens
+                    collector.accumulate(batch)
+                    bar.update((collector.tokens - before) * ctx.world_size)
+                    if steps_per_checkpoint is None or collector.steps % steps_per_checkpoint:
+                        continue
+                # a meeting: a checkpoint step of a rank with data, or a rank whose shard is exhausted
+                any_active, windows = all_reduce_ints(
+                    ctx, [int(not exhausted), collector.windows], "max", what="status exchange"
+                )
+                reduce_factors_to_main(ctx, collector.symmetrize())
+                new = all_reduce_ints(
+                    ctx, [collector.tokens - seen[0], collector.labelled_tokens - seen[1]], "sum", what="token counts"
+                )
+                seen = (collector.tokens, collector.labelled_tokens)
+                tokens, labelled = tokens + new[0], labelled + new[1]
+                bar.n = tokens
+                bar.refresh()
+                if not any_active:
+                    break
+                if config.checkpoint_every and ctx.is_main:
+                    checkpoint(collector.factors, pass_index=pass_index, windows=windows, tokens=tokens,
+                               labelled_tokens=labelled)  # fmt: skip
         if ctx.is_main:
-            if labelled_total == 0:
+            if labelled == 0:
                 raise UserError("no token with a label was seen (every window was padding); give the run more text")
-            manifest = {**collector.manifest(), "tokens": tokens_total, "labelled_tokens": labelled_total, "windows": windows_total}
+            manifest = {**collector.manifest(), "tokens": tokens, "labelled_tokens": labelled, "windows": windows}
             done.modules.update(collector.symmetrize().to("cpu").modules)  # passes hold disjoint modules: sum = union
             if config.checkpoint_every and pass_index + 1 < len(passes):
-                checkpoint(pass_index + 1, 0, 0, 0, None)
+                checkpoint(Factors(), pass_index=pass_index + 1, windows=0, tokens=0, labelled_tokens=0)
         collector.factors = Factors()  # free this pass's device memory
 
     if not ctx.is_main:
@@ -572,8 +542,7 @@ def _collect_partitions(
         raise UserError(f"the checkpoint in {config.out} is already complete; pass --overwrite to collect again")
     done.manifest.update(
         manifest,
-        layers=sorted({p.block for p in projections}),
-        projections=[k for k in ("gate", "up", "down") if any(p.kind == k for p in projections)],
+        **describe_projections(projections),
         world_size=ctx.world_size,
         passes=len(passes),
         layers_per_pass=config.layers_per_pass,
