@@ -9,7 +9,6 @@ count, it is shared (stored once). The reference's ``G`` is taken as given (the 
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import re
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..models import PROJECTIONS
-from .store import Factors
+from .store import Factors, first_line, utc_now
 
 DEFAULT_NAME_TEMPLATE = "model.layers.{i}.mlp.{proj}_proj"
 # What the manifest of imported factors says about their G (issue 12): the reference sums g gᵀ of the gradient of the
@@ -37,8 +36,7 @@ def read_reference(path: str | os.PathLike) -> dict[tuple[int, str], dict[str, A
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, unsafe globals: all mean "not a factor file"
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot read '{path}' as a torch factor file: {first}") from None
+        raise UserError(f"cannot read '{path}' as a torch factor file: {first_line(exc)}") from None
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"'{path}' holds no factor dict; expected {{'blk<i>.<gate|up|down>': {{'A', 'G', 'n_tokens'}}}}")
     out: dict[tuple[int, str], dict[str, Any]] = {}
@@ -52,8 +50,9 @@ def read_reference(path: str | os.PathLike) -> dict[tuple[int, str], dict[str, A
         for label, t in (("A", A), ("G", G)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != t.shape[1]:
                 raise UserError(f"'{path}': {key}.{label} is not a square matrix")
-        n = entry["n_tokens"].item() if isinstance(entry["n_tokens"], torch.Tensor) and entry["n_tokens"].numel() == 1 \
-            else entry["n_tokens"]
+        n = entry["n_tokens"]
+        if isinstance(n, torch.Tensor) and n.numel() == 1:
+            n = n.item()
         if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n):
             raise UserError(f"'{path}': {key}.n_tokens is {n!r}, not a whole number of tokens; fix the factor file")
         n = int(n)
@@ -93,15 +92,11 @@ def _names_from_model(keys, model) -> dict[tuple[int, str], tuple[str, tuple[int
 
 def meta_model(name_or_path: str):
     """The architecture of a model (config only, weights on the meta device: nothing is loaded or allocated)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from ..models import check_causal_lm
 
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load the config of model '{name_or_path}': {str(exc).splitlines()[0]}") from None
-    check_causal_lm(name_or_path)
+    config = check_causal_lm(name_or_path)  # the config, or a one-line UserError
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -156,7 +151,7 @@ def import_reference(
         "layers": sorted({b for b, _ in entries}),
         "projections": [k for k in PROJECTIONS if any(kind == k for _, kind in entries)],
         "kfac_edit_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
     }
     if model is not None:
         from ..identity import model_fingerprint
