@@ -1,41 +1,33 @@
-"""Hooks and accumulation: K-FAC factor sums of MLP projections, one batch at a time (:class:`FactorCollector`).
+"""Hooks and accumulation: K-FAC factor sums of MLP projections, one batch at a time (:class:`FactorCollector`);
+a whole collection (passes, checkpoints, ranks) is :func:`kfac_edit.factors.collect.collect_factors`.
 
-A whole collection (passes, checkpoints, ranks) is :func:`kfac_edit.factors.collect.collect_factors`.
+Conventions (stated here once): a projection's weight ``W`` is ``(out, in)``;
 
-Conventions (shared with :mod:`kfac_edit.factors.store`): a projection's weight ``W`` is ``(out, in)``;
-
-* ``A = Σ a aᵀ`` over rows ``a`` of the layer input, shape ``(in, in)``;
+* ``A = Σ a aᵀ`` over rows ``a`` of the layer input, shape ``(in, in)`` (``[a; 1]`` for a biased projection under
+  ``bias="joint"``, :attr:`Projection.homogeneous`);
 * ``G = Σ g gᵀ`` over rows ``g`` of the gradient of the **summed** token loss w.r.t. the layer output,
   shape ``(out, out)``; the Fisher block of ``W`` is ``G ⊗ A``;
-* rows counted ("valid" positions): ``t`` with ``attention_mask[t] == 1`` and ``attention_mask[t + 1] == 1``, i.e.
-  positions that have a label (not padding, not the last position of a window). Because the loss is a sum and the
-  rows are selected by mask, the factors do not depend on batch size or padding.
+* rows counted ("valid" positions): ``t`` with ``attention_mask[t] == 1`` and ``attention_mask[t + 1] == 1``, the
+  positions that have a label. The loss is a sum over them, so the factors depend on neither batch size nor padding.
 
-Labels: ``gold`` is the next token (empirical Fisher); ``sampled`` draws each label from the model's own softmax
-(true Fisher, no labelled data needed). A sampled label is the inverse CDF of a uniform number seeded by
-``(seed, window index, position)``, so the labels of a window are the same whatever the batch size, padding, shard
-or resume point.
+Labels: ``gold`` is the next token (empirical Fisher); ``sampled`` draws each label from the model's softmax (true
+Fisher) by inverse CDF of a uniform seeded by ``(seed, window index, position)``: a window's labels do not depend on
+batch size, padding, shard or resume point.
 
-One step (:meth:`FactorCollector.accumulate`):
+One step (:meth:`FactorCollector.accumulate`): a forward pass whose hooks add each projection's valid input rows to
+``A`` (``gate`` and ``up`` of a block read one input: one activation key, :func:`activation_keys`, one ``A``) and
+hook its output; the summed cross-entropy against the labels; ``torch.autograd.grad`` of it w.r.t. the outputs of
+the lowest chosen block (no weight gradients, nothing below that block), during which each output's gradient hook
+adds its valid rows to ``G``. Routed experts (:mod:`kfac_edit.experts`) have no module to hook: their experts
+module runs tapped, and expert ``e``'s ``A``/``G`` take the labelled rows routed to it, counted per expert.
 
-1. forward with hooks: each projection's forward hook adds its valid input rows into ``A`` (``gate`` and ``up`` of a
-   block read the same input: one activation key (:func:`activation_keys`), one ``A``, added once) and puts a
-   gradient hook on its output;
-2. the summed cross-entropy of the valid positions against the labels;
-3. ``torch.autograd.grad`` of that loss w.r.t. the outputs of the lowest chosen block: autograd runs only what is
-   needed to reach them (no weight gradients, nothing below that block); each projection's gradient hook adds its
-   valid rows into ``G`` as soon as the gradient exists, after which it is freed.
-
-A biased projection under ``bias="joint"`` (:attr:`Projection.homogeneous`) adds ``[a; 1]`` rows to ``A``. Routed
-experts (:mod:`kfac_edit.experts`) have no module to hook: their experts module runs tapped, and expert ``e``'s
-``A``/``G`` take the labelled rows of the tokens routed to it, counted per expert.
-
-Sums are fp32 (fp64 when the model is fp64); bf16/fp16 rows enter fp32 products (on CUDA a bf16 GEMM with fp32
-output, which is exact for the products; elsewhere the rows are cast to fp32 first).
+Sums are fp32 (fp64 for an fp64 model); bf16/fp16 rows enter fp32 products (on CUDA a GEMM with fp32 output, exact
+for the products; elsewhere the rows are cast to fp32 first).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any, Iterable, Iterator, Sequence
@@ -133,18 +125,17 @@ def window_uniforms(seed: int, window_index: Sequence[int], seq_len: int) -> tor
 
 
 @torch.no_grad()
-def sample_labels(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Draw one label per row of ``logits`` ``(n, V)`` from its softmax, by inverse CDF of ``uniforms`` ``(n,)``.
-
-    Softmax and CDF are fp32 (fp64 for fp64 logits), in chunks of rows to bound memory. A zero-probability token
-    is never drawn.
-    """
-    n, vocab = logits.shape
+def sample_labels(logits: torch.Tensor, uniforms: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One label per row of ``logits`` ``(n, V)`` (or per row index in ``rows``), drawn from its softmax by inverse
+    CDF of ``uniforms`` ``(n,)``; fp32 (fp64 for fp64 logits), in chunks of rows. A zero-probability token is never
+    drawn."""
+    n, vocab = (logits.shape[0] if rows is None else rows.numel()), logits.shape[1]
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     out = torch.empty(n, dtype=torch.long, device=logits.device)
     chunk = max(1, _SAMPLE_CHUNK_ELEMENTS // max(vocab, 1))
     for start in range(0, n, chunk):
-        cdf = torch.softmax(logits[start : start + chunk].to(dtype), dim=-1).cumsum_(dim=-1)
+        part = logits[start : start + chunk] if rows is None else logits.index_select(0, rows[start : start + chunk])
+        cdf = torch.softmax(part.to(dtype), dim=-1).cumsum_(dim=-1)
         u = uniforms[start : start + chunk].to(device=logits.device, dtype=dtype).unsqueeze(1) * cdf[:, -1:]
         out[start : start + chunk] = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max_(vocab - 1)
     return out
@@ -224,18 +215,20 @@ class FactorCollector:
         self.seq_len: int | None = None
         self._mirrored = True  # False while the sums hold only their upper block triangle (see symmetrize)
         self._allocate()
-        # per-step state
+        self._undo: contextlib.ExitStack | None = None  # restores the model on exit (None: not entered)
         self._phase: str | None = None  # "forward" while the model runs forward, "backward" during backward
-        self._valid_index: dict[torch.device, torch.Tensor] = {}
+        self._start_step()
+
+    def _start_step(self, idx: torch.Tensor | None = None, n_positions: int = 0) -> None:
+        """Reset the per-step state: valid positions ``idx`` (flat indices into the ``n_positions`` = B·T) and what
+        the hooks saw."""
+        self._valid_index = {} if idx is None else {idx.device: idx}  # per device
         self._valid_masks: dict[torch.device, torch.Tensor] = {}  # the same positions as flat masks (for experts)
-        self._n_positions = 0  # B·T of the current batch
-        self._targets: list[torch.Tensor] = []
-        self._forward_hits: list[int] = []
-        self._grad_hits: list[int] = []
+        self._n_positions = n_positions
+        self._forward_hits = [0] * len(self.projections)
+        self._grad_hits = [0] * len(self.projections)
         self._shared_input: dict[str, tuple] = {}  # activation key -> input already added this step
-        self._handles: list = []
-        self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
-        self._saved_training: list[tuple[nn.Module, bool]] = []
+        self._targets: list[torch.Tensor] = []
 
     # -------------------------------------------------------------------------------------------- setup
     def _allocate(self) -> None:
@@ -255,48 +248,31 @@ class FactorCollector:
             self.factors.modules[p.name] = ModuleFactors(activation_sum, grad_sum, activation_key=keys[p.name])
 
     def __enter__(self) -> "FactorCollector":
-        try:
-            self._install()
-        except BaseException:
-            self._remove()
-            raise
+        with contextlib.ExitStack() as undo:  # on an error, what was done is undone at once
+            for param in self.model.parameters():
+                undo.callback(param.requires_grad_, param.requires_grad)
+                param.requires_grad_(False)
+            # HF gradient checkpointing only runs in training mode; switch on training for the checkpointing wrappers
+            # alone (their children, dropout included, stay in eval mode).
+            for module in self.model.modules():
+                if getattr(module, "gradient_checkpointing", False) is True and not module.training:
+                    undo.callback(setattr, module, "training", False)
+                    module.training = True
+            undo.callback(self.model.get_input_embeddings().register_forward_hook(self._embedding_hook).remove)
+            taps: dict[int, list[int]] = {}  # experts module -> indices of its projections
+            for index, p in enumerate(self.projections):
+                if p.expert is not None:
+                    taps.setdefault(id(p.module.experts), []).append(index)
+                else:
+                    undo.callback(p.module.register_forward_hook(self._forward_hook(index), with_kwargs=True).remove)
+            for indices in taps.values():
+                undo.callback(self._tap_experts(indices).remove)
+            self._undo = undo.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._remove()
-
-    def _install(self) -> None:
-        for param in self.model.parameters():
-            self._saved_requires_grad.append((param, param.requires_grad))
-            param.requires_grad_(False)
-        # HF gradient checkpointing only runs in training mode; switch on training for the checkpointing wrappers
-        # alone (their children, dropout included, stay in eval mode).
-        for module in self.model.modules():
-            if getattr(module, "gradient_checkpointing", False) is True and not module.training:
-                self._saved_training.append((module, module.training))
-                module.training = True
-        embeddings = self.model.get_input_embeddings()
-        self._handles.append(embeddings.register_forward_hook(self._embedding_hook))
-        taps: dict[int, list[int]] = {}  # experts module -> indices of its projections
-        for index, p in enumerate(self.projections):
-            if p.expert is not None:
-                taps.setdefault(id(p.module.experts), []).append(index)
-            else:
-                self._handles.append(p.module.register_forward_hook(self._forward_hook(index), with_kwargs=True))
-        self._handles += [self._tap_experts(indices) for indices in taps.values()]
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module, training in self._saved_training:
-            module.training = training
-        self._saved_training.clear()
-        for param, flag in self._saved_requires_grad:
-            param.requires_grad_(flag)
-        self._saved_requires_grad.clear()
-        self._phase = None
-        self._targets = []
+        self._undo.close()
+        self._undo, self._phase, self._targets = None, None, []
 
     # -------------------------------------------------------------------------------------------- hooks
     def _embedding_hook(self, module: nn.Module, args, output: torch.Tensor):
@@ -425,7 +401,7 @@ class FactorCollector:
         Without ``window_index`` the windows are numbered on from the previous batch. Returns the number of valid
         (labelled) positions added.
         """
-        if not self._handles:
+        if self._undo is None:
             raise RuntimeError("use FactorCollector as a context manager: `with FactorCollector(...) as c:`")
         device = self.model.get_input_embeddings().weight.device
         input_ids = batch["input_ids"].to(device)
@@ -454,11 +430,8 @@ class FactorCollector:
         idx = idx.to(flat_logits.device)
         if self.labels == "gold":
             labels[idx] = torch.roll(input_ids, shifts=-1, dims=1).reshape(-1).to(flat_logits.device)[idx]
-            return labels
-        chunk = max(1, _SAMPLE_CHUNK_ELEMENTS // max(flat_logits.shape[1], 1))  # rows copied out of the logits at once
-        for start in range(0, idx.numel(), chunk):
-            rows = flat_logits.detach().index_select(0, idx[start : start + chunk])
-            labels[idx[start : start + chunk]] = sample_labels(rows, uniforms[start : start + chunk])
+        else:
+            labels[idx] = sample_labels(flat_logits.detach(), uniforms, rows=idx)
         return labels
 
     def _step(self, input_ids: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, window_index: torch.Tensor):
@@ -466,14 +439,8 @@ class FactorCollector:
         uniforms = None
         if self.labels == "sampled":
             uniforms = window_uniforms(self.seed, window_index.tolist(), input_ids.shape[1]).reshape(-1)[idx.cpu()]
-        self._valid_index = {input_ids.device: idx}
-        self._valid_masks = {}
-        self._n_positions = input_ids.numel()
+        self._start_step(idx, input_ids.numel())
         self._mirrored = False
-        self._forward_hits = [0] * len(self.projections)
-        self._grad_hits = [0] * len(self.projections)
-        self._shared_input = {}
-        self._targets = []
         try:
             self._phase = "forward"
             with torch.enable_grad():
@@ -496,9 +463,7 @@ class FactorCollector:
                     loss.backward()
                 del loss, targets
         finally:
-            self._phase = None
-            self._targets = []
-            self._valid_index = {}
+            self._phase, self._targets, self._valid_index = None, [], {}
         hooked = [p for p in self.projections if p.expert is None]  # an expert counts its routed rows itself
         for p, f_hits, g_hits in zip(self.projections, self._forward_hits, self._grad_hits):
             if p.expert is None and (f_hits != 1 or g_hits != 1):
