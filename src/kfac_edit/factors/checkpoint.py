@@ -1,22 +1,15 @@
-"""Checkpoints of a factor collection: where in the data stream it is, and the sums so far.
+"""Checkpoints of a factor collection: the sums so far and where in the data stream it is.
 
-A checkpoint is a directory ``OUT/checkpoint/ckpt-NNNNNN/`` holding
+A checkpoint ``OUT/checkpoint/ckpt-NNNNNN/`` holds ``factors.safetensors`` + ``manifest.json`` (every module
+collected so far, finished passes and the pass in progress, in their accumulation dtype) and ``state.json``
+(:class:`CheckpointState`: the pass in progress, the windows of the packed stream it has consumed over all ranks
+(``0 .. windows-1`` are in the sums, none after), their tokens, the run's configuration fingerprint, and the tensor
+file's size and run id). It is written into a hidden temporary directory and renamed into place, then older ones
+are deleted: a process killed at any moment leaves the previous checkpoint or the new one, never half of one.
 
-* ``factors.safetensors`` + ``manifest.json``: the sums and counts of every module collected so far (finished
-  passes and the pass in progress), in their accumulation dtype (:meth:`Factors.save` with ``keep_dtype``);
-* ``state.json`` (:class:`CheckpointState`): the pass in progress, how many windows of the packed stream it has
-  consumed (over all ranks: windows ``0 .. windows-1`` are in the sums, none after), the tokens they held, the
-  configuration fingerprint of the run, and the tensor file's size and run id.
-
-It is written into a hidden temporary directory and renamed into place (one atomic rename), then older checkpoints
-are deleted: a process killed at any moment (SIGKILL included) leaves either the previous checkpoint or the new
-one, never a half-written one. :func:`load_checkpoint` refuses, with the reason, a checkpoint that is damaged or
-that another configuration made (other model weights, other data, other options): resuming it would silently mix
-two different runs.
-
-What may change between the run and its resumption: the batch size, the number of ranks and ``--tokens``
-(sampled labels depend only on the seed and a window's index in the stream, not on how windows are batched or
-sharded); everything that changes the factors may not.
+:func:`load_checkpoint` refuses, saying why, a damaged checkpoint or one that another configuration made (other
+weights, data or options). The batch size, the number of ranks and ``--tokens`` may change between a run and its
+resumption (sampled labels depend only on the seed and a window's index in the stream).
 """
 
 from __future__ import annotations

@@ -130,16 +130,12 @@ class CollectConfig:
             raise UserError(f"unknown --bias '{self.bias}'; use one of {', '.join(BIAS_MODES)}")
         if isinstance(self.layers, str) or self.layers is None:
             self.layers = parse_layers(self.layers)
-        if isinstance(self.kinds, str):
-            self.kinds = parse_projections(self.kinds)
-        if isinstance(self.modules, str):
-            self.modules = parse_modules_option(self.modules)
-        if isinstance(self.memory_budget, str):
-            self.memory_budget = parse_size(self.memory_budget)
-        if isinstance(self.exclude, (str, os.PathLike)):
-            self.exclude = [self.exclude]
+        for name, parse in (("kinds", parse_projections), ("modules", parse_modules_option), ("memory_budget", parse_size)):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, parse(getattr(self, name)))
         if self.exclude is not None:
-            self.exclude = [str(f) for f in self.exclude] or None
+            files = [self.exclude] if isinstance(self.exclude, (str, os.PathLike)) else self.exclude
+            self.exclude = [str(f) for f in files] or None
             missing = [f for f in self.exclude or () if not Path(f).is_file()]
             if missing:
                 raise UserError(f"--exclude file '{missing[0]}' does not exist; give memorized-set JSONL files")

@@ -1,28 +1,21 @@
 """EK-FAC eigenvalues: a second pass over the data in the K-FAC eigenbasis (the eigenvalue correction).
 
 K-FAC gives pair ``(i, j)`` (the Fisher eigenvector ``u_G[i] ⊗ u_A[j]``, conventions in :mod:`kfac_edit.curvature`)
-the mass ``λ_G[i]·μ_A[j]``, which is exact only when the gradient and activation statistics are independent. The
-eigenvalue correction keeps the K-FAC eigenbasis and replaces that product by the true second moment of the
-per-token weight gradient ``g aᵀ`` along the pair::
+the mass ``λ_G[i]·μ_A[j]``, exact only when gradient and activation statistics are independent. EK-FAC keeps the
+eigenbasis and takes the true second moment of the per-token weight gradient ``g aᵀ`` along the pair::
 
     E[(u_G[i]ᵀ g aᵀ u_A[j])²] = E[(u_G[i]ᵀ g)² (u_A[j]ᵀ a)²]      over the labelled tokens
 
-A second pass (the same hooks, rows and labels as :class:`~kfac_edit.factors.collector.FactorCollector`) rotates
-each valid row, ``a' = U_Aᵀ a`` and ``g' = U_Gᵀ g``, and adds ``(g'²)ᵀ (a'²)`` into an ``(out, in)`` **pair sum**
-(one GEMM per module per step). As with the other factors it keeps sums and a token count, so passes and ranks add
-up (:meth:`Ekfac.add_`). The pass also sums the rotated activation energy ``a'²`` (``(in,)``): ``E[a'_j²]`` is
-``u_A[j]ᵀ A u_A[j]``, what :mod:`kfac_edit.predict` uses for its activation-energy share.
+:func:`collect_ekfac` runs the collector's step (same hooks, rows and labels) with hooks that rotate each valid row,
+``a' = U_Aᵀ a`` and ``g' = U_Gᵀ g``, and add ``(g'²)ᵀ (a'²)`` to an ``(out, in)`` **pair sum** and ``a'²`` to an
+``(in,)`` activation energy sum (``E[a'_j²] = u_A[j]ᵀ A u_A[j]``, for :mod:`kfac_edit.predict`): sums and a token
+count, so passes add up (:meth:`Ekfac.add_`). With one token, or ``A`` of rank one, the moment is ``λ_i·μ_j``
+exactly (tested); its total is ``E[|g|²|a|²]``, not ``tr(G)·tr(A)``. One process, no ranks.
 
-Reductions (tested): with one token, or with one activation row for every token (``A`` of rank one), the second
-moment is ``λ_i·μ_j`` exactly. Its total ``Σ_ij`` is ``E[|g|²|a|²]``, not ``tr(G)·tr(A)``.
-
-Stored with the factors: ``DIR/ekfac.safetensors`` holds ``"<module>.pair_sum"`` and
-``"<module>.activation_energy_sum"``; its header and ``manifest.json``'s ``"ekfac"`` entry record per module the
-token count and the **basis**: :meth:`Factors.content_hash` of the factors whose eigenvectors were used. Loading
-checks it (:meth:`Ekfac.check_basis`): EK-FAC eigenvalues of other factors are refused in one line.
-
-The pass runs in one process (no ranks), over the data given; :func:`collect_ekfac` is its entry point
-(``kfac-edit collect --ekfac`` runs it after the K-FAC pass, on the factors as written to disk).
+Stored beside the factors (``kfac-edit collect --ekfac``): ``DIR/ekfac.safetensors`` holds ``"<module>.pair_sum"``
+and ``"<module>.activation_energy_sum"``; its header and ``manifest.json``'s ``"ekfac"`` entry record per module
+the token count and the **basis** (:meth:`Factors.content_hash` of the factors whose eigenvectors were used), which
+:meth:`Ekfac.check_basis` compares: EK-FAC eigenvalues of other factors are refused in one line.
 """
 
 from __future__ import annotations
@@ -30,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -100,15 +93,14 @@ class Ekfac:
         for name, theirs in other.modules.items():
             mine = self.modules.get(name)
             if mine is None:
-                self.modules[name] = EkfacModule(
-                    theirs.pair_sum.clone(), theirs.activation_energy_sum.clone(), theirs.tokens, theirs.basis
-                )
-                continue
-            if mine.basis != theirs.basis or mine.shape != theirs.shape:
+                self.modules[name] = replace(theirs, pair_sum=theirs.pair_sum.clone(),
+                                             activation_energy_sum=theirs.activation_energy_sum.clone())  # fmt: skip
+            elif mine.basis != theirs.basis or mine.shape != theirs.shape:
                 raise UserError(f"cannot add EK-FAC sums of {name}: they were computed in different eigenbases")
-            mine.pair_sum += theirs.pair_sum.to(mine.pair_sum)
-            mine.activation_energy_sum += theirs.activation_energy_sum.to(mine.activation_energy_sum)
-            mine.tokens += theirs.tokens
+            else:
+                mine.pair_sum += theirs.pair_sum.to(mine.pair_sum)
+                mine.activation_energy_sum += theirs.activation_energy_sum.to(mine.activation_energy_sum)
+                mine.tokens += theirs.tokens
         return self
 
     def check_basis(self, factors: Factors, names: Iterable[str], where: str = "the EK-FAC eigenvalues") -> None:
@@ -138,10 +130,8 @@ class Ekfac:
         entries = {name: {"tokens": m.tokens, "basis": m.basis, "shape": list(m.shape)} for name, m in self.modules.items()}
         meta = {k: v for k, v in self.manifest.items() if k != "modules"}
         record = {**meta, "file": EKFAC_FILE, "run_id": run_id, "modules": entries}
-        tensors = {}
-        for name, m in self.modules.items():
-            tensors[f"{name}.{PAIR_SUM}"] = m.pair_sum.detach().cpu().contiguous()
-            tensors[f"{name}.{ACTIVATION_ENERGY_SUM}"] = m.activation_energy_sum.detach().cpu().contiguous()
+        tensors = {f"{name}.{key}": t.detach().cpu().contiguous() for name, m in self.modules.items()
+                   for key, t in ((PAIR_SUM, m.pair_sum), (ACTIVATION_ENERGY_SUM, m.activation_energy_sum))}  # fmt: skip
         with atomic_path(directory / EKFAC_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"run_id": run_id, "ekfac": json.dumps(record, default=str)})
         manifest = json.loads(manifest_path.read_text())
@@ -197,14 +187,8 @@ class EkfacCollector(FactorCollector):
 
     def _allocate(self) -> None:
         for p in self.projections:
-            grad_eig, act_eig = self.bases[p.name]
-            if (grad_eig.size, act_eig.size) != tuple(p.shape):
-                raise UserError(
-                    f"the eigenbasis of {p.name} fits {grad_eig.size}x{act_eig.size} but the model's weight is "
-                    f"{p.shape[0]}x{p.shape[1]}: the factors come from another model"
-                )
             device, dtype = p.module.weight.device, accumulate_dtype_for(p.module)
-            self.bases[p.name] = (grad_eig.to(device), act_eig.to(device))
+            self.bases[p.name] = tuple(eig.to(device) for eig in self.bases[p.name])  # (grad_eig, act_eig)
             empty = torch.zeros(0, 0, dtype=dtype, device=device)  # counts only (see the class docstring)
             self.factors.modules[p.name] = ModuleFactors(empty, empty, activation_key=p.name)
             self.pair_sums[p.name] = torch.zeros(p.shape, dtype=dtype, device=device)

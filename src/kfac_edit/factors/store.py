@@ -1,29 +1,24 @@
-"""On-disk and in-memory K-FAC factors.
+"""On-disk and in-memory K-FAC factors: per module (named by its path, e.g. ``model.layers.23.mlp.up_proj``)
+**sums** and **counts** (conventions in :mod:`kfac_edit.factors.collector`):
 
-For each module (named by its path, e.g. ``model.layers.23.mlp.up_proj``) we keep **sums** and **counts**:
+* ``activation_sum`` ``Σ a aᵀ`` ``(in, in)`` and ``grad_sum`` ``Σ g gᵀ`` ``(out, out)``;
+* ``activation_tokens`` and ``grad_tokens``: the rows (tokens) that went into each.
 
-* ``activation_sum``: Σ a aᵀ over the rows ``a`` of the layer input, shape ``(in, in)``;
-* ``grad_sum``: Σ g gᵀ over the rows ``g`` of the gradient of the summed token loss w.r.t. the layer output,
-  shape ``(out, out)``;
-* ``activation_tokens`` and ``grad_tokens``: the number of rows (tokens) that went into each.
-
-Means (``A = E[a aᵀ]`` from :meth:`Factors.activation_cov`, ``G = E[g gᵀ]`` from :meth:`Factors.grad_cov`) are
-``sum / tokens``. Keeping sums and counts apart lets partial runs, resumed runs and ranks add up exactly
-(:meth:`Factors.add_`). Modules that read the same input (``gate_proj`` and ``up_proj`` of a block) have the same
-**activation key** (the name of the module whose activation sum they use): one tensor in memory, stored once.
+Means (:meth:`Factors.activation_cov`, :meth:`Factors.grad_cov`) are ``sum / tokens``; sums and counts kept apart let
+partial runs, resumes and ranks add up exactly (:meth:`Factors.add_`). Modules reading one input (a block's
+``gate_proj`` and ``up_proj``) share an **activation key**, the name of the module owning the activation sum: one
+tensor in memory, stored once.
 
 Directory layout (format version 2)::
 
     DIR/factors.safetensors   tensors "<activation key>.activation_sum" and "<module>.grad_sum" (fp32 sums)
     DIR/manifest.json         configuration, per-module shapes, activation keys and token counts, and a run id
 
-Both files carry the same ``run_id``; the manifest is written last, so an interrupted save never loads. The manifest
-also holds ``checksums``: ``{tensor name: sha256 of its bytes}``, verified for every tensor a load reads, so a damaged
-file (a flipped byte, a truncated tensor) is found instead of edited with; directories written before checksums were
-added load without the check. Every load also checks what it read (:meth:`Factors.check_sane`: finite, symmetric,
-positive trace, non-negative diagonal, token counts > 0), so zero or non-PSD factors never reach an edit. Version 1
-directories (tensors ``*.activation_cov``/``*.grad_cov`` holding the same sums, named by ``activation_cov_key`` and
-``grad_cov_key`` in the manifest) still load.
+Both files carry the same ``run_id`` and the manifest is written last, so an interrupted save never loads. The
+manifest's ``checksums`` (``{tensor name: sha256}``; absent in older directories) are verified for every tensor a
+load reads, and :meth:`Factors.check_sane` checks what it read (finite, symmetric, positive trace, non-negative
+diagonal, token counts > 0): damaged, zero or non-PSD factors never reach an edit. Version 1 directories (tensors
+``*.activation_cov``/``*.grad_cov`` holding the same sums, named by ``activation_cov_key``/``grad_cov_key``) load.
 """
 
 from __future__ import annotations
