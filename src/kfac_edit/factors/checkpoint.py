@@ -37,26 +37,20 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{6,})$")
 
-# Fingerprint entries, in the order differences are reported, with what to call them in messages.
+# Fingerprint entries that are no option, as messages name them (an option is named by its flag: --seed, --data)
 FINGERPRINT_LABELS = {
     "model_fingerprint": "model architecture (config hash)",
     "weights_digest": "model weights",
-    "dtype": "--dtype",
     "modules": "collected modules (--layers/--projections/--modules)",
-    "layers_per_pass": "--layers-per-pass",
-    "labels": "--labels",
-    "seed": "--seed",
-    "seq_len": "--seq-len",
-    "data": "--data",
-    "text_field": "--text-field",
     "data_digest": "data content (file sizes and first bytes)",
 }
+FINGERPRINT_OPTIONS = ("layers_per_pass", "labels", "seed", "seq_len", "text_field")  # CollectConfig fields
 
 
 # ---------------------------------------------------------------------------------------------------- fingerprint
 def run_fingerprint(model: nn.Module, projections: Sequence[Projection], config: Any, data: str | None) -> dict[str, Any]:
     """Everything of a collection (``config``: its :class:`~kfac_edit.factors.collect.CollectConfig`) that changes
-    the factors (see :data:`FINGERPRINT_LABELS`); ``data=None``: batches given in Python (not fingerprinted)."""
+    the factors, in the order differences are reported; ``data=None``: batches given in Python (not fingerprinted)."""
     from ..data import describe_source
 
     fingerprint = {
@@ -64,12 +58,8 @@ def run_fingerprint(model: nn.Module, projections: Sequence[Projection], config:
         "weights_digest": weights_digest((p.name, p.module.weight) for p in projections),
         "dtype": str(projections[0].module.weight.dtype).removeprefix("torch.") if projections else None,
         "modules": [p.name for p in projections],
-        "layers_per_pass": config.layers_per_pass,
-        "labels": config.labels,
-        "seed": int(config.seed),
-        "seq_len": int(config.seq_len),
+        **{name: getattr(config, name) for name in FINGERPRINT_OPTIONS},
         "data": describe_source(data) if data is not None else None,
-        "text_field": config.text_field,
         "data_digest": data_digest(data, config.text_field) if data is not None else None,
     }
     if config.exclude:  # a resume must exclude the same records
@@ -80,15 +70,14 @@ def run_fingerprint(model: nn.Module, projections: Sequence[Projection], config:
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences between two fingerprints (empty when they match)."""
     out = []
-    other_modules = saved.get("modules") != current.get("modules")
-    for key in list(FINGERPRINT_LABELS) + sorted((set(saved) | set(current)) - set(FINGERPRINT_LABELS)):
+    for key in [*current, *(k for k in saved if k not in current)]:
         a, b = saved.get(key), current.get(key)
-        if a == b or (key == "weights_digest" and other_modules):  # the digest covers the collected modules only
-            continue
-        label = FINGERPRINT_LABELS.get(key, key)
+        if a == b or (key == "weights_digest" and saved.get("modules") != current.get("modules")):
+            continue  # the weights digest covers the collected modules only
+        label = FINGERPRINT_LABELS.get(key) or "--" + key.replace("_", "-")
         if key == "modules":
             out.append(f"{label}: {len(a or [])} modules in the checkpoint, {len(b or [])} now (or other ones)")
-        elif key in ("weights_digest", "data_digest", "model_fingerprint"):
+        elif key.endswith(("_digest", "_fingerprint")):
             out.append(f"{label} differ")
         else:
             out.append(f"{label}: {a!r} in the checkpoint, {b!r} now")

@@ -233,9 +233,7 @@ def collect_factors(
         local = Path(model_id).expanduser()
         factors.manifest["model"] = str(local.resolve()) if local.is_dir() else model_id
     factors.manifest["bias"] = "joint" if any(p.homogeneous for p in projections) else "keep"
-    paths = _recorded_paths(model, projections)
-    if paths is not None:
-        factors.manifest[LAYOUT_KEY] = paths
+    factors.manifest.update(_recorded_layout(model, projections))
     if source is not None:
         factors.manifest["data"] = describe_source(source)
         factors.manifest.update({k: getattr(config, k) for k in SOURCE_MANIFEST_KEYS})
@@ -267,19 +265,17 @@ def _ekfac_pass(model: nn.Module, tokenizer: Any, data: Any, config: CollectConf
 
 
 # ---------------------------------------------------------------------------------------------------- preparation
-def _recorded_paths(model: nn.Module, projections: Sequence[Projection]) -> dict[str, str] | None:
-    """The layout the manifest records (``edit``, ``run`` and ``sweep`` find the modules by it); ``None`` when the
-    collected modules do not follow one layout (projections passed by hand)."""
+def _recorded_layout(model: nn.Module, projections: Sequence[Projection]) -> dict[str, dict[str, str]]:
+    """``{LAYOUT_KEY: module paths}`` for the manifest (``edit``, ``run`` and ``sweep`` find the modules by it), or
+    ``{}`` when the collected modules follow no one layout (projections passed by hand)."""
     from ..models import module_paths
 
     try:
         paths = module_paths(model)
     except UserError:
-        return None
-    blocks = paths["blocks"]
-    if all(p.kind in paths and p.name == f"{blocks}.{p.block}.{paths[p.kind]}" for p in projections):
-        return paths
-    return None
+        return {}
+    fits = all(p.kind in paths and p.name == f"{paths['blocks']}.{p.block}.{paths[p.kind]}" for p in projections)
+    return {LAYOUT_KEY: paths} if fits else {}
 
 
 def _load_model(model_id: str, config: CollectConfig, ctx: DistContext, device: torch.device):
@@ -510,10 +506,8 @@ def _collect_partitions(
                 any_active, windows = all_reduce_ints(
                     ctx, [int(not exhausted), collector.windows], "max", what="status exchange"
                 )
-                reduce_factors_to_main(ctx, collector.symmetrize())
-                new = all_reduce_ints(
-                    ctx, [collector.tokens - seen[0], collector.labelled_tokens - seen[1]], "sum", what="token counts"
-                )
+                since = [collector.tokens - seen[0], collector.labelled_tokens - seen[1]]  # this rank's, since the last
+                new = reduce_factors_to_main(ctx, collector.symmetrize(), since)
                 seen = (collector.tokens, collector.labelled_tokens)
                 tokens, labelled = tokens + new[0], labelled + new[1]
                 bar.n = tokens

@@ -167,18 +167,21 @@ def broadcast_tensor(ctx: DistContext, tensor: torch.Tensor, src: int, what: str
     return _through_device(ctx, tensor, what, lambda t: dist.broadcast(t, src=src)) if ctx.enabled else tensor
 
 
-def reduce_factors_to_main(ctx: DistContext, factors, what: str = "factor all-reduce") -> None:
+def reduce_factors_to_main(ctx: DistContext, factors, counters: Sequence[int] = (), what: str = "factor all-reduce") -> list[int]:
     """Add every rank's sums and counts of ``factors`` (a :class:`~kfac_edit.factors.store.Factors` with the same
     modules on every rank; a shared activation sum reduced once) into the main rank's; the others' become zero, so
-    a later call adds only what was collected in between."""
+    a later call adds only what was collected in between. Returns ``counters`` summed over the ranks."""
     if not ctx.enabled:
-        return
+        return list(counters)
     for tensor in factors.tensors():
         _through_device(ctx, tensor, what, dist.all_reduce)  # SUM
         if not ctx.is_main:
             tensor.zero_()
     modules = list(factors.modules.values())
-    counts = all_reduce_ints(ctx, [c for mf in modules for c in (mf.activation_tokens, mf.grad_tokens)], "sum", what)
+    own = [c for mf in modules for c in (mf.activation_tokens, mf.grad_tokens)]
+    summed = all_reduce_ints(ctx, [*counters, *own], "sum", what)
+    totals, counts = summed[: len(counters)], summed[len(counters) :]
     for mf, activation_tokens, grad_tokens in zip(modules, counts[::2], counts[1::2]):
         mf.activation_tokens, mf.grad_tokens = (activation_tokens, grad_tokens) if ctx.is_main else (0, 0)
     factors._hashes.clear()
+    return totals
