@@ -155,13 +155,10 @@ def remove_checkpoints(out_dir: str | os.PathLike) -> None:
 
 
 def load_checkpoint(
-    out_dir: str | os.PathLike, fingerprint: dict[str, Any] | None = None
+    out_dir: str | os.PathLike, fingerprint: dict[str, Any] | None = None, passes: list[list[str]] | None = None
 ) -> tuple[Factors, CheckpointState] | None:
-    """The latest checkpoint in ``out_dir`` (``None`` when there is none).
-
-    Raises :class:`UserError` saying why when it is damaged or when ``fingerprint`` (of the run about to resume)
-    differs from the one it was made with.
-    """
+    """The latest checkpoint in ``out_dir`` (``None`` when there is none); a :class:`UserError` saying why when it
+    is damaged, or when ``fingerprint`` or ``passes`` (of the run about to resume) differ from its own."""
     path = latest_checkpoint(out_dir)
     if path is None:
         return None
@@ -204,4 +201,6 @@ def load_checkpoint(
     expected = {n for group in held for n in group}
     if set(factors.names) != expected:
         raise corrupt(f"it holds {len(factors.names)} modules, its state says {len(expected)}")
+    if passes is not None and state.passes != passes:
+        raise UserError(f"checkpoint in {out_dir} splits the modules into other passes; use the same --layers-per-pass")
     return factors, state

@@ -1,7 +1,6 @@
 """One factor collection: :class:`CollectConfig` says what and how, :func:`collect_factors` does it.
 
-:func:`collect_factors` is the one entry point (the CLI, the demo and the tests call it): a model or its name, data
-(a source string, batches, or a batch source) and a config. It drives
+:func:`collect_factors` is the one entry point (CLI, demo and tests call it). It drives
 :class:`~kfac_edit.factors.collector.FactorCollector` over **partitions**, each a partial :class:`Factors` (sums +
 counts); the result is their sum:
 
@@ -12,11 +11,10 @@ counts); the result is their sum:
 * **checkpoints** (:mod:`.checkpoint`): every ``checkpoint_every`` tokens (over all ranks, rounded up to whole
   steps) rank 0 writes the finished passes, the pass in progress and the stream position; ``resume`` goes on.
 
-Ranks meet only at checkpoint steps (the same step number everywhere: no per-step communication) and once their
-shard is exhausted; there they exchange "still have data" and reduce sums and token counters. If any rank has data
-it is a checkpoint, otherwise the pass is over (a rank that ran out early waits at most one step). At a meeting
-every window below ``max(windows consumed)`` is in the sums and none above, whatever the number of ranks: that is
-the position a checkpoint records.
+Ranks meet only at checkpoint steps (the same step everywhere) and once their shard is exhausted: they exchange
+"still have data", reduce sums and token counters, and go on while any rank has data (a rank that ran out early
+waits at most one step). At a meeting every window below ``max(windows consumed)`` is in the sums and none above,
+whatever the number of ranks: that is the position a checkpoint records.
 """
 
 from __future__ import annotations
@@ -383,9 +381,7 @@ def _excluding(source: BatchSource, model: nn.Module, tokenizer: Any, config: Co
     for path in config.exclude:
         try:
             loaded = load_records(path, tokenizer, vocab_size=vocab)
-        except ValueError as exc:
-            if isinstance(exc, UserError):
-                raise
+        except ValueError:
             raise UserError(f"--exclude {path}: text records need the model's tokenizer; give token-id records "
                             "(prefix_ids/suffix_ids) or the model by name") from None
         records += [[t for t in r.prefix_ids + r.suffix_ids if t not in special] for r in loaded]
@@ -421,22 +417,20 @@ def _find_start(
     loaded = None
     if ctx.is_main and config.resume:
         try:
-            found = load_checkpoint(config.out, fingerprint)
+            found = load_checkpoint(config.out, fingerprint, passes)
         except UserError as exc:
-            start, found = str(exc), None
-        if found is not None:
-            loaded, state = found
-            if state.passes != passes:
-                start = f"checkpoint in {config.out} splits the modules into other passes; use the same --layers-per-pass"
+            start = str(exc)
+        else:
+            if found is None:
+                log.info("--resume: no checkpoint in %s; starting from the beginning", config.out)
             else:
+                loaded, state = found
                 resumed = {"pass": state.pass_index, "windows": state.windows, "tokens": state.tokens, "at": state.created}
                 start = replace(state, history=[*state.history, resumed], world_size=ctx.world_size)
                 log.info(
                     "resuming from checkpoint %d: pass %d of %d, %s windows (%s tokens) already in the sums",
                     state.sequence, state.pass_index + 1, len(passes), f"{state.windows:,}", f"{state.tokens:,}",
                 )  # fmt: skip
-        elif isinstance(start, CheckpointState):
-            log.info("--resume: no checkpoint in %s; starting from the beginning", config.out)
     start = broadcast_object(ctx, start, what="sharing the resume point")
     if isinstance(start, str):
         raise UserError(start)

@@ -51,11 +51,9 @@ SYMMETRY_TOLERANCE = 1e-3  # max |S - Sᵀ| allowed, relative to max |S|
 
 @dataclass
 class ModuleFactors:
-    """Sums and counts for one module. ``activation_sum`` is (in, in), ``grad_sum`` is (out, out).
-
-    ``activation_key`` names the activation sum: the module's own name, or the name of the module whose input it
-    reads too (``up_proj`` -> its block's ``gate_proj``); modules with one key hold one tensor.
-    """
+    """Sums and counts for one module: ``activation_sum`` (in, in), ``grad_sum`` (out, out). ``activation_key``
+    names the activation sum: the module's own name, or that of the module whose input it reads too (``up_proj`` ->
+    its block's ``gate_proj``); modules with one key hold one tensor."""
 
     activation_sum: torch.Tensor
     grad_sum: torch.Tensor
@@ -84,11 +82,8 @@ class Factors:
     def from_means(
         cls, means: dict[str, tuple[torch.Tensor, torch.Tensor, int]], manifest: dict[str, Any] | None = None
     ) -> "Factors":
-        """Build from ``{name: (activation_cov_mean, grad_cov_mean, n_tokens)}`` (e.g. imported or in tests).
-
-        A module given the very activation tensor of an earlier one, with the same count (gate/up), gets that
-        module's activation key: one shared activation sum.
-        """
+        """Build from ``{name: (activation_cov_mean, grad_cov_mean, n_tokens)}`` (e.g. imported or in tests); a module
+        given the very activation tensor of an earlier one, with its count (gate/up), shares its activation sum."""
         modules: dict[str, ModuleFactors] = {}
         for name, (act, grad, n) in means.items():
             n = int(n)
@@ -109,13 +104,10 @@ class Factors:
         return len(self.modules)
 
     def _get(self, name: str) -> ModuleFactors:
-        try:
-            return self.modules[name]
-        except KeyError:
+        if name not in self.modules:
             have = ", ".join(self.names[:6]) + (" ..." if len(self.modules) > 6 else "")
-            raise UserError(
-                f"no factors for module '{name}' (these factors hold: {have}); collect factors for that layer"
-            ) from None
+            raise UserError(f"no factors for module '{name}' (these factors hold: {have}); collect factors for that layer")
+        return self.modules[name]
 
     def activation_cov(self, name: str) -> torch.Tensor:
         """Mean ``A = E[a aᵀ]`` of module ``name``, shape ``(in, in)``."""
@@ -166,12 +158,9 @@ class Factors:
                     )
 
     def check_sane(self, where: str = "") -> None:
-        """Raise :class:`UserError` naming the first module whose factors could not come from a collection.
-
-        Sums of outer products are symmetric positive semi-definite with a positive trace, and counts are positive
-        integers: NaN/Inf, an asymmetric matrix, a zero or negative trace, a negative diagonal entry (e.g. a
-        negated G) or a zero token count would make an edit keep nothing (a zeroed model) or nonsense.
-        """
+        """Raise :class:`UserError` naming the first module whose factors could not come from a collection: sums of
+        outer products are symmetric PSD with a positive trace and counts are positive integers; anything else
+        (NaN/Inf, asymmetry, a zero trace, a negated G, no tokens) would make an edit keep nothing or nonsense."""
         for name, mf in self.modules.items():
             problem = _factor_problem(mf)
             if problem:
@@ -211,7 +200,6 @@ class Factors:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Factors":
         """Move every tensor (keeping shared activation sums shared). ``device`` may be ``{module name: device}``."""
-
         where = {name: device.get(name) if isinstance(device, dict) else device for name in self.modules}
         key_device = {mf.activation_key: where[name] for name, mf in reversed(self.modules.items())}
         moved = {key: t.to(device=key_device[key], dtype=dtype) for key, t in self.activation_sums().items()}
@@ -222,10 +210,8 @@ class Factors:
 
     # ------------------------------------------------------------------ I/O
     def save(self, directory: str | os.PathLike, keep_dtype: bool = False) -> Path:
-        """Write ``factors.safetensors`` and ``manifest.json`` into ``directory`` (atomically, manifest last).
-
-        Sums are stored as fp32 unless ``keep_dtype`` (checkpoints keep fp64 sums of an fp64 model exact).
-        """
+        """Write ``factors.safetensors`` and ``manifest.json`` into ``directory`` (atomically, manifest last); sums are
+        stored as fp32 unless ``keep_dtype`` (checkpoints keep fp64 sums of an fp64 model exact)."""
         directory = Path(directory)
         made = not directory.exists()
         run_id = uuid.uuid4().hex
@@ -257,11 +243,8 @@ class Factors:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, names: Iterable[str] | None = None, device: str = "cpu") -> "Factors":
-        """Load factors saved by :meth:`save` (format version 1 or 2); ``names`` restricts which modules are read.
-
-        Every tensor read is verified against the manifest's checksum (when it has them) and every module read is
-        checked by :meth:`check_sane`: a damaged or implausible directory is a one-line :class:`UserError`.
-        """
+        """Load factors saved by :meth:`save` (format version 1 or 2; ``names``: only these modules), checksums and
+        :meth:`check_sane` verified: a damaged or implausible directory is a one-line :class:`UserError`."""
         directory = Path(directory)
         manifest_path, tensors_path = directory / MANIFEST_FILE, directory / TENSORS_FILE
         if not manifest_path.is_file() or not tensors_path.is_file():
