@@ -106,10 +106,8 @@ class CheckpointState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CheckpointState":
+        """The state ``asdict`` wrote (unknown keys ignored; a missing one is a ``TypeError``)."""
         names = {f.name for f in fields(cls)}
-        missing = {"pass_index", "passes", "windows", "tokens", "labelled_tokens", "fingerprint"} - set(data)
-        if missing:
-            raise ValueError(f"missing {', '.join(sorted(missing))}")
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
@@ -127,8 +125,7 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(out_dir)
-    return found[-1] if found else None
+    return (list_checkpoints(out_dir) or [None])[-1]
 
 
 def save_checkpoint(out_dir: str | os.PathLike, factors: Factors, state: CheckpointState) -> Path:
@@ -141,11 +138,9 @@ def save_checkpoint(out_dir: str | os.PathLike, factors: Factors, state: Checkpo
         state.run_id = factors.manifest["run_id"]
         state.tensors_bytes = (tmp / TENSORS_FILE).stat().st_size
         write_json(tmp / STATE_FILE, asdict(state))
-    for old in list_checkpoints(out_dir):
+    for old in [*list_checkpoints(out_dir), *root.glob(".ckpt-*.tmp")]:  # older ones, and what killed writes left
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".ckpt-*.tmp"):  # left by a write that was killed
-        shutil.rmtree(stale, ignore_errors=True)
     log.debug("checkpoint %s: pass %d, %d windows", target, state.pass_index, state.windows)
     return target
 

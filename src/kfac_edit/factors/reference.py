@@ -76,18 +76,25 @@ def _names_from_template(keys, template: str) -> dict[tuple[int, str], str]:
     return names
 
 
-def _names_from_model(keys, model) -> dict[tuple[int, str], tuple[str, tuple[int, int]]]:
+def _names_from_model(entries: dict[tuple[int, str], dict[str, Any]], model) -> dict[tuple[int, str], str]:
+    """The model's module names of the entries, whose shapes are checked against the model's weights."""
     from ..models import find_projections, num_blocks
 
-    blocks = sorted({b for b, _ in keys})
+    blocks = sorted({b for b, _ in entries})
     n = num_blocks(model)
     if blocks[-1] >= n:
         raise UserError(f"the factor file has block {blocks[-1]}, but the --model has blocks 0..{n - 1}; is this the "
                         "right --model?")
-    kinds = [k for k in PROJECTIONS if any(kind == k for _, kind in keys)]
-    projections = find_projections(model, blocks, kinds)
-    by_key = {(p.block, p.kind): p for p in projections}
-    return {key: (by_key[key].name, by_key[key].shape) for key in keys}
+    kinds = [k for k in PROJECTIONS if any(kind == k for _, kind in entries)]
+    by_key = {(p.block, p.kind): p for p in find_projections(model, blocks, kinds)}
+    for key, entry in entries.items():
+        (n_out, n_in), A, G = by_key[key].shape, entry["A"], entry["G"]
+        if A.shape != (n_in, n_in) or G.shape != (n_out, n_out):
+            raise UserError(
+                f"blk{key[0]}.{key[1]}: A {tuple(A.shape)} / G {tuple(G.shape)} do not fit {by_key[key].name} of shape "
+                f"(out, in) = {(n_out, n_in)}; is this the right --model?"
+            )
+    return {key: by_key[key].name for key in entries}
 
 
 def meta_model(name_or_path: str):
@@ -115,15 +122,7 @@ def import_reference(
         if isinstance(model, (str, os.PathLike)):
             model_name = str(model)
             model = meta_model(model_name)
-        named = _names_from_model(entries, model)
-        for key, (name, (n_out, n_in)) in named.items():
-            A, G = entries[key]["A"], entries[key]["G"]
-            if A.shape != (n_in, n_in) or G.shape != (n_out, n_out):
-                raise UserError(
-                    f"blk{key[0]}.{key[1]}: A {tuple(A.shape)} / G {tuple(G.shape)} do not fit {name} of shape "
-                    f"(out, in) = {(n_out, n_in)}; is this the right --model?"
-                )
-        names = {key: name for key, (name, _) in named.items()}
+        names = _names_from_model(entries, model)
     else:
         names = _names_from_template(entries, name_template)
 
@@ -144,7 +143,7 @@ def import_reference(
         "imported_from": str(Path(path).resolve()),
         "source_format": "reference .pt (means + n_tokens)",
         "name_template": None if model is not None else name_template,
-        "model": model_name or (getattr(getattr(model, "config", None), "_name_or_path", None) if model is not None else None),
+        "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", None),
         "labels": None,
         "grad_convention": GRAD_CONVENTION,
         "tokens": max(e["n_tokens"] for e in entries.values()),
