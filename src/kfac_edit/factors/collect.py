@@ -20,6 +20,7 @@ whatever the number of ranks: that is the position a checkpoint records.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -241,25 +242,19 @@ def collect_factors(
         if config.out is not None:
             factors.save(config.out)
             remove_checkpoints(config.out)
-        if config.ekfac:
-            _ekfac_pass(model, tokenizer, data, config)
+        if config.ekfac:  # over the same data, exclusion and labels, in the eigenbasis of the factors as written
+            from ..eigen import EigenCache, default_cache_dir
+            from .ekfac import collect_ekfac
+
+            started = time.perf_counter()
+            ekfac = collect_ekfac(
+                model, Factors.load(config.out), _batch_source(data, model, tokenizer, config, {})(0, (0, 1)),
+                cache=EigenCache(default_cache_dir()), max_tokens=config.max_tokens, progress=config.progress,
+            )  # fmt: skip
+            path = ekfac.save(config.out)
+            log.info("EK-FAC eigenvalues of %d modules in %.1f s -> %s", len(ekfac.names),
+                     time.perf_counter() - started, path)  # fmt: skip
     return factors
-
-
-def _ekfac_pass(model: nn.Module, tokenizer: Any, data: Any, config: CollectConfig) -> None:
-    """The EK-FAC pass (:mod:`kfac_edit.factors.ekfac`) over the same data, exclusion and labels, in the eigenbasis
-    of the factors as written to ``config.out`` (what ``edit --method ekfac`` reads back)."""
-    from ..eigen import EigenCache, default_cache_dir
-    from .ekfac import collect_ekfac
-
-    start = time.perf_counter()
-    batches = _batch_source(data, model, tokenizer, config, {})
-    ekfac = collect_ekfac(
-        model, Factors.load(config.out), batches(0, (0, 1)), cache=EigenCache(default_cache_dir()),
-        max_tokens=config.max_tokens, progress=config.progress,
-    )  # fmt: skip
-    path = ekfac.save(config.out)
-    log.info("EK-FAC eigenvalues of %d modules in %.1f s -> %s", len(ekfac.names), time.perf_counter() - start, path)
 
 
 # ---------------------------------------------------------------------------------------------------- preparation
@@ -285,11 +280,8 @@ def _load_model(model_id: str, config: CollectConfig, ctx: DistContext, device: 
             f"--device-map {config.device_map} spreads one model over the GPUs of one process; it cannot be combined "
             f"with {ctx.world_size} ranks: launch a single process, or drop --device-map"
         )
-    if config.device_map:
-        try:
-            import accelerate  # noqa: F401  (transformers needs it for device_map)
-        except ImportError:
-            raise UserError("--device-map needs the accelerate package: pip install accelerate") from None
+    if config.device_map and importlib.util.find_spec("accelerate") is None:  # transformers needs it for device_map
+        raise UserError("--device-map needs the accelerate package: pip install accelerate")
     device = None if config.device_map else str(rank_device(device, ctx))
     return load_model(model_id, dtype=config.dtype, device=device, device_map=config.device_map)
 
