@@ -67,12 +67,9 @@ GRAM_ROW_BLOCKS = 8  # a symmetric Gram update is done as this many row blocks, 
 
 
 def add_gram(total: torch.Tensor, rows: torch.Tensor, upper: bool = False) -> None:
-    """``total += rowsᵀ rows`` in place, with products and sums in ``total``'s dtype.
-
-    ``rows`` is ``(n, d)``, ``total`` is ``(d, d)``. Low-precision rows are never multiplied in low precision.
-    With ``upper`` only the blocks on and above the diagonal of a ``GRAM_ROW_BLOCKS`` x ``GRAM_ROW_BLOCKS`` block
-    partition are added (9/16 of the products; one GEMM per row block); :func:`mirror_upper_` then fills the rest.
-    """
+    """``total += rowsᵀ rows`` in place (``rows`` ``(n, d)``, ``total`` ``(d, d)``), products and sums in ``total``'s
+    dtype (never in low precision). ``upper``: only the blocks on and above the diagonal of a ``GRAM_ROW_BLOCKS``
+    square block partition (9/16 of the products, one GEMM per row block); :func:`mirror_upper_` fills the rest."""
     low = rows.dtype in (torch.bfloat16, torch.float16)
     if low and rows.is_cuda and total.dtype == torch.float32 and _mixed_gemm_ok(rows.device, rows.dtype):
         torch.addmm(total, rows.T, rows, out_dtype=torch.float32, out=total)  # bf16/fp16 in, fp32 out: the full Gram
@@ -182,9 +179,8 @@ class FactorCollector:
                 collector.accumulate(batch)
         factors = collector.finish()
 
-    The running sums live in ``collector.factors`` (a :class:`Factors`), whole after :meth:`symmetrize`.
-    ``tokens``, ``labelled_tokens``, ``windows`` and ``steps`` count what was consumed (a checkpoint records them).
-    Subclasses change what the hooks add by overriding :meth:`_add_input` and :meth:`_add_grad` (EK-FAC does).
+    The running sums are ``collector.factors``, whole after :meth:`symmetrize`; ``tokens``, ``labelled_tokens``,
+    ``windows`` and ``steps`` count what was consumed. Subclasses override :meth:`_add_input` and :meth:`_add_grad`.
     """
 
     def __init__(
@@ -396,11 +392,8 @@ class FactorCollector:
 
     # -------------------------------------------------------------------------------------------- one step
     def accumulate(self, batch: dict[str, torch.Tensor]) -> int:
-        """Add one batch ``{"input_ids": (B, T), "attention_mask": (B, T)[, "window_index": (B,)]}``.
-
-        Without ``window_index`` the windows are numbered on from the previous batch. Returns the number of valid
-        (labelled) positions added.
-        """
+        """Add one batch ``{"input_ids": (B, T), "attention_mask": (B, T)[, "window_index": (B,)]}`` (windows
+        numbered on from the previous batch without ``window_index``); returns the valid positions added."""
         if self._undo is None:
             raise RuntimeError("use FactorCollector as a context manager: `with FactorCollector(...) as c:`")
         device = self.model.get_input_embeddings().weight.device

@@ -171,11 +171,8 @@ class Ekfac:
 
 # ---------------------------------------------------------------------------------------------------- the pass
 class EkfacCollector(FactorCollector):
-    """The collector's step and hooks (forward, labels, backward, valid rows), adding in an eigenbasis instead.
-
-    ``bases``: ``{module name: (grad_eig, act_eig)}``. The K-FAC sums are not collected again: ``factors`` holds
-    only the token counts; the results are the sums ``pair_sums`` and ``energy_sums``.
-    """
+    """The collector's step and hooks, adding in the eigenbases ``{module name: (grad_eig, act_eig)}`` to
+    ``pair_sums`` and ``energy_sums`` (``factors`` holds only the token counts)."""
 
     def __init__(self, model: nn.Module, projections: Sequence[Projection], bases: dict, labels: str = "sampled",
                  seed: int = 0):  # fmt: skip
@@ -208,13 +205,17 @@ class EkfacCollector(FactorCollector):
         total.addmm_(rotated.T, self._rotated.pop(name))
 
 
-def _projections_of(model: nn.Module, names: Sequence[str]) -> list[Projection]:
+def _projections_of(model: nn.Module, factors: Factors, names: Sequence[str]) -> list[Projection]:
+    """The model's projections ``names``, each of the shape of its factors."""
     from ..models import find_projections, projection_kinds
 
     found = {p.name: p for p in find_projections(model, None, projection_kinds(model))}
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise UserError(f"the model has no module {missing[0]}: the factors come from another model")
+    for name in names:
+        if name not in found:
+            raise UserError(f"the model has no module {name}: the factors come from another model")
+        if tuple(factors.shape(name)) != tuple(found[name].shape):
+            raise UserError(f"factors for {name} fit {factors.shape(name)} but the model's weight is "
+                            f"{found[name].shape}: the factors come from another model")  # fmt: skip
     return [found[n] for n in names]
 
 
@@ -243,13 +244,7 @@ def collect_ekfac(
     labels = labels or factors.manifest.get("labels") or "sampled"
     seed = int(seed if seed is not None else factors.manifest.get("seed") or 0)
     cache = cache if cache is not None else EigenCache(None)
-    projections = _projections_of(model, names)
-    for p in projections:
-        if tuple(factors.shape(p.name)) != tuple(p.shape):
-            raise UserError(
-                f"factors for {p.name} fit {factors.shape(p.name)} but the model's weight is {p.shape}: the factors "
-                "come from another model"
-            )
+    projections = _projections_of(model, factors, names)
     device = next(model.parameters()).device
     collector = EkfacCollector(model, projections, {n: cache.get(factors, n, device) for n in names}, labels, seed)
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="EK-FAC pass", disable=None if progress else True)

@@ -12,7 +12,6 @@ them in the end (the final file is written from there).
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -97,27 +96,20 @@ def format_bytes(n: float) -> str:
 
 
 def available_bytes(device: str | torch.device) -> int:
-    """Free memory on ``device``: ``cudaMemGetInfo`` for a GPU, ``MemAvailable`` (else free pages) for the CPU."""
+    """Free memory on ``device``: ``cudaMemGetInfo`` for a GPU, ``MemAvailable`` for the CPU."""
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     try:
         return int(re.search(r"^MemAvailable:\s*(\d+)", Path("/proc/meminfo").read_text(), re.M).group(1)) * 1024
-    except (OSError, AttributeError):  # no /proc (macOS), or no MemAvailable line
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # no way to tell: do not block the run
+    except (OSError, AttributeError):  # no /proc/meminfo (not Linux) or no MemAvailable (Linux < 3.14): no limit
         return 1 << 62
 
 
 @dataclass
 class MemoryPlan:
-    """Factor memory per module, the passes, and the bytes each device must hold at its peak.
-
-    ``need`` maps a device to its peak: on a GPU, the largest pass's sums there; on the CPU of the process that keeps
-    the results, every sum (finished passes wait there and the final file is written from there).
-    """
+    """Factor memory per module, the passes, and ``need``: each device's peak bytes (on a GPU the largest pass's sums
+    there; on the CPU of the process that keeps the results, every sum)."""
 
     modules: list[ModuleMemory]
     passes: list[list[str]]
