@@ -99,9 +99,7 @@ def accumulate_dtype_for(module: nn.Module) -> torch.dtype:
 def valid_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B, T)`` bool: positions with a label (mask 1 here and at the next position; the last position never)."""
     mask = attention_mask.bool()
-    valid = torch.zeros_like(mask)
-    valid[:, :-1] = mask[:, :-1] & mask[:, 1:]
-    return valid
+    return torch.cat([mask[:, :-1] & mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
 
 
 def _splitmix64(x: int) -> int:
@@ -114,11 +112,8 @@ def _splitmix64(x: int) -> int:
 
 def window_uniforms(seed: int, window_index: Sequence[int], seq_len: int) -> torch.Tensor:
     """``(B, T)`` float64 uniforms in [0, 1): row ``b`` depends only on ``(seed, window_index[b])``."""
-    rows = []
-    for index in window_index:
-        gen = torch.Generator(device="cpu").manual_seed(_splitmix64((int(seed) << 32) ^ int(index)) >> 1)
-        rows.append(torch.rand(seq_len, generator=gen, dtype=torch.float64))
-    return torch.stack(rows)
+    gens = (torch.Generator().manual_seed(_splitmix64((int(seed) << 32) ^ int(i)) >> 1) for i in window_index)
+    return torch.stack([torch.rand(seq_len, generator=gen, dtype=torch.float64) for gen in gens])
 
 
 @torch.no_grad()

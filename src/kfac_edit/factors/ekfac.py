@@ -37,7 +37,7 @@ from ..errors import UserError
 from ..fileio import atomic_path, write_json
 from ..models import Projection
 from .collector import FactorCollector, accumulate_dtype_for, take_tokens
-from .store import Factors, ModuleFactors
+from .store import Factors, ModuleFactors, ModuleSet
 
 PAIR_SUM = "pair_sum"  # tensor "<module>.pair_sum": Σ_t (g'_t²)ᵀ(a'_t²), (out, in)
 ACTIVATION_ENERGY_SUM = "activation_energy_sum"  # tensor "<module>.activation_energy_sum": Σ_t a'_t², (in,)
@@ -57,19 +57,8 @@ class EkfacModule:
         return tuple(self.pair_sum.shape)
 
 
-class Ekfac:
-    """EK-FAC pair masses of several modules (see the module docstring)."""
-
-    def __init__(self, modules: dict[str, EkfacModule] | None = None, manifest: dict[str, Any] | None = None):
-        self.modules = dict(modules or {})
-        self.manifest = dict(manifest or {})
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.modules)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.modules
+class Ekfac(ModuleSet):
+    """EK-FAC pair masses of several modules (``modules``: :class:`EkfacModule`; see the module docstring)."""
 
     def _get(self, name: str) -> EkfacModule:
         if name not in self.modules:

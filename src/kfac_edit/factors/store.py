@@ -67,14 +67,31 @@ class ModuleFactors:
         return (self.grad_sum.shape[0], self.activation_sum.shape[0])
 
 
-class Factors:
+class ModuleSet:
+    """Per-module results ``modules`` (by module name) and the ``manifest`` saying how they were made."""
+
+    def __init__(self, modules: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None):
+        self.modules = dict(modules or {})
+        self.manifest: dict[str, Any] = dict(manifest or {})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.modules)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.modules
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+class Factors(ModuleSet):
     """K-FAC factors of several modules plus the manifest describing how they were collected."""
 
     def __init__(self, modules: dict[str, ModuleFactors] | None = None, manifest: dict[str, Any] | None = None):
-        self.modules: dict[str, ModuleFactors] = dict(modules or {})
+        super().__init__(modules, manifest)
         for name, mf in self.modules.items():
             mf.activation_key = mf.activation_key or name
-        self.manifest: dict[str, Any] = dict(manifest or {})
         self._hashes: dict[str, str] = {}
 
     # ------------------------------------------------------------------ construction
@@ -93,16 +110,6 @@ class Factors:
         return cls(modules, manifest)
 
     # ------------------------------------------------------------------ access
-    @property
-    def names(self) -> list[str]:
-        return list(self.modules)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.modules
-
-    def __len__(self) -> int:
-        return len(self.modules)
-
     def _get(self, name: str) -> ModuleFactors:
         if name not in self.modules:
             have = ", ".join(self.names[:6]) + (" ..." if len(self.modules) > 6 else "")
