@@ -68,17 +68,14 @@ class CollectConfig:
 
     layers: Any = _opt("all", "block indices, e.g. 23,24,25 or 20-27 or all (default: all)")
     kinds: Any = _opt(None, "subset of gate,up,down (default: every one the architecture has)", "--projections")
-    bias: str = _opt(
-        "joint",
-        "biased layers: joint = A over [a; 1], the K-FAC of the affine map (the edit projects [W b]); keep = A over "
-        "a alone (the edit leaves biases as they are)",
-    )
+    bias: str = _opt("joint", "biased layers: joint = A over [a; 1], the K-FAC of the affine map (the edit projects "
+                     "[W b]); keep = A over a alone (the edit leaves biases as they are)")  # fmt: skip
     modules: Any = _opt(None, "for architectures not known: KIND=PATH inside a block, e.g. up=mlp.fc_in,down=mlp.fc_out")
     labels: str = _opt("sampled", "sampled: labels drawn from the model's softmax (true Fisher, default); gold: next "
                        "token (empirical)")  # fmt: skip
     seed: int = _opt(0, "seed of the sampled labels (default: 0)")
-    max_tokens: int | None = _opt(None, "tokens to read from the data, rounded up to whole batches (default: 20000000; in Python: all the batches)",
-                                  "--tokens")  # fmt: skip
+    max_tokens: int | None = _opt(None, "tokens to read from the data, rounded up to whole batches (default: 20000000; "
+                                  "in Python: all the batches)", "--tokens")  # fmt: skip
     seq_len: int = _opt(512, "tokens per packed window (default: 512)")
     batch_size: int = _opt(16, "windows per forward/backward (default: 16)")
     text_field: str = _opt("text", "field/column holding the text (default: text)")
@@ -308,20 +305,18 @@ def _prepare(
             f"--device-map {config.device_map} offloaded {offloaded[0]} (and {len(offloaded) - 1} more) off the GPUs; "
             "factors need every collected module on a device: use more GPUs or collect fewer --layers"
         )
-    if config.gradient_checkpointing and any(p.expert is not None for p in projections):
-        raise UserError(
-            "--gradient-checkpointing cannot be combined with per-expert factors (the experts would be recomputed in "
-            "backward and counted twice); collect a mixture-of-experts model without gradient checkpointing"
-        )
     if config.gradient_checkpointing:
+        if any(p.expert is not None for p in projections):
+            raise UserError(
+                "--gradient-checkpointing cannot be combined with per-expert factors (the experts would be recomputed "
+                "in backward and counted twice); collect a mixture-of-experts model without gradient checkpointing"
+            )
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         try:
             enable()
         except ValueError as exc:
             raise UserError(f"--gradient-checkpointing: {exc}; run without it") from None
-    check_memory(
-        projections, config.layers_per_pass, config.memory_budget, print_table=ctx.is_main, keeps_results=ctx.is_main
-    )
+    check_memory(projections, config.layers_per_pass, config.memory_budget, ctx.is_main, keeps_results=ctx.is_main)
     return list(projections)
 
 
