@@ -58,13 +58,11 @@ def _opt(default: Any, help: str, flag: str | None = None) -> Any:
 
 @dataclass
 class CollectConfig:
-    """What a factor collection collects and how it runs (kronfluence's ``FactorArguments`` pattern).
-
-    Every field's help text is the CLI's (``CollectConfig.help(name)``); every check is in ``__post_init__`` and
-    names the CLI flag. Text options (``layers="20-27"``, ``kinds="up,down"``, ``memory_budget="60GB"``) are parsed.
-    Options about loading (``dtype``, ``device``, ``device_map``) and the corpus (``seq_len``, ``batch_size``,
-    ``text_field``) apply when :func:`collect_factors` is given a model name and a data source string.
-    """
+    """What a factor collection collects and how it runs (kronfluence's ``FactorArguments`` pattern): each field's
+    help is the CLI's (:meth:`help`), each check in ``__post_init__`` names the CLI flag, and text options
+    (``layers="20-27"``, ``kinds="up,down"``, ``memory_budget="60GB"``) are parsed. Loading options (``dtype``,
+    ``device``, ``device_map``) and corpus options (``seq_len``, ``batch_size``, ``text_field``) apply when
+    :func:`collect_factors` is given a model name and a data source string."""
 
     layers: Any = _opt("all", "block indices, e.g. 23,24,25 or 20-27 or all (default: all)")
     kinds: Any = _opt(None, "subset of gate,up,down (default: every one the architecture has)", "--projections")

@@ -501,12 +501,11 @@ class FactorCollector:
             self._mirrored = True
         return self.factors
 
-    def finish(self, check_finite: bool = True) -> Factors:
+    def finish(self) -> Factors:
         """The collected factors with their manifest; raises :class:`UserError` naming a module with NaN/Inf."""
         self.symmetrize()
         if self.labelled_tokens == 0 and not any(mf.grad_tokens for mf in self.factors.modules.values()):
             raise UserError("no token with a label was seen (every window was padding); give the run more text")
         self.factors.manifest.update(self.manifest())
-        if check_finite:
-            self.factors.check_finite()
+        self.factors.check_finite()
         return self.factors
