@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import LAYOUT_KEY, Projection
 from ..fileio import check_output, output_lock
+from ..models import LAYOUT_KEY, Projection
 from ..spec import LabelMode
 from .checkpoint import (
     CheckpointState, latest_checkpoint, load_checkpoint, remove_checkpoints, run_fingerprint, save_checkpoint,
