@@ -1,27 +1,19 @@
-"""Checkpoints of a factor collection: where in the data stream it is, and the sums so far.
+"""Checkpoints of a factor collection: the sums so far and where in the data stream it is.
 
-A checkpoint is a directory ``OUT/checkpoint/ckpt-NNNNNN/`` holding
+A checkpoint ``OUT/checkpoint/ckpt-NNNNNN/`` holds ``factors.safetensors`` + ``manifest.json`` (every module
+collected so far, finished passes and the pass in progress, in their accumulation dtype) and ``state.json``
+(:class:`CheckpointState`: the pass in progress, the windows of the packed stream it has consumed over all ranks
+(``0 .. windows-1`` are in the sums, none after), their tokens, the run's configuration fingerprint, and the tensor
+file's size and run id). It is written into a hidden temporary directory and renamed into place, then older ones
+are deleted: a process killed at any moment leaves the previous checkpoint or the new one, never half of one.
 
-* ``factors.safetensors`` + ``manifest.json``: the sums and counts of every module collected so far (finished
-  passes and the pass in progress), in their accumulation dtype (:meth:`Factors.save` with ``keep_dtype``);
-* ``state.json`` (:class:`CheckpointState`): the pass in progress, how many windows of the packed stream it has
-  consumed (over all ranks: windows ``0 .. windows-1`` are in the sums, none after), the tokens they held, the
-  configuration fingerprint of the run, and the tensor file's size and run id.
-
-It is written into a hidden temporary directory and renamed into place (one atomic rename), then older checkpoints
-are deleted: a process killed at any moment (SIGKILL included) leaves either the previous checkpoint or the new
-one, never a half-written one. :func:`load_checkpoint` refuses, with the reason, a checkpoint that is damaged or
-that another configuration made (other model weights, other data, other options): resuming it would silently mix
-two different runs.
-
-What may change between the run and its resumption: the batch size, the number of ranks and ``--tokens``
-(sampled labels depend only on the seed and a window's index in the stream, not on how windows are batched or
-sharded); everything that changes the factors may not.
+:func:`load_checkpoint` refuses, saying why, a damaged checkpoint or one that another configuration made (other
+weights, data or options). The batch size, the number of ranks and ``--tokens`` may change between a run and its
+resumption (sampled labels depend only on the seed and a window's index in the stream).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -38,72 +30,54 @@ from ..errors import UserError
 from ..fileio import atomic_dir, write_json
 from ..identity import data_digest, model_fingerprint, weights_digest
 from ..models import Projection
-from .store import Factors
+from .store import Factors, first_line, utc_now
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{6,})$")
 
-# Fingerprint entries, in the order differences are reported, with what to call them in messages.
+# Fingerprint entries that are no option, as messages name them (an option is named by its flag: --seed, --data)
 FINGERPRINT_LABELS = {
     "model_fingerprint": "model architecture (config hash)",
     "weights_digest": "model weights",
-    "dtype": "--dtype",
     "modules": "collected modules (--layers/--projections/--modules)",
-    "layers_per_pass": "--layers-per-pass",
-    "labels": "--labels",
-    "seed": "--seed",
-    "seq_len": "--seq-len",
-    "data": "--data",
-    "text_field": "--text-field",
     "data_digest": "data content (file sizes and first bytes)",
 }
+FINGERPRINT_OPTIONS = ("layers_per_pass", "labels", "seed", "seq_len", "text_field")  # CollectConfig fields
 
 
 # ---------------------------------------------------------------------------------------------------- fingerprint
-def run_fingerprint(
-    model: nn.Module,
-    projections: Sequence[Projection],
-    *,
-    data: str | None,
-    text_field: str = "text",
-    seq_len: int,
-    labels: str,
-    seed: int,
-    layers_per_pass: int | None,
-) -> dict[str, Any]:
-    """Everything that changes the collected factors (see :data:`FINGERPRINT_LABELS`); ``data=None``: batches
-    given in Python (not fingerprinted)."""
+def run_fingerprint(model: nn.Module, projections: Sequence[Projection], config: Any, data: str | None) -> dict[str, Any]:
+    """Everything of a collection (``config``: its :class:`~kfac_edit.factors.collect.CollectConfig`) that changes
+    the factors, in the order differences are reported; ``data=None``: batches given in Python (not fingerprinted)."""
     from ..data import describe_source
 
-    return {
+    fingerprint = {
         "model_fingerprint": model_fingerprint(model),
         "weights_digest": weights_digest((p.name, p.module.weight) for p in projections),
         "dtype": str(projections[0].module.weight.dtype).removeprefix("torch.") if projections else None,
         "modules": [p.name for p in projections],
-        "layers_per_pass": layers_per_pass,
-        "labels": labels,
-        "seed": int(seed),
-        "seq_len": int(seq_len),
+        **{name: getattr(config, name) for name in FINGERPRINT_OPTIONS},
         "data": describe_source(data) if data is not None else None,
-        "text_field": text_field,
-        "data_digest": data_digest(data, text_field) if data is not None else None,
+        "data_digest": data_digest(data, config.text_field) if data is not None else None,
     }
+    if config.exclude:  # a resume must exclude the same records
+        fingerprint["exclude"] = [data_digest(f) for f in config.exclude]
+    return fingerprint
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences between two fingerprints (empty when they match)."""
     out = []
-    other_modules = saved.get("modules") != current.get("modules")
-    for key in list(FINGERPRINT_LABELS) + sorted((set(saved) | set(current)) - set(FINGERPRINT_LABELS)):
+    for key in [*current, *(k for k in saved if k not in current)]:
         a, b = saved.get(key), current.get(key)
-        if a == b or (key == "weights_digest" and other_modules):  # the digest covers the collected modules only
-            continue
-        label = FINGERPRINT_LABELS.get(key, key)
+        if a == b or (key == "weights_digest" and saved.get("modules") != current.get("modules")):
+            continue  # the weights digest covers the collected modules only
+        label = FINGERPRINT_LABELS.get(key) or "--" + key.replace("_", "-")
         if key == "modules":
             out.append(f"{label}: {len(a or [])} modules in the checkpoint, {len(b or [])} now (or other ones)")
-        elif key in ("weights_digest", "data_digest", "model_fingerprint"):
+        elif key.endswith(("_digest", "_fingerprint")):
             out.append(f"{label} differ")
         else:
             out.append(f"{label}: {a!r} in the checkpoint, {b!r} now")
@@ -111,10 +85,6 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
 
 
 # ---------------------------------------------------------------------------------------------------- state
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 @dataclass
 class CheckpointState:
     """Where a collection stands. ``windows``: packed windows of the stream consumed in pass ``pass_index``."""
@@ -129,17 +99,15 @@ class CheckpointState:
     world_size: int = 1
     batch_size: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier resumes of this run
-    created: str = field(default_factory=lambda: utc_now())
+    created: str = field(default_factory=utc_now)
     run_id: str | None = None
     tensors_bytes: int | None = None
     version: int = STATE_VERSION
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CheckpointState":
+        """The state ``asdict`` wrote (unknown keys ignored; a missing one is a ``TypeError``)."""
         names = {f.name for f in fields(cls)}
-        missing = {"pass_index", "passes", "windows", "tokens", "labelled_tokens", "fingerprint"} - set(data)
-        if missing:
-            raise ValueError(f"missing {', '.join(sorted(missing))}")
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
@@ -157,8 +125,7 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(out_dir)
-    return found[-1] if found else None
+    return (list_checkpoints(out_dir) or [None])[-1]
 
 
 def save_checkpoint(out_dir: str | os.PathLike, factors: Factors, state: CheckpointState) -> Path:
@@ -171,11 +138,9 @@ def save_checkpoint(out_dir: str | os.PathLike, factors: Factors, state: Checkpo
         state.run_id = factors.manifest["run_id"]
         state.tensors_bytes = (tmp / TENSORS_FILE).stat().st_size
         write_json(tmp / STATE_FILE, asdict(state))
-    for old in list_checkpoints(out_dir):
+    for old in [*list_checkpoints(out_dir), *root.glob(".ckpt-*.tmp")]:  # older ones, and what killed writes left
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".ckpt-*.tmp"):  # left by a write that was killed
-        shutil.rmtree(stale, ignore_errors=True)
     log.debug("checkpoint %s: pass %d, %d windows", target, state.pass_index, state.windows)
     return target
 
@@ -185,13 +150,10 @@ def remove_checkpoints(out_dir: str | os.PathLike) -> None:
 
 
 def load_checkpoint(
-    out_dir: str | os.PathLike, fingerprint: dict[str, Any] | None = None
+    out_dir: str | os.PathLike, fingerprint: dict[str, Any] | None = None, passes: list[list[str]] | None = None
 ) -> tuple[Factors, CheckpointState] | None:
-    """The latest checkpoint in ``out_dir`` (``None`` when there is none).
-
-    Raises :class:`UserError` saying why when it is damaged or when ``fingerprint`` (of the run about to resume)
-    differs from the one it was made with.
-    """
+    """The latest checkpoint in ``out_dir`` (``None`` when there is none); a :class:`UserError` saying why when it
+    is damaged, or when ``fingerprint`` or ``passes`` (of the run about to resume) differ from its own."""
     path = latest_checkpoint(out_dir)
     if path is None:
         return None
@@ -205,7 +167,7 @@ def load_checkpoint(
     except FileNotFoundError:
         raise corrupt(f"{STATE_FILE} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
-        raise corrupt(f"{STATE_FILE} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise corrupt(f"{STATE_FILE} is unreadable ({first_line(exc)})") from None
     if state.version != STATE_VERSION:
         raise UserError(
             f"checkpoint {path} has format version {state.version}, this kfac-edit reads {STATE_VERSION}; {start_over}"
@@ -224,19 +186,16 @@ def load_checkpoint(
                 f"with, or {start_over}"
             )
     try:
-        factors = Factors.load(path)
-    except UserError as exc:
-        raise corrupt(str(exc).split(";")[0]) from None
-    except Exception as exc:  # safetensors raises several types for a damaged file
-        raise corrupt(f"{TENSORS_FILE} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        factors = Factors.load(path)  # checksums and sanity (finite, symmetric, PSD diagonal) checked
+    except Exception as exc:  # its UserError, or an OSError
+        why = str(exc).split(";")[0] if isinstance(exc, UserError) else f"{TENSORS_FILE} cannot be read ({first_line(exc)})"
+        raise corrupt(why) from None
     if factors.manifest.get("run_id") != state.run_id:
         raise corrupt(f"{STATE_FILE} and {TENSORS_FILE} come from different writes")
     held = state.passes[: state.pass_index + (1 if state.windows else 0)]  # a pass not yet started holds nothing
     expected = {n for group in held for n in group}
     if set(factors.names) != expected:
         raise corrupt(f"it holds {len(factors.names)} modules, its state says {len(expected)}")
-    try:
-        factors.check_finite()
-    except UserError as exc:
-        raise corrupt(str(exc).split(";")[0]) from None
+    if passes is not None and state.passes != passes:
+        raise UserError(f"checkpoint in {out_dir} splits the modules into other passes; use the same --layers-per-pass")
     return factors, state

@@ -1,7 +1,6 @@
 """One factor collection: :class:`CollectConfig` says what and how, :func:`collect_factors` does it.
 
-:func:`collect_factors` is the one entry point (the CLI, the demo and the tests call it): a model or its name, data
-(a source string, batches, or a batch source) and a config. It drives
+:func:`collect_factors` is the one entry point (CLI, demo and tests call it). It drives
 :class:`~kfac_edit.factors.collector.FactorCollector` over **partitions**, each a partial :class:`Factors` (sums +
 counts); the result is their sum:
 
@@ -12,17 +11,16 @@ counts); the result is their sum:
 * **checkpoints** (:mod:`.checkpoint`): every ``checkpoint_every`` tokens (over all ranks, rounded up to whole
   steps) rank 0 writes the finished passes, the pass in progress and the stream position; ``resume`` goes on.
 
-Ranks meet only at checkpoint steps (the same step number everywhere: no per-step communication) and once their
-shard is exhausted; there they exchange "still have data" and reduce sums and token counters. If any rank has data
-it is a checkpoint, otherwise the pass is over (a rank that ran out early waits at most one step). At a meeting
-every window below ``max(windows consumed)`` is in the sums and none above, whatever the number of ranks: that is
-the position a checkpoint records.
+Ranks meet only at checkpoint steps (the same step everywhere) and once their shard is exhausted: they exchange
+"still have data", reduce sums and token counters, and go on while any rank has data (a rank that ran out early
+waits at most one step). At a meeting every window below ``max(windows consumed)`` is in the sums and none above,
+whatever the number of ranks: that is the position a checkpoint records.
 """
 
 from __future__ import annotations
 
 import contextlib
-
+import importlib.util
 import logging
 import math
 import os
@@ -35,21 +33,23 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..fileio import check_output, output_lock
 from ..models import LAYOUT_KEY, Projection
-from .checkpoint import (
-    CheckpointState, latest_checkpoint, load_checkpoint, remove_checkpoints, run_fingerprint, save_checkpoint, utc_now,
-)  # fmt: skip
 from ..spec import LabelMode
-from .collector import FactorCollector
+from .checkpoint import (
+    CheckpointState, latest_checkpoint, load_checkpoint, remove_checkpoints, run_fingerprint, save_checkpoint,
+)  # fmt: skip
+from .collector import FactorCollector, describe_projections, take_tokens
 from .distributed import DistContext, all_reduce_ints, broadcast_object, reduce_factors_to_main
 from .memory import plan_passes
-from ..fileio import check_output, output_lock
-from .store import Factors, check_writable
+from .store import Factors, check_writable, utc_now
 
 log = logging.getLogger(__name__)
 
 # batches(skip_windows, (rank, world_size)) -> batches with "window_index" (e.g. data.token_batches(..., with_index=True))
 BatchSource = Callable[[int, tuple[int, int]], Iterable[dict[str, torch.Tensor]]]
+# what the manifest of factors collected from a source string records of the configuration (beside "data")
+SOURCE_MANIFEST_KEYS = ("text_field", "seq_len", "batch_size", "max_tokens", "gradient_checkpointing")
 
 
 def _opt(default: Any, help: str, flag: str | None = None) -> Any:
@@ -58,27 +58,22 @@ def _opt(default: Any, help: str, flag: str | None = None) -> Any:
 
 @dataclass
 class CollectConfig:
-    """What a factor collection collects and how it runs (kronfluence's ``FactorArguments`` pattern).
-
-    Every field's help text is the CLI's (``CollectConfig.help(name)``); every check is in ``__post_init__`` and
-    names the CLI flag. Text options (``layers="20-27"``, ``kinds="up,down"``, ``memory_budget="60GB"``) are parsed.
-    Options about loading (``dtype``, ``device``, ``device_map``) and the corpus (``seq_len``, ``batch_size``,
-    ``text_field``) apply when :func:`collect_factors` is given a model name and a data source string.
-    """
+    """What a factor collection collects and how it runs (kronfluence's ``FactorArguments`` pattern): each field's
+    help is the CLI's (:meth:`help`), each check in ``__post_init__`` names the CLI flag, and text options
+    (``layers="20-27"``, ``kinds="up,down"``, ``memory_budget="60GB"``) are parsed. Loading options (``dtype``,
+    ``device``, ``device_map``) and corpus options (``seq_len``, ``batch_size``, ``text_field``) apply when
+    :func:`collect_factors` is given a model name and a data source string."""
 
     layers: Any = _opt("all", "block indices, e.g. 23,24,25 or 20-27 or all (default: all)")
     kinds: Any = _opt(None, "subset of gate,up,down (default: every one the architecture has)", "--projections")
-    bias: str = _opt(
-        "joint",
-        "biased layers: joint = A over [a; 1], the K-FAC of the affine map (the edit projects [W b]); keep = A over "
-        "a alone (the edit leaves biases as they are)",
-    )
+    bias: str = _opt("joint", "biased layers: joint = A over [a; 1], the K-FAC of the affine map (the edit projects "
+                     "[W b]); keep = A over a alone (the edit leaves biases as they are)")  # fmt: skip
     modules: Any = _opt(None, "for architectures not known: KIND=PATH inside a block, e.g. up=mlp.fc_in,down=mlp.fc_out")
     labels: str = _opt("sampled", "sampled: labels drawn from the model's softmax (true Fisher, default); gold: next "
                        "token (empirical)")  # fmt: skip
     seed: int = _opt(0, "seed of the sampled labels (default: 0)")
-    max_tokens: int | None = _opt(None, "tokens to read from the data, rounded up to whole batches (default: 20000000; in Python: all the batches)",
-                                  "--tokens")  # fmt: skip
+    max_tokens: int | None = _opt(None, "tokens to read from the data, rounded up to whole batches (default: 20000000; "
+                                  "in Python: all the batches)", "--tokens")  # fmt: skip
     seq_len: int = _opt(512, "tokens per packed window (default: 512)")
     batch_size: int = _opt(16, "windows per forward/backward (default: 16)")
     text_field: str = _opt("text", "field/column holding the text (default: text)")
@@ -129,16 +124,12 @@ class CollectConfig:
             raise UserError(f"unknown --bias '{self.bias}'; use one of {', '.join(BIAS_MODES)}")
         if isinstance(self.layers, str) or self.layers is None:
             self.layers = parse_layers(self.layers)
-        if isinstance(self.kinds, str):
-            self.kinds = parse_projections(self.kinds)
-        if isinstance(self.modules, str):
-            self.modules = parse_modules_option(self.modules)
-        if isinstance(self.memory_budget, str):
-            self.memory_budget = parse_size(self.memory_budget)
-        if isinstance(self.exclude, (str, os.PathLike)):
-            self.exclude = [self.exclude]
+        for name, parse in (("kinds", parse_projections), ("modules", parse_modules_option), ("memory_budget", parse_size)):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, parse(getattr(self, name)))
         if self.exclude is not None:
-            self.exclude = [str(f) for f in self.exclude] or None
+            files = [self.exclude] if isinstance(self.exclude, (str, os.PathLike)) else self.exclude
+            self.exclude = [str(f) for f in files] or None
             missing = [f for f in self.exclude or () if not Path(f).is_file()]
             if missing:
                 raise UserError(f"--exclude file '{missing[0]}' does not exist; give memorized-set JSONL files")
@@ -218,20 +209,11 @@ def collect_factors(
         projections = _prepare(model, config, ctx, projections, check_context=source is not None)
         fingerprint = None
         if config.checkpoint_every or config.resume:
-            fingerprint = run_fingerprint(
-                model, projections, data=source, text_field=config.text_field, seq_len=config.seq_len,
-                labels=config.labels, seed=config.seed, layers_per_pass=config.layers_per_pass,
-            )  # fmt: skip
-            if config.exclude:  # a resume must exclude the same records
-                from ..identity import data_digest
-
-                fingerprint["exclude"] = [data_digest(f) for f in config.exclude]
+            fingerprint = run_fingerprint(model, projections, config, source)
         if config.overwrite and ctx.is_main and config.out is not None:
             remove_checkpoints(config.out)
-        batches = _batch_source(data, tokenizer, config)
         exclusion: dict = {}
-        if config.exclude:
-            batches = _excluding(batches, model, tokenizer, config, exclusion)
+        batches = _batch_source(data, model, tokenizer, config, exclusion)
         factors = _collect_partitions(model, projections, batches, config, ctx, fingerprint)
     except BaseException:
         lock.close()
@@ -245,57 +227,43 @@ def collect_factors(
         local = Path(model_id).expanduser()
         factors.manifest["model"] = str(local.resolve()) if local.is_dir() else model_id
     factors.manifest["bias"] = "joint" if any(p.homogeneous for p in projections) else "keep"
-    paths = _recorded_paths(model, projections)
-    if paths is not None:
-        factors.manifest[LAYOUT_KEY] = paths
+    factors.manifest.update(_recorded_layout(model, projections))
     if source is not None:
-        factors.manifest.update(
-            data=describe_source(source), text_field=config.text_field, seq_len=config.seq_len,
-            batch_size=config.batch_size, max_tokens=config.max_tokens, gradient_checkpointing=config.gradient_checkpointing,
-        )  # fmt: skip
+        factors.manifest["data"] = describe_source(source)
+        factors.manifest.update({k: getattr(config, k) for k in SOURCE_MANIFEST_KEYS})
     if config.exclude:
         factors.manifest["exclude"] = exclusion
     with lock:
         if config.out is not None:
             factors.save(config.out)
             remove_checkpoints(config.out)
-        if config.ekfac:
-            _ekfac_pass(model, tokenizer, data, config)
+        if config.ekfac:  # over the same data, exclusion and labels, in the eigenbasis of the factors as written
+            from ..eigen import EigenCache, default_cache_dir
+            from .ekfac import collect_ekfac
+
+            started = time.perf_counter()
+            ekfac = collect_ekfac(
+                model, Factors.load(config.out), _batch_source(data, model, tokenizer, config, {})(0, (0, 1)),
+                cache=EigenCache(default_cache_dir()), max_tokens=config.max_tokens, progress=config.progress,
+            )  # fmt: skip
+            path = ekfac.save(config.out)
+            log.info("EK-FAC eigenvalues of %d modules in %.1f s -> %s", len(ekfac.names),
+                     time.perf_counter() - started, path)  # fmt: skip
     return factors
 
 
-def _ekfac_pass(model: nn.Module, tokenizer: Any, data: Any, config: CollectConfig) -> None:
-    """The EK-FAC pass (:mod:`kfac_edit.factors.ekfac`) over the same data, exclusion and labels, in the eigenbasis
-    of the factors as written to ``config.out`` (what ``edit --method ekfac`` reads back)."""
-    from ..eigen import EigenCache, default_cache_dir
-    from .ekfac import collect_ekfac
-
-    start = time.perf_counter()
-    batches = _batch_source(data, tokenizer, config)
-    if config.exclude:
-        batches = _excluding(batches, model, tokenizer, config, {})
-    ekfac = collect_ekfac(
-        model, Factors.load(config.out), batches(0, (0, 1)), cache=EigenCache(default_cache_dir()),
-        max_tokens=config.max_tokens, progress=config.progress,
-    )  # fmt: skip
-    path = ekfac.save(config.out)
-    log.info("EK-FAC eigenvalues of %d modules in %.1f s -> %s", len(ekfac.names), time.perf_counter() - start, path)
-
-
 # ---------------------------------------------------------------------------------------------------- preparation
-def _recorded_paths(model: nn.Module, projections: Sequence[Projection]) -> dict[str, str] | None:
-    """The layout the manifest records (``edit``, ``run`` and ``sweep`` find the modules by it); ``None`` when the
-    collected modules do not follow one layout (projections passed by hand)."""
+def _recorded_layout(model: nn.Module, projections: Sequence[Projection]) -> dict[str, dict[str, str]]:
+    """``{LAYOUT_KEY: module paths}`` for the manifest (``edit``, ``run`` and ``sweep`` find the modules by it), or
+    ``{}`` when the collected modules follow no one layout (projections passed by hand)."""
     from ..models import module_paths
 
     try:
         paths = module_paths(model)
     except UserError:
-        return None
-    blocks = paths["blocks"]
-    if all(p.kind in paths and p.name == f"{blocks}.{p.block}.{paths[p.kind]}" for p in projections):
-        return paths
-    return None
+        return {}
+    fits = all(p.kind in paths and p.name == f"{paths['blocks']}.{p.block}.{paths[p.kind]}" for p in projections)
+    return {LAYOUT_KEY: paths} if fits else {}
 
 
 def _load_model(model_id: str, config: CollectConfig, ctx: DistContext, device: torch.device):
@@ -307,23 +275,20 @@ def _load_model(model_id: str, config: CollectConfig, ctx: DistContext, device: 
             f"--device-map {config.device_map} spreads one model over the GPUs of one process; it cannot be combined "
             f"with {ctx.world_size} ranks: launch a single process, or drop --device-map"
         )
-    device = rank_device(device, ctx)
-    if config.device_map:
-        try:
-            import accelerate  # noqa: F401  (transformers needs it for device_map)
-        except ImportError:
-            raise UserError("--device-map needs the accelerate package: pip install accelerate") from None
-    return load_model(model_id, dtype=config.dtype, device=None if config.device_map else str(device), device_map=config.device_map)
+    if config.device_map and importlib.util.find_spec("accelerate") is None:  # transformers needs it for device_map
+        raise UserError("--device-map needs the accelerate package: pip install accelerate")
+    device = None if config.device_map else str(rank_device(device, ctx))
+    return load_model(model_id, dtype=config.dtype, device=device, device_map=config.device_map)
 
 
 def _prepare(
     model: nn.Module, config: CollectConfig, ctx: DistContext, projections: Sequence[Projection] | None, check_context: bool
 ) -> list[Projection]:
     """The projections to collect, after the checks that need the model: context, offloading, memory."""
-    from ..models import find_projections, projection_kinds, use_modules
+    from ..models import find_projections, model_limits, projection_kinds, use_modules
     from .memory import check_memory
 
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = model_limits(model.config)[1]
     if check_context and context is not None and config.seq_len > context:
         raise UserError(
             f"--seq-len {config.seq_len} is beyond the model's context of {context} tokens; use at most {context}"
@@ -331,29 +296,59 @@ def _prepare(
     if config.modules:
         use_modules(model, config.modules)  # every block checked; the layout is recorded in the manifest
     if projections is None:
-        kinds = config.kinds or projection_kinds(model)
-        projections = find_projections(model, config.layers, kinds, bias=config.bias)
+        projections = find_projections(model, config.layers, config.kinds or projection_kinds(model), bias=config.bias)
     offloaded = [p.name for p in projections if p.module.weight.device.type == "meta"]
     if offloaded:
         raise UserError(
             f"--device-map {config.device_map} offloaded {offloaded[0]} (and {len(offloaded) - 1} more) off the GPUs; "
             "factors need every collected module on a device: use more GPUs or collect fewer --layers"
         )
-    if config.gradient_checkpointing and any(p.expert is not None for p in projections):
-        raise UserError(
-            "--gradient-checkpointing cannot be combined with per-expert factors (the experts would be recomputed in "
-            "backward and counted twice); collect a mixture-of-experts model without gradient checkpointing"
-        )
     if config.gradient_checkpointing:
+        if any(p.expert is not None for p in projections):
+            raise UserError(
+                "--gradient-checkpointing cannot be combined with per-expert factors (the experts would be recomputed "
+                "in backward and counted twice); collect a mixture-of-experts model without gradient checkpointing"
+            )
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         try:
             enable()
         except ValueError as exc:
             raise UserError(f"--gradient-checkpointing: {exc}; run without it") from None
-    check_memory(
-        projections, config.layers_per_pass, config.memory_budget, print_table=ctx.is_main, keeps_results=ctx.is_main
-    )
+    check_memory(projections, config.layers_per_pass, config.memory_budget, ctx.is_main, keeps_results=ctx.is_main)
     return list(projections)
+
+
+def _batch_source(data: Any, model: nn.Module, tokenizer: Any, config: CollectConfig, exclusion: dict) -> BatchSource:
+    """``data`` as a :data:`BatchSource`, cut at ``config.max_tokens`` tokens (a callable: as it is); with
+    ``config.exclude`` the tokens kept are counted (:func:`_excluding`, which fills ``exclusion``)."""
+    max_tokens = None if config.exclude else config.max_tokens
+    if isinstance(data, (str, os.PathLike)):
+        if tokenizer is None:
+            raise UserError("a data source string needs a tokenizer: pass tokenizer=, or the model's name to load both")
+
+        def source(skip_windows: int, shard: tuple[int, int]):
+            from .. import data as data_module  # looked up at call time (tests replace token_batches)
+
+            return data_module.token_batches(
+                str(data), tokenizer, config.seq_len, config.batch_size, max_tokens=max_tokens,
+                skip_windows=skip_windows, shard=shard, text_field=config.text_field, with_index=True,
+                warn_if_short="--tokens",
+            )  # fmt: skip
+
+    elif callable(data):
+        source = data
+    else:
+        used = []
+
+        def source(skip_windows: int, shard: tuple[int, int]):
+            if skip_windows or shard != (0, 1):
+                raise UserError("resuming or several ranks need the data as a source string or a BatchSource callable")
+            if used and iter(data) is data:
+                raise UserError("several passes (--layers-per-pass) read the batches again: give a list, not an iterator")
+            used.append(True)
+            return take_tokens(data, max_tokens)
+
+    return _excluding(source, model, tokenizer, config, exclusion) if config.exclude else source
 
 
 def _excluding(source: BatchSource, model: nn.Module, tokenizer: Any, config: CollectConfig, info: dict) -> BatchSource:
@@ -371,75 +366,30 @@ def _excluding(source: BatchSource, model: nn.Module, tokenizer: Any, config: Co
     for path in config.exclude:
         try:
             loaded = load_records(path, tokenizer, vocab_size=vocab)
-        except ValueError as exc:
-            if isinstance(exc, UserError):
-                raise
+        except ValueError:
             raise UserError(f"--exclude {path}: text records need the model's tokenizer; give token-id records "
                             "(prefix_ids/suffix_ids) or the model by name") from None
         records += [[t for t in r.prefix_ids + r.suffix_ids if t not in special] for r in loaded]
     info.update(files=[str(f) for f in config.exclude], digest=json_digest(records), n=EXCLUDE_NGRAM,
                 records=len(records), windows_seen=0, windows_dropped=0)
-    passes = []
-
-    def counted(batches, counts: dict):
-        for batch in batches:
-            counts["seen"] += batch["input_ids"].shape[0]
-            yield batch
+    calls = []
 
     def excluded(skip_windows: int, shard: tuple[int, int]):
-        counts = {"seen": 0, "kept": 0}
-        passes.append(counts)
-        tokens = 0
-        for batch in exclude_overlapping(counted(source(skip_windows, shard), counts), records):
-            if config.max_tokens is not None and tokens >= config.max_tokens:
-                break
-            mask = batch.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            counts["kept"] += batch["input_ids"].shape[0]
-            if passes[0] is counts:
-                info.update(windows_seen=counts["seen"], windows_dropped=counts["seen"] - counts["kept"])
+        calls.append(True)
+        first, seen, kept = len(calls) == 1, [0], 0
+
+        def counted(batches):
+            for batch in batches:
+                seen[0] += batch["input_ids"].shape[0]
+                yield batch
+
+        for batch in take_tokens(exclude_overlapping(counted(source(skip_windows, shard)), records), config.max_tokens):
+            kept += batch["input_ids"].shape[0]
+            if first:
+                info.update(windows_seen=seen[0], windows_dropped=seen[0] - kept)
             yield batch
 
     return excluded
-
-
-def _batch_source(data: Any, tokenizer: Any, config: CollectConfig) -> BatchSource:
-    """``data`` as a :data:`BatchSource` (with ``config.exclude``: not cut at ``max_tokens``, :func:`_excluding` is)."""
-    if config.exclude:
-        config = replace(config, max_tokens=None)
-    if isinstance(data, (str, os.PathLike)):
-        if tokenizer is None:
-            raise UserError("a data source string needs a tokenizer: pass tokenizer=, or the model's name to load both")
-
-        def packed(skip_windows: int, shard: tuple[int, int]):
-            from .. import data as data_module  # looked up at call time (tests replace token_batches)
-
-            return data_module.token_batches(
-                str(data), tokenizer, config.seq_len, config.batch_size, max_tokens=config.max_tokens,
-                skip_windows=skip_windows, shard=shard, text_field=config.text_field, with_index=True,
-                warn_if_short="--tokens",
-            )  # fmt: skip
-
-        return packed
-    if callable(data):
-        return data
-    used = []
-
-    def given(skip_windows: int, shard: tuple[int, int]):
-        if skip_windows or shard != (0, 1):
-            raise UserError("resuming or several ranks need the data as a source string or a BatchSource callable")
-        if used and iter(data) is data:
-            raise UserError("several passes (--layers-per-pass) read the batches again: give a list, not an iterator")
-        used.append(True)
-        tokens = 0
-        for batch in data:  # stop before the batch that would start after max_tokens real tokens
-            if config.max_tokens is not None and tokens >= config.max_tokens:
-                return
-            mask = batch.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            yield batch
-
-    return given
 
 
 # ---------------------------------------------------------------------------------------------------- partitions
@@ -452,22 +402,20 @@ def _find_start(
     loaded = None
     if ctx.is_main and config.resume:
         try:
-            found = load_checkpoint(config.out, fingerprint)
+            found = load_checkpoint(config.out, fingerprint, passes)
         except UserError as exc:
-            start, found = str(exc), None
-        if found is not None:
-            loaded, state = found
-            if state.passes != passes:
-                start = f"checkpoint in {config.out} splits the modules into other passes; use the same --layers-per-pass"
+            start = str(exc)
+        else:
+            if found is None:
+                log.info("--resume: no checkpoint in %s; starting from the beginning", config.out)
             else:
+                loaded, state = found
                 resumed = {"pass": state.pass_index, "windows": state.windows, "tokens": state.tokens, "at": state.created}
                 start = replace(state, history=[*state.history, resumed], world_size=ctx.world_size)
                 log.info(
                     "resuming from checkpoint %d: pass %d of %d, %s windows (%s tokens) already in the sums",
                     state.sequence, state.pass_index + 1, len(passes), f"{state.windows:,}", f"{state.tokens:,}",
                 )  # fmt: skip
-        elif isinstance(start, CheckpointState):
-            log.info("--resume: no checkpoint in %s; starting from the beginning", config.out)
     start = broadcast_object(ctx, start, what="sharing the resume point")
     if isinstance(start, str):
         raise UserError(start)
@@ -494,76 +442,67 @@ def _collect_partitions(
         done = loaded.subset(n for group in pass_names[: start.pass_index] for n in group).to("cpu")
     tokens_per_step = config.seq_len * config.batch_size * ctx.world_size
     steps_per_checkpoint = math.ceil(config.checkpoint_every / tokens_per_step) if config.checkpoint_every else None
-    sequence = start.sequence
+    state = start
 
-    def checkpoint(pass_index: int, windows: int, tokens: int, labelled: int, current: Factors | None) -> None:
-        nonlocal sequence
-        sequence += 1
-        held = Factors({**done.modules, **(current.modules if current is not None else {})}, {"checkpoint_of": "kfac-edit collect"})
-        state = replace(
-            start, pass_index=pass_index, windows=windows, tokens=tokens, labelled_tokens=labelled, sequence=sequence,
-            world_size=ctx.world_size, batch_size=config.batch_size, created=utc_now(),
-        )  # fmt: skip
+    def checkpoint(current: Factors, **position: int) -> None:
+        nonlocal state
+        state = replace(state, **position, sequence=state.sequence + 1, world_size=ctx.world_size,
+                        batch_size=config.batch_size, created=utc_now())  # fmt: skip
         t0 = time.perf_counter()
+        held = Factors({**done.modules, **current.modules}, {"checkpoint_of": "kfac-edit collect"})
         path = save_checkpoint(config.out, held, state)
-        log.info("checkpoint %s (%d windows, %d tokens) in %.1f s", path, windows, tokens, time.perf_counter() - t0)
+        log.info("checkpoint %s (%d windows, %d tokens) in %.1f s", path, state.windows, state.tokens,
+                 time.perf_counter() - t0)  # fmt: skip
 
     manifest: dict[str, Any] | None = None
     for pass_index in range(start.pass_index, len(passes)):
         group = passes[pass_index]
         resumed = pass_index == start.pass_index
-        position, tokens_total, labelled_total = (start.windows, start.tokens, start.labelled_tokens) if resumed else (0, 0, 0)
+        position, tokens, labelled = (start.windows, start.tokens, start.labelled_tokens) if resumed else (0, 0, 0)
         partial = None
         if resumed and position and loaded is not None:  # the checkpointed part of this pass, back on its devices
             partial = loaded.subset(pass_names[pass_index]).to({p.name: p.module.weight.device for p in group})
         collector = FactorCollector(model, group, config.labels, config.seed, factors=partial, start_window=position)
-        seen = [0, 0]  # this rank's tokens / labelled tokens at the last meeting
+        seen = (0, 0)  # this rank's tokens / labelled tokens at the last meeting
         bar = tqdm(
-            total=config.max_tokens, initial=tokens_total, unit="tok", unit_scale=True,
+            total=config.max_tokens, initial=tokens, unit="tok", unit_scale=True,
             desc=f"pass {pass_index + 1}/{len(passes)}" if len(passes) > 1 else "collecting factors",
             disable=None if (config.progress and ctx.is_main) else True,
         )  # fmt: skip
-        exhausted, steps = False, 0
-        try:
-            with collector:
-                stream = iter(batches(position, (ctx.rank, ctx.world_size)))
-                while True:
-                    if not exhausted:
-                        batch = next(stream, None)
-                        exhausted = batch is None
-                        if not exhausted:
-                            before = collector.tokens
-                            collector.accumulate(batch)
-                            steps += 1
-                            bar.update((collector.tokens - before) * ctx.world_size)
-                            if steps_per_checkpoint is None or steps % steps_per_checkpoint:
-                                continue
-                    # a meeting: a checkpoint step of a rank with data, or a rank whose shard is exhausted
-                    any_active, windows_total = all_reduce_ints(
-                        ctx, [int(not exhausted), collector.windows], "max", what="status exchange"
-                    )
-                    reduce_factors_to_main(ctx, collector.symmetrize())
-                    delta = all_reduce_ints(
-                        ctx, [collector.tokens - seen[0], collector.labelled_tokens - seen[1]], "sum", what="token counts"
-                    )
-                    seen = [collector.tokens, collector.labelled_tokens]
-                    tokens_total += delta[0]
-                    labelled_total += delta[1]
-                    bar.n = tokens_total
-                    bar.refresh()
-                    if not any_active:
-                        break
-                    if config.checkpoint_every and ctx.is_main:
-                        checkpoint(pass_index, windows_total, tokens_total, labelled_total, collector.factors)
-        finally:
-            bar.close()
+        with bar, collector:
+            stream = iter(batches(position, (ctx.rank, ctx.world_size)))
+            exhausted = False
+            while True:
+                batch = None if exhausted else next(stream, None)
+                exhausted = batch is None
+                if batch is not None:
+                    before = collector.tokens
+                    collector.accumulate(batch)
+                    bar.update((collector.tokens - before) * ctx.world_size)
+                    if steps_per_checkpoint is None or collector.steps % steps_per_checkpoint:
+                        continue
+                # a meeting: a checkpoint step of a rank with data, or a rank whose shard is exhausted
+                any_active, windows = all_reduce_ints(
+                    ctx, [int(not exhausted), collector.windows], "max", what="status exchange"
+                )
+                since = [collector.tokens - seen[0], collector.labelled_tokens - seen[1]]  # this rank's, since the last
+                new = reduce_factors_to_main(ctx, collector.symmetrize(), since)
+                seen = (collector.tokens, collector.labelled_tokens)
+                tokens, labelled = tokens + new[0], labelled + new[1]
+                bar.n = tokens
+                bar.refresh()
+                if not any_active:
+                    break
+                if config.checkpoint_every and ctx.is_main:
+                    checkpoint(collector.factors, pass_index=pass_index, windows=windows, tokens=tokens,
+                               labelled_tokens=labelled)  # fmt: skip
         if ctx.is_main:
-            if labelled_total == 0:
+            if labelled == 0:
                 raise UserError("no token with a label was seen (every window was padding); give the run more text")
-            manifest = {**collector.manifest(), "tokens": tokens_total, "labelled_tokens": labelled_total, "windows": windows_total}
+            manifest = {**collector.manifest(), "tokens": tokens, "labelled_tokens": labelled, "windows": windows}
             done.modules.update(collector.symmetrize().to("cpu").modules)  # passes hold disjoint modules: sum = union
             if config.checkpoint_every and pass_index + 1 < len(passes):
-                checkpoint(pass_index + 1, 0, 0, 0, None)
+                checkpoint(Factors(), pass_index=pass_index + 1, windows=0, tokens=0, labelled_tokens=0)
         collector.factors = Factors()  # free this pass's device memory
 
     if not ctx.is_main:
@@ -572,8 +511,7 @@ def _collect_partitions(
         raise UserError(f"the checkpoint in {config.out} is already complete; pass --overwrite to collect again")
     done.manifest.update(
         manifest,
-        layers=sorted({p.block for p in projections}),
-        projections=[k for k in ("gate", "up", "down") if any(p.kind == k for p in projections)],
+        **describe_projections(projections),
         world_size=ctx.world_size,
         passes=len(passes),
         layers_per_pass=config.layers_per_pass,

@@ -1,44 +1,36 @@
-"""Hooks and accumulation: K-FAC factor sums of MLP projections, one batch at a time (:class:`FactorCollector`).
+"""Hooks and accumulation: K-FAC factor sums of MLP projections, one batch at a time (:class:`FactorCollector`);
+a whole collection (passes, checkpoints, ranks) is :func:`kfac_edit.factors.collect.collect_factors`.
 
-A whole collection (passes, checkpoints, ranks) is :func:`kfac_edit.factors.collect.collect_factors`.
+Conventions (stated here once): a projection's weight ``W`` is ``(out, in)``;
 
-Conventions (shared with :mod:`kfac_edit.factors.store`): a projection's weight ``W`` is ``(out, in)``;
-
-* ``A = Σ a aᵀ`` over rows ``a`` of the layer input, shape ``(in, in)``;
+* ``A = Σ a aᵀ`` over rows ``a`` of the layer input, shape ``(in, in)`` (``[a; 1]`` for a biased projection under
+  ``bias="joint"``, :attr:`Projection.homogeneous`);
 * ``G = Σ g gᵀ`` over rows ``g`` of the gradient of the **summed** token loss w.r.t. the layer output,
   shape ``(out, out)``; the Fisher block of ``W`` is ``G ⊗ A``;
-* rows counted ("valid" positions): ``t`` with ``attention_mask[t] == 1`` and ``attention_mask[t + 1] == 1``, i.e.
-  positions that have a label (not padding, not the last position of a window). Because the loss is a sum and the
-  rows are selected by mask, the factors do not depend on batch size or padding.
+* rows counted ("valid" positions): ``t`` with ``attention_mask[t] == 1`` and ``attention_mask[t + 1] == 1``, the
+  positions that have a label. The loss is a sum over them, so the factors depend on neither batch size nor padding.
 
-Labels: ``gold`` is the next token (empirical Fisher); ``sampled`` draws each label from the model's own softmax
-(true Fisher, no labelled data needed). A sampled label is the inverse CDF of a uniform number seeded by
-``(seed, window index, position)``, so the labels of a window are the same whatever the batch size, padding, shard
-or resume point.
+Labels: ``gold`` is the next token (empirical Fisher); ``sampled`` draws each label from the model's softmax (true
+Fisher) by inverse CDF of a uniform seeded by ``(seed, window index, position)``: a window's labels do not depend on
+batch size, padding, shard or resume point.
 
-One step (:meth:`FactorCollector.accumulate`):
+One step (:meth:`FactorCollector.accumulate`): a forward pass whose hooks add each projection's valid input rows to
+``A`` (``gate`` and ``up`` of a block read one input: one activation key, :func:`activation_keys`, one ``A``) and
+hook its output; the summed cross-entropy against the labels; ``torch.autograd.grad`` of it w.r.t. the outputs of
+the lowest chosen block (no weight gradients, nothing below that block), during which each output's gradient hook
+adds its valid rows to ``G``. Routed experts (:mod:`kfac_edit.experts`) have no module to hook: their experts
+module runs tapped, and expert ``e``'s ``A``/``G`` take the labelled rows routed to it, counted per expert.
 
-1. forward with hooks: each projection's forward hook adds its valid input rows into ``A`` (``gate`` and ``up`` of a
-   block read the same input: one activation key (:func:`activation_keys`), one ``A``, added once) and puts a
-   gradient hook on its output;
-2. the summed cross-entropy of the valid positions against the labels;
-3. ``torch.autograd.grad`` of that loss w.r.t. the outputs of the lowest chosen block: autograd runs only what is
-   needed to reach them (no weight gradients, nothing below that block); each projection's gradient hook adds its
-   valid rows into ``G`` as soon as the gradient exists, after which it is freed.
-
-A biased projection under ``bias="joint"`` (:attr:`Projection.homogeneous`) adds ``[a; 1]`` rows to ``A``. Routed
-experts (:mod:`kfac_edit.experts`) have no module to hook: their experts module runs tapped, and expert ``e``'s
-``A``/``G`` take the labelled rows of the tokens routed to it, counted per expert.
-
-Sums are fp32 (fp64 when the model is fp64); bf16/fp16 rows enter fp32 products (on CUDA a bf16 GEMM with fp32
-output, which is exact for the products; elsewhere the rows are cast to fp32 first).
+Sums are fp32 (fp64 for an fp64 model); bf16/fp16 rows enter fp32 products (on CUDA a GEMM with fp32 output, exact
+for the products; elsewhere the rows are cast to fp32 first).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
+import contextlib
+import functools
 import logging
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +38,9 @@ from torch import nn
 
 from ..errors import UserError
 from ..identity import model_fingerprint
-from ..models import Projection
+from ..models import PROJECTIONS, Projection
 from ..spec import LabelMode
-from .store import Factors, ModuleFactors
+from .store import Factors, ModuleFactors, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -56,38 +48,28 @@ IGNORE_INDEX = -100
 _SAMPLE_CHUNK_ELEMENTS = 1 << 27  # rows x vocab handled at once when sampling labels (512 MiB in fp32)
 
 
-# ---------------------------------------------------------------------------------------------------- numerics
-_MIXED_GEMM_OK: dict[tuple[str, torch.dtype], bool] = {}
-
-
+@functools.cache
 def _mixed_gemm_ok(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch.addmm(..., out_dtype=float32)`` works for ``dtype`` inputs on ``device`` (checked once)."""
-    key = (str(device), dtype)
-    if key not in _MIXED_GEMM_OK:
-        try:
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            rows = torch.randn(64, 48, generator=gen).to(device=device, dtype=dtype)
-            total = torch.ones(48, 48, device=device)
-            torch.addmm(total, rows.T, rows, out_dtype=torch.float32, out=total)
-            exact = rows.double()  # bf16/fp16 products are exact in fp32; compare with an fp64 reference
-            expected = (1 + exact.T @ exact).float()
-            _MIXED_GEMM_OK[key] = bool(torch.allclose(total, expected, rtol=1e-5, atol=1e-5))
-        except (RuntimeError, TypeError):  # an older torch without out_dtype, or an unsupported backend
-            _MIXED_GEMM_OK[key] = False
-        log.debug("mixed-precision GEMM for %s on %s: %s", dtype, device, _MIXED_GEMM_OK[key])
-    return _MIXED_GEMM_OK[key]
+    try:
+        rows = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+        total = torch.ones(48, 48, device=device)
+        torch.addmm(total, rows.T, rows, out_dtype=torch.float32, out=total)
+        exact = rows.double()  # bf16/fp16 products are exact in fp32; compare with an fp64 reference
+        ok = bool(torch.allclose(total, (1 + exact.T @ exact).float(), rtol=1e-5, atol=1e-5))
+    except (RuntimeError, TypeError):  # an older torch without out_dtype, or an unsupported backend
+        ok = False
+    log.debug("mixed-precision GEMM for %s on %s: %s", dtype, device, ok)
+    return ok
 
 
 GRAM_ROW_BLOCKS = 8  # a symmetric Gram update is done as this many row blocks, each from the diagonal rightwards
 
 
 def add_gram(total: torch.Tensor, rows: torch.Tensor, upper: bool = False) -> None:
-    """``total += rowsᵀ rows`` in place, with products and sums in ``total``'s dtype.
-
-    ``rows`` is ``(n, d)``, ``total`` is ``(d, d)``. Low-precision rows are never multiplied in low precision.
-    With ``upper`` only the blocks on and above the diagonal of a ``GRAM_ROW_BLOCKS`` x ``GRAM_ROW_BLOCKS`` block
-    partition are added (9/16 of the products; one GEMM per row block); :func:`mirror_upper_` then fills the rest.
-    """
+    """``total += rowsᵀ rows`` in place (``rows`` ``(n, d)``, ``total`` ``(d, d)``), products and sums in ``total``'s
+    dtype (never in low precision). ``upper``: only the blocks on and above the diagonal of a ``GRAM_ROW_BLOCKS``
+    square block partition (9/16 of the products, one GEMM per row block); :func:`mirror_upper_` fills the rest."""
     low = rows.dtype in (torch.bfloat16, torch.float16)
     if low and rows.is_cuda and total.dtype == torch.float32 and _mixed_gemm_ok(rows.device, rows.dtype):
         torch.addmm(total, rows.T, rows, out_dtype=torch.float32, out=total)  # bf16/fp16 in, fp32 out: the full Gram
@@ -117,9 +99,7 @@ def accumulate_dtype_for(module: nn.Module) -> torch.dtype:
 def valid_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B, T)`` bool: positions with a label (mask 1 here and at the next position; the last position never)."""
     mask = attention_mask.bool()
-    valid = torch.zeros_like(mask)
-    valid[:, :-1] = mask[:, :-1] & mask[:, 1:]
-    return valid
+    return torch.cat([mask[:, :-1] & mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
 
 
 def _splitmix64(x: int) -> int:
@@ -132,26 +112,22 @@ def _splitmix64(x: int) -> int:
 
 def window_uniforms(seed: int, window_index: Sequence[int], seq_len: int) -> torch.Tensor:
     """``(B, T)`` float64 uniforms in [0, 1): row ``b`` depends only on ``(seed, window_index[b])``."""
-    rows = []
-    for index in window_index:
-        gen = torch.Generator(device="cpu").manual_seed(_splitmix64((int(seed) << 32) ^ int(index)) >> 1)
-        rows.append(torch.rand(seq_len, generator=gen, dtype=torch.float64))
-    return torch.stack(rows)
+    gens = (torch.Generator().manual_seed(_splitmix64((int(seed) << 32) ^ int(i)) >> 1) for i in window_index)
+    return torch.stack([torch.rand(seq_len, generator=gen, dtype=torch.float64) for gen in gens])
 
 
 @torch.no_grad()
-def sample_labels(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Draw one label per row of ``logits`` ``(n, V)`` from its softmax, by inverse CDF of ``uniforms`` ``(n,)``.
-
-    Softmax and CDF are fp32 (fp64 for fp64 logits), in chunks of rows to bound memory. A zero-probability token
-    is never drawn.
-    """
-    n, vocab = logits.shape
+def sample_labels(logits: torch.Tensor, uniforms: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One label per row of ``logits`` ``(n, V)`` (or per row index in ``rows``), drawn from its softmax by inverse
+    CDF of ``uniforms`` ``(n,)``; fp32 (fp64 for fp64 logits), in chunks of rows. A zero-probability token is never
+    drawn."""
+    n, vocab = (logits.shape[0] if rows is None else rows.numel()), logits.shape[1]
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     out = torch.empty(n, dtype=torch.long, device=logits.device)
     chunk = max(1, _SAMPLE_CHUNK_ELEMENTS // max(vocab, 1))
     for start in range(0, n, chunk):
-        cdf = torch.softmax(logits[start : start + chunk].to(dtype), dim=-1).cumsum_(dim=-1)
+        part = logits[start : start + chunk] if rows is None else logits.index_select(0, rows[start : start + chunk])
+        cdf = torch.softmax(part.to(dtype), dim=-1).cumsum_(dim=-1)
         u = uniforms[start : start + chunk].to(device=logits.device, dtype=dtype).unsqueeze(1) * cdf[:, -1:]
         out[start : start + chunk] = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max_(vocab - 1)
     return out
@@ -161,12 +137,30 @@ def activation_keys(projections: Sequence[Projection]) -> dict[str, str]:
     """``{module name: activation key}``: ``up`` reads the same input as its block's ``gate``, so when both are
     chosen ``up``'s key is ``gate``'s name (one shared activation sum); every other module's key is its own name."""
     gates = {(p.block, p.expert): p for p in projections if p.kind == "gate"}  # an expert's gate and up share too
-    shared = {
-        p.name: gates[p.block, p.expert].name
-        for p in projections
-        if p.kind == "up" and (p.block, p.expert) in gates and gates[p.block, p.expert].homogeneous == p.homogeneous
-    }
-    return {p.name: shared.get(p.name, p.name) for p in projections}
+
+    def key(p: Projection) -> str:
+        gate = gates.get((p.block, p.expert))
+        return gate.name if p.kind == "up" and gate is not None and gate.homogeneous == p.homogeneous else p.name
+
+    return {p.name: key(p) for p in projections}
+
+
+def describe_projections(projections: Iterable[Projection]) -> dict[str, list]:
+    """The manifest's ``layers`` (block indices) and ``projections`` (kinds, in :data:`PROJECTIONS` order)."""
+    projections = list(projections)
+    kinds = {p.kind for p in projections}
+    return {"layers": sorted({p.block for p in projections}), "projections": [k for k in PROJECTIONS if k in kinds]}
+
+
+def take_tokens(batches: Iterable[dict[str, torch.Tensor]], max_tokens: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    """``batches`` up to (not including) the first that would start after ``max_tokens`` real tokens (mask 1)."""
+    tokens = 0
+    for batch in batches:
+        if max_tokens is not None and tokens >= max_tokens:
+            return
+        mask = batch.get("attention_mask")
+        tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        yield batch
 
 
 # ---------------------------------------------------------------------------------------------------- collector
@@ -180,10 +174,8 @@ class FactorCollector:
                 collector.accumulate(batch)
         factors = collector.finish()
 
-    The running sums live in ``collector.factors`` (a :class:`Factors`), whole after :meth:`symmetrize` (add other
-    ranks' sums with ``Factors.add_`` or all-reduce ``collector.symmetrize().tensors()``). ``tokens``,
-    ``labelled_tokens``, ``windows`` and ``steps`` count what was consumed, so a checkpoint can record where in the
-    stream it is.
+    The running sums are ``collector.factors``, whole after :meth:`symmetrize`; ``tokens``, ``labelled_tokens``,
+    ``windows`` and ``steps`` count what was consumed. Subclasses override :meth:`_add_input` and :meth:`_add_grad`.
     """
 
     def __init__(
@@ -214,18 +206,20 @@ class FactorCollector:
         self.seq_len: int | None = None
         self._mirrored = True  # False while the sums hold only their upper block triangle (see symmetrize)
         self._allocate()
-        # per-step state
+        self._undo: contextlib.ExitStack | None = None  # restores the model on exit (None: not entered)
         self._phase: str | None = None  # "forward" while the model runs forward, "backward" during backward
-        self._valid_index: dict[torch.device, torch.Tensor] = {}
+        self._start_step()
+
+    def _start_step(self, idx: torch.Tensor | None = None, n_positions: int = 0) -> None:
+        """Reset the per-step state: valid positions ``idx`` (flat indices into the ``n_positions`` = B·T) and what
+        the hooks saw."""
+        self._valid_index = {} if idx is None else {idx.device: idx}  # per device
         self._valid_masks: dict[torch.device, torch.Tensor] = {}  # the same positions as flat masks (for experts)
-        self._n_positions = 0  # B·T of the current batch
-        self._targets: list[torch.Tensor] = []
-        self._forward_hits: list[int] = []
-        self._grad_hits: list[int] = []
+        self._n_positions = n_positions
+        self._forward_hits = [0] * len(self.projections)
+        self._grad_hits = [0] * len(self.projections)
         self._shared_input: dict[str, tuple] = {}  # activation key -> input already added this step
-        self._handles: list = []
-        self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
-        self._saved_training: list[tuple[nn.Module, bool]] = []
+        self._targets: list[torch.Tensor] = []
 
     # -------------------------------------------------------------------------------------------- setup
     def _allocate(self) -> None:
@@ -236,59 +230,40 @@ class FactorCollector:
                 if have != p.factor_shape:
                     raise UserError(f"existing factors of {p.name} have shape {have}, the model's weight {p.factor_shape}")
                 continue
-            weight = p.module.weight
-            dtype = accumulate_dtype_for(p.module)
+            weight, dtype = p.module.weight, accumulate_dtype_for(p.module)
             n_out, n_in = p.factor_shape  # in + 1 for a homogeneous projection: A over [a; 1]
-            key = keys[p.name]
-            shared = self.factors.activation_sums().get(key)
-            activation_sum = shared if shared is not None else torch.zeros(n_in, n_in, dtype=dtype, device=weight.device)
+            activation_sum = self.factors.activation_sums().get(keys[p.name])
+            if activation_sum is None:
+                activation_sum = torch.zeros(n_in, n_in, dtype=dtype, device=weight.device)
             grad_sum = torch.zeros(n_out, n_out, dtype=dtype, device=weight.device)
-            self.factors.modules[p.name] = ModuleFactors(activation_sum, grad_sum, activation_key=key)
+            self.factors.modules[p.name] = ModuleFactors(activation_sum, grad_sum, activation_key=keys[p.name])
 
     def __enter__(self) -> "FactorCollector":
-        try:
-            self._install()
-        except BaseException:
-            self._remove()
-            raise
+        with contextlib.ExitStack() as undo:  # on an error, what was done is undone at once
+            for param in self.model.parameters():
+                undo.callback(param.requires_grad_, param.requires_grad)
+                param.requires_grad_(False)
+            # HF gradient checkpointing only runs in training mode; switch on training for the checkpointing wrappers
+            # alone (their children, dropout included, stay in eval mode).
+            for module in self.model.modules():
+                if getattr(module, "gradient_checkpointing", False) is True and not module.training:
+                    undo.callback(setattr, module, "training", False)
+                    module.training = True
+            undo.callback(self.model.get_input_embeddings().register_forward_hook(self._embedding_hook).remove)
+            taps: dict[int, list[int]] = {}  # experts module -> indices of its projections
+            for index, p in enumerate(self.projections):
+                if p.expert is not None:
+                    taps.setdefault(id(p.module.experts), []).append(index)
+                else:
+                    undo.callback(p.module.register_forward_hook(self._forward_hook(index), with_kwargs=True).remove)
+            for indices in taps.values():
+                undo.callback(self._tap_experts(indices).remove)
+            self._undo = undo.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._remove()
-
-    def _install(self) -> None:
-        for param in self.model.parameters():
-            self._saved_requires_grad.append((param, param.requires_grad))
-            param.requires_grad_(False)
-        # HF gradient checkpointing only runs in training mode; switch on training for the checkpointing wrappers
-        # alone (their children, dropout included, stay in eval mode).
-        for module in self.model.modules():
-            if getattr(module, "gradient_checkpointing", False) is True and not module.training:
-                self._saved_training.append((module, module.training))
-                module.training = True
-        embeddings = self.model.get_input_embeddings()
-        self._handles.append(embeddings.register_forward_hook(self._embedding_hook))
-        taps: dict[int, list[int]] = {}  # experts module -> indices of its projections
-        for index, p in enumerate(self.projections):
-            if p.expert is not None:
-                taps.setdefault(id(p.module.experts), []).append(index)
-                continue
-            self._handles.append(p.module.register_forward_hook(self._forward_hook(index), with_kwargs=True))
-        for indices in taps.values():
-            self._handles.append(self._tap_experts(indices))
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module, training in self._saved_training:
-            module.training = training
-        self._saved_training.clear()
-        for param, flag in self._saved_requires_grad:
-            param.requires_grad_(flag)
-        self._saved_requires_grad.clear()
-        self._phase = None
-        self._targets = []
+        self._undo.close()
+        self._undo, self._phase, self._targets = None, None, []
 
     # -------------------------------------------------------------------------------------------- hooks
     def _embedding_hook(self, module: nn.Module, args, output: torch.Tensor):
@@ -301,13 +276,11 @@ class FactorCollector:
         """The valid rows of a ``(B, T, d)`` tensor as ``(n_valid, d)``."""
         idx = self._valid_index.get(tensor.device)
         if idx is None:
-            idx = self._valid_index[next(iter(self._valid_index))].to(tensor.device)
-            self._valid_index[tensor.device] = idx
+            idx = self._valid_index[tensor.device] = self._valid_index[next(iter(self._valid_index))].to(tensor.device)
         return tensor.reshape(-1, tensor.shape[-1]).index_select(0, idx)
 
     def _forward_hook(self, index: int):
         projection = self.projections[index]
-        mf = self.factors.modules[projection.name]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
             if self._phase is None:
@@ -315,33 +288,49 @@ class FactorCollector:
             if not isinstance(output, torch.Tensor):
                 raise RuntimeError(f"{projection.name} returned {type(output).__name__}, not a tensor")
             if self._phase == "forward":
-                x = args[0] if args else next(iter(kwargs.values()))
                 self._forward_hits[index] += 1
-                key = mf.activation_key
-                signature = (x.data_ptr(), tuple(x.shape), x.dtype)
-                if key in self._shared_input:  # gate/up: the partner already added this input
-                    if self._shared_input[key] != signature:
-                        raise RuntimeError(
-                            f"{projection.name} shares its activation factor with its block's gate/up partner, "
-                            "but the two read different inputs in this architecture"
-                        )
-                else:
-                    self._shared_input[key] = signature
-                    with torch.no_grad():
-                        rows = self._rows(x.detach())
-                        if projection.homogeneous:  # [a; 1]: the bias's input coordinate
-                            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-                        add_gram(mf.activation_sum, rows, upper=True)
+                with torch.no_grad():
+                    self._add_input(index, (args[0] if args else next(iter(kwargs.values()))).detach())
             if output.requires_grad and torch.is_grad_enabled():
                 # Non-reentrant checkpointing re-runs forward hooks during backward: the hook on the recomputed
                 # output then never fires (gradients flow to the original output); reentrant checkpointing is the
-                # other way round. The hit count in accumulate() checks that exactly one fired.
+                # other way round. The hit count in _step() checks that exactly one fired.
                 output.register_hook(self._grad_hook(index))
                 if self._phase == "forward" and projection.block == self.lowest_block:
                     self._targets.append(output)
             return None
 
         return hook
+
+    def _grad_hook(self, index: int):
+        def hook(grad: torch.Tensor) -> None:
+            self._grad_hits[index] += 1
+            with torch.no_grad():
+                self._add_grad(index, self._rows(grad))
+
+        return hook
+
+    def _add_input(self, index: int, x: torch.Tensor) -> None:
+        """Add the valid rows of projection ``index``'s input ``x`` ``(B, T, in)`` to ``A`` (once per activation key)."""
+        projection = self.projections[index]
+        mf = self.factors.modules[projection.name]
+        signature = (x.data_ptr(), tuple(x.shape), x.dtype)
+        if mf.activation_key in self._shared_input:  # gate/up: the partner already added this input
+            if self._shared_input[mf.activation_key] != signature:
+                raise RuntimeError(
+                    f"{projection.name} shares its activation factor with its block's gate/up partner, "
+                    "but the two read different inputs in this architecture"
+                )
+            return
+        self._shared_input[mf.activation_key] = signature
+        rows = self._rows(x)
+        if projection.homogeneous:  # [a; 1]: the bias's input coordinate
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        add_gram(mf.activation_sum, rows, upper=True)
+
+    def _add_grad(self, index: int, rows: torch.Tensor) -> None:
+        """Add the valid rows ``(n_valid, out)`` of projection ``index``'s output gradient to ``G``."""
+        add_gram(self.factors.modules[self.projections[index].name].grad_sum, rows, upper=True)
 
     def _tap_experts(self, indices: list[int]):
         """Per-expert factors of one experts module (:func:`kfac_edit.experts.tap_experts`): expert ``e``'s ``A``
@@ -352,74 +341,55 @@ class FactorCollector:
         experts = self.projections[indices[0]].module.experts
         block = self.projections[indices[0]].block
         inter = experts.down_proj.shape[-1]
+        cols = {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}
+
+        def module_factors(i: int) -> ModuleFactors:
+            return self.factors.modules[self.projections[i].name]
 
         def gram_hook(targets: list[tuple[torch.Tensor, slice]], keep: torch.Tensor):
             def hook(grad: torch.Tensor) -> None:
                 with torch.no_grad():
                     rows = grad.index_select(0, keep)
-                    for grad_sum, cols in targets:
-                        add_gram(grad_sum, rows[:, cols], upper=True)
+                    for grad_sum, columns in targets:
+                        add_gram(grad_sum, rows[:, columns], upper=True)
 
             return hook
 
         def on_expert(e, x, gate_up_out, h, down_out, token_positions) -> None:
-            valid = self._valid_mask(x.device)
-            keep = valid[token_positions].nonzero().squeeze(1)  # routed rows that have a label
-            n = int(keep.numel())
-            split = [(k, i) for k, i in ((k, chosen.get((e, k))) for k in ("gate", "up")) if i is not None]
-            down = chosen.get((e, "down"))
-            if self._phase != "forward" or (not split and down is None):
+            keep = self._valid_mask(x.device)[token_positions].nonzero().squeeze(1)  # routed rows that have a label
+            split = [(k, chosen[e, k]) for k in ("gate", "up") if (e, k) in chosen]
+            down = [("down", chosen[e, "down"])] if (e, "down") in chosen else []
+            if self._phase != "forward" or not (split or down):
                 return
-            for _, i in [*split, ("down", down)] if down is not None else split:  # per-expert row counts
-                mf = self.factors.modules[self.projections[i].name]
-                mf.activation_tokens += n
-                mf.grad_tokens += n
-            with torch.no_grad():
-                if split:  # gate and up read x: one activation sum
-                    add_gram(self.factors.modules[self.projections[split[0][1]].name].activation_sum,
-                             x.detach().index_select(0, keep), upper=True)  # fmt: skip
-                if down is not None:
-                    add_gram(self.factors.modules[self.projections[down].name].activation_sum,
-                             h.detach().index_select(0, keep), upper=True)  # fmt: skip
-            for outputs, members in ((gate_up_out, split), (down_out, [("down", down)] if down is not None else [])):
-                if not members or not outputs.requires_grad:
-                    continue
-                cols = {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}
-                sums = [(self.factors.modules[self.projections[i].name].grad_sum, cols[k]) for k, i in members]
-                outputs.register_hook(gram_hook(sums, keep))
-                if block == self.lowest_block:
-                    self._targets.append(outputs)
+            for _, i in split + down:  # per-expert row counts
+                module_factors(i).activation_tokens += int(keep.numel())
+                module_factors(i).grad_tokens += int(keep.numel())
+            with torch.no_grad():  # gate and up read x: one activation sum; down reads h
+                for members, inputs in ((split, x), (down, h)):
+                    if members:
+                        add_gram(module_factors(members[0][1]).activation_sum, inputs.detach().index_select(0, keep),
+                                 upper=True)  # fmt: skip
+            for outputs, members in ((gate_up_out, split), (down_out, down)):
+                if members and outputs.requires_grad:
+                    outputs.register_hook(gram_hook([(module_factors(i).grad_sum, cols[k]) for k, i in members], keep))
+                    if block == self.lowest_block:
+                        self._targets.append(outputs)
 
         return tap_experts(experts, lambda: self._phase is not None, on_expert)
 
     def _valid_mask(self, device: torch.device) -> torch.Tensor:
         """``(B·T,)`` bool on ``device``: the flat positions that have a label (the experts see flat tokens)."""
         if device not in self._valid_masks:
-            idx = self._valid_index[next(iter(self._valid_index))].to(device)
             mask = torch.zeros(self._n_positions, dtype=torch.bool, device=device)
-            mask[idx] = True
+            mask[self._valid_index[next(iter(self._valid_index))].to(device)] = True
             self._valid_masks[device] = mask
         return self._valid_masks[device]
 
-    def _grad_hook(self, index: int):
-        mf = self.factors.modules[self.projections[index].name]
-
-        def hook(grad: torch.Tensor) -> None:
-            self._grad_hits[index] += 1
-            with torch.no_grad():
-                add_gram(mf.grad_sum, self._rows(grad), upper=True)
-            return None
-
-        return hook
-
     # -------------------------------------------------------------------------------------------- one step
     def accumulate(self, batch: dict[str, torch.Tensor]) -> int:
-        """Add one batch ``{"input_ids": (B, T), "attention_mask": (B, T)[, "window_index": (B,)]}``.
-
-        Without ``window_index`` the windows are numbered on from the previous batch. Returns the number of valid
-        (labelled) positions added.
-        """
-        if not self._handles:
+        """Add one batch ``{"input_ids": (B, T), "attention_mask": (B, T)[, "window_index": (B,)]}`` (windows
+        numbered on from the previous batch without ``window_index``); returns the valid positions added."""
+        if self._undo is None:
             raise RuntimeError("use FactorCollector as a context manager: `with FactorCollector(...) as c:`")
         device = self.model.get_input_embeddings().weight.device
         input_ids = batch["input_ids"].to(device)
@@ -429,65 +399,47 @@ class FactorCollector:
         window_index = batch.get("window_index")
         if window_index is None:
             window_index = torch.arange(self.windows, self.windows + n_windows)
-        valid = valid_positions(mask)
-        flat_valid = valid.reshape(-1)
-        idx = flat_valid.nonzero().squeeze(1)
+        idx = valid_positions(mask).reshape(-1).nonzero().squeeze(1)
         n_valid = int(idx.numel())
         if n_valid:
             self._step(input_ids, mask, idx, window_index)
         # counters move only after a step succeeded, so they always describe the sums
         self.tokens += int(mask.sum())
-        self.windows = max(self.windows, int(window_index.max()) + 1) if n_windows else self.windows
+        if n_windows:
+            self.windows = max(self.windows, int(window_index.max()) + 1)
         self.seq_len = seq_len
         self.steps += 1
         self.labelled_tokens += n_valid
         return n_valid
 
+    def _labels(self, flat_logits: torch.Tensor, input_ids: torch.Tensor, idx: torch.Tensor, uniforms) -> torch.Tensor:
+        """``(B·T,)`` labels: the gold next token or a sampled one at the valid positions ``idx``, ignored elsewhere."""
+        labels = torch.full((flat_logits.shape[0],), IGNORE_INDEX, dtype=torch.long, device=flat_logits.device)
+        idx = idx.to(flat_logits.device)
+        if self.labels == "gold":
+            labels[idx] = torch.roll(input_ids, shifts=-1, dims=1).reshape(-1).to(flat_logits.device)[idx]
+        else:
+            labels[idx] = sample_labels(flat_logits.detach(), uniforms, rows=idx)
+        return labels
+
     def _step(self, input_ids: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, window_index: torch.Tensor):
         """Forward, labels, backward for one batch with ``idx`` (flat indices of the valid positions) non-empty."""
-        n_valid = int(idx.numel())
-        seq_len = input_ids.shape[1]
-        device = input_ids.device
-
         uniforms = None
         if self.labels == "sampled":
-            uniforms = window_uniforms(self.seed, window_index.tolist(), seq_len).reshape(-1)[idx.cpu()]
-
-        self._valid_index = {device: idx}
-        self._valid_masks = {}
-        self._n_positions = input_ids.numel()
+            uniforms = window_uniforms(self.seed, window_index.tolist(), input_ids.shape[1]).reshape(-1)[idx.cpu()]
+        self._start_step(idx, input_ids.numel())
         self._mirrored = False
-        self._forward_hits = [0] * len(self.projections)
-        self._grad_hits = [0] * len(self.projections)
-        self._shared_input = {}
-        self._targets = []
         try:
             self._phase = "forward"
             with torch.enable_grad():
                 position_ids = (mask.long().cumsum(-1) - 1).clamp_min_(0)
-                output = self.model(
-                    input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-                )
-                logits = output.logits
-                del output
-                vocab = logits.shape[-1]
-                flat_logits = logits.reshape(-1, vocab)
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                    use_cache=False).logits  # fmt: skip
+                flat_logits = logits.reshape(-1, logits.shape[-1])
                 del logits
-                if self.labels == "gold":
-                    next_tokens = torch.roll(input_ids, shifts=-1, dims=1).reshape(-1)
-                    chosen = next_tokens.index_select(0, idx)
-                else:
-                    chosen = torch.empty(n_valid, dtype=torch.long, device=flat_logits.device)
-                    chunk = max(1, _SAMPLE_CHUNK_ELEMENTS // max(vocab, 1))
-                    for start in range(0, n_valid, chunk):
-                        rows = flat_logits.detach().index_select(0, idx[start : start + chunk].to(flat_logits.device))
-                        chosen[start : start + chunk] = sample_labels(rows, uniforms[start : start + chunk])
-                labels = torch.full((flat_logits.shape[0],), IGNORE_INDEX, dtype=torch.long, device=flat_logits.device)
-                labels[idx.to(flat_logits.device)] = chosen.to(flat_logits.device)
                 loss_dtype = torch.float64 if flat_logits.dtype == torch.float64 else torch.float32
-                loss = F.cross_entropy(
-                    flat_logits.to(loss_dtype), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-                )
+                labels = self._labels(flat_logits, input_ids, idx, uniforms)
+                loss = F.cross_entropy(flat_logits.to(loss_dtype), labels, ignore_index=IGNORE_INDEX, reduction="sum")
                 del flat_logits
                 if not loss.requires_grad:
                     raise RuntimeError("the loss does not depend on the chosen projections; no gradient can flow")
@@ -499,21 +451,17 @@ class FactorCollector:
                     loss.backward()
                 del loss, targets
         finally:
-            self._phase = None
-            self._targets = []
-            self._valid_index = {}
+            self._phase, self._targets, self._valid_index = None, [], {}
+        hooked = [p for p in self.projections if p.expert is None]  # an expert counts its routed rows itself
         for p, f_hits, g_hits in zip(self.projections, self._forward_hits, self._grad_hits):
-            if p.expert is None and (f_hits != 1 or g_hits != 1):  # an expert counts its routed rows itself
+            if p.expert is None and (f_hits != 1 or g_hits != 1):
                 raise RuntimeError(
                     f"{p.name}: forward ran {f_hits}x and its output gradient arrived {g_hits}x in one step "
                     "(expected once each); is the module shared or skipped in this architecture?"
                 )
-        for p in self.projections:
-            if p.expert is not None:
-                continue
-            mf = self.factors.modules[p.name]
-            mf.activation_tokens += n_valid
-            mf.grad_tokens += n_valid
+        for p in hooked:
+            self.factors.modules[p.name].activation_tokens += int(idx.numel())
+            self.factors.modules[p.name].grad_tokens += int(idx.numel())
 
     # -------------------------------------------------------------------------------------------- result
     def manifest(self) -> dict[str, Any]:
@@ -523,16 +471,13 @@ class FactorCollector:
         from .. import __version__
 
         cfg = getattr(self.model, "config", None)
-        weight_dtype = self.projections[0].module.weight.dtype
         prior = self.factors.manifest
         return {
             "model": getattr(cfg, "_name_or_path", None) or getattr(self.model, "name_or_path", None),
             "model_type": getattr(cfg, "model_type", type(self.model).__name__),
             "model_fingerprint": model_fingerprint(self.model),
-            "dtype": str(weight_dtype).removeprefix("torch."),
-            "accumulate_dtype": str(self.factors.modules[self.projections[0].name].grad_sum.dtype).removeprefix(
-                "torch."
-            ),
+            "dtype": str(self.projections[0].module.weight.dtype).removeprefix("torch."),
+            "accumulate_dtype": str(self.factors.modules[self.projections[0].name].grad_sum.dtype).removeprefix("torch."),
             "labels": self.labels,
             "label_sampler": "inverse CDF of uniforms seeded by (seed, window index)" if self.labels == "sampled" else None,
             "seed": self.seed,
@@ -540,12 +485,11 @@ class FactorCollector:
             "tokens": int(prior.get("tokens", 0)) + self.tokens,
             "labelled_tokens": int(prior.get("labelled_tokens", 0)) + self.labelled_tokens,
             "windows": self.windows,
-            "layers": sorted({p.block for p in self.projections}),
-            "projections": [k for k in ("gate", "up", "down") if any(p.kind == k for p in self.projections)],
+            **describe_projections(self.projections),
             "kfac_edit_version": __version__,
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": utc_now(),
         }
 
     def symmetrize(self) -> Factors:
@@ -557,12 +501,11 @@ class FactorCollector:
             self._mirrored = True
         return self.factors
 
-    def finish(self, check_finite: bool = True) -> Factors:
+    def finish(self) -> Factors:
         """The collected factors with their manifest; raises :class:`UserError` naming a module with NaN/Inf."""
         self.symmetrize()
         if self.labelled_tokens == 0 and not any(mf.grad_tokens for mf in self.factors.modules.values()):
             raise UserError("no token with a label was seen (every window was padding); give the run more text")
         self.factors.manifest.update(self.manifest())
-        if check_finite:
-            self.factors.check_finite()
+        self.factors.check_finite()
         return self.factors

@@ -1,22 +1,14 @@
 """Data-parallel factor collection over ``torch.distributed`` (launched by ``torchrun`` or ``accelerate launch``).
 
 Both launchers start one process per GPU and set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
-``MASTER_PORT``; :func:`init_distributed` reads them, so a plain ``python -m kfac_edit.cli collect`` is one process
-(world size 1: nothing here does any communication) and ``torchrun --nproc-per-node 8 -m kfac_edit.cli collect``
-is eight.
+``MASTER_PORT``, which :func:`init_distributed` reads; without them a process is alone (world size 1: nothing here
+communicates). Each rank streams a disjoint shard of the packed windows (window ``i`` goes to rank
+``i % world_size``); at a checkpoint and at the end of a pass :func:`reduce_factors_to_main` adds every rank's sums
+and counts into rank 0's and zeroes the others' (nothing is counted twice); only rank 0 writes files.
 
-Conventions of a data-parallel collection:
-
-* each rank streams a disjoint shard of the packed windows (window ``i`` goes to rank ``i % world_size``);
-* at a checkpoint and at the end of a pass every rank adds its factor sums and token counts into everyone's
-  (:func:`reduce_factors_to_main`); the main rank (rank 0) keeps the totals, the others zero theirs, so the next
-  reduction adds only what they collected since: the sums are never counted twice;
-* only the main rank writes files.
-
-Every collective runs under the process group's timeout (``timeout_s``). A rank that died or hung makes the others
-fail with :class:`RankFailure`, a one-line message saying so, instead of waiting forever. On NCCL the timeout only
-raises in the waiting process with ``TORCH_NCCL_BLOCKING_WAIT=1``, which :func:`init_distributed` sets unless the
-environment already chose.
+Every collective runs under the process group's timeout: a rank that died or hung makes the others fail with a
+one-line :class:`RankFailure` instead of waiting forever (on NCCL that needs ``TORCH_NCCL_BLOCKING_WAIT=1``, which
+:func:`init_distributed` sets unless the environment already chose).
 """
 
 from __future__ import annotations
@@ -25,17 +17,17 @@ import datetime as _dt
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from .store import first_line
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 1800.0
-T = TypeVar("T")
 
 
 class RankFailure(RuntimeError):
@@ -66,39 +58,20 @@ class DistContext:
 
     @property
     def device(self) -> torch.device:
-        if self.backend == "nccl":
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
-
-    def describe(self) -> str:
-        return f"rank {self.rank} of {self.world_size}"
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
 
 def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
+    value = os.environ.get(name) or None
     try:
-        return int(value)
+        return default if value is None else int(value)
     except ValueError:
         raise UserError(f"environment variable {name}={value!r} is not an integer; fix the launcher's settings") from None
 
 
-def env_rank_world() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from the launcher's environment; ``(0, 1, 0)`` when not launched."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local = _env_int("LOCAL_RANK", rank)
-    if world < 1 or not 0 <= rank < world:
-        raise UserError(f"RANK={rank} and WORLD_SIZE={world} do not fit together; launch with torchrun or accelerate")
-    return rank, world, local
-
-
 def rank_device(device: torch.device, ctx: DistContext) -> torch.device:
     """The device a rank computes on: ``cuda:LOCAL_RANK`` when ``device`` is a GPU in a multi-rank job."""
-    if ctx.enabled and device.type == "cuda":
-        return torch.device("cuda", ctx.local_rank)
-    return device
+    return torch.device("cuda", ctx.local_rank) if ctx.enabled and device.type == "cuda" else device
 
 
 def init_distributed(device: torch.device | str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
@@ -106,11 +79,12 @@ def init_distributed(device: torch.device | str | None = None, timeout_s: float 
 
     An existing process group (e.g. one made by ``accelerate``'s ``Accelerator``) is used as it is.
     """
-    rank, world, local = env_rank_world()
+    world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"RANK={rank} and WORLD_SIZE={world} do not fit together; launch with torchrun or accelerate")
     if dist.is_available() and dist.is_initialized():
-        return DistContext(
-            dist.get_rank(), dist.get_world_size(), local, dist.get_backend(), timeout_s, owns_group=False
-        )
+        return DistContext(dist.get_rank(), dist.get_world_size(), local, dist.get_backend(), timeout_s)
     if world == 1:
         return DistContext(timeout_s=timeout_s)
     if not dist.is_available():
@@ -118,8 +92,7 @@ def init_distributed(device: torch.device | str | None = None, timeout_s: float 
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(name):
             raise UserError(f"WORLD_SIZE={world} but {name} is not set; launch with torchrun or accelerate launch")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = "nccl" if torch.device(device or "cpu").type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
         if local >= torch.cuda.device_count():
@@ -136,8 +109,8 @@ def init_distributed(device: torch.device | str | None = None, timeout_s: float 
         )
     except (RuntimeError, ValueError) as exc:
         raise RankFailure(
-            f"rank {rank} of {world}: could not join the process group ({_first_line(exc)}); check that every rank "
-            "was started and MASTER_ADDR/MASTER_PORT are reachable"
+            f"rank {rank} of {world}: could not join the process group ({first_line(exc)[:300]}); check that every "
+            "rank was started and MASTER_ADDR/MASTER_PORT are reachable"
         ) from None
     log.info("rank %d of %d joined the %s process group", rank, world, backend)
     return DistContext(rank, world, local, backend, timeout_s, owns_group=True)
@@ -149,20 +122,15 @@ def shutdown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def collective(ctx: DistContext, what: str, fn: Callable[[], T]) -> T:
+def collective(ctx: DistContext, what: str, fn: Callable[[], Any]) -> Any:
     """Run one collective; a failure or timeout becomes :class:`RankFailure` naming ``what`` and the likely cause."""
     try:
         return fn()
     except (RuntimeError, dist.DistError) as exc:  # DistBackendError, gloo's connection errors, NCCL timeouts
         raise RankFailure(
-            f"{ctx.describe()}: {what} failed ({_first_line(exc)}); another rank has probably died or hung "
-            f"(collectives time out after {ctx.timeout_s:g} s): see its log, then rerun with --resume to continue from "
-            "the last checkpoint"
+            f"rank {ctx.rank} of {ctx.world_size}: {what} failed ({first_line(exc)[:300]}); another rank has probably "
+            f"died or hung (collectives time out after {ctx.timeout_s:g} s): see its log, then rerun with --resume to "
+            "continue from the last checkpoint"
         ) from None
 
 
@@ -199,26 +167,21 @@ def broadcast_tensor(ctx: DistContext, tensor: torch.Tensor, src: int, what: str
     return _through_device(ctx, tensor, what, lambda t: dist.broadcast(t, src=src)) if ctx.enabled else tensor
 
 
-def reduce_factors_to_main(ctx: DistContext, factors, what: str = "factor all-reduce") -> None:
-    """Add every rank's factor sums and counts into the main rank's; the other ranks' become zero.
-
-    ``factors`` is a :class:`~kfac_edit.factors.store.Factors` with the same modules on every rank. A shared
-    (gate/up) activation sum is reduced once. After the call the main rank holds the totals and the others hold
-    zeros, so calling it again later adds only what was collected in between.
-    """
+def reduce_factors_to_main(ctx: DistContext, factors, counters: Sequence[int] = (), what: str = "factor all-reduce") -> list[int]:
+    """Add every rank's sums and counts of ``factors`` (a :class:`~kfac_edit.factors.store.Factors` with the same
+    modules on every rank; a shared activation sum reduced once) into the main rank's; the others' become zero, so
+    a later call adds only what was collected in between. Returns ``counters`` summed over the ranks."""
     if not ctx.enabled:
-        return
+        return list(counters)
     for tensor in factors.tensors():
-        _through_device(ctx, tensor, what, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
-    names = list(factors.modules)
-    counts = [c for n in names for c in (factors.modules[n].activation_tokens, factors.modules[n].grad_tokens)]
-    counts = all_reduce_ints(ctx, counts, "sum", what)
-    for i, name in enumerate(names):
-        mf = factors.modules[name]
-        mf.activation_tokens, mf.grad_tokens = counts[2 * i], counts[2 * i + 1]
-    if not ctx.is_main:
-        for tensor in factors.tensors():
+        _through_device(ctx, tensor, what, dist.all_reduce)  # SUM
+        if not ctx.is_main:
             tensor.zero_()
-        for mf in factors.modules.values():
-            mf.activation_tokens = mf.grad_tokens = 0
+    modules = list(factors.modules.values())
+    own = [c for mf in modules for c in (mf.activation_tokens, mf.grad_tokens)]
+    summed = all_reduce_ints(ctx, [*counters, *own], "sum", what)
+    totals, counts = summed[: len(counters)], summed[len(counters) :]
+    for mf, activation_tokens, grad_tokens in zip(modules, counts[::2], counts[1::2]):
+        mf.activation_tokens, mf.grad_tokens = (activation_tokens, grad_tokens) if ctx.is_main else (0, 0)
     factors._hashes.clear()
+    return totals

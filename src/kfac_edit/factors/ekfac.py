@@ -1,28 +1,21 @@
 """EK-FAC eigenvalues: a second pass over the data in the K-FAC eigenbasis (the eigenvalue correction).
 
 K-FAC gives pair ``(i, j)`` (the Fisher eigenvector ``u_G[i] ⊗ u_A[j]``, conventions in :mod:`kfac_edit.curvature`)
-the mass ``λ_G[i]·μ_A[j]``, which is exact only when the gradient and activation statistics are independent. The
-eigenvalue correction keeps the K-FAC eigenbasis and replaces that product by the true second moment of the
-per-token weight gradient ``g aᵀ`` along the pair::
+the mass ``λ_G[i]·μ_A[j]``, exact only when gradient and activation statistics are independent. EK-FAC keeps the
+eigenbasis and takes the true second moment of the per-token weight gradient ``g aᵀ`` along the pair::
 
     E[(u_G[i]ᵀ g aᵀ u_A[j])²] = E[(u_G[i]ᵀ g)² (u_A[j]ᵀ a)²]      over the labelled tokens
 
-A second pass (the same hooks, rows and labels as :class:`~kfac_edit.factors.collector.FactorCollector`) rotates
-each valid row, ``a' = U_Aᵀ a`` and ``g' = U_Gᵀ g``, and adds ``(g'²)ᵀ (a'²)`` into an ``(out, in)`` **pair sum**
-(one GEMM per module per step). As with the other factors it keeps sums and a token count, so passes and ranks add
-up (:meth:`Ekfac.add_`). The pass also sums the rotated activation energy ``a'²`` (``(in,)``): ``E[a'_j²]`` is
-``u_A[j]ᵀ A u_A[j]``, what :mod:`kfac_edit.predict` uses for its activation-energy share.
+:func:`collect_ekfac` runs the collector's step (same hooks, rows and labels) with hooks that rotate each valid row,
+``a' = U_Aᵀ a`` and ``g' = U_Gᵀ g``, and add ``(g'²)ᵀ (a'²)`` to an ``(out, in)`` **pair sum** and ``a'²`` to an
+``(in,)`` activation energy sum (``E[a'_j²] = u_A[j]ᵀ A u_A[j]``, for :mod:`kfac_edit.predict`): sums and a token
+count, so passes add up (:meth:`Ekfac.add_`). With one token, or ``A`` of rank one, the moment is ``λ_i·μ_j``
+exactly (tested); its total is ``E[|g|²|a|²]``, not ``tr(G)·tr(A)``. One process, no ranks.
 
-Reductions (tested): with one token, or with one activation row for every token (``A`` of rank one), the second
-moment is ``λ_i·μ_j`` exactly. Its total ``Σ_ij`` is ``E[|g|²|a|²]``, not ``tr(G)·tr(A)``.
-
-Stored with the factors: ``DIR/ekfac.safetensors`` holds ``"<module>.pair_sum"`` and
-``"<module>.activation_energy_sum"``; its header and ``manifest.json``'s ``"ekfac"`` entry record per module the
-token count and the **basis**: :meth:`Factors.content_hash` of the factors whose eigenvectors were used. Loading
-checks it (:meth:`Ekfac.check_basis`): EK-FAC eigenvalues of other factors are refused in one line.
-
-The pass runs in one process (no ranks), over the data given; :func:`collect_ekfac` is its entry point
-(``kfac-edit collect --ekfac`` runs it after the K-FAC pass, on the factors as written to disk).
+Stored beside the factors (``kfac-edit collect --ekfac``): ``DIR/ekfac.safetensors`` holds ``"<module>.pair_sum"``
+and ``"<module>.activation_energy_sum"``; its header and ``manifest.json``'s ``"ekfac"`` entry record per module
+the token count and the **basis** (:meth:`Factors.content_hash` of the factors whose eigenvectors were used), which
+:meth:`Ekfac.check_basis` compares: EK-FAC eigenvalues of other factors are refused in one line.
 """
 
 from __future__ import annotations
@@ -30,9 +23,9 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from safetensors import safe_open
@@ -43,8 +36,8 @@ from ..constants import EKFAC_FILE, MANIFEST_FILE
 from ..errors import UserError
 from ..fileio import atomic_path, write_json
 from ..models import Projection
-from .collector import FactorCollector, accumulate_dtype_for
-from .store import Factors, ModuleFactors
+from .collector import FactorCollector, accumulate_dtype_for, take_tokens
+from .store import Factors, ModuleFactors, ModuleSet
 
 PAIR_SUM = "pair_sum"  # tensor "<module>.pair_sum": Σ_t (g'_t²)ᵀ(a'_t²), (out, in)
 ACTIVATION_ENERGY_SUM = "activation_energy_sum"  # tensor "<module>.activation_energy_sum": Σ_t a'_t², (in,)
@@ -64,19 +57,8 @@ class EkfacModule:
         return tuple(self.pair_sum.shape)
 
 
-class Ekfac:
-    """EK-FAC pair masses of several modules (see the module docstring)."""
-
-    def __init__(self, modules: dict[str, EkfacModule] | None = None, manifest: dict[str, Any] | None = None):
-        self.modules = dict(modules or {})
-        self.manifest = dict(manifest or {})
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.modules)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.modules
+class Ekfac(ModuleSet):
+    """EK-FAC pair masses of several modules (``modules``: :class:`EkfacModule`; see the module docstring)."""
 
     def _get(self, name: str) -> EkfacModule:
         if name not in self.modules:
@@ -100,15 +82,14 @@ class Ekfac:
         for name, theirs in other.modules.items():
             mine = self.modules.get(name)
             if mine is None:
-                self.modules[name] = EkfacModule(
-                    theirs.pair_sum.clone(), theirs.activation_energy_sum.clone(), theirs.tokens, theirs.basis
-                )
-                continue
-            if mine.basis != theirs.basis or mine.shape != theirs.shape:
+                self.modules[name] = replace(theirs, pair_sum=theirs.pair_sum.clone(),
+                                             activation_energy_sum=theirs.activation_energy_sum.clone())  # fmt: skip
+            elif mine.basis != theirs.basis or mine.shape != theirs.shape:
                 raise UserError(f"cannot add EK-FAC sums of {name}: they were computed in different eigenbases")
-            mine.pair_sum += theirs.pair_sum.to(mine.pair_sum)
-            mine.activation_energy_sum += theirs.activation_energy_sum.to(mine.activation_energy_sum)
-            mine.tokens += theirs.tokens
+            else:
+                mine.pair_sum += theirs.pair_sum.to(mine.pair_sum)
+                mine.activation_energy_sum += theirs.activation_energy_sum.to(mine.activation_energy_sum)
+                mine.tokens += theirs.tokens
         return self
 
     def check_basis(self, factors: Factors, names: Iterable[str], where: str = "the EK-FAC eigenvalues") -> None:
@@ -138,10 +119,8 @@ class Ekfac:
         entries = {name: {"tokens": m.tokens, "basis": m.basis, "shape": list(m.shape)} for name, m in self.modules.items()}
         meta = {k: v for k, v in self.manifest.items() if k != "modules"}
         record = {**meta, "file": EKFAC_FILE, "run_id": run_id, "modules": entries}
-        tensors = {}
-        for name, m in self.modules.items():
-            tensors[f"{name}.{PAIR_SUM}"] = m.pair_sum.detach().cpu().contiguous()
-            tensors[f"{name}.{ACTIVATION_ENERGY_SUM}"] = m.activation_energy_sum.detach().cpu().contiguous()
+        tensors = {f"{name}.{key}": t.detach().cpu().contiguous() for name, m in self.modules.items()
+                   for key, t in ((PAIR_SUM, m.pair_sum), (ACTIVATION_ENERGY_SUM, m.activation_energy_sum))}  # fmt: skip
         with atomic_path(directory / EKFAC_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"run_id": run_id, "ekfac": json.dumps(record, default=str)})
         manifest = json.loads(manifest_path.read_text())
@@ -181,97 +160,51 @@ class Ekfac:
 
 # ---------------------------------------------------------------------------------------------------- the pass
 class EkfacCollector(FactorCollector):
-    """The collector's step (forward, labels, backward, valid rows) with hooks that accumulate in an eigenbasis.
-
-    ``bases``: ``{module name: (grad_eig, act_eig)}``. The K-FAC sums are not collected again: ``factors`` holds
-    only the token counts; the results are in :attr:`ekfac`-style sums ``pair_sums`` / ``energy_sums``.
-    """
+    """The collector's step and hooks, adding in the eigenbases ``{module name: (grad_eig, act_eig)}`` to
+    ``pair_sums`` and ``energy_sums`` (``factors`` holds only the token counts)."""
 
     def __init__(self, model: nn.Module, projections: Sequence[Projection], bases: dict, labels: str = "sampled",
                  seed: int = 0):  # fmt: skip
         self.bases = bases
         self.pair_sums: dict[str, torch.Tensor] = {}
         self.energy_sums: dict[str, torch.Tensor] = {}
-        self._rotated: dict[str, torch.Tensor] = {}
+        self._rotated: dict[str, torch.Tensor] = {}  # (u_Aᵀ a)² of this step's rows, until the gradient arrives
         super().__init__(model, projections, labels, seed)
 
     def _allocate(self) -> None:
         for p in self.projections:
-            if p.name not in self.bases:
-                raise ValueError(f"no eigenbasis given for {p.name}")
-            grad_eig, act_eig = self.bases[p.name]
-            if (grad_eig.size, act_eig.size) != tuple(p.shape):
-                raise UserError(
-                    f"the eigenbasis of {p.name} fits {grad_eig.size}x{act_eig.size} but the model's weight is "
-                    f"{p.shape[0]}x{p.shape[1]}: the factors come from another model"
-                )
             device, dtype = p.module.weight.device, accumulate_dtype_for(p.module)
-            self.bases[p.name] = (grad_eig.to(device), act_eig.to(device))
+            self.bases[p.name] = tuple(eig.to(device) for eig in self.bases[p.name])  # (grad_eig, act_eig)
             empty = torch.zeros(0, 0, dtype=dtype, device=device)  # counts only (see the class docstring)
             self.factors.modules[p.name] = ModuleFactors(empty, empty, activation_key=p.name)
             self.pair_sums[p.name] = torch.zeros(p.shape, dtype=dtype, device=device)
             self.energy_sums[p.name] = torch.zeros(p.shape[1], dtype=dtype, device=device)
 
-    def _forward_hook(self, index: int):
-        projection = self.projections[index]
-        name = projection.name
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
-            if self._phase is None:
-                return None
-            if self._phase == "forward":
-                x = args[0] if args else next(iter(kwargs.values()))
-                self._forward_hits[index] += 1
-                total = self.pair_sums[name]
-                with torch.no_grad():
-                    u_act = self.bases[name][1].vectors_as(total.dtype)
-                    rotated = self._rows(x.detach()).to(total.dtype) @ u_act
-                    squared = rotated.square_()
-                    self.energy_sums[name] += squared.sum(0)
-                    self._rotated[name] = squared
-            if output.requires_grad and torch.is_grad_enabled():
-                output.register_hook(self._grad_hook(index))
-                if self._phase == "forward" and projection.block == self.lowest_block:
-                    self._targets.append(output)
-            return None
-
-        return hook
-
-    def _grad_hook(self, index: int):
+    def _add_input(self, index: int, x: torch.Tensor) -> None:
         name = self.projections[index].name
+        dtype = self.pair_sums[name].dtype
+        squared = (self._rows(x).to(dtype) @ self.bases[name][1].vectors_as(dtype)).square_()
+        self.energy_sums[name] += squared.sum(0)
+        self._rotated[name] = squared
 
-        def hook(grad: torch.Tensor) -> None:
-            self._grad_hits[index] += 1
-            total = self.pair_sums[name]
-            with torch.no_grad():
-                u_grad = self.bases[name][0].vectors_as(total.dtype)
-                rotated = (self._rows(grad).to(total.dtype) @ u_grad).square_()
-                total.addmm_(rotated.T, self._rotated.pop(name))
-            return None
-
-        return hook
-
-    def symmetrize(self) -> Factors:  # nothing to mirror: the pair sums are full GEMMs
-        return self.factors
-
-    def result(self, basis: dict[str, str], manifest: dict[str, Any]) -> Ekfac:
-        modules = {
-            p.name: EkfacModule(
-                self.pair_sums[p.name].cpu(), self.energy_sums[p.name].cpu(), self.factors.modules[p.name].grad_tokens,
-                basis[p.name],
-            )  # fmt: skip
-            for p in self.projections
-        }
-        return Ekfac(modules, manifest)
+    def _add_grad(self, index: int, rows: torch.Tensor) -> None:
+        name = self.projections[index].name
+        total = self.pair_sums[name]
+        rotated = (rows.to(total.dtype) @ self.bases[name][0].vectors_as(total.dtype)).square_()
+        total.addmm_(rotated.T, self._rotated.pop(name))
 
 
-def _projections_of(model: nn.Module, names: Sequence[str]) -> list[Projection]:
+def _projections_of(model: nn.Module, factors: Factors, names: Sequence[str]) -> list[Projection]:
+    """The model's projections ``names``, each of the shape of its factors."""
     from ..models import find_projections, projection_kinds
 
     found = {p.name: p for p in find_projections(model, None, projection_kinds(model))}
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise UserError(f"the model has no module {missing[0]}: the factors come from another model")
+    for name in names:
+        if name not in found:
+            raise UserError(f"the model has no module {name}: the factors come from another model")
+        if tuple(factors.shape(name)) != tuple(found[name].shape):
+            raise UserError(f"factors for {name} fit {factors.shape(name)} but the model's weight is "
+                            f"{found[name].shape}: the factors come from another model")  # fmt: skip
     return [found[n] for n in names]
 
 
@@ -300,36 +233,23 @@ def collect_ekfac(
     labels = labels or factors.manifest.get("labels") or "sampled"
     seed = int(seed if seed is not None else factors.manifest.get("seed") or 0)
     cache = cache if cache is not None else EigenCache(None)
-    projections = _projections_of(model, names)
-    for p in projections:
-        if tuple(factors.shape(p.name)) != tuple(p.shape):
-            raise UserError(
-                f"factors for {p.name} fit {factors.shape(p.name)} but the model's weight is {p.shape}: the factors "
-                "come from another model"
-            )
+    projections = _projections_of(model, factors, names)
     device = next(model.parameters()).device
-    bases = {n: cache.get(factors, n, device) for n in names}
-    basis = {n: factors.content_hash(n) for n in names}
-    collector = EkfacCollector(model, projections, bases, labels, seed)
-    tokens = 0
+    collector = EkfacCollector(model, projections, {n: cache.get(factors, n, device) for n in names}, labels, seed)
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="EK-FAC pass", disable=None if progress else True)
-    try:
-        with collector:
-            for batch in batches:
-                if max_tokens is not None and tokens >= max_tokens:
-                    break
-                mask = batch.get("attention_mask")
-                n = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-                collector.accumulate(batch)
-                tokens += n
-                bar.update(n)
-    finally:
-        bar.close()
+    with bar, collector:
+        for batch in take_tokens(batches, max_tokens):
+            before = collector.tokens
+            collector.accumulate(batch)
+            bar.update(collector.tokens - before)
     if collector.labelled_tokens == 0:
         raise UserError("no token with a label was seen in the EK-FAC pass; give it more text")
-    manifest = {"labels": labels, "seed": seed, "tokens": tokens, "labelled_tokens": collector.labelled_tokens}
-    result = collector.result(basis, manifest)
-    for name, m in result.modules.items():
-        if not bool(torch.isfinite(m.pair_sum).all()):
+    manifest = {"labels": labels, "seed": seed, "tokens": collector.tokens, "labelled_tokens": collector.labelled_tokens}
+    modules = {}
+    for name in names:
+        if not bool(torch.isfinite(collector.pair_sums[name]).all()):
             raise UserError(f"{name}: the EK-FAC sums contain NaN/Inf; collect in float32 (--dtype float32)")
-    return result
+        tokens = collector.factors.modules[name].grad_tokens
+        modules[name] = EkfacModule(collector.pair_sums[name].cpu(), collector.energy_sums[name].cpu(), tokens,
+                                    factors.content_hash(name))  # fmt: skip
+    return Ekfac(modules, manifest)

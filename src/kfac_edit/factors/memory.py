@@ -1,21 +1,21 @@
 """How much memory the factor sums take, and how to split the blocks into passes so that they fit.
 
-A projection with weight ``W`` of shape ``(out, in)`` holds ``A`` ``(in, in)`` and ``G`` ``(out, out)`` sums in the
-accumulation dtype (fp32; fp64 for an fp64 model); ``gate`` and ``up`` of one block share one ``A``, counted once
-(with ``gate``). For OLMo-2-7B (hidden 4096, MLP 11008) one block takes about 1.6 GiB, all 32 blocks about 51 GiB.
+A projection with weight ``(out, in)`` holds ``A`` ``(in, in)`` and ``G`` ``(out, out)`` sums in the accumulation
+dtype (fp32; fp64 for an fp64 model); ``gate`` and ``up`` of one block share one ``A``, counted once (with
+``gate``). For OLMo-2-7B (hidden 4096, MLP 11008) one block takes about 1.6 GiB, all 32 blocks about 51 GiB.
 
-``--layers-per-pass K`` collects K blocks per pass over the data (several passes, merged at the end; the sampled
-labels depend only on the seed and the window, so the result equals one pass over every block). During a pass
-only its blocks' sums are on the devices; finished passes wait on the CPU, so the CPU must hold all of them in the
-end (the final file is written from there).
+``--layers-per-pass K`` collects K blocks per pass over the data (the passes add up to one pass over every block).
+During a pass only its blocks' sums are on the devices; finished passes wait on the CPU, which must hold all of
+them in the end (the final file is written from there).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -26,7 +26,6 @@ from .collector import accumulate_dtype_for, activation_keys
 
 log = logging.getLogger(__name__)
 
-GIB = 1 << 30
 CUDA_FRACTION = 0.9  # default budget: this share of the free GPU memory (the rest holds activations)
 CPU_FRACTION = 0.8  # default budget: this share of the available RAM
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
@@ -51,10 +50,6 @@ class ModuleMemory:
         return self.activation_bytes + self.grad_bytes
 
 
-def _device_of(p: Projection) -> str:
-    return str(p.module.weight.device)
-
-
 def module_memory(projections: Sequence[Projection], dtype: torch.dtype | None = None) -> list[ModuleMemory]:
     """Factor bytes per projection, on the device of its weight. ``dtype``: default the accumulation dtype."""
     keys = activation_keys(projections)
@@ -63,8 +58,8 @@ def module_memory(projections: Sequence[Projection], dtype: torch.dtype | None =
         size = torch.empty((), dtype=dtype or accumulate_dtype_for(p.module)).element_size()
         n_out, n_in = p.factor_shape  # A over [a; 1] for a homogeneous (biased) projection
         act = size * n_in * n_in if keys[p.name] == p.name else 0  # a shared A is counted once
-        out.append(ModuleMemory(p.name, p.block, p.kind, (n_out, n_in), _device_of(p), act, size * n_out * n_out,
-                                expert=p.expert is not None))  # fmt: skip
+        out.append(ModuleMemory(p.name, p.block, p.kind, (n_out, n_in), str(p.module.weight.device), act,
+                                size * n_out * n_out, expert=p.expert is not None))  # fmt: skip
     return out
 
 
@@ -74,17 +69,15 @@ def factor_nbytes(projections: Sequence[Projection], dtype: torch.dtype | None =
 
 
 def plan_passes(projections: Sequence[Projection], layers_per_pass: int | None) -> list[list[Projection]]:
-    """Split ``projections`` into passes of ``layers_per_pass`` consecutive blocks (``None``: one pass).
-
-    A block's projections are never split (gate and up share ``A``).
-    """
+    """Split ``projections`` into passes of ``layers_per_pass`` consecutive blocks (``None``: one pass); a block's
+    projections are never split (gate and up share ``A``)."""
     if layers_per_pass is not None and layers_per_pass < 1:
         raise UserError(f"--layers-per-pass must be a positive integer, got {layers_per_pass}")
     blocks = sorted({p.block for p in projections})
     if layers_per_pass is None or layers_per_pass >= len(blocks):
         return [list(projections)] if projections else []
-    groups = [blocks[i : i + layers_per_pass] for i in range(0, len(blocks), layers_per_pass)]
-    return [[p for p in projections if p.block in set(group)] for group in groups]
+    groups = [set(blocks[i : i + layers_per_pass]) for i in range(0, len(blocks), layers_per_pass)]
+    return [[p for p in projections if p.block in group] for group in groups]
 
 
 def parse_size(text: str) -> int:
@@ -96,43 +89,27 @@ def parse_size(text: str) -> int:
 
 
 def format_bytes(n: float) -> str:
-    for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
 
 
 def available_bytes(device: str | torch.device) -> int:
-    """Free memory on ``device``: ``cudaMemGetInfo`` for a GPU, ``MemAvailable`` (else free pages) for the CPU."""
+    """Free memory on ``device``: ``cudaMemGetInfo`` for a GPU, ``MemAvailable`` for the CPU."""
     device = torch.device(device)
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(torch.cuda.mem_get_info(device)[0])
     try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # no way to tell: do not block the run
+        return int(re.search(r"^MemAvailable:\s*(\d+)", Path("/proc/meminfo").read_text(), re.M).group(1)) * 1024
+    except (OSError, AttributeError):  # no /proc/meminfo (not Linux) or no MemAvailable (Linux < 3.14): no limit
         return 1 << 62
-
-
-def default_budget(device: str) -> int:
-    dev = torch.device(device)
-    return int(available_bytes(dev) * (CUDA_FRACTION if dev.type == "cuda" else CPU_FRACTION))
 
 
 @dataclass
 class MemoryPlan:
-    """Factor memory per module, the passes, and the bytes each device must hold at its peak.
-
-    ``need`` maps a device to its peak: on a GPU, the largest pass's sums there; on the CPU of the process that keeps
-    the results, every sum (finished passes wait there and the final file is written from there).
-    """
+    """Factor memory per module, the passes, and ``need``: each device's peak bytes (on a GPU the largest pass's sums
+    there; on the CPU of the process that keeps the results, every sum)."""
 
     modules: list[ModuleMemory]
     passes: list[list[str]]
@@ -142,10 +119,6 @@ class MemoryPlan:
     def total(self) -> int:
         return sum(m.total for m in self.modules)
 
-    def pass_bytes(self, index: int) -> int:
-        names = set(self.passes[index])
-        return sum(m.total for m in self.modules if m.name in names)
-
     def table(self) -> str:
         """Per-module factor memory (modules of the same kind, shape and device on one line) and the totals."""
         groups: dict[tuple, list[ModuleMemory]] = {}
@@ -153,32 +126,29 @@ class MemoryPlan:
             groups.setdefault((m.kind, m.shape, m.device, m.activation_bytes, m.grad_bytes, m.expert), []).append(m)
         lines = ["factor memory (sums; gate and up share A):"]
         for (kind, shape, device, act, grad, expert), members in groups.items():
-            blocks = _ranges([m.block for m in members])
             what = f"A {format_bytes(act)} + G {format_bytes(grad)}" if act else f"G {format_bytes(grad)} (A shared)"
-            unit, count = ("expert", f"{len(members)} experts") if expert else ("module", f"{len(members)} modules")
+            unit = "expert" if expert else "module"
             lines.append(
                 f"  {kind:<5} {shape[0]}x{shape[1]} on {device}: {what} = {format_bytes(act + grad)} per {unit}, "
-                f"blocks {blocks} ({count}, {format_bytes((act + grad) * len(members))})"
+                f"blocks {_ranges([m.block for m in members])} ({len(members)} {unit}s, "
+                f"{format_bytes((act + grad) * len(members))})"
             )
-        n_pass = len(self.passes)
-        largest = max((self.pass_bytes(i) for i in range(n_pass)), default=0)
-        lines.append(
-            f"  total {format_bytes(self.total)} in {len(self.modules)} modules"
-            + (f"; {n_pass} passes, largest {format_bytes(largest)}" if n_pass > 1 else "")
-        )
+        sizes = {m.name: m.total for m in self.modules}
+        largest = max((sum(sizes[n] for n in names) for names in self.passes), default=0)
+        passes = f"; {len(self.passes)} passes, largest {format_bytes(largest)}" if len(self.passes) > 1 else ""
+        lines.append(f"  total {format_bytes(self.total)} in {len(self.modules)} modules{passes}")
         return "\n".join(lines)
 
 
 def _ranges(values: list[int]) -> str:
-    values = sorted(set(values))
-    parts, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            parts.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ",".join(parts)
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    runs: list[list[int]] = []
+    for v in sorted(set(values)):
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def memory_plan(
@@ -187,14 +157,13 @@ def memory_plan(
     """Bytes per module and the peak per device; ``keeps_results``: this process gathers every finished pass on the
     CPU and writes the file (a single process, or rank 0; the other ranks drop each pass once it is reduced)."""
     modules = module_memory(projections)
-    passes = plan_passes(projections, layers_per_pass)
     by_name = {m.name: m for m in modules}
+    passes = plan_passes(projections, layers_per_pass)
     need: dict[str, int] = {}
     for group in passes:
-        per_device: dict[str, int] = {}
-        for p in group:
-            m = by_name[p.name]
-            per_device[m.device] = per_device.get(m.device, 0) + m.total
+        per_device: Counter[str] = Counter()
+        for m in (by_name[p.name] for p in group):
+            per_device[m.device] += m.total
         for device, nbytes in per_device.items():
             need[device] = max(need.get(device, 0), nbytes)
     if keeps_results:
@@ -221,14 +190,13 @@ def check_memory(
     for device, need in plan.need.items():
         limit = budget.get(device) if isinstance(budget, dict) else budget
         if limit is None:
-            limit = default_budget(device)
-        if need <= limit:
-            continue
-        hint = _fitting_hint(projections, device, limit, layers_per_pass)
-        raise UserError(
-            f"the factor sums need {format_bytes(need)} on {device} but only {format_bytes(limit)} may be used there; "
-            + hint
-        )
+            share = CUDA_FRACTION if torch.device(device).type == "cuda" else CPU_FRACTION
+            limit = int(available_bytes(device) * share)
+        if need > limit:
+            raise UserError(
+                f"the factor sums need {format_bytes(need)} on {device} but only {format_bytes(limit)} may be used "
+                f"there; {_fitting_hint(projections, device, limit, layers_per_pass)}"
+            )
     return plan
 
 
@@ -239,8 +207,7 @@ def _fitting_hint(projections: Sequence[Projection], device: str, limit: int, la
             "RAM, or raise --memory-budget"
         )
     n_blocks = len({p.block for p in projections})
-    start = min(layers_per_pass or n_blocks, n_blocks) - 1
-    for k in range(start, 0, -1):
+    for k in range(min(layers_per_pass or n_blocks, n_blocks) - 1, 0, -1):
         if memory_plan(projections, k).need.get(device, 0) <= limit:
             return f"pass --layers-per-pass {k} (or fewer) to collect {k} blocks per pass over the data"
     return "even one block per pass does not fit: use a larger GPU, --device-map auto over several GPUs, or fewer --projections"

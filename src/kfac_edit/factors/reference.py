@@ -9,7 +9,6 @@ count, it is shared (stored once). The reference's ``G`` is taken as given (the 
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import re
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..models import PROJECTIONS
-from .store import Factors
+from .store import Factors, first_line, utc_now
 
 DEFAULT_NAME_TEMPLATE = "model.layers.{i}.mlp.{proj}_proj"
 # What the manifest of imported factors says about their G (issue 12): the reference sums g gᵀ of the gradient of the
@@ -37,8 +36,7 @@ def read_reference(path: str | os.PathLike) -> dict[tuple[int, str], dict[str, A
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, unsafe globals: all mean "not a factor file"
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot read '{path}' as a torch factor file: {first}") from None
+        raise UserError(f"cannot read '{path}' as a torch factor file: {first_line(exc)}") from None
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"'{path}' holds no factor dict; expected {{'blk<i>.<gate|up|down>': {{'A', 'G', 'n_tokens'}}}}")
     out: dict[tuple[int, str], dict[str, Any]] = {}
@@ -52,8 +50,9 @@ def read_reference(path: str | os.PathLike) -> dict[tuple[int, str], dict[str, A
         for label, t in (("A", A), ("G", G)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != t.shape[1]:
                 raise UserError(f"'{path}': {key}.{label} is not a square matrix")
-        n = entry["n_tokens"].item() if isinstance(entry["n_tokens"], torch.Tensor) and entry["n_tokens"].numel() == 1 \
-            else entry["n_tokens"]
+        n = entry["n_tokens"]
+        if isinstance(n, torch.Tensor) and n.numel() == 1:
+            n = n.item()
         if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n):
             raise UserError(f"'{path}': {key}.n_tokens is {n!r}, not a whole number of tokens; fix the factor file")
         n = int(n)
@@ -77,31 +76,34 @@ def _names_from_template(keys, template: str) -> dict[tuple[int, str], str]:
     return names
 
 
-def _names_from_model(keys, model) -> dict[tuple[int, str], tuple[str, tuple[int, int]]]:
+def _names_from_model(entries: dict[tuple[int, str], dict[str, Any]], model) -> dict[tuple[int, str], str]:
+    """The model's module names of the entries, whose shapes are checked against the model's weights."""
     from ..models import find_projections, num_blocks
 
-    blocks = sorted({b for b, _ in keys})
+    blocks = sorted({b for b, _ in entries})
     n = num_blocks(model)
     if blocks[-1] >= n:
         raise UserError(f"the factor file has block {blocks[-1]}, but the --model has blocks 0..{n - 1}; is this the "
                         "right --model?")
-    kinds = [k for k in PROJECTIONS if any(kind == k for _, kind in keys)]
-    projections = find_projections(model, blocks, kinds)
-    by_key = {(p.block, p.kind): p for p in projections}
-    return {key: (by_key[key].name, by_key[key].shape) for key in keys}
+    kinds = [k for k in PROJECTIONS if any(kind == k for _, kind in entries)]
+    by_key = {(p.block, p.kind): p for p in find_projections(model, blocks, kinds)}
+    for key, entry in entries.items():
+        (n_out, n_in), A, G = by_key[key].shape, entry["A"], entry["G"]
+        if A.shape != (n_in, n_in) or G.shape != (n_out, n_out):
+            raise UserError(
+                f"blk{key[0]}.{key[1]}: A {tuple(A.shape)} / G {tuple(G.shape)} do not fit {by_key[key].name} of shape "
+                f"(out, in) = {(n_out, n_in)}; is this the right --model?"
+            )
+    return {key: by_key[key].name for key in entries}
 
 
 def meta_model(name_or_path: str):
     """The architecture of a model (config only, weights on the meta device: nothing is loaded or allocated)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from ..models import check_causal_lm
 
-    try:
-        config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load the config of model '{name_or_path}': {str(exc).splitlines()[0]}") from None
-    check_causal_lm(name_or_path)
+    config = check_causal_lm(name_or_path)  # the config, or a one-line UserError
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -120,15 +122,7 @@ def import_reference(
         if isinstance(model, (str, os.PathLike)):
             model_name = str(model)
             model = meta_model(model_name)
-        named = _names_from_model(entries, model)
-        for key, (name, (n_out, n_in)) in named.items():
-            A, G = entries[key]["A"], entries[key]["G"]
-            if A.shape != (n_in, n_in) or G.shape != (n_out, n_out):
-                raise UserError(
-                    f"blk{key[0]}.{key[1]}: A {tuple(A.shape)} / G {tuple(G.shape)} do not fit {name} of shape "
-                    f"(out, in) = {(n_out, n_in)}; is this the right --model?"
-                )
-        names = {key: name for key, (name, _) in named.items()}
+        names = _names_from_model(entries, model)
     else:
         names = _names_from_template(entries, name_template)
 
@@ -149,14 +143,14 @@ def import_reference(
         "imported_from": str(Path(path).resolve()),
         "source_format": "reference .pt (means + n_tokens)",
         "name_template": None if model is not None else name_template,
-        "model": model_name or (getattr(getattr(model, "config", None), "_name_or_path", None) if model is not None else None),
+        "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", None),
         "labels": None,
         "grad_convention": GRAD_CONVENTION,
         "tokens": max(e["n_tokens"] for e in entries.values()),
         "layers": sorted({b for b, _ in entries}),
         "projections": [k for k in PROJECTIONS if any(kind == k for _, kind in entries)],
         "kfac_edit_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
     }
     if model is not None:
         from ..identity import model_fingerprint

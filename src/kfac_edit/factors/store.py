@@ -1,33 +1,29 @@
-"""On-disk and in-memory K-FAC factors.
+"""On-disk and in-memory K-FAC factors: per module (named by its path, e.g. ``model.layers.23.mlp.up_proj``)
+**sums** and **counts** (conventions in :mod:`kfac_edit.factors.collector`):
 
-For each module (named by its path, e.g. ``model.layers.23.mlp.up_proj``) we keep **sums** and **counts**:
+* ``activation_sum`` ``Σ a aᵀ`` ``(in, in)`` and ``grad_sum`` ``Σ g gᵀ`` ``(out, out)``;
+* ``activation_tokens`` and ``grad_tokens``: the rows (tokens) that went into each.
 
-* ``activation_sum``: Σ a aᵀ over the rows ``a`` of the layer input, shape ``(in, in)``;
-* ``grad_sum``: Σ g gᵀ over the rows ``g`` of the gradient of the summed token loss w.r.t. the layer output,
-  shape ``(out, out)``;
-* ``activation_tokens`` and ``grad_tokens``: the number of rows (tokens) that went into each.
-
-Means (``A = E[a aᵀ]`` from :meth:`Factors.activation_cov`, ``G = E[g gᵀ]`` from :meth:`Factors.grad_cov`) are
-``sum / tokens``. Keeping sums and counts apart lets partial runs, resumed runs and ranks add up exactly
-(:meth:`Factors.add_`). Modules that read the same input (``gate_proj`` and ``up_proj`` of a block) have the same
-**activation key** (the name of the module whose activation sum they use): one tensor in memory, stored once.
+Means (:meth:`Factors.activation_cov`, :meth:`Factors.grad_cov`) are ``sum / tokens``; sums and counts kept apart let
+partial runs, resumes and ranks add up exactly (:meth:`Factors.add_`). Modules reading one input (a block's
+``gate_proj`` and ``up_proj``) share an **activation key**, the name of the module owning the activation sum: one
+tensor in memory, stored once.
 
 Directory layout (format version 2)::
 
     DIR/factors.safetensors   tensors "<activation key>.activation_sum" and "<module>.grad_sum" (fp32 sums)
     DIR/manifest.json         configuration, per-module shapes, activation keys and token counts, and a run id
 
-Both files carry the same ``run_id``; the manifest is written last, so an interrupted save never loads. The manifest
-also holds ``checksums``: ``{tensor name: sha256 of its bytes}``, verified for every tensor a load reads, so a damaged
-file (a flipped byte, a truncated tensor) is found instead of edited with; directories written before checksums were
-added load without the check. Every load also checks what it read (:meth:`Factors.check_sane`: finite, symmetric,
-positive trace, non-negative diagonal, token counts > 0), so zero or non-PSD factors never reach an edit. Version 1
-directories (tensors ``*.activation_cov``/``*.grad_cov`` holding the same sums, named by ``activation_cov_key`` and
-``grad_cov_key`` in the manifest) still load.
+Both files carry the same ``run_id`` and the manifest is written last, so an interrupted save never loads. The
+manifest's ``checksums`` (``{tensor name: sha256}``; absent in older directories) are verified for every tensor a
+load reads, and :meth:`Factors.check_sane` checks what it read (finite, symmetric, positive trace, non-negative
+diagonal, token counts > 0): damaged, zero or non-PSD factors never reach an edit. Version 1 directories (tensors
+``*.activation_cov``/``*.grad_cov`` holding the same sums, named by ``activation_cov_key``/``grad_cov_key``) load.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 import shutil
@@ -55,11 +51,9 @@ SYMMETRY_TOLERANCE = 1e-3  # max |S - Sᵀ| allowed, relative to max |S|
 
 @dataclass
 class ModuleFactors:
-    """Sums and counts for one module. ``activation_sum`` is (in, in), ``grad_sum`` is (out, out).
-
-    ``activation_key`` names the activation sum: the module's own name, or the name of the module whose input it
-    reads too (``up_proj`` -> its block's ``gate_proj``); modules with one key hold one tensor.
-    """
+    """Sums and counts for one module: ``activation_sum`` (in, in), ``grad_sum`` (out, out). ``activation_key``
+    names the activation sum: the module's own name, or that of the module whose input it reads too (``up_proj`` ->
+    its block's ``gate_proj``); modules with one key hold one tensor."""
 
     activation_sum: torch.Tensor
     grad_sum: torch.Tensor
@@ -73,35 +67,13 @@ class ModuleFactors:
         return (self.grad_sum.shape[0], self.activation_sum.shape[0])
 
 
-class Factors:
-    """K-FAC factors of several modules plus the manifest describing how they were collected."""
+class ModuleSet:
+    """Per-module results ``modules`` (by module name) and the ``manifest`` saying how they were made."""
 
-    def __init__(self, modules: dict[str, ModuleFactors] | None = None, manifest: dict[str, Any] | None = None):
-        self.modules: dict[str, ModuleFactors] = dict(modules or {})
-        for name, mf in self.modules.items():
-            mf.activation_key = mf.activation_key or name
+    def __init__(self, modules: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None):
+        self.modules = dict(modules or {})
         self.manifest: dict[str, Any] = dict(manifest or {})
-        self._hashes: dict[str, str] = {}
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_means(
-        cls, means: dict[str, tuple[torch.Tensor, torch.Tensor, int]], manifest: dict[str, Any] | None = None
-    ) -> "Factors":
-        """Build from ``{name: (activation_cov_mean, grad_cov_mean, n_tokens)}`` (e.g. imported or in tests).
-
-        A module given the very activation tensor of an earlier one, with the same count (gate/up), gets that
-        module's activation key: one shared activation sum.
-        """
-        modules: dict[str, ModuleFactors] = {}
-        for name, (act, grad, n) in means.items():
-            n = int(n)
-            owner = next((k for k, (a, _, m) in means.items() if a is act and int(m) == n), name)
-            act_sum = modules[owner].activation_sum if owner != name else act * n
-            modules[name] = ModuleFactors(act_sum, grad * n, n, n, owner)
-        return cls(modules, manifest)
-
-    # ------------------------------------------------------------------ access
     @property
     def names(self) -> list[str]:
         return list(self.modules)
@@ -112,14 +84,37 @@ class Factors:
     def __len__(self) -> int:
         return len(self.modules)
 
+
+class Factors(ModuleSet):
+    """K-FAC factors of several modules plus the manifest describing how they were collected."""
+
+    def __init__(self, modules: dict[str, ModuleFactors] | None = None, manifest: dict[str, Any] | None = None):
+        super().__init__(modules, manifest)
+        for name, mf in self.modules.items():
+            mf.activation_key = mf.activation_key or name
+        self._hashes: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_means(
+        cls, means: dict[str, tuple[torch.Tensor, torch.Tensor, int]], manifest: dict[str, Any] | None = None
+    ) -> "Factors":
+        """Build from ``{name: (activation_cov_mean, grad_cov_mean, n_tokens)}`` (e.g. imported or in tests); a module
+        given the very activation tensor of an earlier one, with its count (gate/up), shares its activation sum."""
+        modules: dict[str, ModuleFactors] = {}
+        for name, (act, grad, n) in means.items():
+            n = int(n)
+            owner = next((k for k, (a, _, m) in means.items() if a is act and int(m) == n), name)
+            act_sum = modules[owner].activation_sum if owner != name else act * n
+            modules[name] = ModuleFactors(act_sum, grad * n, n, n, owner)
+        return cls(modules, manifest)
+
+    # ------------------------------------------------------------------ access
     def _get(self, name: str) -> ModuleFactors:
-        try:
-            return self.modules[name]
-        except KeyError:
+        if name not in self.modules:
             have = ", ".join(self.names[:6]) + (" ..." if len(self.modules) > 6 else "")
-            raise UserError(
-                f"no factors for module '{name}' (these factors hold: {have}); collect factors for that layer"
-            ) from None
+            raise UserError(f"no factors for module '{name}' (these factors hold: {have}); collect factors for that layer")
+        return self.modules[name]
 
     def activation_cov(self, name: str) -> torch.Tensor:
         """Mean ``A = E[a aᵀ]`` of module ``name``, shape ``(in, in)``."""
@@ -170,12 +165,9 @@ class Factors:
                     )
 
     def check_sane(self, where: str = "") -> None:
-        """Raise :class:`UserError` naming the first module whose factors could not come from a collection.
-
-        Sums of outer products are symmetric positive semi-definite with a positive trace, and counts are positive
-        integers: NaN/Inf, an asymmetric matrix, a zero or negative trace, a negative diagonal entry (e.g. a
-        negated G) or a zero token count would make an edit keep nothing (a zeroed model) or nonsense.
-        """
+        """Raise :class:`UserError` naming the first module whose factors could not come from a collection: sums of
+        outer products are symmetric PSD with a positive trace and counts are positive integers; anything else
+        (NaN/Inf, asymmetry, a zero trace, a negated G, no tokens) would make an edit keep nothing or nonsense."""
         for name, mf in self.modules.items():
             problem = _factor_problem(mf)
             if problem:
@@ -215,7 +207,6 @@ class Factors:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Factors":
         """Move every tensor (keeping shared activation sums shared). ``device`` may be ``{module name: device}``."""
-
         where = {name: device.get(name) if isinstance(device, dict) else device for name in self.modules}
         key_device = {mf.activation_key: where[name] for name, mf in reversed(self.modules.items())}
         moved = {key: t.to(device=key_device[key], dtype=dtype) for key, t in self.activation_sums().items()}
@@ -226,64 +217,43 @@ class Factors:
 
     # ------------------------------------------------------------------ I/O
     def save(self, directory: str | os.PathLike, keep_dtype: bool = False) -> Path:
-        """Write ``factors.safetensors`` and ``manifest.json`` into ``directory`` (atomically, manifest last).
-
-        Sums are stored as fp32 unless ``keep_dtype`` (checkpoints keep fp64 sums of an fp64 model exact).
-        """
-        stored_dtype = None if keep_dtype else torch.float32
+        """Write ``factors.safetensors`` and ``manifest.json`` into ``directory`` (atomically, manifest last); sums are
+        stored as fp32 unless ``keep_dtype`` (checkpoints keep fp64 sums of an fp64 model exact)."""
         directory = Path(directory)
         made = not directory.exists()
-        try:
-            self._save(directory, stored_dtype)
+        run_id = uuid.uuid4().hex
+        tensors = {f"{key}.{ACTIVATION_SUM}": t for key, t in self.activation_sums().items()}
+        tensors.update({f"{name}.{GRAD_SUM}": mf.grad_sum for name, mf in self.modules.items()})
+        tensors = {k: t.detach().to("cpu", None if keep_dtype else torch.float32).contiguous() for k, t in tensors.items()}
+        manifest = {k: v for k, v in self.manifest.items() if k not in ("modules", "run_id", "format_version", CHECKSUMS)}
+        kept = "sums in their accumulation dtype" if keep_dtype else "fp32 sums"
+        manifest.update(format_version=FORMAT_VERSION, run_id=run_id, stored=f"{kept}; mean = sum / tokens")
+        manifest["modules"] = {
+            name: {"shape": list(mf.shape), "activation_key": mf.activation_key,
+                   "activation_tokens": mf.activation_tokens, "grad_tokens": mf.grad_tokens}
+            for name, mf in self.modules.items()
+        }  # fmt: skip
+        manifest[CHECKSUMS] = {key: tensor_checksum(t) for key, t in tensors.items()}
+        header = {"run_id": run_id, "manifest": json.dumps(manifest, default=str)}
+        try:  # both contents are written before either file is replaced (a full disk fails here, the old pair
+            # intact); then the tensors are renamed into place, the manifest last
+            directory.mkdir(parents=True, exist_ok=True)
+            with atomic_path(directory / MANIFEST_FILE) as manifest_tmp, atomic_path(directory / TENSORS_FILE) as tmp:
+                save_file(tensors, str(tmp), metadata=header)  # I/O errors: one line (fileio)
+                manifest_tmp.write_text(json_text(manifest))
         except BaseException:
             if made:  # a save that fails (a full disk) leaves no empty directory behind
                 shutil.rmtree(directory, ignore_errors=True)
             raise
-        return directory
-
-    def _save(self, directory: Path, stored_dtype: torch.dtype | None) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        run_id = uuid.uuid4().hex
-
-        def stored(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to("cpu", stored_dtype).contiguous()
-
-        tensors = {f"{key}.{ACTIVATION_SUM}": stored(t) for key, t in self.activation_sums().items()}
-        tensors.update({f"{name}.{GRAD_SUM}": stored(mf.grad_sum) for name, mf in self.modules.items()})
-        module_entries = {
-            name: {
-                "shape": list(mf.shape),
-                "activation_key": mf.activation_key,
-                "activation_tokens": mf.activation_tokens,
-                "grad_tokens": mf.grad_tokens,
-            }
-            for name, mf in self.modules.items()
-        }
-        skip = ("modules", "run_id", "format_version", CHECKSUMS)
-        manifest = {k: v for k, v in self.manifest.items() if k not in skip}
-        kept = "fp32 sums" if stored_dtype is not None else "sums in their accumulation dtype"
-        manifest.update(format_version=FORMAT_VERSION, run_id=run_id, stored=f"{kept}; mean = sum / tokens")
-        manifest["modules"] = module_entries
-        manifest[CHECKSUMS] = {key: tensor_checksum(t) for key, t in tensors.items()}
-        header = {"run_id": run_id, "manifest": json.dumps(manifest, default=str)}
-        # Both contents are written before either file is replaced (a full disk fails here, the old pair intact);
-        # then the tensors are renamed into place, the manifest last.
-        with atomic_path(directory / MANIFEST_FILE) as manifest_tmp:
-            with atomic_path(directory / TENSORS_FILE) as tensors_tmp:
-                save_file(tensors, str(tensors_tmp), metadata=header)  # I/O errors: one line (fileio)
-                manifest_tmp.write_text(json_text(manifest))
         self.manifest = manifest
+        return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, names: Iterable[str] | None = None, device: str = "cpu") -> "Factors":
-        """Load factors saved by :meth:`save` (format version 1 or 2); ``names`` restricts which modules are read.
-
-        Every tensor read is verified against the manifest's checksum (when it has them) and every module read is
-        checked by :meth:`check_sane`: a damaged or implausible directory is a one-line :class:`UserError`.
-        """
+        """Load factors saved by :meth:`save` (format version 1 or 2; ``names``: only these modules), checksums and
+        :meth:`check_sane` verified: a damaged or implausible directory is a one-line :class:`UserError`."""
         directory = Path(directory)
-        manifest_path = directory / MANIFEST_FILE
-        tensors_path = directory / TENSORS_FILE
+        manifest_path, tensors_path = directory / MANIFEST_FILE, directory / TENSORS_FILE
         if not manifest_path.is_file() or not tensors_path.is_file():
             raise UserError(
                 f"'{directory}' holds no complete factors ({MANIFEST_FILE} or {TENSORS_FILE} missing); "
@@ -296,26 +266,23 @@ class Factors:
         try:
             manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise damaged(f"{MANIFEST_FILE} is not valid JSON: {str(exc).splitlines()[0]}") from None
+            raise damaged(f"{MANIFEST_FILE} is not valid JSON: {first_line(exc)}") from None
         if not isinstance(manifest, dict):
             raise damaged(f"{MANIFEST_FILE} holds a {type(manifest).__name__}, not an object")
         version = manifest.get("format_version", 1)
         if version not in (1, FORMAT_VERSION):
             raise UserError(f"{manifest_path} has format version {version}; this kfac-edit reads 1 and {FORMAT_VERSION}")
-        entries = manifest.get("modules", {})
-        checksums = manifest.get(CHECKSUMS) or {}
+        entries, checksums = manifest.get("modules", {}), manifest.get(CHECKSUMS) or {}
         if not isinstance(entries, dict) or not isinstance(checksums, dict):
             raise damaged(f"{MANIFEST_FILE} field 'modules' or '{CHECKSUMS}' is not an object")
-        wanted = list(entries) if names is None else list(names)
-        modules: dict[str, ModuleFactors] = {}
-        loaded: dict[str, torch.Tensor] = {}
         try:
             fh_context = safe_open(str(tensors_path), framework="pt", device=device)
         except Exception as exc:  # safetensors' errors for a truncated, empty or garbled file; OSError
-            raise damaged(f"{TENSORS_FILE} cannot be read: {_first_line(exc)}") from None
+            raise damaged(f"{TENSORS_FILE} cannot be read: {first_line(exc)}") from None
+        modules: dict[str, ModuleFactors] = {}
+        loaded: dict[str, torch.Tensor] = {}  # activation key -> its sum, read once
         with fh_context as fh:
-            meta = fh.metadata() or {}
-            if meta.get("run_id") != manifest.get("run_id"):
+            if (fh.metadata() or {}).get("run_id") != manifest.get("run_id"):
                 raise UserError(
                     f"{tensors_path} and {manifest_path} come from different runs (an interrupted save?); "
                     "collect the factors again"
@@ -328,12 +295,12 @@ class Factors:
                 try:
                     t = fh.get_tensor(tensor_name)
                 except Exception as exc:
-                    raise damaged(f"tensor '{tensor_name}' cannot be read: {_first_line(exc)}") from None
+                    raise damaged(f"tensor '{tensor_name}' cannot be read: {first_line(exc)}") from None
                 if tensor_name in checksums and tensor_checksum(t) != checksums[tensor_name]:
                     raise damaged(f"tensor '{tensor_name}' does not match its checksum")
                 return t
 
-            for name in wanted:
+            for name in list(entries) if names is None else list(names):
                 if name not in entries:
                     raise UserError(f"no factors for module '{name}' in {directory}; collect factors for that layer")
                 entry = entries[name]
@@ -344,8 +311,8 @@ class Factors:
                     else:
                         akey = entry["activation_key"]
                         atensor, gtensor = f"{akey}.{ACTIVATION_SUM}", f"{name}.{GRAD_SUM}"
-                    counts = _count(entry["activation_tokens"]), _count(entry["grad_tokens"])
-                except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                    counts = entry["activation_tokens"], entry["grad_tokens"]  # integers: check_sane
+                except (KeyError, TypeError, AttributeError) as exc:
                     raise damaged(f"the manifest entry of {name} is incomplete ({type(exc).__name__}: {exc})") from None
                 if akey not in loaded:
                     loaded[akey] = read(atensor)
@@ -355,16 +322,15 @@ class Factors:
         return factors
 
 
-def _first_line(exc: BaseException) -> str:
+def utc_now() -> str:
+    """The time now, as the manifests and checkpoints record it (ISO 8601, UTC, seconds)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none): for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _count(value: Any) -> int:
-    """A token count from the manifest: an integer (``True``/``2.5``/``"7"`` are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"token count {value!r} is not an integer")
-    return value
 
 
 def _factor_problem(mf: ModuleFactors) -> str | None:
@@ -379,10 +345,10 @@ def _factor_problem(mf: ModuleFactors) -> str | None:
             return f"not finite ({label} holds NaN or Inf)"
         t64 = t.detach().to(torch.float64)
         scale = float(t64.abs().max()) if t64.numel() else 0.0
-        trace = float(torch.diagonal(t64).sum())
-        if not trace > 0:
-            return f"not positive semi-definite ({label} has trace {trace:.3g}, not > 0)"
-        if float(torch.diagonal(t64).min()) < -SYMMETRY_TOLERANCE * scale:
+        diagonal = torch.diagonal(t64)
+        if not float(diagonal.sum()) > 0:
+            return f"not positive semi-definite ({label} has trace {float(diagonal.sum()):.3g}, not > 0)"
+        if float(diagonal.min()) < -SYMMETRY_TOLERANCE * scale:
             return f"not positive semi-definite ({label} has a negative diagonal entry)"
         asym = float((t64 - t64.T).abs().max())
         if asym > SYMMETRY_TOLERANCE * scale:
