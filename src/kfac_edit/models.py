@@ -160,19 +160,6 @@ def num_blocks(model: nn.Module) -> int:
     return len(model.get_submodule(_architecture(model)[0]))
 
 
-def _blocks_path(model: nn.Module, blocks_path: str | None = None) -> str:
-    """``blocks_path`` if given, else the table's (or the declared layout's), else the longest ModuleList."""
-    if blocks_path is not None:
-        return blocks_path
-    try:
-        return _architecture(model)[0]
-    except UserError:
-        lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-        if not lists:
-            raise UserError("cannot find the model's list of blocks; this architecture is not supported") from None
-        return max(lists, key=lambda item: len(item[1]))[0]
-
-
 def use_modules(model: nn.Module, modules: dict[str, str] | None, blocks_path: str | None = None) -> None:
     """Declare the MLP layout of ``model``: ``modules`` ``{kind: path inside a block}`` (``None``: forget it).
 
@@ -182,26 +169,46 @@ def use_modules(model: nn.Module, modules: dict[str, str] | None, blocks_path: s
     model.__dict__.pop(LAYOUT_ATTR, None)
     if not modules:
         return
-    blocks_path = _blocks_path(model, blocks_path)
+    if blocks_path is None:
+        try:
+            blocks_path = _architecture(model)[0]
+        except UserError:
+            lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+            if not lists:
+                raise UserError("cannot find the model's list of blocks; this architecture is not supported") from None
+            blocks_path = max(lists, key=lambda item: len(item[1]))[0]
     try:
         blocks = model.get_submodule(blocks_path)
     except AttributeError:
         raise UserError(f"the model has no module '{blocks_path}' holding its blocks; check --modules") from None
-    for i, block in enumerate(blocks):
+    for i in range(len(blocks)):
         for kind, sub in modules.items():
-            try:
-                module = block.get_submodule(sub)
-            except AttributeError:
-                raise UserError(
-                    f"block {i} has no module '{sub}' (--modules {kind}={sub}, blocks in {blocks_path}); name a "
-                    "module every block has"
-                ) from None
-            if not _is_linear(module):
-                raise UserError(
-                    f"--modules {kind}={sub}: {blocks_path}.{i}.{sub} is a {type(module).__name__}, not a linear "
-                    "layer (a module with a 2-D weight); name the linear layers of the MLP"
-                )
+            _linear_at(blocks, blocks_path, i, kind, sub)
     model.__dict__[LAYOUT_ATTR] = (blocks_path, dict(modules))
+
+
+def _linear_at(blocks, blocks_path: str, i: int, kind: str, sub: str) -> nn.Module:
+    """Block ``i``'s module ``sub`` (of ``kind``); a :class:`UserError` when it is missing or not a linear layer."""
+    try:
+        module = blocks[i].get_submodule(sub)
+    except AttributeError:
+        raise UserError(
+            f"block {i} has no module '{sub}' (--modules {kind}={sub}, blocks in {blocks_path}); name a module every "
+            "block has"
+        ) from None
+    if not _is_linear(module):
+        raise UserError(
+            f"--modules {kind}={sub}: {blocks_path}.{i}.{sub} is a {type(module).__name__}, not a linear layer (a "
+            "module with a 2-D weight); name the linear layers of the MLP"
+        )
+    return module
+
+
+def _find(block: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def module_paths(model: nn.Module) -> dict[str, str]:
@@ -267,8 +274,9 @@ def _mixture_of_experts(model: nn.Module) -> str | None:
         where = f"{cls} at {name}" if name else cls
         if fused:
             shapes = ", ".join(f"{n} {'x'.join(map(str, p.shape))}" for n, p in fused)
-            return f"its experts ({where}) keep every expert's weights in fused 3-D parameters ({shapes}), " + (
-                "not linear layers"
+            return (
+                f"its experts ({where}) keep every expert's weights in fused 3-D parameters ({shapes}), not linear "
+                "layers"
             )
         if cls.lower().endswith("experts"):
             return f"its experts ({where}) are one module holding all experts"
@@ -297,25 +305,19 @@ def find_projections(
     model: nn.Module,
     layers: Iterable[int] | str | None = None,
     projections: Sequence[str] = PROJECTIONS,
-    modules: dict[str, str] | None = None,
-    blocks_path: str | None = None,
     bias: str = "joint",
 ) -> list[Projection]:
-    """The MLP projections of the chosen blocks, in block order then ``gate, up, down`` order.
+    """The MLP projections of the chosen blocks, in block order then ``gate, up, down`` order, in the layout of
+    :func:`_architecture` (:func:`use_modules` declares one the table lacks).
 
     Args:
         layers: block indices, ``"all"`` or ``None`` (all blocks).
         projections: kinds to return; a kind the architecture lacks is an error.
-        modules: overrides ``{kind: path inside a block}`` for unknown architectures.
-        blocks_path: path of the blocks' ModuleList when ``modules`` is given for an unknown architecture.
         bias: ``joint`` (biased layers are :attr:`Projection.homogeneous`) or ``keep`` (no projection is).
     """
     if bias not in BIAS_MODES:
         raise UserError(f"unknown --bias '{bias}'; use one of {', '.join(BIAS_MODES)}")
-    if modules:
-        blocks_path, kinds = _blocks_path(model, blocks_path), dict(modules)
-    else:
-        blocks_path, kinds = _architecture(model)
+    blocks_path, kinds = _architecture(model)
     blocks = model.get_submodule(blocks_path)
     n = len(blocks)
     layer_list = list(range(n)) if layers is None or layers == "all" else sorted({int(i) for i in layers})
@@ -332,18 +334,13 @@ def find_projections(
             )
     wanted = [k for k in PROJECTIONS if k in projections]
     joint = bias == "joint"
-    if LAYOUT_ATTR not in model.__dict__ and not modules and model_type(model) in MOE_ARCHITECTURES:
+    if LAYOUT_ATTR not in model.__dict__ and model_type(model) in MOE_ARCHITECTURES:
         return _expert_projections(model, blocks, layer_list, wanted, joint)
     out = []
     for i in layer_list:
         for kind in wanted:
+            module = _linear_at(blocks, blocks_path, i, kind, kinds[kind])
             name = f"{blocks_path}.{i}.{kinds[kind]}"
-            try:
-                module = blocks[i].get_submodule(kinds[kind])
-            except AttributeError as exc:
-                raise UserError(f"block {i} has no module '{kinds[kind]}'; check --modules") from exc
-            if not _is_linear(module):
-                raise UserError(f"module {name} is not a linear layer; check --modules")
             if not module.weight.is_floating_point():
                 raise UserError(
                     f"module {name} holds quantized weights ({dtype_name(module.weight.dtype)}); "
@@ -361,22 +358,14 @@ def _expert_projections(model: nn.Module, blocks, layer_list: list[int], kinds: 
     out = []
     for i in layer_list:
         prefix = f"{blocks_path}.{i}"
-        try:
-            experts = blocks[i].get_submodule(experts_path)
-        except AttributeError:
-            experts = None  # a dense block
-        if experts is not None:
-            for e in range(check_experts(experts, f"{prefix}.{experts_path}")):
-                for kind in kinds:
-                    name = f"{prefix}.{experts_path}.{e}.{kind}"
-                    weight = ExpertWeight(experts, e, kind)
-                    out.append(Projection(name, i, kind, weight, expert=e))  # type: ignore[arg-type]
-        for kind in (k for k in kinds if k in dense):
-            try:
-                module = blocks[i].get_submodule(dense[kind])
-            except AttributeError:
-                continue  # this block has no such dense MLP
-            if _is_linear(module):
+        experts = _find(blocks[i], experts_path)  # None in a dense block
+        for e in range(check_experts(experts, f"{prefix}.{experts_path}") if experts is not None else 0):
+            for kind in kinds:
+                weight = ExpertWeight(experts, e, kind)
+                out.append(Projection(f"{prefix}.{experts_path}.{e}.{kind}", i, kind, weight, expert=e))  # type: ignore
+        for kind in kinds:
+            module = _find(blocks[i], dense[kind]) if kind in dense else None  # None: no such dense MLP here
+            if module is not None and _is_linear(module):
                 homogeneous = joint and _has_bias(module)
                 out.append(Projection(f"{prefix}.{dense[kind]}", i, kind, module, homogeneous=homogeneous))
     return out
@@ -415,10 +404,9 @@ def parse_projections(text: str) -> list[str]:
     return kinds
 
 
-def projection_kinds(model: nn.Module, modules: dict[str, str] | None = None) -> list[str]:
-    """The projection kinds this model has, in ``gate, up, down`` order (``modules`` overrides the table's)."""
-    kinds = modules if modules else _architecture(model)[1]
-    return [k for k in PROJECTIONS if k in kinds]
+def projection_kinds(model: nn.Module) -> list[str]:
+    """The projection kinds this model has, in ``gate, up, down`` order."""
+    return [k for k in PROJECTIONS if k in _architecture(model)[1]]
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -469,13 +457,10 @@ def model_config(name_or_path: str | os.PathLike):
 
 
 def check_causal_lm(name_or_path: str | os.PathLike, flag: str = "--model"):
-    """Refuse, from the config alone, a model that is not a causal LM; return its config.
-
-    A checkpoint saved as a bare encoder or backbone (``BertModel``, ``GPT2Model``) or with another head
-    (``BertForMaskedLM``) has no trained language-modelling head: ``AutoModelForCausalLM`` would give it a random one
-    and every metric would be noise. Accepted: an architecture named ``...ForCausalLM`` / ``...LMHeadModel``, or the
-    class ``AutoModelForCausalLM`` builds for this model type; a config recording no architecture is trusted.
-    """
+    """Refuse, from the config alone, a model that is not a causal LM (a bare backbone such as ``GPT2Model`` or
+    another head such as ``BertForMaskedLM`` would get a random LM head); return its config. Accepted: an architecture
+    named ``...ForCausalLM`` / ``...LMHeadModel`` or the class ``AutoModelForCausalLM`` builds for the model type; a
+    config recording no architecture is trusted."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config = model_config(name_or_path)
