@@ -156,31 +156,12 @@ def _sample_rows(samples: dict[str, list[dict]]) -> list[dict[str, Any]]:
             row = {"task": task} | {key: s.get(key) for key in ("doc_id", "doc", "target", "arguments")}
             row["responses"] = s.get("filtered_resps")
             row.update({m: s[m] for m in s.get("metrics", []) if m in s})
-            rows.append(json.loads(json.dumps(row, default=_to_json)))
-    return rows
-
-
-def _to_json(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, tuple):
-        return list(obj)
-    return str(obj)
-
-
-def format_metrics(record: dict[str, Any]) -> list[str]:
-    """Lines ``task  metric  value`` for the console (stderr metrics left out)."""
-    return [
-        f"lm-eval {task:<32} {name:<24} {value:.4f}"
-        for task, metrics in record.get("metrics", {}).items()
-        for name, value in metrics.items()
-        if "_stderr" not in name
-    ]
+            rows.append(row)
+    # numpy scalars as numbers, other objects as strings
+    return json.loads(json.dumps(rows, default=lambda obj: obj.item() if hasattr(obj, "item") else str(obj)))
 
 
 # ---------------------------------------------------------------------------------------------- `kfac-edit eval`
-
-
 def add_lm_eval_arguments(p) -> None:
     """``--lm-eval-tasks``, ``--lm-eval-include``, ``--lm-eval-limit`` (for ``kfac-edit eval``)."""
     p.add_argument(
@@ -222,13 +203,14 @@ def run_lm_eval_from_args(args) -> dict[str, Any] | None:
     if not getattr(args, "lm_eval_tasks", None):
         return None
     limit = args.lm_eval_limit
-    if limit is not None and limit >= 1:
-        limit = int(limit)
+    limit = int(limit) if limit is not None and limit >= 1 else limit
     out_dir = lm_eval_out_dir(args.model, getattr(args, "out", None))
     record = run_lm_eval(args.model, args.lm_eval_tasks, out_dir, include_path=args.lm_eval_include, limit=limit,
                          batch_size=getattr(args, "batch_size", 8), device=getattr(args, "device", "auto"),
                          dtype=getattr(args, "dtype", "auto"))  # fmt: skip
-    for line in format_metrics(record):
-        print(line)
+    for task, metrics in record.get("metrics", {}).items():
+        for name, value in metrics.items():
+            if "_stderr" not in name:  # the console shows the values, the file their standard errors too
+                print(f"lm-eval {task:<32} {name:<24} {value:.4f}")
     print(f"wrote lm-eval results to {out_dir / LM_EVAL_RESULTS_FILE}")
     return record

@@ -25,7 +25,7 @@ against the loss increase over 8 tasks, the curvature share -0.29: ``benchmarks/
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -80,12 +80,8 @@ class TaskCost:
     task: str
     share: float
     modules: dict[str, float]
-    tokens: int
+    labelled_tokens: int
     loss_estimate: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "share": self.share, "modules": self.modules, "labelled_tokens": self.tokens,
-                "loss_estimate": self.loss_estimate}  # fmt: skip
 
 
 def task_mass(task_ekfac, name: str, mode: PredictMode, grad_eig, coeffs: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,7 +191,7 @@ def predict_files(
     from .edit import resolve_targets
     from .eigen import EigenCache, default_cache_dir
     from .factors.ekfac import Ekfac
-    from .models import load_model, resolve_device
+    from .models import load_model
 
     mode = PredictMode.parse(mode, "predict mode")
     _check_method(spec.method)
@@ -208,7 +204,7 @@ def predict_files(
     weight = DEFAULT_PROTECT_WEIGHT if protect_weight is None else protect_weight
     if protect_dir is not None:
         Protection(None, weight)
-    net, tokenizer = load_model(model, dtype=dtype, device=str(resolve_device(None if device == "auto" else device)))
+    net, tokenizer = load_model(model, dtype=dtype, device=device)
     factors = load_edit_factors(net, spec, factors_dir)
     names = [p.name for p, _ in resolve_targets(net, spec)]
     ekfac = Ekfac.load(factors_dir, names=names) if spec.method is Method.EKFAC else None
@@ -223,5 +219,5 @@ def predict_files(
             "labels": "gold", "max_records": max_records,
             "protect": {"directory": str(protect_dir), "weight": weight} if protect_dir is not None else None,
         },  # fmt: skip
-        "tasks": [c.to_dict() for c in costs],
+        "tasks": [asdict(c) for c in costs],
     }
