@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import UserError
 
+
 class ExpertWeight:
     """One expert's ``gate``, ``up`` or ``down`` matrix as ``weight`` ``(out, in)``: a view into the fused parameter."""
 
