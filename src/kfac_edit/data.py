@@ -8,19 +8,17 @@ A SOURCE string is one of:
   gzip-compressed, as Dolma's shards), ``.json`` (an array of objects, or JSON lines), ``.csv`` (column ``text``, with
   a header row), ``.txt`` (one document a non-empty line) or ``.parquet`` (column ``text``); or a directory of such
   files (read recursively in sorted order; hidden files skipped);
-* a directory written by ``datasets``' ``save_to_disk`` (a ``DatasetDict`` gives its ``train`` split, else its only
-  split).
+* a ``save_to_disk`` directory (a ``DatasetDict`` gives its ``train`` split, else its only split).
 
-Every source is read through ``datasets`` (``load_dataset(builder, data_files=..., streaming=True)`` for local files,
-``load_from_disk`` for saved datasets), so a large file is never read whole. A file without the text field
-(``--text-field``, default ``text``) is an error naming the file (and the line, for JSON lines); a record whose text is
-empty, null or missing while other records have it is skipped. When ``datasets`` fails on a JSON-lines or text file,
-the file is scanned line by line to name the bad line (``FILE:LINE: malformed JSON``), after the documents before it
-were yielded.
+All are read through ``datasets`` (``load_dataset(builder, data_files=..., streaming=True)`` or ``load_from_disk``),
+never whole. A file without the text field (``--text-field``) is an error naming it (and the line, for JSON lines);
+a record whose text is empty, null or missing (while other records have it) is skipped. When ``datasets`` fails on a
+JSON-lines or text file, it is scanned line by line to name the bad line (``FILE:LINE: malformed JSON``) after the
+documents before it were yielded.
 
-Documents are tokenized with the model's tokenizer, joined with the EOS token between them (when the tokenizer does
-not add one), and cut into windows of ``seq_len`` tokens. The final partial window is right-padded and masked out
-(``attention_mask`` 0), so every real token is used exactly once.
+Documents are tokenized, joined with EOS between them (when the tokenizer does not add one) and cut into windows of
+``seq_len`` tokens; the final partial window is right-padded and masked out (``attention_mask`` 0), so every real
+token is used exactly once.
 """
 
 from __future__ import annotations
@@ -78,11 +76,8 @@ def _parse_hf(source: str) -> tuple[str, str | None, str]:
 
 
 def iter_documents(source: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of a SOURCE in a fixed order (see the module docstring for SOURCE).
-
-    Errors (missing path, unknown file type, malformed line) are :class:`UserError` raised when iteration reaches
-    them; :func:`check_source` raises the cheap ones up front.
-    """
+    """Yield the documents of a SOURCE (module docstring) in a fixed order; errors are :class:`UserError` raised
+    when iteration reaches them (:func:`check_source` raises the cheap ones up front)."""
     source = _expand(source)
     if source.startswith("hf:"):
         yield from _iter_hf(source, text_field)
@@ -118,10 +113,8 @@ def _local_files(source: str) -> list[Path]:
 
 
 def check_source(source: str | os.PathLike, text_field: str = "text") -> None:
-    """Fail early (before a model is loaded) when a SOURCE is missing, unreadable or holds no document.
-
-    Reads at most the first document; a local source is also checked for read permission on every file.
-    """
+    """Fail early (before a model is loaded) when a SOURCE is missing, unreadable (read permission of every local
+    file) or holds no document (reads at most the first one)."""
     expanded = _expand(source)
     if not expanded.startswith("hf:") and not _is_saved_dataset(Path(expanded).expanduser()):
         for file in _local_files(expanded):
@@ -315,18 +308,10 @@ def pack_documents(documents: Iterable[str], tokenizer, seq_len: int) -> Iterato
         raise UserError("the data source holds fewer than 2 tokens of text; give it more text")
 
 
-def token_batches(
-    source: str | Iterable[str],
-    tokenizer,
-    seq_len: int,
-    batch_size: int,
-    max_tokens: int | None = None,
-    skip_windows: int = 0,
-    shard: tuple[int, int] = (0, 1),
-    text_field: str = "text",
-    with_index: bool = False,
-    warn_if_short: str | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
+def token_batches(source: str | Iterable[str], tokenizer, seq_len: int, batch_size: int,
+                  max_tokens: int | None = None, skip_windows: int = 0, shard: tuple[int, int] = (0, 1),
+                  text_field: str = "text", with_index: bool = False,
+                  warn_if_short: str | None = None) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
     """Batches ``{"input_ids": (B, T), "attention_mask": (B, T)}`` of packed windows from a SOURCE.
 
     Args:
@@ -403,18 +388,16 @@ def window_overlaps(ids: Iterable[int], grams: set[int], lengths: Iterable[int],
     return any(hash(tuple(ids[i : i + k])) in grams for k in lengths for i in range(len(ids) - k + 1))
 
 
-def exclude_overlapping(
-    batches: Iterable[dict[str, torch.Tensor]], records: Iterable[Iterable[int]], n: int = EXCLUDE_NGRAM
-) -> Iterator[dict[str, torch.Tensor]]:
+def exclude_overlapping(batches: Iterable[dict[str, torch.Tensor]], records: Iterable[Iterable[int]],
+                        n: int = EXCLUDE_NGRAM) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
     """Drop from a :func:`token_batches` stream every window that shares an ``n``-gram with any record.
 
-    ``batches``: dicts of ``(B, T)`` ``input_ids`` and ``attention_mask`` (and optionally ``window_index``, kept per
+    ``batches``: dicts of ``(B, T)`` ``input_ids``, ``attention_mask`` and optionally ``window_index`` (kept per
     surviving window, so sampled labels stay seeded by stream position). ``records``: token-id sequences (what the
     model sees of each memorized record, e.g. ``prefix_ids[1:] + suffix_ids``). A window is dropped when any ``n``
-    consecutive real tokens of it (default 8: one shared 8-gram suffices) equal ``n`` consecutive tokens of a record;
-    shorter records drop the windows that contain them whole. Hashed n-grams in a set: O(tokens) per window, memory
-    O(record tokens). Windows are tested as they are, so an occurrence split across two windows drops only the
-    windows holding ``n`` of its tokens. Batches that lose all windows are skipped; others keep their order and shrink.
+    consecutive real tokens of it (default 8) equal ``n`` consecutive tokens of a record, or contain a shorter record
+    whole; an occurrence split across two windows drops only the windows holding ``n`` of its tokens. Hashed n-grams:
+    O(tokens) per window, memory O(record tokens). Batches that lose all windows are skipped; others shrink in order.
     """
     if n < 1:
         raise UserError(f"n-gram length {n} must be at least 1")

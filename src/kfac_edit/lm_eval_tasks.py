@@ -81,20 +81,12 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     }
 
 
-def run_lm_eval(
-    model_path: str | os.PathLike,
-    tasks: str | Sequence[str],
-    out_dir: str | os.PathLike,
-    include_path: str | os.PathLike | None = None,
-    limit: int | float | None = None,
-    batch_size: int | str = 8,
-    device: str | None = "auto",
-    dtype: str = "auto",
-    num_fewshot: int | None = None,
-    seed: int = 0,
-    log_samples: bool = False,
-) -> dict[str, Any]:
-    """Run lm-eval's ``hf`` backend on ``model_path`` (hub id or model directory) and write ``OUT_DIR/lm_eval_results.json``.
+def run_lm_eval(model_path: str | os.PathLike, tasks: str | Sequence[str], out_dir: str | os.PathLike,
+                include_path: str | os.PathLike | None = None, limit: int | float | None = None,
+                batch_size: int | str = 8, device: str | None = "auto", dtype: str = "auto",
+                num_fewshot: int | None = None, seed: int = 0,
+                log_samples: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Run lm-eval's ``hf`` backend on ``model_path`` (a hub id or model directory) and write the results file.
 
     Args:
         tasks: task or group names, comma-separated or a list.
@@ -107,7 +99,7 @@ def run_lm_eval(
         log_samples: also write each document's responses to ``OUT_DIR/lm_eval_samples.jsonl`` (``task``,
             ``doc_id``, ``doc``, ``target``, ``arguments``, ``responses``, per-document metrics) and return them
             under ``"samples"``.
-    Returns the dict written to the file (layout in the module docstring).
+    Returns the dict written to ``OUT_DIR/lm_eval_results.json`` (layout in the module docstring).
     """
     from .models import dtype_name, resolve_device, resolve_dtype
 

@@ -301,12 +301,8 @@ def parse_modules_option(text: str) -> dict[str, str]:
     return out
 
 
-def find_projections(
-    model: nn.Module,
-    layers: Iterable[int] | str | None = None,
-    projections: Sequence[str] = PROJECTIONS,
-    bias: str = "joint",
-) -> list[Projection]:
+def find_projections(model: nn.Module, layers: Iterable[int] | str | None = None,
+                     projections: Sequence[str] = PROJECTIONS, bias: str = "joint") -> list[Projection]:  # fmt: skip
     """The MLP projections of the chosen blocks, in block order then ``gate, up, down`` order, in the layout of
     :func:`_architecture` (:func:`use_modules` declares one the table lacks).
 

@@ -94,17 +94,9 @@ def task_mass(task_ekfac, name: str, mode: PredictMode, grad_eig, coeffs: torch.
     return torch.outer(grad_eig.values.to(torch.float64).cpu(), task_ekfac.activation_energy(name))
 
 
-def predict_cost(
-    model: nn.Module,
-    factors,
-    spec: EditSpec,
-    tasks: dict[str, Iterable[dict[str, torch.Tensor]]],
-    mode: PredictMode | str = PredictMode.ACTIVATION,
-    cache=None,
-    ekfac=None,
-    protect=None,
-    progress: bool = False,
-) -> list[TaskCost]:
+def predict_cost(model: nn.Module, factors, spec: EditSpec, tasks: dict[str, Iterable[dict[str, torch.Tensor]]],
+                 mode: PredictMode | str = PredictMode.ACTIVATION, cache=None, ekfac=None, protect=None,
+                 progress: bool = False) -> list[TaskCost]:  # fmt: skip
     """Per task (``{name: batches}``), the share of its mass in the pairs ``spec``'s edit removes.
 
     ``factors`` give the eigenbasis and the edit's selection (with ``ekfac`` for ``--method ekfac`` and a
@@ -173,19 +165,11 @@ def task_batches(path: str | os.PathLike, tokenizer, batch_size: int = 32, max_r
     return [{"input_ids": ids, "attention_mask": mask} for ids, mask in batches]
 
 
-def predict_files(
-    model: str,
-    factors_dir: str | os.PathLike,
-    spec: EditSpec,
-    data: Sequence[str],
-    mode: str = "activation",
-    device: str | None = "auto",
-    dtype: str = "auto",
-    max_records: int | None = None,
-    protect_dir: str | os.PathLike | None = None,
-    protect_weight: float | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> dict[str, Any]:
+def predict_files(model: str, factors_dir: str | os.PathLike, spec: EditSpec, data: Sequence[str],
+                  mode: str = "activation", device: str | None = "auto", dtype: str = "auto",
+                  max_records: int | None = None, protect_dir: str | os.PathLike | None = None,
+                  protect_weight: float | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:  # fmt: skip
     """What ``kfac-edit predict`` does: the shares of each task file, with the configuration (a JSON-ready dict)."""
     from .edit import DEFAULT_PROTECT_WEIGHT, Protection, check_edit_inputs, load_edit_factors, load_protect_factors
     from .edit import resolve_targets
