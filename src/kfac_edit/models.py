@@ -419,11 +419,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def resolve_dtype(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto") -> torch.dtype:
-    """The one meaning of ``--dtype``: a name from :data:`DTYPES`, or ``auto`` = the checkpoint's own dtype.
-
-    ``auto`` reads ``dtype`` (or the older ``torch_dtype``) from the model's ``config.json``; a config that records
-    none means float32 (what transformers assumed before it recorded dtypes).
-    """
+    """The one meaning of ``--dtype``: a name from :data:`DTYPES`, or ``auto``: the ``dtype`` (or older
+    ``torch_dtype``) the model's ``config.json`` records, float32 when it records none (transformers' old default)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
@@ -487,10 +484,8 @@ def model_limits(config_or_path) -> tuple[int | None, int | None]:
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str | None = None,
                device_map: str | None = None):  # fmt: skip
-    """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode (``dtype="auto"``: as saved).
-
-    ``dtype`` is resolved by :func:`resolve_dtype`; the tokenizer is :func:`load_tokenizer`'s.
-    """
+    """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode; ``dtype`` as
+    :func:`resolve_dtype` reads it (``auto``: as saved), the tokenizer as :func:`load_tokenizer` gives it."""
     from transformers import AutoModelForCausalLM
 
     check_causal_lm(name_or_path)
@@ -505,10 +500,8 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
 
 
 def load_tokenizer_as_saved(name_or_path: str):
-    """The model's tokenizer exactly as stored (no pad token or padding side added), to save beside an edit.
-
-    ``None``, with a warning, when the model has no loadable tokenizer.
-    """
+    """The model's tokenizer exactly as stored (no pad token or padding side added), to save beside an edit;
+    ``None``, with a warning, when the model has no loadable tokenizer."""
     from transformers import AutoTokenizer
 
     try:
