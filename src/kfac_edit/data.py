@@ -191,24 +191,19 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str]:
 def _rescan(path: Path, kind: str, text_field: str, skip: int) -> Iterator[str]:
     """After ``datasets`` failed on a JSON or text file: scan it line by line, yield the documents the stream had
     not yielded yet and raise the :class:`UserError` that names the bad line (returns if the scan finds none)."""
-    if kind == ".json" and not _looks_like_json_lines(path):
+    if kind == ".json":  # an array of objects, or JSON lines
         try:
             with _open_text(path) as fh:
-                json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
+                text = fh.read()
         except UnicodeDecodeError:
-            raise UserError(f"{path}: not valid UTF-8 text; convert the file to UTF-8") from None
-        return
+            text = ""  # the line scan names the line
+        if text.lstrip().startswith("["):
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
+            return
     yield from itertools.islice(_scan_lines(path, kind, text_field), skip, None)
-
-
-def _looks_like_json_lines(path: Path) -> bool:
-    with _open_text(path) as fh:
-        try:
-            return not fh.read(4096).lstrip().startswith("[")
-        except UnicodeDecodeError:
-            return True
 
 
 def _scan_lines(path: Path, kind: str, text_field: str) -> Iterator[str]:
