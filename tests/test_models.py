@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kfac_edit.errors import UserError
-from kfac_edit.models import find_projections, parse_layers, parse_modules_option
+from kfac_edit.models import find_projections, parse_layers, parse_modules_option, use_modules
 
 
 def test_find_projections_olmo2(tiny_model):
@@ -52,8 +52,9 @@ def test_bad_layers_and_unknown_arch(tiny_model):
 
     with pytest.raises(UserError, match="--modules"):
         find_projections(Weird())
-    mods = parse_modules_option("up=0,down=1")
-    projs = find_projections(Weird(), projections=["up", "down"], modules=mods)
+    weird = Weird()
+    use_modules(weird, parse_modules_option("up=0,down=1"))
+    projs = find_projections(weird, projections=["up", "down"])
     assert [p.name for p in projs] == ["blocks.0.0", "blocks.0.1"]
 
 
@@ -100,6 +101,8 @@ def test_quantized_weights_are_refused_in_one_line():
 
     net = Net()
     net.blocks[0].up.weight = torch.nn.Parameter(torch.zeros(8, 4, dtype=torch.int8), requires_grad=False)
+    use_modules(net, {"up": "up", "down": "down"})
     with pytest.raises(UserError, match=r"^module blocks\.0\.up holds quantized weights \(int8\); kfac-edit edits"):
-        find_projections(net, projections=["up", "down"], modules={"up": "up", "down": "down"})
-    assert len(find_projections(net, projections=["down"], modules={"down": "down"})) == 1
+        find_projections(net, projections=["up", "down"])
+    use_modules(net, {"down": "down"})
+    assert len(find_projections(net, projections=["down"])) == 1

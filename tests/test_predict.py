@@ -59,7 +59,7 @@ def test_predict_on_the_collection_data_is_the_removed_mass():
         report = apply_edit(model, factors, spec, ekfac=ekfac)
         restore(model)
         own = costs[0]
-        assert own.task == "own" and own.tokens == 8 + 5 + 4 + 8  # rows: full, 3 left-padded, cut after 5, full
+        assert own.task == "own" and own.labelled_tokens == 8 + 5 + 4 + 8  # rows: full, 3 left-padded, cut after 5, full
         for record in report.modules:
             assert abs(own.modules[record.name] - (1 - record.mass_fraction)) < 1e-9, (method, record.name)
         assert abs(own.share - sum(1 - r.mass_fraction for r in report.modules) / 3) < 1e-9

@@ -1,26 +1,23 @@
 """Mixture-of-experts MLPs: each routed expert's ``gate``, ``up`` and ``down`` as a projection of its own.
 
 In the installed transformers (5.x) the experts of a block are one module (``OlmoeExperts``, ``MixtralExperts``,
-``Qwen2MoeExperts``, ``Qwen3MoeExperts``, at ``mlp.experts``) holding fused 3-D parameters:
-
-* ``gate_up_proj`` ``(E, 2I, d)``: expert ``e``'s gate is rows ``[0, I)`` of ``gate_up_proj[e]``, its up rows
-  ``[I, 2I)`` (the ``is_concatenated`` layout), both ``(out, in)`` as ``nn.Linear`` stores them;
-* ``down_proj`` ``(E, d, I)``: expert ``e``'s down is ``down_proj[e]``.
-
-The module is called as ``experts(hidden (N, d), top_k_index (N, k), top_k_weights (N, k))``: every token goes
-through its ``k`` experts, ``act(gate)·up`` (the module's ``_apply_gate``), down, times its routing weight, summed.
+``Qwen2MoeExperts``, ``Qwen3MoeExperts``, at ``mlp.experts``) holding fused 3-D parameters: ``gate_up_proj``
+``(E, 2I, d)`` (expert ``e``'s gate is rows ``[0, I)`` of ``gate_up_proj[e]``, its up rows ``[I, 2I)``: the
+``is_concatenated`` layout, ``(out, in)`` as ``nn.Linear`` stores them) and ``down_proj`` ``(E, d, I)``. The module
+is called as ``experts(hidden (N, d), top_k_index (N, k), top_k_weights (N, k))``: every token goes through its ``k``
+experts, ``act(gate)·up`` (the module's ``_apply_gate``), down, times its routing weight, summed.
 
 :class:`ExpertWeight` is a view of one expert's matrix (what :class:`~kfac_edit.models.Projection` edits in place).
-:func:`tap_experts` replaces, while factors are collected, the experts module's forward by the same computation done
-expert by expert with ``F.linear`` on the expert's views (no model code is copied: the gating is the module's own
-``_apply_gate``), so that each expert's input rows and output gradients can be read. Names of expert projections are
-``<experts module>.<e>.<kind>``, e.g. ``model.layers.3.mlp.experts.5.gate`` (not modules: :func:`expert_weight`
-resolves them). The router (``mlp.gate``) is never edited; a shared expert (Qwen2-MoE ``mlp.shared_expert``) is an
-ordinary MLP of the block.
+:func:`tap_experts` replaces, while factors are collected, the module's forward by the same computation done expert
+by expert with ``F.linear`` on the expert's views (the gating is the module's own ``_apply_gate``), so that each
+expert's input rows and output gradients can be read. Expert projections are named ``<experts module>.<e>.<kind>``,
+e.g. ``model.layers.3.mlp.experts.5.gate`` (not modules: :func:`expert_weight` resolves them). The router
+(``mlp.gate``) is never edited; a shared expert (Qwen2-MoE ``mlp.shared_expert``) is an ordinary MLP of the block.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -28,8 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-
-EXPERT_KINDS = ("gate", "up", "down")
 
 
 class ExpertWeight:
@@ -78,19 +73,10 @@ def expert_weight(model: nn.Module, name: str) -> torch.Tensor:
     return ExpertWeight(model.get_submodule(path), int(expert), kind).weight
 
 
-class _Tap:
-    """Handle of :func:`tap_experts` (``remove()`` puts the class's forward back)."""
-
-    def __init__(self, experts: nn.Module):
-        self.experts = experts
-
-    def remove(self) -> None:
-        self.experts.__dict__.pop("forward", None)
-
-
-def tap_experts(experts: nn.Module, active: Callable[[], bool], on_expert: Callable) -> _Tap:
+def tap_experts(experts: nn.Module, active: Callable[[], bool], on_expert: Callable) -> SimpleNamespace:
     """Run ``experts`` expert by expert and call ``on_expert(e, x, gate_up_out, h, down_out, token_positions)``
-    for every expert with routed tokens, while ``active()``; otherwise its own forward runs unchanged.
+    for every expert with routed tokens, while ``active()``; otherwise its own forward runs unchanged. The returned
+    handle's ``remove()`` puts the class's forward back.
 
     ``x`` are the rows of the tokens routed to ``e`` (``hidden[token_positions]``), ``gate_up_out = x W_guᵀ``,
     ``h = _apply_gate(gate_up_out)`` (the input of down) and ``down_out = h W_downᵀ``, before the routing weight
@@ -116,4 +102,4 @@ def tap_experts(experts: nn.Module, active: Callable[[], bool], on_expert: Calla
         return out
 
     experts.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's
-    return _Tap(experts)
+    return SimpleNamespace(remove=lambda: experts.__dict__.pop("forward", None))

@@ -2,15 +2,6 @@
 
 All are hex prefixes of sha256. They key caches (eigendecompositions, reference top-k, testbeds) and let a resumed
 run check that it resumes the same thing (collection checkpoints, sweeps).
-
-* :func:`model_fingerprint`: the model's config (architecture and sizes), not its weights;
-* :func:`weights_digest`: the weights (exact sums and norms plus a strided sample, one read, no copy);
-* :func:`tokenizer_digest`: the vocabulary;
-* :func:`path_identity`: a local path with its files' sizes and mtimes, or a hub id as it is;
-* :func:`data_digest`: local text data (each file's name, size and first 64 KiB);
-* :func:`json_digest`: anything JSON-serializable (configs, cache keys);
-* :func:`tensors_digest`: tensors' exact bytes (factor contents, the eigen cache key);
-* :func:`tensor_checksum`: one tensor's exact bytes, full sha256 (factor file checksums).
 """
 
 from __future__ import annotations
@@ -32,12 +23,10 @@ def json_digest(obj: Any, length: int = 16) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's config (architecture and sizes), for manifests and cache keys."""
+    """A short hash of the model's config (architecture and sizes, not its weights), for manifests and cache keys."""
     cfg = getattr(model, "config", None)
     d = cfg.to_dict() if cfg is not None else {"type": type(model).__name__}
-    for k in _CONFIG_NOISE:
-        d.pop(k, None)
-    return json_digest(d)
+    return json_digest({k: v for k, v in d.items() if k not in _CONFIG_NOISE})
 
 
 def weights_digest(weights: nn.Module | Iterable[tuple[str, torch.Tensor]], length: int = 16) -> str:
@@ -52,36 +41,37 @@ def weights_digest(weights: nn.Module | Iterable[tuple[str, torch.Tensor]], leng
         for name, p in named:
             flat = p.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 64)][:64].to(torch.float64).cpu()
-            stats = torch.stack(
-                [torch.sum(p, dtype=torch.float64), torch.linalg.vector_norm(p, dtype=torch.float64)]
-            ).cpu()
+            stats = torch.stack([torch.sum(p, dtype=torch.float64), torch.linalg.vector_norm(p, dtype=torch.float64)])
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            h.update(stats.numpy().tobytes())
+            h.update(stats.cpu().numpy().tobytes())
             h.update(sample.numpy().tobytes())
     return h.hexdigest()[:length]
+
+
+def _exact_bytes(t: torch.Tensor):
+    """A tensor's bytes, read without a copy when it is contiguous on the CPU."""
+    t = t.detach().to("cpu").contiguous()
+    return t.view(torch.uint8).numpy() if t.numel() else b""
 
 
 def tensors_digest(tensors: Iterable[torch.Tensor], extra: str = "", length: int = 24) -> str:
     """A hash of tensors' shapes, dtypes and exact bytes (plus ``extra``, e.g. counts)."""
     h = hashlib.sha256()
     for t in tensors:
-        t = t.detach().to("cpu").contiguous()
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(_exact_bytes(t))
     h.update(extra.encode())
     return h.hexdigest()[:length]
 
 
 def tensor_checksum(t: torch.Tensor) -> str:
-    """sha256 (hex) of one tensor's exact bytes, read without a copy when the tensor is contiguous on the CPU."""
-    t = t.detach().to("cpu").contiguous()
-    data = t.view(torch.uint8).numpy() if t.numel() else b""
-    return hashlib.sha256(data).hexdigest()
+    """The full sha256 (hex) of one tensor's exact bytes (factor file checksums)."""
+    return hashlib.sha256(_exact_bytes(t)).hexdigest()
 
 
 def tokenizer_digest(tokenizer) -> str:
     """A short hash of the tokenizer's vocabulary."""
-    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+    return json_digest(sorted(tokenizer.get_vocab().items()))
 
 
 def path_identity(name_or_path: str) -> dict:
@@ -96,18 +86,15 @@ def path_identity(name_or_path: str) -> dict:
 
 def model_identity(model: nn.Module) -> dict:
     """Identity of a model held in memory: its source path, config fingerprint and weight digest."""
-    return {
-        "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", ""),
-        "fingerprint": model_fingerprint(model),
-        "weights": weights_digest(model),
-    }
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", "")
+    return {"name_or_path": name_or_path, "fingerprint": model_fingerprint(model), "weights": weights_digest(model)}
 
 
 def data_digest(source: str, text_field: str = "text") -> str | None:
     """For local data: a hash of each file's name, size and first 64 KiB; ``None`` for hub datasets."""
-    from .data import ALIASES, _local_files
+    from .data import _expand, _local_files
 
-    source = ALIASES.get(str(source), str(source))
+    source = _expand(source)
     if source.startswith("hf:"):
         return None
     h = hashlib.sha256()

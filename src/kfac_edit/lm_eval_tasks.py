@@ -33,11 +33,8 @@ INSTALL_HINT = "pip install 'kfac-edit[lm-eval]'"
 
 def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
     """``"arithmetic,triviaqa"`` or a list -> ``["arithmetic", "triviaqa"]`` (order kept, duplicates dropped)."""
-    items = tasks.split(",") if isinstance(tasks, str) else [t for part in tasks for t in str(part).split(",")]
-    out: list[str] = []
-    for t in (s.strip() for s in items):
-        if t and t not in out:
-            out.append(t)
+    parts = [tasks] if isinstance(tasks, str) else tasks
+    out = list(dict.fromkeys(t.strip() for part in parts for t in str(part).split(",") if t.strip()))
     if not out:
         raise UserError("no lm-eval task given; pass e.g. --lm-eval-tasks arithmetic,triviaqa")
     return out
@@ -45,12 +42,11 @@ def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
 
 def _import_lm_eval():
     try:
-        import lm_eval  # noqa: F401
-        from lm_eval import simple_evaluate
-        from lm_eval.tasks import TaskManager
+        import lm_eval
+        import lm_eval.tasks
     except ImportError as exc:
         raise UserError(f"lm-evaluation-harness is not installed ({exc}); install it with {INSTALL_HINT}") from None
-    return lm_eval, simple_evaluate, TaskManager
+    return lm_eval
 
 
 def _task_manager(TaskManager, tasks: list[str], include_path: str | None):
@@ -66,45 +62,31 @@ def _task_manager(TaskManager, tasks: list[str], include_path: str | None):
     if missing:
         import difflib
 
-        hints = []
-        for t in missing:
-            close = difflib.get_close_matches(t, manager.all_tasks, n=3)
-            hints.append(f"'{t}'" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        close = {t: difflib.get_close_matches(t, manager.all_tasks, n=3) for t in missing}
+        hints = [f"'{t}'" + (f" (did you mean {', '.join(c)}?)" if c else "") for t, c in close.items()]
         where = f" in lm-eval or {include_path}" if include_path else " in lm-eval (add --lm-eval-include DIR for your own)"
         raise UserError(f"unknown lm-eval task {'; '.join(hints)}{where}; `lm-eval ls tasks` lists them")
     return manager
 
 
-def _metric_name(key: str) -> str:
-    return key[: -len(",none")] if key.endswith(",none") else key
-
-
 def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per task, its numeric metrics with the ``,none`` filter suffix dropped (``alias`` and strings removed)."""
-    out: dict[str, dict[str, float]] = {}
-    for task, metrics in results.get("results", {}).items():
-        row = {}
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "sample_len":
-                row[_metric_name(key)] = float(value)
-        out[task] = row
-    return out
+    return {
+        task: {
+            key.removesuffix(",none"): float(value)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "sample_len"
+        }
+        for task, metrics in results.get("results", {}).items()
+    }
 
 
-def run_lm_eval(
-    model_path: str | os.PathLike,
-    tasks: str | Sequence[str],
-    out_dir: str | os.PathLike,
-    include_path: str | os.PathLike | None = None,
-    limit: int | float | None = None,
-    batch_size: int | str = 8,
-    device: str | None = "auto",
-    dtype: str = "auto",
-    num_fewshot: int | None = None,
-    seed: int = 0,
-    log_samples: bool = False,
-) -> dict[str, Any]:
-    """Run lm-eval's ``hf`` backend on ``model_path`` (hub id or model directory) and write ``OUT_DIR/lm_eval_results.json``.
+def run_lm_eval(model_path: str | os.PathLike, tasks: str | Sequence[str], out_dir: str | os.PathLike,
+                include_path: str | os.PathLike | None = None, limit: int | float | None = None,
+                batch_size: int | str = 8, device: str | None = "auto", dtype: str = "auto",
+                num_fewshot: int | None = None, seed: int = 0,
+                log_samples: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Run lm-eval's ``hf`` backend on ``model_path`` (a hub id or model directory) and write the results file.
 
     Args:
         tasks: task or group names, comma-separated or a list.
@@ -112,42 +94,29 @@ def run_lm_eval(
         limit: at most this many documents per task (a fraction < 1 means that share), for quick checks.
         batch_size: lm-eval batch size (an int, or ``"auto"``).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ...
-        dtype: weights dtype, resolved by :func:`kfac_edit.models.resolve_dtype` (``auto``: the checkpoint's own)
-            and passed to lm-eval by name, so the results file records the dtype that ran.
+        dtype: resolved by :func:`kfac_edit.models.resolve_dtype` and passed to lm-eval by name (recorded as run).
         num_fewshot: few-shot examples per prompt (default: each task's own).
-        log_samples: also write each document's responses to ``OUT_DIR/lm_eval_samples.jsonl`` (one line per
-            document: ``task``, ``doc_id``, ``doc``, ``target``, ``arguments``, ``responses``, per-document metrics)
-            and return them under ``"samples"``.
-    Returns:
-        The dict written to the file (layout in the module docstring).
+        log_samples: also write each document's responses to ``OUT_DIR/lm_eval_samples.jsonl`` (``task``,
+            ``doc_id``, ``doc``, ``target``, ``arguments``, ``responses``, per-document metrics) and return them
+            under ``"samples"``.
+    Returns the dict written to ``OUT_DIR/lm_eval_results.json`` (layout in the module docstring).
     """
     from .models import dtype_name, resolve_device, resolve_dtype
 
     task_list = parse_tasks(tasks)
-    lm_eval, simple_evaluate, TaskManager = _import_lm_eval()
+    lm_eval = _import_lm_eval()
     include = os.fspath(include_path) if include_path is not None else None
-    manager = _task_manager(TaskManager, task_list, include)
+    manager = _task_manager(lm_eval.tasks.TaskManager, task_list, include)
     model_path = os.fspath(model_path)
     dtype = dtype_name(resolve_dtype(model_path, dtype))
     dev = str(resolve_device(device))
-    model_args = {"pretrained": model_path, "dtype": dtype}
     log.info("lm-eval: %s on %s (%s)", ",".join(task_list), model_path, dev)
     start = time.perf_counter()
-    raw = simple_evaluate(
-        model="hf",
-        model_args=model_args,
-        tasks=task_list,
-        num_fewshot=num_fewshot,
-        batch_size=batch_size,
-        device=dev,
-        limit=limit,
-        task_manager=manager,
-        log_samples=log_samples,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    seeds = dict.fromkeys(("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed"), seed)
+    raw = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": model_path, "dtype": dtype}, tasks=task_list, num_fewshot=num_fewshot,
+        batch_size=batch_size, device=dev, limit=limit, task_manager=manager, log_samples=log_samples, **seeds,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     if raw is None:  # non-zero ranks under distributed lm-eval
         return {}
@@ -155,22 +124,15 @@ def run_lm_eval(
     raw = {k: v for k, v in dict(raw).items() if k != "samples"}
     raw = json.loads(json.dumps(raw, default=str))  # lm-eval's dicts hold a few non-JSON objects
     record = {
-        "model": model_path,
-        "tasks": task_list,
-        "include_path": include,
-        "limit": limit,
-        "num_fewshot": num_fewshot,
-        "batch_size": batch_size,
-        "device": dev,
-        "dtype": dtype,
+        "model": model_path, "tasks": task_list, "include_path": include, "limit": limit, "num_fewshot": num_fewshot,
+        "batch_size": batch_size, "device": dev, "dtype": dtype,
         "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
         "metrics": summarize(raw),
-    }
-    for key in ("results", "groups", "n-shot", "n-samples", "versions", "higher_is_better", "configs"):
-        if key in raw:
-            record[key] = raw[key]
+    }  # fmt: skip
+    kept = ("results", "groups", "n-shot", "n-samples", "versions", "higher_is_better", "configs")
+    record.update({key: raw[key] for key in kept if key in raw})
     write_json(Path(out_dir) / LM_EVAL_RESULTS_FILE, record)
     if log_samples:
         with atomic_path(Path(out_dir) / LM_EVAL_SAMPLES_FILE) as tmp:
@@ -183,41 +145,15 @@ def _sample_rows(samples: dict[str, list[dict]]) -> list[dict[str, Any]]:
     rows = []
     for task, items in samples.items():
         for s in items:
-            row = {
-                "task": task,
-                "doc_id": s.get("doc_id"),
-                "doc": s.get("doc"),
-                "target": s.get("target"),
-                "arguments": s.get("arguments"),
-                "responses": s.get("filtered_resps"),
-            }
+            row = {"task": task} | {key: s.get(key) for key in ("doc_id", "doc", "target", "arguments")}
+            row["responses"] = s.get("filtered_resps")
             row.update({m: s[m] for m in s.get("metrics", []) if m in s})
-            rows.append(json.loads(json.dumps(row, default=_to_json)))
-    return rows
-
-
-def _to_json(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, tuple):
-        return list(obj)
-    return str(obj)
-
-
-def format_metrics(record: dict[str, Any]) -> list[str]:
-    """Lines ``task  metric  value`` for the console (stderr metrics left out)."""
-    lines = []
-    for task, metrics in record.get("metrics", {}).items():
-        for name, value in metrics.items():
-            if "_stderr" in name:
-                continue
-            lines.append(f"lm-eval {task:<32} {name:<24} {value:.4f}")
-    return lines
+            rows.append(row)
+    # numpy scalars as numbers, other objects as strings
+    return json.loads(json.dumps(rows, default=lambda obj: obj.item() if hasattr(obj, "item") else str(obj)))
 
 
 # ---------------------------------------------------------------------------------------------- `kfac-edit eval`
-
-
 def add_lm_eval_arguments(p) -> None:
     """``--lm-eval-tasks``, ``--lm-eval-include``, ``--lm-eval-limit`` (for ``kfac-edit eval``)."""
     p.add_argument(
@@ -259,21 +195,14 @@ def run_lm_eval_from_args(args) -> dict[str, Any] | None:
     if not getattr(args, "lm_eval_tasks", None):
         return None
     limit = args.lm_eval_limit
-    if limit is not None and limit >= 1:
-        limit = int(limit)
-    dtype = getattr(args, "dtype", "auto")  # run_lm_eval resolves auto as every command does
+    limit = int(limit) if limit is not None and limit >= 1 else limit
     out_dir = lm_eval_out_dir(args.model, getattr(args, "out", None))
-    record = run_lm_eval(
-        args.model,
-        args.lm_eval_tasks,
-        out_dir,
-        include_path=args.lm_eval_include,
-        limit=limit,
-        batch_size=getattr(args, "batch_size", 8),
-        device=getattr(args, "device", "auto"),
-        dtype=dtype,
-    )
-    for line in format_metrics(record):
-        print(line)
+    record = run_lm_eval(args.model, args.lm_eval_tasks, out_dir, include_path=args.lm_eval_include, limit=limit,
+                         batch_size=getattr(args, "batch_size", 8), device=getattr(args, "device", "auto"),
+                         dtype=getattr(args, "dtype", "auto"))  # fmt: skip
+    for task, metrics in record.get("metrics", {}).items():
+        for name, value in metrics.items():
+            if "_stderr" not in name:  # the console shows the values, the file their standard errors too
+                print(f"lm-eval {task:<32} {name:<24} {value:.4f}")
     print(f"wrote lm-eval results to {out_dir / LM_EVAL_RESULTS_FILE}")
     return record

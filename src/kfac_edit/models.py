@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -29,14 +29,15 @@ BIAS_MODES = ("joint", "keep")
 
 # model_type -> (path of the ModuleList of blocks, {kind: path of the projection inside a block}).
 # Every entry was checked on a tiny random model of the installed transformers (tests/test_architectures.py).
-_LLAMA_LIKE = ("model.layers", {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"})
-_UP_DOWN = ("model.layers", {"up": "mlp.up_proj", "down": "mlp.down_proj"})  # no gate (ReLU² / xIELU MLPs)
+_LLAMA = {k: f"mlp.{k}_proj" for k in PROJECTIONS}
+_NEOX = {"up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
+_C_FC = {"up": "mlp.c_fc", "down": "mlp.c_proj"}  # GPT-2 Conv1D, weight stored (in, out)
+_FC = {"up": "fc1", "down": "fc2"}
 # One nn.Linear computing [gate; up] (out = 2 * intermediate): handled as ONE projection of kind ``up`` -- the K-FAC
 # of that linear layer (A over its input, G over all its outputs), edited as a whole; there is no separate ``gate``.
-_FUSED_GATE_UP = ("model.layers", {"up": "mlp.gate_up_proj", "down": "mlp.down_proj"})
-_NEOX_NAMES = {"up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
-_C_FC = {"up": "mlp.c_fc", "down": "mlp.c_proj"}
-_FC_IN = ("transformer.h", {"up": "mlp.fc_in", "down": "mlp.fc_out"})
+FUSED_GATE_UP = frozenset(("phi3", "glm", "glm4"))
+_FUSED_UP = "mlp.gate_up_proj"
+_FUSED_NOTE = f"; its gate and up are one fused linear layer, {_FUSED_UP}, edited as kind 'up'"
 ARCHITECTURES: dict[str, tuple[str, dict[str, str]]] = {
     **dict.fromkeys(
         (
@@ -44,55 +45,50 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, str]]] = {
             "olmo3", "stablelm", "cohere", "cohere2", "granite", "helium", "smollm3", "exaone4", "seed_oss",
             "diffllama", "ernie4_5", "internlm3",
         ),
-        _LLAMA_LIKE,
+        ("model.layers", _LLAMA),
     ),
-    **dict.fromkeys(("nemotron", "arcee", "apertus"), _UP_DOWN),
-    **dict.fromkeys(("phi3", "glm", "glm4"), _FUSED_GATE_UP),
-    "gpt_neox": ("gpt_neox.layers", _NEOX_NAMES),
-    "falcon": ("transformer.h", _NEOX_NAMES),
-    "bloom": ("transformer.h", _NEOX_NAMES),
-    "persimmon": ("model.layers", _NEOX_NAMES),
-    "gpt2": ("transformer.h", _C_FC),  # Conv1D, weight stored (in, out)
-    "gpt_bigcode": ("transformer.h", _C_FC),
-    "gpt_neo": ("transformer.h", _C_FC),
+    # no gate (ReLU² / xIELU MLPs)
+    **dict.fromkeys(("nemotron", "arcee", "apertus"), ("model.layers", {"up": "mlp.up_proj", "down": "mlp.down_proj"})),
+    **dict.fromkeys(FUSED_GATE_UP, ("model.layers", {"up": _FUSED_UP, "down": "mlp.down_proj"})),
+    "gpt_neox": ("gpt_neox.layers", _NEOX),
+    **dict.fromkeys(("falcon", "bloom"), ("transformer.h", _NEOX)),
+    "persimmon": ("model.layers", _NEOX),
+    **dict.fromkeys(("gpt2", "gpt_bigcode", "gpt_neo"), ("transformer.h", _C_FC)),
     "starcoder2": ("model.layers", _C_FC),
-    "gptj": _FC_IN,
-    "codegen": _FC_IN,
+    **dict.fromkeys(("gptj", "codegen"), ("transformer.h", {"up": "mlp.fc_in", "down": "mlp.fc_out"})),
     "phi": ("model.layers", {"up": "mlp.fc1", "down": "mlp.fc2"}),
-    "opt": ("model.decoder.layers", {"up": "fc1", "down": "fc2"}),
-    "xglm": ("model.layers", {"up": "fc1", "down": "fc2"}),
-    "biogpt": ("biogpt.layers", {"up": "fc1", "down": "fc2"}),
+    "opt": ("model.decoder.layers", _FC),
+    "xglm": ("model.layers", _FC),
+    "biogpt": ("biogpt.layers", _FC),
     "mpt": ("transformer.blocks", {"up": "ffn.up_proj", "down": "ffn.down_proj"}),
     "lfm2": ("model.layers", {"gate": "feed_forward.w1", "up": "feed_forward.w3", "down": "feed_forward.w2"}),
     # Gemma 3 with its vision tower (AutoModelForCausalLM gives Gemma3ForConditionalGeneration): the text blocks
-    "gemma3": ("model.language_model.layers", _LLAMA_LIKE[1]),
+    "gemma3": ("model.language_model.layers", _LLAMA),
 }
 # Mixture of experts: model_type -> (blocks path, experts module inside a block, {kind: path of a dense MLP's
 # projection inside a block}). Every routed expert's gate, up and down is a projection (kfac_edit.experts); the dense
 # paths are taken in the blocks that have them: Qwen2-MoE's shared expert, Qwen3-MoE's dense blocks (mlp_only_layers).
+_SHARED_EXPERT = {k: f"mlp.shared_expert.{k}_proj" for k in PROJECTIONS}
 MOE_ARCHITECTURES: dict[str, tuple[str, str, dict[str, str]]] = {
-    "olmoe": ("model.layers", "mlp.experts", {}),
-    "mixtral": ("model.layers", "mlp.experts", {}),
-    "qwen2_moe": (
-        "model.layers", "mlp.experts",
-        {"gate": "mlp.shared_expert.gate_proj", "up": "mlp.shared_expert.up_proj", "down": "mlp.shared_expert.down_proj"},
-    ),
-    "qwen3_moe": ("model.layers", "mlp.experts", _LLAMA_LIKE[1]),
-    "phimoe": ("model.layers", "mlp.experts", {}),
+    **dict.fromkeys(("olmoe", "mixtral", "phimoe"), ("model.layers", "mlp.experts", {})),
+    **dict.fromkeys(("qwen2_moe", "qwen3_next"), ("model.layers", "mlp.experts", _SHARED_EXPERT)),
+    "qwen3_moe": ("model.layers", "mlp.experts", _LLAMA),
     "granitemoe": ("model.layers", "block_sparse_moe.experts", {}),
-    "qwen3_next": (
-        "model.layers", "mlp.experts",
-        {"gate": "mlp.shared_expert.gate_proj", "up": "mlp.shared_expert.up_proj", "down": "mlp.shared_expert.down_proj"},
-    ),
-}  # fmt: skip
-_FUSED_NOTE = "; its gate and up are one fused linear layer, mlp.gate_up_proj, edited as kind 'up'"
-FUSED_GATE_UP = frozenset(t for t, arch in ARCHITECTURES.items() if arch is _FUSED_GATE_UP)
-
+}
 # Config fields that give a mixture-of-experts model away (any value > 1 means routed experts).
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DTYPE_CHOICES = ("auto", *DTYPES)  # what every command's --dtype accepts
+
+# The layout declared by :func:`use_modules` (``--modules``, or the paths a factor manifest recorded) is kept on the
+# model as this plain attribute: every function here reads it before the table.
+LAYOUT_ATTR = "_kfac_edit_layout"
+LAYOUT_KEY = "module_paths"  # the factor manifest's record of the layout: {"blocks": path, kind: path in a block}
+
+
+def _has_bias(module) -> bool:
+    return isinstance(getattr(module, "bias", None), torch.Tensor)
 
 
 @dataclass
@@ -110,7 +106,7 @@ class Projection:
 
     @property
     def has_bias(self) -> bool:
-        return isinstance(getattr(self.module, "bias", None), torch.Tensor)
+        return _has_bias(self.module)
 
     @property
     def factor_shape(self) -> tuple[int, int]:
@@ -141,8 +137,7 @@ class Projection:
     @property
     def shape(self) -> tuple[int, int]:
         """``(out, in)``."""
-        w = self.module.weight
-        return (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
+        return tuple(self.weight().shape)
 
     def weight(self) -> torch.Tensor:
         """The weight as ``(out, in)`` (a view, not a copy)."""
@@ -157,23 +152,12 @@ class Projection:
         self.weight().copy_(new_weight.to(dtype=self.module.weight.dtype, device=self.module.weight.device))
 
 
-def _get(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
 def model_type(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", type(model).__name__)
 
 
 def num_blocks(model: nn.Module) -> int:
-    blocks_path, _ = _architecture(model)
-    return len(_get(model, blocks_path))
-
-
-# The layout declared by :func:`use_modules` (``--modules``, or the paths a factor manifest recorded) is kept on the
-# model as this plain attribute: every function here reads it before the table.
-LAYOUT_ATTR = "_kfac_edit_layout"
-LAYOUT_KEY = "module_paths"  # the factor manifest's record of the layout: {"blocks": path, kind: path in a block}
+    return len(model.get_submodule(_architecture(model)[0]))
 
 
 def use_modules(model: nn.Module, modules: dict[str, str] | None, blocks_path: str | None = None) -> None:
@@ -189,26 +173,42 @@ def use_modules(model: nn.Module, modules: dict[str, str] | None, blocks_path: s
         try:
             blocks_path = _architecture(model)[0]
         except UserError:
-            blocks_path = _guess_blocks_path(model)
+            lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+            if not lists:
+                raise UserError("cannot find the model's list of blocks; this architecture is not supported") from None
+            blocks_path = max(lists, key=lambda item: len(item[1]))[0]
     try:
-        blocks = _get(model, blocks_path)
+        blocks = model.get_submodule(blocks_path)
     except AttributeError:
         raise UserError(f"the model has no module '{blocks_path}' holding its blocks; check --modules") from None
-    for i, block in enumerate(blocks):
+    for i in range(len(blocks)):
         for kind, sub in modules.items():
-            try:
-                module = _get(block, sub)
-            except AttributeError:
-                raise UserError(
-                    f"block {i} has no module '{sub}' (--modules {kind}={sub}, blocks in {blocks_path}); name a "
-                    "module every block has"
-                ) from None
-            if not _is_linear(module):
-                raise UserError(
-                    f"--modules {kind}={sub}: {blocks_path}.{i}.{sub} is a {type(module).__name__}, not a linear "
-                    "layer (a module with a 2-D weight); name the linear layers of the MLP"
-                )
+            _linear_at(blocks, blocks_path, i, kind, sub)
     model.__dict__[LAYOUT_ATTR] = (blocks_path, dict(modules))
+
+
+def _linear_at(blocks, blocks_path: str, i: int, kind: str, sub: str) -> nn.Module:
+    """Block ``i``'s module ``sub`` (of ``kind``); a :class:`UserError` when it is missing or not a linear layer."""
+    try:
+        module = blocks[i].get_submodule(sub)
+    except AttributeError:
+        raise UserError(
+            f"block {i} has no module '{sub}' (--modules {kind}={sub}, blocks in {blocks_path}); name a module every "
+            "block has"
+        ) from None
+    if not _is_linear(module):
+        raise UserError(
+            f"--modules {kind}={sub}: {blocks_path}.{i}.{sub} is a {type(module).__name__}, not a linear layer (a "
+            "module with a 2-D weight); name the linear layers of the MLP"
+        )
+    return module
+
+
+def _find(block: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def module_paths(model: nn.Module) -> dict[str, str]:
@@ -218,12 +218,8 @@ def module_paths(model: nn.Module) -> dict[str, str]:
 
 
 def _architecture(model: nn.Module) -> tuple[str, dict[str, str]]:
-    """``(blocks path, {kind: path inside a block})`` of a model: the layout declared by :func:`use_modules`, the
-    table, else a known layout found by structure.
-
-    Mixture-of-experts models and models whose MLP matches no known layout are a :class:`UserError` (one line
-    saying what is unsupported and why).
-    """
+    """``(blocks path, {kind: path inside a block})``: the layout declared by :func:`use_modules`, the table, else
+    a known layout found by structure; a :class:`UserError` for an unreadable mixture of experts or an unknown MLP."""
     declared = model.__dict__.get(LAYOUT_ATTR)
     if declared is not None:
         return declared
@@ -239,8 +235,7 @@ def _architecture(model: nn.Module) -> tuple[str, dict[str, str]]:
             f"mixture-of-experts model '{mtype}' is not supported yet: {moe}; kfac-edit reads the experts of "
             f"{', '.join(sorted(MOE_ARCHITECTURES))} only, and --modules cannot reach experts"
         )
-    # Unknown model type: accept any model whose blocks have one of the known layouts.
-    for layout in {id(layout): layout for layout in ARCHITECTURES.values()}.values():
+    for layout in ARCHITECTURES.values():  # an unknown model type with a known layout
         if _has_layout(model, layout):
             return layout
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
@@ -254,40 +249,36 @@ def _architecture(model: nn.Module) -> tuple[str, dict[str, str]]:
 def _has_layout(model: nn.Module, layout: tuple[str, dict[str, str]]) -> bool:
     blocks_path, kinds = layout
     try:
-        blocks = _get(model, blocks_path)
-        first = blocks[0]
-        return all(_is_linear(_get(first, sub)) for sub in kinds.values())
+        first = model.get_submodule(blocks_path)[0]
+        return all(_is_linear(first.get_submodule(sub)) for sub in kinds.values())
     except (AttributeError, IndexError, TypeError, KeyError):
         return False
 
 
 def _is_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` (or subclass) or GPT-2's ``Conv1D``: the layers whose forward returns one tensor and whose
-    weight :class:`Projection` reads. A module that merely holds a 2-D weight (an MoE router returning a tuple) is not."""
+    """An ``nn.Linear`` (or subclass) or GPT-2's ``Conv1D`` with a 2-D weight: a layer whose forward returns one
+    tensor. A module that merely holds a 2-D weight (an MoE router returning a tuple) is not."""
     weight = getattr(module, "weight", None)
     kind_ok = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
     return kind_ok and isinstance(weight, torch.Tensor) and weight.dim() == 2
 
 
 def _mixture_of_experts(model: nn.Module) -> str | None:
-    """A short description of a model's expert layer (``None`` for a dense model).
-
-    Found by structure (an expert module with 3-D parameters, or a class named ``*Experts``) or by the config's
-    expert count.
-    """
+    """How a model's expert layer shows (a module with 3-D parameters or a class named ``*Experts``, else the
+    config's expert count), or ``None`` for a dense model."""
     for name, module in model.named_modules():
         cls = type(module).__name__
         if "expert" not in cls.lower() and "expert" not in name.rsplit(".", 1)[-1].lower():
             continue  # 3-D weights elsewhere (e.g. a Mamba block's Conv1d) are no experts
-        fused = [(n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
-        if fused or cls.lower().endswith("experts"):
-            where = f"{cls} at {name}" if name else cls
-            if fused:
-                shapes = ", ".join(f"{n} {'x'.join(map(str, shape))}" for n, shape in fused)
-                return (
-                    f"its experts ({where}) keep every expert's weights in fused 3-D parameters ({shapes}), "
-                    "not linear layers"
-                )
+        fused = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+        where = f"{cls} at {name}" if name else cls
+        if fused:
+            shapes = ", ".join(f"{n} {'x'.join(map(str, p.shape))}" for n, p in fused)
+            return (
+                f"its experts ({where}) keep every expert's weights in fused 3-D parameters ({shapes}), not linear "
+                "layers"
+            )
+        if cls.lower().endswith("experts"):
             return f"its experts ({where}) are one module holding all experts"
     cfg = getattr(model, "config", None)
     for field in _EXPERT_COUNT_FIELDS:
@@ -310,80 +301,52 @@ def parse_modules_option(text: str) -> dict[str, str]:
     return out
 
 
-def find_projections(
-    model: nn.Module,
-    layers: Iterable[int] | str | None = None,
-    projections: Sequence[str] = PROJECTIONS,
-    modules: dict[str, str] | None = None,
-    blocks_path: str | None = None,
-    bias: str = "joint",
-) -> list[Projection]:
-    """The MLP projections of the chosen blocks, in block order then ``gate, up, down`` order.
+def find_projections(model: nn.Module, layers: Iterable[int] | str | None = None,
+                     projections: Sequence[str] = PROJECTIONS, bias: str = "joint") -> list[Projection]:  # fmt: skip
+    """The MLP projections of the chosen blocks, in block order then ``gate, up, down`` order, in the layout of
+    :func:`_architecture` (:func:`use_modules` declares one the table lacks).
 
     Args:
         layers: block indices, ``"all"`` or ``None`` (all blocks).
         projections: kinds to return; a kind the architecture lacks is an error.
-        modules: overrides ``{kind: path inside a block}`` for unknown architectures.
-        blocks_path: path of the blocks' ModuleList when ``modules`` is given for an unknown architecture.
         bias: ``joint`` (biased layers are :attr:`Projection.homogeneous`) or ``keep`` (no projection is).
     """
     if bias not in BIAS_MODES:
         raise UserError(f"unknown --bias '{bias}'; use one of {', '.join(BIAS_MODES)}")
-    if modules:
-        if blocks_path is None:
-            try:
-                blocks_path = _architecture(model)[0]
-            except UserError:
-                blocks_path = _guess_blocks_path(model)
-        kinds = dict(modules)
-    else:
-        blocks_path, kinds = _architecture(model)
-    blocks = _get(model, blocks_path)
+    blocks_path, kinds = _architecture(model)
+    blocks = model.get_submodule(blocks_path)
     n = len(blocks)
-    if layers is None or layers == "all":
-        layer_list = list(range(n))
-    else:
-        layer_list = sorted(set(int(i) for i in layers))
+    layer_list = list(range(n)) if layers is None or layers == "all" else sorted({int(i) for i in layers})
     for i in layer_list:
         if not 0 <= i < n:
             raise UserError(f"layer {i} does not exist: the model has blocks 0..{n - 1}; pick --layers in that range")
+    _check_kinds(projections)
     for kind in projections:
-        if kind not in PROJECTIONS:
-            raise UserError(f"unknown projection '{kind}'; use a subset of gate,up,down")
         if kind not in kinds:
             raise UserError(
                 f"projection '{kind}' does not exist in a {model_type(model)} model (it has {', '.join(kinds)}"
-                f"{_FUSED_NOTE if kind == 'gate' and kinds.get('up') == _FUSED_GATE_UP[1]['up'] else ''}); "
+                f"{_FUSED_NOTE if kind == 'gate' and kinds.get('up') == _FUSED_UP else ''}); "
                 f"pass --projections {','.join(k for k in PROJECTIONS if k in kinds)}"
             )
-    if LAYOUT_ATTR not in model.__dict__ and not modules and model_type(model) in MOE_ARCHITECTURES:
-        return _expert_projections(model, blocks, layer_list, projections, bias)
+    wanted = [k for k in PROJECTIONS if k in projections]
+    joint = bias == "joint"
+    if LAYOUT_ATTR not in model.__dict__ and model_type(model) in MOE_ARCHITECTURES:
+        return _expert_projections(model, blocks, layer_list, wanted, joint)
     out = []
     for i in layer_list:
-        for kind in PROJECTIONS:
-            if kind not in projections:
-                continue
-            sub = kinds[kind]
-            try:
-                module = _get(blocks[i], sub)
-            except AttributeError as exc:
-                raise UserError(f"block {i} has no module '{sub}'; check --modules") from exc
-            if not _is_linear(module):
-                raise UserError(f"module {blocks_path}.{i}.{sub} is not a linear layer; check --modules")
+        for kind in wanted:
+            module = _linear_at(blocks, blocks_path, i, kind, kinds[kind])
+            name = f"{blocks_path}.{i}.{kinds[kind]}"
             if not module.weight.is_floating_point():
                 raise UserError(
-                    f"module {blocks_path}.{i}.{sub} holds quantized weights ({dtype_name(module.weight.dtype)}); "
+                    f"module {name} holds quantized weights ({dtype_name(module.weight.dtype)}); "
                     "kfac-edit edits float weights: load the model without quantization"
                 )
-            proj = Projection(name=f"{blocks_path}.{i}.{sub}", block=i, kind=kind, module=module)
-            proj.homogeneous = bias == "joint" and proj.has_bias
-            out.append(proj)
+            out.append(Projection(name, i, kind, module, homogeneous=joint and _has_bias(module)))
     return out
 
 
-def _expert_projections(
-    model: nn.Module, blocks, layer_list: list[int], projections: Sequence[str], bias: str
-) -> list[Projection]:
+def _expert_projections(model: nn.Module, blocks, layer_list: list[int], kinds: list[str], joint: bool):
     """A mixture-of-experts model's projections: per block, each expert's kinds (expert order), then the dense ones."""
     from .experts import ExpertWeight, check_experts
 
@@ -391,38 +354,26 @@ def _expert_projections(
     out = []
     for i in layer_list:
         prefix = f"{blocks_path}.{i}"
-        try:
-            experts = _get(blocks[i], experts_path)
-        except AttributeError:
-            experts = None  # a dense block
-        if experts is not None:
-            for e in range(check_experts(experts, f"{prefix}.{experts_path}")):
-                for kind in (k for k in PROJECTIONS if k in projections):
-                    name = f"{prefix}.{experts_path}.{e}.{kind}"
-                    out.append(Projection(name, i, kind, ExpertWeight(experts, e, kind), expert=e))  # type: ignore[arg-type]
-        for kind in (k for k in PROJECTIONS if k in projections and k in dense):
-            try:
-                module = _get(blocks[i], dense[kind])
-            except AttributeError:
-                continue  # this block has no such dense MLP
-            if _is_linear(module):
-                proj = Projection(f"{prefix}.{dense[kind]}", i, kind, module)
-                proj.homogeneous = bias == "joint" and proj.has_bias
-                out.append(proj)
+        experts = _find(blocks[i], experts_path)  # None in a dense block
+        for e in range(check_experts(experts, f"{prefix}.{experts_path}") if experts is not None else 0):
+            for kind in kinds:
+                weight = ExpertWeight(experts, e, kind)
+                out.append(Projection(f"{prefix}.{experts_path}.{e}.{kind}", i, kind, weight, expert=e))  # type: ignore
+        for kind in kinds:
+            module = _find(blocks[i], dense[kind]) if kind in dense else None  # None: no such dense MLP here
+            if module is not None and _is_linear(module):
+                homogeneous = joint and _has_bias(module)
+                out.append(Projection(f"{prefix}.{dense[kind]}", i, kind, module, homogeneous=homogeneous))
     return out
 
 
-def _guess_blocks_path(model: nn.Module) -> str:
-    best = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (best is None or len(mod) > len(best[1])):
-            best = (name, mod)
-    if best is None:
-        raise UserError("cannot find the model's list of blocks; this architecture is not supported")
-    return best[0]
+def _check_kinds(kinds: Iterable[str]) -> None:
+    for kind in kinds:
+        if kind not in PROJECTIONS:
+            raise UserError(f"unknown projection '{kind}'; use a subset of gate,up,down")
 
 
-def parse_layers(text: str | None, n_blocks: int | None = None) -> list[int] | None:
+def parse_layers(text: str | None) -> list[int] | None:
     """Parse ``"23,24,25"``, ``"20-27"`` or ``"all"`` (-> None, meaning every block)."""
     if text is None or text.strip().lower() == "all":
         return None
@@ -438,21 +389,20 @@ def parse_layers(text: str | None, n_blocks: int | None = None) -> list[int] | N
                 out.append(int(part))
         except ValueError:
             raise UserError(f"cannot read layers '{text}': write e.g. 23,24,25 or 20-27 or all") from None
-    if n_blocks is not None:
-        for i in out:
-            if not 0 <= i < n_blocks:
-                raise UserError(f"layer {i} does not exist: the model has blocks 0..{n_blocks - 1}")
     return sorted(set(out))
 
 
 def parse_projections(text: str) -> list[str]:
     kinds = [p.strip() for p in text.split(",") if p.strip()]
-    for k in kinds:
-        if k not in PROJECTIONS:
-            raise UserError(f"unknown projection '{k}'; use a subset of gate,up,down")
+    _check_kinds(kinds)
     if not kinds:
         raise UserError("no projection given; use a subset of gate,up,down")
     return kinds
+
+
+def projection_kinds(model: nn.Module) -> list[str]:
+    """The projection kinds this model has, in ``gate, up, down`` order."""
+    return [k for k in PROJECTIONS if k in _architecture(model)[1]]
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -463,64 +413,58 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto") -> torch.dtype:
-    """The one meaning of ``--dtype``: a name from :data:`DTYPES`, or ``auto`` = the checkpoint's own dtype.
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling of --dtype, manifests and lm-eval's ``dtype=``)."""
+    return str(dtype).removeprefix("torch.")
 
-    ``auto`` reads ``dtype`` (or the older ``torch_dtype``) from the model's ``config.json``; a config that records
-    none means float32 (what transformers assumed before it recorded dtypes).
-    """
+
+def resolve_dtype(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "auto") -> torch.dtype:
+    """The one meaning of ``--dtype``: a name from :data:`DTYPES`, or ``auto``: the ``dtype`` (or older
+    ``torch_dtype``) the model's ``config.json`` records, float32 when it records none (transformers' old default)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPE_CHOICES)}")
         return DTYPES[dtype]
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(os.fspath(name_or_path))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    config = model_config(name_or_path)
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(stored, str):
         stored = DTYPES.get(stored.removeprefix("torch."))
-    return stored if isinstance(stored, torch.dtype) and stored in DTYPES.values() else torch.float32
+    return stored if stored in DTYPES.values() else torch.float32
+
+
+def _from_pretrained(load: Callable, name_or_path: str | os.PathLike, what: str, hint: str = "", **kwargs):
+    """``load(name_or_path, **kwargs)``; a missing or unreadable model is one line, ``cannot load {what}: ...``."""
+    try:
+        return load(os.fspath(name_or_path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load {what}: {str(exc).splitlines()[0]}{hint}") from None
 
 
 def model_config(name_or_path: str | os.PathLike):
     """The model's transformers config (``config.json`` only: no weights are read); one line when there is none."""
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(os.fspath(name_or_path))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}") from None
-
-
-def _causal_lm_class(config) -> str | None:
-    """The class name ``AutoModelForCausalLM`` builds for ``config``, or ``None`` when it builds none."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    return _from_pretrained(AutoConfig.from_pretrained, name_or_path, f"model '{name_or_path}'")
 
 
 def check_causal_lm(name_or_path: str | os.PathLike, flag: str = "--model"):
-    """Refuse, from the config alone, a model that is not a causal LM; return its config.
+    """Refuse, from the config alone, a model that is not a causal LM (a bare backbone such as ``GPT2Model`` or
+    another head such as ``BertForMaskedLM`` would get a random LM head); return its config. Accepted: an architecture
+    named ``...ForCausalLM`` / ``...LMHeadModel`` or the class ``AutoModelForCausalLM`` builds for the model type; a
+    config recording no architecture is trusted."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    A checkpoint saved as a bare encoder or backbone (``BertModel``, ``GPT2Model``) or with another head
-    (``BertForMaskedLM``) has no trained language-modelling head: ``AutoModelForCausalLM`` would give it a random one
-    and every metric would be noise. Accepted: an architecture named ``...ForCausalLM`` / ``...LMHeadModel``, or the
-    class ``AutoModelForCausalLM`` builds for this model type; a config recording no architecture is trusted.
-    """
     config = model_config(name_or_path)
-    causal = _causal_lm_class(config)
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
     archs = [str(a) for a in (getattr(config, "architectures", None) or [])]
     fits = any(a.endswith(("ForCausalLM", "LMHeadModel")) or a == causal for a in archs) if archs else True
     if causal is None or not fits:
         what = archs[0] if archs else f"model type {getattr(config, 'model_type', '?')}"
         raise UserError(
-            f"{flag} '{name_or_path}' is not a causal language model ({what}); give a model with its language-modelling "
-            "head, saved as ...ForCausalLM"
+            f"{flag} '{name_or_path}' is not a causal language model ({what}); give a model with its "
+            "language-modelling head, saved as ...ForCausalLM"
         )
     return config
 
@@ -538,49 +482,26 @@ def model_limits(config_or_path) -> tuple[int | None, int | None]:
     return (int(rows) if rows else None), (int(positions) if positions else None)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling of --dtype, manifests and lm-eval's ``dtype=``)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def load_model(
-    name_or_path: str,
-    dtype: str | torch.dtype = "auto",
-    device: str | None = None,
-    device_map: str | None = None,
-):
-    """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode (``dtype="auto"``: as saved).
-
-    ``dtype`` is resolved by :func:`resolve_dtype` (``auto``: the checkpoint's own dtype, on every device).
-    The tokenizer always has a pad token (the EOS or UNK token stands in when it has none) and pads on the left
-    (what batched generation needs; the factor and perplexity code passes attention masks so side does not matter).
-    """
+def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str | None = None,
+               device_map: str | None = None):  # fmt: skip
+    """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode; ``dtype`` as
+    :func:`resolve_dtype` reads it (``auto``: as saved), the tokenizer as :func:`load_tokenizer` gives it."""
     from transformers import AutoModelForCausalLM
 
     check_causal_lm(name_or_path)
-    torch_dtype = resolve_dtype(name_or_path, dtype)
-    kwargs = {"dtype": torch_dtype}
-    if device_map:
-        kwargs["device_map"] = device_map
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except OSError as exc:
-        raise UserError(
-            f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}; give a local model directory or a "
-            "hub id that is reachable"
-        ) from exc
+    model = _from_pretrained(
+        AutoModelForCausalLM.from_pretrained, name_or_path, f"model '{name_or_path}'",
+        "; give a local model directory or a hub id that is reachable",
+        dtype=resolve_dtype(name_or_path, dtype), device_map=device_map or None,
+    )  # fmt: skip
     if not device_map:
         model.to(resolve_device(device))
-    model.eval()
-    tokenizer = load_tokenizer(name_or_path)
-    return model, tokenizer
+    return model.eval(), load_tokenizer(name_or_path)
 
 
 def load_tokenizer_as_saved(name_or_path: str):
-    """The model's tokenizer exactly as stored (no pad token or padding side added), to save beside an edit.
-
-    ``None``, with a warning, when the model has no loadable tokenizer.
-    """
+    """The model's tokenizer exactly as stored (no pad token or padding side added), to save beside an edit;
+    ``None``, with a warning, when the model has no loadable tokenizer."""
     from transformers import AutoTokenizer
 
     try:
@@ -591,28 +512,16 @@ def load_tokenizer_as_saved(name_or_path: str):
 
 
 def load_tokenizer(name_or_path: str):
+    """The model's tokenizer, padding on the left (what batched generation needs; the factor and perplexity code
+    passes attention masks), with a pad token: EOS, else UNK, else BOS stands in (padding is always masked out)."""
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a tokenizer from '{name_or_path}': {str(exc).splitlines()[0]}") from exc
-    ensure_pad_token(tokenizer)
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, f"a tokenizer from '{name_or_path}'")
+    if tokenizer.pad_token is None:
+        candidates = (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token)
+        stand_in = next((t for t in candidates if t is not None), None)
+        if stand_in is None:
+            raise UserError("the tokenizer has no pad, eos, unk or bos token to pad with; add a pad token to it")
+        tokenizer.pad_token = stand_in
     tokenizer.padding_side = "left"
     return tokenizer
-
-
-def ensure_pad_token(tokenizer) -> None:
-    """Give a tokenizer without a pad token one (EOS, else UNK, else BOS); padding is always masked out."""
-    if tokenizer.pad_token is None:
-        for tok in (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token):
-            if tok is not None:
-                tokenizer.pad_token = tok
-                return
-        raise UserError("the tokenizer has no pad, eos, unk or bos token to pad with; add a pad token to it")
-
-
-def projection_kinds(model: nn.Module, modules: dict[str, str] | None = None) -> list[str]:
-    """The projection kinds this model has, in ``gate, up, down`` order (``modules`` overrides, as in find_projections)."""
-    kinds = modules if modules else _architecture(model)[1]
-    return [k for k in PROJECTIONS if k in kinds]

@@ -24,9 +24,8 @@ against the loss increase over 8 tasks, the curvature share -0.29: ``benchmarks/
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from .curvature import independent_counts, pairs_mask, select_mass, select_pairs
-from .data import pad_right
+from .data import json_lines, pad_right
 from .errors import UserError
 from .spec import EditSpec, Method, _Choice
 
@@ -49,19 +48,17 @@ class PredictMode(_Choice):
     LOSS = "loss"
 
 
-def kept_pairs(name: str, keep_mass: float, method: Method, grad_eig, act_eig, ekfac=None, protect=None) -> torch.Tensor:
-    """The bool ``(out, in)`` mask of the pairs the edit of module ``name`` keeps (what ``apply_edit`` projects on).
-
-    ``method``: ``kfac``, ``kfac-independent`` or ``ekfac`` (the curvature methods: the others have no pairs).
-    """
-    method = Method.parse(method, "edit method")
+def _check_method(method: Method) -> None:
     if method not in CURVATURE_METHODS:
         raise UserError(f"predict works for the curvature methods kfac, kfac-independent and ekfac, not {method}")
+
+
+def kept_pairs(name: str, keep_mass: float, method: Method, grad_eig, act_eig, ekfac=None, protect=None) -> torch.Tensor:
+    """The bool ``(out, in)`` mask of the pairs the edit of module ``name`` keeps (what ``apply_edit`` projects on),
+    for a method of :data:`CURVATURE_METHODS` (``ekfac`` needs the EK-FAC pair sums)."""
     if method is Method.EKFAC:
-        if ekfac is None:
-            raise UserError("--method ekfac needs EK-FAC eigenvalues: run `kfac-edit collect --ekfac` for the factors")
         mask = select_mass(ekfac.pair_mass(name), keep_mass)
-    elif method in (Method.KFAC, Method.KFAC_INDEPENDENT):
+    else:
         select = select_pairs if method is Method.KFAC else independent_counts
         mask = pairs_mask(select(grad_eig.values, act_eig.values, keep_mass), act_eig.values)
     if protect is not None:
@@ -83,12 +80,8 @@ class TaskCost:
     task: str
     share: float
     modules: dict[str, float]
-    tokens: int
+    labelled_tokens: int
     loss_estimate: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "share": self.share, "modules": self.modules, "labelled_tokens": self.tokens,
-                "loss_estimate": self.loss_estimate}  # fmt: skip
 
 
 def task_mass(task_ekfac, name: str, mode: PredictMode, grad_eig, coeffs: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,17 +94,9 @@ def task_mass(task_ekfac, name: str, mode: PredictMode, grad_eig, coeffs: torch.
     return torch.outer(grad_eig.values.to(torch.float64).cpu(), task_ekfac.activation_energy(name))
 
 
-def predict_cost(
-    model: nn.Module,
-    factors,
-    spec: EditSpec,
-    tasks: dict[str, Iterable[dict[str, torch.Tensor]]],
-    mode: PredictMode | str = PredictMode.ACTIVATION,
-    cache=None,
-    ekfac=None,
-    protect=None,
-    progress: bool = False,
-) -> list[TaskCost]:
+def predict_cost(model: nn.Module, factors, spec: EditSpec, tasks: dict[str, Iterable[dict[str, torch.Tensor]]],
+                 mode: PredictMode | str = PredictMode.ACTIVATION, cache=None, ekfac=None, protect=None,
+                 progress: bool = False) -> list[TaskCost]:  # fmt: skip
     """Per task (``{name: batches}``), the share of its mass in the pairs ``spec``'s edit removes.
 
     ``factors`` give the eigenbasis and the edit's selection (with ``ekfac`` for ``--method ekfac`` and a
@@ -123,35 +108,31 @@ def predict_cost(
     from .factors.ekfac import collect_ekfac
 
     mode = PredictMode.parse(mode, "predict mode")
-    if spec.method not in CURVATURE_METHODS:
-        raise UserError(f"predict works for the curvature methods kfac, kfac-independent and ekfac, not {spec.method}")
+    _check_method(spec.method)
     targets = resolve_targets(model, spec)
     if not targets:
         raise UserError("the layers JSON edits nothing (no projection has keep_mass below 0.9999)")
     check_factors(targets, factors)
+    names = [p.name for p, _ in targets]
     if spec.method is Method.EKFAC:
         if ekfac is None:
             raise UserError("--method ekfac needs EK-FAC eigenvalues: run `kfac-edit collect --ekfac` for the factors")
-        ekfac.check_basis(factors, [p.name for p, _ in targets])
+        ekfac.check_basis(factors, names)
     if protect is not None:
         check_protection(model, targets, protect.factors, "the --protect factors")
     cache = cache if cache is not None else EigenCache(None)
-    names = [p.name for p, _ in targets]
-    kept, bases, coeffs = {}, {}, {}
+    bases, coeffs, kept = {}, {}, {}
     for proj, keep_mass in targets:
-        bases[proj.name] = cache.get(factors, proj.name)
-        grad_eig, act_eig = bases[proj.name]
+        grad_eig, act_eig = bases[proj.name] = cache.get(factors, proj.name)
         coeffs[proj.name] = grad_eig.vectors.T @ proj.weight().detach().to("cpu", torch.float64) @ act_eig.vectors
-        kept[proj.name] = kept_pairs(proj.name, keep_mass, spec.method, *bases[proj.name], ekfac=ekfac, protect=protect)
+        kept[proj.name] = kept_pairs(proj.name, keep_mass, spec.method, grad_eig, act_eig, ekfac=ekfac, protect=protect)
     results = []
     for task, batches in tasks.items():
         measured = collect_ekfac(model, factors, batches, names=names, labels="gold", cache=cache, progress=progress)
         shares = {n: removed_share(task_mass(measured, n, mode, bases[n][0], coeffs[n]), kept[n]) for n in names}
+        removed = [float(task_mass(measured, n, PredictMode.LOSS, None, coeffs[n])[~kept[n]].sum()) for n in names]
         tokens = measured.modules[names[0]].tokens
-        estimate = sum(
-            0.5 * float(task_mass(measured, n, PredictMode.LOSS, None, coeffs[n])[~kept[n]].sum()) for n in names
-        )
-        results.append(TaskCost(task, sum(shares.values()) / len(shares), shares, tokens, estimate))
+        results.append(TaskCost(task, sum(shares.values()) / len(shares), shares, tokens, 0.5 * sum(removed)))
     return results
 
 
@@ -167,56 +148,37 @@ def task_batches(path: str | os.PathLike, tokenizer, batch_size: int = 32, max_r
     if not path.is_file():
         raise UserError(f"--data {path} is not a file; give JSONL task files (text or prefix_ids/suffix_ids records)")
     rows: list[list[int]] = []
-    with open(path) as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if "prefix_ids" in record and "suffix_ids" in record:
-                ids = [int(t) for t in record["prefix_ids"]] + [int(t) for t in record["suffix_ids"]]
-            elif isinstance(record.get(text_field), str):
-                ids = list(tokenizer(record[text_field])["input_ids"])
-            else:
-                raise UserError(f"{path}:{number}: a record needs prefix_ids and suffix_ids, or a '{text_field}' string")
-            rows.append(ids[:max_len] if max_len else ids)
-            if max_records is not None and len(rows) >= max_records:
-                break
+    for number, record in json_lines(path):
+        if "prefix_ids" in record and "suffix_ids" in record:
+            ids = [int(t) for t in record["prefix_ids"]] + [int(t) for t in record["suffix_ids"]]
+        elif isinstance(record.get(text_field), str):
+            ids = list(tokenizer(record[text_field])["input_ids"])
+        else:
+            raise UserError(f"{path}:{number}: a record needs prefix_ids and suffix_ids, or a '{text_field}' string")
+        rows.append(ids[:max_len] if max_len else ids)
+        if max_records is not None and len(rows) >= max_records:
+            break
     rows = [r for r in rows if len(r) >= 2]
     if not rows:
         raise UserError(f"{path} holds no record of at least 2 tokens")
-    batches = []
-    for start in range(0, len(rows), batch_size):
-        ids, mask = pad_right(rows[start : start + batch_size])
-        batches.append({"input_ids": ids, "attention_mask": mask})
-    return batches
+    batches = (pad_right(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size))
+    return [{"input_ids": ids, "attention_mask": mask} for ids, mask in batches]
 
 
-def predict_files(
-    model: str,
-    factors_dir: str | os.PathLike,
-    spec: EditSpec,
-    data: Sequence[str],
-    mode: str = "activation",
-    device: str | None = "auto",
-    dtype: str = "auto",
-    max_records: int | None = None,
-    protect_dir: str | os.PathLike | None = None,
-    protect_weight: float | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> dict[str, Any]:
+def predict_files(model: str, factors_dir: str | os.PathLike, spec: EditSpec, data: Sequence[str],
+                  mode: str = "activation", device: str | None = "auto", dtype: str = "auto",
+                  max_records: int | None = None, protect_dir: str | os.PathLike | None = None,
+                  protect_weight: float | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:  # fmt: skip
     """What ``kfac-edit predict`` does: the shares of each task file, with the configuration (a JSON-ready dict)."""
     from .edit import DEFAULT_PROTECT_WEIGHT, Protection, check_edit_inputs, load_edit_factors, load_protect_factors
     from .edit import resolve_targets
     from .eigen import EigenCache, default_cache_dir
     from .factors.ekfac import Ekfac
-    from .models import load_model, resolve_device
+    from .models import load_model
 
     mode = PredictMode.parse(mode, "predict mode")
-    if spec.method not in CURVATURE_METHODS:
-        raise UserError(f"predict works for the curvature methods kfac, kfac-independent and ekfac, not {spec.method}")
+    _check_method(spec.method)
     check_edit_inputs(spec, factors_dir)
     if not data:
         raise UserError("give at least one task file with --data")
@@ -226,7 +188,7 @@ def predict_files(
     weight = DEFAULT_PROTECT_WEIGHT if protect_weight is None else protect_weight
     if protect_dir is not None:
         Protection(None, weight)
-    net, tokenizer = load_model(model, dtype=dtype, device=str(resolve_device(None if device == "auto" else device)))
+    net, tokenizer = load_model(model, dtype=dtype, device=device)
     factors = load_edit_factors(net, spec, factors_dir)
     names = [p.name for p, _ in resolve_targets(net, spec)]
     ekfac = Ekfac.load(factors_dir, names=names) if spec.method is Method.EKFAC else None
@@ -241,5 +203,5 @@ def predict_files(
             "labels": "gold", "max_records": max_records,
             "protect": {"directory": str(protect_dir), "weight": weight} if protect_dir is not None else None,
         },  # fmt: skip
-        "tasks": [c.to_dict() for c in costs],
+        "tasks": [asdict(c) for c in costs],
     }
