@@ -1,8 +1,9 @@
 """The ``kfac-edit`` command: a thin layer that parses arguments and calls the Python API.
 
-Each subcommand lives in ``kfac_edit/commands/<name>.py`` and exposes ``register(subparsers)``, which adds its
-parser and sets ``func`` to a ``run(args) -> int`` function. User mistakes raise :class:`UserError`: printed as one
-line, exit code 2, no traceback.
+Each subcommand NAME lives in ``kfac_edit/commands/NAME.py`` (``-`` written ``_``): its docstring is the command's
+description, ``HELP`` its one-line summary, ``add_arguments(parser)`` adds its options and ``run(args) -> int`` runs
+it (a module may instead define ``register(subparsers)`` and set ``func`` itself). User mistakes raise
+:class:`UserError`: printed as one line, exit code 2, no traceback.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import pkgutil
 import sys
 
 from . import __version__
 from .errors import UserError
+
+COMMANDS = ("demo", "collect", "import-factors", "edit", "predict", "eval", "find-memorized", "run", "sweep", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,19 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kfac-edit {__version__}")
     _add_verbosity(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from . import commands
-
-    modules = []
-    for info in pkgutil.iter_modules(commands.__path__):
-        if info.name.startswith("_"):
+    for name in COMMANDS:
+        module = importlib.import_module(f"{__package__}.commands.{name.replace('-', '_')}")
+        if hasattr(module, "register"):
+            module.register(sub)
             continue
-        modules.append(importlib.import_module(f"{commands.__name__}.{info.name}"))
-    for mod in sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.__name__)):
-        mod.register(sub)
+        command_parser = sub.add_parser(name, help=module.HELP, description=module.__doc__)
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(func=module.run)
     for command_parser in sub.choices.values():  # -v/-q also after the subcommand: `kfac-edit collect -v ...`
         _add_verbosity(command_parser, argparse.SUPPRESS)
-        if "--no-progress" not in command_parser._option_string_actions:  # the same option on every command
-            command_parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+        command_parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     return parser
 
 
@@ -52,43 +52,35 @@ def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
 
 
 def _log_level(args: argparse.Namespace) -> int:
-    if getattr(args, "verbose", False) and getattr(args, "quiet", False):
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    if verbose and quiet:
         raise UserError("-v and -q contradict each other; give one of them")
-    if getattr(args, "verbose", False):
-        return logging.DEBUG
-    return logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    return logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
 
 
-def _quiet_transformers() -> None:
-    """Keep transformers' own weight-loading bars and advisory warnings off the console: ours say what matters."""
-    try:
-        from transformers.utils import logging as hf_logging
+def _quiet_libraries() -> None:
+    """Keep transformers' weight-loading bars and advisory warnings, and other libraries' chatter, off the console:
+    ours say what matters."""
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .progress import switch_off
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        level = _log_level(args)
-    except UserError as exc:
-        print(f"kfac-edit: error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    _quiet_transformers()
-    from .progress import switch_off
-
-    switch_off(getattr(args, "no_progress", False))
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
+        logging.basicConfig(level=_log_level(args), format="%(message)s", stream=sys.stderr)
+        _quiet_libraries()
+        switch_off(getattr(args, "no_progress", False))
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"kfac-edit: error: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,48 +32,27 @@ _USER_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk
                 errno.EPERM: "permission denied"}  # fmt: skip
 
 
-def _user_write_error(exc: BaseException, target: Path) -> UserError | None:
-    """The one-line error for a write failure the user can fix, or ``None`` (a bug: let it propagate).
-
-    An ``OSError`` by its errno; another exception (safetensors reports I/O errors as ``... os error 28 ...`` in its
-    own type) by the errno its message names.
-    """
-    code = exc.errno if isinstance(exc, OSError) else None
-    if code is None and isinstance(exc, Exception):
-        found = re.search(r"(?:os error|\[Errno)\s*(\d+)", str(exc))
-        code = int(found.group(1)) if found else None
-    why = _USER_ERRNOS.get(code)
-    if why is None:
-        return None
-    return UserError(f"cannot write {target}: {why}; free space or pick another location (nothing was replaced)")
-
-
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it is renamed onto ``target``, on error removed."""
-    target = Path(target)
+def _write_errors(target: Path, cleanup=None) -> Iterator[None]:
+    """Run the block; on any exception call ``cleanup`` first, then raise a write failure the user can fix as a
+    one-line :class:`UserError` and anything else (a bug, an interrupt) as it is.
+
+    The fixable failures: an ``OSError`` by its errno; another exception (safetensors reports I/O errors as
+    ``... os error 28 ...`` in its own type) by the errno its message names.
+    """
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise (_user_write_error(exc, target) or exc) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp_path, target)
-    except Exception as exc:
-        tmp_path.unlink(missing_ok=True)
-        error = _user_write_error(exc, target)
-        if error is None:
+        yield
+    except BaseException as exc:
+        if cleanup is not None:
+            cleanup()
+        code = exc.errno if isinstance(exc, OSError) else None
+        if code is None and isinstance(exc, Exception):
+            found = re.search(r"(?:os error|\[Errno)\s*(\d+)", str(exc))
+            code = int(found.group(1)) if found else None
+        if code not in _USER_ERRNOS:
             raise
-        raise error from None
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+        raise UserError(f"cannot write {target}: {_USER_ERRNOS[code]}; free space or pick another location (nothing "
+                        "was replaced)") from None
 
 
 def _umask() -> int:
@@ -81,22 +61,58 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it is renamed onto ``target``, on error removed."""
+    target = Path(target)
+    with _write_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    tmp_path = Path(tmp)
+    with _write_errors(target, cleanup=lambda: tmp_path.unlink(missing_ok=True)):
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp_path, target)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; on success it replaces ``target`` whole.
+
+    Files already in ``target`` that the caller wants to keep must be written again into the temporary directory.
+    """
+    target = Path(target)
+    with _write_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the result should read like a plain mkdir's
+    with _write_errors(target, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        yield tmp
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def read_text(path: str | os.PathLike, what: str, expected: str) -> str:
     """The UTF-8 text of ``path``; a binary or unreadable file is one :class:`UserError` naming ``what`` it is
     (e.g. "records file") and the ``expected`` content (e.g. "a JSONL memorized set")."""
     try:
         return Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{what} '{path}' is not UTF-8 text (byte {exc.start}: {exc.reason}); give {expected}"
-        ) from None
+        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {exc.start}: {exc.reason}); give {expected}") from None
     except OSError as exc:
         raise UserError(f"cannot read {what} '{path}': {exc.strerror}") from None
 
 
 def json_text(obj: Any) -> str:
     """``obj`` as the indented JSON text :func:`write_json` writes."""
-    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    return json.dumps(obj, indent=2, default=_json_default) + "\n"
 
 
 def write_json(target: str | os.PathLike, obj: Any) -> None:
@@ -106,26 +122,30 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
 
 
 def append_jsonl(target: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line to ``target`` (a whole line per write, flushed and synced)."""
+    """Append one JSON line to ``target`` (a whole line per write, flushed and synced); a failed write puts the file
+    back as it was (no torn line)."""
     target = Path(target)
     line = json.dumps(record, default=_json_default) + "\n"
     size = target.stat().st_size if target.is_file() else None
-    try:
+
+    def put_back() -> None:
+        with contextlib.suppress(OSError):
+            if size is None:
+                target.unlink(missing_ok=True)
+            else:
+                os.truncate(target, size)
+
+    with _write_errors(target, cleanup=put_back):
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "a") as fh:
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
-    except OSError as exc:
-        error = _user_write_error(exc, target)
-        with contextlib.suppress(OSError):  # no torn line left behind: back to the old content
-            if size is None:
-                target.unlink(missing_ok=True)
-            else:
-                os.truncate(target, size)
-        if error is None:
-            raise
-        raise error from None
+
+
+def utc_timestamp() -> str:
+    """The current UTC time as the records write it, e.g. ``2026-12-01T13:30:58+00:00``."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -148,40 +168,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 break
             raise ValueError(f"line {i + 1}: {exc.msg} at column {exc.colno}") from None
     return records
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; on success it replaces ``target`` whole.
-
-    Files already in ``target`` that the caller wants to keep must be written again into the temporary directory.
-    """
-    target = Path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as exc:
-        raise (_user_write_error(exc, target) or exc) from None
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the result should read like a plain mkdir's
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        error = _user_write_error(exc, target)
-        if error is None:
-            raise
-        raise error from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def check_output(path: str | os.PathLike | None, kind: str = "dir", flag: str = "--out",
@@ -222,11 +208,7 @@ def check_output(path: str | os.PathLike | None, kind: str = "dir", flag: str = 
     return out
 
 
-_HELD_LOCKS: dict[Path, int] = {}  # lock file -> how many times this process holds it
-
-
-def _lock_file(target: Path) -> Path:
-    return target.parent / f".{target.name}.kfac-edit.lock"
+_HELD_LOCKS: set[Path] = set()  # the lock files this process holds
 
 
 def _pid_alive(pid: int) -> bool:
@@ -235,7 +217,7 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        return True
+        pass
     return True
 
 
@@ -252,27 +234,22 @@ def output_lock(target: str | os.PathLike | None) -> Iterator[None]:
         yield
         return
     target = Path(target).expanduser().absolute()
-    lock = _lock_file(target)
-    if _HELD_LOCKS.get(lock):
-        _HELD_LOCKS[lock] += 1
-        try:
-            yield
-        finally:
-            _HELD_LOCKS[lock] -= 1
+    lock = target.parent / f".{target.name}.kfac-edit.lock"
+    if lock in _HELD_LOCKS:  # nested: the outer holder releases it
+        yield
         return
     created = []  # the directories made to hold the lock: removed again if the command leaves them empty
     parent = lock.parent
     while not parent.exists() and parent != parent.parent:
         created.append(parent)
         parent = parent.parent
-    try:
+    with _write_errors(target):
         lock.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise (_user_write_error(exc, target) or exc) from None
     host = socket.gethostname()
     for _ in range(3):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with _write_errors(target):
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
                 holder = json.loads(lock.read_text())
@@ -287,18 +264,16 @@ def output_lock(target: str | os.PathLike | None) -> Iterator[None]:
                 ) from None
             lock.unlink(missing_ok=True)  # stale: its writer is gone
             continue
-        except OSError as exc:
-            raise (_user_write_error(exc, target) or exc) from None
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps({"pid": os.getpid(), "host": host}))
         break
     else:  # pragma: no cover - three racing takeovers
         raise UserError(f"cannot take the lock {lock}; retry")
-    _HELD_LOCKS[lock] = 1
+    _HELD_LOCKS.add(lock)
     try:
         yield
     finally:
-        _HELD_LOCKS.pop(lock, None)
+        _HELD_LOCKS.discard(lock)
         lock.unlink(missing_ok=True)
         for directory in created:  # deepest first; a directory the command wrote into stays
             try:

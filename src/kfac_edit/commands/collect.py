@@ -1,4 +1,7 @@
-"""``kfac-edit collect``: arguments -> :class:`~kfac_edit.factors.collect.CollectConfig` -> ``collect_factors``."""
+"""Collect K-FAC factors of the MLP projections of a causal LM in one pass over the data: A = sum of a a^T over
+layer-input rows, G = sum of g g^T over rows of the gradient of the summed token loss w.r.t. the layer output, and
+token counts. Writes DIR/factors.safetensors and DIR/manifest.json.
+"""
 
 from __future__ import annotations
 
@@ -6,69 +9,43 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
-ORDER = 10
+from . import add_field_options
 
-# CLI-only defaults (the library's are in CollectConfig)
-DEFAULT_TOKENS = 20_000_000
+HELP = "collect K-FAC factors (A, G) of MLP projections over a corpus"
+DEFAULT_TOKENS = 20_000_000  # --tokens (in Python, CollectConfig reads every batch)
+OPTIONS = ("layers", "kinds", "max_tokens", "seq_len", "batch_size", "labels", "dtype", "device", "seed", "modules",
+           "bias", "text_field", "exclude", "gradient_checkpointing", "overwrite", "ekfac")  # --help order
+SCALE_OPTIONS = ("checkpoint_every", "resume", "device_map", "layers_per_pass", "memory_budget", "dist_timeout")
 
 
-def register(subparsers) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One option per :class:`~kfac_edit.factors.collect.CollectConfig` field but ``out`` and ``progress``."""
     from ..factors.collect import CollectConfig
-    from ..models import DTYPE_CHOICES
+    from ..models import BIAS_MODES, DTYPE_CHOICES
+    from ..spec import LABEL_MODES
 
-    def option(parser, name: str, **kwargs) -> None:
-        parser.add_argument(CollectConfig.flag(name), dest=name, help=CollectConfig.help(name), **kwargs)
-
-    p = subparsers.add_parser(
-        "collect",
-        help="collect K-FAC factors (A, G) of MLP projections over a corpus",
-        description="Collect K-FAC factors of the MLP projections of a causal LM in one pass over the data: "
-        "A = sum of a a^T over layer-input rows, G = sum of g g^T over rows of the gradient of the summed token loss "
-        "w.r.t. the layer output, and token counts. Writes DIR/factors.safetensors and DIR/manifest.json.",
-    )
-    p.add_argument("--model", required=True, metavar="MODEL", help="hub id (e.g. allenai/OLMo-2-1124-7B) or local model directory")
-    p.add_argument(
-        "--data",
-        required=True,
-        metavar="SOURCE",
-        help="hf:DATASET[:CONFIG][@SPLIT], alias dolmino | olmo-mix, or a local .jsonl/.jsonl.gz (field 'text'), "
-        ".txt, .parquet file or a directory of them",
-    )
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help="hub id (e.g. allenai/OLMo-2-1124-7B) or local model directory")
+    p.add_argument("--data", required=True, metavar="SOURCE", help="hf:DATASET[:CONFIG][@SPLIT], alias dolmino | "
+                   "olmo-mix, or a local .jsonl/.jsonl.gz (field 'text'), .txt, .parquet file or a directory of them")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory for the factors")
-    option(p, "layers", default="all")
-    option(p, "kinds", default=None)
-    option(p, "max_tokens", type=int, default=DEFAULT_TOKENS)
-    option(p, "seq_len", type=int, default=512)
-    option(p, "batch_size", type=int, default=16)
-    option(p, "labels", choices=["sampled", "gold"], default="sampled")
-    option(p, "dtype", choices=DTYPE_CHOICES, default="auto")
-    option(p, "device", default="auto")
-    option(p, "seed", type=int, default=0)
-    option(p, "modules", default=None)
-    option(p, "bias", choices=["joint", "keep"], default="joint")
-    option(p, "text_field", default="text")
-    option(p, "exclude", nargs="+", default=None, metavar="FILE")
-    option(p, "gradient_checkpointing", action="store_true")
-    option(p, "overwrite", action="store_true")
-    option(p, "ekfac", action="store_true")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    scale = p.add_argument_group("scale and resilience")
-    option(scale, "checkpoint_every", type=int, default=None, metavar="TOKENS")
-    option(scale, "resume", action="store_true")
-    option(scale, "device_map", choices=["auto", "balanced", "balanced_low_0", "sequential", "cpu"], default=None)
-    option(scale, "layers_per_pass", type=int, default=None, metavar="K")
-    option(scale, "memory_budget", default=None, metavar="SIZE")
-    option(scale, "dist_timeout", type=float, default=1800.0, metavar="SECONDS")
-    p.set_defaults(func=run)
+    add_field_options(p, CollectConfig, OPTIONS, note_defaults=False, max_tokens={"default": DEFAULT_TOKENS},
+                      labels={"choices": LABEL_MODES}, dtype={"choices": DTYPE_CHOICES},
+                      bias={"choices": BIAS_MODES}, exclude={"nargs": "+", "metavar": "FILE"})
+    add_field_options(p.add_argument_group("scale and resilience"), CollectConfig, SCALE_OPTIONS, note_defaults=False,
+                      checkpoint_every={"metavar": "TOKENS"}, layers_per_pass={"metavar": "K"},
+                      device_map={"choices": ["auto", "balanced", "balanced_low_0", "sequential", "cpu"]},
+                      memory_budget={"metavar": "SIZE"}, dist_timeout={"metavar": "SECONDS"})
 
 
 def run(args: argparse.Namespace) -> int:
     from ..factors.distributed import RankFailure
 
     try:
-        return _run(args)
+        return _collect(args)
     except RankFailure as exc:  # another rank died or hung: one line, no traceback
         print(f"kfac-edit: error: {exc}", file=sys.stderr)
         sys.stdout.flush()
@@ -78,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
         os._exit(1)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
+def _collect(args: argparse.Namespace) -> int:
     from ..constants import EKFAC_FILE
     from ..factors.collect import CollectConfig, collect_factors
 
