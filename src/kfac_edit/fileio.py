@@ -153,16 +153,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
     A malformed line elsewhere raises ``ValueError("line N: ...")`` naming its line in the file (1-based).
     """
-    records = []
     path = Path(path)
-    if not path.exists():
-        return records
-    lines = path.read_text().splitlines()
+    lines = path.read_text().splitlines() if path.exists() else []
+    records = []
     for i, line in enumerate(lines):
-        if not line.strip():
-            continue
         try:
-            records.append(json.loads(line))
+            if line.strip():
+                records.append(json.loads(line))
         except json.JSONDecodeError as exc:
             if i == len(lines) - 1:
                 break
@@ -193,16 +190,11 @@ def check_output(path: str | os.PathLike | None, kind: str = "dir", flag: str = 
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"{flag} {out} is under {existing}, which is a file; pick another path")
-    probe = None
     try:
-        fd, probe = tempfile.mkstemp(prefix=".kfac-edit-probe.", dir=existing)
-        os.close(fd)
+        tempfile.TemporaryFile(prefix=".kfac-edit-probe.", dir=existing).close()  # can we write there?
     except OSError as exc:
         why = _USER_ERRNOS.get(exc.errno, exc.strerror or type(exc).__name__)
         raise UserError(f"{flag} {out} cannot be written ({existing}: {why}); pick another path") from None
-    finally:
-        if probe is not None:
-            os.unlink(probe)
     if shutil.disk_usage(existing).free == 0:
         raise UserError(f"{flag} {out} cannot be written ({existing}: no space left on the device); free space first")
     return out

@@ -86,6 +86,28 @@ LABEL_MODES = LabelMode.values()
 EXPERTS_KEY = "experts"  # layers JSON, per expert: {"12": {"gate": 0.6, "experts": {"3": {"gate": 0.5}}}}
 
 
+def _check_entry(block: int, kind: str, value: float) -> None:
+    if not isinstance(block, int) or block < 0:
+        raise UserError(f"block '{block}' is not a block index (blocks count from 0); use keys like \"23\"")
+    if kind not in PROJECTIONS:
+        raise UserError(f"unknown projection '{kind}' for block {block}; use gate, up or down")
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"keep_mass {value} for block {block} {kind} is outside [0, 1]; give the fraction of curvature "
+                        "mass to keep, e.g. 0.6")
+
+
+def _keep_masses(block: int, kinds: Any, where: str) -> dict[str, float]:
+    """The checked ``{projection: keep_mass}`` of one layers-JSON entry; ``where`` names it ("block 3 expert 1")."""
+    if not isinstance(kinds, dict):
+        raise UserError(f"layers JSON {where} must map projections to keep_mass, e.g. {{\"gate\": 0.6}}; "
+                        f"got {json.dumps(kinds)}")
+    for kind, value in kinds.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"keep_mass for {where} {kind} must be a number in [0, 1], got {json.dumps(value)}")
+        _check_entry(block, kind, float(value))
+    return {kind: float(value) for kind, value in kinds.items()}
+
+
 def _parse_experts(block: int, per_expert: Any) -> dict[tuple[int, int, str], float]:
     """The per-expert part of a block's entry, ``{"3": {"gate": 0.5}}`` -> ``{(block, 3, "gate"): 0.5}``."""
     if not isinstance(per_expert, dict):
@@ -96,26 +118,9 @@ def _parse_experts(block: int, per_expert: Any) -> dict[tuple[int, int, str], fl
             expert = int(key)
         except (TypeError, ValueError):
             raise UserError(f"layers JSON block {block} expert key '{key}' is not an expert index") from None
-        if not isinstance(kinds, dict):
-            raise UserError(f"layers JSON block {block} expert {key} must map projections to keep_mass")
-        for kind, value in kinds.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UserError(f"keep_mass for block {block} expert {key} {kind} must be a number in [0, 1]")
-            _check_entry(block, kind, float(value))
-            out[(block, expert, kind)] = float(value)
+        for kind, value in _keep_masses(block, kinds, f"block {block} expert {key}").items():
+            out[(block, expert, kind)] = value
     return out
-
-
-def _check_entry(block: int, kind: str, value: float) -> None:
-    if not isinstance(block, int) or block < 0:
-        raise UserError(f"block '{block}' is not a block index (blocks count from 0); use keys like \"23\"")
-    if kind not in PROJECTIONS:
-        raise UserError(f"unknown projection '{kind}' for block {block}; use gate, up or down")
-    if not 0.0 <= value <= 1.0:
-        raise UserError(
-            f"keep_mass {value} for block {block} {kind} is outside [0, 1]; give the fraction of curvature mass to "
-            "keep, e.g. 0.6"
-        )
 
 
 @dataclass
@@ -172,10 +177,8 @@ class EditSpec:
             try:
                 data = json.loads(source)
             except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"the layers JSON is malformed at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
-                    f"write e.g. {LAYERS_EXAMPLE}"
-                ) from None
+                raise UserError(f"the layers JSON is malformed at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
+                                f"write e.g. {LAYERS_EXAMPLE}") from None
         else:
             data = source
         if not isinstance(data, dict):
@@ -192,22 +195,12 @@ class EditSpec:
                 block = int(key)
             except (TypeError, ValueError):
                 raise UserError(f"layers JSON key '{key}' is not a block index; write e.g. {LAYERS_EXAMPLE}") from None
-            if not isinstance(kinds, dict):
-                raise UserError(
-                    f"layers JSON block {key} must map projections to keep_mass, e.g. {{\"gate\": 0.6}}; "
-                    f"got {json.dumps(kinds)}"
-                )
-            kinds = dict(kinds)
-            per_expert = kinds.pop(EXPERTS_KEY, None)
-            if per_expert is not None:
-                expert_keep_mass.update(_parse_experts(block, per_expert))
-            for kind, value in kinds.items():
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise UserError(
-                        f"keep_mass for block {key} {kind} must be a number in [0, 1], got {json.dumps(value)}"
-                    )
-                value = float(value)
-                _check_entry(block, kind, value)
+            if isinstance(kinds, dict):
+                kinds = dict(kinds)
+                per_expert = kinds.pop(EXPERTS_KEY, None)
+                if per_expert is not None:
+                    expert_keep_mass.update(_parse_experts(block, per_expert))
+            for kind, value in _keep_masses(block, kinds, f"block {key}").items():
                 if value < NO_EDIT_AT:
                     keep_mass[(block, kind)] = value
         return cls(keep_mass, method=method or Method.KFAC, seed=int(seed or 0), bias=bias or "joint",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from .constants import BEFORE_AFTER_FILE, EDITED_DIR, EVALS_FILE, PROVENANCE_FIL
 from .edit import apply_edit, check_edit_inputs, check_output_dir, load_edit_factors, resolve_targets, save_edited
 from .eigen import EigenCache, default_cache_dir
 from .evaluate.suite import EvalConfig, check_inputs, evaluate, headline_metrics, own_reference_topk
-from .fileio import append_jsonl, write_json
+from .fileio import append_jsonl, utc_timestamp, write_json
 from .models import check_causal_lm, load_tokenizer_as_saved, model_limits
 from .spec import EditSpec
 
@@ -60,25 +59,17 @@ def check_run_inputs(model_path: str, spec: EditSpec, factors_dir: str | None, c
     check_output_dir(paths.edited, source=model_path)
 
 
-def run_workflow(
-    model: torch.nn.Module,
-    tokenizer,
-    model_path: str,
-    spec: EditSpec,
-    factors_dir: str | None,
-    config: EvalConfig,
-    out_dir: str | Path,
-    skip_baseline: bool = False,
-    results: str | Path | None = None,
-    bsn=None,
-    cache_dir: str | Path | None = None,
-) -> dict:
+def run_workflow(model: torch.nn.Module, tokenizer, model_path: str, spec: EditSpec, factors_dir: str | None,
+                 config: EvalConfig, out_dir: str | Path, skip_baseline: bool = False,
+                 results: str | Path | None = None, bsn=None, cache_dir: str | Path | None = None) -> dict:
     """Evaluate, edit, save, evaluate again; return the summary line (also appended to the results JSONL).
 
     ``model`` is edited in place. ``config.out`` is ignored: evaluation records go to ``DIR/evals.jsonl``.
     ``bsn``: the :class:`~kfac_edit.bsn.BsnInputs` of method bsn.
     ``cache_dir``: the eigen cache (default :func:`~kfac_edit.eigen.default_cache_dir`).
     """
+    from .report import provenance, write_provenance, write_records, write_report
+
     started = time.time()
     paths = run_paths(out_dir, results)
     limits = (model.get_input_embeddings().num_embeddings, model_limits(model.config)[1])
@@ -90,6 +81,8 @@ def run_workflow(
             cache.get(factors, proj.name)
     base_config = dataclasses.replace(config, out=str(paths.evals), model=model_path)
     records: list[dict] = []  # appended to evals.jsonl at the end: a failed run leaves no stale baseline there
+    before_outputs: dict = {}  # per-record outputs of the memorized sets, for the report (records.jsonl)
+    after_outputs: dict = {}
 
     def evaluated(cfg: EvalConfig, **kwargs) -> dict:
         record = evaluate(model, tokenizer, dataclasses.replace(cfg, out=None), **kwargs)
@@ -98,19 +91,16 @@ def run_workflow(
         return record
 
     reference_topk = own_reference_topk(model, tokenizer, config)
-    before = None
-    before_outputs: dict = {}  # per-record outputs of the memorized sets, for the report (records.jsonl)
-    after_outputs: dict = {}
+    before_h = None
     if not skip_baseline:
         own = dataclasses.replace(base_config, ndcg_data=None) if reference_topk is not None else base_config
-        if own.memorized or own.quotes or own.perplexity_data or own.ndcg_data:
-            before = evaluated(own, outputs=before_outputs)
-        else:
-            before = {"metrics": {}}
+        asked = own.memorized or own.quotes or own.perplexity_data or own.ndcg_data
+        before = evaluated(own, outputs=before_outputs) if asked else {"metrics": {}}
         if reference_topk is not None:
             before["metrics"]["ndcg"] = {f"ndcg@{config.ndcg_k}": 1.0, "positions": int(reference_topk.shape[0]),
                                          "k": config.ndcg_k, "seq_len": config.ndcg_seq_len,
                                          "note": "the base model is the reference"}
+        before_h = headline_metrics(before["metrics"])
 
     report = apply_edit(model, factors, spec, cache=cache, bsn=bsn)
     report.factor_manifest.setdefault("directory", str(factors_dir) if factors_dir is not None else None)
@@ -120,38 +110,25 @@ def run_workflow(
     for record in records:
         append_jsonl(paths.evals, record)
 
-    before_h = headline_metrics(before["metrics"]) if before is not None else None
     after_h = headline_metrics(after["metrics"])
     delta = {k: after_h[k] - before_h[k] for k in after_h if before_h and k in before_h}
-    write_json(paths.before_after, {
-        "before": {"label": "base", "metrics": before_h or {}},
-        "after": {"label": f"{spec.method} {spec.to_json()}", "metrics": after_h},
-    })
-    from .report import provenance, write_provenance, write_records, write_report
-
+    point = f"{spec.method} {spec.to_json()}"
+    write_json(paths.before_after, {"before": {"label": "base", "metrics": before_h or {}},
+                                    "after": {"label": point, "metrics": after_h}})
     if after_outputs:
-        write_records(paths.out_dir / RECORDS_FILE, before_outputs, after_outputs, tokenizer,
-                      point=f"{spec.method} {spec.to_json()}")
+        write_records(paths.out_dir / RECORDS_FILE, before_outputs, after_outputs, tokenizer, point=point)
     write_provenance(paths.out_dir / PROVENANCE_FILE, provenance(
         model, model_name=model_path, factors_manifest=report.factor_manifest, memorized=list(config.memorized),
         started=started, methods=[spec.method], layers=spec.layers()))
     write_report(paths.out_dir)
     summary = {
-        "kind": "run",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": model_path,
-        "edited_model": str(paths.edited),
+        "kind": "run", "timestamp": utc_timestamp(), "model": model_path, "edited_model": str(paths.edited),
         "edit": {"method": spec.method, "layers": spec.layers(), "seed": spec.seed, "seconds": report.seconds,
                  "pairs_fraction": {m.name: m.pairs_fraction for m in report.modules},
                  "weight_change": {m.name: m.weight_change for m in report.modules}},
-        "factors": factors_dir,
-        "before": before_h,
-        "after": after_h,
-        "delta": delta,
-        "eval_config": dataclasses.asdict(base_config),
-        "evals": str(paths.evals),
-        "seconds": time.time() - started,
-    }
+        "factors": factors_dir, "before": before_h, "after": after_h, "delta": delta,
+        "eval_config": dataclasses.asdict(base_config), "evals": str(paths.evals), "seconds": time.time() - started,
+    }  # fmt: skip
     append_jsonl(paths.results, summary)
     return summary
 
