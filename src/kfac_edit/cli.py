@@ -2,8 +2,7 @@
 
 Each subcommand NAME lives in ``kfac_edit/commands/NAME.py`` (``-`` written ``_``): its docstring is the command's
 description, ``HELP`` its one-line summary, ``add_arguments(parser)`` adds its options and ``run(args) -> int`` runs
-it (a module may instead define ``register(subparsers)`` and set ``func`` itself). User mistakes raise
-:class:`UserError`: printed as one line, exit code 2, no traceback.
+it (or ``register(subparsers)`` does it all). User mistakes raise :class:`UserError`: one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -20,10 +19,8 @@ COMMANDS = ("demo", "collect", "import-factors", "edit", "predict", "eval", "fin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kfac-edit",
-        description="Remove rote memorization from a causal LM by editing its MLP weights along K-FAC curvature.",
-    )
+    parser = argparse.ArgumentParser(prog="kfac-edit", description="Remove rote memorization from a causal LM by "
+                                     "editing its MLP weights along K-FAC curvature.")
     parser.add_argument("--version", action="version", version=f"kfac-edit {__version__}")
     _add_verbosity(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -31,13 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"{__package__}.commands.{name.replace('-', '_')}")
         if hasattr(module, "register"):
             module.register(sub)
-            continue
-        command_parser = sub.add_parser(name, help=module.HELP, description=module.__doc__)
-        module.add_arguments(command_parser)
-        command_parser.set_defaults(func=module.run)
-    for command_parser in sub.choices.values():  # -v/-q also after the subcommand: `kfac-edit collect -v ...`
-        _add_verbosity(command_parser, argparse.SUPPRESS)
-        command_parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+        else:
+            command = sub.add_parser(name, help=module.HELP, description=module.__doc__)
+            module.add_arguments(command)
+            command.set_defaults(func=module.run)
+    for command in sub.choices.values():  # -v/-q also after the subcommand: `kfac-edit collect -v ...`
+        _add_verbosity(command, argparse.SUPPRESS)
+        command.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     return parser
 
 
@@ -46,9 +43,8 @@ def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
     they only set what is given after the subcommand and never undo what was given before it."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_true", default=default, help="log debug messages")
-    group.add_argument(
-        "-q", "--quiet", action="store_true", default=default, help="log only warnings and errors (no progress lines)"
-    )
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="log only warnings and errors (no progress lines)")
 
 
 def _log_level(args: argparse.Namespace) -> int:
@@ -58,25 +54,19 @@ def _log_level(args: argparse.Namespace) -> int:
     return logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
 
 
-def _quiet_libraries() -> None:
-    """Keep transformers' weight-loading bars and advisory warnings, and other libraries' chatter, off the console:
-    ours say what matters."""
+def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def main(argv: list[str] | None = None) -> int:
     from .progress import switch_off
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         logging.basicConfig(level=_log_level(args), format="%(message)s", stream=sys.stderr)
-        _quiet_libraries()
+        for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        hf_logging.disable_progress_bar()  # transformers' loading bars and advice: ours say what matters
+        hf_logging.set_verbosity_error()
         switch_off(getattr(args, "no_progress", False))
         if not getattr(args, "func", None):
             parser.print_help()
@@ -90,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def entry() -> None:  # pragma: no cover - console script shim
+def entry() -> None:  # pragma: no cover - the console script and `python -m`
     sys.exit(main())
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -1,19 +1,16 @@
 """Atomic file writes: an interrupted run never leaves a file that loads as if it were complete.
 
-Every file the package writes goes through these helpers: the content is written to a temporary file in the
-same directory, flushed to disk, then renamed over the target (rename is atomic on POSIX filesystems). A write that
-fails for a reason the user can fix (disk full, read-only filesystem, no permission) is a one-line
-:class:`~kfac_edit.errors.UserError`, and the old target is left as it was.
-
-Every command also calls :func:`check_output` on each output before any work (a path under a file, a directory
-where a file goes, a read-only or full disk are refused up front) and holds :func:`output_lock` on it while it
-writes (a second writer is refused with the holder's pid).
+Every file the package writes is written to a temporary file beside it, flushed, then renamed over the target
+(atomic on POSIX). A write failing for a reason the user can fix (disk full, read-only filesystem, no permission)
+is a one-line :class:`~kfac_edit.errors.UserError`, the old target left as it was. Every command also checks each
+output before any work (:func:`check_output`) and holds its :func:`output_lock` while it writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import re
@@ -34,11 +31,9 @@ _USER_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk
 
 @contextlib.contextmanager
 def _write_errors(target: Path, cleanup=None) -> Iterator[None]:
-    """Run the block; on any exception call ``cleanup`` first, then raise a write failure the user can fix as a
-    one-line :class:`UserError` and anything else (a bug, an interrupt) as it is.
-
-    The fixable failures: an ``OSError`` by its errno; another exception (safetensors reports I/O errors as
-    ``... os error 28 ...`` in its own type) by the errno its message names.
+    """Run the block; on an exception call ``cleanup``, then raise a write failure the user can fix as a one-line
+    :class:`UserError`, anything else (a bug, an interrupt) as it is. Fixable: by the errno of an ``OSError``, or
+    the one another exception's message names (safetensors says ``... os error 28 ...`` in its own type).
     """
     try:
         yield
@@ -149,10 +144,8 @@ def utc_timestamp() -> str:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file, skipping a torn last line (one left by a killed writer).
-
-    A malformed line elsewhere raises ``ValueError("line N: ...")`` naming its line in the file (1-based).
-    """
+    """Read a JSONL file (none: no records), skipping a torn last line (one left by a killed writer); a malformed
+    line elsewhere raises ``ValueError("line N: ...")`` (1-based)."""
     path = Path(path)
     lines = path.read_text().splitlines() if path.exists() else []
     records = []
@@ -230,11 +223,8 @@ def output_lock(target: str | os.PathLike | None) -> Iterator[None]:
     if lock in _HELD_LOCKS:  # nested: the outer holder releases it
         yield
         return
-    created = []  # the directories made to hold the lock: removed again if the command leaves them empty
-    parent = lock.parent
-    while not parent.exists() and parent != parent.parent:
-        created.append(parent)
-        parent = parent.parent
+    # the directories made to hold the lock (deepest first): removed again if the command leaves them empty
+    created = list(itertools.takewhile(lambda directory: not directory.exists(), lock.parents))
     with _write_errors(target):
         lock.parent.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()
@@ -250,10 +240,8 @@ def output_lock(target: str | os.PathLike | None) -> Iterator[None]:
                 pid, holder_host = None, host  # half-written by a writer that died at once: stale
             if pid is not None and (holder_host != host or _pid_alive(pid)):
                 where = "" if holder_host == host else f" on {holder_host}"
-                raise UserError(
-                    f"{target} is being written by another kfac-edit (pid {pid}{where}); wait for it to finish or pick "
-                    f"another output (if no such process runs, delete {lock})"
-                ) from None
+                raise UserError(f"{target} is being written by another kfac-edit (pid {pid}{where}); wait for it to "
+                                f"finish or pick another output (if no such process runs, delete {lock})") from None
             lock.unlink(missing_ok=True)  # stale: its writer is gone
             continue
         with os.fdopen(fd, "w") as fh:
@@ -267,11 +255,9 @@ def output_lock(target: str | os.PathLike | None) -> Iterator[None]:
     finally:
         _HELD_LOCKS.discard(lock)
         lock.unlink(missing_ok=True)
-        for directory in created:  # deepest first; a directory the command wrote into stays
-            try:
+        with contextlib.suppress(OSError):  # stops at the first directory the command wrote into
+            for directory in created:
                 directory.rmdir()
-            except OSError:
-                break
 
 
 def cache_root(sub: str | None = None) -> Path:

@@ -1,16 +1,14 @@
 """One progress helper for every loop that can take more than a few seconds.
 
-:func:`progress_bar` takes tqdm's arguments and returns
+:func:`progress_bar` takes tqdm's arguments and returns a tqdm bar (``tqdm.auto``) when stderr is a terminal or a
+notebook runs the code; elsewhere (a Slurm log, ``2> file``, a pipe) a :class:`LogLines` that draws nothing and logs
+one line every :data:`LOG_INTERVAL_S` seconds at INFO on the ``kfac_edit.progress`` logger, and a last line when a
+loop that logged ends, e.g.::
 
-* a tqdm bar (``tqdm.auto``) when stderr is a terminal or a notebook runs the code;
-* otherwise (a Slurm log, ``2> file``, a pipe) a bar that draws nothing and instead logs one line every
-  :data:`LOG_INTERVAL_S` seconds at INFO on the ``kfac_edit.progress`` logger -- done, rate, time left -- and a
-  last line when a loop that logged ends, e.g.::
+    collecting factors: 1.23M/20.0M tok (6%), 41.2k tok/s, 00:30 elapsed, 06:47 left
 
-      collecting factors: 1.23M/20.0M tok (6%), 41.2k tok/s, 00:30 elapsed, 06:47 left
-
-``disable=True`` (the commands' ``--no-progress``, :func:`switch_off`) turns both off; ``disable=None`` (tqdm's
-"only on a terminal") means "a bar on a terminal, log lines elsewhere".
+``disable=True`` (or :func:`switch_off`, the commands' ``--no-progress``) turns both off; ``disable=None``
+(tqdm's "only on a terminal") means "a bar on a terminal, log lines elsewhere".
 """
 
 from __future__ import annotations

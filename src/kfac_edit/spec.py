@@ -41,18 +41,7 @@ class _Choice(str, Enum):
 
 
 class Method(_Choice):
-    """Edit methods.
-
-    * ``kfac``: keep the smallest set of top-mass eigen-pairs of ``G ⊗ A`` holding ``keep_mass`` of the mass;
-    * ``kfac-independent``: keep the top eigenvectors of ``G`` and of ``A`` each holding ``keep_mass`` of its trace;
-    * ``svd``: data-free baseline, keep the top singular directions of ``W`` holding ``keep_mass`` of Σσ²;
-    * ``random``: control, keep as many coefficients as ``kfac`` would, at random positions in a random orthogonal
-      basis pair;
-    * ``ekfac``: as ``kfac`` in the same eigenbasis, pairs ranked by their EK-FAC second moment
-      ``E[(u_G[i]ᵀ g aᵀ u_A[j])²]`` (``collect --ekfac``, :mod:`kfac_edit.factors.ekfac`) instead of ``λ_i·μ_j``.
-    * ``bsn``: BalancedSubnet (Sakarvadia et al.), a learned mask keeping ``keep_mass`` of the entries of ``W``,
-      trained to raise the loss on forget records and keep it on clean text (:mod:`kfac_edit.bsn`; needs data).
-    """
+    """Edit methods; :data:`METHOD_HELP` says what each keeps (it is also the CLI's help)."""
 
     KFAC = "kfac"
     KFAC_INDEPENDENT = "kfac-independent"
@@ -80,6 +69,16 @@ class LabelMode(_Choice):
 
 
 METHODS = Method.values()
+METHOD_HELP = {
+    Method.KFAC: "top pairs of G ⊗ A: the smallest set of eigen-pairs holding keep_mass of the curvature mass",
+    Method.KFAC_INDEPENDENT: "top eigenvectors of G and of A separately, each holding keep_mass of its trace",
+    Method.SVD: "top singular directions of W holding keep_mass of Σσ² (data-free baseline)",
+    Method.RANDOM: "as many coefficients as kfac, random positions in a random orthogonal basis pair (control)",
+    Method.EKFAC: "as kfac in the same eigenbasis, pairs ranked by their EK-FAC second moments "
+    "E[(u_G[i]ᵀ g aᵀ u_A[j])²] instead of λ_i·μ_j (needs `collect --ekfac`)",
+    Method.BSN: "BalancedSubnet (Sakarvadia et al.), a learned mask keeping keep_mass of the entries of W, trained to "
+    "raise the loss on forget records and keep it on clean text (needs --forget and --clean-data)",
+}
 LABEL_MODES = LabelMode.values()
 
 
@@ -164,15 +163,11 @@ class EditSpec:
         return bool(self.keep_mass) or any(v < NO_EDIT_AT for v in self.expert_keep_mass.values())
 
     @classmethod
-    def from_json(
-        cls, source: str | dict, method: str | None = None, seed: int | None = None, bias: str | None = None
-    ) -> "EditSpec":
-        """Parse the reference layers JSON, ``{"23": {"gate": 0.6, "up": 0.6}, "24": {"gate": 0.6}}``.
-
-        Keys are block indices, values map projection kinds to keep_mass. A missing projection or a keep_mass
-        ``>= 0.9999`` is not edited. The dict written by :meth:`to_dict` (``{"method", "seed", "layers"}``) is
-        accepted too; ``method`` and ``seed`` given here win over its own (defaults: ``kfac`` and 0).
-        """
+    def from_json(cls, source: str | dict, method: str | None = None, seed: int | None = None,
+                  bias: str | None = None) -> "EditSpec":
+        """Parse the reference layers JSON (see the module docstring), or the dict :meth:`to_dict` writes
+        (``{"method", "seed", "layers"}``), whose method, seed and bias the arguments override (defaults: ``kfac``,
+        0, ``joint``)."""
         if isinstance(source, str):
             try:
                 data = json.loads(source)
@@ -207,15 +202,14 @@ class EditSpec:
                    expert_keep_mass=expert_keep_mass)  # fmt: skip
 
     @classmethod
-    def from_file(
-        cls, path: str | os.PathLike, method: str | None = None, seed: int | None = None, bias: str | None = None
-    ) -> "EditSpec":
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "EditSpec":
+        """:meth:`from_json` of a layers file; ``overrides``: its method, seed, bias."""
         from .fileio import read_text
 
         path = Path(path)
         text = read_text(path, "the layers file", "a layers JSON file")
         try:
-            return cls.from_json(text, method=method, seed=seed, bias=bias)
+            return cls.from_json(text, **overrides)
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
 

@@ -8,10 +8,9 @@ Everything lands in one directory ``DIR``::
     DIR/records.jsonl, DIR/provenance.json, DIR/report.html, DIR/report.md   the report (:mod:`kfac_edit.report`)
     RESULTS (default DIR/runs.jsonl)   one summary line per run: before, after and delta side by side
 
-nDCG compares against the base model itself unless ``EvalConfig.reference_model`` names another: its top-k are
-taken (and cached) before the edit, and the base model's own nDCG is 1 by definition (that pass is skipped).
-Every input (layers JSON, factors, eval files, output directory) is checked before the first evaluation, and no
-file is written when a check fails.
+nDCG compares with the base model unless ``EvalConfig.reference_model`` names another: its top-k are taken (and
+cached) before the edit, and the base model's own nDCG is 1 (that pass is skipped). Every input is checked before
+the first evaluation; no file is written when a check fails.
 """
 
 from __future__ import annotations
@@ -32,19 +31,15 @@ from .models import check_causal_lm, load_tokenizer_as_saved, model_limits
 from .spec import EditSpec
 
 
-@dataclasses.dataclass
 class RunPaths:
-    out_dir: Path
-    edited: Path
-    evals: Path
-    results: Path
-    before_after: Path
+    """Where a run writes: ``out_dir`` and, in it, ``edited``, ``evals``, ``before_after``; ``results`` (default
+    DIR/runs.jsonl)."""
 
-
-def run_paths(out_dir: str | Path, results: str | Path | None = None) -> RunPaths:
-    out = Path(out_dir)
-    return RunPaths(out, out / EDITED_DIR, out / EVALS_FILE, Path(results) if results else out / RUNS_FILE,
-                    out / BEFORE_AFTER_FILE)
+    def __init__(self, out_dir: str | Path, results: str | Path | None = None):
+        self.out_dir = Path(out_dir)
+        self.edited, self.evals = self.out_dir / EDITED_DIR, self.out_dir / EVALS_FILE
+        self.results = Path(results) if results else self.out_dir / RUNS_FILE
+        self.before_after = self.out_dir / BEFORE_AFTER_FILE
 
 
 def check_run_inputs(model_path: str, spec: EditSpec, factors_dir: str | None, config: EvalConfig, paths: RunPaths,
@@ -71,7 +66,7 @@ def run_workflow(model: torch.nn.Module, tokenizer, model_path: str, spec: EditS
     from .report import provenance, write_provenance, write_records, write_report
 
     started = time.time()
-    paths = run_paths(out_dir, results)
+    paths = RunPaths(out_dir, results)
     limits = (model.get_input_embeddings().num_embeddings, model_limits(model.config)[1])
     check_run_inputs(model_path, spec, factors_dir, config, paths, tokenizer, limits=limits)
     factors = load_edit_factors(model, spec, factors_dir)

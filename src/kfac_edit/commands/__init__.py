@@ -1,7 +1,6 @@
 """Subcommands of the ``kfac-edit`` CLI, one module each (see :mod:`kfac_edit.cli`), and the options they share.
 
-Options of a settings dataclass come from its fields (:func:`add_field_options`, the kronfluence/HfArgumentParser
-pattern): the field's ``help`` metadata is the option's help, its default and annotation the option's.
+A settings dataclass's options come from its fields (:func:`add_field_options`, as kronfluence/HfArgumentParser do).
 """
 
 from __future__ import annotations
@@ -16,31 +15,32 @@ def add_field_options(p, config: type, names=None, *, prefix: str = "", note_def
                       **extra: dict[str, Any]) -> None:
     """One option per field of the dataclass ``config`` named in ``names`` (in that order; default: every field).
 
-    The flag is the field's ``flag`` metadata, else ``--[prefix-]name``; the destination ``[prefix_]name``; the
-    type the annotation's int/float/str (a bool is a switch, a list a repeatable file list); the default the
-    field's (a field without one is required). The help is the ``help`` metadata, plus ``(default X)`` when
-    ``note_defaults`` and X is not None. ``extra[name]``: ``add_argument`` keywords that win.
+    Flag: the field's ``flag`` metadata, else ``--[prefix-]name`` (destination ``[prefix_]name``). Type: the
+    annotation's int/float/str; a bool is a switch, a list a repeatable file list. Default: the field's (none:
+    required). Help: the ``help`` metadata, plus ``(default X)`` with ``note_defaults`` when X is not None.
+    ``extra[name]``: ``add_argument`` keywords that win.
     """
     by_name = {f.name: f for f in fields(config)}
     for f in [by_name[name] for name in names] if names is not None else by_name.values():
         dest = f"{prefix}_{f.name}" if prefix else f.name
         options: dict[str, Any] = {"dest": dest, "help": f.metadata["help"]}
+        annotation = str(f.type)
         if f.default_factory is not MISSING:  # a list of files
             options.update(nargs="+", action="extend", default=[])
-        elif "bool" in str(f.type):
+        elif "bool" in annotation:
             options.update(action="store_true")
         else:
-            kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
-            options.update(type=kind, default=None if f.default is MISSING else f.default)
-            options["required"] = f.default is MISSING
-            if note_defaults and f.default not in (None, MISSING):
+            kind = int if "int" in annotation else float if "float" in annotation else str
+            required = f.default is MISSING
+            options.update(type=kind, default=None if required else f.default, required=required)
+            if note_defaults and not required and f.default is not None:
                 options["help"] += f" (default {f.default})"
         options.update(extra.get(f.name, {}))
         p.add_argument(f.metadata.get("flag", "--" + dest.replace("_", "-")), **options)
 
 
 def add_model_options(p, dtype_help: str = "weights dtype (default auto: the checkpoint's own dtype)") -> None:
-    """``--model`` (required), ``--dtype``, ``--device``: what :func:`load_model_from_args` loads."""
+    """``--model``, ``--dtype``, ``--device``: what :func:`load_model_from_args` loads."""
     from ..models import DTYPE_CHOICES
 
     p.add_argument("--model", required=True, help="the model: hub id or local directory")
@@ -71,19 +71,14 @@ def add_factor_options(p, required: bool = False, modules: bool = True) -> None:
 def add_spec_options(p) -> None:
     """The edit (:class:`~kfac_edit.spec.EditSpec`): --layers-json | --layers-file, --method, --seed, --bias."""
     from ..models import BIAS_MODES
-    from ..spec import METHODS
+    from ..spec import METHOD_HELP, METHODS
 
     layers = p.add_mutually_exclusive_group(required=True)
     layers.add_argument("--layers-json", metavar="JSON",
                         help='layers JSON: block -> {projection: keep_mass}, e.g. \'{"23": {"gate": 0.6}}\'')
     layers.add_argument("--layers-file", metavar="FILE", help="file holding the layers JSON (e.g. a sweep's best.json)")
-    p.add_argument("--method", choices=METHODS,
-                   help="kfac: top pairs of G ⊗ A (the default, unless a layers file written as {method, seed, layers} "
-                   "names another); kfac-independent: top eigenvectors of G and of A separately; svd: top singular "
-                   "directions of W holding keep_mass of Σσ² (data-free baseline); random: as many coefficients as "
-                   "kfac, random positions in a random orthogonal basis (control); ekfac: as kfac, pairs ranked by "
-                   "their EK-FAC second moments (needs `collect --ekfac`); bsn: BalancedSubnet, a learned mask "
-                   "keeping keep_mass of the entries (needs --forget and --clean-data)")
+    p.add_argument("--method", choices=METHODS, help="; ".join(f"{m}: {text}" for m, text in METHOD_HELP.items())
+                   + " (default kfac, unless a layers file written as {method, seed, layers} names another)")
     p.add_argument("--seed", type=int, help="seed of the random method's bases (default 0)")
     p.add_argument("--bias", choices=BIAS_MODES, help="biased layers: joint (default) edits [W b] together when the "
                    "factors were collected over [a; 1] (collect's default); keep leaves every bias as it is and edits "

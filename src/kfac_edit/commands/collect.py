@@ -42,10 +42,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..constants import EKFAC_FILE
+    from ..factors.collect import CollectConfig, collect_factors
     from ..factors.distributed import RankFailure
 
+    options = {f.name: getattr(args, f.name) for f in fields(CollectConfig) if hasattr(args, f.name)}
+    config = CollectConfig(**options, progress=not args.no_progress)
+    start = time.perf_counter()
     try:
-        return _collect(args)
+        factors = collect_factors(args.model, args.data, config)
     except RankFailure as exc:  # another rank died or hung: one line, no traceback
         print(f"kfac-edit: error: {exc}", file=sys.stderr)
         sys.stdout.flush()
@@ -53,29 +58,15 @@ def run(args: argparse.Namespace) -> int:
         # A process group that lost a peer cannot be torn down cleanly (its destructor may wait for the peer or
         # abort): leave at once with the error code; the launcher stops the other ranks.
         os._exit(1)
-
-
-def _collect(args: argparse.Namespace) -> int:
-    from ..constants import EKFAC_FILE
-    from ..factors.collect import CollectConfig, collect_factors
-
-    options = {f.name: getattr(args, f.name) for f in fields(CollectConfig) if hasattr(args, f.name)}
-    config = CollectConfig(**options, progress=not args.no_progress)
-    start = time.perf_counter()
-    factors = collect_factors(args.model, args.data, config)
     seconds = time.perf_counter() - start
     if factors is None:  # not rank 0
         return 0
     m = factors.manifest
     tokens, ranks = m["tokens"], m["world_size"]
-    print(
-        f"collected {len(factors)} modules ({len(m['layers'])} blocks x {','.join(m['projections'])}, "
-        f"{m['labels']} labels) from {tokens:,} tokens ({m['labelled_tokens']:,} labelled) in {seconds:.1f} s "
-        f"({tokens / max(seconds, 1e-9):,.0f} tokens/s"
-        + (f", {ranks} ranks" if ranks > 1 else "")
-        + (f", {m['passes']} passes" if m["passes"] > 1 else "")
-        + f") -> {args.out}"
-    )
+    scale = (f", {ranks} ranks" if ranks > 1 else "") + (f", {m['passes']} passes" if m["passes"] > 1 else "")
+    print(f"collected {len(factors)} modules ({len(m['layers'])} blocks x {','.join(m['projections'])}, "
+          f"{m['labels']} labels) from {tokens:,} tokens ({m['labelled_tokens']:,} labelled) in {seconds:.1f} s "
+          f"({tokens / max(seconds, 1e-9):,.0f} tokens/s{scale}) -> {args.out}")
     if m.get("exclude"):
         x = m["exclude"]
         print(f"excluded {x['windows_dropped']:,} of {x['windows_seen']:,} windows sharing an {x['n']}-gram with "

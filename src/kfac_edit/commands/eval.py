@@ -21,17 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_lm_eval_arguments(p)
 
 
-def print_summary(record: dict) -> None:
-    from ..evaluate.suite import flat_metrics
-
-    for name, value in flat_metrics(record["metrics"]).items():
-        if ".per_source." not in name:
-            print(f"{name:<48} {value:.4f}" if isinstance(value, float) else f"{name:<48} {value}")
-
-
 def run(args: argparse.Namespace) -> int:
     from .. import lm_eval_tasks
-    from ..evaluate.suite import check_inputs, evaluate
+    from ..evaluate.suite import check_inputs, evaluate, flat_metrics
     from ..fileio import append_jsonl
     from ..models import check_causal_lm, load_tokenizer, model_limits
 
@@ -43,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
             rows, positions = model_limits(check_causal_lm(args.model))  # token ids vs embedding rows, lengths vs context
             check_inputs(config, load_tokenizer(args.model), rows, positions)  # bad input fails before loading the model
             model, tokenizer = load_model_from_args(args)
-            print_summary(evaluate(model, tokenizer, config))
+            for name, value in flat_metrics(evaluate(model, tokenizer, config)["metrics"]).items():
+                if ".per_source." not in name:
+                    print(f"{name:<48} {value:.4f}" if isinstance(value, float) else f"{name:<48} {value}")
             if args.out:
                 print(f"appended results to {args.out}")
             del model  # lm-eval loads its own copy

@@ -32,11 +32,11 @@ def run(args: argparse.Namespace) -> int:
     from .. import lm_eval_tasks
     from ..edit import declare_modules
     from ..models import load_tokenizer
-    from ..workflow import check_run_inputs, format_table, run_paths, run_workflow
+    from ..workflow import RunPaths, check_run_inputs, format_table, run_workflow
 
     spec = spec_from_args(args)
     config = eval_config_from_args(args, out=None)
-    paths = run_paths(args.out, args.results)
+    paths = RunPaths(args.out, args.results)
     with writing((paths.out_dir, "dir"), (paths.results, "file", "--results")):
         lm_eval_tasks.check_lm_eval_args(args)
         check_run_inputs(args.model, spec, args.factors, config, paths, load_tokenizer(args.model))  # before loading

@@ -52,32 +52,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "share a record with the held-out part)")
 
 
-def _keep_masses(text: str) -> list[float]:
-    from ..errors import UserError
-
-    try:
-        values = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"cannot read --keep-mass '{text}'; write e.g. 0.6,0.7,0.8,0.9 or svd=0.6,0.8") from None
-    return sorted(set(values))
-
-
 def keep_mass_grids(options: list[str] | None) -> tuple[list[float], dict[str, list[float]]]:
     """``--keep-mass`` options -> (the grid of every method, per-method grids): ``["0.9,0.95", "svd=0.6"]`` ->
     ``([0.9, 0.95], {"svd": [0.6]})``."""
+    from ..errors import UserError
+
     common, per_method = [0.5, 0.6, 0.7, 0.8, 0.9], {}
     for text in options or []:
         method, sep, values = text.rpartition("=")
+        try:
+            grid = sorted({float(v) for v in values.split(",") if v.strip()})
+        except ValueError:
+            raise UserError(f"cannot read --keep-mass '{values}'; write e.g. 0.6,0.7,0.8,0.9 or svd=0.6,0.8") from None
         if sep:
-            per_method[method.strip()] = _keep_masses(values)
+            per_method[method.strip()] = grid
         else:
-            common = _keep_masses(text)
+            common = grid
     return common, per_method
-
-
-def methods_of(options: list[str] | None) -> list[str]:
-    """``--method`` options (comma-separated or repeated) in order, without repeats; default ``["kfac"]``."""
-    return list(dict.fromkeys(m.strip() for text in options or ["kfac"] for m in text.split(",") if m.strip()))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,14 +80,15 @@ def run(args: argparse.Namespace) -> int:
     from ..sweep import SweepConfig, needed_modules, run_sweep
 
     keep_masses, per_method = keep_mass_grids(args.keep_mass)
+    methods = [m.strip() for text in args.method or ["kfac"] for m in text.split(",") if m.strip()]
     config = SweepConfig(
         blocks=parse_layers(args.blocks) if args.blocks else None,
         projection_sets=[tuple(parse_projections(s)) for s in (args.projections or ["gate,up"])],
-        keep_masses=keep_masses, method_keep_masses=per_method,
+        keep_masses=keep_masses, method_keep_masses=per_method, methods=list(dict.fromkeys(methods)),
         groups=[tuple(parse_layers(g)) for g in args.group] if args.group else None,
-        max_combo=args.max_combo, ppl_budget=args.ppl_budget, methods=methods_of(args.method),
-        holdout_fraction=args.holdout_fraction, capability=list(args.capability), skip_over=args.skip_over,
-        seed=args.seed, clean_data=args.clean_data, forget=args.forget, bsn=bsn_config_from_args(args),
+        max_combo=args.max_combo, ppl_budget=args.ppl_budget, holdout_fraction=args.holdout_fraction,
+        capability=list(args.capability), skip_over=args.skip_over, seed=args.seed, clean_data=args.clean_data,
+        forget=args.forget, bsn=bsn_config_from_args(args),
     )  # fmt: skip
     config.validate()
     eval_config = eval_config_from_args(args, None)
