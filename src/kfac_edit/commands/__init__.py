@@ -10,6 +10,13 @@ import contextlib
 from dataclasses import MISSING, fields
 from typing import Any
 
+from ..bsn import BsnConfig
+from ..errors import UserError
+from ..evaluate.suite import EvalConfig
+from ..fileio import check_output, output_lock
+from ..models import BIAS_MODES, DTYPE_CHOICES, load_model, resolve_device
+from ..spec import METHOD_HELP, METHODS, EditSpec
+
 
 def add_field_options(p, config: type, names=None, *, prefix: str = "", note_defaults: bool = True,
                       **extra: dict[str, Any]) -> None:
@@ -41,8 +48,6 @@ def add_field_options(p, config: type, names=None, *, prefix: str = "", note_def
 
 def add_model_options(p, dtype_help: str = "weights dtype (default auto: the checkpoint's own dtype)") -> None:
     """``--model``, ``--dtype``, ``--device``: what :func:`load_model_from_args` loads."""
-    from ..models import DTYPE_CHOICES
-
     p.add_argument("--model", required=True, help="the model: hub id or local directory")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=dtype_help)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -50,8 +55,6 @@ def add_model_options(p, dtype_help: str = "weights dtype (default auto: the che
 
 def load_model_from_args(args: argparse.Namespace):
     """``(model, tokenizer)`` as ``--model/--dtype/--device`` ask."""
-    from ..models import load_model, resolve_device
-
     return load_model(args.model, dtype=args.dtype, device=str(resolve_device(args.device)))
 
 
@@ -70,9 +73,6 @@ def add_factor_options(p, required: bool = False, modules: bool = True) -> None:
 
 def add_spec_options(p) -> None:
     """The edit (:class:`~kfac_edit.spec.EditSpec`): --layers-json | --layers-file, --method, --seed, --bias."""
-    from ..models import BIAS_MODES
-    from ..spec import METHOD_HELP, METHODS
-
     layers = p.add_mutually_exclusive_group(required=True)
     layers.add_argument("--layers-json", metavar="JSON",
                         help='layers JSON: block -> {projection: keep_mass}, e.g. \'{"23": {"gate": 0.6}}\'')
@@ -85,10 +85,8 @@ def add_spec_options(p) -> None:
                    "W alone")
 
 
-def spec_from_args(args: argparse.Namespace):
+def spec_from_args(args: argparse.Namespace) -> EditSpec:
     """The :class:`~kfac_edit.spec.EditSpec` of :func:`add_spec_options`' options."""
-    from ..spec import EditSpec
-
     options = {"method": args.method, "seed": args.seed, "bias": args.bias}
     if args.layers_file is not None:
         return EditSpec.from_file(args.layers_file, **options)
@@ -107,8 +105,6 @@ def add_protect_options(p) -> None:
 def add_bsn_options(p, forget_help: str = "memorized records (JSONL) bsn learns to forget; needed by method bsn") -> None:
     """The data and hyper-parameters of method bsn (:class:`~kfac_edit.bsn.BsnConfig`): --forget, --clean-data,
     --bsn-epochs, --bsn-lr ... (defaults: the paper's reference implementation)."""
-    from ..bsn import BsnConfig
-
     group = p.add_argument_group("method bsn (BalancedSubnet)")
     group.add_argument("--forget", metavar="FILE", help=forget_help)
     group.add_argument("--clean-data", metavar="SOURCE", help="clean text whose loss bsn keeps (e.g. the training "
@@ -116,9 +112,7 @@ def add_bsn_options(p, forget_help: str = "memorized records (JSONL) bsn learns 
     add_field_options(group, BsnConfig, prefix="bsn")
 
 
-def bsn_config_from_args(args: argparse.Namespace):
-    from ..bsn import BsnConfig
-
+def bsn_config_from_args(args: argparse.Namespace) -> BsnConfig:
     config = BsnConfig(**{f.name: getattr(args, f"bsn_{f.name}") for f in fields(BsnConfig)})
     config.validate()
     return config
@@ -130,8 +124,6 @@ def bsn_inputs_from_args(spec, args: argparse.Namespace):
     if not spec.method.needs_data:
         return None
     if not args.forget or not args.clean_data:
-        from ..errors import UserError
-
         raise UserError("method bsn learns from data: pass --forget FILE (records to remove) and --clean-data "
                         "SOURCE (text to keep)")
     return args.forget, args.clean_data, bsn_config_from_args(args)
@@ -144,16 +136,12 @@ _EVAL_NOT_OPTIONS = ("out", "model")  # each command sets them itself
 
 def add_eval_options(p) -> None:
     """The evaluation options of ``eval``, ``run`` and ``sweep``: one per :class:`EvalConfig` field."""
-    from ..evaluate.suite import EvalConfig
-
     names = [f.name for f in fields(EvalConfig) if f.name not in _EVAL_NOT_OPTIONS]
     add_field_options(p, EvalConfig, names, **{name: {"metavar": m} for name, m in _EVAL_METAVARS.items()})
 
 
-def eval_config_from_args(args: argparse.Namespace, out: str | None):
+def eval_config_from_args(args: argparse.Namespace, out: str | None) -> EvalConfig:
     """The :class:`EvalConfig` of :func:`add_eval_options`' options, writing to ``out``."""
-    from ..evaluate.suite import EvalConfig
-
     values = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if f.name not in _EVAL_NOT_OPTIONS}
     return EvalConfig(**values, out=out, model=args.model)
 
@@ -162,8 +150,6 @@ def eval_config_from_args(args: argparse.Namespace, out: str | None):
 def writing(*outputs: tuple):
     """Check every output (``(path, kind[, flag])``, :func:`~kfac_edit.fileio.check_output`) before any work, then
     hold the write lock of the first while the block runs."""
-    from ..fileio import check_output, output_lock
-
     for output in outputs:
         check_output(*output)
     with output_lock(outputs[0][0]):

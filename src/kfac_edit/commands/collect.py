@@ -12,6 +12,11 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from ..constants import EKFAC_FILE
+from ..factors.collect import CollectConfig, collect_factors
+from ..factors.distributed import RankFailure
+from ..models import BIAS_MODES, DTYPE_CHOICES
+from ..spec import LABEL_MODES
 from . import add_field_options
 
 HELP = "collect K-FAC factors (A, G) of MLP projections over a corpus"
@@ -23,10 +28,6 @@ SCALE_OPTIONS = ("checkpoint_every", "resume", "device_map", "layers_per_pass", 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """One option per :class:`~kfac_edit.factors.collect.CollectConfig` field but ``out`` and ``progress``."""
-    from ..factors.collect import CollectConfig
-    from ..models import BIAS_MODES, DTYPE_CHOICES
-    from ..spec import LABEL_MODES
-
     p.add_argument("--model", required=True, metavar="MODEL",
                    help="hub id (e.g. allenai/OLMo-2-1124-7B) or local model directory")
     p.add_argument("--data", required=True, metavar="SOURCE", help="hf:DATASET[:CONFIG][@SPLIT], alias dolmino | "
@@ -42,10 +43,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..constants import EKFAC_FILE
-    from ..factors.collect import CollectConfig, collect_factors
-    from ..factors.distributed import RankFailure
-
     options = {f.name: getattr(args, f.name) for f in fields(CollectConfig) if hasattr(args, f.name)}
     config = CollectConfig(**options, progress=not args.no_progress)
     start = time.perf_counter()

@@ -7,7 +7,10 @@ keep_mass >= 0.9999 is not edited. Under torchrun the ranks share the eigendecom
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..constants import EDIT_REPORT_FILE
+from ..edit import edit_model_dir
 from . import (add_bsn_options, add_factor_options, add_model_options, add_protect_options, add_spec_options,
                bsn_inputs_from_args, spec_from_args, writing)
 
@@ -24,11 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..constants import EDIT_REPORT_FILE
-    from ..edit import edit_model_dir
-
     spec = spec_from_args(args)
     bsn = bsn_inputs_from_args(spec, args)
     with writing((args.out, "dir")):

@@ -7,26 +7,23 @@ from __future__ import annotations
 
 import argparse
 
+from .. import lm_eval_tasks
+from ..evaluate.suite import check_inputs, evaluate, flat_metrics
+from ..fileio import append_jsonl
+from ..models import check_causal_lm, load_tokenizer, model_limits
 from . import add_eval_options, add_model_options, eval_config_from_args, load_model_from_args, writing
 
 HELP = "measure memorization, quotes recitation, perplexity and nDCG of a model"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..lm_eval_tasks import add_lm_eval_arguments
-
     add_model_options(p)
     add_eval_options(p)
     p.add_argument("--out", metavar="FILE.jsonl", help="results JSONL to append one line to (default: print only)")
-    add_lm_eval_arguments(p)
+    lm_eval_tasks.add_lm_eval_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import lm_eval_tasks
-    from ..evaluate.suite import check_inputs, evaluate, flat_metrics
-    from ..fileio import append_jsonl
-    from ..models import check_causal_lm, load_tokenizer, model_limits
-
     config = eval_config_from_args(args, args.out)
     ours = bool(config.memorized or config.quotes or config.perplexity_data or config.ndcg_data)
     with writing((args.out, "file")):

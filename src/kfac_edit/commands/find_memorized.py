@@ -6,16 +6,18 @@ with the counts and configuration.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields
 
+from ..evaluate.miner import MinerConfig, find_memorized
+from ..fileio import atomic_path, utc_timestamp, write_json
+from ..identity import model_fingerprint
 from . import add_field_options, add_model_options, load_model_from_args, writing
 
 HELP = "find the windows of a corpus that a model recites (a memorized set for `eval --memorized`)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..evaluate.miner import MinerConfig
-
     add_model_options(p)
     p.add_argument("--out", required=True, metavar="FILE.jsonl", help="memorized-set JSONL to write")
     add_field_options(p, MinerConfig, data={"metavar": "SOURCE"},
@@ -24,12 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from ..evaluate.miner import MinerConfig, find_memorized
-    from ..fileio import atomic_path, utc_timestamp, write_json
-    from ..identity import model_fingerprint
-
     config = MinerConfig(**{f.name: getattr(args, f.name) for f in fields(MinerConfig)})
     config.validate()
     meta_path = f"{args.out}.meta.json"

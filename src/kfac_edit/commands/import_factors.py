@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..factors.reference import DEFAULT_NAME_TEMPLATE, import_reference
+from ..factors.store import check_writable
+from ..fileio import check_output, output_lock
+
 HELP = "import the reference tool's factor file (.pt) as a factor directory"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..factors.reference import DEFAULT_NAME_TEMPLATE
-
     p.add_argument("old", type=Path, metavar="OLD.pt", help="the reference tool's factor file")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory for the factors")
     p.add_argument("--name-template", default=DEFAULT_NAME_TEMPLATE,
@@ -23,10 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..factors.reference import import_reference
-    from ..factors.store import check_writable
-    from ..fileio import check_output, output_lock
-
     check_output(args.out, "dir")
     check_writable(args.out, args.overwrite)
     factors = import_reference(args.old, name_template=args.name_template, model=args.model)

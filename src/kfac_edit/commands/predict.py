@@ -7,7 +7,11 @@ or generated.
 from __future__ import annotations
 
 import argparse
+import json
 
+from ..errors import UserError
+from ..fileio import write_json
+from ..predict import predict_files
 from . import add_factor_options, add_model_options, add_protect_options, add_spec_options, spec_from_args
 
 HELP = "predict an edit's cost per task: the share of its curvature in the pairs the edit removes"
@@ -28,12 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from ..errors import UserError
-    from ..fileio import write_json
-    from ..predict import predict_files
-
     spec = spec_from_args(args)
     if args.max_records is not None and args.max_records < 1:
         raise UserError(f"--max-records must be a positive integer, got {args.max_records}")

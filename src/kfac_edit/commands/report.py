@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
+from ..report import write_report
+
 HELP = "write report.html and report.md (with PNG plots) for a sweep or run directory"
 
 
@@ -16,9 +19,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
-    from ..report import write_report
-
     if args.ppl_budget is not None and not args.ppl_budget > 0:
         raise UserError(f"--ppl-budget must be positive, got {args.ppl_budget}; e.g. --ppl-budget 1.2")
     paths = write_report(args.dir, ppl_budget=args.ppl_budget)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from .. import lm_eval_tasks
+from ..edit import declare_modules
+from ..models import load_tokenizer
+from ..workflow import RunPaths, check_run_inputs, format_table, run_workflow
 from . import (add_bsn_options, add_eval_options, add_factor_options, add_model_options, add_spec_options,
                bsn_inputs_from_args, eval_config_from_args, load_model_from_args, spec_from_args, writing)
 
@@ -15,8 +19,6 @@ HELP = "the whole workflow: evaluate, edit, save, evaluate again, before/after t
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..lm_eval_tasks import add_lm_eval_arguments
-
     add_model_options(p)
     p.add_argument("--out", default="kfac-edit-run", metavar="DIR", help="run directory (default ./kfac-edit-run)")
     p.add_argument("--results", metavar="FILE.jsonl", help="summary JSONL to append to (default DIR/runs.jsonl)")
@@ -24,16 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_factor_options(p)
     add_spec_options(p)
     add_eval_options(p)
-    add_lm_eval_arguments(p)
+    lm_eval_tasks.add_lm_eval_arguments(p)
     add_bsn_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import lm_eval_tasks
-    from ..edit import declare_modules
-    from ..models import load_tokenizer
-    from ..workflow import RunPaths, check_run_inputs, format_table, run_workflow
-
     spec = spec_from_args(args)
     config = eval_config_from_args(args, out=None)
     paths = RunPaths(args.out, args.results)

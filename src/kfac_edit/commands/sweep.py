@@ -10,6 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..edit import check_factors_dir, declare_modules
+from ..eigen import EigenCache, default_cache_dir
+from ..errors import UserError
+from ..factors.store import Factors
+from ..models import parse_layers, parse_projections
+from ..spec import METHODS
+from ..sweep import SweepConfig, needed_modules, run_sweep
 from . import (add_bsn_options, add_eval_options, add_factor_options, add_field_options, add_model_options,
                bsn_config_from_args, eval_config_from_args, load_model_from_args, writing)
 
@@ -17,9 +24,6 @@ HELP = "grid-search blocks x projections x keep_mass; log results, pick the best
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..spec import METHODS
-    from ..sweep import SweepConfig
-
     def field_help(name: str) -> str:
         return SweepConfig.__dataclass_fields__[name].metadata["help"]
 
@@ -55,8 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def keep_mass_grids(options: list[str] | None) -> tuple[list[float], dict[str, list[float]]]:
     """``--keep-mass`` options -> (the grid of every method, per-method grids): ``["0.9,0.95", "svd=0.6"]`` ->
     ``([0.9, 0.95], {"svd": [0.6]})``."""
-    from ..errors import UserError
-
     common, per_method = [0.5, 0.6, 0.7, 0.8, 0.9], {}
     for text in options or []:
         method, sep, values = text.rpartition("=")
@@ -72,13 +74,6 @@ def keep_mass_grids(options: list[str] | None) -> tuple[list[float], dict[str, l
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..edit import check_factors_dir, declare_modules
-    from ..eigen import EigenCache, default_cache_dir
-    from ..errors import UserError
-    from ..factors.store import Factors
-    from ..models import parse_layers, parse_projections
-    from ..sweep import SweepConfig, needed_modules, run_sweep
-
     keep_masses, per_method = keep_mass_grids(args.keep_mass)
     methods = [m.strip() for text in args.method or ["kfac"] for m in text.split(",") if m.strip()]
     config = SweepConfig(
