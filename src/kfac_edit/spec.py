@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fileio import read_text
 from .models import PROJECTIONS
 
 NO_EDIT_AT = 0.9999  # keep_mass at or above this: the projection is left as it is (reference convention)
@@ -204,8 +205,6 @@ class EditSpec:
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "EditSpec":
         """:meth:`from_json` of a layers file; ``overrides``: its method, seed, bias."""
-        from .fileio import read_text
-
         path = Path(path)
         text = read_text(path, "the layers file", "a layers JSON file")
         try:

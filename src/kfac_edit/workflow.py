@@ -20,14 +20,15 @@ import dataclasses
 import time
 from pathlib import Path
 
-import torch
-
+from .bsn import BsnInputs, load_bsn_data
 from .constants import BEFORE_AFTER_FILE, EDITED_DIR, EVALS_FILE, PROVENANCE_FILE, RECORDS_FILE, RUNS_FILE
-from .edit import apply_edit, check_edit_inputs, check_output_dir, load_edit_factors, resolve_targets, save_edited
+from .edit import (apply_edit, check_edit_inputs, check_output_dir, declare_modules, load_edit_factors,
+                   resolve_targets, save_edited)
 from .eigen import EigenCache, default_cache_dir
 from .evaluate.suite import EvalConfig, check_inputs, evaluate, headline_metrics, own_reference_topk
 from .fileio import append_jsonl, utc_timestamp, write_json
-from .models import check_causal_lm, load_tokenizer_as_saved, model_limits
+from .models import check_causal_lm, load_model, load_tokenizer, load_tokenizer_as_saved, model_limits, resolve_device
+from .report import provenance, write_provenance, write_records, write_report
 from .spec import EditSpec
 
 
@@ -42,33 +43,29 @@ class RunPaths:
         self.before_after = self.out_dir / BEFORE_AFTER_FILE
 
 
-def check_run_inputs(model_path: str, spec: EditSpec, factors_dir: str | None, config: EvalConfig, paths: RunPaths,
-                     tokenizer, limits: tuple[int | None, int | None] | None = None) -> None:
-    """The checks that need no model: the spec edits something, factors exist, eval inputs parse, output is free.
+def run_workflow(model_path: str, spec: EditSpec, factors_dir: str | None, config: EvalConfig, out_dir: str | Path,
+                 results: str | Path | None = None, skip_baseline: bool = False, dtype: str = "auto",
+                 device: str = "auto", modules: str | None = None, bsn: tuple | None = None,
+                 cache_dir: str | Path | None = None) -> dict:
+    """Load, evaluate, edit, save, evaluate again; return the summary line (also appended to the results JSONL).
 
-    ``limits`` is ``(embedding rows, context positions)``, read from the model's config when not given.
+    Every input is checked before the model loads. ``config.out`` is ignored: evaluation records go to
+    ``DIR/evals.jsonl``. ``modules``: as ``collect`` takes them (:func:`~kfac_edit.edit.declare_modules`);
+    ``bsn``: ``(forget records file, clean-text SOURCE, BsnConfig)`` for method bsn; ``cache_dir``: the eigen cache
+    (default :func:`~kfac_edit.eigen.default_cache_dir`).
     """
-    check_edit_inputs(spec, factors_dir)
-    rows, positions = limits if limits is not None else model_limits(check_causal_lm(model_path))
-    check_inputs(config, tokenizer, rows, positions, has_reference=True)
-    check_output_dir(paths.edited, source=model_path)
-
-
-def run_workflow(model: torch.nn.Module, tokenizer, model_path: str, spec: EditSpec, factors_dir: str | None,
-                 config: EvalConfig, out_dir: str | Path, skip_baseline: bool = False,
-                 results: str | Path | None = None, bsn=None, cache_dir: str | Path | None = None) -> dict:
-    """Evaluate, edit, save, evaluate again; return the summary line (also appended to the results JSONL).
-
-    ``model`` is edited in place. ``config.out`` is ignored: evaluation records go to ``DIR/evals.jsonl``.
-    ``bsn``: the :class:`~kfac_edit.bsn.BsnInputs` of method bsn.
-    ``cache_dir``: the eigen cache (default :func:`~kfac_edit.eigen.default_cache_dir`).
-    """
-    from .report import provenance, write_provenance, write_records, write_report
-
-    started = time.time()
     paths = RunPaths(out_dir, results)
-    limits = (model.get_input_embeddings().num_embeddings, model_limits(model.config)[1])
-    check_run_inputs(model_path, spec, factors_dir, config, paths, tokenizer, limits=limits)
+    check_edit_inputs(spec, factors_dir)
+    rows, positions = model_limits(check_causal_lm(model_path))  # token ids vs embedding rows, lengths vs context
+    check_inputs(config, load_tokenizer(model_path), rows, positions, has_reference=True)
+    check_output_dir(paths.edited, source=model_path)
+    model, tokenizer = load_model(model_path, dtype=dtype, device=str(resolve_device(device)))
+    declare_modules(model, modules, factors_dir)
+    if bsn is not None:
+        forget, clean, bsn_config = bsn
+        vocab = model.get_input_embeddings().num_embeddings
+        bsn = BsnInputs(load_bsn_data(forget, clean, tokenizer, bsn_config, vocab_size=vocab), bsn_config)
+    started = time.time()
     factors = load_edit_factors(model, spec, factors_dir)
     cache = EigenCache(cache_dir if cache_dir is not None else default_cache_dir())
     if factors is not None:  # every eigendecomposition before the first evaluation: bad factors fail here

@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 
 from .. import lm_eval_tasks
-from ..edit import declare_modules
-from ..models import load_tokenizer
-from ..workflow import RunPaths, check_run_inputs, format_table, run_workflow
+from ..workflow import RunPaths, format_table, run_workflow
 from . import (add_bsn_options, add_eval_options, add_factor_options, add_model_options, add_spec_options,
-               bsn_inputs_from_args, eval_config_from_args, load_model_from_args, spec_from_args, writing)
+               bsn_inputs_from_args, eval_config_from_args, spec_from_args, writing)
 
 HELP = "the whole workflow: evaluate, edit, save, evaluate again, before/after table"
 
@@ -36,22 +34,12 @@ def run(args: argparse.Namespace) -> int:
     paths = RunPaths(args.out, args.results)
     with writing((paths.out_dir, "dir"), (paths.results, "file", "--results")):
         lm_eval_tasks.check_lm_eval_args(args)
-        check_run_inputs(args.model, spec, args.factors, config, paths, load_tokenizer(args.model))  # before loading
-        bsn = bsn_inputs_from_args(spec, args)  # (forget, clean, config) or None; refused before loading when missing
-        model, tokenizer = load_model_from_args(args)
-        declare_modules(model, args.modules, args.factors)
-        if bsn is not None:
-            from ..bsn import BsnInputs, load_bsn_data
-
-            vocab = model.get_input_embeddings().num_embeddings
-            bsn = BsnInputs(load_bsn_data(bsn[0], bsn[1], tokenizer, bsn[2], vocab_size=vocab), bsn[2])
-        summary = run_workflow(model, tokenizer, args.model, spec, args.factors, config, args.out,
-                               skip_baseline=args.skip_baseline, results=args.results, bsn=bsn,
-                               cache_dir=args.cache_dir)
+        summary = run_workflow(args.model, spec, args.factors, config, args.out, results=args.results,
+                               skip_baseline=args.skip_baseline, dtype=args.dtype, device=args.device,
+                               modules=args.modules, bsn=bsn_inputs_from_args(spec, args), cache_dir=args.cache_dir)
     print(format_table(summary))
     print(f"edited model: {paths.edited}; evaluations: {paths.evals}; summary appended to {paths.results}")
     if args.lm_eval_tasks:  # lm-eval on the base model and on the saved edit, results beside the evaluations
-        del model  # lm-eval loads its own copies
         for path in ([] if args.skip_baseline else [args.model]) + [str(paths.edited)]:
             lm_eval_tasks.run_lm_eval_from_args(argparse.Namespace(**{**vars(args), "model": path,
                                                                       "out": str(paths.evals)}))
