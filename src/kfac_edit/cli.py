@@ -14,6 +14,7 @@ import sys
 
 from . import __version__
 from .errors import UserError
+from .progress import switch_off
 
 COMMANDS = ("demo", "collect", "import-factors", "edit", "predict", "eval", "find-memorized", "run", "sweep", "report")
 
@@ -56,8 +57,6 @@ def _log_level(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
-
-    from .progress import switch_off
 
     parser = build_parser()
     args = parser.parse_args(argv)

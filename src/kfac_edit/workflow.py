@@ -49,10 +49,9 @@ def run_workflow(model_path: str, spec: EditSpec, factors_dir: str | None, confi
                  cache_dir: str | Path | None = None) -> dict:
     """Load, evaluate, edit, save, evaluate again; return the summary line (also appended to the results JSONL).
 
-    Every input is checked before the model loads. ``config.out`` is ignored: evaluation records go to
-    ``DIR/evals.jsonl``. ``modules``: as ``collect`` takes them (:func:`~kfac_edit.edit.declare_modules`);
-    ``bsn``: ``(forget records file, clean-text SOURCE, BsnConfig)`` for method bsn; ``cache_dir``: the eigen cache
-    (default :func:`~kfac_edit.eigen.default_cache_dir`).
+    Every input is checked before the model loads; ``config.out`` is ignored (records go to ``DIR/evals.jsonl``).
+    ``modules``: as ``collect`` takes them; ``bsn``: ``(forget records file, clean-text SOURCE, BsnConfig)`` for
+    method bsn; ``cache_dir``: the eigen cache (default :func:`~kfac_edit.eigen.default_cache_dir`).
     """
     paths = RunPaths(out_dir, results)
     check_edit_inputs(spec, factors_dir)

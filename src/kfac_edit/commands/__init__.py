@@ -60,9 +60,9 @@ def load_model_from_args(args: argparse.Namespace):
 
 def add_factor_options(p, required: bool = False, modules: bool = True) -> None:
     """``--factors``, ``--cache-dir`` (eigendecompositions) and, with ``modules``, ``--modules``."""
+    needed = "" if required else "; needed by every method but svd"
     p.add_argument("--factors", required=required, metavar="DIR",
-                   help="K-FAC factors of the model (made by `kfac-edit collect`)"
-                   + ("" if required else "; needed by every method but svd"))
+                   help=f"K-FAC factors of the model (made by `kfac-edit collect`){needed}")
     p.add_argument("--cache-dir", metavar="DIR", help="where eigendecompositions are cached (default: "
                    "$KFAC_EDIT_CACHE/eigen, else ~/.cache/kfac-edit/eigen)")
     if modules:
@@ -119,8 +119,7 @@ def bsn_config_from_args(args: argparse.Namespace) -> BsnConfig:
 
 
 def bsn_inputs_from_args(spec, args: argparse.Namespace):
-    """``(forget FILE, clean SOURCE, BsnConfig)`` when ``spec``'s method is bsn (a one-line error without the data),
-    else ``None``."""
+    """``(forget FILE, clean SOURCE, BsnConfig)`` for method bsn (refused without the data), else ``None``."""
     if not spec.method.needs_data:
         return None
     if not args.forget or not args.clean_data:
