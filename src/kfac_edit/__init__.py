@@ -8,8 +8,6 @@ stated once, in :mod:`kfac_edit.curvature`.
 The public names below are imported lazily, so ``import kfac_edit`` stays cheap.
 """
 
-from __future__ import annotations
-
 import importlib
 from typing import Any
 

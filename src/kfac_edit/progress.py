@@ -11,8 +11,6 @@ loop that logged ends, e.g.::
 (tqdm's "only on a terminal") means "a bar on a terminal, log lines elsewhere".
 """
 
-from __future__ import annotations
-
 import io
 import logging
 import sys

@@ -2,8 +2,6 @@
 (self-contained, opens offline), DIR/report.md and DIR/plots/*.png.
 """
 
-from __future__ import annotations
-
 import argparse
 
 from ..errors import UserError
