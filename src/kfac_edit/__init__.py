@@ -3,9 +3,7 @@
 Pipeline, one module per arrow: text (:mod:`kfac_edit.data`) -> factors (:func:`collect_factors`, :class:`Factors`)
 -> eigenbases (:mod:`kfac_edit.eigen`) -> edited weights (:class:`EditSpec`, :func:`apply_edit`) -> metrics
 (:func:`evaluate_model`) -> report (:mod:`kfac_edit.report`). Conventions (shapes, Kronecker order, pair mass) are
-stated once, in :mod:`kfac_edit.curvature`.
-
-The public names below are imported lazily, so ``import kfac_edit`` stays cheap.
+stated once, in :mod:`kfac_edit.curvature`. The public names below load lazily: ``import kfac_edit`` stays cheap.
 """
 
 import importlib
@@ -16,7 +14,8 @@ __version__ = "0.1.0"
 _MODULE_EXPORTS = {  # module -> the public names it defines
     "factors": "collect_factors CollectConfig FactorCollector Factors ModuleFactors",
     "factors.ekfac": "collect_ekfac Ekfac",
-    "curvature": "Eigen eigendecompose select_pairs select_pairs_mask select_mass pairs_mask edit_weight project_weight",
+    "curvature": "Eigen eigendecompose select_pairs select_pairs_mask select_mass pairs_mask edit_weight "
+    "project_weight",
     "spec": "EditSpec Method LabelMode",
     "edit": "EditReport apply_edit restore save_edited Protection",
     "eigen": "EigenCache",

@@ -38,8 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
-    """``-v`` (debug messages) and ``-q`` (warnings and errors only). A subcommand's copies default to SUPPRESS, so
-    they only set what is given after the subcommand and never undo what was given before it."""
+    """``-v``/``-q``; a subcommand's copies default to SUPPRESS: they set what follows it, never undo what precedes."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_true", default=default, help="log debug messages")
     group.add_argument("-q", "--quiet", action="store_true", default=default,

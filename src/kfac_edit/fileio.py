@@ -98,7 +98,8 @@ def read_text(path: str | os.PathLike, what: str, expected: str) -> str:
     try:
         return Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {exc.start}: {exc.reason}); give {expected}") from None
+        why = f"is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        raise UserError(f"{what} '{path}' {why}; give {expected}") from None
     except OSError as exc:
         raise UserError(f"cannot read {what} '{path}': {exc.strerror}") from None
 
@@ -160,13 +161,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def check_output(path: str | os.PathLike | None, kind: str = "dir", flag: str = "--out",
                  overwrite: bool | None = None) -> Path | None:
-    """Refuse, before any work, an output location that cannot be written: one line naming ``flag``.
-
-    ``kind`` is ``"dir"`` (the command writes a directory there) or ``"file"``. Refused: a file where a directory
-    goes and a directory where a file goes; a path under an existing file; a nearest existing directory that is
-    read-only (or not ours) or on a full disk; and, when ``overwrite`` is ``False``, an existing file output.
-    Nothing is created. ``None`` passes through (no output asked for).
-    """
+    """Refuse, before any work, an output (``kind`` ``"dir"`` or ``"file"``) that cannot be written: one line
+    naming ``flag``. Refused: a file where a directory goes and the reverse; a path under a file; a nearest existing
+    directory that is read-only (or not ours) or on a full disk; with ``overwrite=False``, an existing file. Nothing
+    is created; ``None`` passes through (no output asked for)."""
     if path is None:
         return None
     out = Path(path).expanduser()
@@ -176,9 +174,7 @@ def check_output(path: str | os.PathLike | None, kind: str = "dir", flag: str = 
         raise UserError(f"{flag} {out} is a file; give a directory")
     if out.is_file() and overwrite is False:
         raise UserError(f"{flag} {out} exists; pass --overwrite to replace it or pick another path")
-    existing = out if out.is_dir() else out.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = out if out.is_dir() else next((d for d in out.parents if d.exists()), out.parent)
     if not existing.is_dir():
         raise UserError(f"{flag} {out} is under {existing}, which is a file; pick another path")
     try:
@@ -208,10 +204,9 @@ def _pid_alive(pid: int) -> bool:
 def output_lock(target: str | os.PathLike | None) -> Iterator[None]:
     """Hold the write lock of output ``target`` (a file or directory): ``.NAME.kfac-edit.lock`` beside it.
 
-    A second process asking for the same lock while the holder lives is refused with a :class:`UserError` naming
-    the holder's pid; a lock left by a killed process (its pid gone, on this host) is taken over. The same
-    process may nest the lock (a command calling another's code). ``None``: no lock. Under ``torchrun`` only rank 0
-    (the rank that writes) takes it: the other ranks of the same job must not be refused.
+    Another process is refused (a :class:`UserError` naming the holder's pid) while the holder lives; a lock whose
+    pid is gone (on this host) is taken over; the same process may nest it. ``None``: no lock. Under ``torchrun``
+    only rank 0 (the rank that writes) takes it, so the other ranks of the job are not refused.
     """
     if target is None or os.environ.get("RANK", "0") != "0":
         yield
@@ -271,8 +266,6 @@ def cache_root(sub: str | None = None) -> Path:
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
+    if hasattr(obj, "tolist"):  # numpy and torch scalars and arrays
         return obj.tolist()
     raise TypeError(f"cannot serialize {type(obj).__name__} to JSON")

@@ -29,8 +29,7 @@ class LogLines(_tqdm_std.tqdm):
     def __init__(self, *args, **kwargs):
         kwargs.update(disable=False, file=io.StringIO(), mininterval=LOG_INTERVAL_S, dynamic_ncols=False)
         kwargs.pop("position", None)
-        self._closing = False
-        self._lines = 0
+        self._closing, self._lines = False, 0  # closing: no regular line; lines logged so far
         super().__init__(*args, **kwargs)
 
     def display(self, msg=None, pos=None):  # tqdm calls this at most every mininterval seconds
@@ -76,8 +75,7 @@ def switch_off(off: bool = True) -> None:
 
 
 def progress_bar(*args, **kwargs):
-    """A tqdm bar on a terminal, :class:`LogLines` elsewhere, nothing with ``disable=True`` (tqdm's arguments) or
-    after :func:`switch_off`."""
+    """A tqdm bar on a terminal, :class:`LogLines` elsewhere, nothing with ``disable=True`` or after switch_off."""
     from tqdm.auto import tqdm
 
     if _switched_off or kwargs.get("disable") is True:

@@ -123,12 +123,9 @@ def _parse_experts(block: int, per_expert: Any) -> dict[tuple[int, int, str], fl
 
 @dataclass
 class EditSpec:
-    """Which projections to edit and the keep_mass of each.
-
-    ``keep_mass`` maps ``(block, kind)`` to a value in ``[0, 1]``; only projections listed there are edited
-    (entries at or above :data:`NO_EDIT_AT` are dropped when parsing, as in the reference). ``method`` is a
-    :class:`Method` (its string is accepted); ``seed`` feeds the random bases of the ``random`` control.
-    """
+    """Which projections to edit and the keep_mass of each: ``keep_mass`` maps ``(block, kind)`` to a value in
+    ``[0, 1]`` (parsing drops those at or above :data:`NO_EDIT_AT`, as the reference does). ``method``: a
+    :class:`Method` or its string; ``seed`` feeds the random bases of the ``random`` control."""
 
     keep_mass: dict[tuple[int, str], float] = field(default_factory=dict)
     method: Method = Method.KFAC
@@ -167,14 +164,13 @@ class EditSpec:
         """Parse the reference layers JSON (see the module docstring), or the dict :meth:`to_dict` writes
         (``{"method", "seed", "layers"}``), whose method, seed and bias the arguments override (defaults: ``kfac``,
         0, ``joint``)."""
+        data = source
         if isinstance(source, str):
             try:
                 data = json.loads(source)
             except json.JSONDecodeError as exc:
                 raise UserError(f"the layers JSON is malformed at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
                                 f"write e.g. {LAYERS_EXAMPLE}") from None
-        else:
-            data = source
         if not isinstance(data, dict):
             raise UserError(f"the layers JSON must be an object of blocks, e.g. {LAYERS_EXAMPLE}")
         if "layers" in data and isinstance(data["layers"], dict):

@@ -70,8 +70,7 @@ def run_workflow(model_path: str, spec: EditSpec, factors_dir: str | None, confi
             cache.get(factors, proj.name)
     base_config = dataclasses.replace(config, out=str(paths.evals), model=model_path)
     records: list[dict] = []  # appended to evals.jsonl at the end: a failed run leaves no stale baseline there
-    before_outputs: dict = {}  # per-record outputs of the memorized sets, for the report (records.jsonl)
-    after_outputs: dict = {}
+    before_outputs, after_outputs = {}, {}  # per-record outputs of the memorized sets, for records.jsonl
 
     def evaluated(cfg: EvalConfig, **kwargs) -> dict:
         record = evaluate(model, tokenizer, dataclasses.replace(cfg, out=None), **kwargs)

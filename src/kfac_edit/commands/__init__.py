@@ -100,7 +100,7 @@ def add_protect_options(p) -> None:
                    "selection (default 0.9; 0 protects nothing)")
 
 
-def add_bsn_options(p, forget_help: str = "memorized records (JSONL) bsn learns to forget; needed by method bsn") -> None:
+def add_bsn_options(p, forget_help="memorized records (JSONL) bsn learns to forget; needed by method bsn") -> None:
     """The data and hyper-parameters of method bsn (:class:`~kfac_edit.bsn.BsnConfig`): --forget, --clean-data,
     --bsn-epochs, --bsn-lr ... (defaults: the paper's reference implementation)."""
     group = p.add_argument_group("method bsn (BalancedSubnet)")
@@ -145,8 +145,7 @@ def eval_config_from_args(args: argparse.Namespace, out: str | None) -> EvalConf
 
 @contextlib.contextmanager
 def writing(*outputs: tuple):
-    """Check every output (``(path, kind[, flag])``, :func:`~kfac_edit.fileio.check_output`) before any work, then
-    hold the write lock of the first while the block runs."""
+    """Check each output ``(path, kind[, flag, overwrite])`` (``fileio.check_output``), then lock the first."""
     for output in outputs:
         check_output(*output)
     with output_lock(outputs[0][0]):

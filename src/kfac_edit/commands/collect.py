@@ -50,9 +50,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"kfac-edit: error: {exc}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        # A process group that lost a peer cannot be torn down cleanly (its destructor may wait for the peer or
-        # abort): leave at once with the error code; the launcher stops the other ranks.
-        os._exit(1)
+        os._exit(1)  # a process group that lost a peer cannot be torn down cleanly: leave, the launcher stops the rest
     seconds = time.perf_counter() - start
     if factors is None:  # not rank 0
         return 0

@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     with writing((args.out, "file")):
         lm_eval_tasks.check_lm_eval_args(args)
         if ours or not args.lm_eval_tasks:  # with only --lm-eval-tasks, our suite has nothing to do
-            rows, positions = model_limits(check_causal_lm(args.model))  # token ids vs embedding rows, lengths vs context
-            check_inputs(config, load_tokenizer(args.model), rows, positions)  # bad input fails before loading the model
+            rows, positions = model_limits(check_causal_lm(args.model))  # embedding rows, context length
+            check_inputs(config, load_tokenizer(args.model), rows, positions)  # bad input fails before loading
             model, tokenizer = load_model_from_args(args)
             for name, value in flat_metrics(evaluate(model, tokenizer, config)["metrics"]).items():
                 if ".per_source." not in name:

@@ -33,11 +33,9 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if args.max_records is not None and args.max_records < 1:
         raise UserError(f"--max-records must be a positive integer, got {args.max_records}")
-    result = predict_files(
-        args.model, args.factors, spec, args.data, mode=args.mode, device=args.device, dtype=args.dtype,
-        max_records=args.max_records, protect_dir=args.protect, protect_weight=args.protect_weight,
-        cache_dir=args.cache_dir,
-    )  # fmt: skip
+    result = predict_files(args.model, args.factors, spec, args.data, mode=args.mode, device=args.device,
+                           dtype=args.dtype, max_records=args.max_records, protect_dir=args.protect,
+                           protect_weight=args.protect_weight, cache_dir=args.cache_dir)
     for task in result["tasks"]:
         print(f"{task['task']}: {100 * task['share']:.2f}% of its {args.mode} in removed pairs, estimated loss "
               f"increase {task['loss_estimate']:.4g} nats/token ({task['labelled_tokens']} tokens)")  # fmt: skip

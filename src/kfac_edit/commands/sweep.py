@@ -8,6 +8,7 @@ trade-off.
 import argparse
 from pathlib import Path
 
+from ..constants import HTML_FILE, RESULTS_FILE
 from ..edit import check_factors_dir, declare_modules
 from ..eigen import EigenCache, default_cache_dir
 from ..errors import UserError
@@ -103,20 +104,17 @@ def run(args: argparse.Namespace) -> int:
             factors.manifest.setdefault("directory", str(args.factors))
         cache = EigenCache(args.cache_dir if args.cache_dir is not None else default_cache_dir())
         outcome = run_sweep(model, tokenizer, factors, config, eval_config, args.out, cache=cache)
-    base = next((r for r in outcome.records if r.kind == "base"), None)
-    print(f"{len(outcome.records) - 1} points in {Path(args.out) / 'results.jsonl'} ({outcome.evaluated} evaluated now)")
-    if outcome.split:
-        split = outcome.split
+    print(f"{len(outcome.records) - 1} points in {Path(args.out) / RESULTS_FILE} ({outcome.evaluated} evaluated now)")
+    if split := outcome.split:
         print(f"split: {split['selection']} selection / {split['heldout']} held-out records (--holdout-fraction "
               f"{split['holdout_fraction']:g}, --seed {split['seed']}); the best point is chosen on the selection part")
-    if base is not None:
+    if (base := next((r for r in outcome.records if r.kind == "base"), None)) is not None:
         print(f"base: {_memorization(base)}  perplexity {base.perplexity:.4f}")
-    if outcome.chosen is not None:
-        c = outcome.chosen
+    if (c := outcome.chosen) is not None:
         print(f"best: {c.label()}  {_memorization(c)}  perplexity {c.perplexity:.4f}  -> {outcome.best_path}")
     else:
         print(f"no point within {config.ppl_budget:g} x the base perplexity; raise --ppl-budget or widen the grid")
-    print(f"report: {Path(args.out) / 'report.html'}")
+    print(f"report: {Path(args.out) / HTML_FILE}")
     return 0
 
 
