@@ -106,16 +106,21 @@ def _keep_masses(block: int, kinds: Any, where: str) -> dict[str, float]:
     return {kind: float(value) for kind, value in kinds.items()}
 
 
+def _index(key: Any, error: str) -> int:
+    """A layers-JSON key as a block or expert index, else a :class:`UserError` saying ``error``."""
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        raise UserError(error) from None
+
+
 def _parse_experts(block: int, per_expert: Any) -> dict[tuple[int, int, str], float]:
     """The per-expert part of a block's entry, ``{"3": {"gate": 0.5}}`` -> ``{(block, 3, "gate"): 0.5}``."""
     if not isinstance(per_expert, dict):
         raise UserError(f'layers JSON block {block} "experts" must map expert indices to {{projection: keep_mass}}')
     out: dict[tuple[int, int, str], float] = {}
     for key, kinds in per_expert.items():
-        try:
-            expert = int(key)
-        except (TypeError, ValueError):
-            raise UserError(f"layers JSON block {block} expert key '{key}' is not an expert index") from None
+        expert = _index(key, f"layers JSON block {block} expert key '{key}' is not an expert index")
         for kind, value in _keep_masses(block, kinds, f"block {block} expert {key}").items():
             out[(block, expert, kind)] = value
     return out
@@ -181,10 +186,7 @@ class EditSpec:
         keep_mass: dict[tuple[int, str], float] = {}
         expert_keep_mass: dict[tuple[int, int, str], float] = {}
         for key, kinds in data.items():
-            try:
-                block = int(key)
-            except (TypeError, ValueError):
-                raise UserError(f"layers JSON key '{key}' is not a block index; write e.g. {LAYERS_EXAMPLE}") from None
+            block = _index(key, f"layers JSON key '{key}' is not a block index; write e.g. {LAYERS_EXAMPLE}")
             if isinstance(kinds, dict):
                 kinds = dict(kinds)
                 per_expert = kinds.pop(EXPERTS_KEY, None)

@@ -31,8 +31,7 @@ from .spec import EditSpec
 
 
 class RunPaths:
-    """Where a run writes: ``out_dir`` and, in it, ``edited``, ``evals``, ``before_after``; ``results`` (default
-    DIR/runs.jsonl)."""
+    """Where a run writes: ``out_dir`` and its ``edited``, ``evals``, ``before_after``; ``results`` (DIR/runs.jsonl)."""
 
     def __init__(self, out_dir: str | Path, results: str | Path | None = None):
         self.out_dir = Path(out_dir)

@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"collected {len(factors)} modules ({len(m['layers'])} blocks x {','.join(m['projections'])}, "
           f"{m['labels']} labels) from {tokens:,} tokens ({m['labelled_tokens']:,} labelled) in {seconds:.1f} s "
           f"({tokens / max(seconds, 1e-9):,.0f} tokens/s{scale}) -> {args.out}")
-    if m.get("exclude"):
-        x = m["exclude"]
+    if x := m.get("exclude"):
         print(f"excluded {x['windows_dropped']:,} of {x['windows_seen']:,} windows sharing an {x['n']}-gram with "
               f"{x['records']} records of {', '.join(x['files'])}")
     if config.max_tokens is not None and tokens > config.max_tokens:  # the last batch is read whole: say so
