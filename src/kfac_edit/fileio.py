@@ -97,9 +97,8 @@ def read_text(path: str | os.PathLike, what: str, expected: str) -> str:
     (e.g. "records file") and the ``expected`` content (e.g. "a JSONL memorized set")."""
     try:
         return Path(path).read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        why = f"is not UTF-8 text (byte {exc.start}: {exc.reason})"
-        raise UserError(f"{what} '{path}' {why}; give {expected}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {e.start}: {e.reason}); give {expected}") from None
     except OSError as exc:
         raise UserError(f"cannot read {what} '{path}': {exc.strerror}") from None
 

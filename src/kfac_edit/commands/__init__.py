@@ -5,6 +5,7 @@ A settings dataclass's options come from its fields (:func:`add_field_options`, 
 
 import argparse
 import contextlib
+import re
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -29,13 +30,13 @@ def add_field_options(p, config: type, names=None, *, prefix: str = "", note_def
     for f in [by_name[name] for name in names] if names is not None else by_name.values():
         dest = f"{prefix}_{f.name}" if prefix else f.name
         options: dict[str, Any] = {"dest": dest, "help": f.metadata["help"]}
-        annotation = str(f.type)
+        words = set(re.findall(r"\w+", str(f.type)))  # of the annotation, e.g. {"int", "None"}
         if f.default_factory is not MISSING:  # a list of files
             options.update(nargs="+", action="extend", default=[])
-        elif "bool" in annotation:
+        elif "bool" in words:
             options.update(action="store_true")
         else:
-            kind = int if "int" in annotation else float if "float" in annotation else str
+            kind = int if "int" in words else float if "float" in words else str
             required = f.default is MISSING
             options.update(type=kind, default=None if required else f.default, required=required)
             if note_defaults and not required and f.default is not None:
