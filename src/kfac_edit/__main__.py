@@ -1,8 +1,6 @@
 """``python -m kfac_edit ...`` is ``kfac-edit ...`` (for environments where the console script is not on PATH)."""
 
-import sys
-
-from .cli import main
+from .cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,9 +1,6 @@
-"""The one exception type for user mistakes.
-
-Raise :class:`UserError` with a single line that names the problem and the fix. The CLI prints it as
-``kfac-edit: error: <message>`` and exits with code 2, without a traceback.
-"""
+"""The one exception type for user mistakes."""
 
 
 class UserError(Exception):
-    """Bad input from the user: a one-line message saying what is wrong and how to fix it."""
+    """Bad input from the user: a single line that names the problem and the fix. The CLI prints it as
+    ``kfac-edit: error: <message>`` and exits with code 2, without a traceback."""

@@ -1,25 +1,21 @@
 """Atomic file writes: an interrupted run never leaves a file that loads as if it were complete.
 
-Every file the package writes goes through these helpers: the content is written to a temporary file in the
-same directory, flushed to disk, then renamed over the target (rename is atomic on POSIX filesystems). A write that
-fails for a reason the user can fix (disk full, read-only filesystem, no permission) is a one-line
-:class:`~kfac_edit.errors.UserError`, and the old target is left as it was.
-
-Every command also calls :func:`check_output` on each output before any work (a path under a file, a directory
-where a file goes, a read-only or full disk are refused up front) and holds :func:`output_lock` on it while it
-writes (a second writer is refused with the holder's pid).
+Every file the package writes is written to a temporary file beside it, flushed, then renamed over the target
+(atomic on POSIX). A write failing for a reason the user can fix (disk full, read-only filesystem, no permission)
+is a one-line :class:`~kfac_edit.errors.UserError`, the old target left as it was. Every command also checks each
+output before any work (:func:`check_output`) and holds its :func:`output_lock` while it writes.
 """
-
-from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import re
 import shutil
 import socket
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,48 +27,25 @@ _USER_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk
                 errno.EPERM: "permission denied"}  # fmt: skip
 
 
-def _user_write_error(exc: BaseException, target: Path) -> UserError | None:
-    """The one-line error for a write failure the user can fix, or ``None`` (a bug: let it propagate).
-
-    An ``OSError`` by its errno; another exception (safetensors reports I/O errors as ``... os error 28 ...`` in its
-    own type) by the errno its message names.
-    """
-    code = exc.errno if isinstance(exc, OSError) else None
-    if code is None and isinstance(exc, Exception):
-        found = re.search(r"(?:os error|\[Errno)\s*(\d+)", str(exc))
-        code = int(found.group(1)) if found else None
-    why = _USER_ERRNOS.get(code)
-    if why is None:
-        return None
-    return UserError(f"cannot write {target}: {why}; free space or pick another location (nothing was replaced)")
-
-
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it is renamed onto ``target``, on error removed."""
-    target = Path(target)
+def _write_errors(target: Path, cleanup=None) -> Iterator[None]:
+    """Run the block; on an exception call ``cleanup``, then raise a write failure the user can fix as a one-line
+    :class:`UserError`, anything else (a bug, an interrupt) as it is. Fixable: by the errno of an ``OSError``, or
+    the one another exception's message names (safetensors says ``... os error 28 ...`` in its own type).
+    """
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise (_user_write_error(exc, target) or exc) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp_path, target)
-    except Exception as exc:
-        tmp_path.unlink(missing_ok=True)
-        error = _user_write_error(exc, target)
-        if error is None:
+        yield
+    except BaseException as exc:
+        if cleanup is not None:
+            cleanup()
+        code = exc.errno if isinstance(exc, OSError) else None
+        if code is None and isinstance(exc, Exception):
+            found = re.search(r"(?:os error|\[Errno)\s*(\d+)", str(exc))
+            code = int(found.group(1)) if found else None
+        if code not in _USER_ERRNOS:
             raise
-        raise error from None
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+        raise UserError(f"cannot write {target}: {_USER_ERRNOS[code]}; free space or pick another location (nothing "
+                        "was replaced)") from None
 
 
 def _umask() -> int:
@@ -81,73 +54,21 @@ def _umask() -> int:
     return mask
 
 
-def read_text(path: str | os.PathLike, what: str, expected: str) -> str:
-    """The UTF-8 text of ``path``; a binary or unreadable file is one :class:`UserError` naming ``what`` it is
-    (e.g. "records file") and the ``expected`` content (e.g. "a JSONL memorized set")."""
-    try:
-        return Path(path).read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{what} '{path}' is not UTF-8 text (byte {exc.start}: {exc.reason}); give {expected}"
-        ) from None
-    except OSError as exc:
-        raise UserError(f"cannot read {what} '{path}': {exc.strerror}") from None
-
-
-def json_text(obj: Any) -> str:
-    """``obj`` as the indented JSON text :func:`write_json` writes."""
-    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
-
-
-def write_json(target: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``target`` atomically."""
-    with atomic_path(target) as tmp:
-        tmp.write_text(json_text(obj))
-
-
-def append_jsonl(target: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line to ``target`` (a whole line per write, flushed and synced)."""
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it is renamed onto ``target``, on error removed."""
     target = Path(target)
-    line = json.dumps(record, default=_json_default) + "\n"
-    size = target.stat().st_size if target.is_file() else None
-    try:
+    with _write_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "a") as fh:
-            fh.write(line)
-            fh.flush()
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    tmp_path = Path(tmp)
+    with _write_errors(target, cleanup=lambda: tmp_path.unlink(missing_ok=True)):
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-    except OSError as exc:
-        error = _user_write_error(exc, target)
-        with contextlib.suppress(OSError):  # no torn line left behind: back to the old content
-            if size is None:
-                target.unlink(missing_ok=True)
-            else:
-                os.truncate(target, size)
-        if error is None:
-            raise
-        raise error from None
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file, skipping a torn last line (one left by a killed writer).
-
-    A malformed line elsewhere raises ``ValueError("line N: ...")`` naming its line in the file (1-based).
-    """
-    records = []
-    path = Path(path)
-    if not path.exists():
-        return records
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"line {i + 1}: {exc.msg} at column {exc.colno}") from None
-    return records
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp_path, target)
 
 
 @contextlib.contextmanager
@@ -157,42 +78,92 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     Files already in ``target`` that the caller wants to keep must be written again into the temporary directory.
     """
     target = Path(target)
-    try:
+    with _write_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as exc:
-        raise (_user_write_error(exc, target) or exc) from None
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the result should read like a plain mkdir's
-    try:
+    with _write_errors(target, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
         yield tmp
+        old = target.with_name(f".{target.name}.old")
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except Exception as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        error = _user_write_error(exc, target)
-        if error is None:
-            raise
-        raise error from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_text(path: str | os.PathLike, what: str, expected: str) -> str:
+    """The UTF-8 text of ``path``; a binary or unreadable file is one :class:`UserError` naming ``what`` it is
+    (e.g. "records file") and the ``expected`` content (e.g. "a JSONL memorized set")."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {e.start}: {e.reason}); give {expected}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} '{path}': {exc.strerror}") from None
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as the indented JSON text :func:`write_json` writes."""
+    return json.dumps(obj, indent=2, default=_json_default) + "\n"
+
+
+def write_json(target: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``target`` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(json_text(obj))
+
+
+def append_jsonl(target: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line to ``target`` (a whole line per write, flushed and synced); a failed write puts the file
+    back as it was (no torn line)."""
+    target = Path(target)
+    line = json.dumps(record, default=_json_default) + "\n"
+    size = target.stat().st_size if target.is_file() else None
+
+    def put_back() -> None:
+        with contextlib.suppress(OSError):
+            if size is None:
+                target.unlink(missing_ok=True)
+            else:
+                os.truncate(target, size)
+
+    with _write_errors(target, cleanup=put_back):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def utc_timestamp() -> str:
+    """The current UTC time as the records write it, e.g. ``2026-12-01T13:30:58+00:00``."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL file (none: no records), skipping a torn last line (one left by a killed writer); a malformed
+    line elsewhere raises ``ValueError("line N: ...")`` (1-based)."""
+    path = Path(path)
+    lines = path.read_text().splitlines() if path.exists() else []
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            if line.strip():
+                records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"line {i + 1}: {exc.msg} at column {exc.colno}") from None
+    return records
 
 
 def check_output(path: str | os.PathLike | None, kind: str = "dir", flag: str = "--out",
                  overwrite: bool | None = None) -> Path | None:
-    """Refuse, before any work, an output location that cannot be written: one line naming ``flag``.
-
-    ``kind`` is ``"dir"`` (the command writes a directory there) or ``"file"``. Refused: a file where a directory
-    goes and a directory where a file goes; a path under an existing file; a nearest existing directory that is
-    read-only (or not ours) or on a full disk; and, when ``overwrite`` is ``False``, an existing file output.
-    Nothing is created. ``None`` passes through (no output asked for).
-    """
+    """Refuse, before any work, an output (``kind`` ``"dir"`` or ``"file"``) that cannot be written: one line
+    naming ``flag``. Refused: a file where a directory goes and the reverse; a path under a file; a nearest existing
+    directory that is read-only (or not ours) or on a full disk; with ``overwrite=False``, an existing file. Nothing
+    is created; ``None`` passes through (no output asked for)."""
     if path is None:
         return None
     out = Path(path).expanduser()
@@ -202,31 +173,20 @@ def check_output(path: str | os.PathLike | None, kind: str = "dir", flag: str = 
         raise UserError(f"{flag} {out} is a file; give a directory")
     if out.is_file() and overwrite is False:
         raise UserError(f"{flag} {out} exists; pass --overwrite to replace it or pick another path")
-    existing = out if out.is_dir() else out.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = out if out.is_dir() else next((d for d in out.parents if d.exists()), out.parent)
     if not existing.is_dir():
         raise UserError(f"{flag} {out} is under {existing}, which is a file; pick another path")
-    probe = None
     try:
-        fd, probe = tempfile.mkstemp(prefix=".kfac-edit-probe.", dir=existing)
-        os.close(fd)
+        tempfile.TemporaryFile(prefix=".kfac-edit-probe.", dir=existing).close()  # can we write there?
     except OSError as exc:
         why = _USER_ERRNOS.get(exc.errno, exc.strerror or type(exc).__name__)
         raise UserError(f"{flag} {out} cannot be written ({existing}: {why}); pick another path") from None
-    finally:
-        if probe is not None:
-            os.unlink(probe)
     if shutil.disk_usage(existing).free == 0:
         raise UserError(f"{flag} {out} cannot be written ({existing}: no space left on the device); free space first")
     return out
 
 
-_HELD_LOCKS: dict[Path, int] = {}  # lock file -> how many times this process holds it
-
-
-def _lock_file(target: Path) -> Path:
-    return target.parent / f".{target.name}.kfac-edit.lock"
+_HELD_LOCKS: set[Path] = set()  # the lock files this process holds
 
 
 def _pid_alive(pid: int) -> bool:
@@ -235,7 +195,7 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        return True
+        pass
     return True
 
 
@@ -243,36 +203,27 @@ def _pid_alive(pid: int) -> bool:
 def output_lock(target: str | os.PathLike | None) -> Iterator[None]:
     """Hold the write lock of output ``target`` (a file or directory): ``.NAME.kfac-edit.lock`` beside it.
 
-    A second process asking for the same lock while the holder lives is refused with a :class:`UserError` naming
-    the holder's pid; a lock left by a killed process (its pid gone, on this host) is taken over. The same
-    process may nest the lock (a command calling another's code). ``None``: no lock. Under ``torchrun`` only rank 0
-    (the rank that writes) takes it: the other ranks of the same job must not be refused.
+    Another process is refused (a :class:`UserError` naming the holder's pid) while the holder lives; a lock whose
+    pid is gone (on this host) is taken over; the same process may nest it. ``None``: no lock. Under ``torchrun``
+    only rank 0 (the rank that writes) takes it, so the other ranks of the job are not refused.
     """
     if target is None or os.environ.get("RANK", "0") != "0":
         yield
         return
     target = Path(target).expanduser().absolute()
-    lock = _lock_file(target)
-    if _HELD_LOCKS.get(lock):
-        _HELD_LOCKS[lock] += 1
-        try:
-            yield
-        finally:
-            _HELD_LOCKS[lock] -= 1
+    lock = target.parent / f".{target.name}.kfac-edit.lock"
+    if lock in _HELD_LOCKS:  # nested: the outer holder releases it
+        yield
         return
-    created = []  # the directories made to hold the lock: removed again if the command leaves them empty
-    parent = lock.parent
-    while not parent.exists() and parent != parent.parent:
-        created.append(parent)
-        parent = parent.parent
-    try:
+    # the directories made to hold the lock (deepest first): removed again if the command leaves them empty
+    created = list(itertools.takewhile(lambda directory: not directory.exists(), lock.parents))
+    with _write_errors(target):
         lock.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise (_user_write_error(exc, target) or exc) from None
     host = socket.gethostname()
     for _ in range(3):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with _write_errors(target):
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
                 holder = json.loads(lock.read_text())
@@ -281,30 +232,24 @@ def output_lock(target: str | os.PathLike | None) -> Iterator[None]:
                 pid, holder_host = None, host  # half-written by a writer that died at once: stale
             if pid is not None and (holder_host != host or _pid_alive(pid)):
                 where = "" if holder_host == host else f" on {holder_host}"
-                raise UserError(
-                    f"{target} is being written by another kfac-edit (pid {pid}{where}); wait for it to finish or pick "
-                    f"another output (if no such process runs, delete {lock})"
-                ) from None
+                raise UserError(f"{target} is being written by another kfac-edit (pid {pid}{where}); wait for it to "
+                                f"finish or pick another output (if no such process runs, delete {lock})") from None
             lock.unlink(missing_ok=True)  # stale: its writer is gone
             continue
-        except OSError as exc:
-            raise (_user_write_error(exc, target) or exc) from None
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps({"pid": os.getpid(), "host": host}))
         break
     else:  # pragma: no cover - three racing takeovers
         raise UserError(f"cannot take the lock {lock}; retry")
-    _HELD_LOCKS[lock] = 1
+    _HELD_LOCKS.add(lock)
     try:
         yield
     finally:
-        _HELD_LOCKS.pop(lock, None)
+        _HELD_LOCKS.discard(lock)
         lock.unlink(missing_ok=True)
-        for directory in created:  # deepest first; a directory the command wrote into stays
-            try:
+        with contextlib.suppress(OSError):  # stops at the first directory the command wrote into
+            for directory in created:
                 directory.rmdir()
-            except OSError:
-                break
 
 
 def cache_root(sub: str | None = None) -> Path:
@@ -320,8 +265,6 @@ def cache_root(sub: str | None = None) -> Path:
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
+    if hasattr(obj, "tolist"):  # numpy and torch scalars and arrays
         return obj.tolist()
     raise TypeError(f"cannot serialize {type(obj).__name__} to JSON")

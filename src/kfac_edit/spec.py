@@ -6,8 +6,6 @@ user writes and keeps is ``{"23": {"gate": 0.6, "up": 0.6}, "24": {"gate": 0.6}}
 kind -> keep_mass; a projection left out, or with keep_mass at or above :data:`NO_EDIT_AT`, is not edited.
 """
 
-from __future__ import annotations
-
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fileio import read_text
 from .models import PROJECTIONS
 
 NO_EDIT_AT = 0.9999  # keep_mass at or above this: the projection is left as it is (reference convention)
@@ -41,18 +40,7 @@ class _Choice(str, Enum):
 
 
 class Method(_Choice):
-    """Edit methods.
-
-    * ``kfac``: keep the smallest set of top-mass eigen-pairs of ``G ⊗ A`` holding ``keep_mass`` of the mass;
-    * ``kfac-independent``: keep the top eigenvectors of ``G`` and of ``A`` each holding ``keep_mass`` of its trace;
-    * ``svd``: data-free baseline, keep the top singular directions of ``W`` holding ``keep_mass`` of Σσ²;
-    * ``random``: control, keep as many coefficients as ``kfac`` would, at random positions in a random orthogonal
-      basis pair;
-    * ``ekfac``: as ``kfac`` in the same eigenbasis, pairs ranked by their EK-FAC second moment
-      ``E[(u_G[i]ᵀ g aᵀ u_A[j])²]`` (``collect --ekfac``, :mod:`kfac_edit.factors.ekfac`) instead of ``λ_i·μ_j``.
-    * ``bsn``: BalancedSubnet (Sakarvadia et al.), a learned mask keeping ``keep_mass`` of the entries of ``W``,
-      trained to raise the loss on forget records and keep it on clean text (:mod:`kfac_edit.bsn`; needs data).
-    """
+    """Edit methods; :data:`METHOD_HELP` says what each keeps (it is also the CLI's help)."""
 
     KFAC = "kfac"
     KFAC_INDEPENDENT = "kfac-independent"
@@ -80,30 +68,20 @@ class LabelMode(_Choice):
 
 
 METHODS = Method.values()
+METHOD_HELP = {
+    Method.KFAC: "top pairs of G ⊗ A: the smallest set of eigen-pairs holding keep_mass of the curvature mass",
+    Method.KFAC_INDEPENDENT: "top eigenvectors of G and of A separately, each holding keep_mass of its trace",
+    Method.SVD: "top singular directions of W holding keep_mass of Σσ² (data-free baseline)",
+    Method.RANDOM: "as many coefficients as kfac, random positions in a random orthogonal basis pair (control)",
+    Method.EKFAC: "as kfac in the same eigenbasis, pairs ranked by their EK-FAC second moments "
+    "E[(u_G[i]ᵀ g aᵀ u_A[j])²] instead of λ_i·μ_j (needs `collect --ekfac`)",
+    Method.BSN: "BalancedSubnet (Sakarvadia et al.), a learned mask keeping keep_mass of the entries of W, trained to "
+    "raise the loss on forget records and keep it on clean text (needs --forget and --clean-data)",
+}
 LABEL_MODES = LabelMode.values()
 
 
 EXPERTS_KEY = "experts"  # layers JSON, per expert: {"12": {"gate": 0.6, "experts": {"3": {"gate": 0.5}}}}
-
-
-def _parse_experts(block: int, per_expert: Any) -> dict[tuple[int, int, str], float]:
-    """The per-expert part of a block's entry, ``{"3": {"gate": 0.5}}`` -> ``{(block, 3, "gate"): 0.5}``."""
-    if not isinstance(per_expert, dict):
-        raise UserError(f'layers JSON block {block} "experts" must map expert indices to {{projection: keep_mass}}')
-    out: dict[tuple[int, int, str], float] = {}
-    for key, kinds in per_expert.items():
-        try:
-            expert = int(key)
-        except (TypeError, ValueError):
-            raise UserError(f"layers JSON block {block} expert key '{key}' is not an expert index") from None
-        if not isinstance(kinds, dict):
-            raise UserError(f"layers JSON block {block} expert {key} must map projections to keep_mass")
-        for kind, value in kinds.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UserError(f"keep_mass for block {block} expert {key} {kind} must be a number in [0, 1]")
-            _check_entry(block, kind, float(value))
-            out[(block, expert, kind)] = float(value)
-    return out
 
 
 def _check_entry(block: int, kind: str, value: float) -> None:
@@ -112,20 +90,47 @@ def _check_entry(block: int, kind: str, value: float) -> None:
     if kind not in PROJECTIONS:
         raise UserError(f"unknown projection '{kind}' for block {block}; use gate, up or down")
     if not 0.0 <= value <= 1.0:
-        raise UserError(
-            f"keep_mass {value} for block {block} {kind} is outside [0, 1]; give the fraction of curvature mass to "
-            "keep, e.g. 0.6"
-        )
+        raise UserError(f"keep_mass {value} for block {block} {kind} is outside [0, 1]; give the fraction of curvature "
+                        "mass to keep, e.g. 0.6")
+
+
+def _keep_masses(block: int, kinds: Any, where: str) -> dict[str, float]:
+    """The checked ``{projection: keep_mass}`` of one layers-JSON entry; ``where`` names it ("block 3 expert 1")."""
+    if not isinstance(kinds, dict):
+        raise UserError(f"layers JSON {where} must map projections to keep_mass, e.g. {{\"gate\": 0.6}}; "
+                        f"got {json.dumps(kinds)}")
+    for kind, value in kinds.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"keep_mass for {where} {kind} must be a number in [0, 1], got {json.dumps(value)}")
+        _check_entry(block, kind, float(value))
+    return {kind: float(value) for kind, value in kinds.items()}
+
+
+def _index(key: Any, error: str) -> int:
+    """A layers-JSON key as a block or expert index, else a :class:`UserError` saying ``error``."""
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        raise UserError(error) from None
+
+
+def _parse_experts(block: int, per_expert: Any) -> dict[tuple[int, int, str], float]:
+    """The per-expert part of a block's entry, ``{"3": {"gate": 0.5}}`` -> ``{(block, 3, "gate"): 0.5}``."""
+    if not isinstance(per_expert, dict):
+        raise UserError(f'layers JSON block {block} "experts" must map expert indices to {{projection: keep_mass}}')
+    out: dict[tuple[int, int, str], float] = {}
+    for key, kinds in per_expert.items():
+        expert = _index(key, f"layers JSON block {block} expert key '{key}' is not an expert index")
+        for kind, value in _keep_masses(block, kinds, f"block {block} expert {key}").items():
+            out[(block, expert, kind)] = value
+    return out
 
 
 @dataclass
 class EditSpec:
-    """Which projections to edit and the keep_mass of each.
-
-    ``keep_mass`` maps ``(block, kind)`` to a value in ``[0, 1]``; only projections listed there are edited
-    (entries at or above :data:`NO_EDIT_AT` are dropped when parsing, as in the reference). ``method`` is a
-    :class:`Method` (its string is accepted); ``seed`` feeds the random bases of the ``random`` control.
-    """
+    """Which projections to edit and the keep_mass of each: ``keep_mass`` maps ``(block, kind)`` to a value in
+    ``[0, 1]`` (parsing drops those at or above :data:`NO_EDIT_AT`, as the reference does). ``method``: a
+    :class:`Method` or its string; ``seed`` feeds the random bases of the ``random`` control."""
 
     keep_mass: dict[tuple[int, str], float] = field(default_factory=dict)
     method: Method = Method.KFAC
@@ -159,25 +164,18 @@ class EditSpec:
         return bool(self.keep_mass) or any(v < NO_EDIT_AT for v in self.expert_keep_mass.values())
 
     @classmethod
-    def from_json(
-        cls, source: str | dict, method: str | None = None, seed: int | None = None, bias: str | None = None
-    ) -> "EditSpec":
-        """Parse the reference layers JSON, ``{"23": {"gate": 0.6, "up": 0.6}, "24": {"gate": 0.6}}``.
-
-        Keys are block indices, values map projection kinds to keep_mass. A missing projection or a keep_mass
-        ``>= 0.9999`` is not edited. The dict written by :meth:`to_dict` (``{"method", "seed", "layers"}``) is
-        accepted too; ``method`` and ``seed`` given here win over its own (defaults: ``kfac`` and 0).
-        """
+    def from_json(cls, source: str | dict, method: str | None = None, seed: int | None = None,
+                  bias: str | None = None) -> "EditSpec":
+        """Parse the reference layers JSON (see the module docstring), or the dict :meth:`to_dict` writes
+        (``{"method", "seed", "layers"}``), whose method, seed and bias the arguments override (defaults: ``kfac``,
+        0, ``joint``)."""
+        data = source
         if isinstance(source, str):
             try:
                 data = json.loads(source)
             except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"the layers JSON is malformed at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
-                    f"write e.g. {LAYERS_EXAMPLE}"
-                ) from None
-        else:
-            data = source
+                raise UserError(f"the layers JSON is malformed at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
+                                f"write e.g. {LAYERS_EXAMPLE}") from None
         if not isinstance(data, dict):
             raise UserError(f"the layers JSON must be an object of blocks, e.g. {LAYERS_EXAMPLE}")
         if "layers" in data and isinstance(data["layers"], dict):
@@ -188,41 +186,25 @@ class EditSpec:
         keep_mass: dict[tuple[int, str], float] = {}
         expert_keep_mass: dict[tuple[int, int, str], float] = {}
         for key, kinds in data.items():
-            try:
-                block = int(key)
-            except (TypeError, ValueError):
-                raise UserError(f"layers JSON key '{key}' is not a block index; write e.g. {LAYERS_EXAMPLE}") from None
-            if not isinstance(kinds, dict):
-                raise UserError(
-                    f"layers JSON block {key} must map projections to keep_mass, e.g. {{\"gate\": 0.6}}; "
-                    f"got {json.dumps(kinds)}"
-                )
-            kinds = dict(kinds)
-            per_expert = kinds.pop(EXPERTS_KEY, None)
-            if per_expert is not None:
-                expert_keep_mass.update(_parse_experts(block, per_expert))
-            for kind, value in kinds.items():
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise UserError(
-                        f"keep_mass for block {key} {kind} must be a number in [0, 1], got {json.dumps(value)}"
-                    )
-                value = float(value)
-                _check_entry(block, kind, value)
+            block = _index(key, f"layers JSON key '{key}' is not a block index; write e.g. {LAYERS_EXAMPLE}")
+            if isinstance(kinds, dict):
+                kinds = dict(kinds)
+                per_expert = kinds.pop(EXPERTS_KEY, None)
+                if per_expert is not None:
+                    expert_keep_mass.update(_parse_experts(block, per_expert))
+            for kind, value in _keep_masses(block, kinds, f"block {key}").items():
                 if value < NO_EDIT_AT:
                     keep_mass[(block, kind)] = value
         return cls(keep_mass, method=method or Method.KFAC, seed=int(seed or 0), bias=bias or "joint",
                    expert_keep_mass=expert_keep_mass)  # fmt: skip
 
     @classmethod
-    def from_file(
-        cls, path: str | os.PathLike, method: str | None = None, seed: int | None = None, bias: str | None = None
-    ) -> "EditSpec":
-        from .fileio import read_text
-
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "EditSpec":
+        """:meth:`from_json` of a layers file; ``overrides``: its method, seed, bias."""
         path = Path(path)
         text = read_text(path, "the layers file", "a layers JSON file")
         try:
-            return cls.from_json(text, method=method, seed=seed, bias=bias)
+            return cls.from_json(text, **overrides)
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
 

@@ -8,81 +8,60 @@ Everything lands in one directory ``DIR``::
     DIR/records.jsonl, DIR/provenance.json, DIR/report.html, DIR/report.md   the report (:mod:`kfac_edit.report`)
     RESULTS (default DIR/runs.jsonl)   one summary line per run: before, after and delta side by side
 
-nDCG compares against the base model itself unless ``EvalConfig.reference_model`` names another: its top-k are
-taken (and cached) before the edit, and the base model's own nDCG is 1 by definition (that pass is skipped).
-Every input (layers JSON, factors, eval files, output directory) is checked before the first evaluation, and no
-file is written when a check fails.
+nDCG compares with the base model unless ``EvalConfig.reference_model`` names another: its top-k are taken (and
+cached) before the edit, and the base model's own nDCG is 1 (that pass is skipped). Every input is checked before
+the first evaluation; no file is written when a check fails.
 """
-
-from __future__ import annotations
 
 import copy
 import dataclasses
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
+from .bsn import BsnInputs, load_bsn_data
 from .constants import BEFORE_AFTER_FILE, EDITED_DIR, EVALS_FILE, PROVENANCE_FILE, RECORDS_FILE, RUNS_FILE
-from .edit import apply_edit, check_edit_inputs, check_output_dir, load_edit_factors, resolve_targets, save_edited
+from .edit import (apply_edit, check_edit_inputs, check_output_dir, declare_modules, load_edit_factors,
+                   resolve_targets, save_edited)
 from .eigen import EigenCache, default_cache_dir
 from .evaluate.suite import EvalConfig, check_inputs, evaluate, headline_metrics, own_reference_topk
-from .fileio import append_jsonl, write_json
-from .models import check_causal_lm, load_tokenizer_as_saved, model_limits
+from .fileio import append_jsonl, utc_timestamp, write_json
+from .models import check_causal_lm, load_model, load_tokenizer, load_tokenizer_as_saved, model_limits, resolve_device
+from .report import provenance, write_provenance, write_records, write_report
 from .spec import EditSpec
 
 
-@dataclasses.dataclass
 class RunPaths:
-    out_dir: Path
-    edited: Path
-    evals: Path
-    results: Path
-    before_after: Path
+    """Where a run writes: ``out_dir`` and its ``edited``, ``evals``, ``before_after``; ``results`` (DIR/runs.jsonl)."""
+
+    def __init__(self, out_dir: str | Path, results: str | Path | None = None):
+        self.out_dir = Path(out_dir)
+        self.edited, self.evals = self.out_dir / EDITED_DIR, self.out_dir / EVALS_FILE
+        self.results = Path(results) if results else self.out_dir / RUNS_FILE
+        self.before_after = self.out_dir / BEFORE_AFTER_FILE
 
 
-def run_paths(out_dir: str | Path, results: str | Path | None = None) -> RunPaths:
-    out = Path(out_dir)
-    return RunPaths(out, out / EDITED_DIR, out / EVALS_FILE, Path(results) if results else out / RUNS_FILE,
-                    out / BEFORE_AFTER_FILE)
+def run_workflow(model_path: str, spec: EditSpec, factors_dir: str | None, config: EvalConfig, out_dir: str | Path,
+                 results: str | Path | None = None, skip_baseline: bool = False, dtype: str = "auto",
+                 device: str = "auto", modules: str | None = None, bsn: tuple | None = None,
+                 cache_dir: str | Path | None = None) -> dict:
+    """Load, evaluate, edit, save, evaluate again; return the summary line (also appended to the results JSONL).
 
-
-def check_run_inputs(model_path: str, spec: EditSpec, factors_dir: str | None, config: EvalConfig, paths: RunPaths,
-                     tokenizer, limits: tuple[int | None, int | None] | None = None) -> None:
-    """The checks that need no model: the spec edits something, factors exist, eval inputs parse, output is free.
-
-    ``limits`` is ``(embedding rows, context positions)``, read from the model's config when not given.
+    Every input is checked before the model loads; ``config.out`` is ignored (records go to ``DIR/evals.jsonl``).
+    ``modules``: as ``collect`` takes them; ``bsn``: ``(forget records file, clean-text SOURCE, BsnConfig)`` for
+    method bsn; ``cache_dir``: the eigen cache (default :func:`~kfac_edit.eigen.default_cache_dir`).
     """
+    paths = RunPaths(out_dir, results)
     check_edit_inputs(spec, factors_dir)
-    rows, positions = limits if limits is not None else model_limits(check_causal_lm(model_path))
-    check_inputs(config, tokenizer, rows, positions, has_reference=True)
+    rows, positions = model_limits(check_causal_lm(model_path))  # token ids vs embedding rows, lengths vs context
+    check_inputs(config, load_tokenizer(model_path), rows, positions, has_reference=True)
     check_output_dir(paths.edited, source=model_path)
-
-
-def run_workflow(
-    model: torch.nn.Module,
-    tokenizer,
-    model_path: str,
-    spec: EditSpec,
-    factors_dir: str | None,
-    config: EvalConfig,
-    out_dir: str | Path,
-    skip_baseline: bool = False,
-    results: str | Path | None = None,
-    bsn=None,
-    cache_dir: str | Path | None = None,
-) -> dict:
-    """Evaluate, edit, save, evaluate again; return the summary line (also appended to the results JSONL).
-
-    ``model`` is edited in place. ``config.out`` is ignored: evaluation records go to ``DIR/evals.jsonl``.
-    ``bsn``: the :class:`~kfac_edit.bsn.BsnInputs` of method bsn.
-    ``cache_dir``: the eigen cache (default :func:`~kfac_edit.eigen.default_cache_dir`).
-    """
+    model, tokenizer = load_model(model_path, dtype=dtype, device=str(resolve_device(device)))
+    declare_modules(model, modules, factors_dir)
+    if bsn is not None:
+        forget, clean, bsn_config = bsn
+        vocab = model.get_input_embeddings().num_embeddings
+        bsn = BsnInputs(load_bsn_data(forget, clean, tokenizer, bsn_config, vocab_size=vocab), bsn_config)
     started = time.time()
-    paths = run_paths(out_dir, results)
-    limits = (model.get_input_embeddings().num_embeddings, model_limits(model.config)[1])
-    check_run_inputs(model_path, spec, factors_dir, config, paths, tokenizer, limits=limits)
     factors = load_edit_factors(model, spec, factors_dir)
     cache = EigenCache(cache_dir if cache_dir is not None else default_cache_dir())
     if factors is not None:  # every eigendecomposition before the first evaluation: bad factors fail here
@@ -90,6 +69,7 @@ def run_workflow(
             cache.get(factors, proj.name)
     base_config = dataclasses.replace(config, out=str(paths.evals), model=model_path)
     records: list[dict] = []  # appended to evals.jsonl at the end: a failed run leaves no stale baseline there
+    before_outputs, after_outputs = {}, {}  # per-record outputs of the memorized sets, for records.jsonl
 
     def evaluated(cfg: EvalConfig, **kwargs) -> dict:
         record = evaluate(model, tokenizer, dataclasses.replace(cfg, out=None), **kwargs)
@@ -98,19 +78,16 @@ def run_workflow(
         return record
 
     reference_topk = own_reference_topk(model, tokenizer, config)
-    before = None
-    before_outputs: dict = {}  # per-record outputs of the memorized sets, for the report (records.jsonl)
-    after_outputs: dict = {}
+    before_h = None
     if not skip_baseline:
         own = dataclasses.replace(base_config, ndcg_data=None) if reference_topk is not None else base_config
-        if own.memorized or own.quotes or own.perplexity_data or own.ndcg_data:
-            before = evaluated(own, outputs=before_outputs)
-        else:
-            before = {"metrics": {}}
+        asked = own.memorized or own.quotes or own.perplexity_data or own.ndcg_data
+        before = evaluated(own, outputs=before_outputs) if asked else {"metrics": {}}
         if reference_topk is not None:
             before["metrics"]["ndcg"] = {f"ndcg@{config.ndcg_k}": 1.0, "positions": int(reference_topk.shape[0]),
                                          "k": config.ndcg_k, "seq_len": config.ndcg_seq_len,
                                          "note": "the base model is the reference"}
+        before_h = headline_metrics(before["metrics"])
 
     report = apply_edit(model, factors, spec, cache=cache, bsn=bsn)
     report.factor_manifest.setdefault("directory", str(factors_dir) if factors_dir is not None else None)
@@ -120,38 +97,25 @@ def run_workflow(
     for record in records:
         append_jsonl(paths.evals, record)
 
-    before_h = headline_metrics(before["metrics"]) if before is not None else None
     after_h = headline_metrics(after["metrics"])
     delta = {k: after_h[k] - before_h[k] for k in after_h if before_h and k in before_h}
-    write_json(paths.before_after, {
-        "before": {"label": "base", "metrics": before_h or {}},
-        "after": {"label": f"{spec.method} {spec.to_json()}", "metrics": after_h},
-    })
-    from .report import provenance, write_provenance, write_records, write_report
-
+    point = f"{spec.method} {spec.to_json()}"
+    write_json(paths.before_after, {"before": {"label": "base", "metrics": before_h or {}},
+                                    "after": {"label": point, "metrics": after_h}})
     if after_outputs:
-        write_records(paths.out_dir / RECORDS_FILE, before_outputs, after_outputs, tokenizer,
-                      point=f"{spec.method} {spec.to_json()}")
+        write_records(paths.out_dir / RECORDS_FILE, before_outputs, after_outputs, tokenizer, point=point)
     write_provenance(paths.out_dir / PROVENANCE_FILE, provenance(
         model, model_name=model_path, factors_manifest=report.factor_manifest, memorized=list(config.memorized),
         started=started, methods=[spec.method], layers=spec.layers()))
     write_report(paths.out_dir)
     summary = {
-        "kind": "run",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": model_path,
-        "edited_model": str(paths.edited),
+        "kind": "run", "timestamp": utc_timestamp(), "model": model_path, "edited_model": str(paths.edited),
         "edit": {"method": spec.method, "layers": spec.layers(), "seed": spec.seed, "seconds": report.seconds,
                  "pairs_fraction": {m.name: m.pairs_fraction for m in report.modules},
                  "weight_change": {m.name: m.weight_change for m in report.modules}},
-        "factors": factors_dir,
-        "before": before_h,
-        "after": after_h,
-        "delta": delta,
-        "eval_config": dataclasses.asdict(base_config),
-        "evals": str(paths.evals),
-        "seconds": time.time() - started,
-    }
+        "factors": factors_dir, "before": before_h, "after": after_h, "delta": delta,
+        "eval_config": dataclasses.asdict(base_config), "evals": str(paths.evals), "seconds": time.time() - started,
+    }  # fmt: skip
     append_jsonl(paths.results, summary)
     return summary
 

@@ -1,57 +1,41 @@
-"""``kfac-edit predict``: the share of each task's curvature that an edit would remove, without editing."""
-
-from __future__ import annotations
+"""For each task file, one pass over its records (gold labels) in the factors' eigenbasis; per edited module the
+share of the task's mass on the pairs the edit removes (curvature: E[(u_G[i]^T g a^T u_A[j])^2]; activation:
+lambda_i * E[(u_A[j]^T a)^2]; loss: curvature * C_ij^2); the task's share is the mean over modules. Nothing is edited
+or generated.
+"""
 
 import argparse
+import json
 
-ORDER = 35
+from ..errors import UserError
+from ..fileio import write_json
+from ..predict import predict_files
+from . import add_factor_options, add_model_options, add_protect_options, add_spec_options, spec_from_args
+
+HELP = "predict an edit's cost per task: the share of its curvature in the pairs the edit removes"
 
 
-def register(subparsers) -> None:
-    from .edit import add_spec_arguments
-
-    p = subparsers.add_parser(
-        "predict",
-        help="predict an edit's cost per task: the share of its curvature in the pairs the edit removes",
-        description="For each task file, one pass over its records (gold labels) in the factors' eigenbasis; per "
-        "edited module the share of the task's mass on the pairs the edit removes (curvature: E[(u_G[i]^T g a^T "
-        "u_A[j])^2]; activation: lambda_i * E[(u_A[j]^T a)^2]; loss: curvature * C_ij^2); the task's share is the mean over modules. Nothing "
-        "is edited or generated.",
-    )
-    p.add_argument("--model", required=True, help="model: hub id or local directory")
-    p.add_argument("--factors", required=True, metavar="DIR", help="K-FAC factors of this model (`kfac-edit collect`)")
-    add_spec_arguments(p)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    add_factor_options(p, required=True, modules=False)
+    add_spec_options(p)
     p.add_argument("--data", required=True, nargs="+", metavar="TASK.jsonl",
                    help="task files: JSONL records with prefix_ids/suffix_ids (as memorized.jsonl) or a text field")
     p.add_argument("--mode", choices=["activation", "curvature", "loss"], default="activation",
                    help="the task's mass on a pair: its activation energy (default), its curvature, or its curvature "
                    "times the squared weight coefficient (loss)")
-    p.add_argument("--max-records", type=int, default=None, metavar="N", help="read at most N records per task")
-    p.add_argument("--protect", metavar="DIR", help="as for `edit`: factors of a capability the edit keeps")
-    p.add_argument("--protect-weight", type=float, default=None, metavar="W", help="as for `edit` (default 0.9)")
+    p.add_argument("--max-records", type=int, metavar="N", help="read at most N records per task")
+    add_protect_options(p)
     p.add_argument("--out", metavar="FILE", help="write the JSON here (default: print it only)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float64"])
-    p.add_argument("--cache-dir", metavar="DIR", help="eigendecomposition cache (default: $KFAC_EDIT_CACHE/eigen)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from ..errors import UserError
-    from ..fileio import write_json
-    from ..predict import predict_files
-    from .edit import spec_from_args
-
     spec = spec_from_args(args)
     if args.max_records is not None and args.max_records < 1:
         raise UserError(f"--max-records must be a positive integer, got {args.max_records}")
-    result = predict_files(
-        args.model, args.factors, spec, args.data, mode=args.mode, device=args.device, dtype=args.dtype,
-        max_records=args.max_records, protect_dir=args.protect, protect_weight=args.protect_weight,
-        cache_dir=args.cache_dir,
-    )  # fmt: skip
+    result = predict_files(args.model, args.factors, spec, args.data, mode=args.mode, device=args.device,
+                           dtype=args.dtype, max_records=args.max_records, protect_dir=args.protect,
+                           protect_weight=args.protect_weight, cache_dir=args.cache_dir)
     for task in result["tasks"]:
         print(f"{task['task']}: {100 * task['share']:.2f}% of its {args.mode} in removed pairs, estimated loss "
               f"increase {task['loss_estimate']:.4g} nats/token ({task['labelled_tokens']} tokens)")  # fmt: skip

@@ -1,33 +1,22 @@
-"""``kfac-edit report DIR``: the HTML page and Markdown summary of a sweep or run directory."""
-
-from __future__ import annotations
+"""Read DIR/results.jsonl (and, when present, DIR/spectra.json and DIR/before_after.json) and write DIR/report.html
+(self-contained, opens offline), DIR/report.md and DIR/plots/*.png.
+"""
 
 import argparse
 
-ORDER = 70
+from ..errors import UserError
+from ..report import write_report
+
+HELP = "write report.html and report.md (with PNG plots) for a sweep or run directory"
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "report",
-        help="write report.html and report.md (with PNG plots) for a sweep or run directory",
-        description="Read DIR/results.jsonl (and, when present, DIR/spectra.json and DIR/before_after.json) and "
-        "write DIR/report.html (self-contained, opens offline), DIR/report.md and DIR/plots/*.png.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR", help="directory written by `kfac-edit sweep --out DIR` (or run/demo)")
-    p.add_argument(
-        "--ppl-budget",
-        type=float,
-        default=None,
-        help="choose the best point within this multiple of the base perplexity (default: the sweep's, else 1.2)",
-    )
-    p.set_defaults(func=run)
+    p.add_argument("--ppl-budget", type=float, help="choose the best point within this multiple of the base "
+                   "perplexity (default: the sweep's, else 1.2)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
-    from ..report import write_report
-
     if args.ppl_budget is not None and not args.ppl_budget > 0:
         raise UserError(f"--ppl-budget must be positive, got {args.ppl_budget}; e.g. --ppl-budget 1.2")
     paths = write_report(args.dir, ppl_budget=args.ppl_budget)
