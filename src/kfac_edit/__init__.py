@@ -6,6 +6,8 @@ Pipeline, one module per arrow: text (:mod:`kfac_edit.data`) -> factors (:func:`
 stated once, in :mod:`kfac_edit.curvature`. The public names below load lazily: ``import kfac_edit`` stays cheap.
 """
 
+from __future__ import annotations
+
 import importlib
 from typing import Any
 

@@ -5,6 +5,8 @@ description, ``HELP`` its one-line summary, ``add_arguments(parser)`` adds its o
 it (or ``register(subparsers)`` does it all). User mistakes raise :class:`UserError`: one line, exit code 2.
 """
 
+from __future__ import annotations
+
 import argparse
 import importlib
 import logging

@@ -6,6 +6,8 @@ is a one-line :class:`~kfac_edit.errors.UserError`, the old target left as it wa
 output before any work (:func:`check_output`) and holds its :func:`output_lock` while it writes.
 """
 
+from __future__ import annotations
+
 import contextlib
 import errno
 import itertools

@@ -11,6 +11,8 @@ loop that logged ends, e.g.::
 (tqdm's "only on a terminal") means "a bar on a terminal, log lines elsewhere".
 """
 
+from __future__ import annotations
+
 import io
 import logging
 import sys

@@ -6,6 +6,8 @@ user writes and keeps is ``{"23": {"gate": 0.6, "up": 0.6}, "24": {"gate": 0.6}}
 kind -> keep_mass; a projection left out, or with keep_mass at or above :data:`NO_EDIT_AT`, is not edited.
 """
 
+from __future__ import annotations
+
 import json
 import os
 from dataclasses import dataclass, field

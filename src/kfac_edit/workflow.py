@@ -13,6 +13,8 @@ cached) before the edit, and the base model's own nDCG is 1 (that pass is skippe
 the first evaluation; no file is written when a check fails.
 """
 
+from __future__ import annotations
+
 import copy
 import dataclasses
 import time

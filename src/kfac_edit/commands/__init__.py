@@ -3,6 +3,8 @@
 A settings dataclass's options come from its fields (:func:`add_field_options`, as kronfluence/HfArgumentParser do).
 """
 
+from __future__ import annotations
+
 import argparse
 import contextlib
 import re

@@ -3,6 +3,8 @@ layer-input rows, G = sum of g g^T over rows of the gradient of the summed token
 token counts. Writes DIR/factors.safetensors and DIR/manifest.json.
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 import sys

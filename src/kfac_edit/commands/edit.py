@@ -4,6 +4,8 @@ Layers JSON (the reference format): '{"23": {"gate": 0.6, "up": 0.6}, "24": {"ga
 keep_mass >= 0.9999 is not edited. Under torchrun the ranks share the eigendecompositions out by cost; rank 0 writes.
 """
 
+from __future__ import annotations
+
 import argparse
 from pathlib import Path
 

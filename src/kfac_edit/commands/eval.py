@@ -3,6 +3,8 @@ against a reference model (--ndcg-data + --reference-model); append one JSON lin
 configuration to --out, and print a summary.
 """
 
+from __future__ import annotations
+
 import argparse
 
 from .. import lm_eval_tasks

@@ -3,6 +3,8 @@ teacher-forced argmax; drop near-duplicates; write them as token-id JSONL (with 
 with the counts and configuration.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 from dataclasses import fields

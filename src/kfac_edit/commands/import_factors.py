@@ -2,6 +2,8 @@
 DIR/factors.safetensors + DIR/manifest.json (fp32 sums + counts), the format `collect` writes.
 """
 
+from __future__ import annotations
+
 import argparse
 from pathlib import Path
 

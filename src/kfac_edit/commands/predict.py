@@ -4,6 +4,8 @@ lambda_i * E[(u_A[j]^T a)^2]; loss: curvature * C_ij^2); the task's share is the
 or generated.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 

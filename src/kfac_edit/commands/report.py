@@ -2,6 +2,8 @@
 (self-contained, opens offline), DIR/report.md and DIR/plots/*.png.
 """
 
+from __future__ import annotations
+
 import argparse
 
 from ..errors import UserError

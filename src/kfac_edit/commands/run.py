@@ -4,6 +4,8 @@ append a summary line (before, after, delta) to the results JSONL and print a ta
 model unless --reference-model names another.
 """
 
+from __future__ import annotations
+
 import argparse
 
 from .. import lm_eval_tasks

@@ -5,6 +5,8 @@ perplexity (apply it with `kfac-edit edit --layers-file DIR/best.json`); DIR/rep
 trade-off.
 """
 
+from __future__ import annotations
+
 import argparse
 from pathlib import Path
 
