@@ -39,60 +39,7 @@ from .records import MemRecord
 def _forward_kwargs(model_cls: type) -> tuple[str, bool]:
     """(name of the KV-cache argument, whether ``logits_to_keep`` is accepted) for a model class."""
     params = inspect.signature(model_cls.forward).parameters
-    cache_arg = "cache" if "cache" in params else "past_key_values"
-    return cache_arg, "logits_to_keep" in params
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _buffer_cache(model: torch.nn.Module, capacity: int):
-    """A KV cache whose layers write into buffers preallocated for ``capacity`` positions (no ``torch.cat`` growth),
-    or None when this transformers version (or model) does not offer the pieces it needs."""
-    try:
-        from transformers.cache_utils import Cache, DynamicLayer
-    except ImportError:
-        return None
-    config = getattr(model, "config", None)
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    n_layers = getattr(text, "num_hidden_layers", None)
-    if not isinstance(n_layers, int) or getattr(text, "sliding_window", None) or getattr(text, "layer_types", None) and any(
-        t != "full_attention" for t in text.layer_types
-    ):
-        return None
-
-    class BufferLayer(DynamicLayer):
-        """A full-attention layer cache: keys/values written in place into ``(B, H, capacity, D)`` buffers."""
-
-        def lazy_initialization(self, key_states, value_states):
-            self.device = key_states.device
-            b, h, _, d = key_states.shape
-            self._k = key_states.new_empty((b, h, capacity, d))
-            self._v = value_states.new_empty((b, h, capacity, value_states.shape[-1]))
-            self._len = 0
-            self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
-            self.is_initialized = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            start, stop = self._len, self._len + key_states.shape[-2]
-            if stop > capacity:
-                raise RuntimeError(f"KV buffer of {capacity} positions overflows")
-            self._k[:, :, start:stop] = key_states
-            self._v[:, :, start:stop] = value_states
-            self._len = stop
-            self.keys, self.values = self._k[:, :, :stop], self._v[:, :, :stop]
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self._len if self.is_initialized else 0
-
-    try:
-        return Cache(layers=[BufferLayer() for _ in range(n_layers)])
-    except TypeError:
-        return None
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 
 @torch.inference_mode()
@@ -101,58 +48,69 @@ def _greedy_batch(
     prompts: Sequence[Sequence[int]],
     num_new: int,
     pad_id: int,
-    targets: Sequence[Sequence[int]] | None = None,
+    drafts: Sequence[Sequence[int]] | None = None,
+    stop_at_mismatch: bool = False,
 ) -> torch.Tensor:
-    """Greedy-generate ``num_new`` tokens for each left-padded prompt; ``(B, <= num_new)`` on the CPU.
+    """Greedy-generate ``num_new`` tokens for each prompt; ``(B, num_new)`` on the CPU (see :func:`greedy_generate`).
 
-    With ``targets``, stops once every row has mismatched its target (later tokens cannot change a match length).
+    The prompts are left-padded; with ``drafts``, the first ``num_new - 1`` draft tokens follow them in the same
+    forward (teacher forcing), so the logits at the last ``num_new`` positions give, per row, the greedy tokens up to
+    and including the first one that differs from the draft. Rows that need more are then decoded from there with
+    the KV cache, their rejected draft positions hidden by the attention mask.
     """
     cache_arg, has_keep = _forward_kwargs(type(model))
-    device = _model_device(model)
+    device = next(model.parameters()).device
     batch, width = len(prompts), max(len(p) for p in prompts)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
+    window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
+    if window and width + 2 * num_new > window and not stop_at_mismatch:
+        drafts = None  # hidden cache entries would count in a sliding window: plain decoding
+    n_draft = num_new - 1 if drafts is not None else 0
+    target = torch.full((batch, num_new), -1, dtype=torch.long)  # the draft; -1 matches no token
+    ids = torch.full((batch, width + n_draft), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, width + n_draft), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        ids[row, width - len(prompt) : width] = torch.as_tensor(prompt, dtype=torch.long)
         mask[row, width - len(prompt) :] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
+        if drafts is not None:
+            draft = list(drafts[row])[:num_new]
+            target[row, : len(draft)] = torch.as_tensor(draft, dtype=torch.long)
+    ids[:, width:] = target[:, :n_draft].where(target[:, :n_draft] >= 0, pad_id)
+    ids, mask, target = ids.to(device), mask.to(device), target.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    alive = None
-    if targets is not None:
-        target = torch.full((batch, num_new), -1, dtype=torch.long)
-        for row, t in enumerate(targets):
-            target[row, : len(t)] = torch.as_tensor(list(t)[:num_new], dtype=torch.long)
-        target = target.to(device)
-        alive = torch.ones(batch, dtype=torch.bool, device=device)
-    extra = {"logits_to_keep": 1} if has_keep else {}
-    cache = _buffer_cache(model, width + num_new) if cache_arg == "past_key_values" else None
-    if cache is not None:
-        extra["past_key_values"] = cache
-    # the attention mask for every step, preallocated: step s uses its first width + s columns
-    full_mask = torch.ones((batch, width + num_new), dtype=torch.long, device=device)
-    full_mask[:, :width] = mask
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-    generated = []
-    last_pos = positions[:, -1:]
-    for step in range(num_new):
-        next_ids = out.logits[:, -1].argmax(-1)
-        generated.append(next_ids)
-        if alive is not None:
-            alive &= next_ids == target[:, step]
-            if not bool(alive.any()):
-                break
-        if step == num_new - 1:
-            break
-        cache = out["cache"] if "cache" in out else out["past_key_values"]
-        last_pos = last_pos + 1
+    keep = {"logits_to_keep": n_draft + 1} if has_keep else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
+    # columns past num_new take the writes of rows that are already complete
+    tokens = torch.full((batch, 2 * num_new), pad_id, dtype=torch.long, device=device)
+    tokens[:, : n_draft + 1] = out.logits[:, -(n_draft + 1) :].argmax(-1)
+    accepted = (tokens[:, :num_new] == target).cumprod(-1).sum(-1)  # tokens[r, : accepted[r] + 1] are final
+    steps = num_new - 1 - int(accepted.min())
+    if stop_at_mismatch or steps <= 0:
+        return tokens[:, :num_new].cpu()
+    live = (accepted < num_new - 1).nonzero()[:, 0]  # the rows that need more tokens
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    if len(live) < batch:
+        cache.reorder_cache(live)
+    # the attention mask for every step, preallocated: step s uses its first width + n_draft + s + 1 columns
+    n_live = len(live)
+    step_mask = torch.ones((n_live, width + n_draft + steps), dtype=torch.long, device=device)
+    step_mask[:, :width] = mask[live, :width]
+    step_mask[:, width : width + n_draft] = torch.arange(n_draft, device=device) < accepted[live, None]
+    column, sub = accepted[live], tokens[live]
+    position = positions[live, width - 1] + 1 + column
+    rows = torch.arange(n_live, device=device)
+    for step in range(steps):
         out = model(
-            input_ids=next_ids[:, None],
-            attention_mask=full_mask[:, : width + step + 1],
-            position_ids=last_pos,
+            input_ids=sub[rows, column][:, None],
+            attention_mask=step_mask[:, : width + n_draft + step + 1],
+            position_ids=(position + step)[:, None],
             use_cache=True,
             **{cache_arg: cache},
         )
-    return torch.stack(generated, dim=1).cpu()
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        column = column + 1
+        sub[rows, column] = out.logits[:, -1].argmax(-1)
+    tokens[live] = sub
+    return tokens[:, :num_new].cpu()
 
 
 def greedy_generate(
@@ -163,12 +121,15 @@ def greedy_generate(
     pad_id: int = 0,
     targets: Sequence[Sequence[int]] | None = None,
     desc: str | None = "generate",
+    stop_at_mismatch: bool = False,
 ) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (lists of token ids), ``num_new[i]`` tokens for prompt ``i``.
 
-    Prompts are sorted by length and batched (left padding, KV cache), results come back in input order. With
-    ``targets`` (the true continuations), a batch stops early once every row has mismatched; a row's output is then
-    only guaranteed up to and including its first mismatch (enough for :func:`match_length`).
+    Prompts are sorted by length and batched (left padding, KV cache), results come back in input order.
+    ``targets`` (the true continuations, when known) serve as a draft that one forward verifies: a row that
+    reproduces its target needs no decoding, the others are decoded on from their first mismatch; the output is
+    the greedy continuation either way. With ``stop_at_mismatch`` a row's output is only guaranteed up to and
+    including its first mismatch with its target (enough for :func:`match_length`) and nothing is decoded.
     """
     n = len(prompts)
     lengths = [num_new] * n if isinstance(num_new, int) else list(num_new)
@@ -185,6 +146,7 @@ def greedy_generate(
                 max(lengths[i] for i in idx),
                 pad_id,
                 None if targets is None else [targets[i] for i in idx],
+                stop_at_mismatch,
             )
             for row, i in enumerate(idx):
                 results[i] = tokens[row, : lengths[i]].tolist()
@@ -265,6 +227,7 @@ def score_records(
         [len(r.suffix_ids) for r in records],
         batch_size=batch_size,
         pad_id=pad_id,
+        targets=[r.suffix_ids for r in records],
         desc=desc,
     )
     return [score_record(g, r.suffix_ids) for g, r in zip(generations, records)]
