@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from kfac_edit.evaluate import memorization
 from kfac_edit.evaluate.memorization import greedy_generate, match_length, memorization_metrics
 from kfac_edit.evaluate.perturbation import perturbation_metrics
 from kfac_edit.evaluate.records import MemRecord
@@ -57,9 +58,12 @@ def drafted(own, agree, seed):
             for g, k in zip(own, agree)]
 
 
-def test_drafted_generation_equals_brute_force_greedy(tiny_model):
+@pytest.mark.parametrize("verify_first", [1, 4, 40])
+def test_drafted_generation_equals_brute_force_greedy(tiny_model, monkeypatch, verify_first):
     """With the true suffixes as drafts (memorized, partly memorized, unmemorized rows, mixed prompt and draft
-    lengths, padding), the output is the plain no-cache greedy continuation, whatever the batch grouping."""
+    lengths, padding), the output is the plain no-cache greedy continuation, whatever the batch grouping and the
+    number of draft tokens verified with the prompt."""
+    monkeypatch.setattr(memorization, "VERIFY_FIRST", verify_first)
     prompts = random_prompts(14, lo=2, hi=15, seed=6)
     lengths = [random.Random(10 + i).randint(1, 9) for i in range(14)]
     plain = [greedy_without_cache(tiny_model, p, n) for p, n in zip(prompts, lengths)]

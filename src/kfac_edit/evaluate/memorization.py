@@ -23,6 +23,7 @@ A set's metrics are means over records: ``strict`` and ``loose`` (fractions), ``
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -42,6 +43,39 @@ def _forward_kwargs(model_cls: type) -> tuple[str, bool]:
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 
+VERIFY_FIRST = 4  # draft tokens verified with the prompt; rows that reproduce them verify the rest in one forward
+
+
+def _step(model: torch.nn.Module, cache, ids, mask, positions, keep: int):
+    """One forward: ``(argmax at the last keep positions (n, keep), the KV cache)``."""
+    cache_arg, has_keep = _forward_kwargs(type(model))
+    extra = {cache_arg: cache, **({"logits_to_keep": keep} if has_keep else {})}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+    return out.logits[:, -keep:].argmax(-1), out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def _decode(model, cache, tokens, prompt_mask, accepted, last_position, n_draft: int, num_new: int) -> None:
+    """Greedy-decode each row on from its first mismatch, in place: ``tokens[r, : accepted[r] + 1]`` are final; the
+    cache holds the prompt, then ``n_draft`` draft positions, of which those at ``>= accepted[r]`` are hidden."""
+    n, width = prompt_mask.shape
+    steps = num_new - 1 - int(accepted.min())
+    mask = torch.ones((n, width + n_draft + steps), dtype=torch.long, device=tokens.device)
+    mask[:, :width] = prompt_mask
+    mask[:, width : width + n_draft] = torch.arange(n_draft, device=tokens.device) < accepted[:, None]
+    column, rows = accepted.clone(), torch.arange(n, device=tokens.device)
+    position = last_position + 1 + accepted
+    for step in range(steps):
+        kv = width + n_draft + step + 1
+        next_ids, cache = _step(model, cache, tokens[rows, column][:, None], mask[:, :kv], (position + step)[:, None], 1)
+        column += 1
+        tokens[rows, column] = next_ids[:, 0]
+
+
+def _accepted(tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, the number of leading tokens equal to the draft."""
+    return (tokens[:, : target.shape[1]] == target).cumprod(-1).sum(-1)
+
+
 @torch.inference_mode()
 def _greedy_batch(
     model: torch.nn.Module,
@@ -51,14 +85,15 @@ def _greedy_batch(
     drafts: Sequence[Sequence[int]] | None = None,
     stop_at_mismatch: bool = False,
 ) -> torch.Tensor:
-    """Greedy-generate ``num_new`` tokens for each prompt; ``(B, num_new)`` on the CPU (see :func:`greedy_generate`).
+    """Greedy-generate ``num_new`` tokens for each prompt; ``(B, num_new)`` on the CPU (see :func:`greedy_generate`),
+    -2 where nothing was generated (past the first mismatch with ``stop_at_mismatch``).
 
-    The prompts are left-padded; with ``drafts``, the first ``num_new - 1`` draft tokens follow them in the same
-    forward (teacher forcing), so the logits at the last ``num_new`` positions give, per row, the greedy tokens up to
-    and including the first one that differs from the draft. Rows that need more are then decoded from there with
-    the KV cache, their rejected draft positions hidden by the attention mask.
+    The prompts are left-padded. With ``drafts``, the first draft tokens follow them in the prefill (teacher forcing)
+    and, for the rows that reproduce those, the rest of the draft in a second forward: the logits give each row's
+    greedy tokens up to and including its first mismatch with the draft (exactly: each position sees the prompt and
+    the accepted greedy tokens only). The rows that need more are decoded on from there with the KV cache, their
+    rejected draft positions hidden by the attention mask.
     """
-    cache_arg, has_keep = _forward_kwargs(type(model))
     device = next(model.parameters()).device
     batch, width = len(prompts), max(len(p) for p in prompts)
     window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
@@ -77,39 +112,41 @@ def _greedy_batch(
     ids[:, width:] = target[:, :n_draft].where(target[:, :n_draft] >= 0, pad_id)
     ids, mask, target = ids.to(device), mask.to(device), target.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    keep = {"logits_to_keep": n_draft + 1} if has_keep else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
-    # columns past num_new take the writes of rows that are already complete
-    tokens = torch.full((batch, 2 * num_new), pad_id, dtype=torch.long, device=device)
-    tokens[:, : n_draft + 1] = out.logits[:, -(n_draft + 1) :].argmax(-1)
-    accepted = (tokens[:, :num_new] == target).cumprod(-1).sum(-1)  # tokens[r, : accepted[r] + 1] are final
-    steps = num_new - 1 - int(accepted.min())
-    if stop_at_mismatch or steps <= 0:
-        return tokens[:, :num_new].cpu()
-    live = (accepted < num_new - 1).nonzero()[:, 0]  # the rows that need more tokens
-    cache = out["cache"] if "cache" in out else out["past_key_values"]
-    if len(live) < batch:
-        cache.reorder_cache(live)
-    # the attention mask for every step, preallocated: step s uses its first width + n_draft + s + 1 columns
-    n_live = len(live)
-    step_mask = torch.ones((n_live, width + n_draft + steps), dtype=torch.long, device=device)
-    step_mask[:, :width] = mask[live, :width]
-    step_mask[:, width : width + n_draft] = torch.arange(n_draft, device=device) < accepted[live, None]
-    column, sub = accepted[live], tokens[live]
-    position = positions[live, width - 1] + 1 + column
-    rows = torch.arange(n_live, device=device)
-    for step in range(steps):
-        out = model(
-            input_ids=sub[rows, column][:, None],
-            attention_mask=step_mask[:, : width + n_draft + step + 1],
-            position_ids=(position + step)[:, None],
-            use_cache=True,
-            **{cache_arg: cache},
+    # -2: not generated yet; the columns past num_new take the writes of rows that are already complete
+    tokens = torch.full((batch, 2 * num_new), -2, dtype=torch.long, device=device)
+    first = min(VERIFY_FIRST, num_new) if drafts is not None else 1
+    kv = width + first - 1
+    tokens[:, :first], cache = _step(model, None, ids[:, :kv], mask[:, :kv], positions[:, :kv], first)
+    verify = _accepted(tokens, target) == first if first < num_new else torch.zeros(batch, dtype=torch.bool)
+    verified, decoded = verify.nonzero()[:, 0], (~verify).nonzero()[:, 0]
+    groups = []  # (rows, their KV cache, draft positions it holds)
+    if len(verified):  # the rows that reproduced the first draft tokens: the rest of the draft in one forward
+        rest_cache = copy.deepcopy(cache) if len(decoded) else cache
+        if len(decoded):
+            rest_cache.reorder_cache(verified)
+        sub = tokens[verified]
+        sub[:, first:num_new], rest_cache = _step(
+            model, rest_cache, ids[verified, kv:], mask[verified], positions[verified, kv:], num_new - first
         )
-        cache = out["cache"] if "cache" in out else out["past_key_values"]
-        column = column + 1
-        sub[rows, column] = out.logits[:, -1].argmax(-1)
-    tokens[live] = sub
+        tokens[verified] = sub
+        groups.append((verified, rest_cache, n_draft))
+    if len(decoded):
+        if len(verified):
+            cache.reorder_cache(decoded)
+        groups.append((decoded, cache, first - 1))
+    if stop_at_mismatch:
+        return tokens[:, :num_new].cpu()
+    accepted = _accepted(tokens, target)
+    for rows, group_cache, cached in groups:
+        unfinished = (accepted[rows] < num_new - 1).nonzero()[:, 0]
+        if len(unfinished) == 0:
+            continue
+        if len(unfinished) < len(rows):
+            group_cache.reorder_cache(unfinished)
+            rows = rows[unfinished]
+        sub = tokens[rows]
+        _decode(model, group_cache, sub, mask[rows, :width], accepted[rows], positions[rows, width - 1], cached, num_new)
+        tokens[rows] = sub
     return tokens[:, :num_new].cpu()
 
 
@@ -149,7 +186,7 @@ def greedy_generate(
                 stop_at_mismatch,
             )
             for row, i in enumerate(idx):
-                results[i] = tokens[row, : lengths[i]].tolist()
+                results[i] = [t for t in tokens[row, : lengths[i]].tolist() if t != -2]
             bar.update(len(idx))
     return results
 
