@@ -23,7 +23,6 @@ A set's metrics are means over records: ``strict`` and ``loose`` (fractions), ``
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ def _forward_kwargs(model_cls: type) -> tuple[str, bool]:
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 
-VERIFY_FIRST = 4  # draft tokens verified with the prompt; rows that reproduce them verify the rest in one forward
+VERIFY_FIRST = 4  # draft tokens verified in the prefill; the rest in one more forward if most rows reproduce them
 
 
 def _step(model: torch.nn.Module, cache, ids, mask, positions, keep: int):
@@ -56,15 +55,26 @@ def _step(model: torch.nn.Module, cache, ids, mask, positions, keep: int):
 
 def _decode(model, cache, tokens, prompt_mask, accepted, last_position, n_draft: int, num_new: int) -> None:
     """Greedy-decode each row on from its first mismatch, in place: ``tokens[r, : accepted[r] + 1]`` are final; the
-    cache holds the prompt, then ``n_draft`` draft positions, of which those at ``>= accepted[r]`` are hidden."""
+    cache holds the prompt, then ``n_draft`` draft positions, of which those at ``>= accepted[r]`` are hidden.
+
+    Rows leave the batch once they are complete, whenever a quarter of those left are (one cache copy each time).
+    """
     n, width = prompt_mask.shape
-    steps = num_new - 1 - int(accepted.min())
-    mask = torch.ones((n, width + n_draft + steps), dtype=torch.long, device=tokens.device)
+    device = tokens.device
+    steps_left = (num_new - 1 - accepted).tolist()
+    if max(steps_left) <= 0:
+        return
+    mask = torch.ones((n, width + n_draft + max(steps_left)), dtype=torch.long, device=device)
     mask[:, :width] = prompt_mask
-    mask[:, width : width + n_draft] = torch.arange(n_draft, device=tokens.device) < accepted[:, None]
-    column, rows = accepted.clone(), torch.arange(n, device=tokens.device)
-    position = last_position + 1 + accepted
-    for step in range(steps):
+    mask[:, width : width + n_draft] = torch.arange(n_draft, device=device) < accepted[:, None]
+    live, column, position = list(range(n)), accepted.clone(), last_position + 1 + accepted
+    for step in range(max(steps_left)):
+        keep = [i for i, row in enumerate(live) if steps_left[row] > step]
+        if 4 * (len(live) - len(keep)) >= len(live):
+            index = torch.tensor(keep, device=device)
+            cache.reorder_cache(index)
+            live, column, position, mask = [live[i] for i in keep], column[index], position[index], mask[index]
+        rows = torch.tensor(live, device=device)
         kv = width + n_draft + step + 1
         next_ids, cache = _step(model, cache, tokens[rows, column][:, None], mask[:, :kv], (position + step)[:, None], 1)
         column += 1
@@ -89,10 +99,10 @@ def _greedy_batch(
     -2 where nothing was generated (past the first mismatch with ``stop_at_mismatch``).
 
     The prompts are left-padded. With ``drafts``, the first draft tokens follow them in the prefill (teacher forcing)
-    and, for the rows that reproduce those, the rest of the draft in a second forward: the logits give each row's
-    greedy tokens up to and including its first mismatch with the draft (exactly: each position sees the prompt and
-    the accepted greedy tokens only). The rows that need more are decoded on from there with the KV cache, their
-    rejected draft positions hidden by the attention mask.
+    and, when most rows reproduce those (always with ``stop_at_mismatch``), the rest of the draft in one more
+    forward: the logits give each row's greedy tokens up to and including its first mismatch with the draft (exactly:
+    each position sees the prompt and accepted greedy tokens only). Rows that need more are decoded on from there
+    with the KV cache, their rejected draft positions hidden by the attention mask.
     """
     device = next(model.parameters()).device
     batch, width = len(prompts), max(len(p) for p in prompts)
@@ -112,41 +122,20 @@ def _greedy_batch(
     ids[:, width:] = target[:, :n_draft].where(target[:, :n_draft] >= 0, pad_id)
     ids, mask, target = ids.to(device), mask.to(device), target.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    # -2: not generated yet; the columns past num_new take the writes of rows that are already complete
+    # -2: not generated; the columns past num_new take the writes of rows that are already complete
     tokens = torch.full((batch, 2 * num_new), -2, dtype=torch.long, device=device)
     first = min(VERIFY_FIRST, num_new) if drafts is not None else 1
     kv = width + first - 1
     tokens[:, :first], cache = _step(model, None, ids[:, :kv], mask[:, :kv], positions[:, :kv], first)
-    verify = _accepted(tokens, target) == first if first < num_new else torch.zeros(batch, dtype=torch.bool)
-    verified, decoded = verify.nonzero()[:, 0], (~verify).nonzero()[:, 0]
-    groups = []  # (rows, their KV cache, draft positions it holds)
-    if len(verified):  # the rows that reproduced the first draft tokens: the rest of the draft in one forward
-        rest_cache = copy.deepcopy(cache) if len(decoded) else cache
-        if len(decoded):
-            rest_cache.reorder_cache(verified)
-        sub = tokens[verified]
-        sub[:, first:num_new], rest_cache = _step(
-            model, rest_cache, ids[verified, kv:], mask[verified], positions[verified, kv:], num_new - first
-        )
-        tokens[verified] = sub
-        groups.append((verified, rest_cache, n_draft))
-    if len(decoded):
-        if len(verified):
-            cache.reorder_cache(decoded)
-        groups.append((decoded, cache, first - 1))
-    if stop_at_mismatch:
-        return tokens[:, :num_new].cpu()
-    accepted = _accepted(tokens, target)
-    for rows, group_cache, cached in groups:
-        unfinished = (accepted[rows] < num_new - 1).nonzero()[:, 0]
-        if len(unfinished) == 0:
-            continue
-        if len(unfinished) < len(rows):
-            group_cache.reorder_cache(unfinished)
-            rows = rows[unfinished]
-        sub = tokens[rows]
-        _decode(model, group_cache, sub, mask[rows, :width], accepted[rows], positions[rows, width - 1], cached, num_new)
-        tokens[rows] = sub
+    cached = first - 1  # draft positions in the cache
+    verified = _accepted(tokens, target) == first
+    if first < num_new and (stop_at_mismatch or 2 * int(verified.sum()) >= batch):
+        rest, cache = _step(model, cache, ids[:, kv:], mask, positions[:, kv:], num_new - first)
+        tokens[verified, first:num_new] = rest[verified]  # the other rows' are conditioned on rejected drafts
+        cached = n_draft
+    if not stop_at_mismatch:
+        accepted = _accepted(tokens, target).clamp(max=cached)  # an accepted draft token not in the cache is fed
+        _decode(model, cache, tokens, mask[:, :width], accepted, positions[:, width - 1], cached, num_new)
     return tokens[:, :num_new].cpu()
 
 
