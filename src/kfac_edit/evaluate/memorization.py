@@ -24,6 +24,7 @@ A set's metrics are means over records: ``strict`` and ``loose`` (fractions), ``
 from __future__ import annotations
 
 import functools
+import itertools
 import inspect
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -182,12 +183,7 @@ def greedy_generate(
 
 def match_length(generated: Sequence[int], target: Sequence[int]) -> int:
     """Number of leading tokens of ``generated`` equal to ``target`` (tokens before the first mismatch)."""
-    n = 0
-    for g, t in zip(generated, target):
-        if g != t:
-            break
-        n += 1
-    return n
+    return sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(generated, target)))
 
 
 @dataclass

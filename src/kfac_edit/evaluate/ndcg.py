@@ -59,8 +59,14 @@ def cache_key(reference: dict, tokenizer, source: str, k: int, seq_len: int, max
     }
 
 
-def _batches(tokenizer, source: str, seq_len: int, rows: int, max_tokens: int | None):
-    return token_batches(source, tokenizer, seq_len=seq_len, batch_size=rows, max_tokens=max_tokens)
+def _topk_batches(model, tokenizer, source: str, k: int, seq_len: int, max_tokens: int | None, rows: int, desc):
+    """Per batch of packed windows, the model's top-k next-token ids at its real positions, ``(n, k)``."""
+    device = next(model.parameters()).device
+    with tqdm(total=max_tokens, desc=desc, unit="tok", unit_scale=True, disable=None if desc else True, leave=False) as bar:
+        for batch in token_batches(source, tokenizer, seq_len=seq_len, batch_size=rows, max_tokens=max_tokens):
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            yield model(input_ids=ids, attention_mask=mask).logits.topk(k, dim=-1).indices[mask.bool()]
+            bar.update(int(mask.sum()))
 
 
 @torch.inference_mode()
@@ -75,15 +81,8 @@ def topk_over_source(
     desc: str | None = "reference top-k",
 ) -> torch.Tensor:
     """The model's top-k next-token ids at every real position of the packed windows, ``(N, k)`` int32 on CPU."""
-    device = next(model.parameters()).device
-    chunks = []
-    with tqdm(total=max_tokens, desc=desc, unit="tok", unit_scale=True, disable=None if desc else True, leave=False) as bar:
-        for batch in _batches(tokenizer, source, seq_len, rows, max_tokens):
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            top = logits.topk(k, dim=-1).indices[mask.bool()]
-            chunks.append(top.to(torch.int32).cpu())
-            bar.update(int(mask.sum()))
+    batches = _topk_batches(model, tokenizer, source, k, seq_len, max_tokens, rows, desc)
+    chunks = [top.to(torch.int32).cpu() for top in batches]
     return torch.cat(chunks) if chunks else torch.zeros((0, k), dtype=torch.int32)
 
 
@@ -138,20 +137,14 @@ def ndcg_at_k(
 ) -> dict:
     """Mean nDCG@k of ``model`` against the reference top-k ``(N, k)`` from :func:`reference_topk`."""
     k = reference.shape[1]
-    device = next(model.parameters()).device
     total, offset = 0.0, 0
-    with tqdm(total=max_tokens, desc=desc, unit="tok", unit_scale=True, disable=None if desc else True, leave=False) as bar:
-        for batch in _batches(tokenizer, source, seq_len, rows, max_tokens):
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            top = logits.topk(k, dim=-1).indices[mask.bool()]
-            n = top.shape[0]
-            ref = reference[offset : offset + n].to(device=device, dtype=top.dtype)
-            if ref.shape[0] != n:
-                raise RuntimeError("the reference top-k cover fewer positions than the data; clear the nDCG cache")
-            total += float(ndcg_scores(top, ref).sum())
-            offset += n
-            bar.update(int(mask.sum()))
+    for top in _topk_batches(model, tokenizer, source, k, seq_len, max_tokens, rows, desc):
+        n = top.shape[0]
+        ref = reference[offset : offset + n].to(device=top.device, dtype=top.dtype)
+        if ref.shape[0] != n:
+            raise RuntimeError("the reference top-k cover fewer positions than the data; clear the nDCG cache")
+        total += float(ndcg_scores(top, ref).sum())
+        offset += n
     if offset != reference.shape[0]:
         raise RuntimeError("the reference top-k cover more positions than the data; clear the nDCG cache")
     return {f"ndcg@{k}": total / offset if offset else math.nan, "positions": offset, "k": k, "seq_len": seq_len}
