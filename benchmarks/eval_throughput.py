@@ -113,15 +113,14 @@ def drafts_for(own: list[list[int]], workload: str, n_words: int, seed: int = 1)
     return drafts
 
 
-def versus_generate(model, prompts, own, args, batch_size, pad_id) -> dict:
-    """``greedy_generate`` on each workload of :func:`drafts_for` against ``model.generate`` (which cannot use the
-    suffix), interleaved, ``--repeats`` times each; ratios of the median CPU time on a CPU (wall on a GPU)."""
-    workloads = {w: drafts_for(own, w, args.vocab - 4) for w in ("plain", "unmemorized", "partial", "memorized")}
-    runs = {"generate": lambda: hf_generate(model, prompts, args.suffix_len, batch_size, pad_id)}
+def versus_generate(model, prompts, num_new, workloads, batch_size, pad_id, args) -> dict:
+    """``greedy_generate`` with each workload's true suffixes (``{name: suffixes or None}``) against
+    ``model.generate`` (which cannot use them), interleaved, ``--repeats`` times each; ratios of the median CPU time
+    on a CPU (wall on a GPU)."""
+    runs = {"generate": lambda: hf_generate(model, prompts, num_new, batch_size, pad_id)}
     for name, drafts in workloads.items():
         runs[name] = functools.partial(
-            greedy_generate, model, prompts, args.suffix_len, batch_size=batch_size, pad_id=pad_id, targets=drafts,
-            desc=None,
+            greedy_generate, model, prompts, num_new, batch_size=batch_size, pad_id=pad_id, targets=drafts, desc=None
         )
     times: dict[str, list] = {name: [] for name in runs}
     outputs = {}
@@ -130,21 +129,52 @@ def versus_generate(model, prompts, own, args, batch_size, pad_id) -> dict:
             outputs[name], seconds, t = timed(fn, args.device)
             times[name].append((seconds, t))
     median = {name: sorted(ts, key=lambda st: st[0])[len(ts) // 2] for name, ts in times.items()}
-    out = {"records": len(prompts), "repeats": args.repeats,
-           "generate": {"seconds": median["generate"][0], **median["generate"][1].as_dict()}}
+    hf_seconds, hf_t = median["generate"]
+    out = {"records": len(prompts), "repeats": args.repeats, "generate": {"seconds": hf_seconds, **hf_t.as_dict()}}
     for name, drafts in workloads.items():
         seconds, t = median[name]
         out[name] = {
-            "seconds": seconds, **t.as_dict(), "speedup_over_generate": median["generate"][0] / seconds,
+            "seconds": seconds, **t.as_dict(), "speedup_over_generate": hf_seconds / seconds,
             "same_tokens_as_generate": outputs[name] == outputs["generate"],
             "rows_differing": sum(a != b for a, b in zip(outputs[name], outputs["generate"])),
-            "drafts_fully_reproduced": None if drafts is None else sum(d == g for d, g in zip(drafts, own)) / len(own),
+            "suffixes_reproduced": None if drafts is None else
+            sum(d[:num_new] == g for d, g in zip(drafts, outputs["generate"])) / len(prompts),
         }
-        print(f"{name}: greedy_generate {t} vs model.generate {median['generate'][1]} at batch {batch_size}, "
-              f"{len(prompts)} records: {out[name]['speedup_over_generate']:.2f}x, identical tokens: "
-              f"{out[name]['same_tokens_as_generate']}", file=sys.stderr)
+        print(f"{name}: greedy_generate {t} vs model.generate {hf_t} at batch {batch_size}, {len(prompts)} records: "
+              f"{out[name]['speedup_over_generate']:.2f}x, identical tokens: {out[name]['same_tokens_as_generate']}",
+              file=sys.stderr)
     return out
 
+
+def testbed_versus_generate(args, batch_size: int) -> dict:
+    """:func:`versus_generate` on the quick arithmetic testbed's trained model (built once, cached), the true
+    suffixes as drafts: its 30 canaries (memorized in training; each 4 times, for steadier timings) on the model as
+    trained, with every MLP weight SVD-truncated at keep_mass 0.8 (partly memorized, as mid-edit) and at 0.7 (almost
+    nothing memorized); and its 200 held-out rule sequences (continued by the learned rule)."""
+    from kfac_edit.curvature import svd_truncate
+    from kfac_edit.evaluate.records import load_records
+    from kfac_edit.models import load_model
+    from kfac_edit.testbed import TestbedConfig, build_testbed
+
+    paths = build_testbed(TestbedConfig.quick(), progress=False)
+    model, tokenizer = load_model(str(paths.model_dir), dtype="float32", device=args.device)
+    trained = {name: p.detach().clone() for name, p in model.named_parameters() if ".mlp." in name}
+    out = {"testbed": str(paths.root)}
+    for name, path, keep_mass, copies in (("canaries", paths.memorized, None, 4), ("rule_heldout", paths.rule_heldout,
+                                          None, 1), ("canaries_svd0.8", paths.memorized, 0.8, 4),
+                                          ("canaries_svd0.7", paths.memorized, 0.7, 4)):  # fmt: skip
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if param_name in trained:
+                    param.copy_(trained[param_name] if keep_mass is None else svd_truncate(trained[param_name], keep_mass)[0])
+        records = load_records(path, tokenizer) * copies
+        num_new = len(records[0].suffix_ids)
+        assert all(len(r.suffix_ids) == num_new for r in records)
+        prompts, suffixes = [r.prefix_ids for r in records], [r.suffix_ids for r in records]
+        print(f"testbed {name}:", file=sys.stderr)
+        out[name] = versus_generate(model, prompts, num_new, {"plain": None, "true_suffix": suffixes}, batch_size,
+                                    tokenizer.pad_token_id, args)
+    return out
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -152,6 +182,8 @@ def main(argv=None) -> int:
     for key, value in PRESETS["olmo2-7b"].items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the model.generate comparison")
+    parser.add_argument("--testbed", action="store_true",
+                        help="also compare with model.generate on the quick arithmetic testbed's canaries")
     parser.add_argument("--out", help="write the results JSON here too")
     args = parser.parse_args(argv)
     if not apply_preset(args, PRESETS):
@@ -192,9 +224,13 @@ def main(argv=None) -> int:
         "same_tokens_as_batched": sum(a == b for a, b in zip(out, batched_out)) / len(single),
     }
     if args.hf_records:
+        own = batched_out[: args.hf_records]
+        workloads = {w: drafts_for(own, w, n_words) for w in ("plain", "unmemorized", "partial", "memorized")}
         result["memorization"][f"vs_generate_bs{batch_sizes[0]}"] = versus_generate(
-            model, prompts[: args.hf_records], batched_out[: args.hf_records], args, batch_sizes[0], pad_id
+            model, prompts[: args.hf_records], args.suffix_len, workloads, batch_sizes[0], pad_id, args
         )
+    if args.testbed:
+        result["memorization"][f"testbed_vs_generate_bs{batch_sizes[0]}"] = testbed_versus_generate(args, batch_sizes[0])
     mem = result["memorization"]
     best = max(v["records_per_s"] for k, v in mem.items() if k.startswith("batched"))
     result["memorization"]["speedup_batched_over_one_at_a_time"] = best / mem["one_at_a_time"]["records_per_s"]
@@ -225,8 +261,9 @@ def main(argv=None) -> int:
     print(text_out)
     if args.out:
         Path(args.out).write_text(text_out + "\n")
-    versus = mem.get(f"vs_generate_bs{batch_sizes[0]}", {})
-    differing = [k for k, v in versus.items() if isinstance(v, dict) and v.get("same_tokens_as_generate") is False]
+    versus = [mem.get(f"vs_generate_bs{batch_sizes[0]}", {})]
+    versus += [v for v in mem.get(f"testbed_vs_generate_bs{batch_sizes[0]}", {}).values() if isinstance(v, dict)]
+    differing = [k for vs in versus for k, v in vs.items() if isinstance(v, dict) and v.get("same_tokens_as_generate") is False]
     if differing:
         print(f"tokens differ from model.generate in: {', '.join(differing)}", file=sys.stderr)
         return 1
