@@ -2,10 +2,15 @@
 
 Memorization: ``--records`` random records of ``--prefix-len`` + ``--suffix-len`` tokens are scored three ways in the
 same run, on the same model: batched greedy decoding with left padding and the KV cache (what ``kfac-edit eval``
-does, at each ``--batch-sizes``), one record at a time (the same loop at batch 1, on ``--single-records`` of them),
-and Hugging Face ``model.generate(do_sample=False)`` at the first batch size (on ``--hf-records``). Their outputs on
-the shared records must agree. nDCG: the reference top-k pass and the evaluated nDCG pass over ``--ndcg-tokens``
-tokens of random number text (word-level tokenizer, so one word = one token) in windows of ``--ndcg-seq-len``.
+does without true suffixes, at each ``--batch-sizes``), one record at a time (the same loop at batch 1, on
+``--single-records`` of them), and against Hugging Face ``model.generate(do_sample=False)`` at the first batch size
+(on ``--hf-records``, ``--repeats`` interleaved runs, medians): ``greedy_generate`` without a draft and with the true
+suffixes as drafts, for suffixes the model recites (``memorized``: its own greedy continuation), does not
+(``unmemorized``) and recites for a uniform 0..L tokens (``partial``). ``--testbed`` adds the quick arithmetic
+testbed's trained model: its canaries as trained and after SVD truncation (keep_mass 0.8, 0.7), and its held-out
+rule sequences. Tokens must equal ``model.generate``'s (exit status 1 otherwise). nDCG: the reference top-k pass and
+the evaluated nDCG pass over ``--ndcg-tokens`` tokens of random number text (word-level tokenizer, so one word = one
+token) in windows of ``--ndcg-seq-len``.
 
 The model is random-initialized from an OLMo-2 config: the default shape is OLMo-2-7B's (hidden 4096, MLP 11008,
 32 blocks, vocabulary 100352) in bf16 on CUDA; ``--preset tiny-cpu`` is a small fp32 model that runs in under a
@@ -15,6 +20,7 @@ tokens at seq 1024 in <= 10 s.
 
     python benchmarks/eval_throughput.py                      # 7B-shaped, cuda
     python benchmarks/eval_throughput.py --preset tiny-cpu    # CPU smoke run
+    python benchmarks/eval_throughput.py --preset tiny-cpu --hf-records 96 --repeats 5 --testbed --out F.json
 """
 
 from __future__ import annotations
