@@ -31,7 +31,6 @@ import json
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import torch
 from ..progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
@@ -39,11 +38,6 @@ def ndcg_scores(model_topk: torch.Tensor, reference_topk: torch.Tensor) -> torch
     match = model_topk[:, :, None] == reference_topk[:, None, :]  # (N, model rank, reference rank)
     gains = (match.to(torch.float64) * relevance).sum(-1)  # (N, model rank)
     return (gains * discount).sum(-1) / (relevance * discount).sum()
-
-
-def cache_dir() -> Path:
-    """``$KFAC_EDIT_CACHE/ndcg``, else ``~/.cache/kfac-edit/ndcg``."""
-    return cache_root(NDCG_CACHE)
 
 
 def cache_key(reference: dict, tokenizer, source: str, k: int, seq_len: int, max_tokens: int | None) -> dict:
@@ -112,7 +106,7 @@ def reference_topk(
         reference_identity = model_identity(reference)
     key = cache_key(reference_identity, tokenizer, source, k, seq_len, max_tokens)
     key_text = json.dumps(key, sort_keys=True)
-    path = cache_dir() / f"{json_digest(key, 24)}.safetensors"
+    path = cache_root(NDCG_CACHE) / f"{json_digest(key, 24)}.safetensors"
     if use_cache and path.is_file():
         return load_file(path)["topk"]
     if callable(reference) and not isinstance(reference, torch.nn.Module):
