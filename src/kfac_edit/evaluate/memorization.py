@@ -154,9 +154,9 @@ def greedy_generate(
     """Greedy continuations of ``prompts`` (lists of token ids), ``num_new[i]`` tokens for prompt ``i``.
 
     Prompts are sorted by length and batched (left padding, KV cache), results come back in input order.
-    ``targets`` (the true continuations, when known) serve as a draft that one forward verifies: a row that
-    reproduces its target needs no decoding, the others are decoded on from their first mismatch; the output is
-    the greedy continuation either way. With ``stop_at_mismatch`` a row's output is only guaranteed up to and
+    ``targets`` (the true continuations, when known) serve as a draft that teacher-forced forwards verify (see
+    :func:`_greedy_batch`): a row that reproduces its target needs no decoding, the others are decoded on from their
+    first mismatch; the output is the greedy continuation either way. With ``stop_at_mismatch`` a row's output is only guaranteed up to and
     including its first mismatch with its target (enough for :func:`match_length`) and nothing is decoded.
     """
     n = len(prompts)
