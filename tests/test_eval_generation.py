@@ -64,6 +64,7 @@ def test_drafted_generation_equals_brute_force_greedy(tiny_model, monkeypatch, v
     lengths, padding), the output is the plain no-cache greedy continuation, whatever the batch grouping and the
     number of draft tokens verified with the prompt."""
     monkeypatch.setattr(memorization, "VERIFY_FIRST", verify_first)
+    monkeypatch.setattr(memorization, "DRAFT_KEEP_FRACTION", 0.0)  # every batch drafts, whatever it recites
     prompts = random_prompts(14, lo=2, hi=15, seed=6)
     lengths = [random.Random(10 + i).randint(1, 9) for i in range(14)]
     plain = [greedy_without_cache(tiny_model, p, n) for p, n in zip(prompts, lengths)]
@@ -76,6 +77,27 @@ def test_drafted_generation_equals_brute_force_greedy(tiny_model, monkeypatch, v
     odd = [d[: len(d) // 2] if i % 2 else d + [5, 6] for i, d in enumerate(drafts)]
     assert greedy_generate(tiny_model, prompts, lengths, batch_size=5, pad_id=0, targets=odd) == plain
     assert greedy_generate(tiny_model, prompts, lengths, batch_size=4, targets=plain) == plain
+
+
+def test_drafting_stops_after_a_batch_that_does_not_recite(tiny_model, monkeypatch):
+    """Batches draft while nearly all rows recite their targets; after one that does not, only every
+    DRAFT_PROBE_EVERY-th batch tries again. The output is the greedy continuation either way."""
+    drafted_batches = []
+    original = memorization._greedy_batch
+
+    def spy(model, prompts, num_new, pad_id, drafts=None, stop_at_mismatch=False):
+        drafted_batches.append(drafts is not None)
+        return original(model, prompts, num_new, pad_id, drafts, stop_at_mismatch)
+
+    monkeypatch.setattr(memorization, "_greedy_batch", spy)
+    prompts = random_prompts(20, lo=3, hi=4, seed=8)
+    plain = [greedy_without_cache(tiny_model, p, 5) for p in prompts]
+    assert greedy_generate(tiny_model, prompts, 5, batch_size=2, targets=plain) == plain
+    assert drafted_batches == [True] * 10
+    drafted_batches.clear()
+    wrong = drafted(plain, [0] * 20, seed=9)
+    assert greedy_generate(tiny_model, prompts, 5, batch_size=2, targets=wrong) == plain
+    assert drafted_batches == [True] + [False] * 7 + [True, False]
 
 
 def test_memorization_metrics_on_the_models_own_continuations(tiny_model):

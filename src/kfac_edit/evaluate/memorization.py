@@ -5,11 +5,11 @@ tokens, and the KV cache; it always produces exactly ``len(suffix)`` tokens (no 
 one-record-at-a-time output, the no-cache loop and ``model.generate(do_sample=False)`` (tests check it in fp64).
 The true suffix serves as a draft that teacher-forced forwards verify (:func:`greedy_generate`): a record the model
 recites needs no sequential decoding. CPU time against ``model.generate`` at batch 32, identical tokens
-(``python benchmarks/eval_throughput.py --preset tiny-cpu --hf-records 96 --repeats 5 --testbed``, 2026-12-01, one
-thread on 2 shared cores; ``benchmarks/README.md`` has the rest): 3.08x on memorized records, 0.82x on unmemorized
-ones, 1.01x without a draft (hidden 64, 2 blocks, 32 + 24 tokens); 2.86x on the trained arithmetic testbed's
-canaries, 0.80x after an SVD edit leaves 57% of them memorized. At hidden 512, 4 blocks: 1.34x memorized, 0.92x
-unmemorized (the CPU is compute-bound there, and verifying costs as many token positions as decoding).
+(``python benchmarks/eval_throughput.py --preset tiny-cpu --hf-records 256 --records 256 --repeats 3 --testbed``,
+2026-12-01, one thread on 2 shared cores; ``benchmarks/README.md`` has the rest): 3.11x on memorized records, 1.20x
+on unmemorized ones, 1.24x without a draft (hidden 64, 2 blocks, 32 + 24 tokens; plain decoding matches
+``model.generate`` within this machine's noise); 2.74x on the trained arithmetic testbed's canaries. At hidden 512,
+4 blocks: 1.41x memorized, 0.97x without a draft.
 
 Per record, with ``g`` the generated and ``y`` the true suffix (``L = len(y)`` tokens):
 
@@ -45,6 +45,8 @@ def _forward_kwargs(model_cls: type) -> tuple[str, bool]:
 
 
 VERIFY_FIRST = 4  # draft tokens verified in the prefill; the rest in one more forward if most rows reproduce them
+DRAFT_KEEP_FRACTION = 0.9  # greedy_generate keeps drafting while at least this share of a batch recites its target
+DRAFT_PROBE_EVERY = 8  # ... and otherwise tries the draft again on every 8th batch
 
 
 def _step(model: torch.nn.Module, cache, ids, mask, positions, keep: int):
@@ -156,7 +158,9 @@ def greedy_generate(
     Prompts are sorted by length and batched (left padding, KV cache), results come back in input order.
     ``targets`` (the true continuations, when known) serve as a draft that teacher-forced forwards verify (see
     :func:`_greedy_batch`): a row that reproduces its target needs no decoding, the others are decoded on from their
-    first mismatch; the output is the greedy continuation either way. With ``stop_at_mismatch`` a row's output is only guaranteed up to and
+    first mismatch; the output is the greedy continuation either way. Since verifying costs about what decoding does,
+    a batch after one in which under ``DRAFT_KEEP_FRACTION`` of the rows recited their targets decodes plainly, and
+    every ``DRAFT_PROBE_EVERY``-th batch tries the draft again. With ``stop_at_mismatch`` a row's output is only guaranteed up to and
     including its first mismatch with its target (enough for :func:`match_length`) and nothing is decoded.
     """
     n = len(prompts)
@@ -165,19 +169,26 @@ def greedy_generate(
         raise ValueError("batch_size must be >= 1")
     order = sorted(range(n), key=lambda i: (-len(prompts[i]), -lengths[i]))
     results: list[list[int]] = [[] for _ in range(n)]
+    drafting = targets is not None
     with tqdm(total=n, desc=desc, unit="prompt", disable=None if desc else True, leave=False) as bar:
-        for start in range(0, n, batch_size):
+        for number, start in enumerate(range(0, n, batch_size)):
             idx = order[start : start + batch_size]
+            # a draft pays only when nearly every row of a batch recites it; after a batch that did not, decode
+            # plainly, probing again every DRAFT_PROBE_EVERY batches
+            use_draft = stop_at_mismatch or (targets is not None and (drafting or number % DRAFT_PROBE_EVERY == 0))
             tokens = _greedy_batch(
                 model,
                 [prompts[i] for i in idx],
                 max(lengths[i] for i in idx),
                 pad_id,
-                None if targets is None else [targets[i] for i in idx],
+                [targets[i] for i in idx] if use_draft else None,
                 stop_at_mismatch,
             )
             for row, i in enumerate(idx):
                 results[i] = [t for t in tokens[row, : lengths[i]].tolist() if t != -2]
+            if use_draft:
+                recited = sum(results[i] == list(targets[i])[: lengths[i]] for i in idx)
+                drafting = recited >= DRAFT_KEEP_FRACTION * len(idx)
             bar.update(len(idx))
     return results
 
