@@ -2,10 +2,15 @@
 
 Memorization: ``--records`` random records of ``--prefix-len`` + ``--suffix-len`` tokens are scored three ways in the
 same run, on the same model: batched greedy decoding with left padding and the KV cache (what ``kfac-edit eval``
-does, at each ``--batch-sizes``), one record at a time (the same loop at batch 1, on ``--single-records`` of them),
-and Hugging Face ``model.generate(do_sample=False)`` at the first batch size (on ``--hf-records``). Their outputs on
-the shared records must agree. nDCG: the reference top-k pass and the evaluated nDCG pass over ``--ndcg-tokens``
-tokens of random number text (word-level tokenizer, so one word = one token) in windows of ``--ndcg-seq-len``.
+does without true suffixes, at each ``--batch-sizes``), one record at a time (the same loop at batch 1, on
+``--single-records`` of them), and against Hugging Face ``model.generate(do_sample=False)`` at the first batch size
+(on ``--hf-records``, ``--repeats`` interleaved runs, medians): ``greedy_generate`` without a draft and with the true
+suffixes as drafts, for suffixes the model recites (``memorized``: its own greedy continuation), does not
+(``unmemorized``) and recites for a uniform 0..L tokens (``partial``). ``--testbed`` adds the quick arithmetic
+testbed's trained model: its canaries as trained and after SVD truncation (keep_mass 0.8, 0.7), and its held-out
+rule sequences. Tokens must equal ``model.generate``'s (exit status 1 otherwise). nDCG: the reference top-k pass and
+the evaluated nDCG pass over ``--ndcg-tokens`` tokens of random number text (word-level tokenizer, so one word = one
+token) in windows of ``--ndcg-seq-len``.
 
 The model is random-initialized from an OLMo-2 config: the default shape is OLMo-2-7B's (hidden 4096, MLP 11008,
 32 blocks, vocabulary 100352) in bf16 on CUDA; ``--preset tiny-cpu`` is a small fp32 model that runs in under a
@@ -15,16 +20,17 @@ tokens at seq 1024 in <= 10 s.
 
     python benchmarks/eval_throughput.py                      # 7B-shaped, cuda
     python benchmarks/eval_throughput.py --preset tiny-cpu    # CPU smoke run
+    python benchmarks/eval_throughput.py --preset tiny-cpu --hf-records 96 --repeats 5 --testbed --out F.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -96,11 +102,93 @@ def hf_generate(model, prompts, num_new, batch_size, pad_id):
     return out
 
 
+def drafts_for(own: list[list[int]], workload: str, n_words: int, seed: int = 1) -> list[list[int]] | None:
+    """True suffixes for a workload: the model's own greedy continuation (``memorized``), a random one
+    (``unmemorized``), the greedy one for a uniform 0..L tokens then random (``partial``, as mid-edit), none (``plain``)."""
+    rng = random.Random(seed)
+    if workload == "plain":
+        return None
+    drafts = []
+    for g in own:
+        k = {"memorized": len(g), "unmemorized": 0, "partial": rng.randint(0, len(g))}[workload]
+        tail = [rng.randrange(n_words) for _ in g[k:]]
+        if tail and tail[0] == g[k]:
+            tail[0] = (g[k] + 1) % n_words
+        drafts.append(g[:k] + tail)
+    return drafts
+
+
+def versus_generate(model, prompts, num_new, workloads, batch_size, pad_id, args) -> dict:
+    """``greedy_generate`` with each workload's true suffixes (``{name: suffixes or None}``) against
+    ``model.generate`` (which cannot use them), interleaved, ``--repeats`` times each; ratios of the median CPU time
+    on a CPU (wall on a GPU)."""
+    runs = {"generate": lambda: hf_generate(model, prompts, num_new, batch_size, pad_id)}
+    for name, drafts in workloads.items():
+        runs[name] = functools.partial(
+            greedy_generate, model, prompts, num_new, batch_size=batch_size, pad_id=pad_id, targets=drafts, desc=None
+        )
+    times: dict[str, list] = {name: [] for name in runs}
+    outputs = {}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            outputs[name], seconds, t = timed(fn, args.device)
+            times[name].append((seconds, t))
+    median = {name: sorted(ts, key=lambda st: st[0])[len(ts) // 2] for name, ts in times.items()}
+    hf_seconds, hf_t = median["generate"]
+    out = {"records": len(prompts), "repeats": args.repeats, "generate": {"seconds": hf_seconds, **hf_t.as_dict()}}
+    for name, drafts in workloads.items():
+        seconds, t = median[name]
+        out[name] = {
+            "seconds": seconds, **t.as_dict(), "speedup_over_generate": hf_seconds / seconds,
+            "same_tokens_as_generate": outputs[name] == outputs["generate"],
+            "rows_differing": sum(a != b for a, b in zip(outputs[name], outputs["generate"])),
+            "suffixes_reproduced": None if drafts is None else
+            sum(d[:num_new] == g for d, g in zip(drafts, outputs["generate"])) / len(prompts),
+        }
+        print(f"{name}: greedy_generate {t} vs model.generate {hf_t} at batch {batch_size}, {len(prompts)} records: "
+              f"{out[name]['speedup_over_generate']:.2f}x, identical tokens: {out[name]['same_tokens_as_generate']}",
+              file=sys.stderr)
+    return out
+
+
+def testbed_versus_generate(args, batch_size: int) -> dict:
+    """:func:`versus_generate` on the quick arithmetic testbed's trained model (built once, cached), the true
+    suffixes as drafts: its 30 canaries (memorized in training; each 4 times, for steadier timings) on the model as
+    trained, with every MLP weight SVD-truncated at keep_mass 0.8 (partly memorized, as mid-edit) and at 0.7 (almost
+    nothing memorized); and its 200 held-out rule sequences (continued by the learned rule)."""
+    from kfac_edit.curvature import svd_truncate
+    from kfac_edit.evaluate.records import load_records
+    from kfac_edit.models import load_model
+    from kfac_edit.testbed import TestbedConfig, build_testbed
+
+    paths = build_testbed(TestbedConfig.quick(), progress=False)
+    model, tokenizer = load_model(str(paths.model_dir), dtype="float32", device=args.device)
+    trained = {name: p.detach().clone() for name, p in model.named_parameters() if ".mlp." in name}
+    out = {"testbed": str(paths.root)}
+    for name, path, keep_mass, copies in (("canaries", paths.memorized, None, 4), ("rule_heldout", paths.rule_heldout,
+                                          None, 1), ("canaries_svd0.8", paths.memorized, 0.8, 4),
+                                          ("canaries_svd0.7", paths.memorized, 0.7, 4)):  # fmt: skip
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if param_name in trained:
+                    param.copy_(trained[param_name] if keep_mass is None else svd_truncate(trained[param_name], keep_mass)[0])
+        records = load_records(path, tokenizer) * copies
+        num_new = len(records[0].suffix_ids)
+        assert all(len(r.suffix_ids) == num_new for r in records)
+        prompts, suffixes = [r.prefix_ids for r in records], [r.suffix_ids for r in records]
+        print(f"testbed {name}:", file=sys.stderr)
+        out[name] = versus_generate(model, prompts, num_new, {"plain": None, "true_suffix": suffixes}, batch_size,
+                                    tokenizer.pad_token_id, args)
+    return out
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="olmo2-7b")
     for key, value in PRESETS["olmo2-7b"].items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the model.generate comparison")
+    parser.add_argument("--testbed", action="store_true",
+                        help="also compare with model.generate on the quick arithmetic testbed's canaries")
     parser.add_argument("--out", help="write the results JSON here too")
     args = parser.parse_args(argv)
     if not apply_preset(args, PRESETS):
@@ -141,21 +229,13 @@ def main(argv=None) -> int:
         "same_tokens_as_batched": sum(a == b for a, b in zip(out, batched_out)) / len(single),
     }
     if args.hf_records:
-        subset = prompts[: args.hf_records]
-        ours, ours_s, ours_t = timed(
-            lambda: greedy_generate(model, subset, args.suffix_len, batch_size=batch_sizes[0], pad_id=pad_id, desc=None),
-            args.device,
+        own = batched_out[: args.hf_records]
+        workloads = {w: drafts_for(own, w, n_words) for w in ("plain", "unmemorized", "partial", "memorized")}
+        result["memorization"][f"vs_generate_bs{batch_sizes[0]}"] = versus_generate(
+            model, prompts[: args.hf_records], args.suffix_len, workloads, batch_sizes[0], pad_id, args
         )
-        out, seconds, t = timed(lambda: hf_generate(model, subset, args.suffix_len, batch_sizes[0], pad_id), args.device)
-        result["memorization"][f"hf_generate_bs{batch_sizes[0]}"] = {
-            "records": len(subset), "seconds": seconds, "records_per_s": len(subset) / seconds, **t.as_dict(),
-            "same_tokens_as_batched": sum(a == b for a, b in zip(out, batched_out)) / len(subset),
-            "same_tokens_as_ours": out == ours,
-            "ours_on_the_same_records": {"seconds": ours_s, **ours_t.as_dict()},
-            "speedup_ours_over_generate": seconds / ours_s,  # CPU time on a CPU, wall on a GPU
-        }
-        print(f"greedy_generate {ours_t} vs model.generate {t} at batch {batch_sizes[0]}, {len(subset)} records: "
-              f"{seconds / ours_s:.2f}x, identical tokens: {out == ours}", file=sys.stderr)
+    if args.testbed:
+        result["memorization"][f"testbed_vs_generate_bs{batch_sizes[0]}"] = testbed_versus_generate(args, batch_sizes[0])
     mem = result["memorization"]
     best = max(v["records_per_s"] for k, v in mem.items() if k.startswith("batched"))
     result["memorization"]["speedup_batched_over_one_at_a_time"] = best / mem["one_at_a_time"]["records_per_s"]
@@ -186,6 +266,12 @@ def main(argv=None) -> int:
     print(text_out)
     if args.out:
         Path(args.out).write_text(text_out + "\n")
+    versus = [mem.get(f"vs_generate_bs{batch_sizes[0]}", {})]
+    versus += [v for v in mem.get(f"testbed_vs_generate_bs{batch_sizes[0]}", {}).values() if isinstance(v, dict)]
+    differing = [k for vs in versus for k, v in vs.items() if isinstance(v, dict) and v.get("same_tokens_as_generate") is False]
+    if differing:
+        print(f"tokens differ from model.generate in: {', '.join(differing)}", file=sys.stderr)
+        return 1
     return 0
 
 

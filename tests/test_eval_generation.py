@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from kfac_edit.evaluate import memorization
 from kfac_edit.evaluate.memorization import greedy_generate, match_length, memorization_metrics
 from kfac_edit.evaluate.perturbation import perturbation_metrics
 from kfac_edit.evaluate.records import MemRecord
@@ -44,8 +45,59 @@ def test_early_stop_keeps_match_lengths(tiny_model):
     # targets that agree with the greedy output for a known number of tokens, then differ
     agree = [i % 9 for i in range(9)]
     targets = [g[:k] + [(t + 1) % 60 for t in g[k:]] for g, k in zip(full, agree)]
-    stopped = greedy_generate(tiny_model, prompts, 8, batch_size=4, targets=targets)
+    stopped = greedy_generate(tiny_model, prompts, 8, batch_size=4, targets=targets, stop_at_mismatch=True)
     assert [match_length(s, t) for s, t in zip(stopped, targets)] == [min(k, 8) for k in agree]
+    # up to and including the first mismatch, the early-stopped output is the greedy one
+    assert [s[: k + 1] for s, k in zip(stopped, agree)] == [g[: k + 1] for g, k in zip(full, agree)]
+
+
+def drafted(own, agree, seed):
+    """Drafts equal to ``own`` for ``agree[i]`` leading tokens, then random (a wrong token right after)."""
+    rng = random.Random(seed)
+    return [g[:k] + [(g[k] + 1) % 60] + [rng.randrange(60) for _ in g[k + 1 :]] if k < len(g) else list(g)
+            for g, k in zip(own, agree)]
+
+
+@pytest.mark.parametrize("verify_first", [1, 4, 40])
+def test_drafted_generation_equals_brute_force_greedy(tiny_model, monkeypatch, verify_first):
+    """With the true suffixes as drafts (memorized, partly memorized, unmemorized rows, mixed prompt and draft
+    lengths, padding), the output is the plain no-cache greedy continuation, whatever the batch grouping and the
+    number of draft tokens verified with the prompt."""
+    monkeypatch.setattr(memorization, "VERIFY_FIRST", verify_first)
+    monkeypatch.setattr(memorization, "DRAFT_KEEP_FRACTION", 0.0)  # every batch drafts, whatever it recites
+    prompts = random_prompts(14, lo=2, hi=15, seed=6)
+    lengths = [random.Random(10 + i).randint(1, 9) for i in range(14)]
+    plain = [greedy_without_cache(tiny_model, p, n) for p, n in zip(prompts, lengths)]
+    agree = [[n, 0, n // 2, max(n - 1, 0)][i % 4] for i, n in enumerate(lengths)]  # full, none, half, all but one
+    drafts = drafted(plain, agree, seed=7)
+    assert sum(d == g for d, g in zip(drafts, plain)) >= 4
+    for batch_size in (1, 3, 14):
+        assert greedy_generate(tiny_model, prompts, lengths, batch_size=batch_size, pad_id=62, targets=drafts) == plain
+    # drafts shorter or longer than the requested length, and every row memorized (no decoding at all)
+    odd = [d[: len(d) // 2] if i % 2 else d + [5, 6] for i, d in enumerate(drafts)]
+    assert greedy_generate(tiny_model, prompts, lengths, batch_size=5, pad_id=0, targets=odd) == plain
+    assert greedy_generate(tiny_model, prompts, lengths, batch_size=4, targets=plain) == plain
+
+
+def test_drafting_stops_after_a_batch_that_does_not_recite(tiny_model, monkeypatch):
+    """Batches draft while nearly all rows recite their targets; after one that does not, only every
+    DRAFT_PROBE_EVERY-th batch tries again. The output is the greedy continuation either way."""
+    drafted_batches = []
+    original = memorization._greedy_batch
+
+    def spy(model, prompts, num_new, pad_id, drafts=None, stop_at_mismatch=False):
+        drafted_batches.append(drafts is not None)
+        return original(model, prompts, num_new, pad_id, drafts, stop_at_mismatch)
+
+    monkeypatch.setattr(memorization, "_greedy_batch", spy)
+    prompts = random_prompts(20, lo=3, hi=4, seed=8)
+    plain = [greedy_without_cache(tiny_model, p, 5) for p in prompts]
+    assert greedy_generate(tiny_model, prompts, 5, batch_size=2, targets=plain) == plain
+    assert drafted_batches == [True] * 10
+    drafted_batches.clear()
+    wrong = drafted(plain, [0] * 20, seed=9)
+    assert greedy_generate(tiny_model, prompts, 5, batch_size=2, targets=wrong) == plain
+    assert drafted_batches == [True] + [False] * 7 + [True, False]
 
 
 def test_memorization_metrics_on_the_models_own_continuations(tiny_model):
@@ -75,12 +127,8 @@ def test_perturbation_scores_the_best_shifted_prompt(tiny_model):
     assert out["frac_records_longer_match"] == 1.0
 
 
-def test_generation_equals_hf_generate_with_a_preallocated_cache(tiny_model):
-    """The buffered cache is used for this model, and the tokens equal ``model.generate(do_sample=False)``."""
-    from kfac_edit.evaluate import memorization
-
-    cache = memorization._buffer_cache(tiny_model, 8)
-    assert cache is not None and len(cache.layers) == tiny_model.config.num_hidden_layers
+def test_generation_equals_hf_generate(tiny_model):
+    """The tokens equal ``model.generate(do_sample=False)``, with and without the true continuation as a draft."""
     prompts = random_prompts(7, lo=3, hi=12, seed=5)
     ours = greedy_generate(tiny_model, prompts, 6, batch_size=7, pad_id=62)
     width = max(len(p) for p in prompts)
@@ -96,11 +144,5 @@ def test_generation_equals_hf_generate_with_a_preallocated_cache(tiny_model):
         )
     assert ours == hf[:, width:].tolist()
     assert ours == [greedy_without_cache(tiny_model, p, 6) for p in prompts]
-    # the buffers hold exactly prompt width + generated positions, and overflow is refused
-    cache = memorization._buffer_cache(tiny_model, 3)
-    layer = cache.layers[0]
-    k = torch.zeros(1, 1, 3, 2, dtype=torch.float64)
-    layer.update(k, k)
-    assert layer.get_seq_length() == 3
-    with pytest.raises(RuntimeError, match="overflows"):
-        layer.update(k[:, :, :1], k[:, :, :1])
+    drafts = drafted(ours, [6, 0, 3, 5, 1, 6, 2], seed=8)
+    assert greedy_generate(tiny_model, prompts, 6, batch_size=7, pad_id=62, targets=drafts) == ours

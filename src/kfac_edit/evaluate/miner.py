@@ -87,7 +87,6 @@ def find_memorized(model: torch.nn.Module, tokenizer, config: MinerConfig) -> tu
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_pos and window > max_pos:
         raise UserError(f"windows of {window} tokens exceed the model's {max_pos} positions; lower the lengths")
-    source = config.data
     max_tokens = None if config.max_windows is None else config.max_windows * window
     found: list[tuple[int, list[int]]] = []
     scanned = 0
@@ -125,7 +124,7 @@ def find_memorized(model: torch.nn.Module, tokenizer, config: MinerConfig) -> tu
                 "suffix_text": tokenizer.decode(suffix),
                 "prefix_len": len(prefix),
                 "suffix_len": len(suffix),
-                "source": source,
+                "source": config.data,
                 "window": window_index,
             }
         )

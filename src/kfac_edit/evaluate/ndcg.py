@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import torch
 from ..progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
@@ -41,11 +40,6 @@ def ndcg_scores(model_topk: torch.Tensor, reference_topk: torch.Tensor) -> torch
     return (gains * discount).sum(-1) / (relevance * discount).sum()
 
 
-def cache_dir() -> Path:
-    """``$KFAC_EDIT_CACHE/ndcg``, else ``~/.cache/kfac-edit/ndcg``."""
-    return cache_root(NDCG_CACHE)
-
-
 def cache_key(reference: dict, tokenizer, source: str, k: int, seq_len: int, max_tokens: int | None) -> dict:
     data = describe_source(source)
     return {
@@ -59,8 +53,14 @@ def cache_key(reference: dict, tokenizer, source: str, k: int, seq_len: int, max
     }
 
 
-def _batches(tokenizer, source: str, seq_len: int, rows: int, max_tokens: int | None):
-    return token_batches(source, tokenizer, seq_len=seq_len, batch_size=rows, max_tokens=max_tokens)
+def _topk_batches(model, tokenizer, source: str, k: int, seq_len: int, max_tokens: int | None, rows: int, desc):
+    """Per batch of packed windows, the model's top-k next-token ids at its real positions, ``(n, k)``."""
+    device = next(model.parameters()).device
+    with tqdm(total=max_tokens, desc=desc, unit="tok", unit_scale=True, disable=None if desc else True, leave=False) as bar:
+        for batch in token_batches(source, tokenizer, seq_len=seq_len, batch_size=rows, max_tokens=max_tokens):
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            yield model(input_ids=ids, attention_mask=mask).logits.topk(k, dim=-1).indices[mask.bool()]
+            bar.update(int(mask.sum()))
 
 
 @torch.inference_mode()
@@ -75,15 +75,8 @@ def topk_over_source(
     desc: str | None = "reference top-k",
 ) -> torch.Tensor:
     """The model's top-k next-token ids at every real position of the packed windows, ``(N, k)`` int32 on CPU."""
-    device = next(model.parameters()).device
-    chunks = []
-    with tqdm(total=max_tokens, desc=desc, unit="tok", unit_scale=True, disable=None if desc else True, leave=False) as bar:
-        for batch in _batches(tokenizer, source, seq_len, rows, max_tokens):
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            top = logits.topk(k, dim=-1).indices[mask.bool()]
-            chunks.append(top.to(torch.int32).cpu())
-            bar.update(int(mask.sum()))
+    batches = _topk_batches(model, tokenizer, source, k, seq_len, max_tokens, rows, desc)
+    chunks = [top.to(torch.int32).cpu() for top in batches]
     return torch.cat(chunks) if chunks else torch.zeros((0, k), dtype=torch.int32)
 
 
@@ -113,7 +106,7 @@ def reference_topk(
         reference_identity = model_identity(reference)
     key = cache_key(reference_identity, tokenizer, source, k, seq_len, max_tokens)
     key_text = json.dumps(key, sort_keys=True)
-    path = cache_dir() / f"{json_digest(key, 24)}.safetensors"
+    path = cache_root(NDCG_CACHE) / f"{json_digest(key, 24)}.safetensors"
     if use_cache and path.is_file():
         return load_file(path)["topk"]
     if callable(reference) and not isinstance(reference, torch.nn.Module):
@@ -138,20 +131,14 @@ def ndcg_at_k(
 ) -> dict:
     """Mean nDCG@k of ``model`` against the reference top-k ``(N, k)`` from :func:`reference_topk`."""
     k = reference.shape[1]
-    device = next(model.parameters()).device
     total, offset = 0.0, 0
-    with tqdm(total=max_tokens, desc=desc, unit="tok", unit_scale=True, disable=None if desc else True, leave=False) as bar:
-        for batch in _batches(tokenizer, source, seq_len, rows, max_tokens):
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            top = logits.topk(k, dim=-1).indices[mask.bool()]
-            n = top.shape[0]
-            ref = reference[offset : offset + n].to(device=device, dtype=top.dtype)
-            if ref.shape[0] != n:
-                raise RuntimeError("the reference top-k cover fewer positions than the data; clear the nDCG cache")
-            total += float(ndcg_scores(top, ref).sum())
-            offset += n
-            bar.update(int(mask.sum()))
+    for top in _topk_batches(model, tokenizer, source, k, seq_len, max_tokens, rows, desc):
+        n = top.shape[0]
+        ref = reference[offset : offset + n].to(device=top.device, dtype=top.dtype)
+        if ref.shape[0] != n:
+            raise RuntimeError("the reference top-k cover fewer positions than the data; clear the nDCG cache")
+        total += float(ndcg_scores(top, ref).sum())
+        offset += n
     if offset != reference.shape[0]:
         raise RuntimeError("the reference top-k cover more positions than the data; clear the nDCG cache")
     return {f"ndcg@{k}": total / offset if offset else math.nan, "positions": offset, "k": k, "seq_len": seq_len}

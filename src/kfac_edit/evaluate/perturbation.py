@@ -59,7 +59,8 @@ def perturbation_metrics(
     best = {kind: [0] * len(records) for kind in ("extended", "truncated")}
     if prompts:
         generations = greedy_generate(
-            model, prompts, [len(t) for t in targets], batch_size=batch_size, pad_id=pad_id, targets=targets, desc=desc
+            model, prompts, [len(t) for t in targets], batch_size=batch_size, pad_id=pad_id, targets=targets, desc=desc,
+            stop_at_mismatch=True,
         )
         for owner, kind, gen, target in zip(owners, kinds, generations, targets):
             best[kind][owner] = max(best[kind][owner], match_length(gen, target))

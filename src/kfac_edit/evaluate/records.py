@@ -86,8 +86,7 @@ def load_records(
 
 
 def _parse_record(obj: dict, where: str, tokenizer, prefix_len, suffix_len, vocab_size) -> MemRecord:
-    source = obj.get("source")
-    source = None if source is None else str(source)
+    source = None if obj.get("source") is None else str(obj["source"])
     if all(f in obj for f in ID_FIELDS):
         prefix = _check_ids(obj["prefix_ids"], "prefix_ids", where, vocab_size)
         suffix = _check_ids(obj["suffix_ids"], "suffix_ids", where, vocab_size)

@@ -108,10 +108,7 @@ def check_same_tokenizer(tokenizer, reference_tokenizer, reference_name: str) ->
 
 
 def _pad_id(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if tid is not None:
-            return int(tid)
-    return 0
+    return next((int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
 
 def check_inputs(
@@ -145,9 +142,7 @@ def check_inputs(
         if not has_reference and not config.reference_model:
             raise UserError("--ndcg-data needs --reference-model (the unedited model) to rank tokens against")
     if config.reference_model:
-        from ..models import load_tokenizer
-
-        from ..models import check_causal_lm
+        from ..models import check_causal_lm, load_tokenizer
 
         check_causal_lm(config.reference_model, "--reference-model")
         check_same_tokenizer(tokenizer, load_tokenizer(config.reference_model), config.reference_model)
