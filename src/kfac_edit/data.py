@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,6 @@ def _local_kind(path: Path) -> str | None:
 def _expand(source: str | os.PathLike) -> str:
     """A SOURCE with its alias expanded."""
     return ALIASES.get(str(source), str(source))
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def describe_source(source: str | os.PathLike) -> str:
@@ -185,7 +181,7 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str]:
             yield from _rescan(path, kind, text_field, yielded)
         if isinstance(exc, UserError):
             raise exc from None
-        raise UserError(f"cannot read data file '{path}': {_first_line(exc)}") from None
+        raise UserError(f"cannot read data file '{path}': {first_line(exc)}") from None
 
 
 def _rescan(path: Path, kind: str, text_field: str, skip: int) -> Iterator[str]:
@@ -225,7 +221,7 @@ def _iter_saved(path: Path, text_field: str) -> Iterator[str]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # a damaged or foreign directory
-        raise UserError(f"cannot read saved dataset '{path}': {_first_line(exc)}") from None
+        raise UserError(f"cannot read saved dataset '{path}': {first_line(exc)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds and len(ds) != 1:
             raise UserError(f"saved dataset '{path}' has splits {', '.join(ds)} and none is 'train'; save one split")
@@ -245,7 +241,7 @@ def _iter_hf(source: str, text_field: str) -> Iterator[str]:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:  # network, missing dataset, bad config: all user-facing
         what = f"dataset '{name}' (config {config}, split {split})"
-        raise UserError(f"cannot stream {what}: {_first_line(exc)}") from None
+        raise UserError(f"cannot stream {what}: {first_line(exc)}") from None
     for record in ds:
         if record.get(text_field):
             yield str(record[text_field])

@@ -43,13 +43,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .constants import BEFORE_AFTER_FILE, BEST_FILE, DEMO_RESULTS_FILE, SUMMARY_FILE, TABLE_FILE
 from .errors import UserError
-from .fileio import atomic_dir, atomic_path, check_output, write_json
+from .fileio import atomic_dir, atomic_path, check_output, utc_timestamp, write_json
 from .pareto import (ACCURACY_DROPS, PPL_INCREASES, SweepRecord, accuracy_drop, base_record, choose_best,
                      choose_within, match_by_cost, perplexity_increase)
 from .testbed import TestbedConfig, build_testbed, one_thread
@@ -332,7 +331,7 @@ def run_demo(config: DemoConfig | None = None, out_dir: str | Path = "kfac-edit-
                            "points": [demo_row(r, other_base, capability) for r in other if r.kind == "point"]}
         results = {
             "kind": "demo",
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "timestamp": utc_timestamp(),
             "config": config.to_dict(),
             "testbed": {"directory": str(paths.root), "cached": paths.cached, **info},
             "factors": {k: v for k, v in factors.manifest.items() if k != "modules"},

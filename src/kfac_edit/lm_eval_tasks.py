@@ -18,13 +18,12 @@ import json
 import logging
 import os
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from .constants import LM_EVAL_RESULTS_FILE, LM_EVAL_SAMPLES_FILE
 from .errors import UserError
-from .fileio import atomic_path, write_json
+from .fileio import atomic_path, utc_timestamp, write_json
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ def run_lm_eval(model_path: str | os.PathLike, tasks: str | Sequence[str], out_d
         "model": model_path, "tasks": task_list, "include_path": include, "limit": limit, "num_fewshot": num_fewshot,
         "batch_size": batch_size, "device": dev, "dtype": dtype,
         "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": utc_timestamp(),
         "seconds": round(seconds, 3),
         "metrics": summarize(raw),
     }  # fmt: skip

@@ -43,13 +43,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .constants import RESULTS_FILE
 from .errors import UserError
-from .fileio import read_jsonl
+from .fileio import read_jsonl, utc_timestamp
 
 SCHEMA_VERSION = 1
 
@@ -137,7 +136,7 @@ class SweepRecord:
         return {"schema": SCHEMA_VERSION, "id": self.id, "kind": self.kind, "config": self.config.to_dict(),
                 "layers": self.config.layers(), "metrics": dict(self.metrics),
                 **({"edit": self.edit} if self.edit else {}), "seconds": self.seconds,
-                "timestamp": self.timestamp or datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "timestamp": self.timestamp or utc_timestamp()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SweepRecord":

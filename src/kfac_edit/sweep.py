@@ -310,6 +310,16 @@ def _apply(model, point: PointConfig, factors, cache: EigenCache, seed: int, met
                       **(method_inputs or {}).get(spec.method, {}))
 
 
+def check_sweep_configs(config: SweepConfig, eval_config) -> None:
+    """What a sweep needs of its configs, checked before any model is loaded: :class:`UserError` otherwise."""
+    config.validate()
+    eval_config.validate()
+    if not eval_config.memorized:
+        raise UserError("the sweep needs a memorized set to measure: pass --memorized FILE")
+    if not eval_config.perplexity_data:
+        raise UserError("the sweep needs --perplexity-data SOURCE: the best point is chosen within a perplexity budget")
+
+
 def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, eval_config,
               out_dir: str | os.PathLike, cache: EigenCache | None = None, write_report: bool = True,
               outputs_for=None) -> SweepOutcome:
@@ -323,12 +333,7 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
     from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
     from .report import provenance, write_provenance
 
-    config.validate()
-    eval_config.validate()
-    if not eval_config.memorized:
-        raise UserError("the sweep needs a memorized set to measure: pass --memorized FILE")
-    if not eval_config.perplexity_data:
-        raise UserError("the sweep needs --perplexity-data SOURCE: the best point is chosen within a perplexity budget")
+    check_sweep_configs(config, eval_config)
     eval_config.out = None  # the sweep writes its own records
     restore(model)
     check_inputs(eval_config, tokenizer, model.get_input_embeddings().num_embeddings,  # before anything is written

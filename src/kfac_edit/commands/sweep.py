@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..factors.store import Factors
 from ..models import parse_layers, parse_projections
 from ..spec import METHODS
-from ..sweep import SweepConfig, needed_modules, run_sweep
+from ..sweep import SweepConfig, check_sweep_configs, needed_modules, run_sweep
 from . import (add_bsn_options, add_eval_options, add_factor_options, add_field_options, add_model_options,
                bsn_config_from_args, eval_config_from_args, load_model_from_args, writing)
 
@@ -86,13 +86,8 @@ def run(args: argparse.Namespace) -> int:
         capability=list(args.capability), skip_over=args.skip_over, seed=args.seed, clean_data=args.clean_data,
         forget=args.forget, bsn=bsn_config_from_args(args),
     )  # fmt: skip
-    config.validate()
     eval_config = eval_config_from_args(args, None)
-    eval_config.validate()
-    if not eval_config.memorized:
-        raise UserError("the sweep needs a memorized set to measure: pass --memorized FILE")
-    if not eval_config.perplexity_data:
-        raise UserError("the sweep needs --perplexity-data SOURCE: the best point is chosen within a perplexity budget")
+    check_sweep_configs(config, eval_config)
     for method in config.methods:
         check_factors_dir(method, args.factors)
     with writing((args.out, "dir")):

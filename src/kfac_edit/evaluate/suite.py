@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +25,7 @@ import torch
 from .. import __version__
 from ..data import describe_source
 from ..errors import UserError
-from ..fileio import append_jsonl
+from ..fileio import append_jsonl, utc_timestamp
 from ..identity import model_fingerprint, path_identity, weights_digest
 from . import memorization, ndcg, perplexity, perturbation
 from .records import MemRecord, load_records
@@ -252,7 +251,7 @@ def evaluate(
 
     record = {
         "kind": "eval",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": utc_timestamp(),
         "model": config.model or getattr(getattr(model, "config", None), "_name_or_path", None),
         "model_fingerprint": model_fingerprint(model),
         "weights_digest": weights_digest(model),

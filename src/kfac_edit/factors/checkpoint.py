@@ -26,11 +26,11 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..constants import CHECKPOINT_DIR, STATE_FILE, TENSORS_FILE
-from ..errors import UserError
-from ..fileio import atomic_dir, write_json
+from ..errors import UserError, first_line
+from ..fileio import atomic_dir, utc_timestamp, write_json
 from ..identity import data_digest, model_fingerprint, weights_digest
 from ..models import Projection
-from .store import Factors, first_line, utc_now
+from .store import Factors
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class CheckpointState:
     world_size: int = 1
     batch_size: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier resumes of this run
-    created: str = field(default_factory=utc_now)
+    created: str = field(default_factory=utc_timestamp)
     run_id: str | None = None
     tensors_bytes: int | None = None
     version: int = STATE_VERSION

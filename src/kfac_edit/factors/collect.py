@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..fileio import check_output, output_lock
+from ..fileio import check_output, output_lock, utc_timestamp
 from ..models import LAYOUT_KEY, Projection
 from ..spec import LabelMode
 from .checkpoint import (
@@ -42,7 +42,7 @@ from .checkpoint import (
 from .collector import FactorCollector, describe_projections, take_tokens
 from .distributed import DistContext, all_reduce_ints, broadcast_object, reduce_factors_to_main
 from .memory import plan_passes
-from .store import Factors, check_writable, utc_now
+from .store import Factors, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -447,7 +447,7 @@ def _collect_partitions(
     def checkpoint(current: Factors, **position: int) -> None:
         nonlocal state
         state = replace(state, **position, sequence=state.sequence + 1, world_size=ctx.world_size,
-                        batch_size=config.batch_size, created=utc_now())  # fmt: skip
+                        batch_size=config.batch_size, created=utc_timestamp())  # fmt: skip
         t0 = time.perf_counter()
         held = Factors({**done.modules, **current.modules}, {"checkpoint_of": "kfac-edit collect"})
         path = save_checkpoint(config.out, held, state)

@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..fileio import utc_timestamp
 from ..identity import model_fingerprint
 from ..models import PROJECTIONS, Projection
 from ..spec import LabelMode
-from .store import Factors, ModuleFactors, utc_now
+from .store import Factors, ModuleFactors
 
 log = logging.getLogger(__name__)
 
@@ -489,7 +490,7 @@ class FactorCollector:
             "kfac_edit_version": __version__,
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
-            "created": utc_now(),
+            "created": utc_timestamp(),
         }
 
     def symmetrize(self) -> Factors:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
-from .store import first_line
+from ..errors import first_line
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
+from ..fileio import utc_timestamp
 from ..models import PROJECTIONS
-from .store import Factors, first_line, utc_now
+from .store import Factors
 
 DEFAULT_NAME_TEMPLATE = "model.layers.{i}.mlp.{proj}_proj"
 # What the manifest of imported factors says about their G (issue 12): the reference sums g gᵀ of the gradient of the
@@ -150,7 +151,7 @@ def import_reference(
         "layers": sorted({b for b, _ in entries}),
         "projections": [k for k in PROJECTIONS if any(kind == k for _, kind in entries)],
         "kfac_edit_version": __version__,
-        "created": utc_now(),
+        "created": utc_timestamp(),
     }
     if model is not None:
         from ..identity import model_fingerprint

@@ -23,7 +23,6 @@ diagonal, token counts > 0): damaged, zero or non-PSD factors never reach an edi
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..constants import MANIFEST_FILE, TENSORS_FILE
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..fileio import atomic_path, json_text
 from ..identity import tensor_checksum, tensors_digest
 
@@ -320,17 +319,6 @@ class Factors(ModuleSet):
         factors = cls(modules, manifest)
         factors.check_sane(str(directory))
         return factors
-
-
-def utc_now() -> str:
-    """The time now, as the manifests and checkpoints record it (ISO 8601, UTC, seconds)."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's message cut to its first line (its type's name when it has none): for one-line errors."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _factor_problem(mf: ModuleFactors) -> str | None:
