@@ -22,6 +22,7 @@ in fp64 for fp64 weights and fp32 otherwise (the result is cast back to the weig
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import struct
@@ -499,32 +500,69 @@ _BLOCK_RATIO = 1.25  # a block of rows (columns) spans prefixes (extents) within
 _PAD = 1.15  # the block padding's average excess area, in the cost model
 
 
-def _staircase_plan(c: np.ndarray, out_dim: int, in_dim: int) -> tuple[int, float]:
+class HalfProducts:
+    """The half-products of one weight with its eigenbases, kept across calls of :func:`project_weight`.
+
+    ``lead`` holds ``U_G[:, :a]ᵀ W`` (``a × in``) and ``trail`` holds ``(W U_A[:, :b])ᵀ`` (``b × out``), each
+    grown to the longest prefix a call has needed. A sweep projects the same ``W`` at many ``keep_mass``; with
+    these kept a call only pays its per-pair work and the write-out. At most ``2·out·in`` elements of the compute
+    dtype (360 MB for fp32 at 11008 × 4096); :meth:`kfac_edit.eigen.EigenCache.half_products` keys them by the
+    weight's bytes and bounds their total.
+    """
+
+    def __init__(self):
+        self.lead: torch.Tensor | None = None
+        self.trail: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.lead, self.trail) if t is not None)
+
+    def fits(self, like: torch.Tensor) -> bool:
+        return all(t.dtype == like.dtype and t.device == like.device for t in (self.lead, self.trail) if t is not None)
+
+    def rows(self, which: str) -> int:
+        held = getattr(self, which)
+        return 0 if held is None else held.shape[0]
+
+    def prefix(self, which: str, n: int, make) -> torch.Tensor:
+        """The first ``n`` rows of ``which``, the missing ones made by ``make(start, stop)``."""
+        held, have = getattr(self, which), self.rows(which)
+        if have < n:
+            held = make(have, n) if held is None else torch.cat([held, make(have, n)])
+            setattr(self, which, held)
+        return held[:n]
+
+
+def _staircase_plan(c: np.ndarray, out_dim: int, in_dim: int, have: tuple[int, int] = (0, 0)) -> tuple[int, float]:
     """``(a, multiply count)`` of the cheapest split of a staircase ``c`` (sorted descending, all > 0).
 
     Rows ``[0, a)`` are done column-wise through ``X = U_G[:, :a]ᵀ W`` (``a × in``): blocks of columns of similar
     extent give ``C = X[:h] U_A[:, cols]``, masked, summed into ``Q += C U_A[:, cols]ᵀ`` (``a × in``), so each of
     their pairs costs ``2·in``. Rows ``[a, n)``, whose prefixes are at most ``b = c[a]``, are done row-wise through
     ``Y = W U_A[:, :b]`` (``out × b``): blocks of rows of similar prefix give ``C = U_G[:, rows]ᵀ Y[:, :w]``,
-    masked, summed into ``P += U_G[:, rows] C`` (``out × b``): ``2·out`` per pair. Then
-    ``W' = U_G[:, :a] Q + P U_A[:, :b]ᵀ``. Every product, back-projection included, is counted.
+    masked, summed into ``P += U_G[:, rows] C`` (``out × b``): ``2·out`` per pair. Then one product
+    ``W' = [U_G[:, :a] P] [Q; U_A[:, :b]ᵀ]``. Every product is counted; the first ``have`` rows of ``X`` and
+    columns of ``Y`` (:class:`HalfProducts`) are free.
     """
     n = c.size
     a = np.arange(n + 1, dtype=np.float64)
     b = np.concatenate([c, [0]]).astype(np.float64)
     tail = np.concatenate([np.cumsum(c[::-1])[::-1], [0]]).astype(np.float64)  # pairs in rows [a, n)
     head = np.concatenate([[0], np.cumsum(c)]).astype(np.float64)  # pairs in rows [0, a)
-    cost = 2.0 * out_dim * in_dim * (a + b) + 2.0 * _PAD * (out_dim * tail + in_dim * head)
+    halves = np.maximum(a - have[0], 0) + np.maximum(b - have[1], 0)
+    cost = out_dim * in_dim * (a + b + halves) + 2.0 * _PAD * (out_dim * tail + in_dim * head)
     best = int(np.argmin(cost))
     return best, float(cost[best])
 
 
-def staircase_cost(counts, out_dim: int, in_dim: int) -> float:
-    """Multiply-adds :func:`project_weight` spends on a staircase, by its cost model (the dense projection costs
-    ``2·out·in·(out + in)``)."""
+def staircase_cost(counts, out_dim: int, in_dim: int, halves: HalfProducts | None = None) -> float:
+    """Multiply-adds :func:`project_weight` spends on a staircase, by its cost model, with ``halves`` as they
+    stand (the dense projection costs ``2·out·in·(out + in)``)."""
     c = _as_counts(counts)
     c = np.sort(c[c > 0])[::-1]
-    return _staircase_plan(c, out_dim, in_dim)[1] if c.size else 0.0
+    have = (halves.rows("lead"), halves.rows("trail")) if halves is not None else (0, 0)
+    return _staircase_plan(c, out_dim, in_dim, have)[1] if c.size else 0.0
 
 
 def _blocks(extent: np.ndarray) -> list[tuple[int, int]]:
@@ -540,64 +578,66 @@ def _blocks(extent: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _project_staircase(
-    w: torch.Tensor, u_grad: torch.Tensor, u_act: torch.Tensor, counts: np.ndarray, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """``U_G ((U_Gᵀ W U_A) ⊙ M) U_Aᵀ`` where row ``i`` of ``M`` is the prefix ``[0, counts[i])`` (see
-    :func:`_staircase_plan` for the method)."""
-    out_dim, in_dim = w.shape
-    device, dtype = w.device, w.dtype
+    w, u_grad: torch.Tensor, u_act: torch.Tensor, counts: np.ndarray, halves: HalfProducts | None
+) -> torch.Tensor | None:
+    """``U_G ((U_Gᵀ W U_A) ⊙ M) U_Aᵀ`` in the compute dtype where row ``i`` of ``M`` is the prefix
+    ``[0, counts[i])`` (see :func:`_staircase_plan`); ``w()`` gives ``W`` in the compute dtype; ``None`` when
+    ``M`` is empty."""
+    out_dim, in_dim = u_grad.shape[0], u_act.shape[0]
+    device = u_grad.device
     order = np.argsort(-counts, kind="stable")
     cs = counts[order]
     n_rows = int(np.count_nonzero(cs))
     if n_rows == 0:
-        return torch.zeros(out_dim, in_dim, dtype=out_dtype, device=device)
+        return None
     cs = cs[:n_rows]
     identity = bool((order[:n_rows] == np.arange(n_rows)).all())
     order_t = None if identity else torch.from_numpy(order[:n_rows].copy()).to(device)
     cs_t = torch.from_numpy(cs.copy()).to(device)
+    if halves is None or not identity or not halves.fits(u_grad):  # reusable in the basis' order, dtype, device
+        halves = HalfProducts()
 
     def grad_cols(start: int, stop: int) -> torch.Tensor:
         return u_grad[:, start:stop] if identity else u_grad.index_select(1, order_t[start:stop])
 
-    a, _ = _staircase_plan(cs, out_dim, in_dim)
+    a, _ = _staircase_plan(cs, out_dim, in_dim, (halves.rows("lead"), halves.rows("trail")))
     b = int(cs[a]) if a < n_rows else 0
-    q = ug_lead = None
-    if a > 0:  # rows [0, a), column-wise: X = U_G[:, :a]ᵀ W, Q = Σ_blocks ((X[:h] U_A[:, cols]) ⊙ M) U_A[:, cols]ᵀ
-        ug_lead = grad_cols(0, a)
-        x = ug_lead.T @ w
-        q = torch.zeros(a, in_dim, dtype=dtype, device=device)
-        c0 = int(cs[0])
-        heights = np.searchsorted(-cs[:a], -np.arange(c0), side="left")  # rows of [0, a) keeping column j
-        for start, stop in _blocks(heights):
+    left, right = [], []
+    if a > 0:  # rows [0, a), column-wise: Q = Σ_blocks ((X[:h] U_A[:, cols]) ⊙ M) U_A[:, cols]ᵀ
+        x = halves.prefix("lead", a, lambda lo, hi: grad_cols(lo, hi).T @ w())
+        q = None
+        heights = np.searchsorted(-cs[:a], -np.arange(int(cs[0])), side="left")  # rows of [0, a) keeping column j
+        for start, stop in _blocks(heights):  # the first block's height is a
             h = int(heights[start])
             ua = u_act[:, start:stop]
             coeffs = x[:h] @ ua
-            cols = torch.arange(start, stop, device=device)
-            coeffs.mul_(cols.unsqueeze(0) < cs_t[:h].unsqueeze(1))
-            q[:h].addmm_(coeffs, ua.T)
-        del x
-    partial_t = None
-    if a < n_rows:  # rows [a, n), row-wise: Y = W U_A[:, :b], P = Σ_blocks U_G[:, rows] ((U_G[:, rows]ᵀ Y) ⊙ M)
-        # Kept transposed (Yᵀ, Pᵀ: b × out): a CPU BLAS multiplies a short-wide Yᵀ by a column slice of U_G
-        # ~15x faster than the slice's transpose by a tall-skinny Y (measured at 11008 × 4096, one thread).
-        y_t = (w @ u_act[:, :b]).T.contiguous()
-        partial_t = torch.zeros(b, out_dim, dtype=dtype, device=device)
-        for start, stop in _blocks(cs[a:]):
+            coeffs.mul_(torch.arange(start, stop, device=device).unsqueeze(0) < cs_t[:h].unsqueeze(1))
+            if q is None:
+                q = coeffs @ ua.T
+            else:
+                q[:h].addmm_(coeffs, ua.T)
+        left.append(grad_cols(0, a))
+        right.append(q)
+    if a < n_rows:  # rows [a, n), row-wise: P = Σ_blocks U_G[:, rows] ((U_G[:, rows]ᵀ Y) ⊙ M), as Yᵀ and Pᵀ
+        # Transposed (b × out): a CPU BLAS multiplies a short-wide Yᵀ by a column slice of U_G ~15x faster than the
+        # slice's transpose by a tall-skinny Y (measured at 11008 × 4096, one thread).
+        y_t = halves.prefix("trail", b, lambda lo, hi: u_act[:, lo:hi].T @ w().T)
+        p_t = None
+        for start, stop in _blocks(cs[a:]):  # the first block's width is b
             start, stop = start + a, stop + a
             width = int(cs[start])
             ug = grad_cols(start, stop)
             coeffs_t = y_t[:width] @ ug  # (width, rows)
-            cols = torch.arange(width, device=device)
-            coeffs_t.mul_(cols.unsqueeze(1) < cs_t[start:stop].unsqueeze(0))
-            partial_t[:width].addmm_(coeffs_t, ug.T)
-        del y_t
-    if q is None:
-        result = partial_t.T @ u_act[:, :b].T
-    else:
-        result = ug_lead @ q
-        if partial_t is not None:
-            result.addmm_(partial_t.T, u_act[:, :b].T)
-    return result.to(out_dtype)
+            coeffs_t.mul_(torch.arange(width, device=device).unsqueeze(1) < cs_t[start:stop].unsqueeze(0))
+            if p_t is None:
+                p_t = coeffs_t @ ug.T
+            else:
+                p_t[:width].addmm_(coeffs_t, ug.T)
+        left.append(p_t.T)
+        right.append(u_act[:, :b].T)
+    if len(left) == 1:
+        return left[0] @ right[0]
+    return torch.cat(left, 1) @ torch.cat(right, 0)  # one product: W' is written once
 
 
 def project_weight(
@@ -606,6 +646,7 @@ def project_weight(
     act_eig: Eigen,
     mask: torch.Tensor,
     compute_dtype: torch.dtype | None = None,
+    halves: HalfProducts | None = None,
 ) -> torch.Tensor:
     """``W' = U_G ((U_Gᵀ W U_A) ⊙ M) U_Aᵀ``, in the weight's dtype/device.
 
@@ -613,10 +654,10 @@ def project_weight(
     ``(out, in)`` mask. Counts describe a staircase (with eigenvalues descending, each row keeps a prefix of
     columns and the prefixes shrink down the rows, under a hyperbola). Its leading rows (long prefixes) are
     projected column by column through ``U_G[:, :a]ᵀ W``, the rest (short prefixes) row by row through
-    ``W U_A[:, :b]``, each in blocks of similar extent; ``a`` minimizes the multiply count, back-projection
-    included (:func:`staircase_cost`). The eigenvectors are used in the compute dtype through
-    :meth:`Eigen.vectors_as`, cast once per basis and kept. A bool mask whose rows are prefixes takes the same
-    path; any other mask gives the exact result by the general path.
+    ``W U_A[:, :b]``, each in blocks of similar extent; ``a`` minimizes the multiply count
+    (:func:`staircase_cost`). ``halves`` (of this weight and these bases) keeps those half-products for the next
+    call. The eigenvectors are used in the compute dtype (:meth:`Eigen.vectors_as`, cast once and kept). A bool
+    mask whose rows are prefixes takes the same path; any other mask gives the exact result by the general path.
     """
     out_dim, in_dim = weight.shape
     counts = _is_counts(mask)
@@ -628,7 +669,7 @@ def project_weight(
         )
     dtype = compute_dtype or _compute_dtype(weight)
     device = weight.device
-    w = weight.detach().to(device=device, dtype=dtype)
+    w = functools.cache(lambda: weight.detach().to(device=device, dtype=dtype))  # cast once, only when needed
     u_grad = grad_eig.to(device).vectors_as(dtype)
     u_act = act_eig.to(device).vectors_as(dtype)
     if counts:
@@ -638,38 +679,30 @@ def project_weight(
         rank = _descending_rank(act_eig.values)
         if rank is not None:  # the kept columns are the top by μ: put them first
             u_act = u_act.index_select(1, torch.from_numpy(np.argsort(rank, kind="stable")).to(device))
-        return _project_staircase(w, u_grad, u_act, c, weight.dtype)
-    mask = mask.to(device)
-    extents = _row_extents(mask)
-    if bool((extents == _row_sums(mask)).all()):  # every row a prefix: the staircase path
-        return _project_staircase(w, u_grad, u_act, extents.cpu().numpy(), weight.dtype)
-    return _project_any(w, u_grad, u_act, mask, weight.dtype)
+    else:
+        mask = mask.to(device)
+        c = _row_extents(mask)
+        if not bool((c == _row_sums(mask)).all()):  # some row not a prefix: the general path
+            return _project_any(w(), u_grad, u_act, mask).to(weight.dtype)
+        c = c.cpu().numpy()
+    result = _project_staircase(w, u_grad, u_act, c, halves)
+    return torch.zeros_like(weight) if result is None else result.to(weight.dtype)
 
 
-def _project_any(
-    w: torch.Tensor, u_grad: torch.Tensor, u_act: torch.Tensor, mask: torch.Tensor, out_dtype: torch.dtype
-) -> torch.Tensor:
+def _project_any(w: torch.Tensor, u_grad: torch.Tensor, u_act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The general path of :func:`project_weight`: rows in blocks of similar extent, each projected on both sides."""
-    out_dim, in_dim = w.shape
     extents = _row_extents(mask)
     order = torch.argsort(extents, descending=True, stable=True)
-    ext = extents[order].tolist()
-    n_rows = sum(1 for e in ext if e > 0)
-    result = torch.zeros(out_dim, in_dim, dtype=w.dtype, device=w.device)
-    start = 0
-    while start < n_rows:
-        width = int(ext[start])
-        stop = start + 1
-        while stop < n_rows and ext[stop] * 1.25 >= width:
-            stop += 1
+    ext = extents[order].cpu().numpy()
+    result = torch.zeros_like(w)
+    for start, stop in _blocks(ext[: int(np.count_nonzero(ext))]):
         rows = order[start:stop]
         ug = u_grad.index_select(1, rows)
-        ua = u_act[:, :width]
+        ua = u_act[:, : int(ext[start])]
         coeffs = (ug.T @ w) @ ua
-        coeffs.mul_(mask.index_select(0, rows)[:, :width])
+        coeffs.mul_(mask.index_select(0, rows)[:, : ua.shape[1]])
         result.addmm_(ug, coeffs @ ua.T)
-        start = stop
-    return result.to(out_dtype)
+    return result
 
 
 def edit_weight(

@@ -414,7 +414,8 @@ def _edit_one(
     elif spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT):
         select = select_pairs if spec.method is Method.KFAC else independent_counts
         counts = select(grad_eig.values, act_eig.values, keep_mass)  # per-row counts: no dense mask
-        new_weight = project_weight(weight, grad_eig, act_eig, counts)
+        halves = cache.half_products(factors, proj.name, weight)  # kept across a sweep's points
+        new_weight = project_weight(weight, grad_eig, act_eig, counts, halves=halves)
         kept = pair_stats(grad_eig.values, act_eig.values, counts)
         kept = (kept.mass_fraction, kept.pairs_kept, kept.pairs_total, kept.grad_vectors_used, kept.act_vectors_used)
     elif spec.method is Method.SVD:
