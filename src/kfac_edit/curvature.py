@@ -67,12 +67,14 @@ class Eigen:
         return sum(t.numel() * t.element_size() for t in held)
 
     def vectors_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """``vectors`` in ``dtype``, cast once and kept (a sweep projects with the same basis many times)."""
+        """``vectors`` in ``dtype``, cast once and kept (a sweep projects with the same basis many times), stored
+        column-major: the projections slice eigenvectors, so on a CPU each slice is one contiguous read."""
         if dtype == self.vectors.dtype:
             return self.vectors
         cast = self._cast.get(dtype)
         if cast is None or cast.device != self.vectors.device:
-            cast = self._cast[dtype] = self.vectors.to(dtype).contiguous()
+            cast = torch.empty_like(self.vectors, dtype=dtype).copy_(self.vectors.T).T
+            self._cast[dtype] = cast
         return cast
 
 
@@ -534,26 +536,32 @@ class HalfProducts:
         return held[:n]
 
 
-def _staircase_plan(c: np.ndarray, out_dim: int, in_dim: int, have: tuple[int, int] = (0, 0)) -> tuple[int, float]:
-    """``(a, multiply count)`` of the cheapest split of a staircase ``c`` (sorted descending, all > 0).
+def _staircase_plan(c: np.ndarray, out_dim: int, in_dim: int, have: tuple[int, int] = (0, 0)) -> tuple[int, int, float]:
+    """``(a, g, multiply count)`` of the cheapest split of a staircase ``c`` (sorted descending, all > 0).
 
-    Rows ``[0, a)`` are done column-wise through ``X = U_G[:, :a]ᵀ W`` (``a × in``): blocks of columns of similar
-    extent give ``C = X[:h] U_A[:, cols]``, masked, summed into ``Q += C U_A[:, cols]ᵀ`` (``a × in``), so each of
-    their pairs costs ``2·in``. Rows ``[a, n)``, whose prefixes are at most ``b = c[a]``, are done row-wise through
-    ``Y = W U_A[:, :b]`` (``out × b``): blocks of rows of similar prefix give ``C = U_G[:, rows]ᵀ Y[:, :w]``,
-    masked, summed into ``P += U_G[:, rows] C`` (``out × b``): ``2·out`` per pair. Then one product
-    ``W' = [U_G[:, :a] P] [Q; U_A[:, :b]ᵀ]``. Every product is counted; the first ``have`` rows of ``X`` and
-    columns of ``Y`` (:class:`HalfProducts`) are free.
+    Columns ``[0, g)``, kept by every row, are ``Y[:, :g] = W U_A[:, :g]`` as they are (``g`` is 0 or ``c[-1]``).
+    Rows ``[0, a)`` are done column-wise through ``X = U_G[:, :a]ᵀ W`` (``a × in``): the rows keeping every column
+    as ``X[i] − X[i] U_A[:, :g] U_A[:, :g]ᵀ``, the others in blocks of columns ``j >= g`` of similar extent,
+    ``C = X[rows] U_A[:, cols]``, masked, summed into ``Q += C U_A[:, cols]ᵀ``: ``2·in`` per pair. Rows
+    ``[a, n)``, whose prefixes are at most ``b = c[a]``, are done row-wise through ``Y = W U_A[:, :b]``: blocks of
+    rows of similar prefix give ``C = U_G[:, rows]ᵀ Y[:, g:w]``, masked, summed into ``P += U_G[:, rows] C``:
+    ``2·out`` per pair. Then one product ``W' = [U_G[:, :a] P] [Q; U_A[:, :b]ᵀ]``. Every product is counted; the
+    first ``have`` rows of ``X`` and columns of ``Y`` (:class:`HalfProducts`) are free.
     """
     n = c.size
     a = np.arange(n + 1, dtype=np.float64)
-    b = np.concatenate([c, [0]]).astype(np.float64)
-    tail = np.concatenate([np.cumsum(c[::-1])[::-1], [0]]).astype(np.float64)  # pairs in rows [a, n)
-    head = np.concatenate([[0], np.cumsum(c)]).astype(np.float64)  # pairs in rows [0, a)
-    halves = np.maximum(a - have[0], 0) + np.maximum(b - have[1], 0)
-    cost = out_dim * in_dim * (a + b + halves) + 2.0 * _PAD * (out_dim * tail + in_dim * head)
-    best = int(np.argmin(cost))
-    return best, float(cost[best])
+    full_row = np.arange(n) < np.count_nonzero(c == in_dim)
+    best = (0, 0, math.inf)
+    for g in {0, int(c[-1]) if n == out_dim else 0}:
+        b = np.maximum(np.concatenate([c, [0]]), g).astype(np.float64)
+        rest = (c - g).astype(np.float64)  # per row, the pairs outside the g full columns
+        head = np.concatenate([[0], np.cumsum(np.where(full_row, g, rest))]) * in_dim
+        tail = np.concatenate([np.cumsum(rest[::-1])[::-1], [0]]) * out_dim
+        halves = np.maximum(a - have[0], 0) + np.maximum(b - have[1], 0)
+        cost = out_dim * in_dim * (a + b + halves) + 2.0 * _PAD * (head + tail)
+        k = int(np.argmin(cost))
+        best = min(best, (k, g, float(cost[k])), key=lambda plan: plan[2])
+    return best
 
 
 def staircase_cost(counts, out_dim: int, in_dim: int, halves: HalfProducts | None = None) -> float:
@@ -562,7 +570,7 @@ def staircase_cost(counts, out_dim: int, in_dim: int, halves: HalfProducts | Non
     c = _as_counts(counts)
     c = np.sort(c[c > 0])[::-1]
     have = (halves.rows("lead"), halves.rows("trail")) if halves is not None else (0, 0)
-    return _staircase_plan(c, out_dim, in_dim, have)[1] if c.size else 0.0
+    return _staircase_plan(c, out_dim, in_dim, have)[2] if c.size else 0.0
 
 
 def _blocks(extent: np.ndarray) -> list[tuple[int, int]]:
@@ -600,43 +608,41 @@ def _project_staircase(
     def grad_cols(start: int, stop: int) -> torch.Tensor:
         return u_grad[:, start:stop] if identity else u_grad.index_select(1, order_t[start:stop])
 
-    a, _ = _staircase_plan(cs, out_dim, in_dim, (halves.rows("lead"), halves.rows("trail")))
-    b = int(cs[a]) if a < n_rows else 0
+    a, g, _ = _staircase_plan(cs, out_dim, in_dim, (halves.rows("lead"), halves.rows("trail")))
+    b = max(int(cs[a]) if a < n_rows else 0, g)
     left, right = [], []
-    if a > 0:  # rows [0, a), column-wise: Q = Σ_blocks ((X[:h] U_A[:, cols]) ⊙ M) U_A[:, cols]ᵀ
+    if a > 0:  # rows [0, a), column-wise
         x = halves.prefix("lead", a, lambda lo, hi: grad_cols(lo, hi).T @ w())
-        q = None
-        heights = np.searchsorted(-cs[:a], -np.arange(int(cs[0])), side="left")  # rows of [0, a) keeping column j
-        for start, stop in _blocks(heights):  # the first block's height is a
-            h = int(heights[start])
-            ua = u_act[:, start:stop]
-            coeffs = x[:h] @ ua
-            coeffs.mul_(torch.arange(start, stop, device=device).unsqueeze(0) < cs_t[:h].unsqueeze(1))
-            if q is None:
-                q = coeffs @ ua.T
-            else:
-                q[:h].addmm_(coeffs, ua.T)
+        f = min(int(np.count_nonzero(cs == in_dim)), a)  # rows keeping every column
+        q = torch.zeros(a, in_dim, dtype=x.dtype, device=device)
+        q[:f] = x[:f]
+        if g and f:
+            q[:f].addmm_(x[:f] @ u_act[:, :g], u_act[:, :g].T, alpha=-1)
+        # per column j >= g, the rows in [f, a) keeping it
+        heights = np.searchsorted(-cs[:a], -np.arange(g, int(cs[f]) if f < a else g), side="left") - f
+        for start, stop in _blocks(heights):
+            h = f + int(heights[start])
+            ua = u_act[:, g + start : g + stop]
+            coeffs = x[f:h] @ ua
+            coeffs.mul_(torch.arange(g + start, g + stop, device=device).unsqueeze(0) < cs_t[f:h].unsqueeze(1))
+            q[f:h].addmm_(coeffs, ua.T)
         left.append(grad_cols(0, a))
         right.append(q)
-    if a < n_rows:  # rows [a, n), row-wise: P = Σ_blocks U_G[:, rows] ((U_G[:, rows]ᵀ Y) ⊙ M), as Yᵀ and Pᵀ
-        # Transposed (b × out): a CPU BLAS multiplies a short-wide Yᵀ by a column slice of U_G ~15x faster than the
-        # slice's transpose by a tall-skinny Y (measured at 11008 × 4096, one thread).
+    if b > 0:  # columns [0, g) whole, rows [a, n) row-wise: P = Y[:, :g] + Σ_blocks U_G[:, rows] ((U_G[:, rows]ᵀ Y) ⊙ M)
+        # As Yᵀ and Pᵀ (b × out): a CPU BLAS multiplies a short-wide Yᵀ by a column slice of U_G ~15x faster than
+        # the slice's transpose by a tall-skinny Y (measured at 11008 × 4096, one thread).
         y_t = halves.prefix("trail", b, lambda lo, hi: u_act[:, lo:hi].T @ w().T)
-        p_t = None
-        for start, stop in _blocks(cs[a:]):  # the first block's width is b
+        p_t = torch.zeros(b, out_dim, dtype=y_t.dtype, device=device)
+        p_t[:g] = y_t[:g]
+        for start, stop in _blocks(cs[a : int(np.count_nonzero(cs > g))] - g):
             start, stop = start + a, stop + a
             width = int(cs[start])
             ug = grad_cols(start, stop)
-            coeffs_t = y_t[:width] @ ug  # (width, rows)
-            coeffs_t.mul_(torch.arange(width, device=device).unsqueeze(1) < cs_t[start:stop].unsqueeze(0))
-            if p_t is None:
-                p_t = coeffs_t @ ug.T
-            else:
-                p_t[:width].addmm_(coeffs_t, ug.T)
+            coeffs_t = y_t[g:width] @ ug  # (width - g, rows)
+            coeffs_t.mul_(torch.arange(g, width, device=device).unsqueeze(1) < cs_t[start:stop].unsqueeze(0))
+            p_t[g:width].addmm_(coeffs_t, ug.T)
         left.append(p_t.T)
         right.append(u_act[:, :b].T)
-    if len(left) == 1:
-        return left[0] @ right[0]
     return torch.cat(left, 1) @ torch.cat(right, 0)  # one product: W' is written once
 
 
