@@ -67,14 +67,12 @@ class Eigen:
         return sum(t.numel() * t.element_size() for t in held)
 
     def vectors_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """``vectors`` in ``dtype``, cast once and kept (a sweep projects with the same basis many times), stored
-        column-major: the projections slice eigenvectors, so on a CPU each slice is one contiguous read."""
+        """``vectors`` in ``dtype``, cast once and kept (a sweep projects with the same basis many times)."""
         if dtype == self.vectors.dtype:
             return self.vectors
         cast = self._cast.get(dtype)
         if cast is None or cast.device != self.vectors.device:
-            cast = torch.empty_like(self.vectors, dtype=dtype).copy_(self.vectors.T).T
-            self._cast[dtype] = cast
+            cast = self._cast[dtype] = self.vectors.to(dtype).contiguous()
         return cast
 
 

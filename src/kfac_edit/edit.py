@@ -389,35 +389,24 @@ def _edit_one(
         grad_eig, act_eig = cache.get(factors, proj.name, device)
         eigen_seconds = time.perf_counter() - t0
     out_dim, in_dim = proj.factor_shape
-    protected = None
-    if protect is not None and spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT, Method.EKFAC):
-        select = {Method.KFAC: select_pairs, Method.KFAC_INDEPENDENT: independent_counts}.get(spec.method)
-        if select is None:
+    protected = own_mass = None
+    if spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT, Method.EKFAC):
+        if spec.method is Method.EKFAC:
             own_mass = ekfac.pair_mass(proj.name)
             mask = select_mass(own_mass, keep_mass).to(device)
-        else:
-            mask = pairs_mask(select(grad_eig.values, act_eig.values, keep_mass), act_eig.values, device=device)
-        mask |= protect.mask(proj.name, grad_eig, act_eig)
-        new_weight = project_weight(weight, grad_eig, act_eig, mask)
-        kept = pair_stats(grad_eig.values, act_eig.values, mask)
-        fraction = kept_mass_fraction(own_mass, mask) if select is None else kept.mass_fraction
-        kept = (fraction, kept.pairs_kept, kept.pairs_total, kept.grad_vectors_used, kept.act_vectors_used)
-        rows, cols = protect.masses(proj.name, grad_eig, act_eig)
-        protected = pair_mass_fraction(rows, cols, mask.cpu())
-    elif spec.method is Method.EKFAC:
-        own_mass = ekfac.pair_mass(proj.name)
-        mask = select_mass(own_mass, keep_mass).to(device)
-        new_weight = project_weight(weight, grad_eig, act_eig, mask)
-        kept = pair_stats(grad_eig.values, act_eig.values, mask)
-        kept = (kept_mass_fraction(own_mass, mask), kept.pairs_kept, kept.pairs_total, kept.grad_vectors_used,
-                kept.act_vectors_used)  # fmt: skip
-    elif spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT):
-        select = select_pairs if spec.method is Method.KFAC else independent_counts
-        counts = select(grad_eig.values, act_eig.values, keep_mass)  # per-row counts: no dense mask
-        halves = cache.half_products(factors, proj.name, weight)  # kept across a sweep's points
-        new_weight = project_weight(weight, grad_eig, act_eig, counts, halves=halves)
-        kept = pair_stats(grad_eig.values, act_eig.values, counts)
-        kept = (kept.mass_fraction, kept.pairs_kept, kept.pairs_total, kept.grad_vectors_used, kept.act_vectors_used)
+        else:  # per-row counts: no dense mask
+            select = select_pairs if spec.method is Method.KFAC else independent_counts
+            mask = select(grad_eig.values, act_eig.values, keep_mass)
+        if protect is not None:
+            if mask.dim() == 1:
+                mask = pairs_mask(mask, act_eig.values, device=device)
+            mask |= protect.mask(proj.name, grad_eig, act_eig)
+            protected = pair_mass_fraction(*protect.masses(proj.name, grad_eig, act_eig), mask.cpu())
+        halves = cache.half_products(factors, proj.name, weight) if mask.dim() == 1 else None  # kept across a sweep
+        new_weight = project_weight(weight, grad_eig, act_eig, mask, halves=halves)
+        stats = pair_stats(grad_eig.values, act_eig.values, mask)
+        fraction = stats.mass_fraction if own_mass is None else kept_mass_fraction(own_mass, mask)
+        kept = (fraction, stats.pairs_kept, stats.pairs_total, stats.grad_vectors_used, stats.act_vectors_used)
     elif spec.method is Method.SVD:
         new_weight, rank, energy = svd_truncate(weight, keep_mass)
         kept = (energy, rank, min(out_dim, in_dim), rank, rank)
