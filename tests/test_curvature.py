@@ -13,7 +13,6 @@ from kfac_edit.curvature import (
     HalfProducts,
     edit_weight,
     eigendecompose,
-    independent_mask,
     independent_counts,
     pair_mass_fraction,
     pair_stats,
@@ -225,7 +224,7 @@ def test_project_weight_any_mask_matches_dense(seed):
     masks = [
         torch.rand(out_dim, in_dim, generator=gen) < 0.2,  # arbitrary pattern: rows out of order
         select_pairs_mask(grad_eig.values, act_eig.values, 0.6),
-        independent_mask(grad_eig.values, act_eig.values, 0.8),
+        pairs_mask(independent_counts(grad_eig.values, act_eig.values, 0.8), act_eig.values),
         torch.arange(in_dim)[None, :] < torch.randint(0, in_dim + 1, (out_dim, 1), generator=gen),  # unsorted prefixes
         torch.zeros(out_dim, in_dim, dtype=torch.bool),
     ]
@@ -363,7 +362,8 @@ def test_independent_truncation():
     assert float(grad_eig.values[: r_grad - 1].sum()) < 0.7 * float(grad_eig.values.sum())
     ug, ua = grad_eig.vectors[:, :r_grad], act_eig.vectors[:, :r_act]
     expected = ug @ ug.T @ weight @ ua @ ua.T
-    edited = project_weight(weight, grad_eig, act_eig, independent_mask(grad_eig.values, act_eig.values, 0.7))
+    independent = pairs_mask(independent_counts(grad_eig.values, act_eig.values, 0.7), act_eig.values)
+    edited = project_weight(weight, grad_eig, act_eig, independent)
     assert torch.allclose(edited, expected, atol=1e-12)
 
 

@@ -144,11 +144,8 @@ def _bits_from_f64(x: float) -> int:
 class _PairIndex:
     """Counts and masses of ``{(i, j): λ_i·μ_j >= t}`` in O(out·log in), with products exactly as fp64 computes them.
 
-    Works on the eigenvalues only (small vectors), in NumPy on the CPU: single-threaded, so thousands of tiny
-    operations do not pay thread start-up costs. ``λ`` may be in any order; ``μ`` is sorted internally. For each
-    row ``i`` the kept columns at threshold ``t`` are the top-``count_i`` values of ``μ`` (the product is monotone
-    in ``μ`` for ``λ_i > 0``); equal ``μ`` are ranked by column index, so for descending ``μ`` they are the first
-    ``count_i`` columns.
+    NumPy on the CPU (thousands of tiny operations on the eigenvalues). Row ``i`` keeps the top-``count_i`` values
+    of ``μ`` (``λ`` in any order; equal ``μ`` ranked by column index, so for descending ``μ`` the first columns).
     """
 
     def __init__(self, lam: torch.Tensor, mu: torch.Tensor):
@@ -377,22 +374,14 @@ def truncation_rank(values: torch.Tensor, keep_mass: float) -> int:
 
 
 def independent_counts(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mass: float) -> torch.Tensor:
-    """:func:`independent_mask` as per-row counts (a rectangle: the first ``r_G`` rows keep ``r_A`` columns)."""
+    """Independent truncation as per-row counts: the top eigenvectors of G holding ``keep_mass`` of Σλ times those
+    of A holding ``keep_mass`` of Σμ (a rectangle, the first ``r_G`` rows keep ``r_A`` columns; its pair mass is
+    about ``keep_mass²``). Eigenvalues descending."""
     r_grad = truncation_rank(grad_eigvals, keep_mass)
     r_act = truncation_rank(act_eigvals, keep_mass)
     counts = torch.zeros(grad_eigvals.numel(), dtype=torch.int64)
     counts[:r_grad] = r_act
     return counts
-
-
-def independent_mask(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mass: float) -> torch.Tensor:
-    """Mask of independent truncation: the top eigenvectors of G holding ``keep_mass`` of Σλ times those of A
-    holding ``keep_mass`` of Σμ (a rectangle; its pair mass is about ``keep_mass²``). Eigenvalues descending."""
-    r_grad = truncation_rank(grad_eigvals, keep_mass)
-    r_act = truncation_rank(act_eigvals, keep_mass)
-    mask = torch.zeros(grad_eigvals.numel(), act_eigvals.numel(), dtype=torch.bool, device=grad_eigvals.device)
-    mask[:r_grad, :r_act] = True
-    return mask
 
 
 def _row_sums(mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -455,13 +444,6 @@ def pair_mass_fraction(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, ma
     return kept / total
 
 
-def _any_rows(mask: torch.Tensor) -> torch.Tensor:
-    """Per row of ``mask``, whether it keeps anything (NumPy on a CPU: torch's ``any`` is slow there)."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.asarray(mask.numpy().any(axis=1)))
-    return mask.any(1)
-
-
 def pair_stats(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, mask: torch.Tensor) -> PairStats:
     """Pairs kept, their mass fraction and the distinct eigenvectors they use (see :class:`PairStats`).
 
@@ -483,7 +465,7 @@ def pair_stats(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, mask: torc
         pairs_total=int(mask.numel()),
         mass_fraction=pair_mass_fraction(grad_eigvals, act_eigvals, mask),
         grad_vectors_used=int((row_counts > 0).sum()),
-        act_vectors_used=int(_any_rows(mask.T).sum()) if mask.numel() else 0,
+        act_vectors_used=int((_row_sums(mask.T) > 0).sum()),
     )
 
 
@@ -501,14 +483,10 @@ _PAD = 1.15  # the block padding's average excess area, in the cost model
 
 
 class HalfProducts:
-    """The half-products of one weight with its eigenbases, kept across calls of :func:`project_weight`.
-
-    ``lead`` holds ``U_G[:, :a]ᵀ W`` (``a × in``) and ``trail`` holds ``(W U_A[:, :b])ᵀ`` (``b × out``), each
-    grown to the longest prefix a call has needed. A sweep projects the same ``W`` at many ``keep_mass``; with
-    these kept a call only pays its per-pair work and the write-out. At most ``2·out·in`` elements of the compute
-    dtype (360 MB for fp32 at 11008 × 4096); :meth:`kfac_edit.eigen.EigenCache.half_products` keys them by the
-    weight's bytes and bounds their total.
-    """
+    """``lead = U_G[:, :a]ᵀ W`` (``a × in``) and ``trail = (W U_A[:, :b])ᵀ`` (``b × out``) of one weight, grown to
+    the longest prefixes :func:`project_weight` has needed: a sweep projects the same ``W`` at many ``keep_mass``.
+    At most ``2·out·in`` elements of the compute dtype (360 MB in fp32 at 11008 × 4096);
+    :meth:`kfac_edit.eigen.EigenCache.half_products` keys them by the weight's bytes and bounds their total."""
 
     def __init__(self):
         self.lead: torch.Tensor | None = None
@@ -654,14 +632,11 @@ def project_weight(
 ) -> torch.Tensor:
     """``W' = U_G ((U_Gᵀ W U_A) ⊙ M) U_Aᵀ``, in the weight's dtype/device.
 
-    ``mask``: the per-row counts of :func:`select_pairs` / :func:`independent_counts` (the fast path), or any bool
-    ``(out, in)`` mask. Counts describe a staircase (with eigenvalues descending, each row keeps a prefix of
-    columns and the prefixes shrink down the rows, under a hyperbola). Its leading rows (long prefixes) are
-    projected column by column through ``U_G[:, :a]ᵀ W``, the rest (short prefixes) row by row through
-    ``W U_A[:, :b]``, each in blocks of similar extent; ``a`` minimizes the multiply count
-    (:func:`staircase_cost`). ``halves`` (of this weight and these bases) keeps those half-products for the next
-    call. The eigenvectors are used in the compute dtype (:meth:`Eigen.vectors_as`, cast once and kept). A bool
-    mask whose rows are prefixes takes the same path; any other mask gives the exact result by the general path.
+    ``mask``: the per-row counts of :func:`select_pairs` / :func:`independent_counts`, or a bool ``(out, in)``
+    mask. Counts describe a staircase (each row keeps a prefix of columns, shrinking down the rows), projected
+    through the half-products ``U_G[:, :a]ᵀ W`` and ``W U_A[:, :b]`` as :func:`_staircase_plan` says; ``halves``
+    (of this weight and these bases) keeps them for the next call. Eigenvectors are used in the compute dtype
+    (:meth:`Eigen.vectors_as`). A bool mask whose rows are prefixes takes the same path, any other the general one.
     """
     out_dim, in_dim = weight.shape
     counts = _is_counts(mask)

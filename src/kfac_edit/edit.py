@@ -9,10 +9,8 @@ directory (loadable by ``AutoModelForCausalLM.from_pretrained`` and lm-eval) plu
 :func:`edit_model_dir` is what ``kfac-edit edit`` does, and under ``torchrun`` it first spreads the
 eigendecompositions over the ranks (:func:`~kfac_edit.eigen.distributed_eigendecompose`).
 
-``--method ekfac`` ranks the pairs by EK-FAC eigenvalues (:mod:`kfac_edit.factors.ekfac`, passed as ``ekfac=``) and
-``--protect`` (a :class:`Protection`) keeps, besides the method's own pairs, those holding a share of a protected
-capability's curvature; both select through :func:`~kfac_edit.curvature.select_mass` / ``select_pairs`` and project
-with the general mask path of :func:`~kfac_edit.curvature.project_weight`.
+``--method ekfac`` ranks the pairs by EK-FAC eigenvalues (:mod:`kfac_edit.factors.ekfac`, passed as ``ekfac=``);
+``--protect`` (a :class:`Protection`) also keeps the pairs holding a share of a protected capability's curvature.
 """
 
 from __future__ import annotations
@@ -57,12 +55,10 @@ BIAS_SUFFIX = "#bias"  # ORIGINALS_ATTR key of a module's original bias (edited 
 class ModuleEdit:
     """What one projection's edit kept.
 
-    ``mass_fraction``: share of the method's own mass kept (curvature mass ``λ_G[i]·μ_A[j]`` for ``kfac`` and
+    ``mass_fraction``: share of the method's own mass kept (``λ_G[i]·μ_A[j]`` for ``kfac`` and
     ``kfac-independent``, the EK-FAC second moments for ``ekfac``, Σσ² for ``svd``, ``None`` for ``random``).
-    ``protected_mass_fraction``: with a :class:`Protection`, the share of the protected mass kept.
-    ``pairs_kept``/``pairs_total``: coefficients
-    kept (eigen-pairs; for ``svd`` singular directions out of ``min(out, in)``). ``grad_vectors_used`` /
-    ``act_vectors_used``: distinct G / A eigenvectors (left / right singular vectors for ``svd``).
+    ``pairs_kept``/``pairs_total``: coefficients kept (for ``svd`` singular directions out of ``min(out, in)``).
+    ``grad_vectors_used``/``act_vectors_used``: distinct G / A eigenvectors (singular vectors for ``svd``).
     ``weight_change``: ``‖W' − W‖ / ‖W‖`` (Frobenius; of ``[W b]`` when ``bias``).
     """
 
@@ -123,12 +119,7 @@ class EditReport:
 
 
 def _factor_blocks(names: list[str]) -> list[int]:
-    blocks = set()
-    for n in names:
-        m = re.search(r"\.(\d+)\.", n)
-        if m:
-            blocks.add(int(m.group(1)))
-    return sorted(blocks)
+    return sorted({int(m.group(1)) for m in map(re.compile(r"\.(\d+)\.").search, names) if m})
 
 
 def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, float]]:
@@ -587,25 +578,21 @@ def edit_model_dir(
         Protection(None, protect_weight)  # the weight's check, before loading anything
         if not Path(protect_dir).is_dir():
             raise UserError(f"--protect {protect_dir} is not a directory; give factors `kfac-edit collect` wrote")
-    if spec.method is Method.EKFAC:
-        from .factors.ekfac import Ekfac
+    from .factors.ekfac import Ekfac
 
-        if not Ekfac.exists(factors_dir):
-            Ekfac.load(factors_dir)  # the one-line error saying how to make them
+    if spec.method is Method.EKFAC and not Ekfac.exists(factors_dir):
+        Ekfac.load(factors_dir)  # the one-line error saying how to make them
     ctx = init_distributed(resolve_device(device))
     try:
         net, _ = load_model(model, dtype=dtype, device=str(rank_device(resolve_device(device), ctx)))
         declare_modules(net, modules, factors_dir)
         factors = load_edit_factors(net, spec, factors_dir)
         cache = EigenCache(cache_dir if cache_dir is not None else default_cache_dir())
+        names = [p.name for p, _ in resolve_targets(net, spec)]
         if ctx.enabled and factors is not None:
-            names = [p.name for p, _ in resolve_targets(net, spec)]
             distributed_eigendecompose(factors, names, cache, ctx, device=next(net.parameters()).device)
-        ekfac = protect = None
-        if spec.method is Method.EKFAC:
-            from .factors.ekfac import Ekfac
-
-            ekfac = Ekfac.load(factors_dir, names=[p.name for p, _ in resolve_targets(net, spec)])
+        ekfac = Ekfac.load(factors_dir, names=names) if spec.method is Method.EKFAC else None
+        protect = None
         if protect_dir is not None:
             protect = Protection(load_protect_factors(net, spec, protect_dir), protect_weight)
         inputs = None

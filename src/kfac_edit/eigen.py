@@ -8,13 +8,11 @@ factors' content hash, so a sweep over ``keep_mass`` pays each ``eigh`` once, an
 each module's :class:`~kfac_edit.curvature.HalfProducts` (keyed by the weight's bytes, bounded by
 ``projection_bytes``): a sweep projects the same weight at every point.
 
-**Spread over ranks.** ``eigh`` of an ``n x n`` matrix costs about ``n³``. A module's work is ``out³`` for ``G``
-plus ``in³`` for ``A``; ``gate`` and ``up`` of one block share their ``A`` (one tensor in
-:class:`~kfac_edit.factors.store.Factors`), so they form one unit of work, ``A`` decomposed once. Units go to ranks
-by longest-processing-time-first: the most expensive unit to the least loaded rank, which keeps the slowest rank
-within 4/3 of the best possible balance. Each rank computes its units through its cache (which writes them to the
-cache directory when it has one), and with ``share`` the owner broadcasts each result so that every rank's cache
-holds every module. ``kfac-edit edit`` under ``torchrun`` does this before editing; by hand::
+**Spread over ranks.** ``eigh`` of an ``n x n`` matrix costs about ``n³``: a module's work is ``out³ + in³``, and
+``gate`` and ``up`` of one block (one shared ``A``) form one unit. Units go to ranks longest-processing-time-first
+(the slowest rank within 4/3 of the best balance); each rank computes its units through its cache, and with
+``share`` the owner broadcasts each result to every rank's cache. ``kfac-edit edit`` under ``torchrun`` does this
+before editing; by hand::
 
     ctx = init_distributed("cuda")
     cache = EigenCache(cache_dir)
@@ -162,17 +160,11 @@ class EigenCache:
             return
         from safetensors.torch import save_file
 
-        tensors = {
-            "grad_values": grad.values,
-            "grad_vectors": grad.vectors,
-            "act_values": act.values,
-            "act_vectors": act.vectors,
-        }
+        tensors = {f"{side}_{part}": getattr(eig, part).detach().cpu().contiguous()
+                   for side, eig in (("grad", grad), ("act", act)) for part in ("values", "vectors")}  # fmt: skip
         try:
             with atomic_path(path) as tmp:
-                save_file(
-                    {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"module": name}
-                )
+                save_file(tensors, str(tmp), metadata={"module": name})
         except OSError as exc:
             log.warning("cannot write the eigen cache %s (%s); continuing without it", path, exc)
 
@@ -229,10 +221,6 @@ class EigenAssignment:
     computed: list[str] = field(default_factory=list)
 
 
-def _empty_eigen(n: int, device: torch.device) -> Eigen:
-    return Eigen(torch.empty(n, dtype=torch.float64, device=device), torch.empty(n, n, dtype=torch.float64, device=device))
-
-
 def distributed_eigendecompose(
     factors,
     names: Sequence[str],
@@ -265,7 +253,8 @@ def distributed_eigendecompose(
             if owner[name] == ctx.rank:
                 grad, act = (e.to(ctx.device) for e in mine[name])
             else:
-                grad, act = _empty_eigen(n_out, ctx.device), _empty_eigen(n_in, ctx.device)
+                grad, act = (Eigen(torch.empty(n, dtype=torch.float64, device=ctx.device),
+                                   torch.empty(n, n, dtype=torch.float64, device=ctx.device)) for n in (n_out, n_in))  # fmt: skip
             for tensor in (grad.values, grad.vectors, act.values, act.vectors):
                 broadcast_tensor(ctx, tensor, src=owner[name], what=f"sharing the eigendecomposition of {name}")
             if owner[name] != ctx.rank:
