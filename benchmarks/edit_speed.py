@@ -113,7 +113,9 @@ def compare_dense(args, cache_dir: Path, factors, model, on_gpu: bool, sync) -> 
         diff = 0.0
         for _ in range(max(1, args.repeats)):
             cache = EigenCache(None)  # the weight digest and the half-products are part of each timed call
-            project = lambda: project_weight(weight, grad, act, counts, halves=cache.half_products(factors, MODULE, weight))  # noqa: E731
+            def project():
+                return project_weight(weight, grad, act, counts, halves=cache.half_products(factors, MODULE, weight))
+
             cold_cost = staircase_cost(counts, out_dim, in_dim)
             cold, ct = measure(project, sync=sync)
             steady_cost = staircase_cost(counts, out_dim, in_dim, cache.half_products(factors, MODULE, weight))

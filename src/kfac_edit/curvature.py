@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,8 +114,7 @@ def eigendecompose(cov: torch.Tensor, name: str = "") -> Eigen:
         values, vectors = values.to(c.device), vectors.to(c.device)
     values = values.flip(0)
     vectors = vectors.flip(1)
-    top = float(values[0]) if values.numel() else 0.0
-    low = float(values[-1]) if values.numel() else 0.0
+    top, low = (float(values[0]), float(values[-1])) if values.numel() else (0.0, 0.0)
     negative = float(values.clamp_max(0.0).abs().sum())
     if not top > 0 or negative > 1e-3 * float(values.abs().sum()):  # zero, or far from PSD: an edit would zero W
         raise UserError(
@@ -134,11 +132,11 @@ def eigendecompose(cov: torch.Tensor, name: str = "") -> Eigen:
 
 
 def _f64_from_bits(bits: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", bits))[0]
+    return float(np.int64(bits).view(np.float64))
 
 
 def _bits_from_f64(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
+    return int(np.float64(x).view(np.int64))
 
 
 class _PairIndex:
@@ -604,7 +602,7 @@ def _project_staircase(
             q[f:h].addmm_(coeffs, ua.T)
         left.append(grad_cols(0, a))
         right.append(q)
-    if b > 0:  # columns [0, g) whole, rows [a, n) row-wise: P = Y[:, :g] + Σ_blocks U_G[:, rows] ((U_G[:, rows]ᵀ Y) ⊙ M)
+    if b > 0:  # columns [0, g) whole, rows [a, n) row-wise: P = Y[:, :g] + Σ U_G[:, rows] ((U_G[:, rows]ᵀ Y) ⊙ M)
         # As Yᵀ and Pᵀ (b × out): a CPU BLAS multiplies a short-wide Yᵀ by a column slice of U_G ~15x faster than
         # the slice's transpose by a tall-skinny Y (measured at 11008 × 4096, one thread).
         y_t = halves.prefix("trail", b, lambda lo, hi: u_act[:, lo:hi].T @ w().T)

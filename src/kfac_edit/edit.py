@@ -475,12 +475,8 @@ def apply_edit(
             factors = without_bias_coordinate(factors, targets)
         recorded = (getattr(factors, "manifest", None) or {}).get("model_fingerprint")
         if recorded and targets and recorded != model_fingerprint(model):
-            log.warning(
-                "the factors were collected on a model with another config (fingerprint %s, this model %s); "
-                "shapes match, so editing goes on",
-                recorded,
-                model_fingerprint(model),
-            )
+            log.warning("the factors were collected on a model with another config (fingerprint %s, this model %s); "
+                        "shapes match, so editing goes on", recorded, model_fingerprint(model))  # fmt: skip
     if spec.method is Method.EKFAC:
         if ekfac is None:
             raise UserError("--method ekfac needs EK-FAC eigenvalues: run `kfac-edit collect --ekfac` for the factors")

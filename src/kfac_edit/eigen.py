@@ -253,8 +253,8 @@ def distributed_eigendecompose(
             if owner[name] == ctx.rank:
                 grad, act = (e.to(ctx.device) for e in mine[name])
             else:
-                grad, act = (Eigen(torch.empty(n, dtype=torch.float64, device=ctx.device),
-                                   torch.empty(n, n, dtype=torch.float64, device=ctx.device)) for n in (n_out, n_in))  # fmt: skip
+                empty = lambda *shape: torch.empty(shape, dtype=torch.float64, device=ctx.device)  # noqa: E731
+                grad, act = (Eigen(empty(n), empty(n, n)) for n in (n_out, n_in))
             for tensor in (grad.values, grad.vectors, act.values, act.vectors):
                 broadcast_tensor(ctx, tensor, src=owner[name], what=f"sharing the eigendecomposition of {name}")
             if owner[name] != ctx.rank:
