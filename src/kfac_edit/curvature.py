@@ -447,23 +447,15 @@ def pair_stats(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, mask: torc
 
     ``mask``: a bool ``(out, in)`` mask, or the per-row counts of :func:`select_pairs` (O(out), no mask built).
     """
-    if _is_counts(mask):
-        c = _as_counts(mask)
-        n_cols = int(act_eigvals.numel())
-        return PairStats(
-            pairs_kept=int(c.sum()),
-            pairs_total=int(c.size) * n_cols,
-            mass_fraction=pair_mass_fraction(grad_eigvals, act_eigvals, mask),
-            grad_vectors_used=int(np.count_nonzero(c)),
-            act_vectors_used=int(c.max()) if c.size else 0,  # the rows' sets are nested: the largest is their union
-        )
-    row_counts = _row_sums(mask)
+    counts = _is_counts(mask)
+    rows = _as_counts(mask) if counts else _row_sums(mask).cpu().numpy()
     return PairStats(
-        pairs_kept=int(row_counts.sum()),
-        pairs_total=int(mask.numel()),
+        pairs_kept=int(rows.sum()),
+        pairs_total=rows.size * int(act_eigvals.numel()),
         mass_fraction=pair_mass_fraction(grad_eigvals, act_eigvals, mask),
-        grad_vectors_used=int((row_counts > 0).sum()),
-        act_vectors_used=int((_row_sums(mask.T) > 0).sum()),
+        grad_vectors_used=int(np.count_nonzero(rows)),
+        # a staircase's row sets are nested: the largest is their union
+        act_vectors_used=int(rows.max(initial=0)) if counts else int((_row_sums(mask.T) > 0).sum()),
     )
 
 
