@@ -113,6 +113,7 @@ def compare_dense(args, cache_dir: Path, factors, model, on_gpu: bool, sync) -> 
         diff = 0.0
         for _ in range(max(1, args.repeats)):
             cache = EigenCache(None)  # the weight digest and the half-products are part of each timed call
+
             def project():
                 return project_weight(weight, grad, act, counts, halves=cache.half_products(factors, MODULE, weight))
 
