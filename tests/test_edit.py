@@ -198,7 +198,7 @@ def test_sweep_through_one_cache_equals_fresh_edits():
     for keep in (0.5, 0.95, 0.3, 0.8):
         spec = EditSpec.from_json({"1": {"gate": keep, "up": keep}})
         apply_edit(model, factors, spec, cache=cache)
-        swept = [model.get_submodule(m).weight.clone() for m in modules]
+        swept = [model.get_submodule(m).weight.detach().clone() for m in modules]
         apply_edit(model, factors, spec, cache=EigenCache(None))
         for m, w in zip(modules, swept):
             assert float((model.get_submodule(m).weight.detach() - w).abs().max()) < 1e-12, (keep, m)
