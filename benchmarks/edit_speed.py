@@ -11,12 +11,14 @@ The JSON also records the pace of one plain (out, in) @ (in, in) GEMM measured i
 on a busy or different machine can be put in proportion.
 
 Then (unless --no-dense) `project_weight` on the staircase of `select_pairs` is timed against the dense projection
-``U_G((U_Gᵀ W U_A)⊙M)U_Aᵀ`` (four full GEMMs) in the compute dtype, the two interleaved, with the same cached
-eigenbases (their compute-dtype copies made once, before timing: a sweep's steady state), and the results
-compared (max |difference| relative to max |W'|). CPU time (`time.process_time`) and wall time are printed; ratios
+``U_G((U_Gᵀ W U_A)⊙M)U_Aᵀ`` (four full GEMMs) in the compute dtype, interleaved, with the same eigenbases (their
+compute-dtype copies made once, before timing): cold (a fresh `EigenCache`: the weight's digest and the
+half-products `U_G[:, :a]ᵀ W`, `W U_A[:, :b]` are built in the call) and steady (the same cache again: a sweep's
+later points, half-products kept), and the results compared (max |difference| relative to max |W'|). CPU time (`time.process_time`) and wall time are printed; ratios
 come from CPU time on a CPU, wall time on a GPU. One torch thread unless --threads.
 
     python benchmarks/edit_speed.py [--out benchmarks/results/edit_speed.json] [--device cpu] [--out-dim 2752 --in-dim 1024]
+        [--repeats N]
 """
 
 from __future__ import annotations
@@ -89,11 +91,12 @@ class CachedFactors:
     activation_cov = grad_cov
 
 
-def compare_dense(args, cache_dir: Path, key: str, model, on_gpu: bool, sync) -> list[dict]:
-    """`project_weight` on the staircase vs the dense four-GEMM projection, same eigenbases, interleaved."""
+def compare_dense(args, cache_dir: Path, factors, model, on_gpu: bool, sync) -> list[dict]:
+    """`project_weight` on the staircase, cold (fresh half-products, built in the call) and steady (a sweep's later
+    points: half-products kept), against the dense four-GEMM projection, same eigenbases, interleaved."""
     from safetensors.torch import load_file
 
-    t = load_file(str(cache_dir / f"{key}.safetensors"), device=args.device)
+    t = load_file(str(cache_dir / f"{factors.content_hash(MODULE)}.safetensors"), device=args.device)
     grad = Eigen(t["grad_values"], t["grad_vectors"])
     act = Eigen(t["act_values"], t["act_vectors"])
     weight = model.get_submodule(MODULE).weight.detach()
@@ -106,34 +109,53 @@ def compare_dense(args, cache_dir: Path, key: str, model, on_gpu: bool, sync) ->
     for keep in args.keep:
         counts = select_pairs(grad.values, act.values, keep)
         mask = pairs_mask(counts, act.values, device=args.device)
-        fast_times, dense_times = [], []
+        times = {"cold": [], "steady": [], "dense": []}
+        diff = 0.0
         for _ in range(max(1, args.repeats)):
-            fast, ft = measure(lambda: project_weight(weight, grad, act, counts), sync=sync)
+            cache = EigenCache(None)  # the weight digest and the half-products are part of each timed call
+
+            def project():
+                return project_weight(weight, grad, act, counts, halves=cache.half_products(factors, MODULE, weight))
+
+            cold_cost = staircase_cost(counts, out_dim, in_dim)
+            cold, ct = measure(project, sync=sync)
+            steady_cost = staircase_cost(counts, out_dim, in_dim, cache.half_products(factors, MODULE, weight))
+            steady, st = measure(project, sync=sync)
             dense, dt = measure(lambda: (ug @ ((ug.T @ w) @ ua).mul_(mask)) @ ua.T, sync=sync)
-            fast_times.append(ft)
-            dense_times.append(dt)
-        ft = sorted(fast_times, key=lambda x: x.cpu)[len(fast_times) // 2]
-        dt = sorted(dense_times, key=lambda x: x.cpu)[len(dense_times) // 2]
-        diff = float((fast.to(dtype) - dense).abs().max()) / max(float(dense.abs().max()), 1e-30)
-        cost = staircase_cost(counts, out_dim, in_dim)
+            for name, x in (("cold", ct), ("steady", st), ("dense", dt)):
+                times[name].append(x)
+            scale = max(float(dense.abs().max()), 1e-30)
+            diff = max(diff, *(float((r.to(dtype) - dense).abs().max()) / scale for r in (cold, steady)))
+            del cold, steady, dense
+        ct, st, dt = (sorted(times[k], key=lambda x: x.cpu)[len(times[k]) // 2] for k in ("cold", "steady", "dense"))
+        halves = cache.half_products(factors, MODULE, weight)
         row = {
             "keep_mass": keep,
             "shape": [out_dim, in_dim],
-            **ft.as_dict("project_weight_"),
+            **ct.as_dict("cold_"),
+            **st.as_dict("steady_"),
             **dt.as_dict("dense_"),
-            "speedup": ratio(dt, ft, on_gpu),
-            "speedup_wall": ratio(dt, ft, True),
-            "cost_model_speedup": dense_cost / cost if cost else float("inf"),
+            "speedup_cold": ratio(dt, ct, on_gpu),
+            "speedup_steady": ratio(dt, st, on_gpu),
+            "speedup_cold_wall": ratio(dt, ct, True),
+            "speedup_steady_wall": ratio(dt, st, True),
+            "cost_model_speedup_cold": dense_cost / cold_cost if cold_cost else float("inf"),
+            "cost_model_speedup_steady": dense_cost / steady_cost if steady_cost else float("inf"),
+            "half_products_mib": halves.nbytes / 2**20,
+            "half_products_rows_cols": [halves.rows("lead"), halves.rows("trail")],
             "max_rel_difference": diff,
         }
         rows.append(row)
+        unit = "wall" if on_gpu else "CPU"
         print(
-            f"keep_mass {keep} {out_dim}x{in_dim}: project_weight {ft}, dense {dt} -> {row['speedup']:.1f}x "
-            f"({'wall' if on_gpu else 'CPU'}; {row['speedup_wall']:.1f}x wall; cost model {row['cost_model_speedup']:.1f}x); "
-            f"max |diff| / max |W'| = {diff:.2e}",
+            f"keep_mass {keep} {out_dim}x{in_dim}: project_weight cold {ct}, steady {st}; dense {dt} -> "
+            f"{row['speedup_cold']:.1f}x cold, {row['speedup_steady']:.1f}x steady ({unit}; wall "
+            f"{row['speedup_cold_wall']:.1f}x / {row['speedup_steady_wall']:.1f}x; cost model "
+            f"{row['cost_model_speedup_cold']:.1f}x / {row['cost_model_speedup_steady']:.1f}x); half-products "
+            f"{row['half_products_mib']:.1f} MiB; max |diff| / max |W'| = {diff:.2e}",
             flush=True,
         )
-        del fast, dense, mask
+        del mask
     return rows
 
 
@@ -221,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     restore(model)
-    projection = [] if args.no_dense else compare_dense(args, cache_dir, key, model, on_gpu, sync)
+    projection = [] if args.no_dense else compare_dense(args, cache_dir, factors, model, on_gpu, sync)
     result = {
         "benchmark": "edit_speed",
         "config": {

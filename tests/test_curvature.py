@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from kfac_edit import curvature
 from kfac_edit.curvature import (
     Eigen,
+    HalfProducts,
     edit_weight,
     eigendecompose,
-    independent_mask,
     independent_counts,
     pair_mass_fraction,
     pair_stats,
@@ -224,7 +224,7 @@ def test_project_weight_any_mask_matches_dense(seed):
     masks = [
         torch.rand(out_dim, in_dim, generator=gen) < 0.2,  # arbitrary pattern: rows out of order
         select_pairs_mask(grad_eig.values, act_eig.values, 0.6),
-        independent_mask(grad_eig.values, act_eig.values, 0.8),
+        pairs_mask(independent_counts(grad_eig.values, act_eig.values, 0.8), act_eig.values),
         torch.arange(in_dim)[None, :] < torch.randint(0, in_dim + 1, (out_dim, 1), generator=gen),  # unsorted prefixes
         torch.zeros(out_dim, in_dim, dtype=torch.bool),
     ]
@@ -276,6 +276,67 @@ def test_project_weight_counts_match_dense(seed):
         project_weight(w, grad_small, tied, torch.tensor([7, 0, 0]))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    keeps=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=5),
+    full=st.sampled_from(["none", "rows", "columns", "both"]),
+    seed=st.integers(0, 2**16),
+)
+@example(shape=(30, 12), keeps=[0.95, 0.3, 0.99, 0.5], full="both", seed=0)
+def test_project_weight_half_products_match_dense(shape, keeps, full, seed):
+    """A sweep through one HalfProducts (keep_mass up and down) equals fresh calls and the dense projection (fp64),
+    also where rows keep every column and columns are kept by every row (the plan's shortcuts)."""
+    out_dim, in_dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    grad_eig = eigendecompose(random_spd(out_dim, seed=seed))
+    act_eig = eigendecompose(random_spd(in_dim, seed=seed + 1))
+    weight = torch.randn(out_dim, in_dim, dtype=torch.float64, generator=gen)
+    ug, ua = grad_eig.vectors, act_eig.vectors
+    halves = HalfProducts()
+    for keep in keeps:
+        counts = select_pairs(grad_eig.values, act_eig.values, keep)
+        if full in ("rows", "both"):
+            counts[: (out_dim + 1) // 2] = in_dim
+        if full in ("columns", "both"):
+            counts.clamp_(min=min(2, in_dim))
+        dense = ug @ ((ug.T @ weight @ ua) * pairs_mask(counts, act_eig.values)) @ ua.T
+        fresh = project_weight(weight, grad_eig, act_eig, counts)
+        cached = project_weight(weight, grad_eig, act_eig, counts, halves=halves)
+        assert float((fresh - dense).abs().max()) < 1e-12
+        assert float((cached - dense).abs().max()) < 1e-12
+        assert float((cached - fresh).abs().max()) < 1e-12
+    assert halves.nbytes <= 8 * 2 * out_dim * in_dim  # at most U_Gᵀ W and W U_A in full
+    assert staircase_cost(counts, out_dim, in_dim, halves) <= staircase_cost(counts, out_dim, in_dim)
+
+
+def test_half_products_grow_and_are_reused():
+    grad_eig, act_eig = eigendecompose(random_spd(40, seed=3)), eigendecompose(random_spd(20, seed=4))
+    weight = torch.randn(40, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    halves = HalfProducts()
+    low, high = (select_pairs(grad_eig.values, act_eig.values, k) for k in (0.6, 0.97))
+    project_weight(weight, grad_eig, act_eig, low, halves=halves)
+    lead, trail = halves.rows("lead"), halves.rows("trail")
+    assert 0 < lead + trail and halves.nbytes == 8 * (lead * 20 + trail * 40)
+    assert torch.allclose(halves.lead, grad_eig.vectors[:, :lead].T @ weight, atol=1e-13)
+    assert torch.allclose(halves.trail, (weight @ act_eig.vectors[:, :trail]).T, atol=1e-13)
+    project_weight(weight, grad_eig, act_eig, high, halves=halves)
+    assert halves.rows("lead") >= lead and halves.rows("trail") >= trail
+    held = (halves.lead, halves.trail)
+    project_weight(weight, grad_eig, act_eig, low, halves=halves)  # nothing new needed: the same tensors
+    assert halves.lead is held[0] and halves.trail is held[1]
+    # fp32 weights (another compute dtype) do not use fp64 half-products, nor overwrite them
+    w32 = project_weight(weight.float(), grad_eig, act_eig, low, halves=halves)
+    assert w32.dtype == torch.float32 and halves.lead is held[0]
+    assert float((w32.double() - project_weight(weight, grad_eig, act_eig, low)).abs().max()) < 1e-5
+    # the plan's shortcuts in use: 5 rows keep every column, every row keeps columns 0..2
+    counts = torch.tensor([20] * 5 + [6] * 15 + [3] * 20)
+    assert curvature._staircase_plan(counts.numpy(), 40, 20)[:2] == (5, 3)
+    dense = grad_eig.vectors @ ((grad_eig.vectors.T @ weight @ act_eig.vectors) * pairs_mask(counts, 20))
+    dense = dense @ act_eig.vectors.T
+    assert float((project_weight(weight, grad_eig, act_eig, counts, halves=halves) - dense).abs().max()) < 1e-12
+
+
 def random_orthogonal_basis(n: int, seed: int) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))[0]
 
@@ -301,7 +362,8 @@ def test_independent_truncation():
     assert float(grad_eig.values[: r_grad - 1].sum()) < 0.7 * float(grad_eig.values.sum())
     ug, ua = grad_eig.vectors[:, :r_grad], act_eig.vectors[:, :r_act]
     expected = ug @ ug.T @ weight @ ua @ ua.T
-    edited = project_weight(weight, grad_eig, act_eig, independent_mask(grad_eig.values, act_eig.values, 0.7))
+    independent = pairs_mask(independent_counts(grad_eig.values, act_eig.values, 0.7), act_eig.values)
+    edited = project_weight(weight, grad_eig, act_eig, independent)
     assert torch.allclose(edited, expected, atol=1e-12)
 
 

@@ -9,7 +9,8 @@ import torch
 from conftest import make_tiny_olmo2
 
 from kfac_edit.cli import main
-from kfac_edit.curvature import edit_weight, eigendecompose, pair_mass_fraction
+from kfac_edit.curvature import edit_weight, eigendecompose, pair_mass_fraction, project_weight
+from kfac_edit.curvature import select_pairs as select_pairs_counts
 from kfac_edit.curvature import select_pairs_mask as select_pairs  # the tests below read a bool mask
 from kfac_edit.constants import EDIT_REPORT_FILE
 from kfac_edit.edit import ORIGINALS_ATTR, apply_edit, restore, save_edited
@@ -165,6 +166,44 @@ def test_edits_do_not_compound_and_failures_leave_model_untouched():
         apply_edit(model, bad, EditSpec.from_json('{"0": {"down": 0.5}, "1": {"down": 0.5}}'))
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_half_products_follow_the_weight_and_stay_bounded():
+    model = make_tiny_olmo2()
+    factors = make_factors(model)
+    name, other = "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"
+    weight = model.get_submodule(name).weight.detach()
+    cache = EigenCache(None)
+    halves = cache.half_products(factors, name, weight)
+    assert cache.half_products(factors, name, weight.clone()) is halves  # the same bytes: the same entry
+    changed = weight.clone()
+    changed[3, 5] += 1e-9
+    assert cache.half_products(factors, name, changed) is not halves  # W changed: fresh half-products
+    assert EigenCache(None, projection_bytes=0).half_products(factors, name, weight) is None  # opt-out
+    small = EigenCache(None, projection_bytes=1)
+    grad_eig, act_eig = small.get(factors, name)
+    first = small.half_products(factors, name, weight)
+    project_weight(weight, grad_eig, act_eig, select_pairs_counts(grad_eig.values, act_eig.values, 0.9), halves=first)
+    assert first.nbytes > 1
+    small.half_products(factors, other, model.get_submodule(other).weight.detach())  # over the bound: first dropped
+    assert small.half_products(factors, name, weight) is not first
+
+
+def test_sweep_through_one_cache_equals_fresh_edits():
+    """keep_mass up and down with one EigenCache (half-products kept and grown) gives the weights of fresh edits."""
+    model = make_tiny_olmo2()
+    factors = make_factors(model)
+    cache = EigenCache(None)
+    modules = ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    for keep in (0.5, 0.95, 0.3, 0.8):
+        spec = EditSpec.from_json({"1": {"gate": keep, "up": keep}})
+        apply_edit(model, factors, spec, cache=cache)
+        swept = [model.get_submodule(m).weight.detach().clone() for m in modules]
+        apply_edit(model, factors, spec, cache=EigenCache(None))
+        for m, w in zip(modules, swept):
+            assert float((model.get_submodule(m).weight.detach() - w).abs().max()) < 1e-12, (keep, m)
+    restore(model)
+    assert len(cache._halves) == 2 and all(h.nbytes > 0 for _, h in cache._halves.values())
 
 
 def test_apply_edit_bad_factors_and_blocks():

@@ -22,9 +22,9 @@ in fp64 for fp64 weights and fp32 otherwise (the result is cast back to the weig
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,8 +114,7 @@ def eigendecompose(cov: torch.Tensor, name: str = "") -> Eigen:
         values, vectors = values.to(c.device), vectors.to(c.device)
     values = values.flip(0)
     vectors = vectors.flip(1)
-    top = float(values[0]) if values.numel() else 0.0
-    low = float(values[-1]) if values.numel() else 0.0
+    top, low = (float(values[0]), float(values[-1])) if values.numel() else (0.0, 0.0)
     negative = float(values.clamp_max(0.0).abs().sum())
     if not top > 0 or negative > 1e-3 * float(values.abs().sum()):  # zero, or far from PSD: an edit would zero W
         raise UserError(
@@ -133,21 +132,18 @@ def eigendecompose(cov: torch.Tensor, name: str = "") -> Eigen:
 
 
 def _f64_from_bits(bits: int) -> float:
-    return struct.unpack("<d", struct.pack("<q", bits))[0]
+    return float(np.int64(bits).view(np.float64))
 
 
 def _bits_from_f64(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
+    return int(np.float64(x).view(np.int64))
 
 
 class _PairIndex:
     """Counts and masses of ``{(i, j): λ_i·μ_j >= t}`` in O(out·log in), with products exactly as fp64 computes them.
 
-    Works on the eigenvalues only (small vectors), in NumPy on the CPU: single-threaded, so thousands of tiny
-    operations do not pay thread start-up costs. ``λ`` may be in any order; ``μ`` is sorted internally. For each
-    row ``i`` the kept columns at threshold ``t`` are the top-``count_i`` values of ``μ`` (the product is monotone
-    in ``μ`` for ``λ_i > 0``); equal ``μ`` are ranked by column index, so for descending ``μ`` they are the first
-    ``count_i`` columns.
+    NumPy on the CPU (thousands of tiny operations on the eigenvalues). Row ``i`` keeps the top-``count_i`` values
+    of ``μ`` (``λ`` in any order; equal ``μ`` ranked by column index, so for descending ``μ`` the first columns).
     """
 
     def __init__(self, lam: torch.Tensor, mu: torch.Tensor):
@@ -376,22 +372,14 @@ def truncation_rank(values: torch.Tensor, keep_mass: float) -> int:
 
 
 def independent_counts(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mass: float) -> torch.Tensor:
-    """:func:`independent_mask` as per-row counts (a rectangle: the first ``r_G`` rows keep ``r_A`` columns)."""
+    """Independent truncation as per-row counts: the top eigenvectors of G holding ``keep_mass`` of Σλ times those
+    of A holding ``keep_mass`` of Σμ (a rectangle, the first ``r_G`` rows keep ``r_A`` columns; its pair mass is
+    about ``keep_mass²``). Eigenvalues descending."""
     r_grad = truncation_rank(grad_eigvals, keep_mass)
     r_act = truncation_rank(act_eigvals, keep_mass)
     counts = torch.zeros(grad_eigvals.numel(), dtype=torch.int64)
     counts[:r_grad] = r_act
     return counts
-
-
-def independent_mask(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mass: float) -> torch.Tensor:
-    """Mask of independent truncation: the top eigenvectors of G holding ``keep_mass`` of Σλ times those of A
-    holding ``keep_mass`` of Σμ (a rectangle; its pair mass is about ``keep_mass²``). Eigenvalues descending."""
-    r_grad = truncation_rank(grad_eigvals, keep_mass)
-    r_act = truncation_rank(act_eigvals, keep_mass)
-    mask = torch.zeros(grad_eigvals.numel(), act_eigvals.numel(), dtype=torch.bool, device=grad_eigvals.device)
-    mask[:r_grad, :r_act] = True
-    return mask
 
 
 def _row_sums(mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -454,35 +442,20 @@ def pair_mass_fraction(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, ma
     return kept / total
 
 
-def _any_rows(mask: torch.Tensor) -> torch.Tensor:
-    """Per row of ``mask``, whether it keeps anything (NumPy on a CPU: torch's ``any`` is slow there)."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.asarray(mask.numpy().any(axis=1)))
-    return mask.any(1)
-
-
 def pair_stats(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, mask: torch.Tensor) -> PairStats:
     """Pairs kept, their mass fraction and the distinct eigenvectors they use (see :class:`PairStats`).
 
     ``mask``: a bool ``(out, in)`` mask, or the per-row counts of :func:`select_pairs` (O(out), no mask built).
     """
-    if _is_counts(mask):
-        c = _as_counts(mask)
-        n_cols = int(act_eigvals.numel())
-        return PairStats(
-            pairs_kept=int(c.sum()),
-            pairs_total=int(c.size) * n_cols,
-            mass_fraction=pair_mass_fraction(grad_eigvals, act_eigvals, mask),
-            grad_vectors_used=int(np.count_nonzero(c)),
-            act_vectors_used=int(c.max()) if c.size else 0,  # the rows' sets are nested: the largest is their union
-        )
-    row_counts = _row_sums(mask)
+    counts = _is_counts(mask)
+    rows = _as_counts(mask) if counts else _row_sums(mask).cpu().numpy()
     return PairStats(
-        pairs_kept=int(row_counts.sum()),
-        pairs_total=int(mask.numel()),
+        pairs_kept=int(rows.sum()),
+        pairs_total=rows.size * int(act_eigvals.numel()),
         mass_fraction=pair_mass_fraction(grad_eigvals, act_eigvals, mask),
-        grad_vectors_used=int((row_counts > 0).sum()),
-        act_vectors_used=int(_any_rows(mask.T).sum()) if mask.numel() else 0,
+        grad_vectors_used=int(np.count_nonzero(rows)),
+        # a staircase's row sets are nested: the largest is their union
+        act_vectors_used=int(rows.max(initial=0)) if counts else int((_row_sums(mask.T) > 0).sum()),
     )
 
 
@@ -499,32 +472,71 @@ _BLOCK_RATIO = 1.25  # a block of rows (columns) spans prefixes (extents) within
 _PAD = 1.15  # the block padding's average excess area, in the cost model
 
 
-def _staircase_plan(c: np.ndarray, out_dim: int, in_dim: int) -> tuple[int, float]:
-    """``(a, multiply count)`` of the cheapest split of a staircase ``c`` (sorted descending, all > 0).
+class HalfProducts:
+    """``lead = U_G[:, :a]ᵀ W`` (``a × in``) and ``trail = (W U_A[:, :b])ᵀ`` (``b × out``) of one weight, grown to
+    the longest prefixes :func:`project_weight` has needed: a sweep projects the same ``W`` at many ``keep_mass``.
+    At most ``2·out·in`` elements of the compute dtype (360 MB in fp32 at 11008 × 4096);
+    :meth:`kfac_edit.eigen.EigenCache.half_products` keys them by the weight's bytes and bounds their total."""
 
-    Rows ``[0, a)`` are done column-wise through ``X = U_G[:, :a]ᵀ W`` (``a × in``): blocks of columns of similar
-    extent give ``C = X[:h] U_A[:, cols]``, masked, summed into ``Q += C U_A[:, cols]ᵀ`` (``a × in``), so each of
-    their pairs costs ``2·in``. Rows ``[a, n)``, whose prefixes are at most ``b = c[a]``, are done row-wise through
-    ``Y = W U_A[:, :b]`` (``out × b``): blocks of rows of similar prefix give ``C = U_G[:, rows]ᵀ Y[:, :w]``,
-    masked, summed into ``P += U_G[:, rows] C`` (``out × b``): ``2·out`` per pair. Then
-    ``W' = U_G[:, :a] Q + P U_A[:, :b]ᵀ``. Every product, back-projection included, is counted.
+    def __init__(self):
+        self.lead: torch.Tensor | None = None
+        self.trail: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.lead, self.trail) if t is not None)
+
+    def fits(self, like: torch.Tensor) -> bool:
+        return all(t.dtype == like.dtype and t.device == like.device for t in (self.lead, self.trail) if t is not None)
+
+    def rows(self, which: str) -> int:
+        held = getattr(self, which)
+        return 0 if held is None else held.shape[0]
+
+    def prefix(self, which: str, n: int, make) -> torch.Tensor:
+        """The first ``n`` rows of ``which``, the missing ones made by ``make(start, stop)``."""
+        held, have = getattr(self, which), self.rows(which)
+        if have < n:
+            held = make(have, n) if held is None else torch.cat([held, make(have, n)])
+            setattr(self, which, held)
+        return held[:n]
+
+
+def _staircase_plan(c: np.ndarray, out_dim: int, in_dim: int, have: tuple[int, int] = (0, 0)) -> tuple[int, int, float]:
+    """``(a, g, multiply count)`` of the cheapest split of a staircase ``c`` (sorted descending, all > 0).
+
+    Columns ``[0, g)``, kept by every row, are ``Y[:, :g] = W U_A[:, :g]`` as they are (``g`` is 0 or ``c[-1]``).
+    Rows ``[0, a)`` are done column-wise through ``X = U_G[:, :a]ᵀ W`` (``a × in``): the rows keeping every column
+    as ``X[i] − X[i] U_A[:, :g] U_A[:, :g]ᵀ``, the others in blocks of columns ``j >= g`` of similar extent,
+    ``C = X[rows] U_A[:, cols]``, masked, summed into ``Q += C U_A[:, cols]ᵀ``: ``2·in`` per pair. Rows
+    ``[a, n)``, whose prefixes are at most ``b = c[a]``, are done row-wise through ``Y = W U_A[:, :b]``: blocks of
+    rows of similar prefix give ``C = U_G[:, rows]ᵀ Y[:, g:w]``, masked, summed into ``P += U_G[:, rows] C``:
+    ``2·out`` per pair. Then one product ``W' = [U_G[:, :a] P] [Q; U_A[:, :b]ᵀ]``. Every product is counted; the
+    first ``have`` rows of ``X`` and columns of ``Y`` (:class:`HalfProducts`) are free.
     """
     n = c.size
     a = np.arange(n + 1, dtype=np.float64)
-    b = np.concatenate([c, [0]]).astype(np.float64)
-    tail = np.concatenate([np.cumsum(c[::-1])[::-1], [0]]).astype(np.float64)  # pairs in rows [a, n)
-    head = np.concatenate([[0], np.cumsum(c)]).astype(np.float64)  # pairs in rows [0, a)
-    cost = 2.0 * out_dim * in_dim * (a + b) + 2.0 * _PAD * (out_dim * tail + in_dim * head)
-    best = int(np.argmin(cost))
-    return best, float(cost[best])
+    full_row = np.arange(n) < np.count_nonzero(c == in_dim)
+    best = (0, 0, math.inf)
+    for g in {0, int(c[-1]) if n == out_dim else 0}:
+        b = np.maximum(np.concatenate([c, [0]]), g).astype(np.float64)
+        rest = (c - g).astype(np.float64)  # per row, the pairs outside the g full columns
+        head = np.concatenate([[0], np.cumsum(np.where(full_row, g, rest))]) * in_dim
+        tail = np.concatenate([np.cumsum(rest[::-1])[::-1], [0]]) * out_dim
+        halves = np.maximum(a - have[0], 0) + np.maximum(b - have[1], 0)
+        cost = out_dim * in_dim * (a + b + halves) + 2.0 * _PAD * (head + tail)
+        k = int(np.argmin(cost))
+        best = min(best, (k, g, float(cost[k])), key=lambda plan: plan[2])
+    return best
 
 
-def staircase_cost(counts, out_dim: int, in_dim: int) -> float:
-    """Multiply-adds :func:`project_weight` spends on a staircase, by its cost model (the dense projection costs
-    ``2·out·in·(out + in)``)."""
+def staircase_cost(counts, out_dim: int, in_dim: int, halves: HalfProducts | None = None) -> float:
+    """Multiply-adds :func:`project_weight` spends on a staircase, by its cost model, with ``halves`` as they
+    stand (the dense projection costs ``2·out·in·(out + in)``)."""
     c = _as_counts(counts)
     c = np.sort(c[c > 0])[::-1]
-    return _staircase_plan(c, out_dim, in_dim)[1] if c.size else 0.0
+    have = (halves.rows("lead"), halves.rows("trail")) if halves is not None else (0, 0)
+    return _staircase_plan(c, out_dim, in_dim, have)[2] if c.size else 0.0
 
 
 def _blocks(extent: np.ndarray) -> list[tuple[int, int]]:
@@ -540,64 +552,64 @@ def _blocks(extent: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _project_staircase(
-    w: torch.Tensor, u_grad: torch.Tensor, u_act: torch.Tensor, counts: np.ndarray, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """``U_G ((U_Gᵀ W U_A) ⊙ M) U_Aᵀ`` where row ``i`` of ``M`` is the prefix ``[0, counts[i])`` (see
-    :func:`_staircase_plan` for the method)."""
-    out_dim, in_dim = w.shape
-    device, dtype = w.device, w.dtype
+    w, u_grad: torch.Tensor, u_act: torch.Tensor, counts: np.ndarray, halves: HalfProducts | None
+) -> torch.Tensor | None:
+    """``U_G ((U_Gᵀ W U_A) ⊙ M) U_Aᵀ`` in the compute dtype where row ``i`` of ``M`` is the prefix
+    ``[0, counts[i])`` (see :func:`_staircase_plan`); ``w()`` gives ``W`` in the compute dtype; ``None`` when
+    ``M`` is empty."""
+    out_dim, in_dim = u_grad.shape[0], u_act.shape[0]
+    device = u_grad.device
     order = np.argsort(-counts, kind="stable")
     cs = counts[order]
     n_rows = int(np.count_nonzero(cs))
     if n_rows == 0:
-        return torch.zeros(out_dim, in_dim, dtype=out_dtype, device=device)
+        return None
     cs = cs[:n_rows]
     identity = bool((order[:n_rows] == np.arange(n_rows)).all())
     order_t = None if identity else torch.from_numpy(order[:n_rows].copy()).to(device)
     cs_t = torch.from_numpy(cs.copy()).to(device)
+    if halves is None or not identity or not halves.fits(u_grad):  # reusable in the basis' order, dtype, device
+        halves = HalfProducts()
 
     def grad_cols(start: int, stop: int) -> torch.Tensor:
         return u_grad[:, start:stop] if identity else u_grad.index_select(1, order_t[start:stop])
 
-    a, _ = _staircase_plan(cs, out_dim, in_dim)
-    b = int(cs[a]) if a < n_rows else 0
-    q = ug_lead = None
-    if a > 0:  # rows [0, a), column-wise: X = U_G[:, :a]ᵀ W, Q = Σ_blocks ((X[:h] U_A[:, cols]) ⊙ M) U_A[:, cols]ᵀ
-        ug_lead = grad_cols(0, a)
-        x = ug_lead.T @ w
-        q = torch.zeros(a, in_dim, dtype=dtype, device=device)
-        c0 = int(cs[0])
-        heights = np.searchsorted(-cs[:a], -np.arange(c0), side="left")  # rows of [0, a) keeping column j
+    a, g, _ = _staircase_plan(cs, out_dim, in_dim, (halves.rows("lead"), halves.rows("trail")))
+    b = max(int(cs[a]) if a < n_rows else 0, g)
+    left, right = [], []
+    if a > 0:  # rows [0, a), column-wise
+        x = halves.prefix("lead", a, lambda lo, hi: grad_cols(lo, hi).T @ w())
+        f = min(int(np.count_nonzero(cs == in_dim)), a)  # rows keeping every column
+        q = torch.zeros(a, in_dim, dtype=x.dtype, device=device)
+        q[:f] = x[:f]
+        if g and f:
+            q[:f].addmm_(x[:f] @ u_act[:, :g], u_act[:, :g].T, alpha=-1)
+        # per column j >= g, the rows in [f, a) keeping it
+        heights = np.searchsorted(-cs[:a], -np.arange(g, int(cs[f]) if f < a else g), side="left") - f
         for start, stop in _blocks(heights):
-            h = int(heights[start])
-            ua = u_act[:, start:stop]
-            coeffs = x[:h] @ ua
-            cols = torch.arange(start, stop, device=device)
-            coeffs.mul_(cols.unsqueeze(0) < cs_t[:h].unsqueeze(1))
-            q[:h].addmm_(coeffs, ua.T)
-        del x
-    partial_t = None
-    if a < n_rows:  # rows [a, n), row-wise: Y = W U_A[:, :b], P = Σ_blocks U_G[:, rows] ((U_G[:, rows]ᵀ Y) ⊙ M)
-        # Kept transposed (Yᵀ, Pᵀ: b × out): a CPU BLAS multiplies a short-wide Yᵀ by a column slice of U_G
-        # ~15x faster than the slice's transpose by a tall-skinny Y (measured at 11008 × 4096, one thread).
-        y_t = (w @ u_act[:, :b]).T.contiguous()
-        partial_t = torch.zeros(b, out_dim, dtype=dtype, device=device)
-        for start, stop in _blocks(cs[a:]):
+            h = f + int(heights[start])
+            ua = u_act[:, g + start : g + stop]
+            coeffs = x[f:h] @ ua
+            coeffs.mul_(torch.arange(g + start, g + stop, device=device).unsqueeze(0) < cs_t[f:h].unsqueeze(1))
+            q[f:h].addmm_(coeffs, ua.T)
+        left.append(grad_cols(0, a))
+        right.append(q)
+    if b > 0:  # columns [0, g) whole, rows [a, n) row-wise: P = Y[:, :g] + Σ U_G[:, rows] ((U_G[:, rows]ᵀ Y) ⊙ M)
+        # As Yᵀ and Pᵀ (b × out): a CPU BLAS multiplies a short-wide Yᵀ by a column slice of U_G ~15x faster than
+        # the slice's transpose by a tall-skinny Y (measured at 11008 × 4096, one thread).
+        y_t = halves.prefix("trail", b, lambda lo, hi: u_act[:, lo:hi].T @ w().T)
+        p_t = torch.zeros(b, out_dim, dtype=y_t.dtype, device=device)
+        p_t[:g] = y_t[:g]
+        for start, stop in _blocks(cs[a : int(np.count_nonzero(cs > g))] - g):
             start, stop = start + a, stop + a
             width = int(cs[start])
             ug = grad_cols(start, stop)
-            coeffs_t = y_t[:width] @ ug  # (width, rows)
-            cols = torch.arange(width, device=device)
-            coeffs_t.mul_(cols.unsqueeze(1) < cs_t[start:stop].unsqueeze(0))
-            partial_t[:width].addmm_(coeffs_t, ug.T)
-        del y_t
-    if q is None:
-        result = partial_t.T @ u_act[:, :b].T
-    else:
-        result = ug_lead @ q
-        if partial_t is not None:
-            result.addmm_(partial_t.T, u_act[:, :b].T)
-    return result.to(out_dtype)
+            coeffs_t = y_t[g:width] @ ug  # (width - g, rows)
+            coeffs_t.mul_(torch.arange(g, width, device=device).unsqueeze(1) < cs_t[start:stop].unsqueeze(0))
+            p_t[g:width].addmm_(coeffs_t, ug.T)
+        left.append(p_t.T)
+        right.append(u_act[:, :b].T)
+    return torch.cat(left, 1) @ torch.cat(right, 0)  # one product: W' is written once
 
 
 def project_weight(
@@ -606,17 +618,15 @@ def project_weight(
     act_eig: Eigen,
     mask: torch.Tensor,
     compute_dtype: torch.dtype | None = None,
+    halves: HalfProducts | None = None,
 ) -> torch.Tensor:
     """``W' = U_G ((U_Gᵀ W U_A) ⊙ M) U_Aᵀ``, in the weight's dtype/device.
 
-    ``mask``: the per-row counts of :func:`select_pairs` / :func:`independent_counts` (the fast path), or any bool
-    ``(out, in)`` mask. Counts describe a staircase (with eigenvalues descending, each row keeps a prefix of
-    columns and the prefixes shrink down the rows, under a hyperbola). Its leading rows (long prefixes) are
-    projected column by column through ``U_G[:, :a]ᵀ W``, the rest (short prefixes) row by row through
-    ``W U_A[:, :b]``, each in blocks of similar extent; ``a`` minimizes the multiply count, back-projection
-    included (:func:`staircase_cost`). The eigenvectors are used in the compute dtype through
-    :meth:`Eigen.vectors_as`, cast once per basis and kept. A bool mask whose rows are prefixes takes the same
-    path; any other mask gives the exact result by the general path.
+    ``mask``: the per-row counts of :func:`select_pairs` / :func:`independent_counts`, or a bool ``(out, in)``
+    mask. Counts describe a staircase (each row keeps a prefix of columns, shrinking down the rows), projected
+    through the half-products ``U_G[:, :a]ᵀ W`` and ``W U_A[:, :b]`` as :func:`_staircase_plan` says; ``halves``
+    (of this weight and these bases) keeps them for the next call. Eigenvectors are used in the compute dtype
+    (:meth:`Eigen.vectors_as`). A bool mask whose rows are prefixes takes the same path, any other the general one.
     """
     out_dim, in_dim = weight.shape
     counts = _is_counts(mask)
@@ -628,7 +638,7 @@ def project_weight(
         )
     dtype = compute_dtype or _compute_dtype(weight)
     device = weight.device
-    w = weight.detach().to(device=device, dtype=dtype)
+    w = functools.cache(lambda: weight.detach().to(device=device, dtype=dtype))  # cast once, only when needed
     u_grad = grad_eig.to(device).vectors_as(dtype)
     u_act = act_eig.to(device).vectors_as(dtype)
     if counts:
@@ -638,38 +648,30 @@ def project_weight(
         rank = _descending_rank(act_eig.values)
         if rank is not None:  # the kept columns are the top by μ: put them first
             u_act = u_act.index_select(1, torch.from_numpy(np.argsort(rank, kind="stable")).to(device))
-        return _project_staircase(w, u_grad, u_act, c, weight.dtype)
-    mask = mask.to(device)
-    extents = _row_extents(mask)
-    if bool((extents == _row_sums(mask)).all()):  # every row a prefix: the staircase path
-        return _project_staircase(w, u_grad, u_act, extents.cpu().numpy(), weight.dtype)
-    return _project_any(w, u_grad, u_act, mask, weight.dtype)
+    else:
+        mask = mask.to(device)
+        c = _row_extents(mask)
+        if not bool((c == _row_sums(mask)).all()):  # some row not a prefix: the general path
+            return _project_any(w(), u_grad, u_act, mask).to(weight.dtype)
+        c = c.cpu().numpy()
+    result = _project_staircase(w, u_grad, u_act, c, halves)
+    return torch.zeros_like(weight) if result is None else result.to(weight.dtype)
 
 
-def _project_any(
-    w: torch.Tensor, u_grad: torch.Tensor, u_act: torch.Tensor, mask: torch.Tensor, out_dtype: torch.dtype
-) -> torch.Tensor:
+def _project_any(w: torch.Tensor, u_grad: torch.Tensor, u_act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The general path of :func:`project_weight`: rows in blocks of similar extent, each projected on both sides."""
-    out_dim, in_dim = w.shape
     extents = _row_extents(mask)
     order = torch.argsort(extents, descending=True, stable=True)
-    ext = extents[order].tolist()
-    n_rows = sum(1 for e in ext if e > 0)
-    result = torch.zeros(out_dim, in_dim, dtype=w.dtype, device=w.device)
-    start = 0
-    while start < n_rows:
-        width = int(ext[start])
-        stop = start + 1
-        while stop < n_rows and ext[stop] * 1.25 >= width:
-            stop += 1
+    ext = extents[order].cpu().numpy()
+    result = torch.zeros_like(w)
+    for start, stop in _blocks(ext[: int(np.count_nonzero(ext))]):
         rows = order[start:stop]
         ug = u_grad.index_select(1, rows)
-        ua = u_act[:, :width]
+        ua = u_act[:, : int(ext[start])]
         coeffs = (ug.T @ w) @ ua
-        coeffs.mul_(mask.index_select(0, rows)[:, :width])
+        coeffs.mul_(mask.index_select(0, rows)[:, : ua.shape[1]])
         result.addmm_(ug, coeffs @ ua.T)
-        start = stop
-    return result.to(out_dtype)
+    return result
 
 
 def edit_weight(

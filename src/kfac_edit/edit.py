@@ -9,10 +9,8 @@ directory (loadable by ``AutoModelForCausalLM.from_pretrained`` and lm-eval) plu
 :func:`edit_model_dir` is what ``kfac-edit edit`` does, and under ``torchrun`` it first spreads the
 eigendecompositions over the ranks (:func:`~kfac_edit.eigen.distributed_eigendecompose`).
 
-``--method ekfac`` ranks the pairs by EK-FAC eigenvalues (:mod:`kfac_edit.factors.ekfac`, passed as ``ekfac=``) and
-``--protect`` (a :class:`Protection`) keeps, besides the method's own pairs, those holding a share of a protected
-capability's curvature; both select through :func:`~kfac_edit.curvature.select_mass` / ``select_pairs`` and project
-with the general mask path of :func:`~kfac_edit.curvature.project_weight`.
+``--method ekfac`` ranks the pairs by EK-FAC eigenvalues (:mod:`kfac_edit.factors.ekfac`, passed as ``ekfac=``);
+``--protect`` (a :class:`Protection`) also keeps the pairs holding a share of a protected capability's curvature.
 """
 
 from __future__ import annotations
@@ -57,12 +55,10 @@ BIAS_SUFFIX = "#bias"  # ORIGINALS_ATTR key of a module's original bias (edited 
 class ModuleEdit:
     """What one projection's edit kept.
 
-    ``mass_fraction``: share of the method's own mass kept (curvature mass ``λ_G[i]·μ_A[j]`` for ``kfac`` and
+    ``mass_fraction``: share of the method's own mass kept (``λ_G[i]·μ_A[j]`` for ``kfac`` and
     ``kfac-independent``, the EK-FAC second moments for ``ekfac``, Σσ² for ``svd``, ``None`` for ``random``).
-    ``protected_mass_fraction``: with a :class:`Protection`, the share of the protected mass kept.
-    ``pairs_kept``/``pairs_total``: coefficients
-    kept (eigen-pairs; for ``svd`` singular directions out of ``min(out, in)``). ``grad_vectors_used`` /
-    ``act_vectors_used``: distinct G / A eigenvectors (left / right singular vectors for ``svd``).
+    ``pairs_kept``/``pairs_total``: coefficients kept (for ``svd`` singular directions out of ``min(out, in)``).
+    ``grad_vectors_used``/``act_vectors_used``: distinct G / A eigenvectors (singular vectors for ``svd``).
     ``weight_change``: ``‖W' − W‖ / ‖W‖`` (Frobenius; of ``[W b]`` when ``bias``).
     """
 
@@ -123,12 +119,7 @@ class EditReport:
 
 
 def _factor_blocks(names: list[str]) -> list[int]:
-    blocks = set()
-    for n in names:
-        m = re.search(r"\.(\d+)\.", n)
-        if m:
-            blocks.add(int(m.group(1)))
-    return sorted(blocks)
+    return sorted({int(m.group(1)) for m in map(re.compile(r"\.(\d+)\.").search, names) if m})
 
 
 def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, float]]:
@@ -389,34 +380,24 @@ def _edit_one(
         grad_eig, act_eig = cache.get(factors, proj.name, device)
         eigen_seconds = time.perf_counter() - t0
     out_dim, in_dim = proj.factor_shape
-    protected = None
-    if protect is not None and spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT, Method.EKFAC):
-        select = {Method.KFAC: select_pairs, Method.KFAC_INDEPENDENT: independent_counts}.get(spec.method)
-        if select is None:
+    protected = own_mass = None
+    if spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT, Method.EKFAC):
+        if spec.method is Method.EKFAC:
             own_mass = ekfac.pair_mass(proj.name)
             mask = select_mass(own_mass, keep_mass).to(device)
-        else:
-            mask = pairs_mask(select(grad_eig.values, act_eig.values, keep_mass), act_eig.values, device=device)
-        mask |= protect.mask(proj.name, grad_eig, act_eig)
-        new_weight = project_weight(weight, grad_eig, act_eig, mask)
-        kept = pair_stats(grad_eig.values, act_eig.values, mask)
-        fraction = kept_mass_fraction(own_mass, mask) if select is None else kept.mass_fraction
-        kept = (fraction, kept.pairs_kept, kept.pairs_total, kept.grad_vectors_used, kept.act_vectors_used)
-        rows, cols = protect.masses(proj.name, grad_eig, act_eig)
-        protected = pair_mass_fraction(rows, cols, mask.cpu())
-    elif spec.method is Method.EKFAC:
-        own_mass = ekfac.pair_mass(proj.name)
-        mask = select_mass(own_mass, keep_mass).to(device)
-        new_weight = project_weight(weight, grad_eig, act_eig, mask)
-        kept = pair_stats(grad_eig.values, act_eig.values, mask)
-        kept = (kept_mass_fraction(own_mass, mask), kept.pairs_kept, kept.pairs_total, kept.grad_vectors_used,
-                kept.act_vectors_used)  # fmt: skip
-    elif spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT):
-        select = select_pairs if spec.method is Method.KFAC else independent_counts
-        counts = select(grad_eig.values, act_eig.values, keep_mass)  # per-row counts: no dense mask
-        new_weight = project_weight(weight, grad_eig, act_eig, counts)
-        kept = pair_stats(grad_eig.values, act_eig.values, counts)
-        kept = (kept.mass_fraction, kept.pairs_kept, kept.pairs_total, kept.grad_vectors_used, kept.act_vectors_used)
+        else:  # per-row counts: no dense mask
+            select = select_pairs if spec.method is Method.KFAC else independent_counts
+            mask = select(grad_eig.values, act_eig.values, keep_mass)
+        if protect is not None:
+            if mask.dim() == 1:
+                mask = pairs_mask(mask, act_eig.values, device=device)
+            mask |= protect.mask(proj.name, grad_eig, act_eig)
+            protected = pair_mass_fraction(*protect.masses(proj.name, grad_eig, act_eig), mask.cpu())
+        halves = cache.half_products(factors, proj.name, weight) if mask.dim() == 1 else None  # kept across a sweep
+        new_weight = project_weight(weight, grad_eig, act_eig, mask, halves=halves)
+        stats = pair_stats(grad_eig.values, act_eig.values, mask)
+        fraction = stats.mass_fraction if own_mass is None else kept_mass_fraction(own_mass, mask)
+        kept = (fraction, stats.pairs_kept, stats.pairs_total, stats.grad_vectors_used, stats.act_vectors_used)
     elif spec.method is Method.SVD:
         new_weight, rank, energy = svd_truncate(weight, keep_mass)
         kept = (energy, rank, min(out_dim, in_dim), rank, rank)
@@ -494,12 +475,8 @@ def apply_edit(
             factors = without_bias_coordinate(factors, targets)
         recorded = (getattr(factors, "manifest", None) or {}).get("model_fingerprint")
         if recorded and targets and recorded != model_fingerprint(model):
-            log.warning(
-                "the factors were collected on a model with another config (fingerprint %s, this model %s); "
-                "shapes match, so editing goes on",
-                recorded,
-                model_fingerprint(model),
-            )
+            log.warning("the factors were collected on a model with another config (fingerprint %s, this model %s); "
+                        "shapes match, so editing goes on", recorded, model_fingerprint(model))  # fmt: skip
     if spec.method is Method.EKFAC:
         if ekfac is None:
             raise UserError("--method ekfac needs EK-FAC eigenvalues: run `kfac-edit collect --ekfac` for the factors")
@@ -597,25 +574,21 @@ def edit_model_dir(
         Protection(None, protect_weight)  # the weight's check, before loading anything
         if not Path(protect_dir).is_dir():
             raise UserError(f"--protect {protect_dir} is not a directory; give factors `kfac-edit collect` wrote")
-    if spec.method is Method.EKFAC:
-        from .factors.ekfac import Ekfac
+    from .factors.ekfac import Ekfac
 
-        if not Ekfac.exists(factors_dir):
-            Ekfac.load(factors_dir)  # the one-line error saying how to make them
+    if spec.method is Method.EKFAC and not Ekfac.exists(factors_dir):
+        Ekfac.load(factors_dir)  # the one-line error saying how to make them
     ctx = init_distributed(resolve_device(device))
     try:
         net, _ = load_model(model, dtype=dtype, device=str(rank_device(resolve_device(device), ctx)))
         declare_modules(net, modules, factors_dir)
         factors = load_edit_factors(net, spec, factors_dir)
         cache = EigenCache(cache_dir if cache_dir is not None else default_cache_dir())
+        names = [p.name for p, _ in resolve_targets(net, spec)]
         if ctx.enabled and factors is not None:
-            names = [p.name for p, _ in resolve_targets(net, spec)]
             distributed_eigendecompose(factors, names, cache, ctx, device=next(net.parameters()).device)
-        ekfac = protect = None
-        if spec.method is Method.EKFAC:
-            from .factors.ekfac import Ekfac
-
-            ekfac = Ekfac.load(factors_dir, names=[p.name for p, _ in resolve_targets(net, spec)])
+        ekfac = Ekfac.load(factors_dir, names=names) if spec.method is Method.EKFAC else None
+        protect = None
         if protect_dir is not None:
             protect = Protection(load_protect_factors(net, spec, protect_dir), protect_weight)
         inputs = None

@@ -4,15 +4,15 @@ The math (symmetrize, ``eigh`` in fp64, clamp) is :func:`kfac_edit.curvature.eig
 where and how often it runs.
 
 **Cache.** :class:`EigenCache` holds ``(eig G, eig A)`` per module in memory (LRU) and on disk, keyed by the
-factors' content hash, so a sweep over ``keep_mass`` pays each ``eigh`` once, and a rerun none.
+factors' content hash, so a sweep over ``keep_mass`` pays each ``eigh`` once, and a rerun none. It also keeps
+each module's :class:`~kfac_edit.curvature.HalfProducts` (keyed by the weight's bytes, bounded by
+``projection_bytes``): a sweep projects the same weight at every point.
 
-**Spread over ranks.** ``eigh`` of an ``n x n`` matrix costs about ``n³``. A module's work is ``out³`` for ``G``
-plus ``in³`` for ``A``; ``gate`` and ``up`` of one block share their ``A`` (one tensor in
-:class:`~kfac_edit.factors.store.Factors`), so they form one unit of work, ``A`` decomposed once. Units go to ranks
-by longest-processing-time-first: the most expensive unit to the least loaded rank, which keeps the slowest rank
-within 4/3 of the best possible balance. Each rank computes its units through its cache (which writes them to the
-cache directory when it has one), and with ``share`` the owner broadcasts each result so that every rank's cache
-holds every module. ``kfac-edit edit`` under ``torchrun`` does this before editing; by hand::
+**Spread over ranks.** ``eigh`` of an ``n x n`` matrix costs about ``n³``: a module's work is ``out³ + in³``, and
+``gate`` and ``up`` of one block (one shared ``A``) form one unit. Units go to ranks longest-processing-time-first
+(the slowest rank within 4/3 of the best balance); each rank computes its units through its cache, and with
+``share`` the owner broadcasts each result to every rank's cache. ``kfac-edit edit`` under ``torchrun`` does this
+before editing; by hand::
 
     ctx = init_distributed("cuda")
     cache = EigenCache(cache_dir)
@@ -33,9 +33,10 @@ from typing import Sequence
 import torch
 
 from .constants import EIGEN_CACHE
-from .curvature import Eigen, eigendecompose
+from .curvature import Eigen, HalfProducts, eigendecompose
 from .factors.distributed import DistContext, broadcast_tensor
 from .fileio import atomic_path, cache_root
+from .identity import tensor_checksum
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,17 @@ class EigenCache:
     Disk entries are ``DIR/<content hash>.safetensors`` (fp64 ``grad_values``, ``grad_vectors``, ``act_values``,
     ``act_vectors``), keyed by :meth:`Factors.content_hash`: factors that change get new entries, never stale
     ones. ``directory=None`` keeps the cache in memory only. Within one cache, modules that share one activation
-    sum (``gate`` and ``up`` of a block) share one eigendecomposition of ``A``.
+    sum (``gate`` and ``up`` of a block) share one eigendecomposition of ``A``. ``projection_bytes`` bounds the
+    half-products of the modules projected before the current one (LRU; 0 keeps none).
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None, memory_bytes: int = 4 << 30):
+    def __init__(
+        self, directory: str | os.PathLike | None = None, memory_bytes: int = 4 << 30, projection_bytes: int = 2 << 30
+    ):
         self.directory = Path(directory).expanduser() if directory is not None else None
         self.memory_bytes = int(memory_bytes)
+        self.projection_bytes = int(projection_bytes)
+        self._halves: OrderedDict[str, tuple[str, HalfProducts]] = OrderedDict()  # content hash -> (W digest, ..)
         self.stats = CacheStats()
         self._memory: OrderedDict[str, tuple[Eigen, Eigen]] = OrderedDict()
         self._shared_act: dict[int, tuple[torch.Tensor, int, Eigen]] = {}
@@ -100,10 +106,25 @@ class EigenCache:
         """Hold an eigendecomposition made elsewhere (e.g. by another rank: :func:`distributed_eigendecompose`) in memory."""
         self._remember(factors.content_hash(name), (grad, act))
 
+    def half_products(self, factors, name: str, weight: torch.Tensor) -> HalfProducts | None:
+        """Module ``name``'s :class:`HalfProducts` for ``weight`` (new when the weight's bytes or the factors
+        changed), to pass to :func:`~kfac_edit.curvature.project_weight`; ``None`` when ``projection_bytes`` is 0."""
+        if self.projection_bytes <= 0:
+            return None
+        key, digest = factors.content_hash(name), tensor_checksum(weight)
+        held = self._halves.pop(key, None)
+        if held is None or held[0] != digest:
+            held = (digest, HalfProducts())
+        while self._halves and sum(h.nbytes for _, h in self._halves.values()) > self.projection_bytes:
+            self._halves.popitem(last=False)
+        self._halves[key] = held
+        return held[1]
+
     def clear_memory(self) -> None:
         """Drop the in-memory entries (the disk entries stay)."""
         self._memory.clear()
         self._shared_act.clear()
+        self._halves.clear()
 
     def _activation_eigen(self, factors, name: str, device) -> Eigen:
         module = getattr(factors, "modules", {}).get(name)
@@ -139,17 +160,11 @@ class EigenCache:
             return
         from safetensors.torch import save_file
 
-        tensors = {
-            "grad_values": grad.values,
-            "grad_vectors": grad.vectors,
-            "act_values": act.values,
-            "act_vectors": act.vectors,
-        }
+        tensors = {f"{side}_{part}": getattr(eig, part).detach().cpu().contiguous()
+                   for side, eig in (("grad", grad), ("act", act)) for part in ("values", "vectors")}  # fmt: skip
         try:
             with atomic_path(path) as tmp:
-                save_file(
-                    {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"module": name}
-                )
+                save_file(tensors, str(tmp), metadata={"module": name})
         except OSError as exc:
             log.warning("cannot write the eigen cache %s (%s); continuing without it", path, exc)
 
@@ -206,10 +221,6 @@ class EigenAssignment:
     computed: list[str] = field(default_factory=list)
 
 
-def _empty_eigen(n: int, device: torch.device) -> Eigen:
-    return Eigen(torch.empty(n, dtype=torch.float64, device=device), torch.empty(n, n, dtype=torch.float64, device=device))
-
-
 def distributed_eigendecompose(
     factors,
     names: Sequence[str],
@@ -242,7 +253,8 @@ def distributed_eigendecompose(
             if owner[name] == ctx.rank:
                 grad, act = (e.to(ctx.device) for e in mine[name])
             else:
-                grad, act = _empty_eigen(n_out, ctx.device), _empty_eigen(n_in, ctx.device)
+                empty = lambda *shape: torch.empty(shape, dtype=torch.float64, device=ctx.device)  # noqa: E731
+                grad, act = (Eigen(empty(n), empty(n, n)) for n in (n_out, n_in))
             for tensor in (grad.values, grad.vectors, act.values, act.vectors):
                 broadcast_tensor(ctx, tensor, src=owner[name], what=f"sharing the eigendecomposition of {name}")
             if owner[name] != ctx.rank:
