@@ -15,7 +15,6 @@ eigendecompositions over the ranks (:func:`~kfac_edit.eigen.distributed_eigendec
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 import re
@@ -30,11 +29,11 @@ from torch import nn
 
 from .constants import EDIT_REPORT_FILE
 from .curvature import independent_counts, pair_stats, project_weight, random_basis_edit, select_pairs, svd_truncate
-from .curvature import kept_mass_fraction, pair_mass_fraction, pairs_mask, projected_mass, select_mass
-from .eigen import EigenCache, default_cache_dir, distributed_eigendecompose
+from .curvature import kept_mass_fraction, pair_mass_fraction, pairs_mask, select_mass
+from .eigen import EigenCache, distributed_eigendecompose
 from .errors import UserError
 from .factors.distributed import init_distributed, rank_device, shutdown
-from .fileio import atomic_dir, write_json
+from .fileio import atomic_dir, utc_timestamp, write_json
 from .identity import model_fingerprint
 from .models import PROJECTIONS, Projection, find_projections, load_model, load_tokenizer_as_saved, model_type
 from .models import num_blocks, projection_kinds, resolve_device
@@ -93,7 +92,7 @@ class EditReport:
     model_fingerprint: str
     seconds: float
     eigen_cache: dict[str, Any]
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(default_factory=utc_timestamp)
 
     def to_dict(self) -> dict[str, Any]:
         from . import __version__
@@ -583,7 +582,7 @@ def edit_model_dir(
         net, _ = load_model(model, dtype=dtype, device=str(rank_device(resolve_device(device), ctx)))
         declare_modules(net, modules, factors_dir)
         factors = load_edit_factors(net, spec, factors_dir)
-        cache = EigenCache(cache_dir if cache_dir is not None else default_cache_dir())
+        cache = EigenCache.default(cache_dir)
         names = [p.name for p, _ in resolve_targets(net, spec)]
         if ctx.enabled and factors is not None:
             distributed_eigendecompose(factors, names, cache, ctx, device=next(net.parameters()).device)

@@ -79,8 +79,9 @@ class EigenCache:
         self._shared_act: dict[int, tuple[torch.Tensor, int, Eigen]] = {}
 
     @classmethod
-    def default(cls) -> "EigenCache":
-        return cls(default_cache_dir())
+    def default(cls, directory: str | os.PathLike | None = None) -> "EigenCache":
+        """A cache on disk in ``directory``, or in :func:`default_cache_dir` when that is ``None``."""
+        return cls(directory if directory is not None else default_cache_dir())
 
     def get(self, factors, name: str, device: torch.device | str = "cpu") -> tuple[Eigen, Eigen]:
         """``(grad_eig, act_eig)`` of module ``name``, on ``device`` (computed there on a miss)."""

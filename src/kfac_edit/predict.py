@@ -173,7 +173,7 @@ def predict_files(model: str, factors_dir: str | os.PathLike, spec: EditSpec, da
     """What ``kfac-edit predict`` does: the shares of each task file, with the configuration (a JSON-ready dict)."""
     from .edit import DEFAULT_PROTECT_WEIGHT, Protection, check_edit_inputs, load_edit_factors, load_protect_factors
     from .edit import resolve_targets
-    from .eigen import EigenCache, default_cache_dir
+    from .eigen import EigenCache
     from .factors.ekfac import Ekfac
     from .models import load_model
 
@@ -195,7 +195,7 @@ def predict_files(model: str, factors_dir: str | os.PathLike, spec: EditSpec, da
     protect = Protection(load_protect_factors(net, spec, protect_dir), weight) if protect_dir is not None else None
     context = getattr(net.config, "max_position_embeddings", None)
     tasks = {str(p): task_batches(p, tokenizer, max_records=max_records, max_len=context) for p in data}
-    cache = EigenCache(cache_dir if cache_dir is not None else default_cache_dir())
+    cache = EigenCache.default(cache_dir)
     costs = predict_cost(net, factors, spec, tasks, mode=mode, cache=cache, ekfac=ekfac, protect=protect)
     return {
         "config": {

@@ -24,7 +24,7 @@ from .bsn import BsnInputs, load_bsn_data
 from .constants import BEFORE_AFTER_FILE, EDITED_DIR, EVALS_FILE, PROVENANCE_FILE, RECORDS_FILE, RUNS_FILE
 from .edit import (apply_edit, check_edit_inputs, check_output_dir, declare_modules, load_edit_factors,
                    resolve_targets, save_edited)
-from .eigen import EigenCache, default_cache_dir
+from .eigen import EigenCache
 from .evaluate.suite import EvalConfig, check_inputs, evaluate, headline_metrics, own_reference_topk
 from .fileio import append_jsonl, utc_timestamp, write_json
 from .models import check_causal_lm, load_model, load_tokenizer, load_tokenizer_as_saved, model_limits, resolve_device
@@ -65,7 +65,7 @@ def run_workflow(model_path: str, spec: EditSpec, factors_dir: str | None, confi
         bsn = BsnInputs(load_bsn_data(forget, clean, tokenizer, bsn_config, vocab_size=vocab), bsn_config)
     started = time.time()
     factors = load_edit_factors(model, spec, factors_dir)
-    cache = EigenCache(cache_dir if cache_dir is not None else default_cache_dir())
+    cache = EigenCache.default(cache_dir)
     if factors is not None:  # every eigendecomposition before the first evaluation: bad factors fail here
         for proj, _ in resolve_targets(model, spec):
             cache.get(factors, proj.name)

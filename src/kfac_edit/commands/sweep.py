@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..constants import HTML_FILE, RESULTS_FILE
 from ..edit import check_factors_dir, declare_modules
-from ..eigen import EigenCache, default_cache_dir
+from ..eigen import EigenCache
 from ..errors import UserError
 from ..factors.store import Factors
 from ..models import parse_layers, parse_projections
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             wanted = [n for n in needed_modules(model, config, held) if n in held]  # missing ones: error below
             factors = Factors.load(args.factors, names=wanted)
             factors.manifest.setdefault("directory", str(args.factors))
-        cache = EigenCache(args.cache_dir if args.cache_dir is not None else default_cache_dir())
+        cache = EigenCache.default(args.cache_dir)
         outcome = run_sweep(model, tokenizer, factors, config, eval_config, args.out, cache=cache)
     print(f"{len(outcome.records) - 1} points in {Path(args.out) / RESULTS_FILE} ({outcome.evaluated} evaluated now)")
     if split := outcome.split:

@@ -238,13 +238,13 @@ def collect_factors(
             factors.save(config.out)
             remove_checkpoints(config.out)
         if config.ekfac:  # over the same data, exclusion and labels, in the eigenbasis of the factors as written
-            from ..eigen import EigenCache, default_cache_dir
+            from ..eigen import EigenCache
             from .ekfac import collect_ekfac
 
             started = time.perf_counter()
             ekfac = collect_ekfac(
                 model, Factors.load(config.out), _batch_source(data, model, tokenizer, config, {})(0, (0, 1)),
-                cache=EigenCache(default_cache_dir()), max_tokens=config.max_tokens, progress=config.progress,
+                cache=EigenCache.default(), max_tokens=config.max_tokens, progress=config.progress,
             )  # fmt: skip
             path = ekfac.save(config.out)
             log.info("EK-FAC eigenvalues of %d modules in %.1f s -> %s", len(ekfac.names),
