@@ -5,11 +5,11 @@ tokens, and the KV cache; it always produces exactly ``len(suffix)`` tokens (no 
 one-record-at-a-time output, the no-cache loop and ``model.generate(do_sample=False)`` (tests check it in fp64).
 The true suffix serves as a draft that teacher-forced forwards verify (:func:`greedy_generate`): a record the model
 recites needs no sequential decoding. CPU time against ``model.generate`` at batch 32, identical tokens
-(``python benchmarks/eval_throughput.py --preset tiny-cpu --hf-records 256 --records 256 --repeats 3 --testbed``,
-2026-12-01, one thread on 2 shared cores; ``benchmarks/README.md`` has the rest): 3.11x on memorized records, 1.20x
-on unmemorized ones, 1.24x without a draft (hidden 64, 2 blocks, 32 + 24 tokens; plain decoding matches
-``model.generate`` within this machine's noise); 2.74x on the trained arithmetic testbed's canaries. At hidden 512,
-4 blocks: 1.41x memorized, 0.97x without a draft.
+(``python benchmarks/eval_throughput.py --preset tiny-cpu --hf-records 256 --records 256 --repeats 5 --testbed``,
+2026-12-01, one thread on 2 shared cores, three runs; ``benchmarks/README.md`` has the tables): 2.6-4.2x on memorized
+records, 2.95x on the trained arithmetic testbed's canaries, 0.88-1.24x on unmemorized ones and 1.10-1.17x without a
+draft (hidden 64, 2 blocks, 32 + 24 tokens: plain decoding is the same model forward as ``model.generate``). At
+hidden 512, 4 blocks: 1.41x memorized, 0.97x without a draft.
 
 Per record, with ``g`` the generated and ``y`` the true suffix (``L = len(y)`` tokens):
 
