@@ -328,6 +328,10 @@ def _rows(name: str, r: dict) -> list[tuple[str, str]]:
             best = max(batched.items(), key=lambda kv: kv[1]["records_per_s"])
             rows.append(("memorization records/s", f"{best[1]['records_per_s']:,.1f} ({best[0]})"))
             rows.append(("500 records", f"{mem.get('seconds_for_500_records_best_batched', float('nan')):.1f} s"))
+            recited = next((v for k, v in mem.items() if k.startswith("recited_bs")), None)
+            if recited is not None:
+                rows.append(("500 recited records (true suffix as draft)",
+                             f"{recited['seconds_for_500_records']:.1f} s, same tokens: {recited['same_tokens']}"))
         nd = r.get("ndcg", {})
         if nd:
             rows.append(("nDCG tokens/s", f"{tps(nd.get('ndcg_tokens_per_s'))} (seq {nd.get('seq_len')})"))
