@@ -46,7 +46,7 @@ import os
 import platform
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -235,13 +235,13 @@ class ReportData:
     """Everything the report shows, read from a directory."""
 
     directory: Path
-    records: list[SweepRecord] = field(default_factory=list)
-    ppl_budget: float = DEFAULT_PPL_BUDGET
-    spectra: dict[str, dict[str, Any]] = field(default_factory=dict)
-    before_after: dict[str, Any] | None = None
-    outputs: list[dict[str, Any]] = field(default_factory=list)  # records.jsonl
-    provenance: dict[str, Any] = field(default_factory=dict)
-    sweep: dict[str, Any] = field(default_factory=dict)  # sweep.json
+    records: list[SweepRecord]  # results.jsonl
+    ppl_budget: float
+    spectra: dict[str, dict[str, Any]]  # spectra.json's modules
+    before_after: dict[str, Any] | None
+    outputs: list[dict[str, Any]]  # records.jsonl
+    provenance: dict[str, Any]
+    sweep: dict[str, Any]  # sweep.json
 
     @property
     def base(self) -> SweepRecord | None:
@@ -289,28 +289,27 @@ def load_report_data(directory: str | os.PathLike, ppl_budget: float | None = No
     if not has_results and not (directory / BEFORE_AFTER_FILE).exists():
         raise UserError(f"{directory} holds neither {RESULTS_FILE} nor {BEFORE_AFTER_FILE}; "
                         "give the --out DIR of a sweep or run")
-    data = ReportData(directory=directory, records=read_results(directory / RESULTS_FILE) if has_results else [],
-                      sweep=_read_json(directory / SWEEP_FILE) or {},
-                      spectra=dict((_read_json(directory / SPECTRA_FILE) or {}).get("modules", {})),
-                      provenance=_read_json(directory / PROVENANCE_FILE) or {})
-    if ppl_budget is not None or "ppl_budget" in data.sweep:
-        data.ppl_budget = float(ppl_budget if ppl_budget is not None else data.sweep["ppl_budget"])
     records_path = directory / RECORDS_FILE
     try:
-        data.outputs = read_jsonl(records_path)
+        outputs = read_jsonl(records_path)
     except ValueError as exc:
         raise UserError(f"{records_path} is not valid JSONL ({exc}); remove it or rerun") from None
-    bad = next((i for i, r in enumerate(data.outputs, 1) if not {"suffix_ids", "edited"} <= set(r)), None)
+    bad = next((i for i, r in enumerate(outputs, 1) if not {"suffix_ids", "edited"} <= set(r)), None)
     if bad is not None:
         raise UserError(f"{records_path}: record {bad} lacks suffix_ids/edited; see kfac_edit.report")
     table = _read_json(directory / BEFORE_AFTER_FILE)
     if table is not None and not (isinstance(table, dict) and "before" in table and "after" in table):
         raise UserError(f"{directory / BEFORE_AFTER_FILE} must hold 'before' and 'after'; see kfac_edit.report")
+    sweep = _read_json(directory / SWEEP_FILE) or {}
+    budget = sweep.get("ppl_budget", DEFAULT_PPL_BUDGET) if ppl_budget is None else ppl_budget
+    data = ReportData(directory=directory, records=read_results(directory / RESULTS_FILE) if has_results else [],
+                      ppl_budget=float(budget), before_after=table, outputs=outputs, sweep=sweep,
+                      spectra=dict((_read_json(directory / SPECTRA_FILE) or {}).get("modules", {})),
+                      provenance=_read_json(directory / PROVENANCE_FILE) or {})
     base, chosen = data.base, data.chosen
     if table is None and base is not None and chosen is not None:
-        table = {"before": {"label": "base", "metrics": base.metrics},
-                 "after": {"label": chosen.label(), "metrics": chosen.metrics}}
-    data.before_after = table
+        data.before_after = {"before": {"label": "base", "metrics": base.metrics},
+                             "after": {"label": chosen.label(), "metrics": chosen.metrics}}
     return data
 
 
@@ -698,7 +697,7 @@ def provenance_rows(data: ReportData) -> list[tuple[str, str]]:
     mem = prov.get("memorized") or []
     split = sweep.get("split") or prov.get("split")
     if mem or split:
-        text = ", ".join(str(x) for x in mem)
+        text = _join(mem)
         if split:
             text += (f"; split by content hash (seed {split.get('seed')}): {split.get('selection')} selection records "
                      f"(the choice), {split.get('heldout')} held out (reported)")
