@@ -270,6 +270,10 @@ class ReportData:
         return [("strict", "strict", True)]
 
     @property
+    def budget_label(self) -> str:
+        return f"budget: {self.ppl_budget:g} x base perplexity"
+
+    @property
     def chosen(self) -> SweepRecord | None:
         return chosen_point(self.records, self.ppl_budget)
 
@@ -341,10 +345,9 @@ def _figure(n_panels: int, row_height: float, cols: int = 3, extra: float = 0.0,
     rows = math.ceil(n_panels / cols)
     fig = Figure(figsize=(FIGURE_WIDTH, row_height * rows + extra), dpi=100, layout=layout)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes:
+    for i, ax in enumerate(axes):
+        ax.set_visible(i < n_panels)
         ax.grid(alpha=0.3)
-    for ax in axes[n_panels:]:
-        ax.set_visible(False)
     return fig, axes
 
 
@@ -362,10 +365,6 @@ def _finish(fig, legend: dict[str, Any], caption: str, data: ReportData | None =
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return Plot(buf.getvalue(), list(legend), caption)
-
-
-def _budget_label(data: ReportData) -> str:
-    return f"budget: {data.ppl_budget:g} x base perplexity"
 
 
 _NICE_TICKS = (1, 1.02, 1.05, 1.1, 1.2, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 1e4, 1e5, 1e6)
@@ -426,7 +425,7 @@ def plot_tradeoff(data: ReportData) -> Plot:
                                    facecolors="black" if filled else "none", linewidths=1.5)
                     if filled:
                         legend.setdefault("base model", h)
-            legend.setdefault(_budget_label(data), ax.axvline(data.ppl_budget, color="gray", ls="--", lw=1.2))
+            legend.setdefault(data.budget_label, ax.axvline(data.ppl_budget, color="gray", ls="--", lw=1.2))
         if chosen is not None:
             h = ax.scatter([data.ratio(chosen)], [chosen.metric(series[0][0])], marker="*", s=320, zorder=6,
                            color="gold", edgecolors="black")
@@ -496,7 +495,7 @@ def plot_costs(data: ReportData) -> Plot:
             if math.isfinite(level):
                 legend.setdefault("base model", ax.axhline(level, color="black", lw=1, ls="--"))
             if key == "perplexity":
-                legend.setdefault(_budget_label(data), ax.axhline(data.ppl_budget, color="gray", lw=1, ls="-."))
+                legend.setdefault(data.budget_label, ax.axhline(data.ppl_budget, color="gray", lw=1, ls="-."))
         ax.set_xscale("log")
         if ticks:
             _fixed_ticks(ax.xaxis, ticks, lambda v: f"{1 - v:.4g}")
