@@ -752,8 +752,7 @@ def _render(data: ReportData, images: Mapping[str, Plot], fmt: "_Html | _Markdow
     if chosen is not None:
         out += [fmt.paragraph("Apply it with `kfac-edit edit --layers-file DIR/best.json`; its layers JSON:"),
                 fmt.code(json.dumps(chosen.config.layers()))]
-    if data.before_after is not None:
-        ba = data.before_after
+    if (ba := data.before_after) is not None:
         header = ["metric", f"before ({ba['before'].get('label', 'before')})",
                   f"after ({ba['after'].get('label', 'after')})", "change"]
         rows = before_after_rows(ba)
