@@ -116,13 +116,8 @@ class SweepRecord:
         except (KeyError, TypeError, ValueError):
             return math.nan
 
-    @property
-    def strict(self) -> float:
-        return self.metric("strict")
-
-    @property
-    def perplexity(self) -> float:
-        return self.metric("perplexity")
+    strict = property(lambda self: self.metric("strict"))
+    perplexity = property(lambda self: self.metric("perplexity"))
 
     def label(self) -> str:
         """Short human label: ``"b20-22 gate,up k=0.8"`` (``"base"`` for the unedited model)."""
@@ -204,29 +199,25 @@ def choose_within(points: Sequence[SweepRecord], cost: Callable[[SweepRecord], f
     (fewer blocks, fewer projections, higher keep_mass). Base records and NaN memorization, perplexity or cost are
     ignored."""
     ok = [p for p in points if p.kind == "point" and not math.isnan(memorization_key(p))
-          and not math.isnan(p.perplexity) and not math.isnan(cost(p)) and cost(p) <= limit]
-    if not ok:
-        return None
+          and not math.isnan(p.perplexity) and cost(p) <= limit]  # a NaN cost is never <= limit
 
     def key(p: SweepRecord):
         loose = memorization_key(p, "loose")
         return (memorization_key(p), p.perplexity, math.inf if math.isnan(loose) else loose, len(p.config.blocks),
                 len(p.config.projections), -p.config.keep_mass, p.id)
 
-    return min(ok, key=key)
+    return min(ok, key=key, default=None)
 
 
 def choose_best(points: Sequence[SweepRecord], base_ppl: float, ppl_budget: float) -> SweepRecord | None:
-    """The edit with the lowest strict memorization (on the selection part when split) whose perplexity is
-    <= ``ppl_budget * base_ppl`` (:func:`choose_within`); ``None`` when no point is within the budget."""
+    """:func:`choose_within` with perplexity <= ``ppl_budget * base_ppl`` as the limit."""
     if not (base_ppl > 0 and math.isfinite(base_ppl)):
         raise ValueError(f"base perplexity must be positive and finite, got {base_ppl}")
     return choose_within(points, lambda p: p.perplexity, ppl_budget * base_ppl)
 
 
 def chosen_point(records: Sequence[SweepRecord], ppl_budget: float) -> SweepRecord | None:
-    """:func:`choose_best` among ``records`` against their base record; ``None`` also without a base record of
-    positive, finite perplexity."""
+    """:func:`choose_best` against the base record of ``records``; ``None`` without a base of finite perplexity > 0."""
     base = base_record(records)
     if base is None or not (base.perplexity > 0 and math.isfinite(base.perplexity)):
         return None
@@ -239,9 +230,8 @@ ACCURACY_DROPS = (0.01, 0.05, 0.10, 0.20)  # matched-cost budgets: capability ac
 
 def match_by_cost(records: Sequence[SweepRecord], cost: Callable[[SweepRecord], float],
                   budgets: Sequence[float]) -> dict[str, dict[float, SweepRecord | None]]:
-    """Per method, per budget: the point :func:`choose_within` picks among the method's points whose ``cost`` is at
-    most the budget, so that methods compared at one budget paid at most the same cost. Costs:
-    :func:`perplexity_increase` (budgets ``PPL_INCREASES``), :func:`accuracy_drop` (``ACCURACY_DROPS``)."""
+    """Per method, per budget: :func:`choose_within` among the method's points, so that methods compared at one budget
+    paid at most the same cost (:func:`perplexity_increase` or :func:`accuracy_drop`)."""
     methods = sorted({r.config.method for r in records if r.kind == "point"})
     return {m: {b: choose_within([r for r in records if r.config.method == m], cost, b) for b in budgets}
             for m in methods}

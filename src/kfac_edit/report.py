@@ -46,7 +46,7 @@ import os
 import platform
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -116,8 +116,7 @@ def format_value(key: str, value: Any) -> str:
 
 
 def format_delta(key: str, before: Any, after: Any) -> str:
-    """``after - before``: percentage points for rates, else 3 significant digits (perplexities and losses with the
-    relative change beside)."""
+    """``after - before`` in the number formats of the module docstring."""
     if not (_is_number(before) and _is_number(after)):
         return "-"
     d = after - before
@@ -225,9 +224,7 @@ def provenance(model, model_name: str | None = None, factors_manifest: Mapping[s
     }
 
 
-def write_provenance(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Write ``provenance.json`` (:func:`provenance`)."""
-    write_json(path, dict(record))
+write_provenance = write_json  # provenance.json: write_provenance(path, provenance(...))
 
 
 # -------------------------------------------------------------------------------------------- inputs: reader
@@ -238,13 +235,13 @@ class ReportData:
     """Everything the report shows, read from a directory."""
 
     directory: Path
-    records: list[SweepRecord] = field(default_factory=list)
-    ppl_budget: float = DEFAULT_PPL_BUDGET
-    spectra: dict[str, dict[str, Any]] = field(default_factory=dict)
-    before_after: dict[str, Any] | None = None
-    outputs: list[dict[str, Any]] = field(default_factory=list)  # records.jsonl
-    provenance: dict[str, Any] = field(default_factory=dict)
-    sweep: dict[str, Any] = field(default_factory=dict)  # sweep.json
+    records: list[SweepRecord]  # results.jsonl
+    ppl_budget: float
+    spectra: dict[str, dict[str, Any]]  # spectra.json's modules
+    before_after: dict[str, Any] | None
+    outputs: list[dict[str, Any]]  # records.jsonl
+    provenance: dict[str, Any]
+    sweep: dict[str, Any]  # sweep.json
 
     @property
     def base(self) -> SweepRecord | None:
@@ -273,6 +270,10 @@ class ReportData:
         return [("strict", "strict", True)]
 
     @property
+    def budget_label(self) -> str:
+        return f"budget: {self.ppl_budget:g} x base perplexity"
+
+    @property
     def chosen(self) -> SweepRecord | None:
         return chosen_point(self.records, self.ppl_budget)
 
@@ -290,31 +291,29 @@ def load_report_data(directory: str | os.PathLike, ppl_budget: float | None = No
         raise UserError(f"report directory {directory} {what}; give the --out DIR of a sweep or run")
     has_results = (directory / RESULTS_FILE).exists()
     if not has_results and not (directory / BEFORE_AFTER_FILE).exists():
-        raise UserError(
-            f"{directory} holds neither {RESULTS_FILE} nor {BEFORE_AFTER_FILE}; give the --out DIR of a sweep or run"
-        )
-    data = ReportData(directory=directory, records=read_results(directory / RESULTS_FILE) if has_results else [],
-                      sweep=_read_json(directory / SWEEP_FILE) or {},
-                      spectra=dict((_read_json(directory / SPECTRA_FILE) or {}).get("modules", {})),
-                      provenance=_read_json(directory / PROVENANCE_FILE) or {})
-    if ppl_budget is not None or "ppl_budget" in data.sweep:
-        data.ppl_budget = float(ppl_budget if ppl_budget is not None else data.sweep["ppl_budget"])
+        raise UserError(f"{directory} holds neither {RESULTS_FILE} nor {BEFORE_AFTER_FILE}; "
+                        "give the --out DIR of a sweep or run")
     records_path = directory / RECORDS_FILE
     try:
-        data.outputs = read_jsonl(records_path)
+        outputs = read_jsonl(records_path)
     except ValueError as exc:
         raise UserError(f"{records_path} is not valid JSONL ({exc}); remove it or rerun") from None
-    bad = next((i for i, r in enumerate(data.outputs, 1) if not {"suffix_ids", "edited"} <= set(r)), None)
+    bad = next((i for i, r in enumerate(outputs, 1) if not {"suffix_ids", "edited"} <= set(r)), None)
     if bad is not None:
         raise UserError(f"{records_path}: record {bad} lacks suffix_ids/edited; see kfac_edit.report")
     table = _read_json(directory / BEFORE_AFTER_FILE)
     if table is not None and not (isinstance(table, dict) and "before" in table and "after" in table):
         raise UserError(f"{directory / BEFORE_AFTER_FILE} must hold 'before' and 'after'; see kfac_edit.report")
+    sweep = _read_json(directory / SWEEP_FILE) or {}
+    budget = sweep.get("ppl_budget", DEFAULT_PPL_BUDGET) if ppl_budget is None else ppl_budget
+    data = ReportData(directory=directory, records=read_results(directory / RESULTS_FILE) if has_results else [],
+                      ppl_budget=float(budget), before_after=table, outputs=outputs, sweep=sweep,
+                      spectra=dict((_read_json(directory / SPECTRA_FILE) or {}).get("modules", {})),
+                      provenance=_read_json(directory / PROVENANCE_FILE) or {})
     base, chosen = data.base, data.chosen
     if table is None and base is not None and chosen is not None:
-        table = {"before": {"label": "base", "metrics": base.metrics},
-                 "after": {"label": chosen.label(), "metrics": chosen.metrics}}
-    data.before_after = table
+        data.before_after = {"before": {"label": "base", "metrics": base.metrics},
+                             "after": {"label": chosen.label(), "metrics": chosen.metrics}}
     return data
 
 
@@ -339,15 +338,16 @@ class Plot:
 
 def _figure(n_panels: int, row_height: float, cols: int = 3, extra: float = 0.0, layout: str | None = "constrained"):
     """A figure :data:`FIGURE_WIDTH` wide with ``n_panels`` panels, ``cols`` per row at most (spare panels hidden),
-    ``row_height`` inches per row plus ``extra``. Returns (figure, panels)."""
+    ``row_height`` inches per row plus ``extra``, each with a light grid. Returns (figure, panels)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg canvas
 
     cols = min(cols, n_panels)
     rows = math.ceil(n_panels / cols)
     fig = Figure(figsize=(FIGURE_WIDTH, row_height * rows + extra), dpi=100, layout=layout)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[n_panels:]:
-        ax.set_visible(False)
+    for i, ax in enumerate(axes):
+        ax.set_visible(i < n_panels)
+        ax.grid(alpha=0.3)
     return fig, axes
 
 
@@ -365,10 +365,6 @@ def _finish(fig, legend: dict[str, Any], caption: str, data: ReportData | None =
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return Plot(buf.getvalue(), list(legend), caption)
-
-
-def _budget_label(data: ReportData) -> str:
-    return f"budget: {data.ppl_budget:g} x base perplexity"
 
 
 _NICE_TICKS = (1, 1.02, 1.05, 1.1, 1.2, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 1e4, 1e5, 1e6)
@@ -395,16 +391,11 @@ def _log_axis(axis, set_scale, low: float, high: float) -> None:
         _fixed_ticks(axis, ticks)
 
 
-def _percent_axis(axis) -> None:
-    from matplotlib.ticker import FuncFormatter
-
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:.0f}%"))
-
-
 def plot_tradeoff(data: ReportData) -> Plot:
-    """Memorization vs perplexity ratio: one colour and marker per method, each with its own Pareto front; left all
-    points (log axis), right a zoom on the budget region (from just below the lowest ratio to twice the budget's
-    excess); base point, budget line and chosen point marked."""
+    """Memorization vs perplexity ratio per method (see the caption); left all points (log axis), right a zoom from
+    just below the lowest ratio to twice the budget's excess."""
+    from matplotlib.ticker import PercentFormatter
+
     fig, axes = _figure(2, 5.2, cols=2)
     base, chosen, methods, series = data.base, data.chosen, data.methods, data.memorization
     has_base = base is not None and math.isfinite(base.perplexity)
@@ -434,21 +425,20 @@ def plot_tradeoff(data: ReportData) -> Plot:
                                    facecolors="black" if filled else "none", linewidths=1.5)
                     if filled:
                         legend.setdefault("base model", h)
-            legend.setdefault(_budget_label(data), ax.axvline(data.ppl_budget, color="gray", ls="--", lw=1.2))
+            legend.setdefault(data.budget_label, ax.axvline(data.ppl_budget, color="gray", ls="--", lw=1.2))
         if chosen is not None:
             h = ax.scatter([data.ratio(chosen)], [chosen.metric(series[0][0])], marker="*", s=320, zorder=6,
                            color="gold", edgecolors="black")
             legend.setdefault(f"chosen: {chosen.label()}", h)
         ax.set_ylabel(f"{series[0][1]} memorization (lower is better)")
-        _percent_axis(ax.yaxis)
-        ax.grid(alpha=0.3)
+        ax.yaxis.set_major_formatter(PercentFormatter(1, decimals=0))
         ax.set_xlabel("perplexity / base perplexity" + (f" (base {_sig3(base.perplexity)})" if has_base else ""))
     low, high = min([1.0, *ratios]), 1.0 + 2.0 * max(data.ppl_budget - 1.0, 0.02)
     pad = 0.04 * (high - low)
     axes[1].set_xlim(low - pad, high + pad)
     beyond = sum(r > high + pad for r in ratios)
-    axes[1].set_title(f"zoom: perplexity up to {high + pad:.3g} x base" + (f" ({beyond} points beyond)" if beyond
-                                                                            else ""), fontsize=10)
+    note = f" ({beyond} points beyond)" if beyond else ""
+    axes[1].set_title(f"zoom: perplexity up to {high + pad:.3g} x base{note}", fontsize=10)
     if ratios and max(ratios) / max(min(ratios), 1e-12) > 1.5:
         _log_axis(axes[0].xaxis, axes[0].set_xscale, min(ratios), max(ratios))
     axes[0].set_title("all points", fontsize=10)
@@ -467,6 +457,7 @@ def plot_costs(data: ReportData) -> Plot:
     """Memorization, perplexity ratio and every capability metric against keep_mass, one colour per method; one line
     per (block group, projections) of the method, the chosen point's group drawn bold."""
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import PercentFormatter
 
     series = data.memorization
     keys = {k for r in data.records for k in r.metrics if k.endswith("_accuracy") or k.startswith("lm_eval.")}
@@ -504,7 +495,7 @@ def plot_costs(data: ReportData) -> Plot:
             if math.isfinite(level):
                 legend.setdefault("base model", ax.axhline(level, color="black", lw=1, ls="--"))
             if key == "perplexity":
-                legend.setdefault(_budget_label(data), ax.axhline(data.ppl_budget, color="gray", lw=1, ls="-."))
+                legend.setdefault(data.budget_label, ax.axhline(data.ppl_budget, color="gray", lw=1, ls="-."))
         ax.set_xscale("log")
         if ticks:
             _fixed_ticks(ax.xaxis, ticks, lambda v: f"{1 - v:.4g}")
@@ -512,14 +503,13 @@ def plot_costs(data: ReportData) -> Plot:
         ax.set_xlabel("keep_mass (axis: log of 1 - keep_mass)", fontsize=9)
         ax.set_title(title, fontsize=10)
         if key == "memorization" or is_rate(key):
-            _percent_axis(ax.yaxis)
+            ax.yaxis.set_major_formatter(PercentFormatter(1, decimals=0))
         elif key == "perplexity":
             ratios = [data.ratio(p) for p in data.points if math.isfinite(p.perplexity)]
             top = max([data.ppl_budget * 1.5] + [data.ratio(p) for p in data.points
                                                  if p.config.keep_mass >= 0.9 and math.isfinite(p.perplexity)])
             if any(r > 3 * top for r in ratios):
                 _log_axis(ax.yaxis, ax.set_yscale, min(ratios + [1.0]), max(ratios))
-        ax.grid(alpha=0.3)
     caption = ("What each edit costs, against keep_mass (mild edits on the left): memorization, perplexity ratio"
                + (" and each capability metric" if capability else "") + ", one colour per method; "
                "with several block groups per method, faint lines are the other groups and the bold one holds the "
@@ -527,12 +517,12 @@ def plot_costs(data: ReportData) -> Plot:
     return _finish(fig, legend, caption, data, max_cols=5, loc="outside lower center", fontsize=9)
 
 
-def plot_spectra(spectra: Mapping[str, Mapping[str, Any]], max_modules: int = MAX_SPECTRA_MODULES) -> Plot:
+def plot_spectra(spectra: Mapping[str, Mapping[str, Any]]) -> Plot:
     """Eigenvalues of G and A (each divided by its largest, descending, log scale), one panel per edited module;
     the shaded region and dashed lines mark the eigenvectors that appear in at least one kept pair."""
     from matplotlib.ticker import NullLocator
 
-    names = list(spectra)[:max_modules]
+    names = list(spectra)[:MAX_SPECTRA_MODULES]
     fig, axes = _figure(len(names), 3.3, layout=None)  # fixed margins: constrained layout doubles the draw time
     width, height = fig.get_size_inches()
     fig.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=0.5 / height, top=1 - 0.6 / height,
@@ -550,14 +540,14 @@ def plot_spectra(spectra: Mapping[str, Mapping[str, Any]], max_modules: int = MA
             h, = ax.plot(range(1, len(values) + 1), [v / top if v > 0 else floor for v in values], color=color,
                          lw=1.3)
             legend.setdefault(label, h)
-            used = m.get(used_key)
-            if used is not None:
-                ax.axvline(float(used), color=color, ls="--", lw=1)
-                h = ax.axvspan(1, max(1.0, float(used)), color=color, alpha=0.08)
-                legend.setdefault(f"{label[0]}: kept region (in a kept pair)", h)
-                right = float(used) > 0.6 * len(values)  # near the right edge: the label goes left of the line
+            if m.get(used_key) is not None:
+                used = float(m[used_key])
+                ax.axvline(used, color=color, ls="--", lw=1)
+                legend.setdefault(f"{label[0]}: kept region (in a kept pair)",
+                                  ax.axvspan(1, max(1.0, used), color=color, alpha=0.08))
+                right = used > 0.6 * len(values)  # near the right edge: the label goes left of the line
                 text = f"{label[0]} {int(used)}/{len(values)}"
-                ax.text(float(used), 0.02 + (0.1 if key == "act_eigvals" else 0), f"{text} " if right else f" {text}",
+                ax.text(used, 0.02 + (0.1 if key == "act_eigvals" else 0), f"{text} " if right else f" {text}",
                         color=color, fontsize=7, ha="right" if right else "left", transform=ax.get_xaxis_transform())
         ax.set_yscale("log")
         ax.yaxis.set_minor_locator(NullLocator())  # minor log ticks cost seconds of layout and add little
@@ -570,7 +560,6 @@ def plot_spectra(spectra: Mapping[str, Mapping[str, Any]], max_modules: int = MA
         ax.set_xlabel("eigenvalue index (descending)", fontsize=8)
         ax.set_ylabel("eigenvalue / largest", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
     caption = (f"Eigenvalue spectra of G and A for the edited modules ({len(names)} of {len(spectra)} shown), each "
                "divided by its largest; shaded up to the dashed line: eigenvectors that appear in at least one kept "
                "pair.")
@@ -607,21 +596,14 @@ def point_rows(records: Sequence[SweepRecord], columns: Sequence[tuple[str, str]
 SURVIVED, REMOVED, NOT_MEMORIZED = "survived", "removed", "not memorized by the base model"
 
 
-def record_status(record: Mapping[str, Any]) -> str:
-    """``survived`` (the edited model still recites the suffix), ``removed`` (the base did, the edited does not), or
-    ``not memorized by the base model``."""
-    if record["edited"]["strict"]:
-        return SURVIVED
-    base = record.get("base")
-    return REMOVED if base is None or base["strict"] else NOT_MEMORIZED
-
-
 def _record_groups(outputs: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    """The records by :func:`record_status` (survived, removed, not memorized; empty groups left out), each group
-    closest to the suffix first."""
+    """The records by status, each group closest to the suffix first, empty groups left out: ``survived`` (the edited
+    model still recites the suffix), ``removed`` (the base did, or is not known; the edited does not), else
+    ``not memorized by the base model``."""
     groups: dict[str, list[Mapping[str, Any]]] = {SURVIVED: [], REMOVED: [], NOT_MEMORIZED: []}
     for r in outputs:
-        groups[record_status(r)].append(r)
+        base_recited = r.get("base") is None or r["base"]["strict"]
+        groups[SURVIVED if r["edited"]["strict"] else REMOVED if base_recited else NOT_MEMORIZED].append(r)
     return {status: sorted(recs, key=lambda r: (-r["edited"]["similarity"], -r["edited"]["match_len"]))
             for status, recs in groups.items() if recs}
 
@@ -714,7 +696,7 @@ def provenance_rows(data: ReportData) -> list[tuple[str, str]]:
     mem = prov.get("memorized") or []
     split = sweep.get("split") or prov.get("split")
     if mem or split:
-        text = ", ".join(str(x) for x in mem)
+        text = _join(mem)
         if split:
             text += (f"; split by content hash (seed {split.get('seed')}): {split.get('selection')} selection records "
                      f"(the choice), {split.get('heldout')} held out (reported)")
@@ -770,8 +752,7 @@ def _render(data: ReportData, images: Mapping[str, Plot], fmt: "_Html | _Markdow
     if chosen is not None:
         out += [fmt.paragraph("Apply it with `kfac-edit edit --layers-file DIR/best.json`; its layers JSON:"),
                 fmt.code(json.dumps(chosen.config.layers()))]
-    if data.before_after is not None:
-        ba = data.before_after
+    if (ba := data.before_after) is not None:
         header = ["metric", f"before ({ba['before'].get('label', 'before')})",
                   f"after ({ba['after'].get('label', 'after')})", "change"]
         rows = before_after_rows(ba)
