@@ -166,7 +166,7 @@ def load_checkpoint(
         state = CheckpointState.from_dict(json.loads((path / STATE_FILE).read_text()))
     except FileNotFoundError:
         raise corrupt(f"{STATE_FILE} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:  # not an object
         raise corrupt(f"{STATE_FILE} is unreadable ({first_line(exc)})") from None
     if state.version != STATE_VERSION:
         raise UserError(

@@ -93,8 +93,7 @@ def mirror_upper_(total: torch.Tensor) -> None:
 
 def accumulate_dtype_for(module: nn.Module) -> torch.dtype:
     """fp64 sums for an fp64 module, fp32 otherwise."""
-    weight = getattr(module, "weight", None)
-    return torch.float64 if weight is not None and weight.dtype == torch.float64 else torch.float32
+    return torch.float64 if module.weight.dtype == torch.float64 else torch.float32
 
 
 def valid_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -273,12 +272,15 @@ class FactorCollector:
             return None
         return output.detach().requires_grad_(True)
 
+    def _index_on(self, device: torch.device) -> torch.Tensor:
+        """The flat indices of this step's valid positions, on ``device`` (copied there once per step)."""
+        if device not in self._valid_index:
+            self._valid_index[device] = next(iter(self._valid_index.values())).to(device)
+        return self._valid_index[device]
+
     def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """The valid rows of a ``(B, T, d)`` tensor as ``(n_valid, d)``."""
-        idx = self._valid_index.get(tensor.device)
-        if idx is None:
-            idx = self._valid_index[tensor.device] = self._valid_index[next(iter(self._valid_index))].to(tensor.device)
-        return tensor.reshape(-1, tensor.shape[-1]).index_select(0, idx)
+        return tensor.reshape(-1, tensor.shape[-1]).index_select(0, self._index_on(tensor.device))
 
     def _forward_hook(self, index: int):
         projection = self.projections[index]
@@ -344,9 +346,7 @@ class FactorCollector:
         inter = experts.down_proj.shape[-1]
         cols = {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}
 
-        def module_factors(i: int) -> ModuleFactors:
-            return self.factors.modules[self.projections[i].name]
-
+        factors_of = {i: self.factors.modules[self.projections[i].name] for i in indices}  # i -> ModuleFactors
         def gram_hook(targets: list[tuple[torch.Tensor, slice]], keep: torch.Tensor):
             def hook(grad: torch.Tensor) -> None:
                 with torch.no_grad():
@@ -363,16 +363,16 @@ class FactorCollector:
             if self._phase != "forward" or not (split or down):
                 return
             for _, i in split + down:  # per-expert row counts
-                module_factors(i).activation_tokens += int(keep.numel())
-                module_factors(i).grad_tokens += int(keep.numel())
+                factors_of[i].activation_tokens += int(keep.numel())
+                factors_of[i].grad_tokens += int(keep.numel())
             with torch.no_grad():  # gate and up read x: one activation sum; down reads h
                 for members, inputs in ((split, x), (down, h)):
                     if members:
-                        add_gram(module_factors(members[0][1]).activation_sum, inputs.detach().index_select(0, keep),
+                        add_gram(factors_of[members[0][1]].activation_sum, inputs.detach().index_select(0, keep),
                                  upper=True)  # fmt: skip
             for outputs, members in ((gate_up_out, split), (down_out, down)):
                 if members and outputs.requires_grad:
-                    outputs.register_hook(gram_hook([(module_factors(i).grad_sum, cols[k]) for k, i in members], keep))
+                    outputs.register_hook(gram_hook([(factors_of[i].grad_sum, cols[k]) for k, i in members], keep))
                     if block == self.lowest_block:
                         self._targets.append(outputs)
 
@@ -382,8 +382,7 @@ class FactorCollector:
         """``(B·T,)`` bool on ``device``: the flat positions that have a label (the experts see flat tokens)."""
         if device not in self._valid_masks:
             mask = torch.zeros(self._n_positions, dtype=torch.bool, device=device)
-            mask[self._valid_index[next(iter(self._valid_index))].to(device)] = True
-            self._valid_masks[device] = mask
+            self._valid_masks[device] = mask.index_fill_(0, self._index_on(device), True)
         return self._valid_masks[device]
 
     # -------------------------------------------------------------------------------------------- one step
@@ -453,14 +452,14 @@ class FactorCollector:
                 del loss, targets
         finally:
             self._phase, self._targets, self._valid_index = None, [], {}
-        hooked = [p for p in self.projections if p.expert is None]  # an expert counts its routed rows itself
         for p, f_hits, g_hits in zip(self.projections, self._forward_hits, self._grad_hits):
-            if p.expert is None and (f_hits != 1 or g_hits != 1):
+            if p.expert is not None:
+                continue  # an expert counts its routed rows itself
+            if f_hits != 1 or g_hits != 1:
                 raise RuntimeError(
                     f"{p.name}: forward ran {f_hits}x and its output gradient arrived {g_hits}x in one step "
                     "(expected once each); is the module shared or skipped in this architecture?"
                 )
-        for p in hooked:
             self.factors.modules[p.name].activation_tokens += int(idx.numel())
             self.factors.modules[p.name].grad_tokens += int(idx.numel())
 
