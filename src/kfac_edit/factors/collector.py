@@ -145,9 +145,8 @@ def activation_keys(projections: Sequence[Projection]) -> dict[str, str]:
     return {p.name: key(p) for p in projections}
 
 
-def describe_projections(projections: Iterable[Projection]) -> dict[str, list]:
+def describe_projections(projections: Sequence[Projection]) -> dict[str, list]:
     """The manifest's ``layers`` (block indices) and ``projections`` (kinds, in :data:`PROJECTIONS` order)."""
-    projections = list(projections)
     kinds = {p.kind for p in projections}
     return {"layers": sorted({p.block for p in projections}), "projections": [k for k in PROJECTIONS if k in kinds]}
 
@@ -161,6 +160,13 @@ def take_tokens(batches: Iterable[dict[str, torch.Tensor]], max_tokens: int | No
         mask = batch.get("attention_mask")
         tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         yield batch
+
+
+def _on_device(per_device: dict[torch.device, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The tensor held in ``per_device`` (one step's valid positions), on ``device``: copied there the first time."""
+    if device not in per_device:
+        per_device[device] = next(iter(per_device.values())).to(device)
+    return per_device[device]
 
 
 # ---------------------------------------------------------------------------------------------------- collector
@@ -210,12 +216,11 @@ class FactorCollector:
         self._phase: str | None = None  # "forward" while the model runs forward, "backward" during backward
         self._start_step()
 
-    def _start_step(self, idx: torch.Tensor | None = None, n_positions: int = 0) -> None:
-        """Reset the per-step state: valid positions ``idx`` (flat indices into the ``n_positions`` = B·T) and what
-        the hooks saw."""
-        self._valid_index = {} if idx is None else {idx.device: idx}  # per device
-        self._valid_masks: dict[torch.device, torch.Tensor] = {}  # the same positions as flat masks (for experts)
-        self._n_positions = n_positions
+    def _start_step(self, valid: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> None:
+        """Reset the per-step state: the ``(B·T,)`` bool mask ``valid`` of the positions with a label and their flat
+        indices ``idx`` (each per device: :func:`_on_device`), and what the hooks saw."""
+        self._valid_masks = {} if valid is None else {valid.device: valid}  # the experts see flat tokens
+        self._valid_index = {} if idx is None else {idx.device: idx}
         self._forward_hits = [0] * len(self.projections)
         self._grad_hits = [0] * len(self.projections)
         self._shared_input: dict[str, tuple] = {}  # activation key -> input already added this step
@@ -272,15 +277,9 @@ class FactorCollector:
             return None
         return output.detach().requires_grad_(True)
 
-    def _index_on(self, device: torch.device) -> torch.Tensor:
-        """The flat indices of this step's valid positions, on ``device`` (copied there once per step)."""
-        if device not in self._valid_index:
-            self._valid_index[device] = next(iter(self._valid_index.values())).to(device)
-        return self._valid_index[device]
-
     def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """The valid rows of a ``(B, T, d)`` tensor as ``(n_valid, d)``."""
-        return tensor.reshape(-1, tensor.shape[-1]).index_select(0, self._index_on(tensor.device))
+        return tensor.reshape(-1, tensor.shape[-1]).index_select(0, _on_device(self._valid_index, tensor.device))
 
     def _forward_hook(self, index: int):
         projection = self.projections[index]
@@ -357,7 +356,7 @@ class FactorCollector:
             return hook
 
         def on_expert(e, x, gate_up_out, h, down_out, token_positions) -> None:
-            keep = self._valid_mask(x.device)[token_positions].nonzero().squeeze(1)  # routed rows that have a label
+            keep = _on_device(self._valid_masks, x.device)[token_positions].nonzero().squeeze(1)  # rows with a label
             split = [(k, chosen[e, k]) for k in ("gate", "up") if (e, k) in chosen]
             down = [("down", chosen[e, "down"])] if (e, "down") in chosen else []
             if self._phase != "forward" or not (split or down):
@@ -378,13 +377,6 @@ class FactorCollector:
 
         return tap_experts(experts, lambda: self._phase is not None, on_expert)
 
-    def _valid_mask(self, device: torch.device) -> torch.Tensor:
-        """``(B·T,)`` bool on ``device``: the flat positions that have a label (the experts see flat tokens)."""
-        if device not in self._valid_masks:
-            mask = torch.zeros(self._n_positions, dtype=torch.bool, device=device)
-            self._valid_masks[device] = mask.index_fill_(0, self._index_on(device), True)
-        return self._valid_masks[device]
-
     # -------------------------------------------------------------------------------------------- one step
     def accumulate(self, batch: dict[str, torch.Tensor]) -> int:
         """Add one batch ``{"input_ids": (B, T), "attention_mask": (B, T)[, "window_index": (B,)]}`` (windows
@@ -399,10 +391,10 @@ class FactorCollector:
         window_index = batch.get("window_index")
         if window_index is None:
             window_index = torch.arange(self.windows, self.windows + n_windows)
-        idx = valid_positions(mask).reshape(-1).nonzero().squeeze(1)
-        n_valid = int(idx.numel())
+        valid = valid_positions(mask).reshape(-1)
+        n_valid = int(valid.sum())
         if n_valid:
-            self._step(input_ids, mask, idx, window_index)
+            self._step(input_ids, mask, valid, window_index)
         # counters move only after a step succeeded, so they always describe the sums
         self.tokens += int(mask.sum())
         if n_windows:
@@ -422,12 +414,13 @@ class FactorCollector:
             labels[idx] = sample_labels(flat_logits.detach(), uniforms, rows=idx)
         return labels
 
-    def _step(self, input_ids: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, window_index: torch.Tensor):
-        """Forward, labels, backward for one batch with ``idx`` (flat indices of the valid positions) non-empty."""
+    def _step(self, input_ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor, window_index: torch.Tensor):
+        """Forward, labels, backward for one batch with at least one ``valid`` (``(B·T,)`` bool) position."""
+        idx = valid.nonzero().squeeze(1)
         uniforms = None
         if self.labels == "sampled":
             uniforms = window_uniforms(self.seed, window_index.tolist(), input_ids.shape[1]).reshape(-1)[idx.cpu()]
-        self._start_step(idx, input_ids.numel())
+        self._start_step(valid, idx)
         self._mirrored = False
         try:
             self._phase = "forward"
