@@ -117,11 +117,8 @@ def checkpoint_root(out_dir: str | os.PathLike) -> Path:
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoint directories, oldest first (hidden temporary directories of a killed write excluded)."""
-    root = checkpoint_root(out_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = (p for p in checkpoint_root(out_dir).glob("ckpt-*") if p.is_dir() and _NAME.match(p.name))
+    return sorted(found, key=lambda p: int(p.name.removeprefix("ckpt-")))
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
@@ -166,7 +163,7 @@ def load_checkpoint(
         state = CheckpointState.from_dict(json.loads((path / STATE_FILE).read_text()))
     except FileNotFoundError:
         raise corrupt(f"{STATE_FILE} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:  # not an object
         raise corrupt(f"{STATE_FILE} is unreadable ({first_line(exc)})") from None
     if state.version != STATE_VERSION:
         raise UserError(

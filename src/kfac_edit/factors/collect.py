@@ -142,10 +142,6 @@ class CollectConfig:
     def flag(cls, name: str) -> str:
         return cls.__dataclass_fields__[name].metadata.get("flag", "--" + name.replace("_", "-"))
 
-    @classmethod
-    def help(cls, name: str) -> str:
-        return cls.__dataclass_fields__[name].metadata["help"]
-
 
 def collect_factors(
     model: nn.Module | str,
@@ -195,12 +191,10 @@ def collect_factors(
     device = resolve_device(None if config.device == "auto" else config.device) if model_id else None
     joined = ctx is None and model_id is not None
     ctx = init_distributed(device, timeout_s=config.dist_timeout) if joined else (ctx or DistContext())
-    if config.ekfac and ctx.enabled:
-        if joined:
-            shutdown(ctx)
-        raise UserError("--ekfac runs in one process; launch `kfac-edit collect --ekfac` without torchrun")
     lock = contextlib.ExitStack()  # rank 0 holds --out's lock until the factors are saved
     try:
+        if config.ekfac and ctx.enabled:
+            raise UserError("--ekfac runs in one process; launch `kfac-edit collect --ekfac` without torchrun")
         if ctx.is_main and config.out is not None:
             lock.enter_context(output_lock(config.out))
             check_writable(config.out, config.overwrite)  # again, under the lock: no other writer got in between

@@ -93,8 +93,7 @@ def mirror_upper_(total: torch.Tensor) -> None:
 
 def accumulate_dtype_for(module: nn.Module) -> torch.dtype:
     """fp64 sums for an fp64 module, fp32 otherwise."""
-    weight = getattr(module, "weight", None)
-    return torch.float64 if weight is not None and weight.dtype == torch.float64 else torch.float32
+    return torch.float64 if module.weight.dtype == torch.float64 else torch.float32
 
 
 def valid_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -146,9 +145,8 @@ def activation_keys(projections: Sequence[Projection]) -> dict[str, str]:
     return {p.name: key(p) for p in projections}
 
 
-def describe_projections(projections: Iterable[Projection]) -> dict[str, list]:
+def describe_projections(projections: Sequence[Projection]) -> dict[str, list]:
     """The manifest's ``layers`` (block indices) and ``projections`` (kinds, in :data:`PROJECTIONS` order)."""
-    projections = list(projections)
     kinds = {p.kind for p in projections}
     return {"layers": sorted({p.block for p in projections}), "projections": [k for k in PROJECTIONS if k in kinds]}
 
@@ -162,6 +160,13 @@ def take_tokens(batches: Iterable[dict[str, torch.Tensor]], max_tokens: int | No
         mask = batch.get("attention_mask")
         tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         yield batch
+
+
+def _on_device(per_device: dict[torch.device, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The tensor held in ``per_device`` (one step's valid positions), on ``device``: copied there the first time."""
+    if device not in per_device:
+        per_device[device] = next(iter(per_device.values())).to(device)
+    return per_device[device]
 
 
 # ---------------------------------------------------------------------------------------------------- collector
@@ -211,12 +216,11 @@ class FactorCollector:
         self._phase: str | None = None  # "forward" while the model runs forward, "backward" during backward
         self._start_step()
 
-    def _start_step(self, idx: torch.Tensor | None = None, n_positions: int = 0) -> None:
-        """Reset the per-step state: valid positions ``idx`` (flat indices into the ``n_positions`` = B·T) and what
-        the hooks saw."""
-        self._valid_index = {} if idx is None else {idx.device: idx}  # per device
-        self._valid_masks: dict[torch.device, torch.Tensor] = {}  # the same positions as flat masks (for experts)
-        self._n_positions = n_positions
+    def _start_step(self, valid: torch.Tensor | None = None, idx: torch.Tensor | None = None) -> None:
+        """Reset the per-step state: the ``(B·T,)`` bool mask ``valid`` of the positions with a label and their flat
+        indices ``idx`` (each per device: :func:`_on_device`), and what the hooks saw."""
+        self._valid_masks = {} if valid is None else {valid.device: valid}  # the experts see flat tokens
+        self._valid_index = {} if idx is None else {idx.device: idx}
         self._forward_hits = [0] * len(self.projections)
         self._grad_hits = [0] * len(self.projections)
         self._shared_input: dict[str, tuple] = {}  # activation key -> input already added this step
@@ -275,10 +279,7 @@ class FactorCollector:
 
     def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """The valid rows of a ``(B, T, d)`` tensor as ``(n_valid, d)``."""
-        idx = self._valid_index.get(tensor.device)
-        if idx is None:
-            idx = self._valid_index[tensor.device] = self._valid_index[next(iter(self._valid_index))].to(tensor.device)
-        return tensor.reshape(-1, tensor.shape[-1]).index_select(0, idx)
+        return tensor.reshape(-1, tensor.shape[-1]).index_select(0, _on_device(self._valid_index, tensor.device))
 
     def _forward_hook(self, index: int):
         projection = self.projections[index]
@@ -344,9 +345,7 @@ class FactorCollector:
         inter = experts.down_proj.shape[-1]
         cols = {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}
 
-        def module_factors(i: int) -> ModuleFactors:
-            return self.factors.modules[self.projections[i].name]
-
+        factors_of = {i: self.factors.modules[self.projections[i].name] for i in indices}  # i -> ModuleFactors
         def gram_hook(targets: list[tuple[torch.Tensor, slice]], keep: torch.Tensor):
             def hook(grad: torch.Tensor) -> None:
                 with torch.no_grad():
@@ -357,34 +356,26 @@ class FactorCollector:
             return hook
 
         def on_expert(e, x, gate_up_out, h, down_out, token_positions) -> None:
-            keep = self._valid_mask(x.device)[token_positions].nonzero().squeeze(1)  # routed rows that have a label
+            keep = _on_device(self._valid_masks, x.device)[token_positions].nonzero().squeeze(1)  # rows with a label
             split = [(k, chosen[e, k]) for k in ("gate", "up") if (e, k) in chosen]
             down = [("down", chosen[e, "down"])] if (e, "down") in chosen else []
             if self._phase != "forward" or not (split or down):
                 return
             for _, i in split + down:  # per-expert row counts
-                module_factors(i).activation_tokens += int(keep.numel())
-                module_factors(i).grad_tokens += int(keep.numel())
+                factors_of[i].activation_tokens += int(keep.numel())
+                factors_of[i].grad_tokens += int(keep.numel())
             with torch.no_grad():  # gate and up read x: one activation sum; down reads h
                 for members, inputs in ((split, x), (down, h)):
                     if members:
-                        add_gram(module_factors(members[0][1]).activation_sum, inputs.detach().index_select(0, keep),
+                        add_gram(factors_of[members[0][1]].activation_sum, inputs.detach().index_select(0, keep),
                                  upper=True)  # fmt: skip
             for outputs, members in ((gate_up_out, split), (down_out, down)):
                 if members and outputs.requires_grad:
-                    outputs.register_hook(gram_hook([(module_factors(i).grad_sum, cols[k]) for k, i in members], keep))
+                    outputs.register_hook(gram_hook([(factors_of[i].grad_sum, cols[k]) for k, i in members], keep))
                     if block == self.lowest_block:
                         self._targets.append(outputs)
 
         return tap_experts(experts, lambda: self._phase is not None, on_expert)
-
-    def _valid_mask(self, device: torch.device) -> torch.Tensor:
-        """``(B·T,)`` bool on ``device``: the flat positions that have a label (the experts see flat tokens)."""
-        if device not in self._valid_masks:
-            mask = torch.zeros(self._n_positions, dtype=torch.bool, device=device)
-            mask[self._valid_index[next(iter(self._valid_index))].to(device)] = True
-            self._valid_masks[device] = mask
-        return self._valid_masks[device]
 
     # -------------------------------------------------------------------------------------------- one step
     def accumulate(self, batch: dict[str, torch.Tensor]) -> int:
@@ -400,10 +391,10 @@ class FactorCollector:
         window_index = batch.get("window_index")
         if window_index is None:
             window_index = torch.arange(self.windows, self.windows + n_windows)
-        idx = valid_positions(mask).reshape(-1).nonzero().squeeze(1)
-        n_valid = int(idx.numel())
+        valid = valid_positions(mask).reshape(-1)
+        n_valid = int(valid.sum())
         if n_valid:
-            self._step(input_ids, mask, idx, window_index)
+            self._step(input_ids, mask, valid, window_index)
         # counters move only after a step succeeded, so they always describe the sums
         self.tokens += int(mask.sum())
         if n_windows:
@@ -423,12 +414,13 @@ class FactorCollector:
             labels[idx] = sample_labels(flat_logits.detach(), uniforms, rows=idx)
         return labels
 
-    def _step(self, input_ids: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, window_index: torch.Tensor):
-        """Forward, labels, backward for one batch with ``idx`` (flat indices of the valid positions) non-empty."""
+    def _step(self, input_ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor, window_index: torch.Tensor):
+        """Forward, labels, backward for one batch with at least one ``valid`` (``(B·T,)`` bool) position."""
+        idx = valid.nonzero().squeeze(1)
         uniforms = None
         if self.labels == "sampled":
             uniforms = window_uniforms(self.seed, window_index.tolist(), input_ids.shape[1]).reshape(-1)[idx.cpu()]
-        self._start_step(idx, input_ids.numel())
+        self._start_step(valid, idx)
         self._mirrored = False
         try:
             self._phase = "forward"
@@ -453,14 +445,14 @@ class FactorCollector:
                 del loss, targets
         finally:
             self._phase, self._targets, self._valid_index = None, [], {}
-        hooked = [p for p in self.projections if p.expert is None]  # an expert counts its routed rows itself
         for p, f_hits, g_hits in zip(self.projections, self._forward_hits, self._grad_hits):
-            if p.expert is None and (f_hits != 1 or g_hits != 1):
+            if p.expert is not None:
+                continue  # an expert counts its routed rows itself
+            if f_hits != 1 or g_hits != 1:
                 raise RuntimeError(
                     f"{p.name}: forward ran {f_hits}x and its output gradient arrived {g_hits}x in one step "
                     "(expected once each); is the module shared or skipped in this architecture?"
                 )
-        for p in hooked:
             self.factors.modules[p.name].activation_tokens += int(idx.numel())
             self.factors.modules[p.name].grad_tokens += int(idx.numel())
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from itertools import groupby
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -142,13 +143,9 @@ class MemoryPlan:
 
 def _ranges(values: list[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
-    runs: list[list[int]] = []
-    for v in sorted(set(values)):
-        if runs and v == runs[-1][-1] + 1:
-            runs[-1].append(v)
-        else:
-            runs.append([v])
-    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+    runs = groupby(enumerate(sorted(set(values))), key=lambda pair: pair[1] - pair[0])  # consecutive: same offset
+    ends = [(run[0][1], run[-1][1]) for run in (list(r) for _, r in runs)]
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in ends)
 
 
 def memory_plan(
@@ -159,16 +156,15 @@ def memory_plan(
     modules = module_memory(projections)
     by_name = {m.name: m for m in modules}
     passes = plan_passes(projections, layers_per_pass)
-    need: dict[str, int] = {}
+    need: Counter[str] = Counter()
     for group in passes:
         per_device: Counter[str] = Counter()
         for m in (by_name[p.name] for p in group):
             per_device[m.device] += m.total
-        for device, nbytes in per_device.items():
-            need[device] = max(need.get(device, 0), nbytes)
+        need |= per_device  # the largest pass on each device
     if keeps_results:
         need["cpu"] = sum(m.total for m in modules)
-    return MemoryPlan(modules, [[p.name for p in group] for group in passes], need)
+    return MemoryPlan(modules, [[p.name for p in group] for group in passes], dict(need))
 
 
 def check_memory(

@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -191,9 +191,7 @@ class Factors(ModuleSet):
                 mine[key] = theirs.clone()
         for name, mf in other.modules.items():
             if name not in self.modules:
-                self.modules[name] = ModuleFactors(
-                    mine[mf.activation_key], mf.grad_sum.clone(), mf.activation_tokens, mf.grad_tokens, mf.activation_key
-                )
+                self.modules[name] = replace(mf, activation_sum=mine[mf.activation_key], grad_sum=mf.grad_sum.clone())
                 continue
             have = self.modules[name]
             if have.shape != mf.shape:
