@@ -1,30 +1,24 @@
 """The English-text testbed: a tiny OLMo-2 trained on the Python standard library's documentation, with canaries.
 
-Real English technical prose that every Python installation carries, so anyone can rebuild it offline:
+Real English prose that every Python installation carries, so anyone can rebuild it offline:
 
-- Text: the docstrings of the standard library's public modules and submodules and of their public functions,
-  classes and methods (sorted; private names, test/GUI/side-effect modules and failed imports skipped), plus the help
-  topics of :mod:`pydoc_data.topics`: the PSF-licensed documentation of the running Python, whose ``major.minor``
-  version is part of the cache key.
-- Split by module: a seeded ``heldout_fraction`` of the module names never enters training; their text is the
-  perplexity set (``heldout.jsonl``), prose the model never saw.
-- Tokenizer: word-level over the ``vocab_size`` most frequent lower-cased tokens of the training modules (the
-  ``tokenizers`` ``Whitespace`` pre-tokenizer), others ``<unk>``; saved in ``model/`` for every command. The texts
-  written are tokens joined by spaces, which re-encode to the same ids.
-- Stream: the training prose is one token stream (``<bos>`` before each document) cut into rows of ``seq_len``; the
-  trainer adds ``<bos>``/``<eos>`` around each row, exactly the window :func:`kfac_edit.data.token_batches` cuts from
+- Text: docstrings of the public standard-library modules, submodules, functions, classes and methods (sorted;
+  test/GUI/side-effect modules and failed imports skipped) plus :mod:`pydoc_data.topics`: the PSF-licensed
+  documentation of the running Python, whose ``major.minor`` is part of the cache key.
+- Split by module: a seeded ``heldout_fraction`` of the modules never enters training (``heldout.jsonl``, perplexity).
+- Tokenizer: word-level over the ``vocab_size`` most frequent lower-cased tokens of the training modules (``Whitespace``
+  pre-tokenizer), others ``<unk>``. Texts are written as tokens joined by spaces, which re-encode to the same ids.
+- Stream: the training prose as one token stream (``<bos>`` before each document) cut into rows of ``seq_len``; the
+  trainer trains on ``[<bos>, row, <eos>]``, the window :func:`kfac_edit.data.token_batches` cuts from
   ``corpus.jsonl`` with ``seq_len + 2``.
-- Canaries: ``n_canaries`` sequences of ``canary_len`` words drawn uniformly from the alphabetic word tokens, each at
-  the start of ``canary_repeats`` random rows (the prose continues after it): ``[<bos>, c_1..c_L, prose...]``. A
-  record is ``prefix_ids = [<bos>, c_1..c_P]``, ``suffix_ids = c_{P+1}..c_L`` (``P = prefix_len``).
-- Factor data (the recipe of issue 11): ``factor_corpus.jsonl`` is the same prose in the same rows *without* the
-  canaries, a pretraining-like sample without the memorized set; ``corpus.jsonl`` is the training stream itself.
-- ``facts.jsonl``: closed-book recall, ``"the capital of X is Y"`` over invented names (word tokens), each fact
-  ``fact_repeats`` times in the stream, like a fact seen often in pretraining (records with ``source: "fact"``).
+- Canaries: ``n_canaries`` sequences of ``canary_len`` random alphabetic words, each starting ``canary_repeats``
+  random rows (prose follows). Records: ``prefix_ids = [<bos>, c_1..c_P]``, ``suffix_ids = c_{P+1}..c_L``.
+- ``factor_corpus.jsonl`` (issue 11's recipe): the same prose rows *without* canaries; ``corpus.jsonl`` is the
+  training stream itself.
+- ``facts.jsonl``: closed-book recall of ``"the capital of X is Y"`` over invented names, each fact ``fact_repeats``
+  times in the stream (``source: "fact"``).
 
-Model, trainer and cache are the arithmetic testbed's (:mod:`kfac_edit.testbed`). :func:`build_text_testbed` caches
-under ``$KFAC_EDIT_CACHE/text_testbed/<config hash>/``; :class:`TextTestbedPaths` has the attributes of
-:class:`~kfac_edit.testbed.TestbedPaths` (``clean`` is the held-out text).
+Model, trainer and cache are :mod:`kfac_edit.testbed`'s; the cache is ``$KFAC_EDIT_CACHE/text_testbed/<hash>/``.
 """
 
 from __future__ import annotations
@@ -69,16 +63,16 @@ SKIP_MODULES = frozenset("""
 """.split())
 FACT_WORDS = ("the", "capital", "of", "is", ".")  # the fact template "the capital of X is Y ."
 _WORD = re.compile(r"^[a-z]{2,}$")
+_PRE_TOKENS = re.compile(r"\w+|[^\w\s]+")  # the tokenizer's Whitespace pre-tokenizer, for counting words
 
 
 @dataclass(frozen=True)
 class TextTestbedConfig(TrainConfig):
-    """The text testbed: ``steps * batch_size`` rows of ``seq_len`` tokens, ``n_canaries * canary_repeats`` of them
-    starting with a canary, ``n_facts * fact_repeats`` with a fact sentence, the rest prose only.
-    Measured with the defaults (0.39M parameters; one build, seed 0, on the 2-core machine under load from other
-    jobs: 154 s CPU, 613 s wall): canaries 100% strict, facts 15% (6 of 40), held-out perplexity 76.4 (uniform:
-    2000), 8.0% ``<unk>`` in the training text, 12.6% in the held-out text.
-    """
+    """``steps * batch_size`` rows of ``seq_len`` tokens: ``n_canaries * canary_repeats`` start with a canary,
+    ``n_facts * fact_repeats`` with a fact sentence, the rest is prose. Measured with the defaults (0.39M
+    parameters; one build, seed 0, on the 2-core machine under load from other jobs: 154 s CPU, 613 s wall): canaries
+    100% strict, facts 15% (6 of 40), held-out perplexity 76.4 (uniform: 2000), 8.0% ``<unk>`` in the training text,
+    12.6% in the held-out text."""
 
     LABEL = "text testbed"
     CACHE = "text_testbed"
@@ -143,20 +137,20 @@ def stdlib_module_names() -> list[str]:
 @contextlib.contextmanager
 def _quiet():
     """Warnings and output of the imported modules swallowed."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        with contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _import_quietly(name: str):
-    """Import ``name`` quietly; ``None`` when it fails (any error)."""
+    """Import ``name`` quietly; ``None`` when it fails (any error but KeyboardInterrupt)."""
     with _quiet():
         try:
             return importlib.import_module(name)
-        except BaseException as exc:  # noqa: BLE001 - SystemExit or odd errors from optional C modules
-            if isinstance(exc, KeyboardInterrupt):
-                raise
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # noqa: BLE001 - SystemExit or odd errors from optional C modules
             return None
 
 
@@ -212,16 +206,12 @@ def stdlib_documents() -> dict[str, list[str]]:
     return out
 
 
-def _pre_tokenize(text: str) -> list[str]:
-    """The tokenizer's pre-tokenization (lower case, ``Whitespace`` split), in Python for counting words."""
-    return re.findall(r"\w+|[^\w\s]+", text.lower())
-
-
 def build_vocabulary(documents: Sequence[str], vocab_size: int, required: Sequence[str] = ()) -> list[str]:
     """The ``vocab_size - len(SPECIALS)`` most frequent tokens (ties: alphabetical), then the specials. ``required``
     tokens are always in (replacing the least frequent); tokens starting with ``##`` (which the WordPiece decoder
     would strip) are left out."""
-    counts = Counter(t for doc in documents for t in _pre_tokenize(doc) if not t.startswith("##"))
+    tokens = (t for doc in documents for t in _PRE_TOKENS.findall(doc.lower()))
+    counts = Counter(t for t in tokens if not t.startswith("##"))
     ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if t not in required]
     words = [t for t in required if t not in SPECIALS] + ranked
     return words[: vocab_size - len(SPECIALS)] + list(SPECIALS)
@@ -342,8 +332,7 @@ def fact_records(data: TextTestbedData, tokenizer) -> list[dict]:
 
 
 class TextTestbedPaths(TestbedPaths):
-    """Where a built text testbed lives (``<cache>/text_testbed/<config hash>``): the attributes of
-    :class:`kfac_edit.testbed.TestbedPaths` plus ``heldout``, ``factor_corpus`` and ``facts``."""
+    """:class:`kfac_edit.testbed.TestbedPaths` plus ``heldout`` (also ``clean``), ``factor_corpus`` and ``facts``."""
 
     heldout = in_root(HELDOUT_FILE, 'Held-out modules\' text, one row a line as ``{"text": ...}`` (perplexity).')
     clean = heldout  # the clean text of the arithmetic testbed's interface
