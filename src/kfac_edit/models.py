@@ -348,7 +348,7 @@ def _expert_projections(model: nn.Module, blocks, layer_list: list[int], kinds: 
                 out.append(Projection(f"{prefix}.{experts_path}.{e}.{kind}", i, kind, weight, expert=e))  # type: ignore
         for kind in kinds:
             module = _find(blocks[i], dense[kind]) if kind in dense else None  # None: no such dense MLP here
-            if module is not None and _is_linear(module):
+            if _is_linear(module):
                 homogeneous = joint and _has_bias(module)
                 out.append(Projection(f"{prefix}.{dense[kind]}", i, kind, module, homogeneous=homogeneous))
     return out
@@ -455,12 +455,10 @@ def check_causal_lm(name_or_path: str | os.PathLike, flag: str = "--model"):
     return config
 
 
-def model_limits(config_or_path) -> tuple[int | None, int | None]:
-    """``(embedding rows, context positions)`` from a config or a path to one; ``None`` if unknown. Token ids are
-    checked against the rows (``vocab_size``: OLMo-2 has 100,352 for 100,278 tokenizer entries), not ``len(tokenizer)``.
-    """
-    config = model_config(config_or_path) if isinstance(config_or_path, (str, os.PathLike)) else config_or_path
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+def model_limits(config) -> tuple[int | None, int | None]:
+    """``(embedding rows, context positions)`` from a model config; ``None`` if unknown. Token ids are checked
+    against the rows (``vocab_size``: OLMo-2 has 100,352 for 100,278 tokenizer entries), not ``len(tokenizer)``."""
+    text = config.get_text_config()
     rows = getattr(text, "vocab_size", None)
     positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     return (int(rows) if rows else None), (int(positions) if positions else None)

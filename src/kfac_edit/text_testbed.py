@@ -292,20 +292,17 @@ def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | N
     placed = rng.permutation(n_rows)[: n_canary_rows + c.n_facts * c.fact_repeats]
     canary_rows = placed[:n_canary_rows].reshape(c.n_canaries, c.canary_repeats)
     fact_rows = placed[n_canary_rows:].reshape(c.n_facts, c.fact_repeats)
-    heads = [np.empty(0, dtype=np.int64)] * n_rows
-    for canary, rows in zip(canaries, canary_rows):
-        for r in rows:
-            heads[r] = canary
+    heads = {int(r): canary for canary, rows in zip(canaries, canary_rows) for r in rows}
     facts = []
     names = rng.choice(word_ids, size=(c.n_facts, 2), replace=False) if c.n_facts else []  # distinct words
     for (country, city), rows in zip(names, fact_rows):
         prompt, answer = [the, capital, of, int(country), is_], [int(city), dot]
         facts.append((prompt, answer))
-        for r in rows:
-            heads[r] = np.array(prompt + answer, dtype=np.int64)
+        heads.update(dict.fromkeys(rows.tolist(), np.array(prompt + answer, dtype=np.int64)))
     train_rows = np.empty((n_rows, c.seq_len), dtype=np.int64)
     pos = 0
-    for r, head in enumerate(heads):
+    for r in range(n_rows):
+        head = heads.get(r, np.empty(0, dtype=np.int64))
         train_rows[r, : len(head)] = head
         train_rows[r, len(head) :] = _rows(stream, 1, c.seq_len - len(head), pos)[0]
         pos += c.seq_len - len(head)
