@@ -178,8 +178,8 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _rescan(path: Path, kind: str, text_field: str, skip: int) -> Iterator[str]:
-    """After ``datasets`` failed on a JSON or text file: scan it line by line, yield the documents the stream had
-    not yielded yet and raise the :class:`UserError` that names the bad line (returns if the scan finds none)."""
+    """After ``datasets`` failed on a JSON or text file: yield the documents after the first ``skip`` and raise the
+    :class:`UserError` naming the bad line (return if a line scan finds none)."""
     if kind == ".json":  # an array of objects, or JSON lines
         try:
             with _open_text(path) as fh:

@@ -233,7 +233,7 @@ def _architecture(model: nn.Module) -> tuple[str, dict[str, str]]:
     for layout in ARCHITECTURES.values():  # an unknown model type with a known layout
         if _has_layout(model, layout):
             return layout
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    linear_names = [n for n, m in model.named_modules() if _is_linear(m)]
     shown = ", ".join(linear_names[:12]) + (" ..." if len(linear_names) > 12 else "")
     raise UserError(
         f"unknown architecture '{mtype}': cannot find its MLP projections; its linear modules are: {shown}; "
@@ -500,8 +500,7 @@ def load_tokenizer(name_or_path: str):
 
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, f"a tokenizer from '{name_or_path}'")
     if tokenizer.pad_token is None:
-        candidates = (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token)
-        stand_in = next((t for t in candidates if t is not None), None)
+        stand_in = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
         if stand_in is None:
             raise UserError("the tokenizer has no pad, eos, unk or bos token to pad with; add a pad token to it")
         tokenizer.pad_token = stand_in

@@ -27,7 +27,6 @@ import contextlib
 import importlib
 import inspect
 import io
-import itertools
 import logging
 import os
 import pkgutil
@@ -77,8 +76,8 @@ class TextTestbedConfig(TrainConfig):
     LABEL = "text testbed"
     CACHE = "text_testbed"
     VERSION = TEXT_TESTBED_VERSION
-    #: Measured (quick build, 2-core machine under load): 38 s CPU, 8 of 10 canaries strict, held-out perplexity 85.
-    #: With lr 5e-3 instead, 4 of 10; with 20 canaries of 16 words x 40 repeats, none.
+    #: Quick build (2-core machine under load): 38 s CPU, 8 of 10 canaries strict, held-out perplexity 85; with lr 5e-3
+    #: 4 of 10, with 20 canaries of 16 words x 40 repeats none.
     QUICK = dict(
         vocab_size=1000, seq_len=32, hidden_size=64, mlp_size=256, n_canaries=10, canary_repeats=100, canary_len=10,
         prefix_len=4, n_facts=0, steps=500, lr=1e-2, n_heldout_rows=100,
@@ -154,9 +153,13 @@ def _import_quietly(name: str):
             return None
 
 
-def _submodules(package, name: str) -> Iterator:
-    """The public, non-test submodules (all levels) of ``package`` (imported as ``name``), sorted by name, each
-    imported when the caller asks for it."""
+def _modules(name: str) -> Iterator:
+    """Module ``name``, then its public, non-test submodules (all levels, sorted), each imported quietly when the
+    caller asks for it; failed imports are skipped."""
+    package = _import_quietly(name)
+    if package is None:
+        return
+    yield package
     if not hasattr(package, "__path__"):
         return
     with _quiet():
@@ -180,9 +183,8 @@ def _docstrings(module) -> Iterator[str | None]:
 
 
 def stdlib_documents() -> dict[str, list[str]]:
-    """``{module name: [docstrings]}`` over the standard library plus ``pydoc_data.topics``, deterministic for a
-    given Python build. Submodules count under their top-level name (the held-out split is by top-level module);
-    a docstring seen twice (inherited or re-exported) is kept once, where it first occurs."""
+    """``{top-level module name: [docstrings]}`` over the standard library (submodules under their top-level name)
+    plus ``pydoc_data.topics``, deterministic for a Python build; a repeated docstring is kept where it first occurs."""
     from pydoc_data.topics import topics
 
     seen: set[str] = set()
@@ -195,11 +197,8 @@ def stdlib_documents() -> dict[str, list[str]]:
             out.setdefault(key, []).append(text)
 
     for name in stdlib_module_names():
-        module = _import_quietly(name)
-        if module is None:
-            continue
-        for each in itertools.chain([module], _submodules(module, name)):
-            for text in _docstrings(each):
+        for module in _modules(name):
+            for text in _docstrings(module):
                 add(name, text)
     for key in sorted(topics):
         add("pydoc_data.topics", topics[key])
@@ -268,8 +267,7 @@ def _rows(stream: np.ndarray, n_rows: int, seq_len: int, offset: int = 0) -> np.
 
 
 def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | None = None) -> TextTestbedData:
-    """Split, tokenize, place canaries and facts; deterministic from ``config`` (and the Python build).
-    ``documents`` (``{module: [texts]}``) defaults to :func:`stdlib_documents`."""
+    """Split, tokenize, place canaries and facts (deterministic); ``documents`` defaults to :func:`stdlib_documents`."""
     c = config
     documents = stdlib_documents() if documents is None else documents
     train_modules, heldout_modules = split_modules(list(documents), c.heldout_fraction, c.seed)
