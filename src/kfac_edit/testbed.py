@@ -57,9 +57,8 @@ def word_level_tokenizer(vocabulary: Sequence[str], pre_tokenizer, normalizer=No
         single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
     tok.padding_side = "left"
     return tok
 
@@ -82,7 +81,8 @@ class TrainConfig:
     LABEL = "testbed"  # names the testbed in errors and logs
     CACHE = TESTBED_CACHE  # the cache sub-directory
     VERSION = TESTBED_VERSION
-    QUICK = {}  # the overrides of quick() (class attributes, not fields: no annotation)
+    HASHED = {}  # hashed with the fields besides "version" (class attributes, not fields: no annotation)
+    QUICK = {}  # the overrides of quick()
 
     seq_len: int = 24  # tokens per training document (windows: bos + seq_len + eos)
     # model (Olmo2ForCausalLM)
@@ -117,8 +117,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """16 hex digits of sha256 over the fields and ``VERSION``."""
-        return json_digest({"version": self.VERSION, **self.to_dict()})
+        """16 hex digits of sha256 over the fields, ``VERSION`` and ``HASHED``."""
+        return json_digest({"version": self.VERSION, **self.HASHED, **self.to_dict()})
 
 
 @dataclass(frozen=True)

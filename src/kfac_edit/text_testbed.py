@@ -76,6 +76,7 @@ class TextTestbedConfig(TrainConfig):
     LABEL = "text testbed"
     CACHE = "text_testbed"
     VERSION = TEXT_TESTBED_VERSION
+    HASHED = {"python": PYTHON}
     #: Quick build (2-core machine under load): 38 s CPU, 8 of 10 canaries strict, held-out perplexity 85; with lr 5e-3
     #: 4 of 10, with 20 canaries of 16 words x 40 repeats none.
     QUICK = dict(
@@ -118,10 +119,6 @@ class TextTestbedConfig(TrainConfig):
     def mixing_rate(self) -> float:
         """Share of canary tokens in the training stream."""
         return self.n_canaries * self.canary_repeats * self.canary_len / (self.n_documents * self.seq_len)
-
-    def config_hash(self) -> str:
-        """16 hex digits of sha256 over the fields, :data:`TEXT_TESTBED_VERSION` and the Python version."""
-        return json_digest({"version": self.VERSION, "python": PYTHON, **self.to_dict()})
 
 
 def _public(name: str) -> bool:
