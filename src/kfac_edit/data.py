@@ -58,14 +58,6 @@ def describe_source(source: str | os.PathLike) -> str:
     return source if source.startswith("hf:") else str(Path(source).expanduser().resolve())
 
 
-def _parse_hf(source: str) -> tuple[str, str | None, str]:
-    spec, at, split = source[3:].rpartition("@")
-    name, _, config = (spec if at else split).partition(":")
-    if not name:
-        raise UserError(f"cannot read data source '{source}'; write hf:DATASET[:CONFIG][@SPLIT]")
-    return name, config or None, split if at else "train"
-
-
 def iter_documents(source: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
     """Yield the documents of a SOURCE (module docstring) in a fixed order; errors are :class:`UserError` raised
     when iteration reaches them (:func:`check_source` raises the cheap ones up front)."""
@@ -228,12 +220,15 @@ def _iter_saved(path: Path, text_field: str) -> Iterator[str]:
 def _iter_hf(source: str, text_field: str) -> Iterator[str]:
     import datasets
 
-    name, config, split = _parse_hf(source)
+    spec, at, split = source[3:].rpartition("@")  # hf:DATASET[:CONFIG][@SPLIT]
+    name, _, config = (spec if at else split).partition(":")
+    if not name:
+        raise UserError(f"cannot read data source '{source}'; write hf:DATASET[:CONFIG][@SPLIT]")
+    config, split = config or None, split if at else "train"
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:  # network, missing dataset, bad config: all user-facing
-        what = f"dataset '{name}' (config {config}, split {split})"
-        raise UserError(f"cannot stream {what}: {first_line(exc)}") from None
+        raise UserError(f"cannot stream dataset '{name}' (config {config}, split {split}): {first_line(exc)}") from None
     for record in ds:
         if record.get(text_field):
             yield str(record[text_field])

@@ -124,8 +124,7 @@ class Projection:
         if not self.homogeneous:
             return self.set_weight(new_weight)
         self.set_weight(new_weight[:, :-1])
-        bias = self.module.bias
-        bias.copy_(new_weight[:, -1].to(dtype=bias.dtype, device=bias.device))
+        self.module.bias.copy_(new_weight[:, -1])  # copy_ casts to the bias's dtype and device
 
     @property
     def transposed(self) -> bool:
