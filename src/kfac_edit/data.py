@@ -107,10 +107,9 @@ def check_source(source: str | os.PathLike, text_field: str = "text") -> None:
 
 
 def _open_text(path: Path):
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        if path.name.lower().endswith(".gz"):
-            return gzip.open(path, "rt", encoding="utf-8")
-        return open(path, encoding="utf-8")
+        return opener(path, "rt", encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot read data file '{path}': {exc.strerror or exc}") from None
 

@@ -225,8 +225,6 @@ def word_tokenizer(vocabulary: Sequence[str]):
 class TextTestbedData:
     """The generated data; token-id arrays without ``<bos>``/``<eos>``."""
 
-    __test__ = False
-
     vocabulary: list[str]
     train: np.ndarray  # (steps * batch_size, seq_len) training rows, canaries and facts included
     factor_rows: np.ndarray  # (n, seq_len) the same prose rows without canaries or facts
