@@ -4,17 +4,14 @@ A SOURCE string is one of:
 
 * ``hf:DATASET[:CONFIG][@SPLIT]``: a Hugging Face dataset, streamed (split defaults to ``train``); the aliases
   ``dolmino`` (allenai/dolmino-mix-1124) and ``olmo-mix`` (allenai/olmo-mix-1124) also work;
-* a local file: ``.jsonl`` (one JSON object a line, text in the field ``text``; ``.jsonl.gz`` / ``.json.gz`` are
-  gzip-compressed, as Dolma's shards), ``.json`` (an array of objects, or JSON lines), ``.csv`` (column ``text``, with
-  a header row), ``.txt`` (one document a non-empty line) or ``.parquet`` (column ``text``); or a directory of such
-  files (read recursively in sorted order; hidden files skipped);
+* a local file: ``.jsonl`` (field ``text``; ``.jsonl.gz`` / ``.json.gz`` gzip-compressed, as Dolma's shards),
+  ``.json`` (an array of objects, or JSON lines), ``.csv`` (column ``text``, header row), ``.txt`` (one document a
+  non-empty line) or ``.parquet`` (column ``text``); or a directory of such files (recursive, sorted, hidden skipped);
 * a ``save_to_disk`` directory (a ``DatasetDict`` gives its ``train`` split, else its only split).
 
-All are read through ``datasets`` (``load_dataset(builder, data_files=..., streaming=True)`` or ``load_from_disk``),
-never whole. A file without the text field (``--text-field``) is an error naming it (and the line, for JSON lines);
-a record whose text is empty, null or missing (while other records have it) is skipped. When ``datasets`` fails on a
-JSON-lines or text file, it is scanned line by line to name the bad line (``FILE:LINE: malformed JSON``) after the
-documents before it were yielded.
+All are streamed through ``datasets``, never read whole. A file without the text field (``--text-field``) is an
+error naming it; records with empty or missing text are skipped. When ``datasets`` fails on a JSON-lines or text
+file, a line scan names the bad line (``FILE:LINE: malformed JSON``) after yielding the documents before it.
 
 Documents are tokenized, joined with EOS between them (when the tokenizer does not add one) and cut into windows of
 ``seq_len`` tokens; the final partial window is right-padded and masked out (``attention_mask`` 0), so every real
@@ -48,12 +45,10 @@ TOKENIZE_CHUNK = 256  # documents tokenized per tokenizer call (fast tokenizers 
 
 
 def _local_kind(path: Path) -> str | None:
-    """The LOCAL_SUFFIXES entry a file name ends with (case-insensitive), or None."""
     return next((suffix for suffix in LOCAL_SUFFIXES if path.name.lower().endswith(suffix)), None)
 
 
 def _expand(source: str | os.PathLike) -> str:
-    """A SOURCE with its alias expanded."""
     return ALIASES.get(str(source), str(source))
 
 
@@ -61,14 +56,6 @@ def describe_source(source: str | os.PathLike) -> str:
     """The canonical form of a SOURCE string (aliases expanded, local paths absolute)."""
     source = _expand(source)
     return source if source.startswith("hf:") else str(Path(source).expanduser().resolve())
-
-
-def _parse_hf(source: str) -> tuple[str, str | None, str]:
-    spec, at, split = source[3:].rpartition("@")
-    name, _, config = (spec if at else split).partition(":")
-    if not name:
-        raise UserError(f"cannot read data source '{source}'; write hf:DATASET[:CONFIG][@SPLIT]")
-    return name, config or None, split if at else "train"
 
 
 def iter_documents(source: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
@@ -85,7 +72,6 @@ def iter_documents(source: str | os.PathLike, text_field: str = "text") -> Itera
 
 
 def _is_saved_dataset(path: Path) -> bool:
-    """A directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
     markers = ("dataset_dict.json",), ("state.json", "dataset_info.json")
     return path.is_dir() and any(all((path / f).is_file() for f in files) for files in markers)
 
@@ -121,10 +107,9 @@ def check_source(source: str | os.PathLike, text_field: str = "text") -> None:
 
 
 def _open_text(path: Path):
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        if path.name.lower().endswith(".gz"):
-            return gzip.open(path, "rt", encoding="utf-8")
-        return open(path, encoding="utf-8")
+        return opener(path, "rt", encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot read data file '{path}': {exc.strerror or exc}") from None
 
@@ -156,7 +141,6 @@ def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
 
 
 def _iter_file(path: Path, text_field: str) -> Iterator[str]:
-    """The documents of one local file, read by the ``datasets`` builder of its suffix (see :data:`BUILDERS`)."""
     import datasets
 
     # datasets logs a failed JSON parse at ERROR before raising; the raised error is what we report
@@ -185,8 +169,8 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _rescan(path: Path, kind: str, text_field: str, skip: int) -> Iterator[str]:
-    """After ``datasets`` failed on a JSON or text file: scan it line by line, yield the documents the stream had
-    not yielded yet and raise the :class:`UserError` that names the bad line (returns if the scan finds none)."""
+    """After ``datasets`` failed on a JSON or text file: yield the documents after the first ``skip`` and raise the
+    :class:`UserError` naming the bad line (return if a line scan finds none)."""
     if kind == ".json":  # an array of objects, or JSON lines
         try:
             with _open_text(path) as fh:
@@ -215,7 +199,6 @@ def _scan_lines(path: Path, kind: str, text_field: str) -> Iterator[str]:
 
 
 def _iter_saved(path: Path, text_field: str) -> Iterator[str]:
-    """The documents of a ``save_to_disk`` directory (a DatasetDict gives its ``train`` split, else its only one)."""
     import datasets
 
     try:
@@ -236,12 +219,15 @@ def _iter_saved(path: Path, text_field: str) -> Iterator[str]:
 def _iter_hf(source: str, text_field: str) -> Iterator[str]:
     import datasets
 
-    name, config, split = _parse_hf(source)
+    spec, at, split = source[3:].rpartition("@")  # hf:DATASET[:CONFIG][@SPLIT]
+    name, _, config = (spec if at else split).partition(":")
+    if not name:
+        raise UserError(f"cannot read data source '{source}'; write hf:DATASET[:CONFIG][@SPLIT]")
+    config, split = config or None, split if at else "train"
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:  # network, missing dataset, bad config: all user-facing
-        what = f"dataset '{name}' (config {config}, split {split})"
-        raise UserError(f"cannot stream {what}: {first_line(exc)}") from None
+        raise UserError(f"cannot stream dataset '{name}' (config {config}, split {split}): {first_line(exc)}") from None
     for record in ds:
         if record.get(text_field):
             yield str(record[text_field])
@@ -307,14 +293,13 @@ def token_batches(source: str | Iterable[str], tokenizer, seq_len: int, batch_si
 
     Args:
         source: a SOURCE string or an iterable of document strings.
-        max_tokens: stop once this many real tokens (mask 1) were yielded, counted over all shards.
-        skip_windows: windows (counted over all shards) to skip first: resume a stream where a checkpoint left it.
+        max_tokens: stop once this many real tokens (mask 1) were yielded; it, ``skip_windows`` (resume where a
+            checkpoint left off) and ``"window_index"`` count over all shards.
         shard: ``(rank, world_size)``: this rank takes windows ``rank, rank + world, ...``.
-        with_index: also yield ``"window_index"`` (B,): each window's position in the whole stream (over all
-            shards). The factor collector seeds its sampled labels with it, so labels do not depend on batch size,
-            sharding or resuming. Leave it off when the batch goes to ``model(**batch)``.
-        warn_if_short: the option that set ``max_tokens`` (e.g. ``"--tokens"``): log a warning (rank 0 only) when
-            the data runs out before ``max_tokens`` real tokens. Leave it ``None`` where ``max_tokens`` is a cap.
+        with_index: also yield ``"window_index"`` (B,), each window's position in the stream; the factor collector
+            seeds sampled labels with it (independent of batch size, sharding, resuming). Not for ``model(**batch)``.
+        warn_if_short: the option that set ``max_tokens`` (e.g. ``"--tokens"``): warn (rank 0) when the data runs
+            out before it. ``None`` where ``max_tokens`` is a cap.
     """
     rank, world = shard
     if batch_size < 1:
@@ -350,18 +335,12 @@ def _batch(rows: list[tuple[int, Window]], with_index: bool) -> dict[str, torch.
     return batch
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The factor-data recipe: leave the memorized set out of the factor data
-
-EXCLUDE_NGRAM = 8  # n of the n-gram overlap test of exclude_overlapping
+EXCLUDE_NGRAM = 8  # n of exclude_overlapping's n-gram overlap test (the factor data leaves the memorized set out)
 
 
 def record_ngrams(records: Iterable[Iterable[int]], n: int = EXCLUDE_NGRAM) -> tuple[set[int], set[int]]:
-    """``(hashes, lengths)``: hashes of every ``n``-gram of token ids of each record, and the gram lengths used.
-
-    A record shorter than ``n`` adds itself whole (and its length to ``lengths``, which always holds ``n``).
-    Pass each record's token ids without special tokens such as ``<bos>`` (they match every window start).
-    """
+    """``(hashes, lengths)``: hashes of every ``n``-gram of each record's token ids (pass them without ``<bos>``,
+    which matches every window start); a record shorter than ``n`` adds itself whole and its length to ``lengths``."""
     grams: set[int] = set()
     lengths = {n}
     for ids in (tuple(int(t) for t in record) for record in records):
@@ -381,15 +360,11 @@ def window_overlaps(ids: Iterable[int], grams: set[int], lengths: Iterable[int],
 
 def exclude_overlapping(batches: Iterable[dict[str, torch.Tensor]], records: Iterable[Iterable[int]],
                         n: int = EXCLUDE_NGRAM) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
-    """Drop from a :func:`token_batches` stream every window that shares an ``n``-gram with any record.
-
-    ``batches``: dicts of ``(B, T)`` ``input_ids``, ``attention_mask`` and optionally ``window_index`` (kept per
-    surviving window, so sampled labels stay seeded by stream position). ``records``: token-id sequences (what the
-    model sees of each memorized record, e.g. ``prefix_ids[1:] + suffix_ids``). A window is dropped when any ``n``
-    consecutive real tokens of it (default 8) equal ``n`` consecutive tokens of a record, or contain a shorter record
-    whole; an occurrence split across two windows drops only the windows holding ``n`` of its tokens. Hashed n-grams:
-    O(tokens) per window, memory O(record tokens). Batches that lose all windows are skipped; others shrink in order.
-    """
+    """Drop from a :func:`token_batches` stream (``(B, T)`` tensors; ``window_index`` kept per surviving window)
+    every window whose ``n`` consecutive real tokens equal ``n`` consecutive tokens of a record (token ids as the
+    model sees them, e.g. ``prefix_ids[1:] + suffix_ids``) or contain a shorter record whole. An occurrence split
+    across two windows drops only the windows holding ``n`` of its tokens. Hashed n-grams: O(tokens) per window,
+    memory O(record tokens). Batches that lose every window are skipped; others shrink in order."""
     if n < 1:
         raise UserError(f"n-gram length {n} must be at least 1")
     grams, lengths = record_ngrams(records, n)

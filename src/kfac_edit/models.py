@@ -38,15 +38,13 @@ _FC = {"up": "fc1", "down": "fc2"}
 FUSED_GATE_UP = frozenset(("phi3", "glm", "glm4"))
 _FUSED_UP = "mlp.gate_up_proj"
 _FUSED_NOTE = f"; its gate and up are one fused linear layer, {_FUSED_UP}, edited as kind 'up'"
+_LLAMA_TYPES = (
+    "llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "olmo3",
+    "stablelm", "cohere", "cohere2", "granite", "helium", "smollm3", "exaone4", "seed_oss", "diffllama", "ernie4_5",
+    "internlm3",
+)
 ARCHITECTURES: dict[str, tuple[str, dict[str, str]]] = {
-    **dict.fromkeys(
-        (
-            "llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
-            "olmo3", "stablelm", "cohere", "cohere2", "granite", "helium", "smollm3", "exaone4", "seed_oss",
-            "diffllama", "ernie4_5", "internlm3",
-        ),
-        ("model.layers", _LLAMA),
-    ),
+    **dict.fromkeys(_LLAMA_TYPES, ("model.layers", _LLAMA)),
     # no gate (ReLU² / xIELU MLPs)
     **dict.fromkeys(("nemotron", "arcee", "apertus"), ("model.layers", {"up": "mlp.up_proj", "down": "mlp.down_proj"})),
     **dict.fromkeys(FUSED_GATE_UP, ("model.layers", {"up": _FUSED_UP, "down": "mlp.down_proj"})),
@@ -110,7 +108,7 @@ class Projection:
 
     @property
     def factor_shape(self) -> tuple[int, int]:
-        """``(out, in + 1)`` for a homogeneous projection (the affine weight ``[W b]``), else ``(out, in)``."""
+        """``(out, in + 1)`` if homogeneous (``[W b]``), else ``(out, in)``."""
         out, inp = self.shape
         return (out, inp + int(self.homogeneous))
 
@@ -126,8 +124,7 @@ class Projection:
         if not self.homogeneous:
             return self.set_weight(new_weight)
         self.set_weight(new_weight[:, :-1])
-        bias = self.module.bias
-        bias.copy_(new_weight[:, -1].to(dtype=bias.dtype, device=bias.device))
+        self.module.bias.copy_(new_weight[:, -1])  # copy_ casts to the bias's dtype and device
 
     @property
     def transposed(self) -> bool:
@@ -135,8 +132,7 @@ class Projection:
         return self.expert is None and not isinstance(self.module, nn.Linear)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """``(out, in)``."""
+    def shape(self) -> tuple[int, int]:  # (out, in)
         return tuple(self.weight().shape)
 
     def weight(self) -> torch.Tensor:
@@ -161,11 +157,9 @@ def num_blocks(model: nn.Module) -> int:
 
 
 def use_modules(model: nn.Module, modules: dict[str, str] | None, blocks_path: str | None = None) -> None:
-    """Declare the MLP layout of ``model``: ``modules`` ``{kind: path inside a block}`` (``None``: forget it).
-
-    ``blocks_path`` (the blocks' ModuleList) defaults to the table's, else the longest ModuleList. Every block must
-    hold every named module and each must be a linear layer, else a :class:`UserError` naming the first that is not.
-    """
+    """Declare the MLP layout of ``model``: ``modules`` ``{kind: path inside a block}`` (``None``: forget it), in
+    ``blocks_path`` (default: the table's, else the longest ModuleList); a :class:`UserError` names the first module
+    some block lacks or that is not a linear layer."""
     model.__dict__.pop(LAYOUT_ATTR, None)
     if not modules:
         return
@@ -238,7 +232,7 @@ def _architecture(model: nn.Module) -> tuple[str, dict[str, str]]:
     for layout in ARCHITECTURES.values():  # an unknown model type with a known layout
         if _has_layout(model, layout):
             return layout
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    linear_names = [n for n, m in model.named_modules() if _is_linear(m)]
     shown = ", ".join(linear_names[:12]) + (" ..." if len(linear_names) > 12 else "")
     raise UserError(
         f"unknown architecture '{mtype}': cannot find its MLP projections; its linear modules are: {shown}; "
@@ -256,8 +250,7 @@ def _has_layout(model: nn.Module, layout: tuple[str, dict[str, str]]) -> bool:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` (or subclass) or GPT-2's ``Conv1D`` with a 2-D weight: a layer whose forward returns one
-    tensor. A module that merely holds a 2-D weight (an MoE router returning a tuple) is not."""
+    """An ``nn.Linear`` (or subclass) or GPT-2's ``Conv1D`` with a 2-D weight (not an MoE router returning a tuple)."""
     weight = getattr(module, "weight", None)
     kind_ok = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
     return kind_ok and isinstance(weight, torch.Tensor) and weight.dim() == 2
@@ -274,10 +267,8 @@ def _mixture_of_experts(model: nn.Module) -> str | None:
         where = f"{cls} at {name}" if name else cls
         if fused:
             shapes = ", ".join(f"{n} {'x'.join(map(str, p.shape))}" for n, p in fused)
-            return (
-                f"its experts ({where}) keep every expert's weights in fused 3-D parameters ({shapes}), not linear "
-                "layers"
-            )
+            return (f"its experts ({where}) keep every expert's weights in fused 3-D parameters ({shapes}), "
+                    "not linear layers")
         if cls.lower().endswith("experts"):
             return f"its experts ({where}) are one module holding all experts"
     cfg = getattr(model, "config", None)
@@ -303,14 +294,9 @@ def parse_modules_option(text: str) -> dict[str, str]:
 
 def find_projections(model: nn.Module, layers: Iterable[int] | str | None = None,
                      projections: Sequence[str] = PROJECTIONS, bias: str = "joint") -> list[Projection]:  # fmt: skip
-    """The MLP projections of the chosen blocks, in block order then ``gate, up, down`` order, in the layout of
-    :func:`_architecture` (:func:`use_modules` declares one the table lacks).
-
-    Args:
-        layers: block indices, ``"all"`` or ``None`` (all blocks).
-        projections: kinds to return; a kind the architecture lacks is an error.
-        bias: ``joint`` (biased layers are :attr:`Projection.homogeneous`) or ``keep`` (no projection is).
-    """
+    """The MLP projections of ``layers`` (block indices; ``"all"`` or ``None``: every block) in block order, then
+    ``gate, up, down`` order; a kind in ``projections`` the architecture lacks is an error. ``bias``: ``joint``
+    (biased layers are :attr:`Projection.homogeneous`) or ``keep``."""
     if bias not in BIAS_MODES:
         raise UserError(f"unknown --bias '{bias}'; use one of {', '.join(BIAS_MODES)}")
     blocks_path, kinds = _architecture(model)
@@ -361,7 +347,7 @@ def _expert_projections(model: nn.Module, blocks, layer_list: list[int], kinds: 
                 out.append(Projection(f"{prefix}.{experts_path}.{e}.{kind}", i, kind, weight, expert=e))  # type: ignore
         for kind in kinds:
             module = _find(blocks[i], dense[kind]) if kind in dense else None  # None: no such dense MLP here
-            if module is not None and _is_linear(module):
+            if _is_linear(module):
                 homogeneous = joint and _has_bias(module)
                 out.append(Projection(f"{prefix}.{dense[kind]}", i, kind, module, homogeneous=homogeneous))
     return out
@@ -450,10 +436,9 @@ def model_config(name_or_path: str | os.PathLike):
 
 
 def check_causal_lm(name_or_path: str | os.PathLike, flag: str = "--model"):
-    """Refuse, from the config alone, a model that is not a causal LM (a bare backbone such as ``GPT2Model`` or
-    another head such as ``BertForMaskedLM`` would get a random LM head); return its config. Accepted: an architecture
-    named ``...ForCausalLM`` / ``...LMHeadModel`` or the class ``AutoModelForCausalLM`` builds for the model type; a
-    config recording no architecture is trusted."""
+    """Refuse, from the config alone, a model that is not a causal LM (``GPT2Model``, ``BertForMaskedLM`` would get
+    a random LM head); return its config. Accepted: an architecture ``...ForCausalLM`` / ``...LMHeadModel``, the
+    class ``AutoModelForCausalLM`` builds for the model type, or none recorded."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config = model_config(name_or_path)
@@ -469,14 +454,10 @@ def check_causal_lm(name_or_path: str | os.PathLike, flag: str = "--model"):
     return config
 
 
-def model_limits(config_or_path) -> tuple[int | None, int | None]:
-    """``(embedding rows, context positions)`` of a model, from its config (or a path to one); ``None`` if unknown.
-
-    Token ids are checked against the embedding rows (``vocab_size``; OLMo-2 has 100,352 rows for 100,278
-    tokenizer entries), not against ``len(tokenizer)``.
-    """
-    config = model_config(config_or_path) if isinstance(config_or_path, (str, os.PathLike)) else config_or_path
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+def model_limits(config) -> tuple[int | None, int | None]:
+    """``(embedding rows, context positions)`` from a model config; ``None`` if unknown. Token ids are checked
+    against the rows (``vocab_size``: OLMo-2 has 100,352 for 100,278 tokenizer entries), not ``len(tokenizer)``."""
+    text = config.get_text_config()
     rows = getattr(text, "vocab_size", None)
     positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     return (int(rows) if rows else None), (int(positions) if positions else None)
@@ -484,8 +465,8 @@ def model_limits(config_or_path) -> tuple[int | None, int | None]:
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str | None = None,
                device_map: str | None = None):  # fmt: skip
-    """Load ``(model, tokenizer)`` from a hub id or a local directory, in eval mode; ``dtype`` as
-    :func:`resolve_dtype` reads it (``auto``: as saved), the tokenizer as :func:`load_tokenizer` gives it."""
+    """``(model in eval mode, :func:`load_tokenizer`)`` from a hub id or a local directory; ``dtype`` as
+    :func:`resolve_dtype` reads it."""
     from transformers import AutoModelForCausalLM
 
     check_causal_lm(name_or_path)
@@ -518,8 +499,7 @@ def load_tokenizer(name_or_path: str):
 
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, f"a tokenizer from '{name_or_path}'")
     if tokenizer.pad_token is None:
-        candidates = (tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token)
-        stand_in = next((t for t in candidates if t is not None), None)
+        stand_in = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
         if stand_in is None:
             raise UserError("the tokenizer has no pad, eos, unk or bos token to pad with; add a pad token to it")
         tokenizer.pad_token = stand_in

@@ -6,14 +6,13 @@
 - Rule documents: arithmetic sequences ``x_t = (a + t*d) mod N``, random start ``a``, step ``d in 1..max_step``.
 - Canaries: ``n_canaries`` uniformly random sequences, each inserted ``canary_repeats`` times at random places of the
   training stream: the only way to continue one is to have memorized it.
-- Held-out rule sequences (pairs ``(a, d)`` never trained on) measure the general capability (:func:`rule_accuracy`);
-  canaries measure memorization. Both are written in the eval command's token-id format
-  ``{"prefix_ids": [bos, x_1..x_P], "suffix_ids": [x_{P+1}..x_L], ...}``.
+- Held-out rule sequences (pairs ``(a, d)`` never trained on) measure the general capability (:func:`rule_accuracy`),
+  canaries memorization; both in the eval command's token-id format ``{"prefix_ids": [bos, x_1..x_P],
+  "suffix_ids": [x_{P+1}..x_L], ...}``.
 
-This module also holds what both testbeds share (the other is :mod:`kfac_edit.text_testbed`): the model and optimizer
-fields (:class:`TrainConfig`), the model, the training loop (plain PyTorch: AdamW, linear warmup, cosine decay, fixed
-seed, one thread), the exact-continuation metric and the cache: :func:`build_testbed` trains once per configuration
-and caches under ``$KFAC_EDIT_CACHE/testbed/<config hash>/`` (default cache root ``~/.cache/kfac-edit``).
+Also here, shared with :mod:`kfac_edit.text_testbed`: :class:`TrainConfig`, the model, the training loop (AdamW,
+linear warmup, cosine decay, fixed seed, one thread), the exact-continuation metric and the cache
+(``$KFAC_EDIT_CACHE/testbed/<config hash>/``, default root ``~/.cache/kfac-edit``), built once per configuration.
 """
 
 from __future__ import annotations
@@ -58,9 +57,8 @@ def word_level_tokenizer(vocabulary: Sequence[str], pre_tokenizer, normalizer=No
         single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
     tok.padding_side = "left"
     return tok
 
@@ -83,7 +81,8 @@ class TrainConfig:
     LABEL = "testbed"  # names the testbed in errors and logs
     CACHE = TESTBED_CACHE  # the cache sub-directory
     VERSION = TESTBED_VERSION
-    QUICK = {}  # the overrides of quick() (class attributes, not fields: no annotation)
+    HASHED = {}  # hashed with the fields besides "version" (class attributes, not fields: no annotation)
+    QUICK = {}  # the overrides of quick()
 
     seq_len: int = 24  # tokens per training document (windows: bos + seq_len + eos)
     # model (Olmo2ForCausalLM)
@@ -118,20 +117,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """16 hex digits of sha256 over the fields and ``VERSION``."""
-        return json_digest({"version": self.VERSION, **self.to_dict()})
+        """16 hex digits of sha256 over the fields, ``VERSION`` and ``HASHED``."""
+        return json_digest({"version": self.VERSION, **self.HASHED, **self.to_dict()})
 
 
 @dataclass(frozen=True)
 class TestbedConfig(TrainConfig):
     """The arithmetic testbed: ``n_canaries * canary_repeats`` canary documents (the mixing rate is their share),
-    rule documents for the rest, shuffled.
-
-    Defaults tuned on a 2-core CPU (about half a minute of training on one thread). Steps from all of ``1..N-1``
-    (``max_step=None``: modular addition of arbitrary pairs) were not learned within minutes (N=500, 2000 steps: 0%
-    rule accuracy); steps in ``1..10`` are, in a few hundred steps. Larger models (hidden 128, 3-4 blocks) learned
-    both parts too but showed a weaker K-FAC/SVD contrast.
-    """
+    rule documents for the rest, shuffled. Defaults tuned on a 2-core CPU (about half a minute of training on one
+    thread). Steps from all of ``1..N-1`` (``max_step=None``: modular addition of arbitrary pairs) were not learned
+    within minutes (N=500, 2000 steps: 0% rule accuracy); steps in ``1..10`` are, in a few hundred steps. Larger
+    models (hidden 128, 3-4 blocks) learned both parts too but showed a weaker K-FAC/SVD contrast."""
 
     QUICK = dict(n_canaries=30, steps=600)
 
@@ -278,9 +274,9 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 @contextlib.contextmanager
 def one_thread():
-    """Run the block on one torch thread, then restore the count. The testbeds' matrices are so small that thread
-    hand-offs cost more than they save (on a busy 2-core machine, two threads made the demo's collection ~10x slower
-    in wall clock: 155 s against 8 s of CPU for 200k tokens), and the trained weights do not depend on the machine."""
+    """Run the block on one torch thread (the trained weights then do not depend on the machine; thread hand-offs
+    cost more than they save: two threads made the demo's collection of 200k tokens take 155 s wall against 8 s CPU
+    on a busy 2-core machine)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -302,9 +298,8 @@ def windows(rows, tokenizer):
 
 @one_thread()
 def train(model, data, config: TrainConfig, tokenizer, progress: bool = True) -> dict:
-    """Train ``model`` in place on ``data.train`` (one pass, ``batch_size`` rows per step, one CPU thread); return
-    statistics. A batch is a (batch, seq_len + 2) tensor of :func:`windows`; the loss is the mean next-token
-    cross-entropy over all positions."""
+    """Train ``model`` in place on ``data.train``, one pass of (batch_size, seq_len + 2) :func:`windows` batches,
+    the loss the mean next-token cross-entropy over all positions; return statistics."""
     import torch
 
     from .progress import progress_bar  # a bar on a terminal, log lines in a Slurm log
@@ -346,20 +341,15 @@ def train(model, data, config: TrainConfig, tokenizer, progress: bool = True) ->
 
 
 def exact_continuations(model, records: Sequence[dict], batch_size: int = 256) -> list[bool]:
-    """Per record: does greedy decoding after ``prefix_ids`` reproduce ``suffix_ids`` exactly?
-
-    Teacher-forced, one forward pass per batch: greedy decoding reproduces the suffix if and only if the argmax next
-    token is the true one at every suffix position (by induction; exact logit ties aside). Right padding with an
-    attention mask lets records differ in length.
-    """
+    """Per record: does greedy decoding after ``prefix_ids`` reproduce ``suffix_ids`` exactly? Teacher-forced, one
+    right-padded forward pass per batch: greedy decoding reproduces the suffix iff the argmax next token is the true
+    one at every suffix position (by induction; exact logit ties aside)."""
     import torch
 
     from .data import pad_right
 
     device = next(model.parameters()).device
     results: list[bool] = []
-    was_training = model.training
-    model.eval()
     with torch.no_grad():
         for i in range(0, len(records), batch_size):
             chunk = records[i : i + batch_size]
@@ -369,14 +359,12 @@ def exact_continuations(model, records: Sequence[dict], batch_size: int = 256) -
             for row, r in enumerate(chunk):
                 start = len(r["prefix_ids"]) - 1
                 results.append(predicted[row, start : start + len(r["suffix_ids"])].tolist() == list(r["suffix_ids"]))
-    model.train(was_training)
     return results
 
 
 def rule_accuracy(model, records: Sequence[dict], batch_size: int = 256) -> float:
-    """The testbed's general capability: the fraction of held-out rule sequences whose whole suffix greedy decoding
-    reproduces (:func:`exact_continuations`). The criterion of strict memorization, on sequences that can only be
-    computed, not recalled: after an edit, canary strict memorization and rule accuracy are directly comparable."""
+    """The fraction of records whose whole suffix greedy decoding reproduces: strict memorization's criterion, on
+    held-out rule sequences that can only be computed, not recalled (so directly comparable to canary strictness)."""
     if not records:
         raise ValueError("rule_accuracy needs at least one record")
     hits = exact_continuations(model, records, batch_size=batch_size)
@@ -415,8 +403,8 @@ def cached_testbed_dir(config: TrainConfig, cache_dir: str | os.PathLike | None 
 
 
 def save_testbed(target: Path, config: TrainConfig, model, tokenizer, files: dict[str, list[dict]], **info) -> None:
-    """Write a testbed directory: ``model/``, one JSONL file per ``files`` entry, ``testbed.json`` (configuration,
-    hash, sizes and ``info``), atomically (:func:`~kfac_edit.fileio.atomic_dir`): an interrupted build leaves none."""
+    """Write a testbed directory atomically: ``model/``, one JSONL file per ``files`` entry, ``testbed.json``
+    (configuration, hash, sizes and ``info``)."""
     from . import __version__
 
     with atomic_dir(target) as tmp:
@@ -433,8 +421,7 @@ def save_testbed(target: Path, config: TrainConfig, model, tokenizer, files: dic
 
 def build_testbed(config: TestbedConfig | None = None, cache_dir: str | os.PathLike | None = None,
                   progress: bool = True) -> TestbedPaths:
-    """Generate the data, train the model, write the testbed directory; a cache hit (``testbed.json`` exists) returns
-    at once."""
+    """Generate the data, train the model, write the testbed directory; a cache hit returns at once."""
     config = config or TestbedConfig()
     target = cached_testbed_dir(config, cache_dir)
     if (target / TESTBED_INFO_FILE).exists():

@@ -1,30 +1,24 @@
 """The English-text testbed: a tiny OLMo-2 trained on the Python standard library's documentation, with canaries.
 
-Real English technical prose that every Python installation carries, so anyone can rebuild it offline:
+Real English prose that every Python installation carries, so anyone can rebuild it offline:
 
-- Text: the docstrings of the standard library's public modules and submodules and of their public functions,
-  classes and methods (sorted; private names, test/GUI/side-effect modules and failed imports skipped), plus the help
-  topics of :mod:`pydoc_data.topics`: the PSF-licensed documentation of the running Python, whose ``major.minor``
-  version is part of the cache key.
-- Split by module: a seeded ``heldout_fraction`` of the module names never enters training; their text is the
-  perplexity set (``heldout.jsonl``), prose the model never saw.
-- Tokenizer: word-level over the ``vocab_size`` most frequent lower-cased tokens of the training modules (the
-  ``tokenizers`` ``Whitespace`` pre-tokenizer), others ``<unk>``; saved in ``model/`` for every command. The texts
-  written are tokens joined by spaces, which re-encode to the same ids.
-- Stream: the training prose is one token stream (``<bos>`` before each document) cut into rows of ``seq_len``; the
-  trainer adds ``<bos>``/``<eos>`` around each row, exactly the window :func:`kfac_edit.data.token_batches` cuts from
+- Text: docstrings of the public standard-library modules, submodules, functions, classes and methods (sorted;
+  test/GUI/side-effect modules and failed imports skipped) plus :mod:`pydoc_data.topics`: the PSF-licensed
+  documentation of the running Python, whose ``major.minor`` is part of the cache key.
+- Split by module: a seeded ``heldout_fraction`` of the modules never enters training (``heldout.jsonl``, perplexity).
+- Tokenizer: word-level over the ``vocab_size`` most frequent lower-cased tokens of the training modules (``Whitespace``
+  pre-tokenizer), others ``<unk>``. Texts are written as tokens joined by spaces, which re-encode to the same ids.
+- Stream: the training prose as one token stream (``<bos>`` before each document) cut into rows of ``seq_len``; the
+  trainer trains on ``[<bos>, row, <eos>]``, the window :func:`kfac_edit.data.token_batches` cuts from
   ``corpus.jsonl`` with ``seq_len + 2``.
-- Canaries: ``n_canaries`` sequences of ``canary_len`` words drawn uniformly from the alphabetic word tokens, each at
-  the start of ``canary_repeats`` random rows (the prose continues after it): ``[<bos>, c_1..c_L, prose...]``. A
-  record is ``prefix_ids = [<bos>, c_1..c_P]``, ``suffix_ids = c_{P+1}..c_L`` (``P = prefix_len``).
-- Factor data (the recipe of issue 11): ``factor_corpus.jsonl`` is the same prose in the same rows *without* the
-  canaries, a pretraining-like sample without the memorized set; ``corpus.jsonl`` is the training stream itself.
-- ``facts.jsonl``: closed-book recall, ``"the capital of X is Y"`` over invented names (word tokens), each fact
-  ``fact_repeats`` times in the stream, like a fact seen often in pretraining (records with ``source: "fact"``).
+- Canaries: ``n_canaries`` sequences of ``canary_len`` random alphabetic words, each starting ``canary_repeats``
+  random rows (prose follows). Records: ``prefix_ids = [<bos>, c_1..c_P]``, ``suffix_ids = c_{P+1}..c_L``.
+- ``factor_corpus.jsonl`` (issue 11's recipe): the same prose rows *without* canaries; ``corpus.jsonl`` is the
+  training stream itself.
+- ``facts.jsonl``: closed-book recall of ``"the capital of X is Y"`` over invented names, each fact ``fact_repeats``
+  times in the stream (``source: "fact"``).
 
-Model, trainer and cache are the arithmetic testbed's (:mod:`kfac_edit.testbed`). :func:`build_text_testbed` caches
-under ``$KFAC_EDIT_CACHE/text_testbed/<config hash>/``; :class:`TextTestbedPaths` has the attributes of
-:class:`~kfac_edit.testbed.TestbedPaths` (``clean`` is the held-out text).
+Model, trainer and cache are :mod:`kfac_edit.testbed`'s; the cache is ``$KFAC_EDIT_CACHE/text_testbed/<hash>/``.
 """
 
 from __future__ import annotations
@@ -33,7 +27,6 @@ import contextlib
 import importlib
 import inspect
 import io
-import itertools
 import logging
 import os
 import pkgutil
@@ -69,22 +62,23 @@ SKIP_MODULES = frozenset("""
 """.split())
 FACT_WORDS = ("the", "capital", "of", "is", ".")  # the fact template "the capital of X is Y ."
 _WORD = re.compile(r"^[a-z]{2,}$")
+_PRE_TOKENS = re.compile(r"\w+|[^\w\s]+")  # the tokenizer's Whitespace pre-tokenizer, for counting words
 
 
 @dataclass(frozen=True)
 class TextTestbedConfig(TrainConfig):
-    """The text testbed: ``steps * batch_size`` rows of ``seq_len`` tokens, ``n_canaries * canary_repeats`` of them
-    starting with a canary, ``n_facts * fact_repeats`` with a fact sentence, the rest prose only.
-    Measured with the defaults (0.39M parameters; one build, seed 0, on the 2-core machine under load from other
-    jobs: 154 s CPU, 613 s wall): canaries 100% strict, facts 15% (6 of 40), held-out perplexity 76.4 (uniform:
-    2000), 8.0% ``<unk>`` in the training text, 12.6% in the held-out text.
-    """
+    """``steps * batch_size`` rows of ``seq_len`` tokens: ``n_canaries * canary_repeats`` start with a canary,
+    ``n_facts * fact_repeats`` with a fact sentence, the rest is prose. Measured with the defaults (0.39M
+    parameters; one build, seed 0, on the 2-core machine under load from other jobs: 154 s CPU, 613 s wall): canaries
+    100% strict, facts 15% (6 of 40), held-out perplexity 76.4 (uniform: 2000), 8.0% ``<unk>`` in the training text,
+    12.6% in the held-out text."""
 
     LABEL = "text testbed"
     CACHE = "text_testbed"
     VERSION = TEXT_TESTBED_VERSION
-    #: Measured (quick build, 2-core machine under load): 38 s CPU, 8 of 10 canaries strict, held-out perplexity 85.
-    #: With lr 5e-3 instead, 4 of 10; with 20 canaries of 16 words x 40 repeats, none.
+    HASHED = {"python": PYTHON}
+    #: Quick build (2-core machine under load): 38 s CPU, 8 of 10 canaries strict, held-out perplexity 85; with lr 5e-3
+    #: 4 of 10, with 20 canaries of 16 words x 40 repeats none.
     QUICK = dict(
         vocab_size=1000, seq_len=32, hidden_size=64, mlp_size=256, n_canaries=10, canary_repeats=100, canary_len=10,
         prefix_len=4, n_facts=0, steps=500, lr=1e-2, n_heldout_rows=100,
@@ -126,10 +120,6 @@ class TextTestbedConfig(TrainConfig):
         """Share of canary tokens in the training stream."""
         return self.n_canaries * self.canary_repeats * self.canary_len / (self.n_documents * self.seq_len)
 
-    def config_hash(self) -> str:
-        """16 hex digits of sha256 over the fields, :data:`TEXT_TESTBED_VERSION` and the Python version."""
-        return json_digest({"version": self.VERSION, "python": PYTHON, **self.to_dict()})
-
 
 def _public(name: str) -> bool:
     return not name.startswith("_")
@@ -143,26 +133,30 @@ def stdlib_module_names() -> list[str]:
 @contextlib.contextmanager
 def _quiet():
     """Warnings and output of the imported modules swallowed."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        with contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _import_quietly(name: str):
-    """Import ``name`` quietly; ``None`` when it fails (any error)."""
+    """Import ``name`` quietly; ``None`` when it fails (any error but KeyboardInterrupt)."""
     with _quiet():
         try:
             return importlib.import_module(name)
-        except BaseException as exc:  # noqa: BLE001 - SystemExit or odd errors from optional C modules
-            if isinstance(exc, KeyboardInterrupt):
-                raise
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # noqa: BLE001 - SystemExit or odd errors from optional C modules
             return None
 
 
-def _submodules(package, name: str) -> Iterator:
-    """The public, non-test submodules (all levels) of ``package`` (imported as ``name``), sorted by name, each
-    imported when the caller asks for it."""
+def _modules(name: str) -> Iterator:
+    """Module ``name``, then its public, non-test submodules (all levels, sorted), each imported quietly when the
+    caller asks for it; failed imports are skipped."""
+    package = _import_quietly(name)
+    if package is None:
+        return
+    yield package
     if not hasattr(package, "__path__"):
         return
     with _quiet():
@@ -186,9 +180,8 @@ def _docstrings(module) -> Iterator[str | None]:
 
 
 def stdlib_documents() -> dict[str, list[str]]:
-    """``{module name: [docstrings]}`` over the standard library plus ``pydoc_data.topics``, deterministic for a
-    given Python build. Submodules count under their top-level name (the held-out split is by top-level module);
-    a docstring seen twice (inherited or re-exported) is kept once, where it first occurs."""
+    """``{top-level module name: [docstrings]}`` over the standard library (submodules under their top-level name)
+    plus ``pydoc_data.topics``, deterministic for a Python build; a repeated docstring is kept where it first occurs."""
     from pydoc_data.topics import topics
 
     seen: set[str] = set()
@@ -201,27 +194,20 @@ def stdlib_documents() -> dict[str, list[str]]:
             out.setdefault(key, []).append(text)
 
     for name in stdlib_module_names():
-        module = _import_quietly(name)
-        if module is None:
-            continue
-        for each in itertools.chain([module], _submodules(module, name)):
-            for text in _docstrings(each):
+        for module in _modules(name):
+            for text in _docstrings(module):
                 add(name, text)
     for key in sorted(topics):
         add("pydoc_data.topics", topics[key])
     return out
 
 
-def _pre_tokenize(text: str) -> list[str]:
-    """The tokenizer's pre-tokenization (lower case, ``Whitespace`` split), in Python for counting words."""
-    return re.findall(r"\w+|[^\w\s]+", text.lower())
-
-
 def build_vocabulary(documents: Sequence[str], vocab_size: int, required: Sequence[str] = ()) -> list[str]:
     """The ``vocab_size - len(SPECIALS)`` most frequent tokens (ties: alphabetical), then the specials. ``required``
     tokens are always in (replacing the least frequent); tokens starting with ``##`` (which the WordPiece decoder
     would strip) are left out."""
-    counts = Counter(t for doc in documents for t in _pre_tokenize(doc) if not t.startswith("##"))
+    tokens = (t for doc in documents for t in _PRE_TOKENS.findall(doc.lower()))
+    counts = Counter(t for t in tokens if not t.startswith("##"))
     ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if t not in required]
     words = [t for t in required if t not in SPECIALS] + ranked
     return words[: vocab_size - len(SPECIALS)] + list(SPECIALS)
@@ -238,8 +224,6 @@ def word_tokenizer(vocabulary: Sequence[str]):
 @dataclass
 class TextTestbedData:
     """The generated data; token-id arrays without ``<bos>``/``<eos>``."""
-
-    __test__ = False
 
     vocabulary: list[str]
     train: np.ndarray  # (steps * batch_size, seq_len) training rows, canaries and facts included
@@ -278,8 +262,7 @@ def _rows(stream: np.ndarray, n_rows: int, seq_len: int, offset: int = 0) -> np.
 
 
 def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | None = None) -> TextTestbedData:
-    """Split, tokenize, place canaries and facts; deterministic from ``config`` (and the Python build).
-    ``documents`` (``{module: [texts]}``) defaults to :func:`stdlib_documents`."""
+    """Split, tokenize, place canaries and facts (deterministic); ``documents`` defaults to :func:`stdlib_documents`."""
     c = config
     documents = stdlib_documents() if documents is None else documents
     train_modules, heldout_modules = split_modules(list(documents), c.heldout_fraction, c.seed)
@@ -302,20 +285,17 @@ def generate_data(config: TextTestbedConfig, documents: dict[str, list[str]] | N
     placed = rng.permutation(n_rows)[: n_canary_rows + c.n_facts * c.fact_repeats]
     canary_rows = placed[:n_canary_rows].reshape(c.n_canaries, c.canary_repeats)
     fact_rows = placed[n_canary_rows:].reshape(c.n_facts, c.fact_repeats)
-    heads = [np.empty(0, dtype=np.int64)] * n_rows
-    for canary, rows in zip(canaries, canary_rows):
-        for r in rows:
-            heads[r] = canary
+    heads = {int(r): canary for canary, rows in zip(canaries, canary_rows) for r in rows}
     facts = []
     names = rng.choice(word_ids, size=(c.n_facts, 2), replace=False) if c.n_facts else []  # distinct words
     for (country, city), rows in zip(names, fact_rows):
         prompt, answer = [the, capital, of, int(country), is_], [int(city), dot]
         facts.append((prompt, answer))
-        for r in rows:
-            heads[r] = np.array(prompt + answer, dtype=np.int64)
+        heads.update(dict.fromkeys(rows.tolist(), np.array(prompt + answer, dtype=np.int64)))
     train_rows = np.empty((n_rows, c.seq_len), dtype=np.int64)
     pos = 0
-    for r, head in enumerate(heads):
+    for r in range(n_rows):
+        head = heads.get(r, np.empty(0, dtype=np.int64))
         train_rows[r, : len(head)] = head
         train_rows[r, len(head) :] = _rows(stream, 1, c.seq_len - len(head), pos)[0]
         pos += c.seq_len - len(head)
@@ -342,8 +322,7 @@ def fact_records(data: TextTestbedData, tokenizer) -> list[dict]:
 
 
 class TextTestbedPaths(TestbedPaths):
-    """Where a built text testbed lives (``<cache>/text_testbed/<config hash>``): the attributes of
-    :class:`kfac_edit.testbed.TestbedPaths` plus ``heldout``, ``factor_corpus`` and ``facts``."""
+    """:class:`kfac_edit.testbed.TestbedPaths` plus ``heldout`` (also ``clean``), ``factor_corpus`` and ``facts``."""
 
     heldout = in_root(HELDOUT_FILE, 'Held-out modules\' text, one row a line as ``{"text": ...}`` (perplexity).')
     clean = heldout  # the clean text of the arithmetic testbed's interface
