@@ -27,7 +27,6 @@ Files in the output directory ``DIR``:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -46,6 +45,7 @@ from .constants import BEST_FILE, PROVENANCE_FILE, RECORDS_FILE, RESULTS_FILE, S
 from .edit import apply_edit, check_factors, resolve_targets, restore
 from .eigen import EigenCache
 from .errors import UserError
+from .evaluate.suite import config_field
 from .fileio import append_jsonl, atomic_path, read_jsonl, write_json
 from .identity import model_fingerprint, weights_digest
 from .models import PROJECTIONS, find_projections, num_blocks
@@ -57,35 +57,30 @@ log = logging.getLogger(__name__)
 SELECTION, HELDOUT = "selection", "heldout"  # the parts of the memorized records (metric prefixes, file stems)
 
 
-def _opt(default: Any, help: str) -> Any:
-    """A config field with its CLI help text; a list, dict or dataclass default is copied for each config."""
-    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class SweepConfig:
     """The grid of a sweep and how its best point is chosen."""
 
-    blocks: list[int] | None = _opt(None, "blocks to sweep, e.g. 20-27 (default: every block the factors cover)")
-    projection_sets: list[tuple[str, ...]] = _opt([("gate", "up")], "projection sets, each edited as a whole")
-    keep_masses: list[float] = _opt([0.5, 0.6, 0.7, 0.8, 0.9], "keep_mass values to try")
-    max_combo: int = _opt(3, "longest run of adjacent blocks edited together")
-    ppl_budget: float = _opt(1.2, "best point: perplexity at most this multiple of the base perplexity")
-    methods: list[str] = _opt(["kfac"], "edit methods to sweep (kfac, kfac-independent, svd, random, bsn)")
-    method_keep_masses: dict[str, list[float]] = _opt(
+    blocks: list[int] | None = config_field(
+        None, "blocks to sweep, e.g. 20-27 (default: every block the factors cover)")
+    projection_sets: list[tuple[str, ...]] = config_field([("gate", "up")], "projection sets, each edited as a whole")
+    keep_masses: list[float] = config_field([0.5, 0.6, 0.7, 0.8, 0.9], "keep_mass values to try")
+    max_combo: int = config_field(3, "longest run of adjacent blocks edited together")
+    ppl_budget: float = config_field(1.2, "best point: perplexity at most this multiple of the base perplexity")
+    methods: list[str] = config_field(["kfac"], "edit methods to sweep (kfac, kfac-independent, svd, random, bsn)")
+    method_keep_masses: dict[str, list[float]] = config_field(
         {}, "per-method keep_mass grids replacing keep_masses, e.g. svd=0.7,0.8")
-    groups: list[tuple[int, ...]] | None = _opt(
+    groups: list[tuple[int, ...]] | None = config_field(
         None, "block groups edited together, instead of the runs of --blocks/--max-combo")
-    holdout_fraction: float = _opt(0.5, "share of the memorized records held out from the choice (0: no split)")
-    capability: list[str] = _opt([], "capability record files, reported as STEM_accuracy (e.g. held-out rules)")
-    skip_over: float | None = _opt(None, "points over this multiple of the base perplexity get no memorization pass "
-                                         "(metrics: perplexity and memorization_skipped; never chosen)")
-    seed: int = _opt(0, "seed of the held-out split and of the random method")
-    clean_data: str | None = _opt(None, "clean text (SOURCE) whose loss bsn keeps; needed by method bsn")
-    forget: str | None = _opt(None, "records bsn learns to forget (default: the selection part of the split)")
-    bsn: BsnConfig = _opt(BsnConfig(), "hyper-parameters of method bsn")
+    holdout_fraction: float = config_field(0.5, "share of the memorized records held out from the choice (0: no split)")
+    capability: list[str] = config_field([], "capability record files, reported as STEM_accuracy (e.g. held-out rules)")
+    skip_over: float | None = config_field(None, "points over this multiple of the base perplexity get no "
+                                           "memorization pass (metrics: perplexity and memorization_skipped; "
+                                           "never chosen)")
+    seed: int = config_field(0, "seed of the held-out split and of the random method")
+    clean_data: str | None = config_field(None, "clean text (SOURCE) whose loss bsn keeps; needed by method bsn")
+    forget: str | None = config_field(None, "records bsn learns to forget (default: the selection part of the split)")
+    bsn: BsnConfig = config_field(BsnConfig(), "hyper-parameters of method bsn")
 
     def keep_masses_of(self, method: str) -> list[float]:
         return list(self.method_keep_masses.get(method, self.keep_masses))
