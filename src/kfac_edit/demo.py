@@ -47,10 +47,19 @@ from pathlib import Path
 from typing import Any
 
 from .constants import BEFORE_AFTER_FILE, BEST_FILE, DEMO_RESULTS_FILE, SUMMARY_FILE, TABLE_FILE
+from .data import token_batches
+from .edit import apply_edit, restore, save_edited
+from .eigen import EigenCache
 from .errors import UserError
+from .evaluate import EvalConfig
+from .factors import collect_factors
 from .fileio import atomic_dir, atomic_path, check_output, utc_timestamp, write_json
+from .models import load_model
 from .pareto import (ACCURACY_DROPS, PPL_INCREASES, SweepRecord, accuracy_drop, base_record, choose_best,
                      choose_within, match_by_cost, perplexity_increase)
+from .report import write_report
+from .spec import EditSpec
+from .sweep import SweepConfig, run_sweep, split_records
 from .testbed import TestbedConfig, build_testbed, one_thread
 from .text_testbed import TextTestbedConfig, build_text_testbed
 
@@ -80,8 +89,6 @@ class DemoConfig:
     ppl_tokens: int | None = None  # perplexity tokens per point (None: the whole perplexity set)
 
     def __post_init__(self) -> None:
-        from .sweep import split_records
-
         if self.keep_mass is not None and self.keep_mass not in self.kfac_grid:
             object.__setattr__(self, "kfac_grid", tuple(sorted({*self.kfac_grid, self.keep_mass}, reverse=True)))
         if not self.ppl_budget > 1.0:
@@ -92,10 +99,8 @@ class DemoConfig:
         if bad:
             raise UserError(f"demo block {bad[0]} does not exist: the testbed has blocks 0..{self.testbed.n_layers - 1}")
 
-    def sweep_config(self, capability: tuple[str, ...] = ()):
+    def sweep_config(self, capability: tuple[str, ...] = ()) -> SweepConfig:
         """The demo's sweep: K-FAC and SVD, each over its grid, on one block group, with held-out canaries."""
-        from .sweep import SweepConfig
-
         return SweepConfig(
             projection_sets=[tuple(self.projections)], groups=[tuple(self.blocks)], methods=["kfac", "svd"],
             keep_masses=list(self.kfac_grid), method_keep_masses={"svd": list(self.svd_grid)},
@@ -258,16 +263,6 @@ def check_out_dir(out_dir: str | Path) -> Path:
 def run_demo(config: DemoConfig | None = None, out_dir: str | Path = "kfac-edit-demo",
              cache_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Train (or load) -> collect -> sweep K-FAC and SVD -> report; write ``out_dir``; return ``results.json``."""
-    from .data import token_batches
-    from .edit import apply_edit, restore, save_edited
-    from .eigen import EigenCache
-    from .evaluate import EvalConfig
-    from .factors import collect_factors
-    from .models import load_model
-    from .report import write_report
-    from .spec import EditSpec
-    from .sweep import run_sweep
-
     config = config or DemoConfig()
     out = check_out_dir(out_dir)
     started = time.perf_counter()

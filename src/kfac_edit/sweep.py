@@ -45,7 +45,8 @@ from .constants import BEST_FILE, PROVENANCE_FILE, RECORDS_FILE, RESULTS_FILE, S
 from .edit import apply_edit, check_factors, resolve_targets, restore
 from .eigen import EigenCache
 from .errors import UserError
-from .evaluate.suite import config_field
+from .evaluate.suite import (_set_names, check_inputs, config_field, evaluate, flat_metrics, headline_metrics,
+                             memorized_outputs, own_reference_topk)
 from .fileio import append_jsonl, atomic_path, read_jsonl, write_json
 from .identity import model_fingerprint, weights_digest
 from .models import PROJECTIONS, find_projections, num_blocks
@@ -161,10 +162,6 @@ def split_records(records: Sequence[Any], holdout_fraction: float, seed: int = 0
     return [r for i, r in enumerate(records) if i not in heldout], [r for i, r in enumerate(records) if i in heldout]
 
 
-def point_spec(point: PointConfig, seed: int = 0) -> EditSpec:
-    return EditSpec({(b, k): point.keep_mass for b in point.blocks for k in point.projections}, point.method, seed)
-
-
 def point_metrics(eval_record: dict[str, Any], parts: dict[str, str] | None = None,
                   capability: dict[str, str] | None = None) -> dict[str, float]:
     """A sweep record's metrics: the headline metrics of :func:`~kfac_edit.evaluate.suite.headline_metrics`
@@ -174,8 +171,6 @@ def point_metrics(eval_record: dict[str, Any], parts: dict[str, str] | None = No
     ``parts`` maps evaluated set names to ``selection``/``heldout``: their strict, loose and avg_levenshtein_norm
     come as ``selection_strict`` ... ``heldout_avg_levenshtein_norm``. ``capability`` maps set names to labels: such a
     set is left out of the pooled metrics and its strict comes as ``LABEL_accuracy``."""
-    from .evaluate.suite import flat_metrics, headline_metrics
-
     metrics = eval_record["metrics"]
     capability = capability or {}
     memorized = metrics.get("memorized") or {}
@@ -300,7 +295,7 @@ def _edit_summary(report) -> dict[str, Any]:
 def _apply(model, point: PointConfig, factors, cache: EigenCache, seed: int, method_inputs: dict | None):
     """Edit ``model`` in place at ``point``; ``method_inputs``: per method, the extra
     :func:`~kfac_edit.edit.apply_edit` arguments (``bsn``'s data, ``ekfac``'s eigenvalues)."""
-    spec = point_spec(point, seed)
+    spec = EditSpec({(b, k): point.keep_mass for b in point.blocks for k in point.projections}, point.method, seed)
     return apply_edit(model, factors if spec.needs_factors else None, spec, cache=cache,
                       **(method_inputs or {}).get(spec.method, {}))
 
@@ -323,10 +318,9 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
     ``cache`` defaults to an in-memory :class:`EigenCache`; ``outputs_for(records)`` picks the point whose
     ``records.jsonl`` and spectra the report shows (default: the chosen one). Wrong input: :class:`UserError` before
     any work."""
-    from .evaluate.suite import _set_names, check_inputs, evaluate, own_reference_topk
     from .models import model_limits
     from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
-    from .report import provenance, write_provenance
+    from . import report as report_module
 
     check_sweep_configs(config, eval_config)
     eval_config.out = None  # the sweep writes its own records
@@ -339,7 +333,10 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
     needs_factors = any(Method.parse(m).needs_factors for m in config.methods)
     if needs_factors:
         check_factors(targets, factors)
-    split_parts = _read_split(eval_config, config) if config.holdout_fraction else None
+    split_parts = None  # the records of every --memorized file (checked by check_inputs above), split
+    if config.holdout_fraction:
+        records = [r for path in eval_config.memorized for r in read_jsonl(path)]
+        split_parts = split_records(records, config.holdout_fraction, config.seed)
 
     out = Path(out_dir)
     started_at = time.time()
@@ -350,8 +347,8 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
     done = {r.id for r in read_results(results)} if results.exists() else set()
     pending = [p for p in points if p.id not in done]
     if needs_factors and pending:  # before anything is written or evaluated: factors that cannot edit fail here
-        for name in tqdm(sorted({proj.name for proj, _ in targets}), desc="eigendecompositions", unit="module",
-                         disable=None):
+        names = sorted({proj.name for proj, _ in targets})
+        for name in tqdm(names, desc="eigendecompositions", unit="module", disable=None):
             cache.get(factors, name)  # once for the whole sweep (memory, else disk)
     method_inputs = {Method.BSN: {"bsn": _bsn_inputs(config, split_parts, eval_config, tokenizer, model)},
                      Method.EKFAC: {"ekfac": _ekfac_inputs(config, factors, targets)}}  # checks before any file
@@ -363,9 +360,8 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
         for path, records in zip(evaluated_sets, split_parts):
             with atomic_path(path) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        split = {"holdout_fraction": config.holdout_fraction, "seed": config.seed, "selection": len(split_parts[0]),
-                 "heldout": len(split_parts[1]),
-                 "files": [f"{SPLIT_DIR}/{part}.jsonl" for part in (SELECTION, HELDOUT)]}
+        split = {"holdout_fraction": config.holdout_fraction, "seed": config.seed, SELECTION: len(split_parts[0]),
+                 HELDOUT: len(split_parts[1]), "files": [f"{SPLIT_DIR}/{part}.jsonl" for part in (SELECTION, HELDOUT)]}
     names = _set_names(evaluated_sets + list(config.capability))
     parts = dict(zip(names, (SELECTION, HELDOUT))) if split is not None else {}
     capability = {n: Path(p).stem for n, p in zip(names[len(evaluated_sets):], config.capability)}
@@ -437,27 +433,12 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
                             method_inputs)
     else:
         (out / RECORDS_FILE).unlink(missing_ok=True)
-    write_provenance(out / PROVENANCE_FILE, provenance(
+    report_module.write_provenance(out / PROVENANCE_FILE, report_module.provenance(
         model, factors_manifest=getattr(factors, "manifest", None), memorized=memorized_given, split=split,
         started=started_at, weights_digest=identity["weights_digest"], capability=list(config.capability)))
     if write_report:
-        from .report import write_report as _write_report
-
-        _write_report(out, ppl_budget=config.ppl_budget)
+        report_module.write_report(out, ppl_budget=config.ppl_budget)
     return SweepOutcome(records=records, chosen=chosen, best_path=best_path, evaluated=len(pending), split=split)
-
-
-def _read_split(eval_config, config: SweepConfig) -> tuple[list[dict], list[dict]]:
-    """The records of every ``--memorized`` file (JSON, checked by the evaluation later) by :func:`split_records`."""
-    records: list[dict] = []
-    for path in eval_config.memorized:
-        if not Path(path).is_file():
-            raise UserError(f"records file '{path}' does not exist; give a JSONL memorized set")
-        try:
-            records += read_jsonl(path)
-        except ValueError as exc:
-            raise UserError(f"{path} is not valid JSONL ({exc}); fix or remove the broken line") from None
-    return split_records(records, config.holdout_fraction, config.seed)
 
 
 def _ekfac_inputs(config: SweepConfig, factors, targets):
@@ -482,33 +463,27 @@ def _bsn_inputs(config: SweepConfig, split: tuple[list[dict], list[dict]] | None
     from .evaluate.records import _parse_record, load_records
 
     vocab = model.get_input_embeddings().num_embeddings
-    prefix_len, suffix_len = eval_config.prefix_len, eval_config.suffix_len
-
-    def read(path):
-        return load_records(path, tokenizer=tokenizer, prefix_len=prefix_len, suffix_len=suffix_len, vocab_size=vocab)
+    lengths = (eval_config.prefix_len, eval_config.suffix_len)
 
     def parse(records, part):
-        return [_parse_record(r, f"{part} record {i + 1}", tokenizer, prefix_len, suffix_len, vocab)
-                for i, r in enumerate(records)]
+        return [_parse_record(r, f"{part} record {i + 1}", tokenizer, *lengths, vocab) for i, r in enumerate(records)]
 
     if config.forget is not None:
-        forget = read(config.forget)
+        forget = load_records(config.forget, tokenizer, *lengths, vocab)
         if split is not None:
             check_disjoint(forget, parse(split[1], HELDOUT), where=f"--forget {config.forget}")
     elif split is not None:
         forget = parse(split[0], SELECTION)
     else:
-        forget = [r for path in eval_config.memorized for r in read(path)]
+        forget = [r for path in eval_config.memorized for r in load_records(path, tokenizer, *lengths, vocab)]
     return BsnInputs(load_bsn_data(forget, config.clean_data, tokenizer, config.bsn, vocab_size=vocab), config.bsn)
 
 
 def write_point_outputs(out: Path, model, tokenizer, point: SweepRecord, factors, cache: EigenCache, eval_config,
-                        parts: dict[str, str] | None = None, seed: int = 0,
-                        method_inputs: dict | None = None) -> None:  # fmt: skip
+                        parts: dict[str, str] | None = None, seed: int = 0, method_inputs: dict | None = None) -> None:
     """What the report shows of one point (two generation passes, ``model`` restored on return): ``records.jsonl``
     (every memorized record continued by the base and the edited model) and, for a method with factors,
     ``spectra.json``. ``method_inputs``: as :func:`_apply` takes them."""
-    from .evaluate.suite import memorized_outputs
     from .report import write_records, write_spectra
 
     restore(model)
@@ -519,7 +494,7 @@ def write_point_outputs(out: Path, model, tokenizer, point: SweepRecord, factors
     finally:
         restore(model)
     write_records(out / RECORDS_FILE, before, after, tokenizer, parts, point=point.label())
-    if not point_spec(point.config).needs_factors:
+    if not Method.parse(point.config.method).needs_factors:
         (out / SPECTRA_FILE).unlink(missing_ok=True)
         return
     modules = {}
