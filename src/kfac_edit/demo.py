@@ -253,9 +253,8 @@ def check_out_dir(out_dir: str | Path) -> Path:
     """The demo replaces its output directory whole: refuse a file, or a directory that holds something else."""
     out = check_output(out_dir, "dir")
     if out.is_dir() and any(out.iterdir()) and not (out / DEMO_RESULTS_FILE).exists():
-        raise UserError(
-            f"--out {out} exists and is not a demo directory (no {DEMO_RESULTS_FILE}); choose a new path or remove it"
-        )
+        raise UserError(f"--out {out} exists and is not a demo directory (no {DEMO_RESULTS_FILE}); choose a new path "
+                        "or remove it")
     return out
 
 
@@ -272,7 +271,6 @@ def run_demo(config: DemoConfig | None = None, out_dir: str | Path = "kfac-edit-
     text = config.kind == "text"
     paths = (build_text_testbed if text else build_testbed)(config.testbed, cache_dir=cache_dir, progress=progress)
     timings["testbed"] = time.perf_counter() - started
-    info = paths.load_info()
     model, tokenizer = load_model(str(paths.model_dir), dtype="float32", device="cpu")
 
     # 2. K-FAC factors of the edited projections: over the training mixture (arithmetic), over the training prose
@@ -328,7 +326,7 @@ def run_demo(config: DemoConfig | None = None, out_dir: str | Path = "kfac-edit-
             "kind": "demo",
             "timestamp": utc_timestamp(),
             "config": config.to_dict(),
-            "testbed": {"directory": str(paths.root), "cached": paths.cached, **info},
+            "testbed": {"directory": str(paths.root), "cached": paths.cached, **paths.load_info()},
             "factors": {k: v for k, v in factors.manifest.items() if k != "modules"},
             "split": outcome.split,
             "edit": {"blocks": list(config.blocks), "projections": list(config.projections),

@@ -164,13 +164,9 @@ def split_records(records: Sequence[Any], holdout_fraction: float, seed: int = 0
 
 def point_metrics(eval_record: dict[str, Any], parts: dict[str, str] | None = None,
                   capability: dict[str, str] | None = None) -> dict[str, float]:
-    """A sweep record's metrics: the headline metrics of :func:`~kfac_edit.evaluate.suite.headline_metrics`
-    (``strict``, ``loose``, ``avg_levenshtein_norm`` pooled over the memorized sets, ``perplexity``, ``ndcg``,
-    ``quotes_*`` ...), then every other scalar of the evaluation under its dotted name.
-
-    ``parts`` maps evaluated set names to ``selection``/``heldout``: their strict, loose and avg_levenshtein_norm
-    come as ``selection_strict`` ... ``heldout_avg_levenshtein_norm``. ``capability`` maps set names to labels: such a
-    set is left out of the pooled metrics and its strict comes as ``LABEL_accuracy``."""
+    """A sweep record's metrics: :func:`~kfac_edit.evaluate.suite.headline_metrics`, then every other scalar under its
+    dotted name. ``parts`` maps set names to ``selection``/``heldout`` (their strict, loose, avg_levenshtein_norm come
+    as ``selection_strict`` ...); ``capability`` maps set names to labels (left out of the pool; ``LABEL_accuracy``)."""
     metrics = eval_record["metrics"]
     capability = capability or {}
     memorized = metrics.get("memorized") or {}
@@ -271,10 +267,8 @@ def _check_resume(out: Path, identity: dict[str, Any]) -> None:
         oe, ne = old.get("eval", {}), identity.get("eval", {})
         differ += sorted(f"--{k.replace('_', '-')}" for k in set(oe) | set(ne) if oe.get(k) != ne.get(k))
     if differ:
-        raise UserError(
-            f"{out} holds a sweep with other settings ({', '.join(differ)} differ); rerun with the same settings to "
-            "resume, or use a new --out DIR"
-        )
+        raise UserError(f"{out} holds a sweep with other settings ({', '.join(differ)} differ); rerun with the same "
+                        "settings to resume, or use a new --out DIR")
 
 
 def _repair_torn_tail(path: Path) -> None:
@@ -313,11 +307,9 @@ def check_sweep_configs(config: SweepConfig, eval_config) -> None:
 def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, eval_config,
               out_dir: str | os.PathLike, cache: EigenCache | None = None, write_report: bool = True,
               outputs_for=None) -> SweepOutcome:
-    """Run (or resume) the sweep of ``config`` on ``model`` (edited in place point by point, restored after each),
-    evaluating each point as ``eval_config`` says. ``factors`` may be ``None`` for methods without factors;
-    ``cache`` defaults to an in-memory :class:`EigenCache`; ``outputs_for(records)`` picks the point whose
-    ``records.jsonl`` and spectra the report shows (default: the chosen one). Wrong input: :class:`UserError` before
-    any work."""
+    """Run (or resume) the sweep of ``config`` (see the module docstring). ``factors`` may be ``None`` for methods
+    without factors; ``outputs_for(records)`` picks the point whose ``records.jsonl`` and spectra the report shows
+    (default: the chosen one). Wrong input: :class:`UserError` before any work."""
     from .models import model_limits
     from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
     from . import report as report_module
@@ -355,7 +347,6 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
     out.mkdir(parents=True, exist_ok=True)
     split, evaluated_sets = None, list(eval_config.memorized)
     if split_parts is not None:
-        (out / SPLIT_DIR).mkdir(exist_ok=True)
         evaluated_sets = [f"{out / SPLIT_DIR / part}.jsonl" for part in (SELECTION, HELDOUT)]
         for path, records in zip(evaluated_sets, split_parts):
             with atomic_path(path) as tmp:
@@ -481,9 +472,8 @@ def _bsn_inputs(config: SweepConfig, split: tuple[list[dict], list[dict]] | None
 
 def write_point_outputs(out: Path, model, tokenizer, point: SweepRecord, factors, cache: EigenCache, eval_config,
                         parts: dict[str, str] | None = None, seed: int = 0, method_inputs: dict | None = None) -> None:
-    """What the report shows of one point (two generation passes, ``model`` restored on return): ``records.jsonl``
-    (every memorized record continued by the base and the edited model) and, for a method with factors,
-    ``spectra.json``. ``method_inputs``: as :func:`_apply` takes them."""
+    """What the report shows of one point (``model`` restored on return): ``records.jsonl`` (every memorized record
+    continued by the base and the edited model) and, for a method with factors, ``spectra.json``."""
     from .report import write_records, write_spectra
 
     restore(model)

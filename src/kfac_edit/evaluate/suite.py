@@ -65,21 +65,15 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Raise :class:`UserError` for settings that cannot work."""
-        checks = [
-            (self.prefix_len is None or self.prefix_len >= 1, f"--prefix-len {self.prefix_len}: use at least 1"),
-            (self.suffix_len is None or self.suffix_len >= 1, f"--suffix-len {self.suffix_len}: use at least 1"),
-            (0.0 <= self.loose <= 1.0, f"--loose {self.loose}: use a threshold in [0, 1]"),
-            (self.ndcg_k >= 1, f"--ndcg-k {self.ndcg_k}: use at least 1"),
-            (self.ndcg_seq_len >= 2, f"--ndcg-seq-len {self.ndcg_seq_len}: use at least 2"),
-            (self.ppl_block >= 2, f"--ppl-block {self.ppl_block}: use at least 2"),
-            (self.max_tokens >= 1, f"--max-tokens {self.max_tokens}: use at least 1"),
-            (self.batch_size >= 1, f"--batch-size {self.batch_size}: use at least 1"),
-            (self.forward_tokens >= 1, f"--forward-tokens {self.forward_tokens}: use at least 1"),
-            (self.perturb is None or self.perturb >= 1, f"--perturb {self.perturb}: use at least 1 (paper: 20)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        minimums = {"prefix_len": 1, "suffix_len": 1, "ndcg_k": 1, "ndcg_seq_len": 2, "ppl_block": 2, "max_tokens": 1,
+                    "batch_size": 1, "forward_tokens": 1, "perturb": 1}  # None: prefix/suffix whole, no perturb
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                note = " (paper: 20)" if name == "perturb" else ""
+                raise UserError(f"--{name.replace('_', '-')} {value}: use at least {minimum}{note}")
+        if not 0.0 <= self.loose <= 1.0:
+            raise UserError(f"--loose {self.loose}: use a threshold in [0, 1]")
         if not (self.memorized or self.quotes or self.perplexity_data or self.ndcg_data):
             raise UserError("nothing to evaluate; give --memorized, --quotes, --perplexity-data or --ndcg-data")
 
@@ -281,19 +275,13 @@ def headline_metrics(metrics: dict) -> dict[str, float]:
     ``quotes_*``: the same over the quotes sets; ``perplexity``, ``perplexity_batch_mean``; ``ndcg`` (at the
     configured k); ``perturb_max_match_len`` and ``perturb_unperturbed_match_len`` (pooled). Absent when not run.
     """
-    out: dict[str, float] = {}
-    for kind, prefix in (("memorized", ""), ("quotes", "quotes_")):
-        sets = metrics.get(kind) or {}
-        for key in ("strict", "loose", "avg_levenshtein_norm", "mean_match_len"):
-            value = _pooled(sets, key)
-            if value is not None:
-                out[prefix + key] = value
-    perturb = {name: s["perturb"] for name, s in (metrics.get("memorized") or {}).items() if "perturb" in s}
-    for key, name in (("mean_max_match_len", "perturb_max_match_len"),
-                      ("mean_unperturbed_match_len", "perturb_unperturbed_match_len")):
-        value = _pooled(perturb, key)
-        if value is not None:
-            out[name] = value
+    memorized, quotes = metrics.get("memorized") or {}, metrics.get("quotes") or {}
+    perturb = {name: s["perturb"] for name, s in memorized.items() if "perturb" in s}
+    keys = ("strict", "loose", "avg_levenshtein_norm", "mean_match_len")
+    pooled = [*((memorized, key, key) for key in keys), *((quotes, key, f"quotes_{key}") for key in keys),
+              (perturb, "mean_max_match_len", "perturb_max_match_len"),
+              (perturb, "mean_unperturbed_match_len", "perturb_unperturbed_match_len")]  # (sets, key, name)
+    out = {name: value for sets, key, name in pooled if (value := _pooled(sets, key)) is not None}
     if "perplexity" in metrics:
         out["perplexity"] = metrics["perplexity"]["perplexity"]
         out["perplexity_batch_mean"] = metrics["perplexity"]["perplexity_batch_mean"]
