@@ -74,10 +74,8 @@ class DemoConfig:
     blocks: tuple[int, ...] = (0, 1)  # edited blocks
     projections: tuple[str, ...] = ("gate", "up", "down")  # edited MLP projections of each block
     # keep_mass grids: K-FAC's interesting range is close to 1 (the curvature mass is concentrated), SVD's lower
-    kfac_grid: tuple[float, ...] = (
-        0.998, 0.995, 0.9925, 0.99, 0.9875, 0.985, 0.9825, 0.98, 0.9775, 0.975, 0.9725, 0.97, 0.965, 0.96, 0.95, 0.94,
-        0.92, 0.9, 0.85, 0.8,
-    )
+    kfac_grid: tuple[float, ...] = (0.998, 0.995, 0.9925, 0.99, 0.9875, 0.985, 0.9825, 0.98, 0.9775, 0.975, 0.9725,
+                                    0.97, 0.965, 0.96, 0.95, 0.94, 0.92, 0.9, 0.85, 0.8)
     svd_grid: tuple[float, ...] = tuple(round(0.95 - 0.0125 * i, 4) for i in range(37))  # 0.95, 0.9375, ..., 0.5
     ppl_budget: float = 1.05  # headline: lowest selection canary memorization with rule perplexity <= budget x base
     keep_mass: float | None = None  # fix the headline K-FAC keep_mass instead (added to the grid)
@@ -101,12 +99,10 @@ class DemoConfig:
 
     def sweep_config(self, capability: tuple[str, ...] = ()) -> SweepConfig:
         """The demo's sweep: K-FAC and SVD, each over its grid, on one block group, with held-out canaries."""
-        return SweepConfig(
-            projection_sets=[tuple(self.projections)], groups=[tuple(self.blocks)], methods=["kfac", "svd"],
-            keep_masses=list(self.kfac_grid), method_keep_masses={"svd": list(self.svd_grid)},
-            ppl_budget=self.ppl_budget, holdout_fraction=self.holdout_fraction, capability=list(capability),
-            seed=self.seed,
-        )
+        return SweepConfig(projection_sets=[tuple(self.projections)], groups=[tuple(self.blocks)],
+                           methods=["kfac", "svd"], keep_masses=list(self.kfac_grid),
+                           method_keep_masses={"svd": list(self.svd_grid)}, ppl_budget=self.ppl_budget,
+                           holdout_fraction=self.holdout_fraction, capability=list(capability), seed=self.seed)
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -348,10 +344,8 @@ def run_demo(config: DemoConfig | None = None, out_dir: str | Path = "kfac-edit-
         finally:
             restore(model)
         write_json(tmp / BEST_FILE, headline.config.layers())  # the headline, also when another method won
-        write_json(tmp / BEFORE_AFTER_FILE, {
-            "before": {"label": "base", "metrics": base.metrics},
-            "after": {"label": headline.label(), "metrics": headline.metrics},
-        })
+        write_json(tmp / BEFORE_AFTER_FILE, {"before": {"label": "base", "metrics": base.metrics},
+                                             "after": {"label": headline.label(), "metrics": headline.metrics}})
         write_json(tmp / SUMMARY_FILE, summary(config, results, headline, matched))
         _write_results(tmp, results, timings, started)
     # the report pages name their directory, so they are written once it has its final name
