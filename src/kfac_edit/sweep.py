@@ -218,12 +218,10 @@ def needed_modules(model, config: SweepConfig, factor_names: Sequence[str] | Non
 
 
 def _identity(model, factors, config: SweepConfig, eval_config, split: tuple[list, list] | None) -> dict[str, Any]:
-    """What must match for a rerun to resume: results under other settings would not be comparable.
-
-    ``factors_digest``: per module, :meth:`~kfac_edit.factors.store.Factors.content_hash` (sums and token counts), so
-    factors with other content never resume each other's sweep, whatever their names (a wider grid that reads more
-    modules of the same factors still resumes: :func:`_check_resume` compares the modules both read).
-    ``memorized_digest``: the split records themselves (an edited file under the same name splits otherwise)."""
+    """What must match for a rerun to resume (results under other settings would not be comparable).
+    ``factors_digest``: per module, :meth:`~kfac_edit.factors.store.Factors.content_hash`, so factors with other
+    content never resume each other's sweep, whatever their names (:func:`_check_resume` compares the modules both
+    read). ``memorized_digest``: the split records themselves (an edited file under the same name splits otherwise)."""
     manifest = getattr(factors, "manifest", {}) or {}
     identity = {
         "model": getattr(getattr(model, "config", None), "_name_or_path", None),

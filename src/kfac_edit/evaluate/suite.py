@@ -95,11 +95,9 @@ def _pad_id(tokenizer) -> int:
 
 def check_inputs(config: EvalConfig, tokenizer, vocab_size: int | None = None, max_positions: int | None = None,
                  has_reference: bool = False) -> dict[str, dict[str, list[MemRecord]]]:
-    """Check every input of ``config`` without running a model; return the record sets by kind and name.
-
-    Cheap enough to call before loading the model (with :func:`kfac_edit.models.model_limits`), so that a bad file fails
-    in a second, not after minutes of loading. Loads the reference's tokenizer (not its weights) to compare it.
-    """
+    """Check every input of ``config`` without running a model (call it before loading one, with
+    :func:`kfac_edit.models.model_limits`; a reference's tokenizer is loaded, not its weights); return the record sets
+    by kind and name."""
     config.validate()
     sets: dict[str, dict[str, list[MemRecord]]] = {"memorized": {}, "quotes": {}}
     for kind, paths in (("memorized", config.memorized), ("quotes", config.quotes)):
@@ -166,8 +164,7 @@ def evaluate(model: torch.nn.Module, tokenizer, config: EvalConfig,
     started = time.time()
     vocab = model.get_input_embeddings().num_embeddings
     pad_id = _pad_id(tokenizer)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
 
     # 1. Check every input before any expensive pass.
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
