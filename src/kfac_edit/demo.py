@@ -47,10 +47,19 @@ from pathlib import Path
 from typing import Any
 
 from .constants import BEFORE_AFTER_FILE, BEST_FILE, DEMO_RESULTS_FILE, SUMMARY_FILE, TABLE_FILE
+from .data import token_batches
+from .edit import apply_edit, restore, save_edited
+from .eigen import EigenCache
 from .errors import UserError
+from .evaluate import EvalConfig
+from .factors import collect_factors
 from .fileio import atomic_dir, atomic_path, check_output, utc_timestamp, write_json
+from .models import load_model
 from .pareto import (ACCURACY_DROPS, PPL_INCREASES, SweepRecord, accuracy_drop, base_record, choose_best,
                      choose_within, match_by_cost, perplexity_increase)
+from .report import write_report
+from .spec import EditSpec
+from .sweep import SweepConfig, run_sweep, split_records
 from .testbed import TestbedConfig, build_testbed, one_thread
 from .text_testbed import TextTestbedConfig, build_text_testbed
 
@@ -65,10 +74,8 @@ class DemoConfig:
     blocks: tuple[int, ...] = (0, 1)  # edited blocks
     projections: tuple[str, ...] = ("gate", "up", "down")  # edited MLP projections of each block
     # keep_mass grids: K-FAC's interesting range is close to 1 (the curvature mass is concentrated), SVD's lower
-    kfac_grid: tuple[float, ...] = (
-        0.998, 0.995, 0.9925, 0.99, 0.9875, 0.985, 0.9825, 0.98, 0.9775, 0.975, 0.9725, 0.97, 0.965, 0.96, 0.95, 0.94,
-        0.92, 0.9, 0.85, 0.8,
-    )
+    kfac_grid: tuple[float, ...] = (0.998, 0.995, 0.9925, 0.99, 0.9875, 0.985, 0.9825, 0.98, 0.9775, 0.975, 0.9725,
+                                    0.97, 0.965, 0.96, 0.95, 0.94, 0.92, 0.9, 0.85, 0.8)
     svd_grid: tuple[float, ...] = tuple(round(0.95 - 0.0125 * i, 4) for i in range(37))  # 0.95, 0.9375, ..., 0.5
     ppl_budget: float = 1.05  # headline: lowest selection canary memorization with rule perplexity <= budget x base
     keep_mass: float | None = None  # fix the headline K-FAC keep_mass instead (added to the grid)
@@ -80,8 +87,6 @@ class DemoConfig:
     ppl_tokens: int | None = None  # perplexity tokens per point (None: the whole perplexity set)
 
     def __post_init__(self) -> None:
-        from .sweep import split_records
-
         if self.keep_mass is not None and self.keep_mass not in self.kfac_grid:
             object.__setattr__(self, "kfac_grid", tuple(sorted({*self.kfac_grid, self.keep_mass}, reverse=True)))
         if not self.ppl_budget > 1.0:
@@ -92,16 +97,12 @@ class DemoConfig:
         if bad:
             raise UserError(f"demo block {bad[0]} does not exist: the testbed has blocks 0..{self.testbed.n_layers - 1}")
 
-    def sweep_config(self, capability: tuple[str, ...] = ()):
+    def sweep_config(self, capability: tuple[str, ...] = ()) -> SweepConfig:
         """The demo's sweep: K-FAC and SVD, each over its grid, on one block group, with held-out canaries."""
-        from .sweep import SweepConfig
-
-        return SweepConfig(
-            projection_sets=[tuple(self.projections)], groups=[tuple(self.blocks)], methods=["kfac", "svd"],
-            keep_masses=list(self.kfac_grid), method_keep_masses={"svd": list(self.svd_grid)},
-            ppl_budget=self.ppl_budget, holdout_fraction=self.holdout_fraction, capability=list(capability),
-            seed=self.seed,
-        )
+        return SweepConfig(projection_sets=[tuple(self.projections)], groups=[tuple(self.blocks)],
+                           methods=["kfac", "svd"], keep_masses=list(self.kfac_grid),
+                           method_keep_masses={"svd": list(self.svd_grid)}, ppl_budget=self.ppl_budget,
+                           holdout_fraction=self.holdout_fraction, capability=list(capability), seed=self.seed)
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -248,9 +249,8 @@ def check_out_dir(out_dir: str | Path) -> Path:
     """The demo replaces its output directory whole: refuse a file, or a directory that holds something else."""
     out = check_output(out_dir, "dir")
     if out.is_dir() and any(out.iterdir()) and not (out / DEMO_RESULTS_FILE).exists():
-        raise UserError(
-            f"--out {out} exists and is not a demo directory (no {DEMO_RESULTS_FILE}); choose a new path or remove it"
-        )
+        raise UserError(f"--out {out} exists and is not a demo directory (no {DEMO_RESULTS_FILE}); choose a new path "
+                        "or remove it")
     return out
 
 
@@ -258,16 +258,6 @@ def check_out_dir(out_dir: str | Path) -> Path:
 def run_demo(config: DemoConfig | None = None, out_dir: str | Path = "kfac-edit-demo",
              cache_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Train (or load) -> collect -> sweep K-FAC and SVD -> report; write ``out_dir``; return ``results.json``."""
-    from .data import token_batches
-    from .edit import apply_edit, restore, save_edited
-    from .eigen import EigenCache
-    from .evaluate import EvalConfig
-    from .factors import collect_factors
-    from .models import load_model
-    from .report import write_report
-    from .spec import EditSpec
-    from .sweep import run_sweep
-
     config = config or DemoConfig()
     out = check_out_dir(out_dir)
     started = time.perf_counter()
@@ -277,7 +267,6 @@ def run_demo(config: DemoConfig | None = None, out_dir: str | Path = "kfac-edit-
     text = config.kind == "text"
     paths = (build_text_testbed if text else build_testbed)(config.testbed, cache_dir=cache_dir, progress=progress)
     timings["testbed"] = time.perf_counter() - started
-    info = paths.load_info()
     model, tokenizer = load_model(str(paths.model_dir), dtype="float32", device="cpu")
 
     # 2. K-FAC factors of the edited projections: over the training mixture (arithmetic), over the training prose
@@ -333,7 +322,7 @@ def run_demo(config: DemoConfig | None = None, out_dir: str | Path = "kfac-edit-
             "kind": "demo",
             "timestamp": utc_timestamp(),
             "config": config.to_dict(),
-            "testbed": {"directory": str(paths.root), "cached": paths.cached, **info},
+            "testbed": {"directory": str(paths.root), "cached": paths.cached, **paths.load_info()},
             "factors": {k: v for k, v in factors.manifest.items() if k != "modules"},
             "split": outcome.split,
             "edit": {"blocks": list(config.blocks), "projections": list(config.projections),
@@ -355,10 +344,8 @@ def run_demo(config: DemoConfig | None = None, out_dir: str | Path = "kfac-edit-
         finally:
             restore(model)
         write_json(tmp / BEST_FILE, headline.config.layers())  # the headline, also when another method won
-        write_json(tmp / BEFORE_AFTER_FILE, {
-            "before": {"label": "base", "metrics": base.metrics},
-            "after": {"label": headline.label(), "metrics": headline.metrics},
-        })
+        write_json(tmp / BEFORE_AFTER_FILE, {"before": {"label": "base", "metrics": base.metrics},
+                                             "after": {"label": headline.label(), "metrics": headline.metrics}})
         write_json(tmp / SUMMARY_FILE, summary(config, results, headline, matched))
         _write_results(tmp, results, timings, started)
     # the report pages name their directory, so they are written once it has its final name

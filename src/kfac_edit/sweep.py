@@ -27,7 +27,6 @@ Files in the output directory ``DIR``:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -35,7 +34,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,6 +45,8 @@ from .constants import BEST_FILE, PROVENANCE_FILE, RECORDS_FILE, RESULTS_FILE, S
 from .edit import apply_edit, check_factors, resolve_targets, restore
 from .eigen import EigenCache
 from .errors import UserError
+from .evaluate.suite import (_set_names, check_inputs, config_field, evaluate, flat_metrics, headline_metrics,
+                             memorized_outputs, own_reference_topk)
 from .fileio import append_jsonl, atomic_path, read_jsonl, write_json
 from .identity import model_fingerprint, weights_digest
 from .models import PROJECTIONS, find_projections, num_blocks
@@ -57,35 +58,30 @@ log = logging.getLogger(__name__)
 SELECTION, HELDOUT = "selection", "heldout"  # the parts of the memorized records (metric prefixes, file stems)
 
 
-def _opt(default: Any, help: str) -> Any:
-    """A config field with its CLI help text; a list, dict or dataclass default is copied for each config."""
-    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class SweepConfig:
     """The grid of a sweep and how its best point is chosen."""
 
-    blocks: list[int] | None = _opt(None, "blocks to sweep, e.g. 20-27 (default: every block the factors cover)")
-    projection_sets: list[tuple[str, ...]] = _opt([("gate", "up")], "projection sets, each edited as a whole")
-    keep_masses: list[float] = _opt([0.5, 0.6, 0.7, 0.8, 0.9], "keep_mass values to try")
-    max_combo: int = _opt(3, "longest run of adjacent blocks edited together")
-    ppl_budget: float = _opt(1.2, "best point: perplexity at most this multiple of the base perplexity")
-    methods: list[str] = _opt(["kfac"], "edit methods to sweep (kfac, kfac-independent, svd, random, bsn)")
-    method_keep_masses: dict[str, list[float]] = _opt(
+    blocks: list[int] | None = config_field(
+        None, "blocks to sweep, e.g. 20-27 (default: every block the factors cover)")
+    projection_sets: list[tuple[str, ...]] = config_field([("gate", "up")], "projection sets, each edited as a whole")
+    keep_masses: list[float] = config_field([0.5, 0.6, 0.7, 0.8, 0.9], "keep_mass values to try")
+    max_combo: int = config_field(3, "longest run of adjacent blocks edited together")
+    ppl_budget: float = config_field(1.2, "best point: perplexity at most this multiple of the base perplexity")
+    methods: list[str] = config_field(["kfac"], "edit methods to sweep (kfac, kfac-independent, svd, random, bsn)")
+    method_keep_masses: dict[str, list[float]] = config_field(
         {}, "per-method keep_mass grids replacing keep_masses, e.g. svd=0.7,0.8")
-    groups: list[tuple[int, ...]] | None = _opt(
+    groups: list[tuple[int, ...]] | None = config_field(
         None, "block groups edited together, instead of the runs of --blocks/--max-combo")
-    holdout_fraction: float = _opt(0.5, "share of the memorized records held out from the choice (0: no split)")
-    capability: list[str] = _opt([], "capability record files, reported as STEM_accuracy (e.g. held-out rules)")
-    skip_over: float | None = _opt(None, "points over this multiple of the base perplexity get no memorization pass "
-                                         "(metrics: perplexity and memorization_skipped; never chosen)")
-    seed: int = _opt(0, "seed of the held-out split and of the random method")
-    clean_data: str | None = _opt(None, "clean text (SOURCE) whose loss bsn keeps; needed by method bsn")
-    forget: str | None = _opt(None, "records bsn learns to forget (default: the selection part of the split)")
-    bsn: BsnConfig = _opt(BsnConfig(), "hyper-parameters of method bsn")
+    holdout_fraction: float = config_field(0.5, "share of the memorized records held out from the choice (0: no split)")
+    capability: list[str] = config_field([], "capability record files, reported as STEM_accuracy (e.g. held-out rules)")
+    skip_over: float | None = config_field(None, "points over this multiple of the base perplexity get no "
+                                           "memorization pass (metrics: perplexity and memorization_skipped; "
+                                           "never chosen)")
+    seed: int = config_field(0, "seed of the held-out split and of the random method")
+    clean_data: str | None = config_field(None, "clean text (SOURCE) whose loss bsn keeps; needed by method bsn")
+    forget: str | None = config_field(None, "records bsn learns to forget (default: the selection part of the split)")
+    bsn: BsnConfig = config_field(BsnConfig(), "hyper-parameters of method bsn")
 
     def keep_masses_of(self, method: str) -> list[float]:
         return list(self.method_keep_masses.get(method, self.keep_masses))
@@ -166,21 +162,11 @@ def split_records(records: Sequence[Any], holdout_fraction: float, seed: int = 0
     return [r for i, r in enumerate(records) if i not in heldout], [r for i, r in enumerate(records) if i in heldout]
 
 
-def point_spec(point: PointConfig, seed: int = 0) -> EditSpec:
-    return EditSpec({(b, k): point.keep_mass for b in point.blocks for k in point.projections}, point.method, seed)
-
-
 def point_metrics(eval_record: dict[str, Any], parts: dict[str, str] | None = None,
                   capability: dict[str, str] | None = None) -> dict[str, float]:
-    """A sweep record's metrics: the headline metrics of :func:`~kfac_edit.evaluate.suite.headline_metrics`
-    (``strict``, ``loose``, ``avg_levenshtein_norm`` pooled over the memorized sets, ``perplexity``, ``ndcg``,
-    ``quotes_*`` ...), then every other scalar of the evaluation under its dotted name.
-
-    ``parts`` maps evaluated set names to ``selection``/``heldout``: their strict, loose and avg_levenshtein_norm
-    come as ``selection_strict`` ... ``heldout_avg_levenshtein_norm``. ``capability`` maps set names to labels: such a
-    set is left out of the pooled metrics and its strict comes as ``LABEL_accuracy``."""
-    from .evaluate.suite import flat_metrics, headline_metrics
-
+    """A sweep record's metrics: :func:`~kfac_edit.evaluate.suite.headline_metrics`, then every other scalar under its
+    dotted name. ``parts`` maps set names to ``selection``/``heldout`` (their strict, loose, avg_levenshtein_norm come
+    as ``selection_strict`` ...); ``capability`` maps set names to labels (left out of the pool; ``LABEL_accuracy``)."""
     metrics = eval_record["metrics"]
     capability = capability or {}
     memorized = metrics.get("memorized") or {}
@@ -232,12 +218,10 @@ def needed_modules(model, config: SweepConfig, factor_names: Sequence[str] | Non
 
 
 def _identity(model, factors, config: SweepConfig, eval_config, split: tuple[list, list] | None) -> dict[str, Any]:
-    """What must match for a rerun to resume: results under other settings would not be comparable.
-
-    ``factors_digest``: per module, :meth:`~kfac_edit.factors.store.Factors.content_hash` (sums and token counts), so
-    factors with other content never resume each other's sweep, whatever their names (a wider grid that reads more
-    modules of the same factors still resumes: :func:`_check_resume` compares the modules both read).
-    ``memorized_digest``: the split records themselves (an edited file under the same name splits otherwise)."""
+    """What must match for a rerun to resume (results under other settings would not be comparable).
+    ``factors_digest``: per module, :meth:`~kfac_edit.factors.store.Factors.content_hash`, so factors with other
+    content never resume each other's sweep, whatever their names (:func:`_check_resume` compares the modules both
+    read). ``memorized_digest``: the split records themselves (an edited file under the same name splits otherwise)."""
     manifest = getattr(factors, "manifest", {}) or {}
     identity = {
         "model": getattr(getattr(model, "config", None), "_name_or_path", None),
@@ -281,10 +265,8 @@ def _check_resume(out: Path, identity: dict[str, Any]) -> None:
         oe, ne = old.get("eval", {}), identity.get("eval", {})
         differ += sorted(f"--{k.replace('_', '-')}" for k in set(oe) | set(ne) if oe.get(k) != ne.get(k))
     if differ:
-        raise UserError(
-            f"{out} holds a sweep with other settings ({', '.join(differ)} differ); rerun with the same settings to "
-            "resume, or use a new --out DIR"
-        )
+        raise UserError(f"{out} holds a sweep with other settings ({', '.join(differ)} differ); rerun with the same "
+                        "settings to resume, or use a new --out DIR")
 
 
 def _repair_torn_tail(path: Path) -> None:
@@ -305,7 +287,7 @@ def _edit_summary(report) -> dict[str, Any]:
 def _apply(model, point: PointConfig, factors, cache: EigenCache, seed: int, method_inputs: dict | None):
     """Edit ``model`` in place at ``point``; ``method_inputs``: per method, the extra
     :func:`~kfac_edit.edit.apply_edit` arguments (``bsn``'s data, ``ekfac``'s eigenvalues)."""
-    spec = point_spec(point, seed)
+    spec = EditSpec({(b, k): point.keep_mass for b in point.blocks for k in point.projections}, point.method, seed)
     return apply_edit(model, factors if spec.needs_factors else None, spec, cache=cache,
                       **(method_inputs or {}).get(spec.method, {}))
 
@@ -323,15 +305,12 @@ def check_sweep_configs(config: SweepConfig, eval_config) -> None:
 def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, eval_config,
               out_dir: str | os.PathLike, cache: EigenCache | None = None, write_report: bool = True,
               outputs_for=None) -> SweepOutcome:
-    """Run (or resume) the sweep of ``config`` on ``model`` (edited in place point by point, restored after each),
-    evaluating each point as ``eval_config`` says. ``factors`` may be ``None`` for methods without factors;
-    ``cache`` defaults to an in-memory :class:`EigenCache`; ``outputs_for(records)`` picks the point whose
-    ``records.jsonl`` and spectra the report shows (default: the chosen one). Wrong input: :class:`UserError` before
-    any work."""
-    from .evaluate.suite import _set_names, check_inputs, evaluate, own_reference_topk
+    """Run (or resume) the sweep of ``config`` (see the module docstring). ``factors`` may be ``None`` for methods
+    without factors; ``outputs_for(records)`` picks the point whose ``records.jsonl`` and spectra the report shows
+    (default: the chosen one). Wrong input: :class:`UserError` before any work."""
     from .models import model_limits
     from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
-    from .report import provenance, write_provenance
+    from . import report as report_module
 
     check_sweep_configs(config, eval_config)
     eval_config.out = None  # the sweep writes its own records
@@ -344,7 +323,10 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
     needs_factors = any(Method.parse(m).needs_factors for m in config.methods)
     if needs_factors:
         check_factors(targets, factors)
-    split_parts = _read_split(eval_config, config) if config.holdout_fraction else None
+    split_parts = None  # the records of every --memorized file (checked by check_inputs above), split
+    if config.holdout_fraction:
+        records = [r for path in eval_config.memorized for r in read_jsonl(path)]
+        split_parts = split_records(records, config.holdout_fraction, config.seed)
 
     out = Path(out_dir)
     started_at = time.time()
@@ -355,22 +337,20 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
     done = {r.id for r in read_results(results)} if results.exists() else set()
     pending = [p for p in points if p.id not in done]
     if needs_factors and pending:  # before anything is written or evaluated: factors that cannot edit fail here
-        for name in tqdm(sorted({proj.name for proj, _ in targets}), desc="eigendecompositions", unit="module",
-                         disable=None):
+        names = sorted({proj.name for proj, _ in targets})
+        for name in tqdm(names, desc="eigendecompositions", unit="module", disable=None):
             cache.get(factors, name)  # once for the whole sweep (memory, else disk)
     method_inputs = {Method.BSN: {"bsn": _bsn_inputs(config, split_parts, eval_config, tokenizer, model)},
                      Method.EKFAC: {"ekfac": _ekfac_inputs(config, factors, targets)}}  # checks before any file
     out.mkdir(parents=True, exist_ok=True)
     split, evaluated_sets = None, list(eval_config.memorized)
     if split_parts is not None:
-        (out / SPLIT_DIR).mkdir(exist_ok=True)
         evaluated_sets = [f"{out / SPLIT_DIR / part}.jsonl" for part in (SELECTION, HELDOUT)]
         for path, records in zip(evaluated_sets, split_parts):
             with atomic_path(path) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        split = {"holdout_fraction": config.holdout_fraction, "seed": config.seed, "selection": len(split_parts[0]),
-                 "heldout": len(split_parts[1]),
-                 "files": [f"{SPLIT_DIR}/{part}.jsonl" for part in (SELECTION, HELDOUT)]}
+        split = {"holdout_fraction": config.holdout_fraction, "seed": config.seed, SELECTION: len(split_parts[0]),
+                 HELDOUT: len(split_parts[1]), "files": [f"{SPLIT_DIR}/{part}.jsonl" for part in (SELECTION, HELDOUT)]}
     names = _set_names(evaluated_sets + list(config.capability))
     parts = dict(zip(names, (SELECTION, HELDOUT))) if split is not None else {}
     capability = {n: Path(p).stem for n, p in zip(names[len(evaluated_sets):], config.capability)}
@@ -442,27 +422,12 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
                             method_inputs)
     else:
         (out / RECORDS_FILE).unlink(missing_ok=True)
-    write_provenance(out / PROVENANCE_FILE, provenance(
+    report_module.write_provenance(out / PROVENANCE_FILE, report_module.provenance(
         model, factors_manifest=getattr(factors, "manifest", None), memorized=memorized_given, split=split,
         started=started_at, weights_digest=identity["weights_digest"], capability=list(config.capability)))
     if write_report:
-        from .report import write_report as _write_report
-
-        _write_report(out, ppl_budget=config.ppl_budget)
+        report_module.write_report(out, ppl_budget=config.ppl_budget)
     return SweepOutcome(records=records, chosen=chosen, best_path=best_path, evaluated=len(pending), split=split)
-
-
-def _read_split(eval_config, config: SweepConfig) -> tuple[list[dict], list[dict]]:
-    """The records of every ``--memorized`` file (JSON, checked by the evaluation later) by :func:`split_records`."""
-    records: list[dict] = []
-    for path in eval_config.memorized:
-        if not Path(path).is_file():
-            raise UserError(f"records file '{path}' does not exist; give a JSONL memorized set")
-        try:
-            records += read_jsonl(path)
-        except ValueError as exc:
-            raise UserError(f"{path} is not valid JSONL ({exc}); fix or remove the broken line") from None
-    return split_records(records, config.holdout_fraction, config.seed)
 
 
 def _ekfac_inputs(config: SweepConfig, factors, targets):
@@ -487,33 +452,26 @@ def _bsn_inputs(config: SweepConfig, split: tuple[list[dict], list[dict]] | None
     from .evaluate.records import _parse_record, load_records
 
     vocab = model.get_input_embeddings().num_embeddings
-    prefix_len, suffix_len = eval_config.prefix_len, eval_config.suffix_len
-
-    def read(path):
-        return load_records(path, tokenizer=tokenizer, prefix_len=prefix_len, suffix_len=suffix_len, vocab_size=vocab)
+    lengths = (eval_config.prefix_len, eval_config.suffix_len)
 
     def parse(records, part):
-        return [_parse_record(r, f"{part} record {i + 1}", tokenizer, prefix_len, suffix_len, vocab)
-                for i, r in enumerate(records)]
+        return [_parse_record(r, f"{part} record {i + 1}", tokenizer, *lengths, vocab) for i, r in enumerate(records)]
 
     if config.forget is not None:
-        forget = read(config.forget)
+        forget = load_records(config.forget, tokenizer, *lengths, vocab)
         if split is not None:
             check_disjoint(forget, parse(split[1], HELDOUT), where=f"--forget {config.forget}")
     elif split is not None:
         forget = parse(split[0], SELECTION)
     else:
-        forget = [r for path in eval_config.memorized for r in read(path)]
+        forget = [r for path in eval_config.memorized for r in load_records(path, tokenizer, *lengths, vocab)]
     return BsnInputs(load_bsn_data(forget, config.clean_data, tokenizer, config.bsn, vocab_size=vocab), config.bsn)
 
 
 def write_point_outputs(out: Path, model, tokenizer, point: SweepRecord, factors, cache: EigenCache, eval_config,
-                        parts: dict[str, str] | None = None, seed: int = 0,
-                        method_inputs: dict | None = None) -> None:  # fmt: skip
-    """What the report shows of one point (two generation passes, ``model`` restored on return): ``records.jsonl``
-    (every memorized record continued by the base and the edited model) and, for a method with factors,
-    ``spectra.json``. ``method_inputs``: as :func:`_apply` takes them."""
-    from .evaluate.suite import memorized_outputs
+                        parts: dict[str, str] | None = None, seed: int = 0, method_inputs: dict | None = None) -> None:
+    """What the report shows of one point (``model`` restored on return): ``records.jsonl`` (every memorized record
+    continued by the base and the edited model) and, for a method with factors, ``spectra.json``."""
     from .report import write_records, write_spectra
 
     restore(model)
@@ -524,7 +482,7 @@ def write_point_outputs(out: Path, model, tokenizer, point: SweepRecord, factors
     finally:
         restore(model)
     write_records(out / RECORDS_FILE, before, after, tokenizer, parts, point=point.label())
-    if not point_spec(point.config).needs_factors:
+    if not Method.parse(point.config.method).needs_factors:
         (out / SPECTRA_FILE).unlink(missing_ok=True)
         return
     modules = {}

@@ -15,10 +15,11 @@ whole evaluation succeeded.
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -31,57 +32,48 @@ from . import memorization, ndcg, perplexity, perturbation
 from .records import MemRecord, load_records
 
 
+def config_field(default: Any, help: str) -> Any:
+    """A config field with its CLI help text; a list, dict or dataclass default is copied for each config."""
+    if isinstance(default, (list, dict)) or is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class EvalConfig:
     """What to evaluate and how; each field's ``help`` is its CLI help."""
 
-    memorized: list[str] = field(
-        default_factory=list, metadata={"help": "memorized-set JSONL files (token ids or text records)"}
-    )
-    quotes: list[str] = field(default_factory=list, metadata={"help": "quotes JSONL files (text records)"})
-    perplexity_data: str | None = field(
-        default=None, metadata={"help": "text SOURCE or .pt token tensor for perplexity"}
-    )
-    ndcg_data: str | None = field(default=None, metadata={"help": "text SOURCE for nDCG@k against the reference"})
-    reference_model: str | None = field(
-        default=None, metadata={"help": "reference (unedited) model for nDCG: hub id or local directory"}
-    )
-    prefix_len: int | None = field(
-        default=64, metadata={"help": "prefix tokens kept (the last ones); token-id records must have them, text records are cut"}
-    )
-    suffix_len: int | None = field(
-        default=48, metadata={"help": "suffix tokens kept (the first ones); token-id records must have them, text records are cut"}
-    )
-    loose: float = field(default=0.75, metadata={"help": "loose match threshold on 1 - levenshtein/len"})
-    ndcg_k: int = field(default=10, metadata={"help": "k of nDCG@k"})
-    ndcg_seq_len: int = field(default=1024, metadata={"help": "window length of the nDCG pass"})
-    ppl_block: int = field(default=112, metadata={"help": "block length of the perplexity pass"})
-    max_tokens: int = field(default=200_000, metadata={"help": "token budget of the perplexity and nDCG passes each"})
-    batch_size: int = field(default=32, metadata={"help": "prompts per generation batch; blocks per perplexity batch"})
-    forward_tokens: int = field(default=16384, metadata={"help": "tokens per forward pass of the nDCG pass"})
-    perturb: int | None = field(
-        default=None, metadata={"help": "run the position-perturbation stress test with budget T (paper: 20)"}
-    )
-    out: str | None = field(default=None, metadata={"help": "results JSONL to append one line to"})
-    model: str | None = field(default=None, metadata={"help": "model path recorded in the results"})
+    memorized: list[str] = config_field([], "memorized-set JSONL files (token ids or text records)")
+    quotes: list[str] = config_field([], "quotes JSONL files (text records)")
+    perplexity_data: str | None = config_field(None, "text SOURCE or .pt token tensor for perplexity")
+    ndcg_data: str | None = config_field(None, "text SOURCE for nDCG@k against the reference")
+    reference_model: str | None = config_field(None, "reference (unedited) model for nDCG: hub id or local directory")
+    prefix_len: int | None = config_field(
+        64, "prefix tokens kept (the last ones); token-id records must have them, text records are cut")
+    suffix_len: int | None = config_field(
+        48, "suffix tokens kept (the first ones); token-id records must have them, text records are cut")
+    loose: float = config_field(0.75, "loose match threshold on 1 - levenshtein/len")
+    ndcg_k: int = config_field(10, "k of nDCG@k")
+    ndcg_seq_len: int = config_field(1024, "window length of the nDCG pass")
+    ppl_block: int = config_field(112, "block length of the perplexity pass")
+    max_tokens: int = config_field(200_000, "token budget of the perplexity and nDCG passes each")
+    batch_size: int = config_field(32, "prompts per generation batch; blocks per perplexity batch")
+    forward_tokens: int = config_field(16384, "tokens per forward pass of the nDCG pass")
+    perturb: int | None = config_field(None, "run the position-perturbation stress test with budget T (paper: 20)")
+    out: str | None = config_field(None, "results JSONL to append one line to")
+    model: str | None = config_field(None, "model path recorded in the results")
 
     def validate(self) -> None:
         """Raise :class:`UserError` for settings that cannot work."""
-        checks = [
-            (self.prefix_len is None or self.prefix_len >= 1, f"--prefix-len {self.prefix_len}: use at least 1"),
-            (self.suffix_len is None or self.suffix_len >= 1, f"--suffix-len {self.suffix_len}: use at least 1"),
-            (0.0 <= self.loose <= 1.0, f"--loose {self.loose}: use a threshold in [0, 1]"),
-            (self.ndcg_k >= 1, f"--ndcg-k {self.ndcg_k}: use at least 1"),
-            (self.ndcg_seq_len >= 2, f"--ndcg-seq-len {self.ndcg_seq_len}: use at least 2"),
-            (self.ppl_block >= 2, f"--ppl-block {self.ppl_block}: use at least 2"),
-            (self.max_tokens >= 1, f"--max-tokens {self.max_tokens}: use at least 1"),
-            (self.batch_size >= 1, f"--batch-size {self.batch_size}: use at least 1"),
-            (self.forward_tokens >= 1, f"--forward-tokens {self.forward_tokens}: use at least 1"),
-            (self.perturb is None or self.perturb >= 1, f"--perturb {self.perturb}: use at least 1 (paper: 20)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        minimums = {"prefix_len": 1, "suffix_len": 1, "ndcg_k": 1, "ndcg_seq_len": 2, "ppl_block": 2, "max_tokens": 1,
+                    "batch_size": 1, "forward_tokens": 1, "perturb": 1}  # None: prefix/suffix whole, no perturb
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                note = " (paper: 20)" if name == "perturb" else ""
+                raise UserError(f"--{name.replace('_', '-')} {value}: use at least {minimum}{note}")
+        if not 0.0 <= self.loose <= 1.0:
+            raise UserError(f"--loose {self.loose}: use a threshold in [0, 1]")
         if not (self.memorized or self.quotes or self.perplexity_data or self.ndcg_data):
             raise UserError("nothing to evaluate; give --memorized, --quotes, --perplexity-data or --ndcg-data")
 
@@ -97,31 +89,15 @@ def _check_source(source: str, option: str) -> None:
         raise UserError(f"{option} '{source}' does not exist; give a local file/directory or hf:DATASET")
 
 
-def check_same_tokenizer(tokenizer, reference_tokenizer, reference_name: str) -> None:
-    """A reference must tokenize exactly like the evaluated model (nDCG compares token ids)."""
-    if tokenizer.get_vocab() != reference_tokenizer.get_vocab():
-        raise UserError(
-            f"reference model '{reference_name}' has another tokenizer than the evaluated model; nDCG needs the "
-            "same vocabulary: give the unedited version of the same model as --reference-model"
-        )
-
-
 def _pad_id(tokenizer) -> int:
     return next((int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
 
-def check_inputs(
-    config: EvalConfig,
-    tokenizer,
-    vocab_size: int | None = None,
-    max_positions: int | None = None,
-    has_reference: bool = False,
-) -> dict[str, dict[str, list[MemRecord]]]:
-    """Check every input of ``config`` without running a model; return the record sets by kind and name.
-
-    Cheap enough to call before loading the model (with :func:`kfac_edit.models.model_limits`), so that a bad file fails
-    in a second, not after minutes of loading. Loads the reference's tokenizer (not its weights) to compare it.
-    """
+def check_inputs(config: EvalConfig, tokenizer, vocab_size: int | None = None, max_positions: int | None = None,
+                 has_reference: bool = False) -> dict[str, dict[str, list[MemRecord]]]:
+    """Check every input of ``config`` without running a model (call it before loading one, with
+    :func:`kfac_edit.models.model_limits`; a reference's tokenizer is loaded, not its weights); return the record sets
+    by kind and name."""
     config.validate()
     sets: dict[str, dict[str, list[MemRecord]]] = {"memorized": {}, "quotes": {}}
     for kind, paths in (("memorized", config.memorized), ("quotes", config.quotes)):
@@ -129,9 +105,8 @@ def check_inputs(
             sets[kind][name] = load_records(path, tokenizer, config.prefix_len, config.suffix_len, vocab_size)
     longest = max((len(r.prefix_ids) + len(r.suffix_ids) for s in sets.values() for rs in s.values() for r in rs), default=0)
     if max_positions and longest > max_positions:
-        raise UserError(
-            f"records of {longest} tokens exceed the model's {max_positions} positions; lower --prefix-len/--suffix-len"
-        )
+        raise UserError(f"records of {longest} tokens exceed the model's {max_positions} positions; "
+                        "lower --prefix-len/--suffix-len")
     if config.perplexity_data:
         _check_source(config.perplexity_data, "--perplexity-data")
         if config.perplexity_data.endswith(".pt"):
@@ -144,10 +119,12 @@ def check_inputs(
         from ..models import check_causal_lm, load_tokenizer
 
         check_causal_lm(config.reference_model, "--reference-model")
-        check_same_tokenizer(tokenizer, load_tokenizer(config.reference_model), config.reference_model)
-    lengths = [("--ppl-block", config.ppl_block, config.perplexity_data), ("--ndcg-seq-len", config.ndcg_seq_len,
-               config.ndcg_data)]  # fmt: skip
-    for flag, length, used in lengths:
+        if tokenizer.get_vocab() != load_tokenizer(config.reference_model).get_vocab():  # nDCG compares token ids
+            raise UserError(f"reference model '{config.reference_model}' has another tokenizer than the evaluated "
+                            "model; nDCG needs the same vocabulary: give the unedited version of the same model as "
+                            "--reference-model")
+    for flag, length, used in (("--ppl-block", config.ppl_block, config.perplexity_data),
+                               ("--ndcg-seq-len", config.ndcg_seq_len, config.ndcg_data)):
         if max_positions and used and length > max_positions:
             raise UserError(f"{flag} {length} exceeds the model's context of {max_positions} positions; use at most "
                             f"{max_positions}")
@@ -161,10 +138,8 @@ def _rows(config: EvalConfig) -> int:
 def reference_topk_for(reference, tokenizer, config: EvalConfig, reference_identity: dict | None = None) -> torch.Tensor:
     """The reference top-k of ``config``'s nDCG pass (``reference``: a model or a callable loading one; cached on
     disk, see :func:`.ndcg.reference_topk`)."""
-    return ndcg.reference_topk(
-        reference, tokenizer, config.ndcg_data, config.ndcg_k, config.ndcg_seq_len, config.max_tokens, _rows(config),
-        reference_identity=reference_identity,
-    )
+    return ndcg.reference_topk(reference, tokenizer, config.ndcg_data, config.ndcg_k, config.ndcg_seq_len,
+                               config.max_tokens, _rows(config), reference_identity=reference_identity)
 
 
 def own_reference_topk(model: torch.nn.Module, tokenizer, config: EvalConfig) -> torch.Tensor | None:
@@ -175,44 +150,32 @@ def own_reference_topk(model: torch.nn.Module, tokenizer, config: EvalConfig) ->
     return reference_topk_for(model, tokenizer, config)
 
 
-def evaluate(
-    model: torch.nn.Module,
-    tokenizer,
-    config: EvalConfig,
-    reference_model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
-    reference_tokenizer=None,
-    reference_topk: torch.Tensor | None = None,
-    outputs: dict[str, list[dict]] | None = None,
-) -> dict:
+def evaluate(model: torch.nn.Module, tokenizer, config: EvalConfig,
+             reference_model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
+             reference_topk: torch.Tensor | None = None, outputs: dict[str, list[dict]] | None = None) -> dict:
     """Evaluate ``model`` as ``config`` asks and return the results record (see the module docstring).
 
     Args:
         reference_model: the reference for nDCG, held in memory (or a callable loading it); by default the model
             at ``config.reference_model`` is loaded, only when its top-k are not cached yet.
-        reference_tokenizer: checked against ``tokenizer`` when given.
         reference_topk: precomputed reference top-k (:func:`.ndcg.reference_topk`), e.g. taken before an edit.
         outputs: filled, when given, with each memorized set's per-record outputs (:func:`memorized_outputs`).
     """
-    config.validate()
     started = time.time()
     vocab = model.get_input_embeddings().num_embeddings
     pad_id = _pad_id(tokenizer)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
 
     # 1. Check every input before any expensive pass.
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     has_reference = reference_topk is not None or reference_model is not None
-    sets = check_inputs(config, tokenizer, vocab, max_pos, has_reference=has_reference)
-    if reference_tokenizer is not None:
-        check_same_tokenizer(tokenizer, reference_tokenizer, config.reference_model or "reference")
+    sets = check_inputs(config, tokenizer, vocab, max_pos, has_reference=has_reference)  # validates config
     reference_identity = None
     if config.ndcg_data and not has_reference:
         from ..models import load_model
 
         reference_identity = path_identity(config.reference_model)
-        ref_path = config.reference_model
-        reference_model = lambda: load_model(ref_path, dtype=dtype, device=str(device))[0]  # noqa: E731
+        reference_model = lambda: load_model(config.reference_model, dtype=dtype, device=str(device))[0]  # noqa: E731
 
     # 2. Run the passes.
     metrics: dict = {}
@@ -220,23 +183,20 @@ def evaluate(
     for kind in ("memorized", "quotes"):
         for name, records in sets[kind].items():
             t0 = time.time()
-            summary, scores = memorization.memorization_metrics(
-                model, records, config.loose, config.batch_size, pad_id, desc=f"{kind} {name}"
-            )
+            summary, scores = memorization.memorization_metrics(model, records, config.loose, config.batch_size,
+                                                                pad_id, desc=f"{kind} {name}")
             if config.perturb and kind == "memorized":
                 summary["perturb"] = perturbation.perturbation_metrics(
                     model, records, config.perturb, [s.match_len for s in scores], config.batch_size, pad_id,
-                    desc=f"perturb {name}",
-                )
+                    desc=f"perturb {name}")
             metrics.setdefault(kind, {})[name] = summary
             if outputs is not None and kind == "memorized":
                 outputs[name] = [record_output(r, s) for r, s in zip(records, scores)]
             timings[f"{kind}:{name}"] = time.time() - t0
     if config.perplexity_data:
         t0 = time.time()
-        metrics["perplexity"] = perplexity.perplexity_metrics(
-            model, tokenizer, config.perplexity_data, config.ppl_block, config.batch_size, config.max_tokens
-        )
+        metrics["perplexity"] = perplexity.perplexity_metrics(model, tokenizer, config.perplexity_data,
+                                                              config.ppl_block, config.batch_size, config.max_tokens)
         timings["perplexity"] = time.time() - t0
     if config.ndcg_data:
         t0 = time.time()
@@ -244,9 +204,8 @@ def evaluate(
             reference_topk = reference_topk_for(reference_model, tokenizer, config, reference_identity)
         if reference_topk.shape[1] != config.ndcg_k:
             raise UserError(f"the reference top-k hold k={reference_topk.shape[1]}, not --ndcg-k {config.ndcg_k}")
-        metrics["ndcg"] = ndcg.ndcg_at_k(
-            model, tokenizer, config.ndcg_data, reference_topk, config.ndcg_seq_len, config.max_tokens, _rows(config)
-        )
+        metrics["ndcg"] = ndcg.ndcg_at_k(model, tokenizer, config.ndcg_data, reference_topk, config.ndcg_seq_len,
+                                         config.max_tokens, _rows(config))
         timings["ndcg"] = time.time() - t0
 
     record = {
@@ -313,19 +272,13 @@ def headline_metrics(metrics: dict) -> dict[str, float]:
     ``quotes_*``: the same over the quotes sets; ``perplexity``, ``perplexity_batch_mean``; ``ndcg`` (at the
     configured k); ``perturb_max_match_len`` and ``perturb_unperturbed_match_len`` (pooled). Absent when not run.
     """
-    out: dict[str, float] = {}
-    for kind, prefix in (("memorized", ""), ("quotes", "quotes_")):
-        sets = metrics.get(kind) or {}
-        for key in ("strict", "loose", "avg_levenshtein_norm", "mean_match_len"):
-            value = _pooled(sets, key)
-            if value is not None:
-                out[prefix + key] = value
-    perturb = {name: s["perturb"] for name, s in (metrics.get("memorized") or {}).items() if "perturb" in s}
-    for key, name in (("mean_max_match_len", "perturb_max_match_len"),
-                      ("mean_unperturbed_match_len", "perturb_unperturbed_match_len")):
-        value = _pooled(perturb, key)
-        if value is not None:
-            out[name] = value
+    memorized, quotes = metrics.get("memorized") or {}, metrics.get("quotes") or {}
+    perturb = {name: s["perturb"] for name, s in memorized.items() if "perturb" in s}
+    keys = ("strict", "loose", "avg_levenshtein_norm", "mean_match_len")
+    pooled = [*((memorized, key, key) for key in keys), *((quotes, key, f"quotes_{key}") for key in keys),
+              (perturb, "mean_max_match_len", "perturb_max_match_len"),
+              (perturb, "mean_unperturbed_match_len", "perturb_unperturbed_match_len")]  # (sets, key, name)
+    out = {name: value for sets, key, name in pooled if (value := _pooled(sets, key)) is not None}
     if "perplexity" in metrics:
         out["perplexity"] = metrics["perplexity"]["perplexity"]
         out["perplexity_batch_mean"] = metrics["perplexity"]["perplexity_batch_mean"]
