@@ -112,8 +112,7 @@ def eigendecompose(cov: torch.Tensor, name: str = "") -> Eigen:
             raise
         values, vectors = torch.linalg.eigh(c.cpu())
         values, vectors = values.to(c.device), vectors.to(c.device)
-    values = values.flip(0)
-    vectors = vectors.flip(1)
+    values, vectors = values.flip(0), vectors.flip(1)
     top, low = (float(values[0]), float(values[-1])) if values.numel() else (0.0, 0.0)
     negative = float(values.clamp_max(0.0).abs().sum())
     if not top > 0 or negative > 1e-3 * float(values.abs().sum()):  # zero, or far from PSD: an edit would zero W
@@ -126,9 +125,7 @@ def eigendecompose(cov: torch.Tensor, name: str = "") -> Eigen:
     return Eigen(values.clamp_min(0.0).contiguous(), vectors.contiguous())
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Pair selection
-# ---------------------------------------------------------------------------------------------------------------
+# Pair selection -----------------------------------------------------------------------------------------------------
 
 
 def _f64_from_bits(bits: int) -> float:
@@ -150,11 +147,10 @@ class _PairIndex:
         self.lam = lam.cpu().numpy()
         self.mu_rank = _descending_rank(mu)  # rank of column j in descending order of μ (None: the identity)
         self.mu_asc = np.sort(mu.cpu().numpy())
-        n = self.mu_asc.size
+        self.n = self.mu_asc.size
         self.top_sums = np.concatenate([[0.0], np.cumsum(self.mu_asc[::-1])])  # top_sums[c] = Σ of the top c μ
         self.positive = self.lam > 0
         self.safe_lam = np.where(self.positive, self.lam, 1.0)
-        self.n = n
 
     def counts(self, t: float) -> np.ndarray:
         """Per row, the number of columns with ``fl(λ_i·μ_j) >= t`` (``t > 0``)."""
@@ -220,23 +216,17 @@ def _check_eigvals(values: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def select_pairs(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mass: float) -> torch.Tensor:
-    """The smallest set of top-mass pairs whose mass reaches ``keep_mass·(Σλ)(Σμ)``, as per-row counts.
+    """The smallest set of top-mass pairs whose mass reaches ``keep_mass·(Σλ)(Σμ)``, as a staircase.
 
-    Returns the **staircase**: an int64 CPU tensor of shape ``(out,)`` whose entry ``i`` is the number of A
-    eigenvectors row ``i`` (``u_G[i]``) keeps, namely its top-``counts[i]`` columns in descending order of ``μ``
-    (equal ``μ`` by column index). With descending ``μ`` (as :func:`eigendecompose` gives) that is the prefix
-    ``[0, counts[i])``, and with descending ``λ`` the counts do not increase down the rows. :func:`pairs_mask`
-    turns counts into the ``(out, in)`` bool mask; :func:`select_pairs_mask` does both.
+    Returns an int64 CPU ``(out,)`` tensor: row ``i`` (``u_G[i]``) keeps its top-``counts[i]`` columns in
+    descending order of ``μ`` (ties by column index), i.e. the prefix ``[0, counts[i])`` for descending ``μ``
+    (:func:`eigendecompose`'s order). :func:`pairs_mask` builds the bool mask; :func:`select_pairs_mask` does both.
+    The mass selected equals adding pairs one at a time in descending order of ``λ_G[i]·μ_A[j]`` (which pairs of
+    equal mass enter at the boundary is arbitrary). ``keep_mass >= 1`` keeps all; ``<= 0`` (or a zero spectrum) none.
 
-    Pairs are taken in descending order of ``λ_G[i]·μ_A[j]`` (see the module docstring); the result selects the
-    same mass as adding pairs one at a time in that order (which pairs of equal mass enter at the boundary is
-    arbitrary). ``keep_mass >= 1`` keeps every pair; ``keep_mass <= 0`` (or a zero spectrum) keeps none.
-
-    Exact and vectorized: a bisection over the fp64 bit patterns of the threshold product ``t`` (mass is monotone
-    in ``t``), where for each ``t`` a ``searchsorted`` per row gives how many pairs have product ``>= t`` and prefix
-    sums of the sorted ``μ`` give their mass: O(out·log(in)) per step. Once at most 16384 pairs lie between the
-    brackets (after ~15-20 steps) they are sorted and added in order, as the one-at-a-time greedy would. Nothing is
-    O(out·in).
+    Exact, never O(out·in): bisection over the fp64 bit patterns of the threshold product ``t``, each step one
+    ``searchsorted`` per row (count of products ``>= t``) and prefix sums of sorted ``μ`` (their mass); once at most
+    ``_FINISH_BY_SORT`` pairs lie between the brackets they are sorted and added in order.
     """
     lam = _check_eigvals(grad_eigvals, "grad_eigvals")
     mu = _check_eigvals(act_eigvals, "act_eigvals")
@@ -304,14 +294,10 @@ def select_pairs_mask(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, kee
 
 
 def select_mass(mass: torch.Tensor, keep_mass: float) -> torch.Tensor:
-    """The smallest set of pairs, taken in descending order of an arbitrary nonnegative ``(out, in)`` mass matrix,
-    whose summed mass reaches ``keep_mass·Σ mass``; a bool ``(out, in)`` mask on ``mass``'s device.
+    """:func:`select_pairs` for any nonnegative ``(out, in)`` mass (e.g. EK-FAC second moments), as a bool mask.
 
-    The generalization of :func:`select_pairs` to masses that are not products ``λ_i·μ_j`` (the EK-FAC second
-    moments of :mod:`kfac_edit.factors.ekfac`, a protected capability's projected curvature). Pairs are ranked by
-    mass, equal masses by row-major index; the kept count is the first ``k`` whose running fp64 sum, added in that
-    order, is ``>= keep_mass·total``: exactly what adding pairs one at a time does. One sort, O(N log N) for
-    ``N = out·in``. ``keep_mass >= 1`` keeps every pair; ``keep_mass <= 0`` (or an all-zero mass) keeps none.
+    Pairs are ranked by mass (ties in row-major order) and kept up to the first whose running fp64 sum reaches
+    ``keep_mass·Σ mass``. One sort, O(N log N) for ``N = out·in``. ``keep_mass >= 1`` keeps all; ``<= 0`` none.
     """
     if mass.dim() != 2:
         raise ValueError(f"mass must be 2-D (out, in), got shape {tuple(mass.shape)}")
@@ -359,16 +345,13 @@ def projected_mass(grad_cov: torch.Tensor, act_cov: torch.Tensor, grad_eig: Eige
 
 def truncation_rank(values: torch.Tensor, keep_mass: float) -> int:
     """The smallest ``r`` whose top-``r`` values (sorted descending) sum to ``keep_mass`` of the total."""
-    values = values.detach().to(torch.float64).clamp_min(0.0)
+    v = np.sort(values.detach().to("cpu", torch.float64).clamp_min(0.0).numpy())[::-1]
     if keep_mass >= 1.0:
-        return int(values.numel())
-    total = float(values.sum())
-    target = float(keep_mass) * total
+        return v.size
+    target = float(keep_mass) * float(v.sum())
     if not target > 0.0:
         return 0
-    cums = torch.cumsum(torch.sort(values, descending=True).values, 0)
-    r = int(torch.searchsorted(cums, torch.tensor([target], dtype=cums.dtype, device=cums.device))[0]) + 1
-    return min(r, int(values.numel()))
+    return min(int(np.searchsorted(np.cumsum(v), target)) + 1, v.size)
 
 
 def independent_counts(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mass: float) -> torch.Tensor:
@@ -429,24 +412,11 @@ def pair_mass_fraction(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, ma
         lam_np, c = lam.cpu().numpy(), _as_counts(mask)
         top_sums = np.concatenate([[0.0], np.cumsum(np.sort(mu.cpu().numpy())[::-1])])
         return float((lam_np * top_sums[c]).sum()) / total
-    if mask.device.type == "cpu":  # sum the products at the kept (or dropped, if fewer) positions
-        m = mask.numpy()
-        lam_np, mu_np = lam.cpu().numpy(), mu.cpu().numpy()
-        n_kept = int(np.count_nonzero(m))
-        if n_kept <= m.size // 2:
-            rows, cols = np.nonzero(m)
-            return float((lam_np[rows] * mu_np[cols]).sum()) / total
-        rows, cols = np.nonzero(~m)
-        return (total - float((lam_np[rows] * mu_np[cols]).sum())) / total
-    kept = float((_row_sums(mask, mu) * lam.to(mask.device)).sum())
-    return kept / total
+    return float((_row_sums(mask, mu) * lam.to(mask.device)).sum()) / total
 
 
 def pair_stats(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, mask: torch.Tensor) -> PairStats:
-    """Pairs kept, their mass fraction and the distinct eigenvectors they use (see :class:`PairStats`).
-
-    ``mask``: a bool ``(out, in)`` mask, or the per-row counts of :func:`select_pairs` (O(out), no mask built).
-    """
+    """:class:`PairStats` of a bool ``(out, in)`` mask or of per-row counts (O(out), no mask built)."""
     counts = _is_counts(mask)
     rows = _as_counts(mask) if counts else _row_sums(mask).cpu().numpy()
     return PairStats(
@@ -459,9 +429,7 @@ def pair_stats(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, mask: torc
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Projection
-# ---------------------------------------------------------------------------------------------------------------
+# Projection ---------------------------------------------------------------------------------------------------------
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -737,9 +705,7 @@ def random_basis_edit(weight: torch.Tensor, n_keep: int, seed: int = 0) -> torch
     q_out = random_orthogonal(out_dim, gen, dtype).to(weight.device)
     q_in = random_orthogonal(in_dim, gen, dtype).to(weight.device)
     keep = torch.randperm(out_dim * in_dim, generator=gen)[:n_keep].to(weight.device)
-    mask = torch.zeros(out_dim * in_dim, dtype=torch.bool, device=weight.device)
-    mask[keep] = True
-    w = weight.detach().to(dtype)
-    coeffs = (q_out.T @ w) @ q_in
-    coeffs.mul_(mask.view(out_dim, in_dim))
-    return ((q_out @ coeffs) @ q_in.T).to(weight.dtype)
+    coeffs = ((q_out.T @ weight.detach().to(dtype)) @ q_in).view(-1)
+    kept = torch.zeros_like(coeffs)
+    kept[keep] = coeffs[keep]
+    return ((q_out @ kept.view(out_dim, in_dim)) @ q_in.T).to(weight.dtype)

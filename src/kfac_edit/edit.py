@@ -29,7 +29,7 @@ from torch import nn
 
 from .constants import EDIT_REPORT_FILE
 from .curvature import independent_counts, pair_stats, project_weight, random_basis_edit, select_pairs, svd_truncate
-from .curvature import kept_mass_fraction, pair_mass_fraction, pairs_mask, select_mass
+from .curvature import diagonal_in_basis, kept_mass_fraction, pair_mass_fraction, pairs_mask, select_mass
 from .eigen import EigenCache, distributed_eigendecompose
 from .errors import UserError
 from .factors.distributed import init_distributed, rank_device, shutdown
@@ -45,9 +45,7 @@ ORIGINALS_ATTR = "_kfac_edit_originals"  # on an edited model: {module name: ori
 BIAS_SUFFIX = "#bias"  # ORIGINALS_ATTR key of a module's original bias (edited with its weight: --bias joint)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Reports
-# ---------------------------------------------------------------------------------------------------------------
+# Reports ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -112,13 +110,7 @@ class EditReport:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Apply / restore
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _factor_blocks(names: list[str]) -> list[int]:
-    return sorted({int(m.group(1)) for m in map(re.compile(r"\.(\d+)\.").search, names) if m})
+# Apply / restore ----------------------------------------------------------------------------------------------------
 
 
 def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, float]]:
@@ -167,20 +159,17 @@ def declare_modules(
     from .models import LAYOUT_KEY, parse_modules_option, use_modules
 
     given = parse_modules_option(modules) if isinstance(modules, str) else (dict(modules) if modules else None)
-    recorded = None
+    recorded = {}
     if factors_dir is not None and Path(factors_dir).is_dir():
-        recorded = Factors.load(factors_dir, names=[]).manifest.get(LAYOUT_KEY)  # the manifest only
-    blocks_path = None
-    if recorded:
-        recorded = dict(recorded)
-        blocks_path = recorded.pop("blocks", None)
-        if given and given != recorded:
-            show = lambda m: ",".join(f"{k}={m[k]}" for k in PROJECTIONS if k in m)  # noqa: E731
-            raise UserError(
-                f"--modules {show(given)} disagrees with the modules the factors in {factors_dir} were collected "
-                f"from ({show(recorded)}); drop --modules (the factors name their modules) or collect again"
-            )
-    use_modules(model, given or recorded, blocks_path=blocks_path)
+        recorded = dict(Factors.load(factors_dir, names=[]).manifest.get(LAYOUT_KEY) or {})  # the manifest only
+    blocks_path = recorded.pop("blocks", None)
+    if given and recorded and given != recorded:
+        show = lambda m: ",".join(f"{k}={m[k]}" for k in PROJECTIONS if k in m)  # noqa: E731
+        raise UserError(
+            f"--modules {show(given)} disagrees with the modules the factors in {factors_dir} were collected "
+            f"from ({show(recorded)}); drop --modules (the factors name their modules) or collect again"
+        )
+    use_modules(model, given or recorded or None, blocks_path=blocks_path)
 
 
 def check_factors(targets: list[tuple[Projection, float]], factors, where: str = "the factors") -> None:
@@ -191,17 +180,15 @@ def check_factors(targets: list[tuple[Projection, float]], factors, where: str =
     """
     if factors is None:
         raise UserError("this edit method needs K-FAC factors; pass --factors DIR (made by `kfac-edit collect`)")
-    names = list(factors.names)
     for proj, _ in targets:
         if proj.name not in factors:
-            have = _factor_blocks(names)
+            have = sorted({int(m.group(1)) for m in map(re.compile(r"\.(\d+)\.").search, factors.names) if m})
             raise UserError(
                 f"no factors for {proj.name} (block {proj.block} {proj.kind}): {where} cover blocks "
                 f"{have or 'none'}; collect factors for block {proj.block} or drop it from the layers JSON"
             )
         fshape = tuple(factors.shape(proj.name))
         out_dim, in_dim = proj.shape
-        # factors over [a; 1] (collected with --bias joint) make the projection homogeneous: [W b] is edited
         proj.homogeneous = proj.has_bias and fshape == (out_dim, in_dim + 1)
         if fshape != proj.factor_shape:
             raise UserError(
@@ -288,19 +275,18 @@ def restore(model: nn.Module) -> list[str]:
     originals = model.__dict__.pop(ORIGINALS_ATTR, {})
     with torch.no_grad():
         for name, weight in originals.items():
-            if name.endswith(BIAS_SUFFIX):  # a bias edited jointly with its weight
-                module = model.get_submodule(name.removesuffix(BIAS_SUFFIX))
-                module.bias.copy_(weight.to(module.bias.device))
-                continue
-            target = _weight_of(model, name)
+            target = _original_of(model, name)
             target.copy_(weight.to(target.device))
     return [name for name in originals if not name.endswith(BIAS_SUFFIX)]
 
 
-def _weight_of(model: nn.Module, name: str) -> torch.Tensor:
-    """The weight of module ``name`` as stored, or the ``(out, in)`` view of an expert projection's matrix."""
+def _original_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The tensor an :data:`ORIGINALS_ATTR` key names: a module's weight as stored, its bias (``name#bias``: edited
+    jointly with the weight), or the ``(out, in)`` view of an expert projection's matrix."""
     from .experts import expert_weight
 
+    if name.endswith(BIAS_SUFFIX):
+        return model.get_submodule(name.removesuffix(BIAS_SUFFIX)).bias
     try:
         return model.get_submodule(name).weight
     except AttributeError:
@@ -339,8 +325,6 @@ class Protection:
 
     def masses(self, name: str, grad_eig, act_eig) -> tuple[torch.Tensor, torch.Tensor]:
         """``(u_G[i]ᵀ G_p u_G[i])_i`` and ``(u_A[j]ᵀ A_p u_A[j])_j``: the protected mass is their outer product."""
-        from .curvature import diagonal_in_basis
-
         return (diagonal_in_basis(self.factors.grad_cov(name), grad_eig),
                 diagonal_in_basis(self.factors.activation_cov(name), act_eig))  # fmt: skip
 
@@ -487,13 +471,12 @@ def apply_edit(
     cache = cache if cache is not None else EigenCache(None)
     originals: dict[str, torch.Tensor] = {}
     model.__dict__[ORIGINALS_ATTR] = originals  # a plain attribute: not a buffer, so never saved with the model
-    modules: list[ModuleEdit] = []
     try:
         if spec.method is Method.BSN:
             modules = _bsn_edits(targets, bsn, originals, model)
-        for proj, keep_mass in tqdm(targets if spec.method is not Method.BSN else [], desc=f"edit ({spec.method})",
-                                    unit="module", disable=None):
-            modules.append(_edit_one(proj, keep_mass, spec, factors, cache, originals, ekfac, protect))
+        else:
+            bar = tqdm(targets, desc=f"edit ({spec.method})", unit="module", disable=None)
+            modules = [_edit_one(p, keep, spec, factors, cache, originals, ekfac, protect) for p, keep in bar]
     except BaseException:  # a failure part-way (NaN factors, out of memory, Ctrl-C) leaves the model as it was
         restore(model)
         raise
@@ -510,9 +493,7 @@ def apply_edit(
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Save
-# ---------------------------------------------------------------------------------------------------------------
+# Save ---------------------------------------------------------------------------------------------------------------
 
 
 def check_output_dir(out_dir: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:

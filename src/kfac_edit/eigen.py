@@ -40,9 +40,7 @@ from .identity import tensor_checksum
 
 log = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------------------------------------------------------
-# Cache
-# ---------------------------------------------------------------------------------------------------------------
+# Cache --------------------------------------------------------------------------------------------------------------
 
 
 def default_cache_dir() -> Path:
@@ -179,9 +177,7 @@ class EigenCache:
         return sum(eig.nbytes for pair in self._memory.values() for eig in pair)  # compute-dtype copies too
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Spread over ranks
-# ---------------------------------------------------------------------------------------------------------------
+# Spread over ranks --------------------------------------------------------------------------------------------------
 
 
 def eigen_units(factors, names: Sequence[str]) -> list[tuple[list[str], float]]:
@@ -244,9 +240,7 @@ def distributed_eigendecompose(
     cost_of = {name: cost for members, cost in units for name in members[:1]}
     cost = [sum(cost_of.get(n, 0.0) for n in plan[r]) for r in range(ctx.world_size)]
     start = time.perf_counter()
-    mine: dict[str, tuple[Eigen, Eigen]] = {}
-    for name in plan[ctx.rank]:
-        mine[name] = cache.get(factors, name, device)
+    mine = {name: cache.get(factors, name, device) for name in plan[ctx.rank]}
     seconds = time.perf_counter() - start
     if share and ctx.enabled:
         for name in names:  # the same order on every rank
