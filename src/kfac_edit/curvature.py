@@ -145,7 +145,6 @@ class _PairIndex:
 
     def __init__(self, lam: torch.Tensor, mu: torch.Tensor):
         self.lam = lam.cpu().numpy()
-        self.mu_rank = _descending_rank(mu)  # rank of column j in descending order of μ (None: the identity)
         self.mu_asc = np.sort(mu.cpu().numpy())
         self.n = self.mu_asc.size
         self.top_sums = np.concatenate([[0.0], np.cumsum(self.mu_asc[::-1])])  # top_sums[c] = Σ of the top c μ
@@ -376,8 +375,6 @@ def _row_sums(mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.
             parts.append(chunk.view(torch.uint8).sum(1, dtype=torch.int64))
         else:
             parts.append(chunk.to(weights.dtype) @ weights)
-    if not parts:
-        return torch.zeros(0, dtype=torch.float64 if weights is not None else torch.int64, device=mask.device)
     return torch.cat(parts)
 
 
@@ -409,9 +406,7 @@ def pair_mass_fraction(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, ma
     if total <= 0.0:
         return 0.0
     if _is_counts(mask):  # prefix sums of the descending μ: O(out)
-        lam_np, c = lam.cpu().numpy(), _as_counts(mask)
-        top_sums = np.concatenate([[0.0], np.cumsum(np.sort(mu.cpu().numpy())[::-1])])
-        return float((lam_np * top_sums[c]).sum()) / total
+        return _PairIndex(lam, mu).mass(_as_counts(mask)) / total
     return float((_row_sums(mask, mu) * lam.to(mask.device)).sum()) / total
 
 
@@ -440,15 +435,15 @@ _BLOCK_RATIO = 1.25  # a block of rows (columns) spans prefixes (extents) within
 _PAD = 1.15  # the block padding's average excess area, in the cost model
 
 
+@dataclass(eq=False)
 class HalfProducts:
     """``lead = U_G[:, :a]ᵀ W`` (``a × in``) and ``trail = (W U_A[:, :b])ᵀ`` (``b × out``) of one weight, grown to
     the longest prefixes :func:`project_weight` has needed: a sweep projects the same ``W`` at many ``keep_mass``.
     At most ``2·out·in`` elements of the compute dtype (360 MB in fp32 at 11008 × 4096);
     :meth:`kfac_edit.eigen.EigenCache.half_products` keys them by the weight's bytes and bounds their total."""
 
-    def __init__(self):
-        self.lead: torch.Tensor | None = None
-        self.trail: torch.Tensor | None = None
+    lead: torch.Tensor | None = None
+    trail: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -509,11 +504,9 @@ def staircase_cost(counts, out_dim: int, in_dim: int, halves: HalfProducts | Non
 
 def _blocks(extent: np.ndarray) -> list[tuple[int, int]]:
     """``[start, stop)`` runs of a non-increasing positive ``extent`` whose values lie within ``_BLOCK_RATIO``."""
-    out, start, n = [], 0, extent.size
-    neg = -extent
-    while start < n:
-        stop = int(np.searchsorted(neg, -extent[start] / _BLOCK_RATIO, side="right"))
-        stop = max(stop, start + 1)
+    out, start, neg = [], 0, -extent
+    while start < extent.size:
+        stop = max(int(np.searchsorted(neg, -extent[start] / _BLOCK_RATIO, side="right")), start + 1)
         out.append((start, stop))
         start = stop
     return out
@@ -590,11 +583,10 @@ def project_weight(
 ) -> torch.Tensor:
     """``W' = U_G ((U_Gᵀ W U_A) ⊙ M) U_Aᵀ``, in the weight's dtype/device.
 
-    ``mask``: the per-row counts of :func:`select_pairs` / :func:`independent_counts`, or a bool ``(out, in)``
-    mask. Counts describe a staircase (each row keeps a prefix of columns, shrinking down the rows), projected
-    through the half-products ``U_G[:, :a]ᵀ W`` and ``W U_A[:, :b]`` as :func:`_staircase_plan` says; ``halves``
-    (of this weight and these bases) keeps them for the next call. Eigenvectors are used in the compute dtype
-    (:meth:`Eigen.vectors_as`). A bool mask whose rows are prefixes takes the same path, any other the general one.
+    ``mask``: staircase counts (:func:`select_pairs`, :func:`independent_counts`) or a bool ``(out, in)`` mask; a
+    staircase (or a mask whose rows are prefixes) is projected through half-products as :func:`_staircase_plan`
+    says, which ``halves`` (of this weight and bases) keeps for the next call; any other mask the general way.
+    Eigenvectors are used in the compute dtype (:meth:`Eigen.vectors_as`).
     """
     out_dim, in_dim = weight.shape
     counts = _is_counts(mask)
