@@ -27,16 +27,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bsn import BsnInputs, learn_masks, load_bsn_data, masked_weight
 from .constants import EDIT_REPORT_FILE
 from .curvature import independent_counts, pair_stats, project_weight, random_basis_edit, select_pairs, svd_truncate
 from .curvature import diagonal_in_basis, kept_mass_fraction, pair_mass_fraction, pairs_mask, select_mass
 from .eigen import EigenCache, distributed_eigendecompose
 from .errors import UserError
+from .experts import expert_weight
 from .factors.distributed import init_distributed, rank_device, shutdown
+from .factors.ekfac import Ekfac
+from .factors.store import Factors, ModuleFactors
 from .fileio import atomic_dir, utc_timestamp, write_json
 from .identity import model_fingerprint
 from .models import PROJECTIONS, Projection, find_projections, load_model, load_tokenizer_as_saved, model_type
-from .models import num_blocks, projection_kinds, resolve_device
+from .models import LAYOUT_KEY, num_blocks, parse_modules_option, projection_kinds, resolve_device, use_modules
+from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 from .spec import LAYERS_EXAMPLE, NO_EDIT_AT, EditSpec, Method
 
 log = logging.getLogger(__name__)
@@ -155,9 +160,6 @@ def declare_modules(
     ``collect``: ``up=mlp.fc_in,down=mlp.fc_out``) both name them; when both are given they must agree
     (:class:`UserError` otherwise). Neither: the projection table. See :func:`~kfac_edit.models.use_modules`.
     """
-    from .factors.store import Factors
-    from .models import LAYOUT_KEY, parse_modules_option, use_modules
-
     given = parse_modules_option(modules) if isinstance(modules, str) else (dict(modules) if modules else None)
     recorded = {}
     if factors_dir is not None and Path(factors_dir).is_dir():
@@ -204,8 +206,6 @@ def without_bias_coordinate(factors, targets: list[tuple[Projection, float]]):
 
     The K-FAC edit of ``W`` alone (``--bias keep``) from factors collected with ``--bias joint``.
     """
-    from .factors.store import Factors, ModuleFactors
-
     modules = dict(factors.modules)
     sliced: dict[str, torch.Tensor] = {}
     for proj, _ in targets:
@@ -242,8 +242,6 @@ def check_edit_inputs(spec: EditSpec, factors_dir: str | os.PathLike | None) -> 
 
 def load_edit_factors(model: nn.Module, spec: EditSpec, factors_dir: str | os.PathLike | None):
     """The factors ``spec`` needs from ``factors_dir`` (only its targets' modules), checked; ``None`` for ``svd``."""
-    from .factors.store import Factors
-
     if not spec.needs_factors:
         return None
     targets = resolve_targets(model, spec)
@@ -254,8 +252,6 @@ def load_edit_factors(model: nn.Module, spec: EditSpec, factors_dir: str | os.Pa
 
 def load_protect_factors(model: nn.Module, spec: EditSpec, protect_dir: str | os.PathLike):
     """The protected capability's factors of ``spec``'s targets from ``protect_dir``, checked against ``model``."""
-    from .factors.store import Factors
-
     targets = resolve_targets(model, spec)
     where = f"the --protect factors in {protect_dir}"
     manifest_names = set(Factors.load(protect_dir, names=[]).manifest.get("modules", {}))
@@ -283,8 +279,6 @@ def restore(model: nn.Module) -> list[str]:
 def _original_of(model: nn.Module, name: str) -> torch.Tensor:
     """The tensor an :data:`ORIGINALS_ATTR` key names: a module's weight as stored, its bias (``name#bias``: edited
     jointly with the weight), or the ``(out, in)`` view of an expert projection's matrix."""
-    from .experts import expert_weight
-
     if name.endswith(BIAS_SUFFIX):
         return model.get_submodule(name.removesuffix(BIAS_SUFFIX)).bias
     try:
@@ -407,8 +401,6 @@ def _edit_one(
 
 def _bsn_edits(targets, bsn, originals: dict[str, torch.Tensor], model: nn.Module) -> list[ModuleEdit]:
     """The ``bsn`` method: learn the masks of every target jointly (:func:`~kfac_edit.bsn.learn_masks`), apply them."""
-    from .bsn import learn_masks, masked_weight
-
     if bsn is None:
         raise UserError("method bsn learns from data: give --forget FILE (records to remove) and --clean-data SOURCE")
     t0 = time.perf_counter()
@@ -447,8 +439,6 @@ def apply_edit(
     ``factors`` may be ``None`` for the ``svd`` method. Pass an :class:`EigenCache` to reuse eigendecompositions
     across calls (and, with a directory, across runs); without one each call keeps its own in memory.
     """
-    from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
-
     start = time.perf_counter()
     restore(model)
     targets = resolve_targets(model, spec)
@@ -554,8 +544,6 @@ def edit_model_dir(
         Protection(None, protect_weight)  # the weight's check, before loading anything
         if not Path(protect_dir).is_dir():
             raise UserError(f"--protect {protect_dir} is not a directory; give factors `kfac-edit collect` wrote")
-    from .factors.ekfac import Ekfac
-
     if spec.method is Method.EKFAC and not Ekfac.exists(factors_dir):
         Ekfac.load(factors_dir)  # the one-line error saying how to make them
     ctx = init_distributed(resolve_device(device))
@@ -573,8 +561,6 @@ def edit_model_dir(
             protect = Protection(load_protect_factors(net, spec, protect_dir), protect_weight)
         inputs = None
         if bsn is not None:
-            from .bsn import BsnInputs, load_bsn_data
-
             forget, clean, bsn_config = bsn
             tokenizer = load_tokenizer_as_saved(model)
             vocab = net.get_input_embeddings().num_embeddings
