@@ -1,16 +1,12 @@
 """Apply, restore and save a curvature edit of a model's MLP weights.
 
-:func:`apply_edit` edits a model in place as an :class:`~kfac_edit.spec.EditSpec` says (its methods:
-:class:`~kfac_edit.spec.Method`), from K-FAC :class:`~kfac_edit.factors.store.Factors` through an
-:class:`~kfac_edit.eigen.EigenCache`, and returns an :class:`EditReport`. The original weights of the edited
-modules are kept on the model itself (the attribute named :data:`ORIGINALS_ATTR`, a dict module name -> weight on
-the CPU), so :func:`restore` puts them back bit for bit. :func:`save_edited` writes a standard Hugging Face model
-directory (loadable by ``AutoModelForCausalLM.from_pretrained`` and lm-eval) plus ``edit_report.json``;
-:func:`edit_model_dir` is what ``kfac-edit edit`` does, and under ``torchrun`` it first spreads the
-eigendecompositions over the ranks (:func:`~kfac_edit.eigen.distributed_eigendecompose`).
-
-``--method ekfac`` ranks the pairs by EK-FAC eigenvalues (:mod:`kfac_edit.factors.ekfac`, passed as ``ekfac=``);
-``--protect`` (a :class:`Protection`) also keeps the pairs holding a share of a protected capability's curvature.
+:func:`apply_edit` edits a model in place as an :class:`~kfac_edit.spec.EditSpec` says, from K-FAC
+:class:`~kfac_edit.factors.store.Factors` through an :class:`~kfac_edit.eigen.EigenCache`, and returns an
+:class:`EditReport`; the originals stay on the model (:data:`ORIGINALS_ATTR`) so :func:`restore` puts them back
+bit for bit. :func:`save_edited` writes a Hugging Face model directory plus ``edit_report.json``;
+:func:`edit_model_dir` is ``kfac-edit edit`` (under ``torchrun`` it first spreads the eigendecompositions).
+``--method ekfac`` ranks pairs by EK-FAC eigenvalues; ``--protect`` (:class:`Protection`) also keeps the pairs
+holding a share of a protected capability's curvature.
 """
 
 from __future__ import annotations
@@ -201,11 +197,8 @@ def check_factors(targets: list[tuple[Projection, float]], factors, where: str =
 
 
 def without_bias_coordinate(factors, targets: list[tuple[Projection, float]]):
-    """``factors`` with the homogeneous targets' ``A`` over ``a`` alone (the last row and column of ``A`` over
-    ``[a; 1]`` dropped: exactly the factor collected with ``--bias keep``); those targets stop being homogeneous.
-
-    The K-FAC edit of ``W`` alone (``--bias keep``) from factors collected with ``--bias joint``.
-    """
+    """``factors`` (collected with ``--bias joint``) with the homogeneous targets' ``A`` over ``[a; 1]`` cut to ``a``
+    alone, exactly the ``--bias keep`` factor, so ``W`` alone is edited; those targets stop being homogeneous."""
     modules = dict(factors.modules)
     sliced: dict[str, torch.Tensor] = {}
     for proj, _ in targets:
@@ -429,15 +422,13 @@ def apply_edit(
 ) -> EditReport:  # fmt: skip
     """Edit ``model`` in place as ``spec`` says and return an :class:`EditReport`.
 
-    ``ekfac``: the :class:`~kfac_edit.factors.ekfac.Ekfac` eigenvalues of ``factors`` (needed by ``ekfac``; checked
-    to be in their eigenbasis). ``protect``: a :class:`Protection` (its selection is kept too, see there).
-    ``bsn`` (a :class:`~kfac_edit.bsn.BsnInputs`: forget records, clean text, hyper-parameters) is needed by the
-    ``bsn`` method only, which learns one mask per target jointly (``keep_mass`` = share of entries kept).
+    ``factors``: ``None`` is fine for ``svd``. ``ekfac``: the :class:`~kfac_edit.factors.ekfac.Ekfac` eigenvalues
+    of ``factors`` (method ``ekfac``). ``protect``: a :class:`Protection`. ``bsn``: a
+    :class:`~kfac_edit.bsn.BsnInputs` for method ``bsn``, which learns one mask per target jointly (``keep_mass`` =
+    share of entries kept). ``cache`` reuses eigendecompositions across calls (a fresh in-memory one by default).
 
-    Every check (blocks, projection kinds, factors present and of the right shape) runs before any weight
-    changes. A model edited earlier is first restored: edits never compound, so a sweep just calls this again.
-    ``factors`` may be ``None`` for the ``svd`` method. Pass an :class:`EigenCache` to reuse eigendecompositions
-    across calls (and, with a directory, across runs); without one each call keeps its own in memory.
+    Every check runs before any weight changes. A model edited earlier is first restored: edits never compound,
+    so a sweep just calls this again.
     """
     start = time.perf_counter()
     restore(model)
@@ -532,11 +523,9 @@ def edit_model_dir(
 ) -> EditReport:
     """What ``kfac-edit edit`` does: load, check everything, edit, save ``out_dir`` (nothing is written on error).
 
-    ``cache_dir`` defaults to :func:`~kfac_edit.eigen.default_cache_dir`; the projections are found by
-    :func:`declare_modules` (the factors' recorded paths, or ``modules``). Under ``torchrun`` (``WORLD_SIZE > 1``)
-    the ranks first share the eigendecompositions out by cost, each computing its part, then every rank edits from
-    its filled cache and only the main rank writes ``out_dir``. ``bsn``: ``(forget records file, clean-text
-    SOURCE, BsnConfig)`` for method ``bsn``.
+    ``cache_dir`` defaults to :func:`~kfac_edit.eigen.default_cache_dir`; ``modules`` as :func:`declare_modules`.
+    Under ``torchrun`` the ranks first share out the eigendecompositions, every rank edits, the main rank writes.
+    ``bsn``: ``(forget records file, clean-text SOURCE, BsnConfig)`` for method ``bsn``.
     """
     check_edit_inputs(spec, factors_dir)
     check_output_dir(out_dir, source=model)
@@ -559,10 +548,10 @@ def edit_model_dir(
         protect = None
         if protect_dir is not None:
             protect = Protection(load_protect_factors(net, spec, protect_dir), protect_weight)
+        tokenizer = load_tokenizer_as_saved(model)
         inputs = None
         if bsn is not None:
             forget, clean, bsn_config = bsn
-            tokenizer = load_tokenizer_as_saved(model)
             vocab = net.get_input_embeddings().num_embeddings
             inputs = BsnInputs(load_bsn_data(forget, clean, tokenizer, bsn_config, vocab_size=vocab), bsn_config)
         report = apply_edit(net, factors, spec, cache=cache, ekfac=ekfac, protect=protect, bsn=inputs)
@@ -570,7 +559,7 @@ def edit_model_dir(
             report.factor_manifest["protect"] = {"directory": str(protect_dir), "weight": protect_weight}
         report.factor_manifest.setdefault("directory", str(factors_dir) if factors_dir is not None else None)
         if ctx.is_main:
-            save_edited(net, load_tokenizer_as_saved(model), out_dir, report)
+            save_edited(net, tokenizer, out_dir, report)
     finally:
         shutdown(ctx)
     return report
