@@ -256,14 +256,10 @@ def _select_counts(index: _PairIndex, lam: torch.Tensor, mu: torch.Tensor, targe
     if hi - lo > 1:  # few pairs left between the brackets: sort them, as the one-at-a-time order would
         return counts_hi + index.finish_by_sort(counts_hi, counts_lo, target)
     threshold = _f64_from_bits(lo)  # a tie group larger than _FINISH_BY_SORT, all of product `threshold`
-    mass_gt = index.mass(counts_hi)
     ties = counts_lo - counts_hi  # per row, pairs whose product equals the threshold
-    n_ties = int(ties.sum())
-    need = min(max(math.ceil((target - mass_gt) / threshold), 1), n_ties)
+    need = min(max(math.ceil((target - index.mass(counts_hi)) / threshold), 1), int(ties.sum()))
     # Take the first `need` tied pairs in row order (each row's ties are the next columns of its prefix).
-    before = np.cumsum(ties) - ties
-    take = np.minimum(np.maximum(need - before, 0), ties)
-    return counts_hi + take
+    return counts_hi + np.clip(need - (np.cumsum(ties) - ties), 0, ties)
 
 
 def _as_counts(counts) -> np.ndarray:
@@ -307,7 +303,7 @@ def select_mass(mass: torch.Tensor, keep_mass: float) -> torch.Tensor:
     if keep_mass >= 1.0:
         return torch.ones(mass.shape, dtype=torch.bool, device=mass.device)
     flat = m.ravel()
-    target = float(keep_mass) * float(flat.sum()) if flat.size else 0.0
+    target = float(keep_mass) * float(flat.sum())
     keep = np.zeros(flat.size, dtype=bool)
     if target > 0.0:
         order = np.argsort(-flat, kind="stable")

@@ -120,7 +120,8 @@ def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, 
         return []
     n = num_blocks(model)
     kinds = projection_kinds(model)
-    for block, kind in [*spec.keep_mass, *((b, k) for b, _, k in spec.expert_keep_mass)]:
+    block_kinds = [*spec.keep_mass, *((b, k) for b, _, k in spec.expert_keep_mass)]
+    for block, kind in block_kinds:
         if not 0 <= block < n:
             raise UserError(f"block {block} does not exist: the model has blocks 0..{n - 1}; fix the layers JSON")
         if kind not in kinds:
@@ -128,10 +129,9 @@ def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, 
                 f"projection '{kind}' does not exist in a {model_type(model)} model (it has {', '.join(kinds)}); "
                 "remove it from the layers JSON"
             )
-    used = {kind for _, kind in spec.keep_mass} | {kind for _, _, kind in spec.expert_keep_mass}
-    found = find_projections(model, layers=spec.blocks, projections=sorted(used, key=PROJECTIONS.index))
-    experts = {(b, e) for b, e, _ in spec.expert_keep_mass}
-    for block, expert in sorted(experts):
+    used = sorted({kind for _, kind in block_kinds}, key=PROJECTIONS.index)
+    found = find_projections(model, layers=spec.blocks, projections=used)
+    for block, expert in sorted({(b, e) for b, e, _ in spec.expert_keep_mass}):
         if not any(p.block == block and p.expert == expert for p in found):
             raise UserError(
                 f"block {block} has no routed expert {expert} (the layers JSON's \"experts\" form is for "
@@ -344,11 +344,8 @@ def _edit_one(
         proj.homogeneous = False  # the data-free baseline truncates W alone
     weight = proj.affine_weight().detach()  # [W b] for a homogeneous projection
     device = weight.device
-    eigen_seconds = 0.0
-    grad_eig = act_eig = None
-    if spec.needs_factors:
-        grad_eig, act_eig = cache.get(factors, proj.name, device)
-        eigen_seconds = time.perf_counter() - t0
+    grad_eig, act_eig = cache.get(factors, proj.name, device) if spec.needs_factors else (None, None)
+    eigen_seconds = time.perf_counter() - t0 if spec.needs_factors else 0.0
     out_dim, in_dim = proj.factor_shape
     protected = own_mass = None
     if spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT, Method.EKFAC):

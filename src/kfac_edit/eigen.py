@@ -1,18 +1,13 @@
-"""Eigenbases of the K-FAC factors: a cache of eigendecompositions, and their spread over data-parallel ranks.
-
-The math (symmetrize, ``eigh`` in fp64, clamp) is :func:`kfac_edit.curvature.eigendecompose`; this module decides
-where and how often it runs.
+"""Eigenbases of the K-FAC factors: where and how often :func:`kfac_edit.curvature.eigendecompose` runs.
 
 **Cache.** :class:`EigenCache` holds ``(eig G, eig A)`` per module in memory (LRU) and on disk, keyed by the
-factors' content hash, so a sweep over ``keep_mass`` pays each ``eigh`` once, and a rerun none. It also keeps
-each module's :class:`~kfac_edit.curvature.HalfProducts` (keyed by the weight's bytes, bounded by
-``projection_bytes``): a sweep projects the same weight at every point.
+factors' content hash: a sweep over ``keep_mass`` pays each ``eigh`` once, a rerun none. It also keeps each
+module's :class:`~kfac_edit.curvature.HalfProducts`, since a sweep projects the same weight at every point.
 
-**Spread over ranks.** ``eigh`` of an ``n x n`` matrix costs about ``n³``: a module's work is ``out³ + in³``, and
-``gate`` and ``up`` of one block (one shared ``A``) form one unit. Units go to ranks longest-processing-time-first
-(the slowest rank within 4/3 of the best balance); each rank computes its units through its cache, and with
-``share`` the owner broadcasts each result to every rank's cache. ``kfac-edit edit`` under ``torchrun`` does this
-before editing; by hand::
+**Spread over ranks.** A module costs ``out³ + in³``; ``gate`` and ``up`` of a block (one shared ``A``) are one
+unit. Units go to ranks longest-processing-time-first (the slowest rank within 4/3 of the best balance); each
+rank computes its units through its cache, and with ``share`` the owners broadcast the results to every rank.
+``kfac-edit edit`` under ``torchrun`` does this before editing; by hand::
 
     ctx = init_distributed("cuda")
     cache = EigenCache(cache_dir)
@@ -74,7 +69,7 @@ class EigenCache:
         self._halves: OrderedDict[str, tuple[str, HalfProducts]] = OrderedDict()  # content hash -> (W digest, ..)
         self.stats = CacheStats()
         self._memory: OrderedDict[str, tuple[Eigen, Eigen]] = OrderedDict()
-        self._shared_act: dict[int, tuple[torch.Tensor, int, Eigen]] = {}
+        self._shared_act: dict[str, tuple[torch.Tensor, int, Eigen]] = {}  # activation key -> (sum, tokens, eig A)
 
     @classmethod
     def default(cls, directory: str | os.PathLike | None = None) -> "EigenCache":
@@ -102,7 +97,7 @@ class EigenCache:
         return grad, act
 
     def put(self, factors, name: str, grad: Eigen, act: Eigen) -> None:
-        """Hold an eigendecomposition made elsewhere (e.g. by another rank: :func:`distributed_eigendecompose`) in memory."""
+        """Hold an eigendecomposition made elsewhere (by another rank: :func:`distributed_eigendecompose`) in memory."""
         self._remember(factors.content_hash(name), (grad, act))
 
     def half_products(self, factors, name: str, weight: torch.Tensor) -> HalfProducts | None:
@@ -185,12 +180,10 @@ def eigen_units(factors, names: Sequence[str]) -> list[tuple[list[str], float]]:
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(factors.modules[name].activation_key, []).append(name)
-    units = []
-    for members in groups.values():
-        n_in = factors.shape(members[0])[1]
-        cost = float(n_in) ** 3 + sum(float(factors.shape(n)[0]) ** 3 for n in members)
-        units.append((members, cost))
-    return units
+    return [
+        (members, float(factors.shape(members[0])[1]) ** 3 + sum(float(factors.shape(n)[0]) ** 3 for n in members))
+        for members in groups.values()
+    ]
 
 
 def assign_by_cost(units: Sequence[tuple[Sequence[str], float]], world_size: int) -> list[list[str]]:
@@ -200,11 +193,10 @@ def assign_by_cost(units: Sequence[tuple[Sequence[str], float]], world_size: int
     """
     load = [0.0] * world_size
     out: list[list[str]] = [[] for _ in range(world_size)]
-    order = sorted(range(len(units)), key=lambda i: (-units[i][1], i))
-    for i in order:
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        load[rank] += units[i][1]
-        out[rank].extend(units[i][0])
+    for members, cost in sorted(units, key=lambda unit: -unit[1]):  # a stable sort: equal costs keep their order
+        rank = load.index(min(load))
+        load[rank] += cost
+        out[rank].extend(members)
     return out
 
 
@@ -228,17 +220,15 @@ def distributed_eigendecompose(
 ) -> EigenAssignment:
     """Eigendecompose ``G`` and ``A`` of ``names``, each module on one rank, balanced by n³ cost.
 
-    ``factors`` must be the same on every rank (e.g. each loaded the same directory). With ``share`` every rank's
-    ``cache`` ends up holding every module (broadcast from its owner, so bit-identical on all ranks); without it a
-    rank holds its own modules (and the cache directory, if shared, all of them). With one process this is a plain
-    loop over ``cache.get``.
+    ``factors`` must be the same on every rank. With ``share`` every rank's ``cache`` ends up holding every module
+    (broadcast from its owner: bit-identical on all ranks); without it a rank holds its own modules. With one
+    process this is a loop over ``cache.get``.
     """
     names = list(names)
     units = eigen_units(factors, names)
     plan = assign_by_cost(units, ctx.world_size)
     owner = {name: rank for rank, members in enumerate(plan) for name in members}
-    cost_of = {name: cost for members, cost in units for name in members[:1]}
-    cost = [sum(cost_of.get(n, 0.0) for n in plan[r]) for r in range(ctx.world_size)]
+    cost = [sum(c for members, c in units if owner[members[0]] == r) for r in range(ctx.world_size)]
     start = time.perf_counter()
     mine = {name: cache.get(factors, name, device) for name in plan[ctx.rank]}
     seconds = time.perf_counter() - start
