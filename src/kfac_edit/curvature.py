@@ -633,11 +633,8 @@ def _project_any(w: torch.Tensor, u_grad: torch.Tensor, u_act: torch.Tensor, mas
 def edit_weight(
     weight: torch.Tensor, activation_cov: torch.Tensor, grad_cov: torch.Tensor, keep_mass: float
 ) -> torch.Tensor:
-    """The K-FAC edit of one weight: keep the top-mass pairs holding ``keep_mass`` of the curvature.
-
-    ``weight`` is ``(out, in)``, ``activation_cov`` ``(in, in)``, ``grad_cov`` ``(out, out)`` (module docstring).
-    Returns ``W'`` in the weight's dtype and device; ``keep_mass >= 1`` returns a copy of ``W``.
-    """
+    """The K-FAC edit of one weight ``(out, in)`` from ``A`` ``(in, in)`` and ``G`` ``(out, out)``: ``W'`` in the
+    weight's dtype and device, keeping the top-mass pairs holding ``keep_mass`` (``>= 1``: a copy of ``W``)."""
     out_dim, in_dim = weight.shape
     if tuple(activation_cov.shape) != (in_dim, in_dim) or tuple(grad_cov.shape) != (out_dim, out_dim):
         raise ValueError(
@@ -681,11 +678,8 @@ def random_orthogonal(n: int, generator: torch.Generator, dtype: torch.dtype = t
 
 def random_basis_edit(weight: torch.Tensor, n_keep: int, seed: int = 0) -> torch.Tensor:
     """Control: keep ``n_keep`` coefficients, at uniformly random positions, of ``W`` in a random orthogonal basis
-    pair (``Q_out`` ``(out, out)``, ``Q_in`` ``(in, in)``): ``W' = Q_out ((Q_outᵀ W Q_in) ⊙ M) Q_inᵀ``.
-
-    With ``n_keep`` equal to the K-FAC edit's pair count it asks whether the curvature basis matters. Costs a
-    dense projection and two QR decompositions (slow on a CPU for 7B-sized weights).
-    """
+    pair (``Q_out`` ``(out, out)``, ``Q_in`` ``(in, in)``): ``W' = Q_out ((Q_outᵀ W Q_in) ⊙ M) Q_inᵀ``. With the
+    K-FAC edit's pair count it asks whether the curvature basis matters. Costs a dense projection and two QRs."""
     out_dim, in_dim = weight.shape
     n_keep = int(min(max(n_keep, 0), out_dim * in_dim))
     gen = torch.Generator(device="cpu").manual_seed(int(seed))

@@ -150,12 +150,9 @@ def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, 
 def declare_modules(
     model: nn.Module, modules: str | dict[str, str] | None, factors_dir: str | os.PathLike | None
 ) -> None:
-    """Find the projections of ``model`` where its factors were collected.
-
-    The factor manifest's ``module_paths`` (written by ``collect``) and ``modules`` (``--modules``, the syntax of
-    ``collect``: ``up=mlp.fc_in,down=mlp.fc_out``) both name them; when both are given they must agree
-    (:class:`UserError` otherwise). Neither: the projection table. See :func:`~kfac_edit.models.use_modules`.
-    """
+    """Find the projections of ``model`` where its factors were collected (:func:`~kfac_edit.models.use_modules`):
+    as the factor manifest records them, or ``modules`` (``--modules up=mlp.fc_in,down=mlp.fc_out``), which must
+    then agree (:class:`UserError`); neither: the projection table."""
     given = parse_modules_option(modules) if isinstance(modules, str) else (dict(modules) if modules else None)
     recorded = {}
     if factors_dir is not None and Path(factors_dir).is_dir():
@@ -172,10 +169,7 @@ def declare_modules(
 
 def check_factors(targets: list[tuple[Projection, float]], factors, where: str = "the factors") -> None:
     """:class:`UserError` when a target has no factors or factors of another shape (factors of another model).
-
-    A biased target whose factors are ``(out, in + 1)`` (collected with ``--bias joint``) is marked
-    :attr:`~kfac_edit.models.Projection.homogeneous`: its edit projects ``[W b]``.
-    """
+    A biased target with ``(out, in + 1)`` factors (``--bias joint``) is marked ``homogeneous``: ``[W b]`` is edited."""
     if factors is None:
         raise UserError("this edit method needs K-FAC factors; pass --factors DIR (made by `kfac-edit collect`)")
     for proj, _ in targets:
@@ -291,10 +285,9 @@ DEFAULT_PROTECT_WEIGHT = 0.9  # --protect-weight: share of the protected curvatu
 class Protection:
     """A capability to keep: its K-FAC ``factors`` (collected on its data) and the ``weight`` of its selection.
 
-    The edit then keeps the union of two selections in the edited module's eigenbasis: the method's own (pairs
-    holding ``keep_mass`` of its mass) and the smallest set of top pairs by the protected mass
-    ``(u_G[i]ᵀ G_p u_G[i])·(u_A[j]ᵀ A_p u_A[j])`` holding ``weight`` of the protected total
-    (:func:`~kfac_edit.curvature.projected_mass`, selected like ``kfac``'s pairs). ``weight`` 0 protects nothing.
+    The edit keeps the union of the method's selection and the top pairs (selected like ``kfac``'s) by the
+    protected mass ``(u_G[i]ᵀ G_p u_G[i])·(u_A[j]ᵀ A_p u_A[j])`` (:func:`~kfac_edit.curvature.projected_mass`)
+    holding ``weight`` of its total, both in the edited module's eigenbasis. ``weight`` 0 protects nothing.
     """
 
     factors: Any
