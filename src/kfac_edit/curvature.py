@@ -77,13 +77,13 @@ class Eigen:
 
 @dataclass
 class PairStats:
-    """What a mask keeps, in the curvature's terms (see the module docstring)."""
+    """What a mask keeps, in the curvature's terms (see the module docstring); ``None``: not defined for a method."""
 
     pairs_kept: int
     pairs_total: int
-    mass_fraction: float  # kept mass / total mass
-    grad_vectors_used: int  # distinct G eigenvectors (rows) with at least one kept pair
-    act_vectors_used: int  # distinct A eigenvectors (columns) with at least one kept pair
+    mass_fraction: float | None  # kept mass / total mass
+    grad_vectors_used: int | None  # distinct G eigenvectors (rows) with at least one kept pair
+    act_vectors_used: int | None  # distinct A eigenvectors (columns) with at least one kept pair
 
     @property
     def pairs_fraction(self) -> float:
@@ -377,8 +377,6 @@ def _row_sums(mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.
 def _row_extents(mask: torch.Tensor) -> torch.Tensor:
     """Per row, one past the last kept column (0 for an empty row)."""
     n_cols = mask.shape[1]
-    if n_cols == 0:
-        return torch.zeros(mask.shape[0], dtype=torch.int64, device=mask.device)
     if mask.device.type == "cpu":  # NumPy's argmax over bools stops at the first True: fast
         m = mask.numpy()
         last = n_cols - np.argmax(m[:, ::-1], axis=1)
@@ -386,7 +384,7 @@ def _row_extents(mask: torch.Tensor) -> torch.Tensor:
     index_dtype = torch.int16 if n_cols < 2**15 else torch.int32
     cols = torch.arange(1, n_cols + 1, dtype=index_dtype, device=mask.device)
     parts = [(mask[s : s + _ROW_CHUNK] * cols).amax(1) for s in range(0, mask.shape[0], _ROW_CHUNK)]
-    return torch.cat(parts).to(torch.int64) if parts else torch.zeros(0, dtype=torch.int64, device=mask.device)
+    return torch.cat(parts).to(torch.int64)
 
 
 def _is_counts(selection: torch.Tensor) -> bool:

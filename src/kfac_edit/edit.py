@@ -26,7 +26,7 @@ from torch import nn
 from .bsn import BsnInputs, learn_masks, load_bsn_data, masked_weight
 from .constants import EDIT_REPORT_FILE
 from .curvature import independent_counts, pair_stats, project_weight, random_basis_edit, select_pairs, svd_truncate
-from .curvature import diagonal_in_basis, kept_mass_fraction, pair_mass_fraction, pairs_mask, select_mass
+from .curvature import PairStats, diagonal_in_basis, kept_mass_fraction, pair_mass_fraction, pairs_mask, select_mass
 from .eigen import EigenCache, distributed_eigendecompose
 from .errors import UserError
 from .experts import expert_weight
@@ -355,28 +355,26 @@ def _edit_one(
             protected = pair_mass_fraction(*protect.masses(proj.name, grad_eig, act_eig), mask.cpu())
         halves = cache.half_products(factors, proj.name, weight) if mask.dim() == 1 else None  # kept across a sweep
         new_weight = project_weight(weight, grad_eig, act_eig, mask, halves=halves)
-        stats = pair_stats(grad_eig.values, act_eig.values, mask)
-        fraction = stats.mass_fraction if own_mass is None else kept_mass_fraction(own_mass, mask)
-        kept = (fraction, stats.pairs_kept, stats.pairs_total, stats.grad_vectors_used, stats.act_vectors_used)
+        kept = pair_stats(grad_eig.values, act_eig.values, mask)
+        if own_mass is not None:
+            kept.mass_fraction = kept_mass_fraction(own_mass, mask)
     elif spec.method is Method.SVD:
         new_weight, rank, energy = svd_truncate(weight, keep_mass)
-        kept = (energy, rank, min(out_dim, in_dim), rank, rank)
+        kept = PairStats(rank, min(out_dim, in_dim), energy, rank, rank)
     else:  # random: as many coefficients as the kfac edit keeps
         n_keep = int(select_pairs(grad_eig.values, act_eig.values, keep_mass).sum())
         new_weight = random_basis_edit(weight, n_keep, seed=_module_seed(spec.seed, proj.name))
-        kept = (None, n_keep, out_dim * in_dim, None, None)
+        kept = PairStats(n_keep, out_dim * in_dim, None, None, None)
     change = _weight_change(weight, new_weight)
     originals[proj.name] = proj.module.weight.detach().to("cpu", copy=True)
     if proj.homogeneous:
         originals[proj.name + BIAS_SUFFIX] = proj.module.bias.detach().to("cpu", copy=True)
     proj.set_affine_weight(new_weight)
-    mass_fraction, pairs_kept, pairs_total, grad_used, act_used = kept
     record = ModuleEdit(
         name=proj.name, block=proj.block, kind=proj.kind, shape=(out_dim, in_dim), method=spec.method.value,
-        keep_mass=keep_mass, mass_fraction=mass_fraction, pairs_kept=pairs_kept, pairs_total=pairs_total,
-        pairs_fraction=pairs_kept / pairs_total if pairs_total else 0.0, grad_vectors_used=grad_used,
-        act_vectors_used=act_used, weight_change=change, eigen_seconds=round(eigen_seconds, 4),
-        seconds=round(time.perf_counter() - t0, 4), protected_mass_fraction=protected, bias=proj.homogeneous,
+        keep_mass=keep_mass, **asdict(kept), pairs_fraction=kept.pairs_fraction, weight_change=change,
+        eigen_seconds=round(eigen_seconds, 4), seconds=round(time.perf_counter() - t0, 4),
+        protected_mass_fraction=protected, bias=proj.homogeneous,
     )
     log.debug("%s", record)
     return record
@@ -394,14 +392,13 @@ def _bsn_edits(targets, bsn, originals: dict[str, torch.Tensor], model: nn.Modul
         weight = proj.weight().detach()
         new_weight = masked_weight(proj, masks[proj.name])
         change = _weight_change(weight, new_weight)
-        kept = int(masks[proj.name].sum())
+        kept = PairStats(int(masks[proj.name].sum()), weight.numel(), None, None, None)
         originals[proj.name] = proj.module.weight.detach().to("cpu", copy=True)
         proj.set_weight(new_weight)
         records.append(ModuleEdit(
             name=proj.name, block=proj.block, kind=proj.kind, shape=proj.shape, method=Method.BSN.value,
-            keep_mass=keep, mass_fraction=None, pairs_kept=kept, pairs_total=weight.numel(),
-            pairs_fraction=kept / weight.numel(), grad_vectors_used=None, act_vectors_used=None,
-            weight_change=change, eigen_seconds=0.0, seconds=round(seconds, 4),
+            keep_mass=keep, **asdict(kept), pairs_fraction=kept.pairs_fraction, weight_change=change,
+            eigen_seconds=0.0, seconds=round(seconds, 4),
         ))
     return records
 

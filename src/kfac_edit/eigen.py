@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .constants import EIGEN_CACHE
 from .curvature import Eigen, HalfProducts, eigendecompose
@@ -54,10 +55,9 @@ class EigenCache:
     """Eigendecompositions of ``G`` and ``A`` per module, in memory (LRU, ``memory_bytes``) and on disk.
 
     Disk entries are ``DIR/<content hash>.safetensors`` (fp64 ``grad_values``, ``grad_vectors``, ``act_values``,
-    ``act_vectors``), keyed by :meth:`Factors.content_hash`: factors that change get new entries, never stale
-    ones. ``directory=None`` keeps the cache in memory only. Within one cache, modules that share one activation
-    sum (``gate`` and ``up`` of a block) share one eigendecomposition of ``A``. ``projection_bytes`` bounds the
-    half-products of the modules projected before the current one (LRU; 0 keeps none).
+    ``act_vectors``), keyed by :meth:`Factors.content_hash`: changed factors get new entries, never stale ones
+    (``directory=None``: memory only). Modules sharing an activation sum share one eigendecomposition of ``A``.
+    ``projection_bytes`` bounds the half-products of the modules projected before the current one (0 keeps none).
     """
 
     def __init__(
@@ -139,8 +139,6 @@ class EigenCache:
         path = self._path(key)
         if path is None or not path.exists():
             return None
-        from safetensors.torch import load_file
-
         try:
             t = load_file(str(path), device=str(device))
             return Eigen(t["grad_values"], t["grad_vectors"]), Eigen(t["act_values"], t["act_vectors"])
@@ -152,8 +150,6 @@ class EigenCache:
         path = self._path(key)
         if path is None:
             return
-        from safetensors.torch import save_file
-
         tensors = {f"{side}_{part}": getattr(eig, part).detach().cpu().contiguous()
                    for side, eig in (("grad", grad), ("act", act)) for part in ("values", "vectors")}  # fmt: skip
         try:
