@@ -284,8 +284,7 @@ def pairs_mask(counts, act_eigvals: torch.Tensor | int, device: torch.device | s
 
 def select_pairs_mask(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mass: float) -> torch.Tensor:
     """:func:`select_pairs` as a bool ``(out, in)`` mask on the eigenvalues' device."""
-    counts = select_pairs(grad_eigvals, act_eigvals, keep_mass)
-    return pairs_mask(counts, act_eigvals, device=grad_eigvals.device)
+    return pairs_mask(select_pairs(grad_eigvals, act_eigvals, keep_mass), act_eigvals, device=grad_eigvals.device)
 
 
 def select_mass(mass: torch.Tensor, keep_mass: float) -> torch.Tensor:

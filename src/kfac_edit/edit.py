@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import __version__
 from .bsn import BsnInputs, learn_masks, load_bsn_data, masked_weight
 from .constants import EDIT_REPORT_FILE
 from .curvature import independent_counts, pair_stats, project_weight, random_basis_edit, select_pairs, svd_truncate
@@ -94,11 +95,7 @@ class EditReport:
     created: str = field(default_factory=utc_timestamp)
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
-
-        d = asdict(self)
-        d["kfac_edit_version"] = __version__
-        return d
+        return {**asdict(self), "kfac_edit_version": __version__}
 
     def summary(self) -> str:
         lines = []
@@ -453,7 +450,7 @@ def apply_edit(
         method=spec.method.value,
         spec=spec.to_dict(),
         modules=modules,
-        factor_manifest=dict(getattr(factors, "manifest", {}) or {}) if factors is not None else {},
+        factor_manifest=dict(getattr(factors, "manifest", None) or {}),
         model=getattr(cfg, "_name_or_path", None) or None,
         model_fingerprint=model_fingerprint(model),
         seconds=round(time.perf_counter() - start, 4),

@@ -114,12 +114,6 @@ class EigenCache:
         self._halves[key] = held
         return held[1]
 
-    def clear_memory(self) -> None:
-        """Drop the in-memory entries (the disk entries stay)."""
-        self._memory.clear()
-        self._shared_act.clear()
-        self._halves.clear()
-
     def _activation_eigen(self, factors, name: str, device) -> Eigen:
         module = getattr(factors, "modules", {}).get(name)
         act_sum = getattr(module, "activation_sum", None)
