@@ -40,10 +40,8 @@ _FINISH_BY_SORT = 1 << 14  # bisect until at most this many pairs lie between th
 
 @dataclass
 class Eigen:
-    """Eigendecomposition of a covariance factor: ``cov = vectors @ diag(values) @ vectors.T``.
-
-    ``values``: fp64, descending, clamped to ``>= 0``. ``vectors``: fp64, one eigenvector per column.
-    """
+    """``cov = vectors @ diag(values) @ vectors.T``: ``values`` fp64, descending, ``>= 0``; ``vectors`` fp64, one
+    eigenvector per column."""
 
     values: torch.Tensor
     vectors: torch.Tensor
@@ -62,8 +60,7 @@ class Eigen:
     @property
     def nbytes(self) -> int:
         """Bytes held: values, vectors and the compute-dtype copies made by :meth:`vectors_as`."""
-        held = (self.values, self.vectors, *self._cast.values())
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(t.numel() * t.element_size() for t in (self.values, self.vectors, *self._cast.values()))
 
     def vectors_as(self, dtype: torch.dtype) -> torch.Tensor:
         """``vectors`` in ``dtype``, cast once and kept (a sweep projects with the same basis many times)."""
@@ -91,10 +88,8 @@ class PairStats:
 
 
 def eigendecompose(cov: torch.Tensor, name: str = "") -> Eigen:
-    """Eigendecompose a symmetric PSD covariance in fp64, eigenvalues descending and clamped to ``>= 0``.
-
-    Raises :class:`UserError` naming ``name`` (the module) when the matrix holds NaN or Inf.
-    """
+    """Eigendecompose a symmetric PSD covariance in fp64, eigenvalues descending and clamped to ``>= 0``;
+    :class:`UserError` naming ``name`` (the module) when it holds NaN or Inf or is far from PSD."""
     where = name or "covariance"
     if cov.dim() != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"{where}: a covariance must be square, got shape {tuple(cov.shape)}")
@@ -326,8 +321,7 @@ def diagonal_in_basis(cov: torch.Tensor, eig: Eigen) -> torch.Tensor:
     along this basis, e.g. a protected capability's ``G_p`` along the edited module's ``u_G``."""
     c = cov.detach().to(eig.vectors.device, torch.float64)
     c = (c + c.T) * 0.5
-    u = eig.vectors
-    return ((c @ u) * u).sum(0).clamp_min(0.0)
+    return ((c @ eig.vectors) * eig.vectors).sum(0).clamp_min(0.0)
 
 
 def projected_mass(grad_cov: torch.Tensor, act_cov: torch.Tensor, grad_eig: Eigen, act_eig: Eigen) -> torch.Tensor:

@@ -177,8 +177,7 @@ def check_factors(targets: list[tuple[Projection, float]], factors, where: str =
                 f"{have or 'none'}; collect factors for block {proj.block} or drop it from the layers JSON"
             )
         fshape = tuple(factors.shape(proj.name))
-        out_dim, in_dim = proj.shape
-        proj.homogeneous = proj.has_bias and fshape == (out_dim, in_dim + 1)
+        proj.homogeneous = proj.has_bias and fshape == (proj.shape[0], proj.shape[1] + 1)
         if fshape != proj.factor_shape:
             raise UserError(
                 f"factors for {proj.name} fit a weight of shape {fshape[0]}x{fshape[1]} (out x in) but the model's "
@@ -479,10 +478,8 @@ def check_output_dir(out_dir: str | os.PathLike, source: str | os.PathLike | Non
 
 
 def save_edited(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: EditReport) -> Path:
-    """Write ``out_dir`` atomically: ``save_pretrained`` of the model (and tokenizer) plus ``edit_report.json``.
-
-    The directory appears complete or not at all; an earlier edited directory there is replaced whole.
-    """
+    """Write ``out_dir`` atomically (complete or not at all; an earlier edited directory is replaced whole):
+    ``save_pretrained`` of the model (and tokenizer) plus ``edit_report.json``."""
     out = check_output_dir(out_dir)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

@@ -177,10 +177,8 @@ def eigen_units(factors, names: Sequence[str]) -> list[tuple[list[str], float]]:
 
 
 def assign_by_cost(units: Sequence[tuple[Sequence[str], float]], world_size: int) -> list[list[str]]:
-    """Module names per rank, balancing the summed cost (largest unit first to the least loaded rank).
-
-    Deterministic: ties go to the lower rank, equal costs keep the given order, so every rank computes the same plan.
-    """
+    """Module names per rank, balancing the summed cost (largest unit first to the least loaded rank). Deterministic
+    (ties to the lower rank, equal costs in the given order), so every rank computes the same plan."""
     load = [0.0] * world_size
     out: list[list[str]] = [[] for _ in range(world_size)]
     for members, cost in sorted(units, key=lambda unit: -unit[1]):  # a stable sort: equal costs keep their order
