@@ -40,10 +40,8 @@ _FINISH_BY_SORT = 1 << 14  # bisect until at most this many pairs lie between th
 
 @dataclass
 class Eigen:
-    """Eigendecomposition of a covariance factor: ``cov = vectors @ diag(values) @ vectors.T``.
-
-    ``values``: fp64, descending, clamped to ``>= 0``. ``vectors``: fp64, one eigenvector per column.
-    """
+    """``cov = vectors @ diag(values) @ vectors.T``: ``values`` fp64, descending, ``>= 0``; ``vectors`` fp64, one
+    eigenvector per column."""
 
     values: torch.Tensor
     vectors: torch.Tensor
@@ -62,8 +60,7 @@ class Eigen:
     @property
     def nbytes(self) -> int:
         """Bytes held: values, vectors and the compute-dtype copies made by :meth:`vectors_as`."""
-        held = (self.values, self.vectors, *self._cast.values())
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(t.numel() * t.element_size() for t in (self.values, self.vectors, *self._cast.values()))
 
     def vectors_as(self, dtype: torch.dtype) -> torch.Tensor:
         """``vectors`` in ``dtype``, cast once and kept (a sweep projects with the same basis many times)."""
@@ -77,13 +74,13 @@ class Eigen:
 
 @dataclass
 class PairStats:
-    """What a mask keeps, in the curvature's terms (see the module docstring)."""
+    """What a mask keeps, in the curvature's terms (see the module docstring); ``None``: not defined for a method."""
 
     pairs_kept: int
     pairs_total: int
-    mass_fraction: float  # kept mass / total mass
-    grad_vectors_used: int  # distinct G eigenvectors (rows) with at least one kept pair
-    act_vectors_used: int  # distinct A eigenvectors (columns) with at least one kept pair
+    mass_fraction: float | None  # kept mass / total mass
+    grad_vectors_used: int | None  # distinct G eigenvectors (rows) with at least one kept pair
+    act_vectors_used: int | None  # distinct A eigenvectors (columns) with at least one kept pair
 
     @property
     def pairs_fraction(self) -> float:
@@ -91,10 +88,8 @@ class PairStats:
 
 
 def eigendecompose(cov: torch.Tensor, name: str = "") -> Eigen:
-    """Eigendecompose a symmetric PSD covariance in fp64, eigenvalues descending and clamped to ``>= 0``.
-
-    Raises :class:`UserError` naming ``name`` (the module) when the matrix holds NaN or Inf.
-    """
+    """Eigendecompose a symmetric PSD covariance in fp64, eigenvalues descending and clamped to ``>= 0``;
+    :class:`UserError` naming ``name`` (the module) when it holds NaN or Inf or is far from PSD."""
     where = name or "covariance"
     if cov.dim() != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"{where}: a covariance must be square, got shape {tuple(cov.shape)}")
@@ -112,8 +107,7 @@ def eigendecompose(cov: torch.Tensor, name: str = "") -> Eigen:
             raise
         values, vectors = torch.linalg.eigh(c.cpu())
         values, vectors = values.to(c.device), vectors.to(c.device)
-    values = values.flip(0)
-    vectors = vectors.flip(1)
+    values, vectors = values.flip(0), vectors.flip(1)
     top, low = (float(values[0]), float(values[-1])) if values.numel() else (0.0, 0.0)
     negative = float(values.clamp_max(0.0).abs().sum())
     if not top > 0 or negative > 1e-3 * float(values.abs().sum()):  # zero, or far from PSD: an edit would zero W
@@ -126,9 +120,7 @@ def eigendecompose(cov: torch.Tensor, name: str = "") -> Eigen:
     return Eigen(values.clamp_min(0.0).contiguous(), vectors.contiguous())
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Pair selection
-# ---------------------------------------------------------------------------------------------------------------
+# Pair selection -----------------------------------------------------------------------------------------------------
 
 
 def _f64_from_bits(bits: int) -> float:
@@ -148,13 +140,11 @@ class _PairIndex:
 
     def __init__(self, lam: torch.Tensor, mu: torch.Tensor):
         self.lam = lam.cpu().numpy()
-        self.mu_rank = _descending_rank(mu)  # rank of column j in descending order of μ (None: the identity)
         self.mu_asc = np.sort(mu.cpu().numpy())
-        n = self.mu_asc.size
+        self.n = self.mu_asc.size
         self.top_sums = np.concatenate([[0.0], np.cumsum(self.mu_asc[::-1])])  # top_sums[c] = Σ of the top c μ
         self.positive = self.lam > 0
         self.safe_lam = np.where(self.positive, self.lam, 1.0)
-        self.n = n
 
     def counts(self, t: float) -> np.ndarray:
         """Per row, the number of columns with ``fl(λ_i·μ_j) >= t`` (``t > 0``)."""
@@ -220,23 +210,17 @@ def _check_eigvals(values: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def select_pairs(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mass: float) -> torch.Tensor:
-    """The smallest set of top-mass pairs whose mass reaches ``keep_mass·(Σλ)(Σμ)``, as per-row counts.
+    """The smallest set of top-mass pairs whose mass reaches ``keep_mass·(Σλ)(Σμ)``, as a staircase.
 
-    Returns the **staircase**: an int64 CPU tensor of shape ``(out,)`` whose entry ``i`` is the number of A
-    eigenvectors row ``i`` (``u_G[i]``) keeps, namely its top-``counts[i]`` columns in descending order of ``μ``
-    (equal ``μ`` by column index). With descending ``μ`` (as :func:`eigendecompose` gives) that is the prefix
-    ``[0, counts[i])``, and with descending ``λ`` the counts do not increase down the rows. :func:`pairs_mask`
-    turns counts into the ``(out, in)`` bool mask; :func:`select_pairs_mask` does both.
+    Returns an int64 CPU ``(out,)`` tensor: row ``i`` (``u_G[i]``) keeps its top-``counts[i]`` columns in
+    descending order of ``μ`` (ties by column index), i.e. the prefix ``[0, counts[i])`` for descending ``μ``
+    (:func:`eigendecompose`'s order). :func:`pairs_mask` builds the bool mask; :func:`select_pairs_mask` does both.
+    The mass selected equals adding pairs one at a time in descending order of ``λ_G[i]·μ_A[j]`` (which pairs of
+    equal mass enter at the boundary is arbitrary). ``keep_mass >= 1`` keeps all; ``<= 0`` (or a zero spectrum) none.
 
-    Pairs are taken in descending order of ``λ_G[i]·μ_A[j]`` (see the module docstring); the result selects the
-    same mass as adding pairs one at a time in that order (which pairs of equal mass enter at the boundary is
-    arbitrary). ``keep_mass >= 1`` keeps every pair; ``keep_mass <= 0`` (or a zero spectrum) keeps none.
-
-    Exact and vectorized: a bisection over the fp64 bit patterns of the threshold product ``t`` (mass is monotone
-    in ``t``), where for each ``t`` a ``searchsorted`` per row gives how many pairs have product ``>= t`` and prefix
-    sums of the sorted ``μ`` give their mass: O(out·log(in)) per step. Once at most 16384 pairs lie between the
-    brackets (after ~15-20 steps) they are sorted and added in order, as the one-at-a-time greedy would. Nothing is
-    O(out·in).
+    Exact, never O(out·in): bisection over the fp64 bit patterns of the threshold product ``t``, each step one
+    ``searchsorted`` per row (count of products ``>= t``) and prefix sums of sorted ``μ`` (their mass); once at most
+    ``_FINISH_BY_SORT`` pairs lie between the brackets they are sorted and added in order.
     """
     lam = _check_eigvals(grad_eigvals, "grad_eigvals")
     mu = _check_eigvals(act_eigvals, "act_eigvals")
@@ -267,14 +251,10 @@ def _select_counts(index: _PairIndex, lam: torch.Tensor, mu: torch.Tensor, targe
     if hi - lo > 1:  # few pairs left between the brackets: sort them, as the one-at-a-time order would
         return counts_hi + index.finish_by_sort(counts_hi, counts_lo, target)
     threshold = _f64_from_bits(lo)  # a tie group larger than _FINISH_BY_SORT, all of product `threshold`
-    mass_gt = index.mass(counts_hi)
     ties = counts_lo - counts_hi  # per row, pairs whose product equals the threshold
-    n_ties = int(ties.sum())
-    need = min(max(math.ceil((target - mass_gt) / threshold), 1), n_ties)
+    need = min(max(math.ceil((target - index.mass(counts_hi)) / threshold), 1), int(ties.sum()))
     # Take the first `need` tied pairs in row order (each row's ties are the next columns of its prefix).
-    before = np.cumsum(ties) - ties
-    take = np.minimum(np.maximum(need - before, 0), ties)
-    return counts_hi + take
+    return counts_hi + np.clip(need - (np.cumsum(ties) - ties), 0, ties)
 
 
 def _as_counts(counts) -> np.ndarray:
@@ -299,19 +279,14 @@ def pairs_mask(counts, act_eigvals: torch.Tensor | int, device: torch.device | s
 
 def select_pairs_mask(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mass: float) -> torch.Tensor:
     """:func:`select_pairs` as a bool ``(out, in)`` mask on the eigenvalues' device."""
-    counts = select_pairs(grad_eigvals, act_eigvals, keep_mass)
-    return pairs_mask(counts, act_eigvals, device=grad_eigvals.device)
+    return pairs_mask(select_pairs(grad_eigvals, act_eigvals, keep_mass), act_eigvals, device=grad_eigvals.device)
 
 
 def select_mass(mass: torch.Tensor, keep_mass: float) -> torch.Tensor:
-    """The smallest set of pairs, taken in descending order of an arbitrary nonnegative ``(out, in)`` mass matrix,
-    whose summed mass reaches ``keep_mass·Σ mass``; a bool ``(out, in)`` mask on ``mass``'s device.
+    """:func:`select_pairs` for any nonnegative ``(out, in)`` mass (e.g. EK-FAC second moments), as a bool mask.
 
-    The generalization of :func:`select_pairs` to masses that are not products ``λ_i·μ_j`` (the EK-FAC second
-    moments of :mod:`kfac_edit.factors.ekfac`, a protected capability's projected curvature). Pairs are ranked by
-    mass, equal masses by row-major index; the kept count is the first ``k`` whose running fp64 sum, added in that
-    order, is ``>= keep_mass·total``: exactly what adding pairs one at a time does. One sort, O(N log N) for
-    ``N = out·in``. ``keep_mass >= 1`` keeps every pair; ``keep_mass <= 0`` (or an all-zero mass) keeps none.
+    Pairs are ranked by mass (ties in row-major order) and kept up to the first whose running fp64 sum reaches
+    ``keep_mass·Σ mass``. One sort, O(N log N) for ``N = out·in``. ``keep_mass >= 1`` keeps all; ``<= 0`` none.
     """
     if mass.dim() != 2:
         raise ValueError(f"mass must be 2-D (out, in), got shape {tuple(mass.shape)}")
@@ -322,7 +297,7 @@ def select_mass(mass: torch.Tensor, keep_mass: float) -> torch.Tensor:
     if keep_mass >= 1.0:
         return torch.ones(mass.shape, dtype=torch.bool, device=mass.device)
     flat = m.ravel()
-    target = float(keep_mass) * float(flat.sum()) if flat.size else 0.0
+    target = float(keep_mass) * float(flat.sum())
     keep = np.zeros(flat.size, dtype=bool)
     if target > 0.0:
         order = np.argsort(-flat, kind="stable")
@@ -346,8 +321,7 @@ def diagonal_in_basis(cov: torch.Tensor, eig: Eigen) -> torch.Tensor:
     along this basis, e.g. a protected capability's ``G_p`` along the edited module's ``u_G``."""
     c = cov.detach().to(eig.vectors.device, torch.float64)
     c = (c + c.T) * 0.5
-    u = eig.vectors
-    return ((c @ u) * u).sum(0).clamp_min(0.0)
+    return ((c @ eig.vectors) * eig.vectors).sum(0).clamp_min(0.0)
 
 
 def projected_mass(grad_cov: torch.Tensor, act_cov: torch.Tensor, grad_eig: Eigen, act_eig: Eigen) -> torch.Tensor:
@@ -359,16 +333,13 @@ def projected_mass(grad_cov: torch.Tensor, act_cov: torch.Tensor, grad_eig: Eige
 
 def truncation_rank(values: torch.Tensor, keep_mass: float) -> int:
     """The smallest ``r`` whose top-``r`` values (sorted descending) sum to ``keep_mass`` of the total."""
-    values = values.detach().to(torch.float64).clamp_min(0.0)
+    v = np.sort(values.detach().to("cpu", torch.float64).clamp_min(0.0).numpy())[::-1]
     if keep_mass >= 1.0:
-        return int(values.numel())
-    total = float(values.sum())
-    target = float(keep_mass) * total
+        return v.size
+    target = float(keep_mass) * float(v.sum())
     if not target > 0.0:
         return 0
-    cums = torch.cumsum(torch.sort(values, descending=True).values, 0)
-    r = int(torch.searchsorted(cums, torch.tensor([target], dtype=cums.dtype, device=cums.device))[0]) + 1
-    return min(r, int(values.numel()))
+    return min(int(np.searchsorted(np.cumsum(v), target)) + 1, v.size)
 
 
 def independent_counts(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, keep_mass: float) -> torch.Tensor:
@@ -393,16 +364,12 @@ def _row_sums(mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.
             parts.append(chunk.view(torch.uint8).sum(1, dtype=torch.int64))
         else:
             parts.append(chunk.to(weights.dtype) @ weights)
-    if not parts:
-        return torch.zeros(0, dtype=torch.float64 if weights is not None else torch.int64, device=mask.device)
     return torch.cat(parts)
 
 
 def _row_extents(mask: torch.Tensor) -> torch.Tensor:
     """Per row, one past the last kept column (0 for an empty row)."""
     n_cols = mask.shape[1]
-    if n_cols == 0:
-        return torch.zeros(mask.shape[0], dtype=torch.int64, device=mask.device)
     if mask.device.type == "cpu":  # NumPy's argmax over bools stops at the first True: fast
         m = mask.numpy()
         last = n_cols - np.argmax(m[:, ::-1], axis=1)
@@ -410,7 +377,7 @@ def _row_extents(mask: torch.Tensor) -> torch.Tensor:
     index_dtype = torch.int16 if n_cols < 2**15 else torch.int32
     cols = torch.arange(1, n_cols + 1, dtype=index_dtype, device=mask.device)
     parts = [(mask[s : s + _ROW_CHUNK] * cols).amax(1) for s in range(0, mask.shape[0], _ROW_CHUNK)]
-    return torch.cat(parts).to(torch.int64) if parts else torch.zeros(0, dtype=torch.int64, device=mask.device)
+    return torch.cat(parts).to(torch.int64)
 
 
 def _is_counts(selection: torch.Tensor) -> bool:
@@ -426,27 +393,12 @@ def pair_mass_fraction(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, ma
     if total <= 0.0:
         return 0.0
     if _is_counts(mask):  # prefix sums of the descending μ: O(out)
-        lam_np, c = lam.cpu().numpy(), _as_counts(mask)
-        top_sums = np.concatenate([[0.0], np.cumsum(np.sort(mu.cpu().numpy())[::-1])])
-        return float((lam_np * top_sums[c]).sum()) / total
-    if mask.device.type == "cpu":  # sum the products at the kept (or dropped, if fewer) positions
-        m = mask.numpy()
-        lam_np, mu_np = lam.cpu().numpy(), mu.cpu().numpy()
-        n_kept = int(np.count_nonzero(m))
-        if n_kept <= m.size // 2:
-            rows, cols = np.nonzero(m)
-            return float((lam_np[rows] * mu_np[cols]).sum()) / total
-        rows, cols = np.nonzero(~m)
-        return (total - float((lam_np[rows] * mu_np[cols]).sum())) / total
-    kept = float((_row_sums(mask, mu) * lam.to(mask.device)).sum())
-    return kept / total
+        return _PairIndex(lam, mu).mass(_as_counts(mask)) / total
+    return float((_row_sums(mask, mu) * lam.to(mask.device)).sum()) / total
 
 
 def pair_stats(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, mask: torch.Tensor) -> PairStats:
-    """Pairs kept, their mass fraction and the distinct eigenvectors they use (see :class:`PairStats`).
-
-    ``mask``: a bool ``(out, in)`` mask, or the per-row counts of :func:`select_pairs` (O(out), no mask built).
-    """
+    """:class:`PairStats` of a bool ``(out, in)`` mask or of per-row counts (O(out), no mask built)."""
     counts = _is_counts(mask)
     rows = _as_counts(mask) if counts else _row_sums(mask).cpu().numpy()
     return PairStats(
@@ -459,9 +411,7 @@ def pair_stats(grad_eigvals: torch.Tensor, act_eigvals: torch.Tensor, mask: torc
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Projection
-# ---------------------------------------------------------------------------------------------------------------
+# Projection ---------------------------------------------------------------------------------------------------------
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -472,15 +422,15 @@ _BLOCK_RATIO = 1.25  # a block of rows (columns) spans prefixes (extents) within
 _PAD = 1.15  # the block padding's average excess area, in the cost model
 
 
+@dataclass(eq=False)
 class HalfProducts:
     """``lead = U_G[:, :a]ᵀ W`` (``a × in``) and ``trail = (W U_A[:, :b])ᵀ`` (``b × out``) of one weight, grown to
     the longest prefixes :func:`project_weight` has needed: a sweep projects the same ``W`` at many ``keep_mass``.
     At most ``2·out·in`` elements of the compute dtype (360 MB in fp32 at 11008 × 4096);
     :meth:`kfac_edit.eigen.EigenCache.half_products` keys them by the weight's bytes and bounds their total."""
 
-    def __init__(self):
-        self.lead: torch.Tensor | None = None
-        self.trail: torch.Tensor | None = None
+    lead: torch.Tensor | None = None
+    trail: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -541,11 +491,9 @@ def staircase_cost(counts, out_dim: int, in_dim: int, halves: HalfProducts | Non
 
 def _blocks(extent: np.ndarray) -> list[tuple[int, int]]:
     """``[start, stop)`` runs of a non-increasing positive ``extent`` whose values lie within ``_BLOCK_RATIO``."""
-    out, start, n = [], 0, extent.size
-    neg = -extent
-    while start < n:
-        stop = int(np.searchsorted(neg, -extent[start] / _BLOCK_RATIO, side="right"))
-        stop = max(stop, start + 1)
+    out, start, neg = [], 0, -extent
+    while start < extent.size:
+        stop = max(int(np.searchsorted(neg, -extent[start] / _BLOCK_RATIO, side="right")), start + 1)
         out.append((start, stop))
         start = stop
     return out
@@ -622,11 +570,10 @@ def project_weight(
 ) -> torch.Tensor:
     """``W' = U_G ((U_Gᵀ W U_A) ⊙ M) U_Aᵀ``, in the weight's dtype/device.
 
-    ``mask``: the per-row counts of :func:`select_pairs` / :func:`independent_counts`, or a bool ``(out, in)``
-    mask. Counts describe a staircase (each row keeps a prefix of columns, shrinking down the rows), projected
-    through the half-products ``U_G[:, :a]ᵀ W`` and ``W U_A[:, :b]`` as :func:`_staircase_plan` says; ``halves``
-    (of this weight and these bases) keeps them for the next call. Eigenvectors are used in the compute dtype
-    (:meth:`Eigen.vectors_as`). A bool mask whose rows are prefixes takes the same path, any other the general one.
+    ``mask``: staircase counts (:func:`select_pairs`, :func:`independent_counts`) or a bool ``(out, in)`` mask; a
+    staircase (or a mask whose rows are prefixes) is projected through half-products as :func:`_staircase_plan`
+    says, which ``halves`` (of this weight and bases) keeps for the next call; any other mask the general way.
+    Eigenvectors are used in the compute dtype (:meth:`Eigen.vectors_as`).
     """
     out_dim, in_dim = weight.shape
     counts = _is_counts(mask)
@@ -677,11 +624,8 @@ def _project_any(w: torch.Tensor, u_grad: torch.Tensor, u_act: torch.Tensor, mas
 def edit_weight(
     weight: torch.Tensor, activation_cov: torch.Tensor, grad_cov: torch.Tensor, keep_mass: float
 ) -> torch.Tensor:
-    """The K-FAC edit of one weight: keep the top-mass pairs holding ``keep_mass`` of the curvature.
-
-    ``weight`` is ``(out, in)``, ``activation_cov`` ``(in, in)``, ``grad_cov`` ``(out, out)`` (module docstring).
-    Returns ``W'`` in the weight's dtype and device; ``keep_mass >= 1`` returns a copy of ``W``.
-    """
+    """The K-FAC edit of one weight ``(out, in)`` from ``A`` ``(in, in)`` and ``G`` ``(out, out)``: ``W'`` in the
+    weight's dtype and device, keeping the top-mass pairs holding ``keep_mass`` (``>= 1``: a copy of ``W``)."""
     out_dim, in_dim = weight.shape
     if tuple(activation_cov.shape) != (in_dim, in_dim) or tuple(grad_cov.shape) != (out_dim, out_dim):
         raise ValueError(
@@ -725,11 +669,8 @@ def random_orthogonal(n: int, generator: torch.Generator, dtype: torch.dtype = t
 
 def random_basis_edit(weight: torch.Tensor, n_keep: int, seed: int = 0) -> torch.Tensor:
     """Control: keep ``n_keep`` coefficients, at uniformly random positions, of ``W`` in a random orthogonal basis
-    pair (``Q_out`` ``(out, out)``, ``Q_in`` ``(in, in)``): ``W' = Q_out ((Q_outᵀ W Q_in) ⊙ M) Q_inᵀ``.
-
-    With ``n_keep`` equal to the K-FAC edit's pair count it asks whether the curvature basis matters. Costs a
-    dense projection and two QR decompositions (slow on a CPU for 7B-sized weights).
-    """
+    pair (``Q_out`` ``(out, out)``, ``Q_in`` ``(in, in)``): ``W' = Q_out ((Q_outᵀ W Q_in) ⊙ M) Q_inᵀ``. With the
+    K-FAC edit's pair count it asks whether the curvature basis matters. Costs a dense projection and two QRs."""
     out_dim, in_dim = weight.shape
     n_keep = int(min(max(n_keep, 0), out_dim * in_dim))
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -737,9 +678,7 @@ def random_basis_edit(weight: torch.Tensor, n_keep: int, seed: int = 0) -> torch
     q_out = random_orthogonal(out_dim, gen, dtype).to(weight.device)
     q_in = random_orthogonal(in_dim, gen, dtype).to(weight.device)
     keep = torch.randperm(out_dim * in_dim, generator=gen)[:n_keep].to(weight.device)
-    mask = torch.zeros(out_dim * in_dim, dtype=torch.bool, device=weight.device)
-    mask[keep] = True
-    w = weight.detach().to(dtype)
-    coeffs = (q_out.T @ w) @ q_in
-    coeffs.mul_(mask.view(out_dim, in_dim))
-    return ((q_out @ coeffs) @ q_in.T).to(weight.dtype)
+    coeffs = ((q_out.T @ weight.detach().to(dtype)) @ q_in).view(-1)
+    kept = torch.zeros_like(coeffs)
+    kept[keep] = coeffs[keep]
+    return ((q_out @ kept.view(out_dim, in_dim)) @ q_in.T).to(weight.dtype)

@@ -1,16 +1,12 @@
 """Apply, restore and save a curvature edit of a model's MLP weights.
 
-:func:`apply_edit` edits a model in place as an :class:`~kfac_edit.spec.EditSpec` says (its methods:
-:class:`~kfac_edit.spec.Method`), from K-FAC :class:`~kfac_edit.factors.store.Factors` through an
-:class:`~kfac_edit.eigen.EigenCache`, and returns an :class:`EditReport`. The original weights of the edited
-modules are kept on the model itself (the attribute named :data:`ORIGINALS_ATTR`, a dict module name -> weight on
-the CPU), so :func:`restore` puts them back bit for bit. :func:`save_edited` writes a standard Hugging Face model
-directory (loadable by ``AutoModelForCausalLM.from_pretrained`` and lm-eval) plus ``edit_report.json``;
-:func:`edit_model_dir` is what ``kfac-edit edit`` does, and under ``torchrun`` it first spreads the
-eigendecompositions over the ranks (:func:`~kfac_edit.eigen.distributed_eigendecompose`).
-
-``--method ekfac`` ranks the pairs by EK-FAC eigenvalues (:mod:`kfac_edit.factors.ekfac`, passed as ``ekfac=``);
-``--protect`` (a :class:`Protection`) also keeps the pairs holding a share of a protected capability's curvature.
+:func:`apply_edit` edits a model in place as an :class:`~kfac_edit.spec.EditSpec` says, from K-FAC
+:class:`~kfac_edit.factors.store.Factors` through an :class:`~kfac_edit.eigen.EigenCache`, and returns an
+:class:`EditReport`; the originals stay on the model (:data:`ORIGINALS_ATTR`) so :func:`restore` puts them back
+bit for bit. :func:`save_edited` writes a Hugging Face model directory plus ``edit_report.json``;
+:func:`edit_model_dir` is ``kfac-edit edit`` (under ``torchrun`` it first spreads the eigendecompositions).
+``--method ekfac`` ranks pairs by EK-FAC eigenvalues; ``--protect`` (:class:`Protection`) also keeps the pairs
+holding a share of a protected capability's curvature.
 """
 
 from __future__ import annotations
@@ -27,16 +23,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import __version__
+from .bsn import BsnInputs, learn_masks, load_bsn_data, masked_weight
 from .constants import EDIT_REPORT_FILE
 from .curvature import independent_counts, pair_stats, project_weight, random_basis_edit, select_pairs, svd_truncate
-from .curvature import kept_mass_fraction, pair_mass_fraction, pairs_mask, select_mass
+from .curvature import PairStats, diagonal_in_basis, kept_mass_fraction, pair_mass_fraction, pairs_mask, select_mass
 from .eigen import EigenCache, distributed_eigendecompose
 from .errors import UserError
+from .experts import expert_weight
 from .factors.distributed import init_distributed, rank_device, shutdown
+from .factors.ekfac import Ekfac
+from .factors.store import Factors, ModuleFactors
 from .fileio import atomic_dir, utc_timestamp, write_json
 from .identity import model_fingerprint
 from .models import PROJECTIONS, Projection, find_projections, load_model, load_tokenizer_as_saved, model_type
-from .models import num_blocks, projection_kinds, resolve_device
+from .models import LAYOUT_KEY, num_blocks, parse_modules_option, projection_kinds, resolve_device, use_modules
+from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 from .spec import LAYERS_EXAMPLE, NO_EDIT_AT, EditSpec, Method
 
 log = logging.getLogger(__name__)
@@ -45,9 +47,7 @@ ORIGINALS_ATTR = "_kfac_edit_originals"  # on an edited model: {module name: ori
 BIAS_SUFFIX = "#bias"  # ORIGINALS_ATTR key of a module's original bias (edited with its weight: --bias joint)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Reports
-# ---------------------------------------------------------------------------------------------------------------
+# Reports ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -95,11 +95,7 @@ class EditReport:
     created: str = field(default_factory=utc_timestamp)
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
-
-        d = asdict(self)
-        d["kfac_edit_version"] = __version__
-        return d
+        return {**asdict(self), "kfac_edit_version": __version__}
 
     def summary(self) -> str:
         lines = []
@@ -112,13 +108,7 @@ class EditReport:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Apply / restore
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _factor_blocks(names: list[str]) -> list[int]:
-    return sorted({int(m.group(1)) for m in map(re.compile(r"\.(\d+)\.").search, names) if m})
+# Apply / restore ----------------------------------------------------------------------------------------------------
 
 
 def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, float]]:
@@ -127,7 +117,8 @@ def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, 
         return []
     n = num_blocks(model)
     kinds = projection_kinds(model)
-    for block, kind in [*spec.keep_mass, *((b, k) for b, _, k in spec.expert_keep_mass)]:
+    block_kinds = [*spec.keep_mass, *((b, k) for b, _, k in spec.expert_keep_mass)]
+    for block, kind in block_kinds:
         if not 0 <= block < n:
             raise UserError(f"block {block} does not exist: the model has blocks 0..{n - 1}; fix the layers JSON")
         if kind not in kinds:
@@ -135,10 +126,9 @@ def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, 
                 f"projection '{kind}' does not exist in a {model_type(model)} model (it has {', '.join(kinds)}); "
                 "remove it from the layers JSON"
             )
-    used = {kind for _, kind in spec.keep_mass} | {kind for _, _, kind in spec.expert_keep_mass}
-    found = find_projections(model, layers=spec.blocks, projections=sorted(used, key=PROJECTIONS.index))
-    experts = {(b, e) for b, e, _ in spec.expert_keep_mass}
-    for block, expert in sorted(experts):
+    used = sorted({kind for _, kind in block_kinds}, key=PROJECTIONS.index)
+    found = find_projections(model, layers=spec.blocks, projections=used)
+    for block, expert in sorted({(b, e) for b, e, _ in spec.expert_keep_mass}):
         if not any(p.block == block and p.expert == expert for p in found):
             raise UserError(
                 f"block {block} has no routed expert {expert} (the layers JSON's \"experts\" form is for "
@@ -157,52 +147,37 @@ def resolve_targets(model: nn.Module, spec: EditSpec) -> list[tuple[Projection, 
 def declare_modules(
     model: nn.Module, modules: str | dict[str, str] | None, factors_dir: str | os.PathLike | None
 ) -> None:
-    """Find the projections of ``model`` where its factors were collected.
-
-    The factor manifest's ``module_paths`` (written by ``collect``) and ``modules`` (``--modules``, the syntax of
-    ``collect``: ``up=mlp.fc_in,down=mlp.fc_out``) both name them; when both are given they must agree
-    (:class:`UserError` otherwise). Neither: the projection table. See :func:`~kfac_edit.models.use_modules`.
-    """
-    from .factors.store import Factors
-    from .models import LAYOUT_KEY, parse_modules_option, use_modules
-
+    """Find the projections of ``model`` where its factors were collected (:func:`~kfac_edit.models.use_modules`):
+    as the factor manifest records them, or ``modules`` (``--modules up=mlp.fc_in,down=mlp.fc_out``), which must
+    then agree (:class:`UserError`); neither: the projection table."""
     given = parse_modules_option(modules) if isinstance(modules, str) else (dict(modules) if modules else None)
-    recorded = None
+    recorded = {}
     if factors_dir is not None and Path(factors_dir).is_dir():
-        recorded = Factors.load(factors_dir, names=[]).manifest.get(LAYOUT_KEY)  # the manifest only
-    blocks_path = None
-    if recorded:
-        recorded = dict(recorded)
-        blocks_path = recorded.pop("blocks", None)
-        if given and given != recorded:
-            show = lambda m: ",".join(f"{k}={m[k]}" for k in PROJECTIONS if k in m)  # noqa: E731
-            raise UserError(
-                f"--modules {show(given)} disagrees with the modules the factors in {factors_dir} were collected "
-                f"from ({show(recorded)}); drop --modules (the factors name their modules) or collect again"
-            )
-    use_modules(model, given or recorded, blocks_path=blocks_path)
+        recorded = dict(Factors.load(factors_dir, names=[]).manifest.get(LAYOUT_KEY) or {})  # the manifest only
+    blocks_path = recorded.pop("blocks", None)
+    if given and recorded and given != recorded:
+        show = lambda m: ",".join(f"{k}={m[k]}" for k in PROJECTIONS if k in m)  # noqa: E731
+        raise UserError(
+            f"--modules {show(given)} disagrees with the modules the factors in {factors_dir} were collected "
+            f"from ({show(recorded)}); drop --modules (the factors name their modules) or collect again"
+        )
+    use_modules(model, given or recorded or None, blocks_path=blocks_path)
 
 
 def check_factors(targets: list[tuple[Projection, float]], factors, where: str = "the factors") -> None:
     """:class:`UserError` when a target has no factors or factors of another shape (factors of another model).
-
-    A biased target whose factors are ``(out, in + 1)`` (collected with ``--bias joint``) is marked
-    :attr:`~kfac_edit.models.Projection.homogeneous`: its edit projects ``[W b]``.
-    """
+    A biased target with ``(out, in + 1)`` factors (``--bias joint``) is marked ``homogeneous``: ``[W b]`` is edited."""
     if factors is None:
         raise UserError("this edit method needs K-FAC factors; pass --factors DIR (made by `kfac-edit collect`)")
-    names = list(factors.names)
     for proj, _ in targets:
         if proj.name not in factors:
-            have = _factor_blocks(names)
+            have = sorted({int(m.group(1)) for m in map(re.compile(r"\.(\d+)\.").search, factors.names) if m})
             raise UserError(
                 f"no factors for {proj.name} (block {proj.block} {proj.kind}): {where} cover blocks "
                 f"{have or 'none'}; collect factors for block {proj.block} or drop it from the layers JSON"
             )
         fshape = tuple(factors.shape(proj.name))
-        out_dim, in_dim = proj.shape
-        # factors over [a; 1] (collected with --bias joint) make the projection homogeneous: [W b] is edited
-        proj.homogeneous = proj.has_bias and fshape == (out_dim, in_dim + 1)
+        proj.homogeneous = proj.has_bias and fshape == (proj.shape[0], proj.shape[1] + 1)
         if fshape != proj.factor_shape:
             raise UserError(
                 f"factors for {proj.name} fit a weight of shape {fshape[0]}x{fshape[1]} (out x in) but the model's "
@@ -212,13 +187,8 @@ def check_factors(targets: list[tuple[Projection, float]], factors, where: str =
 
 
 def without_bias_coordinate(factors, targets: list[tuple[Projection, float]]):
-    """``factors`` with the homogeneous targets' ``A`` over ``a`` alone (the last row and column of ``A`` over
-    ``[a; 1]`` dropped: exactly the factor collected with ``--bias keep``); those targets stop being homogeneous.
-
-    The K-FAC edit of ``W`` alone (``--bias keep``) from factors collected with ``--bias joint``.
-    """
-    from .factors.store import Factors, ModuleFactors
-
+    """``factors`` (collected with ``--bias joint``) with the homogeneous targets' ``A`` over ``[a; 1]`` cut to ``a``
+    alone, exactly the ``--bias keep`` factor, so ``W`` alone is edited; those targets stop being homogeneous."""
     modules = dict(factors.modules)
     sliced: dict[str, torch.Tensor] = {}
     for proj, _ in targets:
@@ -255,8 +225,6 @@ def check_edit_inputs(spec: EditSpec, factors_dir: str | os.PathLike | None) -> 
 
 def load_edit_factors(model: nn.Module, spec: EditSpec, factors_dir: str | os.PathLike | None):
     """The factors ``spec`` needs from ``factors_dir`` (only its targets' modules), checked; ``None`` for ``svd``."""
-    from .factors.store import Factors
-
     if not spec.needs_factors:
         return None
     targets = resolve_targets(model, spec)
@@ -267,8 +235,6 @@ def load_edit_factors(model: nn.Module, spec: EditSpec, factors_dir: str | os.Pa
 
 def load_protect_factors(model: nn.Module, spec: EditSpec, protect_dir: str | os.PathLike):
     """The protected capability's factors of ``spec``'s targets from ``protect_dir``, checked against ``model``."""
-    from .factors.store import Factors
-
     targets = resolve_targets(model, spec)
     where = f"the --protect factors in {protect_dir}"
     manifest_names = set(Factors.load(protect_dir, names=[]).manifest.get("modules", {}))
@@ -288,19 +254,16 @@ def restore(model: nn.Module) -> list[str]:
     originals = model.__dict__.pop(ORIGINALS_ATTR, {})
     with torch.no_grad():
         for name, weight in originals.items():
-            if name.endswith(BIAS_SUFFIX):  # a bias edited jointly with its weight
-                module = model.get_submodule(name.removesuffix(BIAS_SUFFIX))
-                module.bias.copy_(weight.to(module.bias.device))
-                continue
-            target = _weight_of(model, name)
+            target = _original_of(model, name)
             target.copy_(weight.to(target.device))
     return [name for name in originals if not name.endswith(BIAS_SUFFIX)]
 
 
-def _weight_of(model: nn.Module, name: str) -> torch.Tensor:
-    """The weight of module ``name`` as stored, or the ``(out, in)`` view of an expert projection's matrix."""
-    from .experts import expert_weight
-
+def _original_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The tensor an :data:`ORIGINALS_ATTR` key names: a module's weight as stored, its bias (``name#bias``: edited
+    jointly with the weight), or the ``(out, in)`` view of an expert projection's matrix."""
+    if name.endswith(BIAS_SUFFIX):
+        return model.get_submodule(name.removesuffix(BIAS_SUFFIX)).bias
     try:
         return model.get_submodule(name).weight
     except AttributeError:
@@ -318,10 +281,9 @@ DEFAULT_PROTECT_WEIGHT = 0.9  # --protect-weight: share of the protected curvatu
 class Protection:
     """A capability to keep: its K-FAC ``factors`` (collected on its data) and the ``weight`` of its selection.
 
-    The edit then keeps the union of two selections in the edited module's eigenbasis: the method's own (pairs
-    holding ``keep_mass`` of its mass) and the smallest set of top pairs by the protected mass
-    ``(u_G[i]ᵀ G_p u_G[i])·(u_A[j]ᵀ A_p u_A[j])`` holding ``weight`` of the protected total
-    (:func:`~kfac_edit.curvature.projected_mass`, selected like ``kfac``'s pairs). ``weight`` 0 protects nothing.
+    The edit keeps the union of the method's selection and the top pairs (selected like ``kfac``'s) by the
+    protected mass ``(u_G[i]ᵀ G_p u_G[i])·(u_A[j]ᵀ A_p u_A[j])`` (:func:`~kfac_edit.curvature.projected_mass`)
+    holding ``weight`` of its total, both in the edited module's eigenbasis. ``weight`` 0 protects nothing.
     """
 
     factors: Any
@@ -339,8 +301,6 @@ class Protection:
 
     def masses(self, name: str, grad_eig, act_eig) -> tuple[torch.Tensor, torch.Tensor]:
         """``(u_G[i]ᵀ G_p u_G[i])_i`` and ``(u_A[j]ᵀ A_p u_A[j])_j``: the protected mass is their outer product."""
-        from .curvature import diagonal_in_basis
-
         return (diagonal_in_basis(self.factors.grad_cov(name), grad_eig),
                 diagonal_in_basis(self.factors.activation_cov(name), act_eig))  # fmt: skip
 
@@ -373,11 +333,8 @@ def _edit_one(
         proj.homogeneous = False  # the data-free baseline truncates W alone
     weight = proj.affine_weight().detach()  # [W b] for a homogeneous projection
     device = weight.device
-    eigen_seconds = 0.0
-    grad_eig = act_eig = None
-    if spec.needs_factors:
-        grad_eig, act_eig = cache.get(factors, proj.name, device)
-        eigen_seconds = time.perf_counter() - t0
+    grad_eig, act_eig = cache.get(factors, proj.name, device) if spec.needs_factors else (None, None)
+    eigen_seconds = time.perf_counter() - t0 if spec.needs_factors else 0.0
     out_dim, in_dim = proj.factor_shape
     protected = own_mass = None
     if spec.method in (Method.KFAC, Method.KFAC_INDEPENDENT, Method.EKFAC):
@@ -394,28 +351,26 @@ def _edit_one(
             protected = pair_mass_fraction(*protect.masses(proj.name, grad_eig, act_eig), mask.cpu())
         halves = cache.half_products(factors, proj.name, weight) if mask.dim() == 1 else None  # kept across a sweep
         new_weight = project_weight(weight, grad_eig, act_eig, mask, halves=halves)
-        stats = pair_stats(grad_eig.values, act_eig.values, mask)
-        fraction = stats.mass_fraction if own_mass is None else kept_mass_fraction(own_mass, mask)
-        kept = (fraction, stats.pairs_kept, stats.pairs_total, stats.grad_vectors_used, stats.act_vectors_used)
+        kept = pair_stats(grad_eig.values, act_eig.values, mask)
+        if own_mass is not None:
+            kept.mass_fraction = kept_mass_fraction(own_mass, mask)
     elif spec.method is Method.SVD:
         new_weight, rank, energy = svd_truncate(weight, keep_mass)
-        kept = (energy, rank, min(out_dim, in_dim), rank, rank)
+        kept = PairStats(rank, min(out_dim, in_dim), energy, rank, rank)
     else:  # random: as many coefficients as the kfac edit keeps
         n_keep = int(select_pairs(grad_eig.values, act_eig.values, keep_mass).sum())
         new_weight = random_basis_edit(weight, n_keep, seed=_module_seed(spec.seed, proj.name))
-        kept = (None, n_keep, out_dim * in_dim, None, None)
+        kept = PairStats(n_keep, out_dim * in_dim, None, None, None)
     change = _weight_change(weight, new_weight)
     originals[proj.name] = proj.module.weight.detach().to("cpu", copy=True)
     if proj.homogeneous:
         originals[proj.name + BIAS_SUFFIX] = proj.module.bias.detach().to("cpu", copy=True)
     proj.set_affine_weight(new_weight)
-    mass_fraction, pairs_kept, pairs_total, grad_used, act_used = kept
     record = ModuleEdit(
         name=proj.name, block=proj.block, kind=proj.kind, shape=(out_dim, in_dim), method=spec.method.value,
-        keep_mass=keep_mass, mass_fraction=mass_fraction, pairs_kept=pairs_kept, pairs_total=pairs_total,
-        pairs_fraction=pairs_kept / pairs_total if pairs_total else 0.0, grad_vectors_used=grad_used,
-        act_vectors_used=act_used, weight_change=change, eigen_seconds=round(eigen_seconds, 4),
-        seconds=round(time.perf_counter() - t0, 4), protected_mass_fraction=protected, bias=proj.homogeneous,
+        keep_mass=keep_mass, **asdict(kept), pairs_fraction=kept.pairs_fraction, weight_change=change,
+        eigen_seconds=round(eigen_seconds, 4), seconds=round(time.perf_counter() - t0, 4),
+        protected_mass_fraction=protected, bias=proj.homogeneous,
     )
     log.debug("%s", record)
     return record
@@ -423,8 +378,6 @@ def _edit_one(
 
 def _bsn_edits(targets, bsn, originals: dict[str, torch.Tensor], model: nn.Module) -> list[ModuleEdit]:
     """The ``bsn`` method: learn the masks of every target jointly (:func:`~kfac_edit.bsn.learn_masks`), apply them."""
-    from .bsn import learn_masks, masked_weight
-
     if bsn is None:
         raise UserError("method bsn learns from data: give --forget FILE (records to remove) and --clean-data SOURCE")
     t0 = time.perf_counter()
@@ -435,14 +388,13 @@ def _bsn_edits(targets, bsn, originals: dict[str, torch.Tensor], model: nn.Modul
         weight = proj.weight().detach()
         new_weight = masked_weight(proj, masks[proj.name])
         change = _weight_change(weight, new_weight)
-        kept = int(masks[proj.name].sum())
+        kept = PairStats(int(masks[proj.name].sum()), weight.numel(), None, None, None)
         originals[proj.name] = proj.module.weight.detach().to("cpu", copy=True)
         proj.set_weight(new_weight)
         records.append(ModuleEdit(
             name=proj.name, block=proj.block, kind=proj.kind, shape=proj.shape, method=Method.BSN.value,
-            keep_mass=keep, mass_fraction=None, pairs_kept=kept, pairs_total=weight.numel(),
-            pairs_fraction=kept / weight.numel(), grad_vectors_used=None, act_vectors_used=None,
-            weight_change=change, eigen_seconds=0.0, seconds=round(seconds, 4),
+            keep_mass=keep, **asdict(kept), pairs_fraction=kept.pairs_fraction, weight_change=change,
+            eigen_seconds=0.0, seconds=round(seconds, 4),
         ))
     return records
 
@@ -453,18 +405,14 @@ def apply_edit(
 ) -> EditReport:  # fmt: skip
     """Edit ``model`` in place as ``spec`` says and return an :class:`EditReport`.
 
-    ``ekfac``: the :class:`~kfac_edit.factors.ekfac.Ekfac` eigenvalues of ``factors`` (needed by ``ekfac``; checked
-    to be in their eigenbasis). ``protect``: a :class:`Protection` (its selection is kept too, see there).
-    ``bsn`` (a :class:`~kfac_edit.bsn.BsnInputs`: forget records, clean text, hyper-parameters) is needed by the
-    ``bsn`` method only, which learns one mask per target jointly (``keep_mass`` = share of entries kept).
+    ``factors``: ``None`` is fine for ``svd``. ``ekfac``: the :class:`~kfac_edit.factors.ekfac.Ekfac` eigenvalues
+    of ``factors`` (method ``ekfac``). ``protect``: a :class:`Protection`. ``bsn``: a
+    :class:`~kfac_edit.bsn.BsnInputs` for method ``bsn``, which learns one mask per target jointly (``keep_mass`` =
+    share of entries kept). ``cache`` reuses eigendecompositions across calls (a fresh in-memory one by default).
 
-    Every check (blocks, projection kinds, factors present and of the right shape) runs before any weight
-    changes. A model edited earlier is first restored: edits never compound, so a sweep just calls this again.
-    ``factors`` may be ``None`` for the ``svd`` method. Pass an :class:`EigenCache` to reuse eigendecompositions
-    across calls (and, with a directory, across runs); without one each call keeps its own in memory.
+    Every check runs before any weight changes. A model edited earlier is first restored: edits never compound,
+    so a sweep just calls this again.
     """
-    from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
-
     start = time.perf_counter()
     restore(model)
     targets = resolve_targets(model, spec)
@@ -487,13 +435,12 @@ def apply_edit(
     cache = cache if cache is not None else EigenCache(None)
     originals: dict[str, torch.Tensor] = {}
     model.__dict__[ORIGINALS_ATTR] = originals  # a plain attribute: not a buffer, so never saved with the model
-    modules: list[ModuleEdit] = []
     try:
         if spec.method is Method.BSN:
             modules = _bsn_edits(targets, bsn, originals, model)
-        for proj, keep_mass in tqdm(targets if spec.method is not Method.BSN else [], desc=f"edit ({spec.method})",
-                                    unit="module", disable=None):
-            modules.append(_edit_one(proj, keep_mass, spec, factors, cache, originals, ekfac, protect))
+        else:
+            bar = tqdm(targets, desc=f"edit ({spec.method})", unit="module", disable=None)
+            modules = [_edit_one(p, keep, spec, factors, cache, originals, ekfac, protect) for p, keep in bar]
     except BaseException:  # a failure part-way (NaN factors, out of memory, Ctrl-C) leaves the model as it was
         restore(model)
         raise
@@ -502,7 +449,7 @@ def apply_edit(
         method=spec.method.value,
         spec=spec.to_dict(),
         modules=modules,
-        factor_manifest=dict(getattr(factors, "manifest", {}) or {}) if factors is not None else {},
+        factor_manifest=dict(getattr(factors, "manifest", None) or {}),
         model=getattr(cfg, "_name_or_path", None) or None,
         model_fingerprint=model_fingerprint(model),
         seconds=round(time.perf_counter() - start, 4),
@@ -510,9 +457,7 @@ def apply_edit(
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Save
-# ---------------------------------------------------------------------------------------------------------------
+# Save ---------------------------------------------------------------------------------------------------------------
 
 
 def check_output_dir(out_dir: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
@@ -533,10 +478,8 @@ def check_output_dir(out_dir: str | os.PathLike, source: str | os.PathLike | Non
 
 
 def save_edited(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: EditReport) -> Path:
-    """Write ``out_dir`` atomically: ``save_pretrained`` of the model (and tokenizer) plus ``edit_report.json``.
-
-    The directory appears complete or not at all; an earlier edited directory there is replaced whole.
-    """
+    """Write ``out_dir`` atomically (complete or not at all; an earlier edited directory is replaced whole):
+    ``save_pretrained`` of the model (and tokenizer) plus ``edit_report.json``."""
     out = check_output_dir(out_dir)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -561,11 +504,9 @@ def edit_model_dir(
 ) -> EditReport:
     """What ``kfac-edit edit`` does: load, check everything, edit, save ``out_dir`` (nothing is written on error).
 
-    ``cache_dir`` defaults to :func:`~kfac_edit.eigen.default_cache_dir`; the projections are found by
-    :func:`declare_modules` (the factors' recorded paths, or ``modules``). Under ``torchrun`` (``WORLD_SIZE > 1``)
-    the ranks first share the eigendecompositions out by cost, each computing its part, then every rank edits from
-    its filled cache and only the main rank writes ``out_dir``. ``bsn``: ``(forget records file, clean-text
-    SOURCE, BsnConfig)`` for method ``bsn``.
+    ``cache_dir`` defaults to :func:`~kfac_edit.eigen.default_cache_dir`; ``modules`` as :func:`declare_modules`.
+    Under ``torchrun`` the ranks first share out the eigendecompositions, every rank edits, the main rank writes.
+    ``bsn``: ``(forget records file, clean-text SOURCE, BsnConfig)`` for method ``bsn``.
     """
     check_edit_inputs(spec, factors_dir)
     check_output_dir(out_dir, source=model)
@@ -573,8 +514,6 @@ def edit_model_dir(
         Protection(None, protect_weight)  # the weight's check, before loading anything
         if not Path(protect_dir).is_dir():
             raise UserError(f"--protect {protect_dir} is not a directory; give factors `kfac-edit collect` wrote")
-    from .factors.ekfac import Ekfac
-
     if spec.method is Method.EKFAC and not Ekfac.exists(factors_dir):
         Ekfac.load(factors_dir)  # the one-line error saying how to make them
     ctx = init_distributed(resolve_device(device))
@@ -590,12 +529,10 @@ def edit_model_dir(
         protect = None
         if protect_dir is not None:
             protect = Protection(load_protect_factors(net, spec, protect_dir), protect_weight)
+        tokenizer = load_tokenizer_as_saved(model)
         inputs = None
         if bsn is not None:
-            from .bsn import BsnInputs, load_bsn_data
-
             forget, clean, bsn_config = bsn
-            tokenizer = load_tokenizer_as_saved(model)
             vocab = net.get_input_embeddings().num_embeddings
             inputs = BsnInputs(load_bsn_data(forget, clean, tokenizer, bsn_config, vocab_size=vocab), bsn_config)
         report = apply_edit(net, factors, spec, cache=cache, ekfac=ekfac, protect=protect, bsn=inputs)
@@ -603,7 +540,7 @@ def edit_model_dir(
             report.factor_manifest["protect"] = {"directory": str(protect_dir), "weight": protect_weight}
         report.factor_manifest.setdefault("directory", str(factors_dir) if factors_dir is not None else None)
         if ctx.is_main:
-            save_edited(net, load_tokenizer_as_saved(model), out_dir, report)
+            save_edited(net, tokenizer, out_dir, report)
     finally:
         shutdown(ctx)
     return report

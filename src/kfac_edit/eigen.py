@@ -1,18 +1,13 @@
-"""Eigenbases of the K-FAC factors: a cache of eigendecompositions, and their spread over data-parallel ranks.
-
-The math (symmetrize, ``eigh`` in fp64, clamp) is :func:`kfac_edit.curvature.eigendecompose`; this module decides
-where and how often it runs.
+"""Eigenbases of the K-FAC factors: where and how often :func:`kfac_edit.curvature.eigendecompose` runs.
 
 **Cache.** :class:`EigenCache` holds ``(eig G, eig A)`` per module in memory (LRU) and on disk, keyed by the
-factors' content hash, so a sweep over ``keep_mass`` pays each ``eigh`` once, and a rerun none. It also keeps
-each module's :class:`~kfac_edit.curvature.HalfProducts` (keyed by the weight's bytes, bounded by
-``projection_bytes``): a sweep projects the same weight at every point.
+factors' content hash: a sweep over ``keep_mass`` pays each ``eigh`` once, a rerun none. It also keeps each
+module's :class:`~kfac_edit.curvature.HalfProducts`, since a sweep projects the same weight at every point.
 
-**Spread over ranks.** ``eigh`` of an ``n x n`` matrix costs about ``n³``: a module's work is ``out³ + in³``, and
-``gate`` and ``up`` of one block (one shared ``A``) form one unit. Units go to ranks longest-processing-time-first
-(the slowest rank within 4/3 of the best balance); each rank computes its units through its cache, and with
-``share`` the owner broadcasts each result to every rank's cache. ``kfac-edit edit`` under ``torchrun`` does this
-before editing; by hand::
+**Spread over ranks.** A module costs ``out³ + in³``; ``gate`` and ``up`` of a block (one shared ``A``) are one
+unit. Units go to ranks longest-processing-time-first (the slowest rank within 4/3 of the best balance); each
+rank computes its units through its cache, and with ``share`` the owners broadcast the results to every rank.
+``kfac-edit edit`` under ``torchrun`` does this before editing; by hand::
 
     ctx = init_distributed("cuda")
     cache = EigenCache(cache_dir)
@@ -31,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .constants import EIGEN_CACHE
 from .curvature import Eigen, HalfProducts, eigendecompose
@@ -40,9 +36,7 @@ from .identity import tensor_checksum
 
 log = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------------------------------------------------------
-# Cache
-# ---------------------------------------------------------------------------------------------------------------
+# Cache --------------------------------------------------------------------------------------------------------------
 
 
 def default_cache_dir() -> Path:
@@ -61,10 +55,9 @@ class EigenCache:
     """Eigendecompositions of ``G`` and ``A`` per module, in memory (LRU, ``memory_bytes``) and on disk.
 
     Disk entries are ``DIR/<content hash>.safetensors`` (fp64 ``grad_values``, ``grad_vectors``, ``act_values``,
-    ``act_vectors``), keyed by :meth:`Factors.content_hash`: factors that change get new entries, never stale
-    ones. ``directory=None`` keeps the cache in memory only. Within one cache, modules that share one activation
-    sum (``gate`` and ``up`` of a block) share one eigendecomposition of ``A``. ``projection_bytes`` bounds the
-    half-products of the modules projected before the current one (LRU; 0 keeps none).
+    ``act_vectors``), keyed by :meth:`Factors.content_hash`: changed factors get new entries, never stale ones
+    (``directory=None``: memory only). Modules sharing an activation sum share one eigendecomposition of ``A``.
+    ``projection_bytes`` bounds the half-products of the modules projected before the current one (0 keeps none).
     """
 
     def __init__(
@@ -76,7 +69,7 @@ class EigenCache:
         self._halves: OrderedDict[str, tuple[str, HalfProducts]] = OrderedDict()  # content hash -> (W digest, ..)
         self.stats = CacheStats()
         self._memory: OrderedDict[str, tuple[Eigen, Eigen]] = OrderedDict()
-        self._shared_act: dict[int, tuple[torch.Tensor, int, Eigen]] = {}
+        self._shared_act: dict[str, tuple[torch.Tensor, int, Eigen]] = {}  # activation key -> (sum, tokens, eig A)
 
     @classmethod
     def default(cls, directory: str | os.PathLike | None = None) -> "EigenCache":
@@ -104,7 +97,7 @@ class EigenCache:
         return grad, act
 
     def put(self, factors, name: str, grad: Eigen, act: Eigen) -> None:
-        """Hold an eigendecomposition made elsewhere (e.g. by another rank: :func:`distributed_eigendecompose`) in memory."""
+        """Hold an eigendecomposition made elsewhere (by another rank: :func:`distributed_eigendecompose`) in memory."""
         self._remember(factors.content_hash(name), (grad, act))
 
     def half_products(self, factors, name: str, weight: torch.Tensor) -> HalfProducts | None:
@@ -120,12 +113,6 @@ class EigenCache:
             self._halves.popitem(last=False)
         self._halves[key] = held
         return held[1]
-
-    def clear_memory(self) -> None:
-        """Drop the in-memory entries (the disk entries stay)."""
-        self._memory.clear()
-        self._shared_act.clear()
-        self._halves.clear()
 
     def _activation_eigen(self, factors, name: str, device) -> Eigen:
         module = getattr(factors, "modules", {}).get(name)
@@ -146,8 +133,6 @@ class EigenCache:
         path = self._path(key)
         if path is None or not path.exists():
             return None
-        from safetensors.torch import load_file
-
         try:
             t = load_file(str(path), device=str(device))
             return Eigen(t["grad_values"], t["grad_vectors"]), Eigen(t["act_values"], t["act_vectors"])
@@ -159,8 +144,6 @@ class EigenCache:
         path = self._path(key)
         if path is None:
             return
-        from safetensors.torch import save_file
-
         tensors = {f"{side}_{part}": getattr(eig, part).detach().cpu().contiguous()
                    for side, eig in (("grad", grad), ("act", act)) for part in ("values", "vectors")}  # fmt: skip
         try:
@@ -179,9 +162,7 @@ class EigenCache:
         return sum(eig.nbytes for pair in self._memory.values() for eig in pair)  # compute-dtype copies too
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Spread over ranks
-# ---------------------------------------------------------------------------------------------------------------
+# Spread over ranks --------------------------------------------------------------------------------------------------
 
 
 def eigen_units(factors, names: Sequence[str]) -> list[tuple[list[str], float]]:
@@ -189,26 +170,21 @@ def eigen_units(factors, names: Sequence[str]) -> list[tuple[list[str], float]]:
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(factors.modules[name].activation_key, []).append(name)
-    units = []
-    for members in groups.values():
-        n_in = factors.shape(members[0])[1]
-        cost = float(n_in) ** 3 + sum(float(factors.shape(n)[0]) ** 3 for n in members)
-        units.append((members, cost))
-    return units
+    return [
+        (members, float(factors.shape(members[0])[1]) ** 3 + sum(float(factors.shape(n)[0]) ** 3 for n in members))
+        for members in groups.values()
+    ]
 
 
 def assign_by_cost(units: Sequence[tuple[Sequence[str], float]], world_size: int) -> list[list[str]]:
-    """Module names per rank, balancing the summed cost (largest unit first to the least loaded rank).
-
-    Deterministic: ties go to the lower rank, equal costs keep the given order, so every rank computes the same plan.
-    """
+    """Module names per rank, balancing the summed cost (largest unit first to the least loaded rank). Deterministic
+    (ties to the lower rank, equal costs in the given order), so every rank computes the same plan."""
     load = [0.0] * world_size
     out: list[list[str]] = [[] for _ in range(world_size)]
-    order = sorted(range(len(units)), key=lambda i: (-units[i][1], i))
-    for i in order:
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        load[rank] += units[i][1]
-        out[rank].extend(units[i][0])
+    for members, cost in sorted(units, key=lambda unit: -unit[1]):  # a stable sort: equal costs keep their order
+        rank = load.index(min(load))
+        load[rank] += cost
+        out[rank].extend(members)
     return out
 
 
@@ -232,21 +208,17 @@ def distributed_eigendecompose(
 ) -> EigenAssignment:
     """Eigendecompose ``G`` and ``A`` of ``names``, each module on one rank, balanced by n³ cost.
 
-    ``factors`` must be the same on every rank (e.g. each loaded the same directory). With ``share`` every rank's
-    ``cache`` ends up holding every module (broadcast from its owner, so bit-identical on all ranks); without it a
-    rank holds its own modules (and the cache directory, if shared, all of them). With one process this is a plain
-    loop over ``cache.get``.
+    ``factors`` must be the same on every rank. With ``share`` every rank's ``cache`` ends up holding every module
+    (broadcast from its owner: bit-identical on all ranks); without it a rank holds its own modules. With one
+    process this is a loop over ``cache.get``.
     """
     names = list(names)
     units = eigen_units(factors, names)
     plan = assign_by_cost(units, ctx.world_size)
     owner = {name: rank for rank, members in enumerate(plan) for name in members}
-    cost_of = {name: cost for members, cost in units for name in members[:1]}
-    cost = [sum(cost_of.get(n, 0.0) for n in plan[r]) for r in range(ctx.world_size)]
+    cost = [sum(c for members, c in units if owner[members[0]] == r) for r in range(ctx.world_size)]
     start = time.perf_counter()
-    mine: dict[str, tuple[Eigen, Eigen]] = {}
-    for name in plan[ctx.rank]:
-        mine[name] = cache.get(factors, name, device)
+    mine = {name: cache.get(factors, name, device) for name in plan[ctx.rank]}
     seconds = time.perf_counter() - start
     if share and ctx.enabled:
         for name in names:  # the same order on every rank
