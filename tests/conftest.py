@@ -83,3 +83,21 @@ def tiny_corpus_jsonl(tmp_path):
         for text in random_number_texts(30):
             fh.write(json.dumps({"text": text}) + "\n")
     return path
+
+
+def interrupt_collection(monkeypatch, args: list[str], after_batches: int = 5) -> None:
+    """Run ``kfac-edit ARGS`` and stop it as Ctrl-C would after ``after_batches`` batches (exit 130)."""
+    import kfac_edit.data
+    from kfac_edit.cli import main
+
+    real = kfac_edit.data.token_batches
+
+    def stopping(*a, **kw):
+        for i, batch in enumerate(real(*a, **kw)):
+            if i == after_batches:
+                raise KeyboardInterrupt()
+            yield batch
+
+    monkeypatch.setattr(kfac_edit.data, "token_batches", stopping)
+    assert main(args) == 130
+    monkeypatch.setattr(kfac_edit.data, "token_batches", real)

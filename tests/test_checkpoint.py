@@ -14,9 +14,8 @@ import time
 
 import pytest
 import torch
-from conftest import make_tiny_olmo2, random_number_texts
+from conftest import interrupt_collection, make_tiny_olmo2, random_number_texts
 
-import kfac_edit.data
 from kfac_edit.cli import main
 from kfac_edit.factors.checkpoint import (
     STATE_FILE,
@@ -90,10 +89,6 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     assert resumed.manifest["passes"] == 2 and resumed.manifest["checkpoint_every"] == 64
 
 
-class Interrupt(KeyboardInterrupt):
-    pass
-
-
 @pytest.fixture
 def interrupted(tiny_model_dir, tmp_path, monkeypatch):
     """A collection stopped (Ctrl-C) after 5 batches with checkpoints every 2: its checkpoint holds 4 batches."""
@@ -101,17 +96,7 @@ def interrupted(tiny_model_dir, tmp_path, monkeypatch):
     write_corpus(corpus, 40, seed=1)
     out = tmp_path / "out"
     args = collect_args(tiny_model_dir, corpus, out, "--checkpoint-every", "64")
-    real = kfac_edit.data.token_batches
-
-    def stopping(*a, **kw):
-        for i, batch in enumerate(real(*a, **kw)):
-            if i == 5:
-                raise Interrupt()
-            yield batch
-
-    monkeypatch.setattr(kfac_edit.data, "token_batches", stopping)
-    assert main(args) == 130
-    monkeypatch.setattr(kfac_edit.data, "token_batches", real)
+    interrupt_collection(monkeypatch, args)
     assert latest_checkpoint(out).name == "ckpt-000002"
     return args, out, corpus
 

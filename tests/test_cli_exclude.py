@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import interrupt_collection
 
 from kfac_edit.cli import main
 from kfac_edit.factors.store import MANIFEST_FILE, Factors
@@ -90,15 +91,9 @@ def test_exclude_bad_input_is_one_line(tiny_model_dir, corpus, tmp_path, capsys)
 
 
 
-class _Interrupt(KeyboardInterrupt):
-    pass
-
-
 def test_exclude_interrupted_and_resumed_equals_one_pass(tiny_model_dir, corpus, tmp_path, capsys, monkeypatch):
     """--exclude with checkpoints: stopped after 5 batches, --resume gives the one-pass factors (gold labels: the
     same sums); resuming with other --exclude records is refused in one line."""
-    import kfac_edit.data
-
     docs, record = corpus
     data = _write(tmp_path / "corpus.jsonl", docs)
     ids_file = tmp_path / "memorized.jsonl"
@@ -109,17 +104,7 @@ def test_exclude_interrupted_and_resumed_equals_one_pass(tiny_model_dir, corpus,
     assert main(_args(tiny_model_dir, data, one, "--exclude", str(ids_file))) == 0
 
     args = _args(tiny_model_dir, data, tmp_path / "ckpt", "--exclude", str(ids_file), "--checkpoint-every", "64")
-    real = kfac_edit.data.token_batches
-
-    def stopping(*a, **kw):
-        for i, batch in enumerate(real(*a, **kw)):
-            if i == 5:
-                raise _Interrupt()
-            yield batch
-
-    monkeypatch.setattr(kfac_edit.data, "token_batches", stopping)
-    assert main(args) == 130
-    monkeypatch.setattr(kfac_edit.data, "token_batches", real)
+    interrupt_collection(monkeypatch, args)
     capsys.readouterr()
     refused = args[: args.index("--exclude") + 1] + [str(other)] + args[args.index("--exclude") + 2 :]
     assert main([*refused, "--resume"]) == 2
