@@ -1,12 +1,14 @@
 """Throughput of the evaluation suite: memorization records/s and nDCG tokens/s.
 
-Memorization: ``--records`` random records of ``--prefix-len`` + ``--suffix-len`` tokens are scored three ways in the
-same run, on the same model: batched greedy decoding with left padding and the KV cache (what ``kfac-edit eval``
+Memorization: ``--records`` random records of ``--prefix-len`` + ``--suffix-len`` tokens are scored three ways in
+the same run, on the same model: batched greedy decoding with left padding and the KV cache (what ``kfac-edit eval``
 does without true suffixes, at each ``--batch-sizes``), one record at a time (the same loop at batch 1, on
 ``--single-records`` of them), and against Hugging Face ``model.generate(do_sample=False)`` at the first batch size
-(on ``--hf-records``, ``--repeats`` interleaved runs, medians): ``greedy_generate`` without a draft and with the true
-suffixes as drafts, for suffixes the model recites (``memorized``: its own greedy continuation), does not
-(``unmemorized``) and recites for a uniform 0..L tokens (``partial``). ``--testbed`` adds the quick arithmetic
+(on ``--hf-records``, ``--repeats`` interleaved runs, medians): ``greedy_generate`` without a draft and with the
+true suffixes as drafts, for suffixes the model recites (``memorized``: its own greedy continuation), does not
+(``unmemorized``) and recites for a uniform 0..L tokens (``partial``); and a loop that does nothing but the same
+model forwards (``forward_floor``: prefill, then one cached one-token forward per new token), whose ratio bounds
+what any loop around that forward can gain over ``model.generate``. ``--testbed`` adds the quick arithmetic
 testbed's trained model: its canaries as trained and after SVD truncation (keep_mass 0.8, 0.7), and its held-out
 rule sequences. Tokens must equal ``model.generate``'s (exit status 1 otherwise). nDCG: the reference top-k pass and
 the evaluated nDCG pass over ``--ndcg-tokens`` tokens of random number text (word-level tokenizer, so one word = one
@@ -102,6 +104,34 @@ def hf_generate(model, prompts, num_new, batch_size, pad_id):
     return out
 
 
+@torch.inference_mode()
+def forward_floor(model, prompts, num_new, batch_size, pad_id):
+    """The least a greedy loop can do: per batch, one prefill and ``num_new - 1`` one-token forwards with the KV
+    cache and argmax, no other work. Its time against ``model.generate`` bounds what any loop around the same
+    forward can gain."""
+    from kfac_edit.evaluate.memorization import _step
+
+    out = []
+    device = next(model.parameters()).device
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width + num_new), dtype=torch.long)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        position = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+        tokens, cache = _step(model, None, ids, mask[:, :width], position, 1)
+        generated = [tokens]
+        for step in range(1, num_new):
+            tokens, cache = _step(model, cache, tokens, mask[:, : width + step], position[:, -1:] + step, 1)
+            generated.append(tokens)
+        out += torch.cat(generated, 1).cpu().tolist()
+    return out
+
+
 def drafts_for(own: list[list[int]], workload: str, n_words: int, seed: int = 1) -> list[list[int]] | None:
     """True suffixes for a workload: the model's own greedy continuation (``memorized``), a random one
     (``unmemorized``), the greedy one for a uniform 0..L tokens then random (``partial``, as mid-edit), none (``plain``)."""
@@ -122,7 +152,8 @@ def versus_generate(model, prompts, num_new, workloads, batch_size, pad_id, args
     """``greedy_generate`` with each workload's true suffixes (``{name: suffixes or None}``) against
     ``model.generate`` (which cannot use them), interleaved, ``--repeats`` times each; ratios of the median CPU time
     on a CPU (wall on a GPU)."""
-    runs = {"generate": lambda: hf_generate(model, prompts, num_new, batch_size, pad_id)}
+    runs = {"generate": lambda: hf_generate(model, prompts, num_new, batch_size, pad_id),
+            "forward_floor": lambda: forward_floor(model, prompts, num_new, batch_size, pad_id)}
     for name, drafts in workloads.items():
         runs[name] = functools.partial(
             greedy_generate, model, prompts, num_new, batch_size=batch_size, pad_id=pad_id, targets=drafts, desc=None
@@ -136,6 +167,12 @@ def versus_generate(model, prompts, num_new, workloads, batch_size, pad_id, args
     median = {name: sorted(ts, key=lambda st: st[0])[len(ts) // 2] for name, ts in times.items()}
     hf_seconds, hf_t = median["generate"]
     out = {"records": len(prompts), "repeats": args.repeats, "generate": {"seconds": hf_seconds, **hf_t.as_dict()}}
+    floor_seconds, floor_t = median["forward_floor"]
+    out["forward_floor"] = {  # the bound on any loop around the same forward
+        "seconds": floor_seconds, **floor_t.as_dict(), "speedup_over_generate": hf_seconds / floor_seconds,
+        "same_tokens_as_generate": outputs["forward_floor"] == outputs["generate"],
+    }
+    print(f"forward floor: {floor_t} vs model.generate {hf_t}: {hf_seconds / floor_seconds:.2f}x", file=sys.stderr)
     for name, drafts in workloads.items():
         seconds, t = median[name]
         out[name] = {

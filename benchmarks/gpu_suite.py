@@ -332,6 +332,12 @@ def _rows(name: str, r: dict) -> list[tuple[str, str]]:
             if recited is not None:
                 rows.append(("500 recited records (true suffix as draft)",
                              f"{recited['seconds_for_500_records']:.1f} s, same tokens: {recited['same_tokens']}"))
+        versus = next((v for k, v in mem.items() if k.startswith("vs_generate_bs")), None)
+        if versus:
+            ratios = ", ".join(f"{name} {v['speedup_over_generate']:.2f}x" for name, v in versus.items()
+                               if isinstance(v, dict) and "speedup_over_generate" in v)
+            same = all(v.get("same_tokens_as_generate", True) for v in versus.values() if isinstance(v, dict))
+            rows.append(("vs model.generate", f"{ratios}; same tokens: {same}"))
         nd = r.get("ndcg", {})
         if nd:
             rows.append(("nDCG tokens/s", f"{tps(nd.get('ndcg_tokens_per_s'))} (seq {nd.get('seq_len')})"))

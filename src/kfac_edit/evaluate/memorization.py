@@ -6,10 +6,11 @@ one-record-at-a-time output, the no-cache loop and ``model.generate(do_sample=Fa
 The true suffix serves as a draft that teacher-forced forwards verify (:func:`greedy_generate`): a record the model
 recites needs no sequential decoding. CPU time against ``model.generate`` at batch 32, identical tokens
 (``python benchmarks/eval_throughput.py --preset tiny-cpu --hf-records 256 --records 256 --repeats 5 --testbed``,
-2026-12-01, one thread on 2 shared cores, three runs; ``benchmarks/README.md`` has the tables): 2.6-4.2x on memorized
-records, 2.95x on the trained arithmetic testbed's canaries, 0.88-1.24x on unmemorized ones and 1.10-1.17x without a
-draft (hidden 64, 2 blocks, 32 + 24 tokens: plain decoding is the same model forward as ``model.generate``). At
-hidden 512, 4 blocks: 1.41x memorized, 0.97x without a draft.
+2026-12-01, one thread on 2 shared cores, four runs; ``benchmarks/README.md`` has the tables): 2.6-4.2x on memorized
+records, 2.95x on the trained arithmetic testbed's canaries, 0.88-1.32x on unmemorized ones and 1.09-1.17x without a
+draft (hidden 64, 2 blocks, 32 + 24 tokens). At hidden 512, 4 blocks: 1.41x memorized, 0.97x without a draft.
+Plain decoding is the same model forwards as ``model.generate``: a loop doing nothing but those forwards (the
+benchmark's ``forward_floor``) is 1.23x at hidden 64 and 1.08x at hidden 512, so no loop reaches 1.3x there.
 
 Per record, with ``g`` the generated and ``y`` the true suffix (``L = len(y)`` tokens):
 
