@@ -103,3 +103,65 @@ def test_collect_with_bias_keep_gives_the_plain_factor_and_a_weight_only_edit():
     bias = proj.module.bias.detach().clone()
     report = apply_edit(model, factors, EditSpec({(1, "up"): 0.5}))  # default joint, but the factors are over a
     assert not report.modules[0].bias and torch.equal(proj.module.bias, bias)
+
+
+def rows_of(model, name, batches):
+    """``([a; 1] rows, output-gradient rows)`` of module ``name`` at the labelled positions, gold labels."""
+    module = model.get_submodule(name)
+    acts, grads = [], []
+    for batch in batches:
+        seen = {}
+
+        def hook(mod, args, out):
+            seen["a"] = args[0]
+            out.retain_grad()
+            seen["out"] = out
+
+        handle = module.register_forward_hook(hook)
+        try:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        finally:
+            handle.remove()
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1),
+                        reduction="sum").backward()  # fmt: skip
+        a = seen["a"][:, :-1].reshape(-1, seen["a"].shape[-1]).detach()
+        acts.append(torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1))
+        grads.append(seen["out"].grad[:, :-1].reshape(-1, seen["out"].shape[-1]))
+    model.zero_grad(set_to_none=True)
+    return torch.cat(acts), torch.cat(grads)
+
+
+@pytest.mark.parametrize("model_type", sorted(CASES))
+def test_ekfac_of_a_biased_layer_is_over_the_homogeneous_input(model_type):
+    """EK-FAC of ``[W b]``: Σ_t (U_Gᵀ g_t)² (U_Aᵀ [a_t; 1])² by brute force; ``--method ekfac`` edits W and b, and
+    ``predict`` on the factors' own data gives the mass the edit removes; ``--bias keep`` is refused in one line."""
+    from kfac_edit.errors import UserError
+    from kfac_edit.factors.ekfac import collect_ekfac
+    from kfac_edit.predict import predict_cost
+
+    name = CASES[model_type]
+    model = tiny_model(model_type).double()
+    batches = random_batches()
+    factors = collect_factors(model, batches, layers=[1], labels="gold", progress=False)
+    ekfac = collect_ekfac(model, factors, batches, names=[name], labels="gold", progress=False)
+    acts, grads = rows_of(model, name, batches)
+    grad_eig, act_eig = eigendecompose(factors.grad_cov(name)), eigendecompose(factors.activation_cov(name))
+    expected = ((grads @ grad_eig.vectors).square().T @ (acts @ act_eig.vectors).square())
+    m = ekfac.modules[name]
+    proj = next(p for p in find_projections(model, layers=[1], projections=projection_kinds(model)) if p.name == name)
+    assert m.shape == (proj.shape[0], proj.shape[1] + 1) and m.tokens == acts.shape[0] == 44
+    torch.testing.assert_close(m.pair_sum, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ekfac.activation_energy(name), act_eig.values, rtol=1e-10, atol=1e-12)
+
+    spec = EditSpec({(1, proj.kind): 0.5}, method="ekfac")
+    own = predict_cost(model, factors, spec, {"own": batches}, mode="curvature", ekfac=ekfac)[0]
+    bias = proj.module.bias.detach().clone()
+    report = apply_edit(model, factors, spec, ekfac=ekfac)
+    record = report.modules[0]
+    assert record.bias and record.shape == (proj.shape[0], proj.shape[1] + 1)
+    assert not torch.equal(proj.module.bias, bias)
+    assert abs(own.modules[name] - (1 - record.mass_fraction)) < 1e-9
+    restore(model)
+    with pytest.raises(UserError, match=r"over \[a; 1\].*--bias keep"):
+        apply_edit(model, factors, EditSpec({(1, proj.kind): 0.5}, method="ekfac", bias="keep"), ekfac=ekfac)
+    assert torch.equal(proj.module.bias, bias)

@@ -177,8 +177,7 @@ def check_factors(targets: list[tuple[Projection, float]], factors, where: str =
                 f"{have or 'none'}; collect factors for block {proj.block} or drop it from the layers JSON"
             )
         fshape = tuple(factors.shape(proj.name))
-        proj.homogeneous = proj.has_bias and fshape == (proj.shape[0], proj.shape[1] + 1)
-        if fshape != proj.factor_shape:
+        if not proj.fits(fshape):
             raise UserError(
                 f"factors for {proj.name} fit a weight of shape {fshape[0]}x{fshape[1]} (out x in) but the model's "
                 f"weight is {proj.shape[0]}x{proj.shape[1]}: the factors come from another model; collect factors "

@@ -112,6 +112,12 @@ class Projection:
         out, inp = self.shape
         return (out, inp + int(self.homogeneous))
 
+    def fits(self, factor_shape: Sequence[int]) -> bool:
+        """Whether factors of ``factor_shape`` ``(out, in[+1])`` belong to this layer; a biased layer becomes
+        :attr:`homogeneous` exactly when they are over ``[a; 1]`` (collected with ``--bias joint``)."""
+        self.homogeneous = self.has_bias and tuple(factor_shape) == (self.shape[0], self.shape[1] + 1)
+        return tuple(factor_shape) == self.factor_shape
+
     def affine_weight(self) -> torch.Tensor:
         """``[W b]`` ``(out, in + 1)`` for a homogeneous projection (a copy), else :meth:`weight`."""
         if not self.homogeneous:

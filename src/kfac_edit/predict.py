@@ -103,7 +103,7 @@ def predict_cost(model: nn.Module, factors, spec: EditSpec, tasks: dict[str, Ite
     :class:`~kfac_edit.edit.Protection` for ``protect``); the task passes use gold labels (the task's tokens). The
     model is not changed.
     """
-    from .edit import check_factors, check_protection, resolve_targets
+    from .edit import check_factors, check_protection, resolve_targets, without_bias_coordinate
     from .eigen import EigenCache
     from .factors.ekfac import collect_ekfac
 
@@ -113,6 +113,8 @@ def predict_cost(model: nn.Module, factors, spec: EditSpec, tasks: dict[str, Ite
     if not targets:
         raise UserError("the layers JSON edits nothing (no projection has keep_mass below 0.9999)")
     check_factors(targets, factors)
+    if spec.bias == "keep":  # as the edit: W alone, from A's top-left block
+        factors = without_bias_coordinate(factors, targets)
     names = [p.name for p, _ in targets]
     if spec.method is Method.EKFAC:
         if ekfac is None:
@@ -124,7 +126,7 @@ def predict_cost(model: nn.Module, factors, spec: EditSpec, tasks: dict[str, Ite
     bases, coeffs, kept = {}, {}, {}
     for proj, keep_mass in targets:
         grad_eig, act_eig = bases[proj.name] = cache.get(factors, proj.name)
-        coeffs[proj.name] = grad_eig.vectors.T @ proj.weight().detach().to("cpu", torch.float64) @ act_eig.vectors
+        coeffs[proj.name] = grad_eig.vectors.T @ proj.affine_weight().detach().to("cpu", torch.float64) @ act_eig.vectors
         kept[proj.name] = kept_pairs(proj.name, keep_mass, spec.method, grad_eig, act_eig, ekfac=ekfac, protect=protect)
     results = []
     for task, batches in tasks.items():

@@ -10,7 +10,9 @@ eigenbasis and takes the true second moment of the per-token weight gradient ``g
 ``a' = U_Aᵀ a`` and ``g' = U_Gᵀ g``, and add ``(g'²)ᵀ (a'²)`` to an ``(out, in)`` **pair sum** and ``a'²`` to an
 ``(in,)`` activation energy sum (``E[a'_j²] = u_A[j]ᵀ A u_A[j]``, for :mod:`kfac_edit.predict`): sums and a token
 count, so passes add up (:meth:`Ekfac.add_`). With one token, or ``A`` of rank one, the moment is ``λ_i·μ_j``
-exactly (tested); its total is ``E[|g|²|a|²]``, not ``tr(G)·tr(A)``. One process, no ranks.
+exactly (tested); its total is ``E[|g|²|a|²]``, not ``tr(G)·tr(A)``. A biased layer whose factors are over
+``[a; 1]`` (``--bias joint``) is rotated as ``[a; 1]`` too: its sums are ``(out, in + 1)`` and ``(in + 1,)``,
+the pairs of ``[W b]``. One process, no ranks.
 
 Stored beside the factors (``kfac-edit collect --ekfac``): ``DIR/ekfac.safetensors`` holds ``"<module>.pair_sum"``
 and ``"<module>.activation_energy_sum"``; its header and ``manifest.json``'s ``"ekfac"`` entry record per module
@@ -96,6 +98,11 @@ class Ekfac(ModuleSet):
         """:class:`UserError` unless every module of ``names`` was computed in the eigenbasis of ``factors``."""
         for name in names:
             m = self._get(name)
+            if m.shape == (factors.shape(name)[0], factors.shape(name)[1] + 1):
+                raise UserError(
+                    f"{where} of {name} are over [a; 1] (factors collected with --bias joint), but this edit uses "
+                    "--bias keep; drop --bias keep, or collect with --bias keep --ekfac"
+                )
             if m.shape != tuple(factors.shape(name)):
                 raise UserError(
                     f"{where} of {name} have shape {m.shape[0]}x{m.shape[1]} but its factors fit "
@@ -177,13 +184,17 @@ class EkfacCollector(FactorCollector):
             self.bases[p.name] = tuple(eig.to(device) for eig in self.bases[p.name])  # (grad_eig, act_eig)
             empty = torch.zeros(0, 0, dtype=dtype, device=device)  # counts only (see the class docstring)
             self.factors.modules[p.name] = ModuleFactors(empty, empty, activation_key=p.name)
-            self.pair_sums[p.name] = torch.zeros(p.shape, dtype=dtype, device=device)
-            self.energy_sums[p.name] = torch.zeros(p.shape[1], dtype=dtype, device=device)
+            self.pair_sums[p.name] = torch.zeros(p.factor_shape, dtype=dtype, device=device)
+            self.energy_sums[p.name] = torch.zeros(p.factor_shape[1], dtype=dtype, device=device)
 
     def _add_input(self, index: int, x: torch.Tensor) -> None:
-        name = self.projections[index].name
+        projection = self.projections[index]
+        name = projection.name
         dtype = self.pair_sums[name].dtype
-        squared = (self._rows(x).to(dtype) @ self.bases[name][1].vectors_as(dtype)).square_()
+        rows = self._rows(x).to(dtype)
+        if projection.homogeneous:  # [a; 1], as the factors' A
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        squared = (rows @ self.bases[name][1].vectors_as(dtype)).square_()
         self.energy_sums[name] += squared.sum(0)
         self._rotated[name] = squared
 
@@ -202,8 +213,8 @@ def _projections_of(model: nn.Module, factors: Factors, names: Sequence[str]) ->
     for name in names:
         if name not in found:
             raise UserError(f"the model has no module {name}: the factors come from another model")
-        if tuple(factors.shape(name)) != tuple(found[name].shape):
-            raise UserError(f"factors for {name} fit {factors.shape(name)} but the model's weight is "
+        if not found[name].fits(factors.shape(name)):  # a biased layer's factors may be over [a; 1]
+            raise UserError(f"factors for {name} fit {tuple(factors.shape(name))} but the model's weight is "
                             f"{found[name].shape}: the factors come from another model")  # fmt: skip
     return [found[n] for n in names]
 
