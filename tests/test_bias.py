@@ -165,3 +165,34 @@ def test_ekfac_of_a_biased_layer_is_over_the_homogeneous_input(model_type):
     with pytest.raises(UserError, match=r"over \[a; 1\].*--bias keep"):
         apply_edit(model, factors, EditSpec({(1, proj.kind): 0.5}, method="ekfac", bias="keep"), ekfac=ekfac)
     assert torch.equal(proj.module.bias, bias)
+
+
+def test_protect_factors_follow_the_bias_mode_of_the_edit():
+    """--protect factors over [a; 1] are cut to a with the edit's under --bias keep, giving exactly the edit with
+    --bias keep protect factors; a joint edit with keep protect factors (or the reverse) is one line."""
+    from kfac_edit.edit import Protection
+    from kfac_edit.errors import UserError
+
+    name = CASES["gpt2"]
+    model = tiny_model("gpt2").double()
+    factors = collect_factors(model, random_batches(), layers=[1], labels="gold", progress=False)
+    joint = collect_factors(model, random_batches(seed=3), layers=[1], labels="gold", progress=False)
+    keep = collect_factors(model, random_batches(seed=3), layers=[1], labels="gold", bias="keep", progress=False)
+    module = model.get_submodule(name)
+    bias = module.bias.detach().clone()
+
+    report = apply_edit(model, factors, EditSpec({(1, "up"): 0.5}), protect=Protection(joint))
+    assert report.modules[0].bias and not torch.equal(module.bias, bias)
+    restore(model)
+    edited = {}
+    for label, protect in (("joint", joint), ("keep", keep)):
+        report = apply_edit(model, factors, EditSpec({(1, "up"): 0.5}, bias="keep"), protect=Protection(protect))
+        assert not report.modules[0].bias and torch.equal(module.bias, bias)
+        edited[label] = (module.weight.detach().clone(), report.modules[0].protected_mass_fraction)
+        restore(model)
+    torch.testing.assert_close(edited["joint"][0], edited["keep"][0], rtol=1e-10, atol=1e-12)
+    assert abs(edited["joint"][1] - edited["keep"][1]) < 1e-12 and 0.9 <= edited["keep"][1] < 1.0
+    weight = module.weight.detach().clone()
+    with pytest.raises(UserError, match="one set was collected with --bias keep"):
+        apply_edit(model, factors, EditSpec({(1, "up"): 0.5}), protect=Protection(keep))
+    assert torch.equal(module.weight, weight) and torch.equal(module.bias, bias)

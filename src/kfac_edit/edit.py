@@ -186,20 +186,41 @@ def check_factors(targets: list[tuple[Projection, float]], factors, where: str =
 
 
 def without_bias_coordinate(factors, targets: list[tuple[Projection, float]]):
-    """``factors`` (collected with ``--bias joint``) with the homogeneous targets' ``A`` over ``[a; 1]`` cut to ``a``
-    alone, exactly the ``--bias keep`` factor, so ``W`` alone is edited; those targets stop being homogeneous."""
+    """``factors`` with each target's ``A`` over ``[a; 1]`` (collected with ``--bias joint``) cut to ``a`` alone,
+    exactly the ``--bias keep`` factor, so ``W`` alone is edited; the targets stop being homogeneous."""
     modules = dict(factors.modules)
     sliced: dict[str, torch.Tensor] = {}
     for proj, _ in targets:
-        if not proj.homogeneous:
+        proj.homogeneous = False
+        if tuple(factors.shape(proj.name)) == proj.factor_shape:  # already over a
             continue
         mf = modules[proj.name]
         key = mf.activation_key + BIAS_SUFFIX  # not the key of the full A any more
         if key not in sliced:
             sliced[key] = mf.activation_sum[:-1, :-1].contiguous()
         modules[proj.name] = ModuleFactors(sliced[key], mf.grad_sum, mf.activation_tokens, mf.grad_tokens, key)
-        proj.homogeneous = False
     return Factors(modules, factors.manifest) if sliced else factors
+
+
+def edit_factors(model: nn.Module, targets: list[tuple[Projection, float]], spec: EditSpec, factors,
+                 protect: Protection | None = None) -> tuple[Any, Protection | None]:  # fmt: skip
+    """Check ``factors`` (and ``protect``'s) against the targets and return both as the edit uses them: cut to
+    ``a`` under ``--bias keep``; under ``--bias joint`` the two must be over the same inputs, ``a`` or ``[a; 1]``."""
+    if protect is not None:
+        check_protection(model, targets, protect.factors, "the --protect factors")
+    check_factors(targets, factors)  # after check_protection: the edit's factors decide what is homogeneous
+    if spec.bias == "keep":
+        factors = without_bias_coordinate(factors, targets)
+        if protect is not None:
+            protect = Protection(without_bias_coordinate(protect.factors, targets), protect.weight)
+    for proj, _ in targets if protect is not None else []:
+        if tuple(protect.factors.shape(proj.name)) != tuple(factors.shape(proj.name)):
+            raise UserError(
+                f"the --protect factors of {proj.name} fit {tuple(protect.factors.shape(proj.name))} but the edit's "
+                f"factors fit {tuple(factors.shape(proj.name))}: one set was collected with --bias keep, the other "
+                "with --bias joint; collect both with the same --bias, or edit with --bias keep"
+            )
+    return factors, protect
 
 
 def check_factors_dir(method: Method | str, factors_dir: str | os.PathLike | None) -> None:
@@ -415,10 +436,10 @@ def apply_edit(
     start = time.perf_counter()
     restore(model)
     targets = resolve_targets(model, spec)
+    if protect is not None and spec.method not in (Method.KFAC, Method.KFAC_INDEPENDENT, Method.EKFAC):
+        raise UserError(f"--protect works with the kfac, kfac-independent and ekfac methods, not {spec.method}")
     if spec.needs_factors:
-        check_factors(targets, factors)
-        if spec.bias == "keep":
-            factors = without_bias_coordinate(factors, targets)
+        factors, protect = edit_factors(model, targets, spec, factors, protect)
         recorded = (getattr(factors, "manifest", None) or {}).get("model_fingerprint")
         if recorded and targets and recorded != model_fingerprint(model):
             log.warning("the factors were collected on a model with another config (fingerprint %s, this model %s); "
@@ -427,10 +448,6 @@ def apply_edit(
         if ekfac is None:
             raise UserError("--method ekfac needs EK-FAC eigenvalues: run `kfac-edit collect --ekfac` for the factors")
         ekfac.check_basis(factors, [p.name for p, _ in targets])
-    if protect is not None:
-        if spec.method not in (Method.KFAC, Method.KFAC_INDEPENDENT, Method.EKFAC):
-            raise UserError(f"--protect works with the kfac, kfac-independent and ekfac methods, not {spec.method}")
-        check_protection(model, targets, protect.factors, "the --protect factors")
     cache = cache if cache is not None else EigenCache(None)
     originals: dict[str, torch.Tensor] = {}
     model.__dict__[ORIGINALS_ATTR] = originals  # a plain attribute: not a buffer, so never saved with the model

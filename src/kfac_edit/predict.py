@@ -103,7 +103,7 @@ def predict_cost(model: nn.Module, factors, spec: EditSpec, tasks: dict[str, Ite
     :class:`~kfac_edit.edit.Protection` for ``protect``); the task passes use gold labels (the task's tokens). The
     model is not changed.
     """
-    from .edit import check_factors, check_protection, resolve_targets, without_bias_coordinate
+    from .edit import edit_factors, resolve_targets
     from .eigen import EigenCache
     from .factors.ekfac import collect_ekfac
 
@@ -112,16 +112,12 @@ def predict_cost(model: nn.Module, factors, spec: EditSpec, tasks: dict[str, Ite
     targets = resolve_targets(model, spec)
     if not targets:
         raise UserError("the layers JSON edits nothing (no projection has keep_mass below 0.9999)")
-    check_factors(targets, factors)
-    if spec.bias == "keep":  # as the edit: W alone, from A's top-left block
-        factors = without_bias_coordinate(factors, targets)
+    factors, protect = edit_factors(model, targets, spec, factors, protect)  # as the edit uses them
     names = [p.name for p, _ in targets]
     if spec.method is Method.EKFAC:
         if ekfac is None:
             raise UserError("--method ekfac needs EK-FAC eigenvalues: run `kfac-edit collect --ekfac` for the factors")
         ekfac.check_basis(factors, names)
-    if protect is not None:
-        check_protection(model, targets, protect.factors, "the --protect factors")
     cache = cache if cache is not None else EigenCache(None)
     bases, coeffs, kept = {}, {}, {}
     for proj, keep_mass in targets:
