@@ -29,8 +29,9 @@ def eager_fp64(model_type: str):
     return model
 
 
-def brute_force(model, block: int, batches):
-    """``{(expert, kind): (A, G, rows)}`` of block ``block`` from the eager experts' own ``F.linear`` calls."""
+def brute_force(model, block: int, batches, rows_out: dict | None = None):
+    """``{(expert, kind): (A, G, rows)}`` of block ``block`` from the eager experts' own ``F.linear`` calls; with
+    ``rows_out``, also ``{(expert, kind): [(input rows, output-gradient rows), ...]}`` there."""
     experts = model.model.layers[block].mlp.experts
     n_experts, inter = experts.gate_up_proj.shape[0], experts.down_proj.shape[-1]
     sums: dict = {}
@@ -71,6 +72,8 @@ def brute_force(model, block: int, batches):
             a, g = x.detach()[keep], out.grad[keep]
             parts = {"gate": (a, g[:, :inter]), "up": (a, g[:, inter:])} if kind == "gate_up" else {"down": (a, g)}
             for k, (rows, grads) in parts.items():
+                if rows_out is not None:
+                    rows_out.setdefault((e, k), []).append((rows, grads))
                 A, G, n = sums.get((e, k), (0, 0, 0))
                 sums[e, k] = (A + rows.T @ rows, G + grads.T @ grads, n + int(keep.sum()))
     model.zero_grad(set_to_none=True)
@@ -96,6 +99,39 @@ def test_per_expert_factors_equal_a_brute_force_over_the_eager_experts(model_typ
         assert float(G.norm()) > 0
     gate, up = (factors.modules[f"model.layers.1.mlp.experts.0.{k}"] for k in ("gate", "up"))
     assert gate.activation_sum is up.activation_sum  # an expert's gate and up read the same rows: one A
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "mixtral"])
+def test_per_expert_ekfac_equals_a_brute_force_and_edits(model_type):
+    """EK-FAC per expert: Σ over its routed labelled rows of (U_Gᵀ g)²(U_Aᵀ a)², in its own eigenbasis; then
+    ``--method ekfac`` edits the experts and ``predict`` scores them."""
+    from kfac_edit.curvature import eigendecompose
+    from kfac_edit.factors.ekfac import collect_ekfac
+    from kfac_edit.predict import predict_cost
+
+    model = eager_fp64(model_type)
+    batches = random_batches()
+    rows: dict = {}
+    brute_force(model, 1, batches, rows_out=rows)
+    factors = collect_factors(model, batches, layers=[1], labels="gold", progress=False)
+    ekfac = collect_ekfac(model, factors, batches, labels="gold", progress=False)
+    assert len(ekfac.modules) == len(rows) == len(factors)
+    for (e, kind), parts in rows.items():
+        name = f"model.layers.1.mlp.experts.{e}.{kind}"
+        a, g = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        ug = eigendecompose(factors.grad_cov(name)).vectors
+        ua = eigendecompose(factors.activation_cov(name)).vectors
+        m = ekfac.modules[name]
+        assert m.tokens == a.shape[0] == factors.modules[name].grad_tokens
+        torch.testing.assert_close(m.pair_sum, (g @ ug).square().T @ (a @ ua).square(), rtol=1e-10, atol=1e-12)
+    spec = EditSpec({(1, "up"): 0.5}, method="ekfac")
+    own = predict_cost(model, factors, spec, {"own": batches}, mode="curvature", ekfac=ekfac)[0]
+    report = apply_edit(model, factors, spec, ekfac=ekfac)
+    assert len(report.modules) == model.model.layers[1].mlp.experts.gate_up_proj.shape[0]
+    assert all(0.5 <= r.mass_fraction < 1 and r.weight_change > 0 for r in report.modules)
+    for r in report.modules:  # predict on the factors' own data: the EK-FAC mass the edit removes
+        assert abs(own.modules[r.name] - (1 - r.mass_fraction)) < 1e-9
+    restore(model)
 
 
 @pytest.mark.parametrize("model_type", sorted(MOE_ARCHITECTURES))

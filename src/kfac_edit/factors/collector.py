@@ -334,6 +334,11 @@ class FactorCollector:
         """Add the valid rows ``(n_valid, out)`` of projection ``index``'s output gradient to ``G``."""
         add_gram(self.factors.modules[self.projections[index].name].grad_sum, rows, upper=True)
 
+    def _add_expert_input(self, indices: list[int], rows: torch.Tensor) -> None:
+        """Add the rows ``(n_routed, in)`` routed to one expert to ``A`` of its projections ``indices`` (gate and up
+        share one)."""
+        add_gram(self.factors.modules[self.projections[indices[0]].name].activation_sum, rows, upper=True)
+
     def _tap_experts(self, indices: list[int]):
         """Per-expert factors of one experts module (:func:`kfac_edit.experts.tap_experts`): expert ``e``'s ``A``
         over the labelled rows routed to it, ``G`` over the gradients of its outputs at those rows."""
@@ -346,12 +351,12 @@ class FactorCollector:
         cols = {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}
 
         factors_of = {i: self.factors.modules[self.projections[i].name] for i in indices}  # i -> ModuleFactors
-        def gram_hook(targets: list[tuple[torch.Tensor, slice]], keep: torch.Tensor):
+        def gram_hook(members: list[tuple[str, int]], keep: torch.Tensor):
             def hook(grad: torch.Tensor) -> None:
                 with torch.no_grad():
                     rows = grad.index_select(0, keep)
-                    for grad_sum, columns in targets:
-                        add_gram(grad_sum, rows[:, columns], upper=True)
+                    for kind, i in members:
+                        self._add_grad(i, rows[:, cols[kind]])
 
             return hook
 
@@ -364,14 +369,13 @@ class FactorCollector:
             for _, i in split + down:  # per-expert row counts
                 factors_of[i].activation_tokens += int(keep.numel())
                 factors_of[i].grad_tokens += int(keep.numel())
-            with torch.no_grad():  # gate and up read x: one activation sum; down reads h
+            with torch.no_grad():  # gate and up read x; down reads h
                 for members, inputs in ((split, x), (down, h)):
                     if members:
-                        add_gram(factors_of[members[0][1]].activation_sum, inputs.detach().index_select(0, keep),
-                                 upper=True)  # fmt: skip
+                        self._add_expert_input([i for _, i in members], inputs.detach().index_select(0, keep))
             for outputs, members in ((gate_up_out, split), (down_out, down)):
                 if members and outputs.requires_grad:
-                    outputs.register_hook(gram_hook([(factors_of[i].grad_sum, cols[k]) for k, i in members], keep))
+                    outputs.register_hook(gram_hook(members, keep))
                     if block == self.lowest_block:
                         self._targets.append(outputs)
 

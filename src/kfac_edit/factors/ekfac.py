@@ -12,7 +12,8 @@ eigenbasis and takes the true second moment of the per-token weight gradient ``g
 count, so passes add up (:meth:`Ekfac.add_`). With one token, or ``A`` of rank one, the moment is ``λ_i·μ_j``
 exactly (tested); its total is ``E[|g|²|a|²]``, not ``tr(G)·tr(A)``. A biased layer whose factors are over
 ``[a; 1]`` (``--bias joint``) is rotated as ``[a; 1]`` too: its sums are ``(out, in + 1)`` and ``(in + 1,)``,
-the pairs of ``[W b]``. One process, no ranks.
+the pairs of ``[W b]``. A routed expert's rows are the labelled tokens routed to it (the collector's experts
+tap). One process, no ranks.
 
 Stored beside the factors (``kfac-edit collect --ekfac``): ``DIR/ekfac.safetensors`` holds ``"<module>.pair_sum"``
 and ``"<module>.activation_energy_sum"``; its header and ``manifest.json``'s ``"ekfac"`` entry record per module
@@ -188,13 +189,20 @@ class EkfacCollector(FactorCollector):
             self.energy_sums[p.name] = torch.zeros(p.factor_shape[1], dtype=dtype, device=device)
 
     def _add_input(self, index: int, x: torch.Tensor) -> None:
-        projection = self.projections[index]
-        name = projection.name
-        dtype = self.pair_sums[name].dtype
-        rows = self._rows(x).to(dtype)
-        if projection.homogeneous:  # [a; 1], as the factors' A
+        rows = self._rows(x)
+        if self.projections[index].homogeneous:  # [a; 1], as the factors' A
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        squared = (rows @ self.bases[name][1].vectors_as(dtype)).square_()
+        self._rotate(index, rows)
+
+    def _add_expert_input(self, indices: list[int], rows: torch.Tensor) -> None:
+        for index in indices:
+            self._rotate(index, rows)
+
+    def _rotate(self, index: int, rows: torch.Tensor) -> None:
+        """Add ``(U_Aᵀ a)²`` of ``rows`` to the energy sum and keep it for the gradient of the same rows."""
+        name = self.projections[index].name
+        dtype = self.pair_sums[name].dtype
+        squared = (rows.to(dtype) @ self.bases[name][1].vectors_as(dtype)).square_()
         self.energy_sums[name] += squared.sum(0)
         self._rotated[name] = squared
 
