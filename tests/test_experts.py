@@ -134,6 +134,42 @@ def test_per_expert_ekfac_equals_a_brute_force_and_edits(model_type):
     restore(model)
 
 
+def test_bsn_learns_masks_of_routed_experts():
+    """--method bsn on experts: the masked fused parameters enter the forward (the masks move with the learning
+    rate), and the edit writes W ⊙ M into the targets' slices of the fused tensors only."""
+    from dataclasses import replace
+
+    from kfac_edit.bsn import BsnConfig, BsnData, BsnInputs, learn_masks
+    from kfac_edit.experts import expert_weight
+
+    model = eager_fp64("olmoe")
+    g = torch.Generator().manual_seed(0)
+    data = BsnData(forget=[torch.randint(1, 60, (12,), generator=g).tolist() for _ in range(4)],
+                   clean=[torch.randint(1, 60, (12,), generator=g).tolist() for _ in range(4)])  # fmt: skip
+    targets = [(p, 0.5) for p in find_projections(model, layers=[1], projections=["up", "down"])]
+    assert len(targets) == 8 and all(p.expert is not None for p, _ in targets)
+    config = BsnConfig(epochs=2, batch_size=4)
+    # a random tiny model's loss barely depends on any one entry: a huge step makes every expert's ranking move
+    moving = learn_masks(model, targets, data, replace(config, lr=1e5, weight_decay=0.0), progress=False)
+    frozen = learn_masks(model, targets, data, replace(config, lr=1e-12), progress=False)  # ~ the initial scores
+    assert all(not torch.equal(moving[p.name], frozen[p.name]) for p, _ in targets)  # every expert got gradients
+    expected = learn_masks(model, targets, data, config, progress=False)  # seeded: the edit's own masks
+    before = {n: t.detach().clone() for n, t in model.named_parameters()}
+    views = {p.name: p.module.weight.detach().clone() for p, _ in targets}
+    report = apply_edit(model, None, EditSpec({(1, "up"): 0.5, (1, "down"): 0.5}, method="bsn"),
+                        bsn=BsnInputs(data, config))  # fmt: skip
+    assert len(report.modules) == 8
+    changed = {n for n, t in model.named_parameters() if not torch.equal(t, before[n])}
+    assert changed == {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"}
+    for p, _ in targets:
+        assert torch.equal(expert_weight(model, p.name), views[p.name] * expected[p.name])
+    gate = expert_weight(model, "model.layers.1.mlp.experts.0.gate")
+    inter = gate.shape[0]
+    assert torch.equal(gate, before["model.layers.1.mlp.experts.gate_up_proj"][0, :inter])  # not a target
+    restore(model)
+    assert all(torch.equal(t, before[n]) for n, t in model.named_parameters())
+
+
 @pytest.mark.parametrize("model_type", sorted(MOE_ARCHITECTURES))
 def test_moe_collect_edit_save_reload_changes_only_the_requested_blocks_experts(model_type, tmp_path):
     from transformers import AutoModelForCausalLM

@@ -185,11 +185,15 @@ def learn_masks(model: nn.Module, targets: Sequence[tuple], data: BsnData, confi
     gen = torch.Generator().manual_seed(int(config.seed))
     weights, scores, keeps = {}, {}, {}
     for proj, keep in targets:
-        w = weights[proj.name] = proj.module.weight.detach()
+        w = weights[proj.name] = proj.module.weight.detach()  # an expert's: its (out, in) view of the fused tensor
         bound = 1.0 / math.sqrt(proj.shape[1])  # fan_in: W is (out, in)
         s = (torch.rand(w.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
         scores[proj.name] = s.to(device).requires_grad_(True)
         keeps[proj.name] = float(keep)
+    with torch.no_grad():  # functional_call(strict=False) would ignore a name that is not a parameter
+        unknown = set(_masked_parameters(targets, weights, scores, keeps)) - {n for n, _ in model.named_parameters()}
+    if unknown:
+        raise RuntimeError(f"bsn: no model parameter named {sorted(unknown)[0]}")
     optimizer = torch.optim.SGD(list(scores.values()), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     examples = [(s, True) for s in data.forget] + [(s, False) for s in data.clean]
@@ -208,8 +212,7 @@ def learn_masks(model: nn.Module, targets: Sequence[tuple], data: BsnData, confi
                 chunk = [examples[i] for i in order[start : start + config.batch_size]]
                 ids, mask = (t.to(device) for t in pad_right([s for s, _ in chunk]))  # padding: masked out
                 is_forget = torch.tensor([f for _, f in chunk], device=device)
-                masked = {f"{name}.weight": weights[name] * mask_of(scores[name], keeps[name]).to(weights[name].dtype)
-                          for name in scores}
+                masked = _masked_parameters(targets, weights, scores, keeps)
                 logits = functional_call(model, masked, args=(), kwargs={"input_ids": ids, "attention_mask": mask},
                                          strict=False).logits
                 losses = sequence_losses(logits, ids, mask)
@@ -230,6 +233,26 @@ def learn_masks(model: nn.Module, targets: Sequence[tuple], data: BsnData, confi
         model.train(was_training)
     with torch.no_grad():
         return {name: mask_of(scores[name], keeps[name]).to(torch.bool) for name in scores}
+
+
+def _masked_parameters(targets, weights: dict, scores: dict, keeps: dict) -> dict[str, torch.Tensor]:
+    """``{parameter name: W ⊙ M}`` for ``torch.func.functional_call``. A routed expert's matrix is a slice of its
+    block's fused ``gate_up_proj`` / ``down_proj``: that parameter enters whole, masked where its targets are."""
+    masked: dict[str, torch.Tensor] = {}
+    for proj, _ in targets:
+        mask = mask_of(scores[proj.name], keeps[proj.name]).to(weights[proj.name].dtype)
+        if proj.expert is None:
+            masked[f"{proj.name}.weight"] = weights[proj.name] * mask
+            continue
+        experts = proj.module.experts
+        fused_name = "down_proj" if proj.kind == "down" else "gate_up_proj"
+        key = f"{proj.name.rsplit('.', 2)[0]}.{fused_name}"
+        if key not in masked:
+            masked[key] = getattr(experts, fused_name).detach().clone()
+        inter = experts.gate_up_proj.shape[1] // 2
+        rows = {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}[proj.kind]
+        masked[key][proj.expert, rows] = weights[proj.name] * mask  # autograd reaches the scores through the slice
+    return masked
 
 
 def masked_weight(proj, mask: torch.Tensor) -> torch.Tensor:
