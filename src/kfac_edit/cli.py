@@ -19,8 +19,16 @@ from .progress import switch_off
 COMMANDS = ("demo", "collect", "import-factors", "edit", "predict", "eval", "find-memorized", "run", "sweep", "report")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (subcommands' too), but a usage mistake is one line, not the usage text: ``PROG: error:
+    MESSAGE; see PROG --help``, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kfac-edit", description="Remove rote memorization from a causal LM by "
+    parser = _Parser(prog="kfac-edit", description="Remove rote memorization from a causal LM by "
                                      "editing its MLP weights along K-FAC curvature.")
     parser.add_argument("--version", action="version", version=f"kfac-edit {__version__}")
     _add_verbosity(parser, False)

@@ -188,6 +188,18 @@ def check_output(path: str | os.PathLike | None, kind: str = "dir", flag: str = 
     return out
 
 
+def check_not_input(output: str | os.PathLike | None, flag: str, inputs: dict[str, Any]) -> None:
+    """Refuse an output that is also an existing input (``inputs``: flag -> a path, a list of them, or None): writing
+    it would overwrite, or append to, what the command reads."""
+    if output is None:
+        return
+    out = Path(output).expanduser().resolve()
+    for name, paths in inputs.items():
+        for path in paths if isinstance(paths, (list, tuple)) else [paths]:
+            if path and Path(path).expanduser().exists() and Path(path).expanduser().resolve() == out:
+                raise UserError(f"{flag} {output} is also the {name} input; give the output another path")
+
+
 _HELD_LOCKS: set[Path] = set()  # the lock files this process holds
 
 

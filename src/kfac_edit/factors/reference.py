@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError, first_line
+from ..errors import UserError, load_failure
 from ..fileio import utc_timestamp
 from ..models import PROJECTIONS
 from .store import Factors
@@ -37,7 +37,7 @@ def read_reference(path: str | os.PathLike) -> dict[tuple[int, str], dict[str, A
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, unsafe globals: all mean "not a factor file"
-        raise UserError(f"cannot read '{path}' as a torch factor file: {first_line(exc)}") from None
+        raise UserError(f"cannot read '{path}' as a torch factor file: {load_failure(exc)}") from None
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"'{path}' holds no factor dict; expected {{'blk<i>.<gate|up|down>': {{'A', 'G', 'n_tokens'}}}}")
     out: dict[tuple[int, str], dict[str, Any]] = {}
