@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,11 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise UserError(f"unknown --device '{device}'; use cpu, cuda, cuda:N or auto") from None
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown --device '{device}'; use cpu, cuda, cuda:N or auto")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but this machine has no MPS device; use --device cpu")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
@@ -430,8 +434,13 @@ def resolve_dtype(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "a
 
 def _from_pretrained(load: Callable, name_or_path: str | os.PathLike, what: str, hint: str = "", **kwargs):
     """``load(name_or_path, **kwargs)``; a missing or unreadable model is one line, ``cannot load {what}: ...``."""
+    from safetensors import SafetensorError
+
     try:
         return load(os.fspath(name_or_path), **kwargs)
+    except SafetensorError as exc:  # a truncated or damaged model.safetensors
+        raise UserError(f"cannot load {what}: a weights file is damaged ({first_line(exc)}); save or download the "
+                        "model again") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load {what}: {str(exc).splitlines()[0]}{hint}") from None
 
