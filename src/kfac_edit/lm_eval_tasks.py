@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -190,8 +191,8 @@ def check_lm_eval_args(args) -> None:
     _import_lm_eval()
     if args.lm_eval_include and not os.path.isdir(args.lm_eval_include):
         raise UserError(f"--lm-eval-include {args.lm_eval_include} is not a directory; give a directory of task YAMLs")
-    if args.lm_eval_limit is not None and not args.lm_eval_limit > 0:
-        raise UserError(f"--lm-eval-limit {args.lm_eval_limit} must be positive")
+    if args.lm_eval_limit is not None and not 0 < args.lm_eval_limit < math.inf:
+        raise UserError(f"--lm-eval-limit {args.lm_eval_limit} must be a positive number (documents, or a share < 1)")
 
 
 def run_lm_eval_from_args(args) -> dict[str, Any] | None:
