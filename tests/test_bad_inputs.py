@@ -614,6 +614,12 @@ def _audit_cases(env, tmp: Path) -> dict[str, Callable[[], Case]]:
         "collect --out is the --model directory": lambda: Case(
             [*collect, "--model", (model := _copied(env, tmp, "model")), "--out", model], "also the --model input",
             [model]),
+        "eval --out is a factor manifest (appended to: not JSONL)": lambda: Case(
+            [*evaluate, "--memorized", env["mem"], "--out", (manifest := _copied(env, tmp, "factors") / MANIFEST_FILE)],
+            "exists and is not JSONL", [manifest]),
+        "run --results is a binary file": lambda: Case(
+            [*run, "--memorized", env["mem"], "--out", out, "--results", _write(tmp / "r.bin", "\x00\x01")],
+            "--results", [tmp / "r.bin", out]),
         # checked before the work, not after it (before: a traceback once the prediction was done)
         "predict --out is a directory": lambda: Case([*predict, "--data", env["mem"], "--out", a_dir],
                                                      "is a directory", [a_dir]),
@@ -681,7 +687,8 @@ def _truncated_weights(model_dir: Path) -> Path:
 AUDIT_CASES = ["eval --out is the --memorized file", "run --results is the --memorized file",
                "run --out is the --model directory", "sweep --out is the --factors directory",
                "find-memorized --out is the --data file, with --overwrite", "predict --out is the --data file",
-               "collect --out is the --model directory", "predict --out is a directory", "sweep --capability missing",
+               "collect --out is the --model directory", "eval --out is a factor manifest (appended to: not JSONL)",
+               "run --results is a binary file", "predict --out is a directory", "sweep --capability missing",
                "collect --dist-timeout nan", "collect --memory-budget 1e400GB", "eval --ndcg-k past the vocabulary",
                "eval --lm-eval-limit inf", "report --ppl-budget inf", "edit layers file with a non-integer seed",
                "edit layers JSON with a block twice", "edit layers JSON with a block twice, spelt apart",

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = eval_config_from_args(args, args.out)
     ours = bool(config.memorized or config.quotes or config.perplexity_data or config.ndcg_data)
-    with writing((args.out, "file"), reads=inputs_of(args, "--model", *EVAL_INPUTS)):
+    with writing((args.out, "jsonl"), reads=inputs_of(args, "--model", *EVAL_INPUTS)):
         lm_eval_tasks.check_lm_eval_args(args)
         if ours or not args.lm_eval_tasks:  # with only --lm-eval-tasks, our suite has nothing to do
             rows, positions = model_limits(check_causal_lm(args.model))  # embedding rows, context length

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     config = eval_config_from_args(args, out=None)
     paths = RunPaths(args.out, args.results)
     reads = inputs_of(args, "--model", "--factors", "--layers-file", "--forget", "--clean-data", *EVAL_INPUTS)
-    with writing((paths.out_dir, "dir"), (paths.results, "file", "--results"), reads=reads):
+    with writing((paths.out_dir, "dir"), (paths.results, "jsonl", "--results"), reads=reads):
         lm_eval_tasks.check_lm_eval_args(args)
         summary = run_workflow(args.model, spec, args.factors, config, args.out, results=args.results,
                                skip_baseline=args.skip_baseline, dtype=args.dtype, device=args.device,
