@@ -645,6 +645,15 @@ def _audit_cases(env, tmp: Path) -> dict[str, Callable[[], Case]]:
             [*edit, "--layers-json", '{"0": {"gate": 0.5}, "0": {"up": 0.5}}'], "gives '0' twice", [out]),
         "edit layers JSON with a block twice, spelt apart": lambda: Case(
             [*edit, "--layers-json", '{"0": {"gate": 0.5}, "00": {"up": 0.5}}'], "gives block 0 twice", [out]),
+        "collect --modules with a kind twice": lambda: Case(  # before: up_proj collected as gate_proj, silently
+            [*collect, "--model", env["model"], "--out", out, "--modules", "up=mlp.up_proj,up=mlp.gate_proj"],
+            "names kind 'up' twice", [out]),
+        "collect --modules with a path twice": lambda: Case(
+            [*collect, "--model", env["model"], "--out", out, "--modules", "gate=mlp.up_proj,up=mlp.up_proj"],
+            "names path 'mlp.up_proj' twice", [out]),
+        "sweep --capability is the --memorized file": lambda: Case(
+            [*sweep, "--memorized", env["mem"], "--capability", env["mem"], "--out", out], "also a --memorized set",
+            [out]),
         # devices, caches, files of the wrong kind
         "collect --device bogus": lambda: Case([*collect, "--model", env["model"], "--out", out, "--device", "bogus"],
                                                "unknown --device 'bogus'", [out]),
@@ -692,6 +701,8 @@ AUDIT_CASES = ["eval --out is the --memorized file", "run --results is the --mem
                "collect --dist-timeout nan", "collect --memory-budget 1e400GB", "eval --ndcg-k past the vocabulary",
                "eval --lm-eval-limit inf", "report --ppl-budget inf", "edit layers file with a non-integer seed",
                "edit layers JSON with a block twice", "edit layers JSON with a block twice, spelt apart",
+               "collect --modules with a kind twice", "collect --modules with a path twice",
+               "sweep --capability is the --memorized file",
                "collect --device bogus", "edit --device meta", "edit --cache-dir is a file",
                "demo --cache-dir is a file", "edit model with truncated weights", "collect empty --data file",
                "eval empty --perplexity-data file", "eval --perplexity-data .pt that is no torch file",

@@ -28,8 +28,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kfac-edit", description="Remove rote memorization from a causal LM by "
-                                     "editing its MLP weights along K-FAC curvature.")
+    parser = _Parser(prog="kfac-edit", description="Remove rote memorization from a causal LM by editing its MLP "
+                     "weights along K-FAC curvature.")
     parser.add_argument("--version", action="version", version=f"kfac-edit {__version__}")
     _add_verbosity(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

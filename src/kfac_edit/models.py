@@ -288,6 +288,9 @@ def parse_modules_option(text: str) -> dict[str, str]:
         kind, path = (s.strip() for s in part.split("=", 1))
         if kind not in PROJECTIONS:
             raise UserError(f"--modules kind '{kind}' is unknown; use one of {', '.join(PROJECTIONS)}")
+        if kind in out or path in out.values():  # the later one silently won: a layer collected as another kind
+            what = f"kind '{kind}'" if kind in out else f"path '{path}'"
+            raise UserError(f"--modules names {what} twice; give each kind one path, e.g. up=mlp.fc_in,down=mlp.fc_out")
         out[kind] = path
     return out
 

@@ -302,6 +302,10 @@ def check_sweep_configs(config: SweepConfig, eval_config) -> None:
         raise UserError("the sweep needs a memorized set to measure: pass --memorized FILE")
     if not eval_config.perplexity_data:
         raise UserError("the sweep needs --perplexity-data SOURCE: the best point is chosen within a perplexity budget")
+    memorized = {Path(p).resolve() for p in eval_config.memorized}
+    both = next((p for p in config.capability if Path(p).resolve() in memorized), None)
+    if both is not None:
+        raise UserError(f"--capability {both} is also a --memorized set; give a file as one or the other")
 
 
 def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, eval_config,

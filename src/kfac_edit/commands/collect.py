@@ -15,9 +15,9 @@ from pathlib import Path
 from ..constants import EKFAC_FILE
 from ..factors.collect import CollectConfig, collect_factors
 from ..factors.distributed import RankFailure
+from ..fileio import check_not_input
 from ..models import BIAS_MODES, DTYPE_CHOICES
 from ..spec import LABEL_MODES
-from ..fileio import check_not_input
 from . import add_field_options, inputs_of
 
 HELP = "collect K-FAC factors (A, G) of MLP projections over a corpus"
