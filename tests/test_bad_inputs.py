@@ -728,7 +728,7 @@ def test_usage_mistakes_are_one_line_too(capsys, argv, expect):
         main(argv)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(lines) == 1, lines
-    assert expect in lines[0] and lines[0].endswith(" --help") and lines[0].startswith("kfac-edit")
+    assert expect in lines[0] and lines[0].endswith(" --help") and lines[0].startswith("kfac-edit: error: ")
 
 
 def test_lm_eval_without_the_hub_is_one_line(env, tmp_path, capsys, monkeypatch):

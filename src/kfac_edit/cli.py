@@ -20,11 +20,11 @@ COMMANDS = ("demo", "collect", "import-factors", "edit", "predict", "eval", "fin
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's parser (subcommands' too), but a usage mistake is one line, not the usage text: ``PROG: error:
-    MESSAGE; see PROG --help``, exit code 2."""
+    """argparse's parser (subcommands' too), but a usage mistake is one line like every other error, not the usage
+    text: ``kfac-edit: error: MESSAGE; see PROG --help``, exit code 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        self.exit(2, f"kfac-edit: error: {message}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:  # pragma: no cover - the console script and `python -m`
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while the commands are still being imported, before main's own handler
+        print("kfac-edit: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover
