@@ -661,6 +661,11 @@ def _audit_cases(env, tmp: Path) -> dict[str, Callable[[], Case]]:
                                            "unknown --device 'meta'", [out]),
         "edit --cache-dir is a file": lambda: Case([*edit, "--layers-json", LAYERS, "--cache-dir", env["corpus"]],
                                                    "--cache-dir", [out]),
+        "eval --model is a factor directory": lambda: Case([*evaluate, "--memorized", env["mem"], "--model",
+                                                            env["factors"]], "is a factor directory", []),
+        "eval --memorized is a directory": lambda: Case([*evaluate, "--memorized", a_dir], "is a directory", [a_dir]),
+        "import-factors OLD.pt is a factor directory": lambda: Case(["import-factors", env["factors"], "--out", out],
+                                                                    "is a directory", [out]),
         "demo --cache-dir is a file": lambda: Case(["demo", "--quick", "--out", out, "--cache-dir", env["corpus"]],
                                                    "--cache-dir", [out]),
         "edit model with truncated weights": lambda: Case(
@@ -704,7 +709,8 @@ AUDIT_CASES = ["eval --out is the --memorized file", "run --results is the --mem
                "collect --modules with a kind twice", "collect --modules with a path twice",
                "sweep --capability is the --memorized file",
                "collect --device bogus", "edit --device meta", "edit --cache-dir is a file",
-               "demo --cache-dir is a file", "edit model with truncated weights", "collect empty --data file",
+               "eval --model is a factor directory", "eval --memorized is a directory",
+               "import-factors OLD.pt is a factor directory", "demo --cache-dir is a file", "edit model with truncated weights", "collect empty --data file",
                "eval empty --perplexity-data file", "eval --perplexity-data .pt that is no torch file",
                "import-factors a text file", "report empty results.jsonl", "report plots is a file"]  # fmt: skip
 

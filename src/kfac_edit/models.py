@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .constants import MANIFEST_FILE, TENSORS_FILE
 from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
@@ -439,6 +440,9 @@ def _from_pretrained(load: Callable, name_or_path: str | os.PathLike, what: str,
     """``load(name_or_path, **kwargs)``; a missing or unreadable model is one line, ``cannot load {what}: ...``."""
     from safetensors import SafetensorError
 
+    if all(os.path.isfile(os.path.join(name_or_path, name)) for name in (TENSORS_FILE, MANIFEST_FILE)):
+        raise UserError(f"cannot load {what}: {name_or_path} is a factor directory (what `kfac-edit collect` writes), "
+                        "not a model; give it as --factors and a model directory or hub id as the model")
     try:
         return load(os.fspath(name_or_path), **kwargs)
     except SafetensorError as exc:  # a truncated or damaged model.safetensors

@@ -33,7 +33,8 @@ def read_reference(path: str | os.PathLike) -> dict[tuple[int, str], dict[str, A
     """Read and check a reference ``.pt`` file: ``{(block, kind): {"A", "G", "n_tokens"}}``."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"reference factor file '{path}' does not exist; give the .pt file the reference tool wrote")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"reference factor file '{path}' {what}; give the .pt file the reference tool wrote")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, unsafe globals: all mean "not a factor file"
