@@ -710,7 +710,8 @@ AUDIT_CASES = ["eval --out is the --memorized file", "run --results is the --mem
                "sweep --capability is the --memorized file",
                "collect --device bogus", "edit --device meta", "edit --cache-dir is a file",
                "eval --model is a factor directory", "eval --memorized is a directory",
-               "import-factors OLD.pt is a factor directory", "demo --cache-dir is a file", "edit model with truncated weights", "collect empty --data file",
+               "import-factors OLD.pt is a factor directory", "demo --cache-dir is a file",
+               "edit model with truncated weights", "collect empty --data file",
                "eval empty --perplexity-data file", "eval --perplexity-data .pt that is no torch file",
                "import-factors a text file", "report empty results.jsonl", "report plots is a file"]  # fmt: skip
 
@@ -746,8 +747,8 @@ def test_lm_eval_without_the_hub_is_one_line(env, tmp_path, capsys, monkeypatch)
     def offline(**_):
         raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (LocalEntryNotFoundError)")
 
-    monkeypatch.setattr(lm_eval_tasks, "_import_lm_eval", lambda: SimpleNamespace(simple_evaluate=offline,
-                                                                                  tasks=SimpleNamespace(TaskManager=None)))
+    fake = SimpleNamespace(simple_evaluate=offline, tasks=SimpleNamespace(TaskManager=None))
+    monkeypatch.setattr(lm_eval_tasks, "_import_lm_eval", lambda: fake)
     monkeypatch.setattr(lm_eval_tasks, "_task_manager", lambda *a: None)
     out = tmp_path / "r.jsonl"
     argv = ["eval", "--model", env["model"], "--lm-eval-tasks", "hellaswag", "--device", "cpu", "--out", out]

@@ -440,7 +440,10 @@ def _from_pretrained(load: Callable, name_or_path: str | os.PathLike, what: str,
     """``load(name_or_path, **kwargs)``; a missing or unreadable model is one line, ``cannot load {what}: ...``."""
     from safetensors import SafetensorError
 
-    if all(os.path.isfile(os.path.join(name_or_path, name)) for name in (TENSORS_FILE, MANIFEST_FILE)):
+    def holds(name: str) -> bool:
+        return os.path.isfile(os.path.join(name_or_path, name))
+
+    if holds(TENSORS_FILE) and holds(MANIFEST_FILE) and not holds("config.json"):
         raise UserError(f"cannot load {what}: {name_or_path} is a factor directory (what `kfac-edit collect` writes), "
                         "not a model; give it as --factors and a model directory or hub id as the model")
     try:

@@ -129,7 +129,7 @@ def _parse_experts(block: int, per_expert: Any) -> dict[tuple[int, int, str], fl
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads``' object hook: a key given twice (``{"0": ..., "0": ...}``, the last silently winning) is refused."""
+    """``json.loads``' object hook: a key given twice (``{"0": ..., "0": ...}``: the last won, silently) is refused."""
     keys = [key for key, _ in pairs]
     twice = next((key for key in keys if keys.count(key) > 1), None)
     if twice is not None:
