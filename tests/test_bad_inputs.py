@@ -569,6 +569,203 @@ def test_resume_with_other_layers_names_the_modules(env, tmp_path, capsys):
     assert diff.startswith("collected modules (--layers") and "weights" not in diff
 
 
+# ------------------------------------------------------------------------- outputs that are inputs, values, devices
+def _copied(env, tmp: Path, key: str) -> Path:
+    """A private copy of ``env[key]`` (file or directory): a case that would damage an input damages only this."""
+    dest = tmp / f"copy-{env[key].name}"
+    (shutil.copytree if env[key].is_dir() else shutil.copy)(env[key], dest)
+    return dest
+
+
+def _audit_cases(env, tmp: Path) -> dict[str, Callable[[], Case]]:
+    """Each case made when called: only the one a test runs copies what it damages."""
+    out = tmp / "out"
+    empty, not_pt, a_dir = tmp / "empty.jsonl", tmp / "text.pt", tmp / "a-dir"
+    empty.write_text("")
+    not_pt.write_text('{"blk0.gate": 1}')
+    a_dir.mkdir()
+    collect = ["collect", "--data", env["corpus"], "--tokens", "100", "--seq-len", "32", "--device", "cpu"]
+    edit = ["edit", "--model", env["model"], "--factors", env["factors"], "--out", out, "--device", "cpu"]
+    evaluate = ["eval", "--model", env["model"], *EVAL]
+    run = ["run", "--model", env["model"], "--factors", env["factors"], "--layers-json", LAYERS, *EVAL]
+    sweep = ["sweep", "--model", env["model"], "--factors", env["factors"], "--perplexity-data", env["corpus"], *EVAL,
+             "--blocks", "0", "--max-combo", "1", "--keep-mass", "0.5", "--holdout-fraction", "0"]  # fmt: skip
+    predict = ["predict", "--model", env["model"], "--factors", env["factors"], "--layers-json", LAYERS, "--device",
+               "cpu"]  # fmt: skip
+    cases: dict[str, Callable[[], Case]] = {
+        # an output that is also an input: before, appended to, replaced or filled with the command's files
+        "eval --out is the --memorized file": lambda: Case(
+            [*evaluate, "--memorized", (mem := _copied(env, tmp, "mem")), "--out", mem], "also the --memorized input",
+            [mem]),
+        "run --results is the --memorized file": lambda: Case(
+            [*run, "--memorized", (mem := _copied(env, tmp, "mem")), "--out", out, "--results", mem],
+            "--results", [mem, out]),
+        "run --out is the --model directory": lambda: Case(
+            [*run, "--memorized", env["mem"], "--model", (model := _copied(env, tmp, "model")), "--out", model],
+            "also the --model input", [model]),
+        "sweep --out is the --factors directory": lambda: Case(
+            [*sweep, "--memorized", env["mem"], "--factors", (factors := _copied(env, tmp, "factors")), "--out",
+             factors], "also the --factors input", [factors]),
+        "find-memorized --out is the --data file, with --overwrite": lambda: Case(
+            ["find-memorized", "--model", env["model"], "--data", (corpus := _copied(env, tmp, "corpus")), "--out",
+             corpus, "--overwrite", "--device", "cpu"], "also the --data input", [corpus]),
+        "predict --out is the --data file": lambda: Case(
+            [*predict, "--data", (mem := _copied(env, tmp, "mem")), "--out", mem], "also the --data input", [mem]),
+        "collect --out is the --model directory": lambda: Case(
+            [*collect, "--model", (model := _copied(env, tmp, "model")), "--out", model], "also the --model input",
+            [model]),
+        "eval --out is a factor manifest (appended to: not JSONL)": lambda: Case(
+            [*evaluate, "--memorized", env["mem"], "--out", (manifest := _copied(env, tmp, "factors") / MANIFEST_FILE)],
+            "exists and is not JSONL", [manifest]),
+        "run --results is a binary file": lambda: Case(
+            [*run, "--memorized", env["mem"], "--out", out, "--results", _write(tmp / "r.bin", "\x00\x01")],
+            "--results", [tmp / "r.bin", out]),
+        # checked before the work, not after it (before: a traceback once the prediction was done)
+        "predict --out is a directory": lambda: Case([*predict, "--data", env["mem"], "--out", a_dir],
+                                                     "is a directory", [a_dir]),
+        "sweep --capability missing": lambda: Case([*sweep, "--memorized", env["mem"], "--out", out, "--capability",
+                                                    tmp / "nothing.jsonl"], "does not exist", [out]),
+        # values
+        "collect --dist-timeout nan": lambda: Case([*collect, "--model", env["model"], "--out", out, "--dist-timeout",
+                                                    "nan"], "--dist-timeout must be a positive number", [out]),
+        "collect --memory-budget 1e400GB": lambda: Case([*collect, "--model", env["model"], "--out", out,
+                                                         "--memory-budget", "1e400GB"], "cannot read the size", [out]),
+        "eval --ndcg-k past the vocabulary": lambda: Case(
+            [*evaluate, "--ndcg-data", env["corpus"], "--reference-model", env["model"], "--ndcg-k", "100000"],
+            "--ndcg-k 100000 exceeds the model's vocabulary of 64 tokens"),
+        "eval --lm-eval-limit inf": lambda: Case([*evaluate, "--lm-eval-tasks", "x", "--lm-eval-limit", "inf"],
+                                                 "--lm-eval-limit inf must be a positive number"),
+        "report --ppl-budget inf": lambda: Case(["report", a_dir, "--ppl-budget", "inf"], "--ppl-budget must be a "
+                                                "positive number", [a_dir]),
+        "edit layers file with a non-integer seed": lambda: Case(
+            [*edit, "--layers-file", _write(tmp / "l.json", '{"method": "random", "seed": "x", "layers": '
+                                                             '{"0": {"gate": 0.5}}}')],
+            "seed must be an integer", [out]),
+        "edit layers JSON with a block twice": lambda: Case(
+            [*edit, "--layers-json", '{"0": {"gate": 0.5}, "0": {"up": 0.5}}'], "gives '0' twice", [out]),
+        "edit layers JSON with a block twice, spelt apart": lambda: Case(
+            [*edit, "--layers-json", '{"0": {"gate": 0.5}, "00": {"up": 0.5}}'], "gives block 0 twice", [out]),
+        "collect --modules with a kind twice": lambda: Case(  # before: up_proj collected as gate_proj, silently
+            [*collect, "--model", env["model"], "--out", out, "--modules", "up=mlp.up_proj,up=mlp.gate_proj"],
+            "names kind 'up' twice", [out]),
+        "collect --modules with a path twice": lambda: Case(
+            [*collect, "--model", env["model"], "--out", out, "--modules", "gate=mlp.up_proj,up=mlp.up_proj"],
+            "names path 'mlp.up_proj' twice", [out]),
+        "sweep --capability is the --memorized file": lambda: Case(
+            [*sweep, "--memorized", env["mem"], "--capability", env["mem"], "--out", out], "also a --memorized set",
+            [out]),
+        # devices, caches, files of the wrong kind
+        "collect --device bogus": lambda: Case([*collect, "--model", env["model"], "--out", out, "--device", "bogus"],
+                                               "unknown --device 'bogus'", [out]),
+        "edit --device meta": lambda: Case([*edit, "--layers-json", LAYERS, "--device", "meta"],
+                                           "unknown --device 'meta'", [out]),
+        "edit --cache-dir is a file": lambda: Case([*edit, "--layers-json", LAYERS, "--cache-dir", env["corpus"]],
+                                                   "--cache-dir", [out]),
+        "eval --model is a factor directory": lambda: Case([*evaluate, "--memorized", env["mem"], "--model",
+                                                            env["factors"]], "is a factor directory", []),
+        "eval --memorized is a directory": lambda: Case([*evaluate, "--memorized", a_dir], "is a directory", [a_dir]),
+        "import-factors OLD.pt is a factor directory": lambda: Case(["import-factors", env["factors"], "--out", out],
+                                                                    "is a directory", [out]),
+        "demo --cache-dir is a file": lambda: Case(["demo", "--quick", "--out", out, "--cache-dir", env["corpus"]],
+                                                   "--cache-dir", [out]),
+        "edit model with truncated weights": lambda: Case(
+            [*edit[:2], _truncated_weights(_copied(env, tmp, "model")), *edit[3:], "--layers-json", LAYERS],
+            "a weights file is damaged", [out]),
+        "collect empty --data file": lambda: Case([*collect[:1], "--data", empty, *collect[3:], "--model",
+                                                   env["model"], "--out", out], f"'{empty}' holds no documents", [out]),
+        "eval empty --perplexity-data file": lambda: Case([*evaluate, "--perplexity-data", empty],
+                                                          f"'{empty}' holds no documents"),
+        "eval --perplexity-data .pt that is no torch file": lambda: Case(
+            [*evaluate, "--perplexity-data", not_pt], "it is not a file torch.save wrote"),
+        "import-factors a text file": lambda: Case(["import-factors", not_pt, "--out", out],
+                                                   "it is not a file torch.save wrote", [out]),
+        "report empty results.jsonl": lambda: Case(["report", _write(a_dir / "results.jsonl", "").parent],
+                                                   "holds no results", [a_dir]),
+        "report plots is a file": lambda: Case(["report", _write(a_dir / "plots", "not a directory").parent],
+                                               "plots is a file", [a_dir]),
+    }
+    return cases
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _truncated_weights(model_dir: Path) -> Path:
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return model_dir
+
+
+AUDIT_CASES = ["eval --out is the --memorized file", "run --results is the --memorized file",
+               "run --out is the --model directory", "sweep --out is the --factors directory",
+               "find-memorized --out is the --data file, with --overwrite", "predict --out is the --data file",
+               "collect --out is the --model directory", "eval --out is a factor manifest (appended to: not JSONL)",
+               "run --results is a binary file", "predict --out is a directory", "sweep --capability missing",
+               "collect --dist-timeout nan", "collect --memory-budget 1e400GB", "eval --ndcg-k past the vocabulary",
+               "eval --lm-eval-limit inf", "report --ppl-budget inf", "edit layers file with a non-integer seed",
+               "edit layers JSON with a block twice", "edit layers JSON with a block twice, spelt apart",
+               "collect --modules with a kind twice", "collect --modules with a path twice",
+               "sweep --capability is the --memorized file",
+               "collect --device bogus", "edit --device meta", "edit --cache-dir is a file",
+               "eval --model is a factor directory", "eval --memorized is a directory",
+               "import-factors OLD.pt is a factor directory", "demo --cache-dir is a file",
+               "edit model with truncated weights", "collect empty --data file",
+               "eval empty --perplexity-data file", "eval --perplexity-data .pt that is no torch file",
+               "import-factors a text file", "report empty results.jsonl", "report plots is a file"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", AUDIT_CASES)
+def test_bad_inputs_after_the_cli_refactor_are_one_line(env, tmp_path, capsys, name):
+    """Found by the bad-input audit of the generated CLI: each was a traceback, exit 0 with damage (an input
+    appended to or filled with outputs), a partial output, or a paragraph."""
+    check_refused(_audit_cases(env, tmp_path)[name](), capsys)
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["collect", "--model", "m", "--data", "d", "--out", "o", "--tokens", "abc"], "argument --tokens: invalid int"),
+    (["sweep", "--model", "m", "--memorized"], "argument --memorized: expected at least one argument"),
+    (["edit", "--model", "m", "--out", "o", "--layers-json", "{}", "--layers-file", "f"], "not allowed with"),
+    (["no-such-command"], "invalid choice: 'no-such-command'"),
+])  # fmt: skip
+def test_usage_mistakes_are_one_line_too(capsys, argv, expect):
+    """argparse's own errors: one line naming the command's --help, not the whole usage text (28 lines for sweep)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(lines) == 1, lines
+    assert expect in lines[0] and lines[0].endswith(" --help") and lines[0].startswith("kfac-edit: error: ")
+
+
+def test_lm_eval_without_the_hub_is_one_line(env, tmp_path, capsys, monkeypatch):
+    """A task whose dataset is on an unreachable hub: datasets' ConnectionError was a traceback."""
+    from types import SimpleNamespace
+
+    from kfac_edit import lm_eval_tasks
+
+    def offline(**_):
+        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (LocalEntryNotFoundError)")
+
+    fake = SimpleNamespace(simple_evaluate=offline, tasks=SimpleNamespace(TaskManager=None))
+    monkeypatch.setattr(lm_eval_tasks, "_import_lm_eval", lambda: fake)
+    monkeypatch.setattr(lm_eval_tasks, "_task_manager", lambda *a: None)
+    out = tmp_path / "r.jsonl"
+    argv = ["eval", "--model", env["model"], "--lm-eval-tasks", "hellaswag", "--device", "cpu", "--out", out]
+    line = check_refused(Case(argv, "lm-eval cannot fetch the data of hellaswag", [out]), capsys)
+    assert "Rowan/hellaswag" in line
+
+
+def test_a_point_given_twice_is_swept_once():
+    """--group 0-1 twice, or gate,up and up,gate: the same point; it used to be evaluated and logged twice."""
+    from kfac_edit.sweep import SweepConfig, sweep_points
+
+    config = SweepConfig(groups=[(0, 1), (1, 0)], projection_sets=[("gate", "up"), ("up", "gate")],
+                         keep_masses=[0.5, 0.7])  # fmt: skip
+    points = sweep_points(config, [0, 1])
+    assert [p.id for p in points] == ["kfac|b0-1|gate,up|k0.5", "kfac|b0-1|gate,up|k0.7"]
+
+
 # ------------------------------------------------------------------------------------------------- property tests
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

@@ -19,9 +19,17 @@ from .progress import switch_off
 COMMANDS = ("demo", "collect", "import-factors", "edit", "predict", "eval", "find-memorized", "run", "sweep", "report")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (subcommands' too), but a usage mistake is one line like every other error, not the usage
+    text: ``kfac-edit: error: MESSAGE; see PROG --help``, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"kfac-edit: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kfac-edit", description="Remove rote memorization from a causal LM by "
-                                     "editing its MLP weights along K-FAC curvature.")
+    parser = _Parser(prog="kfac-edit", description="Remove rote memorization from a causal LM by editing its MLP "
+                     "weights along K-FAC curvature.")
     parser.add_argument("--version", action="version", version=f"kfac-edit {__version__}")
     _add_verbosity(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -79,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:  # pragma: no cover - the console script and `python -m`
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while the commands are still being imported, before main's own handler
+        print("kfac-edit: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -145,6 +145,8 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str]:
 
     # datasets logs a failed JSON parse at ERROR before raising; the raised error is what we report
     logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+    if path.stat().st_size == 0:  # datasets fails on an empty file with a bare StopIteration: no documents
+        return
     kind = _local_kind(path)
     builder = BUILDERS[kind]
     field = "text" if builder == "text" else text_field

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .constants import EIGEN_CACHE
 from .curvature import Eigen, HalfProducts, eigendecompose
+from .errors import UserError
 from .factors.distributed import DistContext, broadcast_tensor
 from .fileio import atomic_path, cache_root
 from .identity import tensor_checksum
@@ -73,7 +74,10 @@ class EigenCache:
 
     @classmethod
     def default(cls, directory: str | os.PathLike | None = None) -> "EigenCache":
-        """A cache on disk in ``directory``, or in :func:`default_cache_dir` when that is ``None``."""
+        """A cache on disk in ``directory`` (``--cache-dir``; not a file), or in :func:`default_cache_dir` when that
+        is ``None``."""
+        if directory is not None and Path(directory).expanduser().is_file():
+            raise UserError(f"--cache-dir {directory} is a file; give a directory for the eigendecompositions")
         return cls(directory if directory is not None else default_cache_dir())
 
     def get(self, factors, name: str, device: torch.device | str = "cpu") -> tuple[Eigen, Eigen]:

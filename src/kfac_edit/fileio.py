@@ -162,15 +162,19 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def check_output(path: str | os.PathLike | None, kind: str = "dir", flag: str = "--out",
                  overwrite: bool | None = None) -> Path | None:
-    """Refuse, before any work, an output (``kind`` ``"dir"`` or ``"file"``) that cannot be written: one line
-    naming ``flag``. Refused: a file where a directory goes and the reverse; a path under a file; a nearest existing
-    directory that is read-only (or not ours) or on a full disk; with ``overwrite=False``, an existing file. Nothing
-    is created; ``None`` passes through (no output asked for)."""
+    """Refuse, before any work, an output (``kind`` ``"dir"``, ``"file"`` or ``"jsonl"``: a file lines are appended
+    to) that cannot be written: one line naming ``flag``. Refused: a file where a directory goes and the reverse; a
+    path under a file; a nearest existing directory that is read-only (or not ours) or on a full disk; with
+    ``overwrite=False``, an existing file; for ``"jsonl"``, an existing file whose first line is no JSON object.
+    Nothing is created; ``None`` passes through (no output asked for)."""
     if path is None:
         return None
     out = Path(path).expanduser()
-    if out.is_dir() and kind == "file":
+    if out.is_dir() and kind != "dir":
         raise UserError(f"{flag} {out} is a directory; give a file path, e.g. {out / 'results.jsonl'}")
+    if kind == "jsonl" and out.is_file() and not _starts_json_lines(out):
+        raise UserError(f"{flag} {out} exists and is not JSONL (its first line is no JSON object); results are "
+                        "appended to it: give a new path or a results .jsonl")
     if out.exists() and not out.is_dir() and kind == "dir":
         raise UserError(f"{flag} {out} is a file; give a directory")
     if out.is_file() and overwrite is False:
@@ -186,6 +190,28 @@ def check_output(path: str | os.PathLike | None, kind: str = "dir", flag: str = 
     if shutil.disk_usage(existing).free == 0:
         raise UserError(f"{flag} {out} cannot be written ({existing}: no space left on the device); free space first")
     return out
+
+
+def check_not_input(output: str | os.PathLike | None, flag: str, inputs: dict[str, Any]) -> None:
+    """Refuse an output that is also an existing input (``inputs``: flag -> a path, a list of them, or None): writing
+    it would overwrite, or append to, what the command reads."""
+    if output is None:
+        return
+    out = Path(output).expanduser().resolve()
+    for name, paths in inputs.items():
+        for path in paths if isinstance(paths, (list, tuple)) else [paths]:
+            if path and Path(path).expanduser().exists() and Path(path).expanduser().resolve() == out:
+                raise UserError(f"{flag} {output} is also the {name} input; give the output another path")
+
+
+def _starts_json_lines(path: Path) -> bool:
+    """Whether ``path`` is empty or its first line (at most 16 MiB read) is a JSON object."""
+    with open(path, "rb") as fh:
+        first = fh.readline(16 << 20)
+    try:
+        return not first.strip() or isinstance(json.loads(first), dict)
+    except ValueError:  # not JSON, not UTF-8
+        return False
 
 
 _HELD_LOCKS: set[Path] = set()  # the lock files this process holds

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from .constants import LM_EVAL_RESULTS_FILE, LM_EVAL_SAMPLES_FILE
-from .errors import UserError
+from .errors import UserError, first_line
 from .fileio import atomic_path, utc_timestamp, write_json
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,15 @@ def run_lm_eval(model_path: str | os.PathLike, tasks: str | Sequence[str], out_d
     log.info("lm-eval: %s on %s (%s)", ",".join(task_list), model_path, dev)
     start = time.perf_counter()
     seeds = dict.fromkeys(("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed"), seed)
-    raw = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": model_path, "dtype": dtype}, tasks=task_list, num_fewshot=num_fewshot,
-        batch_size=batch_size, device=dev, limit=limit, task_manager=manager, log_samples=log_samples, **seeds,
-    )  # fmt: skip
+    try:
+        raw = lm_eval.simple_evaluate(
+            model="hf", model_args={"pretrained": model_path, "dtype": dtype}, tasks=task_list,
+            num_fewshot=num_fewshot, batch_size=batch_size, device=dev, limit=limit, task_manager=manager,
+            log_samples=log_samples, **seeds,
+        )  # fmt: skip
+    except ConnectionError as exc:  # a task's dataset is on the hub and the hub cannot be reached
+        raise UserError(f"lm-eval cannot fetch the data of {','.join(task_list)} ({first_line(exc)}); run where the "
+                        "Hugging Face hub is reachable, or with the datasets in the local cache") from None
     seconds = time.perf_counter() - start
     if raw is None:  # non-zero ranks under distributed lm-eval
         return {}
@@ -185,8 +191,8 @@ def check_lm_eval_args(args) -> None:
     _import_lm_eval()
     if args.lm_eval_include and not os.path.isdir(args.lm_eval_include):
         raise UserError(f"--lm-eval-include {args.lm_eval_include} is not a directory; give a directory of task YAMLs")
-    if args.lm_eval_limit is not None and not args.lm_eval_limit > 0:
-        raise UserError(f"--lm-eval-limit {args.lm_eval_limit} must be positive")
+    if args.lm_eval_limit is not None and not 0 < args.lm_eval_limit < math.inf:
+        raise UserError(f"--lm-eval-limit {args.lm_eval_limit} must be a positive number (documents, or a share < 1)")
 
 
 def run_lm_eval_from_args(args) -> dict[str, Any] | None:

@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import UserError
+from .constants import MANIFEST_FILE, TENSORS_FILE
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +295,9 @@ def parse_modules_option(text: str) -> dict[str, str]:
         kind, path = (s.strip() for s in part.split("=", 1))
         if kind not in PROJECTIONS:
             raise UserError(f"--modules kind '{kind}' is unknown; use one of {', '.join(PROJECTIONS)}")
+        if kind in out or path in out.values():  # the later one silently won: a layer collected as another kind
+            what = f"kind '{kind}'" if kind in out else f"path '{path}'"
+            raise UserError(f"--modules names {what} twice; give each kind one path, e.g. up=mlp.fc_in,down=mlp.fc_out")
         out[kind] = path
     return out
 
@@ -400,9 +404,21 @@ def projection_kinds(model: nn.Module) -> list[str]:
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown --device '{device}'; use cpu, cuda, cuda:N or auto")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but this machine has no MPS device; use --device cpu")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible; use "
+                            f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return resolved
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -428,8 +444,19 @@ def resolve_dtype(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "a
 
 def _from_pretrained(load: Callable, name_or_path: str | os.PathLike, what: str, hint: str = "", **kwargs):
     """``load(name_or_path, **kwargs)``; a missing or unreadable model is one line, ``cannot load {what}: ...``."""
+    from safetensors import SafetensorError
+
+    def holds(name: str) -> bool:
+        return os.path.isfile(os.path.join(name_or_path, name))
+
+    if holds(TENSORS_FILE) and holds(MANIFEST_FILE) and not holds("config.json"):
+        raise UserError(f"cannot load {what}: {name_or_path} is a factor directory (what `kfac-edit collect` writes), "
+                        "not a model; give it as --factors and a model directory or hub id as the model")
     try:
         return load(os.fspath(name_or_path), **kwargs)
+    except SafetensorError as exc:  # a truncated or damaged model.safetensors
+        raise UserError(f"cannot load {what}: a weights file is damaged ({first_line(exc)}); save or download the "
+                        "model again") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load {what}: {str(exc).splitlines()[0]}{hint}") from None
 

@@ -310,6 +310,8 @@ def load_report_data(directory: str | os.PathLike, ppl_budget: float | None = No
                       ppl_budget=float(budget), before_after=table, outputs=outputs, sweep=sweep,
                       spectra=dict((_read_json(directory / SPECTRA_FILE) or {}).get("modules", {})),
                       provenance=_read_json(directory / PROVENANCE_FILE) or {})
+    if table is None and not data.records:
+        raise UserError(f"{directory / RESULTS_FILE} holds no results; run the sweep first (a rerun resumes)")
     base, chosen = data.base, data.chosen
     if table is None and base is not None and chosen is not None:
         data.before_after = {"before": {"label": "base", "metrics": base.metrics},

@@ -128,6 +128,15 @@ def _parse_experts(block: int, per_expert: Any) -> dict[tuple[int, int, str], fl
     return out
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook: a key given twice (``{"0": ..., "0": ...}``: the last won, silently) is refused."""
+    keys = [key for key, _ in pairs]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        raise UserError(f"the layers JSON gives '{twice}' twice in one object; give each block and projection once")
+    return dict(pairs)
+
+
 @dataclass
 class EditSpec:
     """Which projections to edit and the keep_mass of each: ``keep_mass`` maps ``(block, kind)`` to a value in
@@ -174,7 +183,7 @@ class EditSpec:
         data = source
         if isinstance(source, str):
             try:
-                data = json.loads(source)
+                data = json.loads(source, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as exc:
                 raise UserError(f"the layers JSON is malformed at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
                                 f"write e.g. {LAYERS_EXAMPLE}") from None
@@ -185,10 +194,16 @@ class EditSpec:
             seed = seed if seed is not None else data.get("seed")
             bias = bias if bias is not None else data.get("bias")
             data = data["layers"]
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise UserError(f"the layers JSON's seed must be an integer, got {json.dumps(seed)}")
         keep_mass: dict[tuple[int, str], float] = {}
         expert_keep_mass: dict[tuple[int, int, str], float] = {}
+        blocks: set[int] = set()
         for key, kinds in data.items():
             block = _index(key, f"layers JSON key '{key}' is not a block index; write e.g. {LAYERS_EXAMPLE}")
+            if block in blocks:  # "0" and "00"
+                raise UserError(f"the layers JSON gives block {block} twice; give each block once")
+            blocks.add(block)
             if isinstance(kinds, dict):
                 kinds = dict(kinds)
                 per_expert = kinds.pop(EXPERTS_KEY, None)

@@ -133,11 +133,13 @@ def block_groups(blocks: Sequence[int], max_combo: int) -> list[tuple[int, ...]]
 
 def sweep_points(config: SweepConfig, blocks: Sequence[int]) -> list[PointConfig]:
     """The grid, in order: method, projection set, block group (``config.groups``, else the runs of
-    :func:`block_groups`, short ones first), keep_mass."""
+    :func:`block_groups`, short ones first), keep_mass; a point given twice (a repeated --group or projection set)
+    comes once."""
     groups = [tuple(sorted(set(g))) for g in config.groups] if config.groups else block_groups(blocks, config.max_combo)
-    return [PointConfig(method, group, tuple(k for k in PROJECTIONS if k in projections), float(keep_mass))
-            for method in config.methods for projections in config.projection_sets for group in groups
-            for keep_mass in config.keep_masses_of(method)]
+    points = [PointConfig(method, group, tuple(k for k in PROJECTIONS if k in projections), float(keep_mass))
+              for method in config.methods for projections in config.projection_sets for group in groups
+              for keep_mass in config.keep_masses_of(method)]
+    return list({point.id: point for point in points}.values())
 
 
 def split_records(records: Sequence[Any], holdout_fraction: float, seed: int = 0) -> tuple[list[Any], list[Any]]:
@@ -300,6 +302,10 @@ def check_sweep_configs(config: SweepConfig, eval_config) -> None:
         raise UserError("the sweep needs a memorized set to measure: pass --memorized FILE")
     if not eval_config.perplexity_data:
         raise UserError("the sweep needs --perplexity-data SOURCE: the best point is chosen within a perplexity budget")
+    memorized = {Path(p).resolve() for p in eval_config.memorized}
+    both = next((p for p in config.capability if Path(p).resolve() in memorized), None)
+    if both is not None:
+        raise UserError(f"--capability {both} is also a --memorized set; give a file as one or the other")
 
 
 def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, eval_config,
@@ -315,7 +321,8 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
     check_sweep_configs(config, eval_config)
     eval_config.out = None  # the sweep writes its own records
     restore(model)
-    check_inputs(eval_config, tokenizer, model.get_input_embeddings().num_embeddings,  # before anything is written
+    with_capability = dataclasses.replace(eval_config, memorized=[*eval_config.memorized, *config.capability])
+    check_inputs(with_capability, tokenizer, model.get_input_embeddings().num_embeddings,  # before anything is written
                  model_limits(model.config)[1], has_reference=True)
     blocks = sweep_blocks(model, config, factors.names if factors is not None else None)
     points = sweep_points(config, blocks)

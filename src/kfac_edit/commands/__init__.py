@@ -14,7 +14,7 @@ from typing import Any
 from ..bsn import BsnConfig
 from ..errors import UserError
 from ..evaluate.suite import EvalConfig
-from ..fileio import check_output, output_lock
+from ..fileio import check_not_input, check_output, output_lock
 from ..models import BIAS_MODES, DTYPE_CHOICES, load_model, resolve_device
 from ..spec import METHOD_HELP, METHODS, EditSpec
 
@@ -146,10 +146,21 @@ def eval_config_from_args(args: argparse.Namespace, out: str | None) -> EvalConf
     return EvalConfig(**values, out=out, model=args.model)
 
 
+EVAL_INPUTS = ("--memorized", "--quotes", "--perplexity-data", "--ndcg-data", "--reference-model")
+
+
+def inputs_of(args: argparse.Namespace, *flags: str) -> dict[str, Any]:
+    """``{flag: value}`` of the input options ``flags`` (e.g. ``--model``, ``--data``): what :func:`writing` keeps
+    the outputs apart from."""
+    return {flag: getattr(args, flag[2:].replace("-", "_"), None) for flag in flags}
+
+
 @contextlib.contextmanager
-def writing(*outputs: tuple):
-    """Check each output ``(path, kind[, flag, overwrite])`` (``fileio.check_output``), then lock the first."""
+def writing(*outputs: tuple, reads: dict[str, Any] | None = None):
+    """Check each output ``(path, kind[, flag, overwrite])`` (``fileio.check_output``; none may be one of ``reads``,
+    see :func:`inputs_of`), then lock the first."""
     for output in outputs:
         check_output(*output)
+        check_not_input(output[0], output[2] if len(output) > 2 else "--out", reads or {})
     with output_lock(outputs[0][0]):
         yield

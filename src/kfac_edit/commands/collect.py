@@ -15,9 +15,10 @@ from pathlib import Path
 from ..constants import EKFAC_FILE
 from ..factors.collect import CollectConfig, collect_factors
 from ..factors.distributed import RankFailure
+from ..fileio import check_not_input
 from ..models import BIAS_MODES, DTYPE_CHOICES
 from ..spec import LABEL_MODES
-from . import add_field_options
+from . import add_field_options, inputs_of
 
 HELP = "collect K-FAC factors (A, G) of MLP projections over a corpus"
 DEFAULT_TOKENS = 20_000_000  # --tokens (in Python, CollectConfig reads every batch)
@@ -45,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     options = {f.name: getattr(args, f.name) for f in fields(CollectConfig) if hasattr(args, f.name)}
     config = CollectConfig(**options, progress=not args.no_progress)
+    check_not_input(args.out, "--out", inputs_of(args, "--model", "--data", "--exclude"))
     start = time.perf_counter()
     try:
         factors = collect_factors(args.model, args.data, config)

@@ -36,9 +36,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, check_out_dir, run_demo
-    from ..fileio import output_lock
+    from ..fileio import check_output, output_lock
 
     check_out_dir(args.out)
+    check_output(args.cache_dir, "dir", "--cache-dir")
     options = dict(holdout_fraction=args.holdout_fraction, seed=args.seed)
     if args.testbed == "text":
         config = DemoConfig.text(quick=args.quick, **options)

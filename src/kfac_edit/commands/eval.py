@@ -11,7 +11,8 @@ from .. import lm_eval_tasks
 from ..evaluate.suite import check_inputs, evaluate, flat_metrics
 from ..fileio import append_jsonl
 from ..models import check_causal_lm, load_tokenizer, model_limits
-from . import add_eval_options, add_model_options, eval_config_from_args, load_model_from_args, writing
+from . import (EVAL_INPUTS, add_eval_options, add_model_options, eval_config_from_args, inputs_of,
+               load_model_from_args, writing)
 
 HELP = "measure memorization, quotes recitation, perplexity and nDCG of a model"
 
@@ -26,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = eval_config_from_args(args, args.out)
     ours = bool(config.memorized or config.quotes or config.perplexity_data or config.ndcg_data)
-    with writing((args.out, "file")):
+    with writing((args.out, "jsonl"), reads=inputs_of(args, "--model", *EVAL_INPUTS)):
         lm_eval_tasks.check_lm_eval_args(args)
         if ours or not args.lm_eval_tasks:  # with only --lm-eval-tasks, our suite has nothing to do
             rows, positions = model_limits(check_causal_lm(args.model))  # embedding rows, context length

@@ -9,10 +9,11 @@ import argparse
 import json
 from dataclasses import fields
 
+from ..data import check_source
 from ..evaluate.miner import MinerConfig, find_memorized
 from ..fileio import atomic_path, utc_timestamp, write_json
 from ..identity import model_fingerprint
-from . import add_field_options, add_model_options, load_model_from_args, writing
+from . import add_field_options, add_model_options, inputs_of, load_model_from_args, writing
 
 HELP = "find the windows of a corpus that a model recites (a memorized set for `eval --memorized`)"
 
@@ -28,8 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = MinerConfig(**{f.name: getattr(args, f.name) for f in fields(MinerConfig)})
     config.validate()
+    check_source(config.data)  # before the model loads: a source without documents fails here, named
     meta_path = f"{args.out}.meta.json"
-    with writing((args.out, "file", "--out", args.overwrite), (meta_path, "file", "--out", args.overwrite)):
+    with writing((args.out, "file", "--out", args.overwrite), (meta_path, "file", "--out", args.overwrite),
+                 reads=inputs_of(args, "--model", "--data")):
         model, tokenizer = load_model_from_args(args)
         records, stats = find_memorized(model, tokenizer, config)
         with atomic_path(args.out) as tmp:

@@ -12,7 +12,8 @@ import json
 from ..errors import UserError
 from ..fileio import write_json
 from ..predict import predict_files
-from . import add_factor_options, add_model_options, add_protect_options, add_spec_options, spec_from_args
+from . import (add_factor_options, add_model_options, add_protect_options, add_spec_options, inputs_of, spec_from_args,
+               writing)
 
 HELP = "predict an edit's cost per task: the share of its curvature in the pairs the edit removes"
 
@@ -35,14 +36,17 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if args.max_records is not None and args.max_records < 1:
         raise UserError(f"--max-records must be a positive integer, got {args.max_records}")
-    result = predict_files(args.model, args.factors, spec, args.data, mode=args.mode, device=args.device,
-                           dtype=args.dtype, max_records=args.max_records, protect_dir=args.protect,
-                           protect_weight=args.protect_weight, cache_dir=args.cache_dir)
+    with writing((args.out, "file"), reads=inputs_of(args, "--model", "--factors", "--layers-file", "--data",
+                                                      "--protect")):
+        result = predict_files(args.model, args.factors, spec, args.data, mode=args.mode, device=args.device,
+                               dtype=args.dtype, max_records=args.max_records, protect_dir=args.protect,
+                               protect_weight=args.protect_weight, cache_dir=args.cache_dir)
+        if args.out:
+            write_json(args.out, result)
     for task in result["tasks"]:
         print(f"{task['task']}: {100 * task['share']:.2f}% of its {args.mode} in removed pairs, estimated loss "
               f"increase {task['loss_estimate']:.4g} nats/token ({task['labelled_tokens']} tokens)")  # fmt: skip
     if args.out:
-        write_json(args.out, result)
         print(f"wrote {args.out}")
     else:
         print(json.dumps(result, indent=2))

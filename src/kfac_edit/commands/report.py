@@ -5,7 +5,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
+from ..constants import PLOTS_DIR
 from ..errors import UserError
 from ..report import write_report
 
@@ -19,8 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ppl_budget is not None and not args.ppl_budget > 0:
-        raise UserError(f"--ppl-budget must be positive, got {args.ppl_budget}; e.g. --ppl-budget 1.2")
+    if args.ppl_budget is not None and not 0 < args.ppl_budget < math.inf:
+        raise UserError(f"--ppl-budget must be a positive number, got {args.ppl_budget}; e.g. --ppl-budget 1.2")
+    plots = Path(args.dir) / PLOTS_DIR
+    if plots.exists() and not plots.is_dir():
+        raise UserError(f"{plots} is a file, but the report writes its plots there; move or remove it")
     paths = write_report(args.dir, ppl_budget=args.ppl_budget)
     print(f"wrote {paths.html}")
     print(f"wrote {paths.markdown} (plots in {paths.html.parent / 'plots'})")

@@ -10,8 +10,8 @@ import argparse
 
 from .. import lm_eval_tasks
 from ..workflow import RunPaths, format_table, run_workflow
-from . import (add_bsn_options, add_eval_options, add_factor_options, add_model_options, add_spec_options,
-               bsn_inputs_from_args, eval_config_from_args, spec_from_args, writing)
+from . import (EVAL_INPUTS, add_bsn_options, add_eval_options, add_factor_options, add_model_options,
+               add_spec_options, bsn_inputs_from_args, eval_config_from_args, inputs_of, spec_from_args, writing)
 
 HELP = "the whole workflow: evaluate, edit, save, evaluate again, before/after table"
 
@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     config = eval_config_from_args(args, out=None)
     paths = RunPaths(args.out, args.results)
-    with writing((paths.out_dir, "dir"), (paths.results, "file", "--results")):
+    reads = inputs_of(args, "--model", "--factors", "--layers-file", "--forget", "--clean-data", *EVAL_INPUTS)
+    with writing((paths.out_dir, "dir"), (paths.results, "jsonl", "--results"), reads=reads):
         lm_eval_tasks.check_lm_eval_args(args)
         summary = run_workflow(args.model, spec, args.factors, config, args.out, results=args.results,
                                skip_baseline=args.skip_baseline, dtype=args.dtype, device=args.device,

@@ -18,8 +18,8 @@ from ..factors.store import Factors
 from ..models import parse_layers, parse_projections
 from ..spec import METHODS
 from ..sweep import SweepConfig, check_sweep_configs, needed_modules, run_sweep
-from . import (add_bsn_options, add_eval_options, add_factor_options, add_field_options, add_model_options,
-               bsn_config_from_args, eval_config_from_args, load_model_from_args, writing)
+from . import (EVAL_INPUTS, add_bsn_options, add_eval_options, add_factor_options, add_field_options,
+               add_model_options, bsn_config_from_args, eval_config_from_args, inputs_of, load_model_from_args, writing)
 
 HELP = "grid-search blocks x projections x keep_mass; log results, pick the best edit, write a report"
 
@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     check_sweep_configs(config, eval_config)
     for method in config.methods:
         check_factors_dir(method, args.factors)
-    with writing((args.out, "dir")):
+    reads = inputs_of(args, "--model", "--factors", "--capability", "--forget", "--clean-data", *EVAL_INPUTS)
+    with writing((args.out, "dir"), reads=reads):
         model, tokenizer = load_model_from_args(args)
         declare_modules(model, args.modules, args.factors)
         factors = None

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 
 from ..data import token_batches
-from ..errors import UserError
+from ..errors import UserError, load_failure
 
 
 def load_token_tensor(path: str | Path, vocab_size: int | None = None) -> torch.Tensor:
@@ -31,7 +31,7 @@ def load_token_tensor(path: str | Path, vocab_size: int | None = None) -> torch.
     try:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for unreadable files
-        raise UserError(f"cannot read token tensor '{path}': {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot read token tensor '{path}': {load_failure(exc)}") from None
     if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (1, 2) or tensor.is_floating_point():
         raise UserError(f"'{path}' must hold one integer tensor of token ids, [N, block] or flat [T]")
     if tensor.numel() < 2:

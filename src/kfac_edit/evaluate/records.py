@@ -63,7 +63,8 @@ def load_records(
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"records file '{path}' does not exist; give a JSONL memorized set or quotes file")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"records file '{path}' {what}; give a JSONL memorized set or quotes file")
     for name, n in (("--prefix-len", prefix_len), ("--suffix-len", suffix_len)):
         if n is not None and n < 1:
             raise UserError(f"{name} {n} is too short; use at least 1")

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .. import __version__
-from ..data import describe_source
+from ..data import check_source, describe_source
 from ..errors import UserError
 from ..fileio import append_jsonl, utc_timestamp
 from ..identity import model_fingerprint, path_identity, weights_digest
@@ -87,6 +87,8 @@ def _check_source(source: str, option: str) -> None:
     described = describe_source(source)
     if not described.startswith("hf:") and not Path(described).exists():
         raise UserError(f"{option} '{source}' does not exist; give a local file/directory or hf:DATASET")
+    if not described.startswith("hf:") and not described.endswith(".pt"):  # a local text source: one document?
+        check_source(source)
 
 
 def _pad_id(tokenizer) -> int:
@@ -115,6 +117,9 @@ def check_inputs(config: EvalConfig, tokenizer, vocab_size: int | None = None, m
         _check_source(config.ndcg_data, "--ndcg-data")
         if not has_reference and not config.reference_model:
             raise UserError("--ndcg-data needs --reference-model (the unedited model) to rank tokens against")
+        if vocab_size and config.ndcg_k > vocab_size:
+            raise UserError(f"--ndcg-k {config.ndcg_k} exceeds the model's vocabulary of {vocab_size} tokens; use at "
+                            f"most {vocab_size} (e.g. 10)")
     if config.reference_model:
         from ..models import check_causal_lm, load_tokenizer
 

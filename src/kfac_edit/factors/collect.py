@@ -115,7 +115,7 @@ class CollectConfig:
                 raise UserError(f"{self.flag(name)} must be a positive integer, got {value}")
         if self.seq_len < 2:
             raise UserError(f"--seq-len {self.seq_len} is too short; use at least 2")
-        if self.dist_timeout <= 0:
+        if not 0 < self.dist_timeout < math.inf:  # nan too
             raise UserError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout:g}")
         LabelMode.parse(self.labels, "label mode")
         if self.ekfac and self.out is None:

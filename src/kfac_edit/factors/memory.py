@@ -12,6 +12,7 @@ them in the end (the final file is written from there).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import Counter
 from itertools import groupby
@@ -84,7 +85,7 @@ def plan_passes(projections: Sequence[Projection], layers_per_pass: int | None) 
 def parse_size(text: str) -> int:
     """``"12GB"``, ``"512MiB"``, ``"3e9"`` -> bytes (decimal units for kB/MB/GB, binary for KiB/MiB/GiB)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
+    if not m or m.group(2).lower() not in _UNITS or not math.isfinite(float(m.group(1))):  # 1e400: inf
         raise UserError(f"cannot read the size '{text}'; write e.g. 40GB, 512MiB or 3e9 (bytes)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError, first_line
+from ..errors import UserError, load_failure
 from ..fileio import utc_timestamp
 from ..models import PROJECTIONS
 from .store import Factors
@@ -33,11 +33,12 @@ def read_reference(path: str | os.PathLike) -> dict[tuple[int, str], dict[str, A
     """Read and check a reference ``.pt`` file: ``{(block, kind): {"A", "G", "n_tokens"}}``."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"reference factor file '{path}' does not exist; give the .pt file the reference tool wrote")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"reference factor file '{path}' {what}; give the .pt file the reference tool wrote")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, unsafe globals: all mean "not a factor file"
-        raise UserError(f"cannot read '{path}' as a torch factor file: {first_line(exc)}") from None
+        raise UserError(f"cannot read '{path}' as a torch factor file: {load_failure(exc)}") from None
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"'{path}' holds no factor dict; expected {{'blk<i>.<gate|up|down>': {{'A', 'G', 'n_tokens'}}}}")
     out: dict[tuple[int, str], dict[str, Any]] = {}
