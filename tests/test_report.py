@@ -306,12 +306,23 @@ def test_report_before_after_only_and_errors(tmp_path):
 
 def test_report_cli(tmp_path, capsys):
     synthetic_sweep(tmp_path, with_spectra=False)
+    own = load_report_data(tmp_path).chosen  # at the sweep's budget, 1.2: what the sweep wrote to best.json
+    write_json(tmp_path / "best.json", own.config.layers_file(0))
+    assert main(["report", str(tmp_path)]) == 0
+    assert "(2 plots in " in capsys.readouterr().out
+    text = (tmp_path / "report.md").read_text()
+    assert "Apply it with `kfac-edit edit --layers-file DIR/best.json`" in text
+    assert json.dumps(own.config.layers_file(0)) in text
+
     assert main(["report", str(tmp_path), "--ppl-budget", "1.05"]) == 0
     assert "report.html" in capsys.readouterr().out
     data = load_report_data(tmp_path, ppl_budget=1.05)
-    assert data.chosen.perplexity <= 10.5
+    assert data.chosen.perplexity <= 10.5 and data.chosen.config != own.config
     assert (tmp_path / "plots" / "tradeoff.png").exists() and not (tmp_path / "plots" / "spectra.png").exists()
-    assert data.chosen.label() in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert data.chosen.label() in text
+    assert "holds the sweep's choice at its own perplexity budget, not this point" in text
+    assert "--layers-file DIR/best.json" not in text and json.dumps(data.chosen.config.layers_file(0)) in text
 
 
 # ------------------------------------------------------------------------------------------ headless browser

@@ -81,6 +81,11 @@ class PointConfig:
         """The point in the layers-json format of ``kfac-edit edit``: ``{"20": {"gate": 0.8, "up": 0.8}, ...}``."""
         return {str(b): {p: self.keep_mass for p in self.projections} for b in self.blocks}
 
+    def layers_file(self, seed: int = 0) -> dict[str, Any]:
+        """What ``best.json`` holds for this point: :meth:`layers` for ``kfac``, else ``{"method", "seed",
+        "layers"}`` (``kfac-edit edit --layers-file`` reads both)."""
+        return self.layers() if self.method == "kfac" else {"method": self.method, "seed": seed, "layers": self.layers()}
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "blocks": list(self.blocks), "projections": list(self.projections)}
 

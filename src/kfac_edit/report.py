@@ -51,8 +51,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .constants import (BEFORE_AFTER_FILE, HTML_FILE, MARKDOWN_FILE, PLOTS_DIR, PROVENANCE_FILE, RECORDS_FILE,
-                        RESULTS_FILE, SPECTRA_FILE, SWEEP_FILE)
+from .constants import (BEFORE_AFTER_FILE, BEST_FILE, HTML_FILE, MARKDOWN_FILE, PLOTS_DIR, PROVENANCE_FILE,
+                        RECORDS_FILE, RESULTS_FILE, SPECTRA_FILE, SWEEP_FILE)
 from .errors import UserError
 from .fileio import atomic_path, read_jsonl, write_json
 from .pareto import SweepRecord, base_record, chosen_point, format_blocks, pareto_front, read_results
@@ -752,8 +752,19 @@ def _render(data: ReportData, images: Mapping[str, Plot], fmt: "_Html | _Markdow
     out = [fmt.definitions(provenance_rows(data))] + [fmt.paragraph(line) for line in _summary_lines(data)]
     chosen = data.chosen
     if chosen is not None:
-        out += [fmt.paragraph("Apply it with `kfac-edit edit --layers-file DIR/best.json`; its layers JSON:"),
-                fmt.code(json.dumps(chosen.config.layers()))]
+        layers_file = chosen.config.layers_file(int(data.sweep.get("identity", {}).get("seed") or 0))
+        try:
+            on_disk = json.loads((data.directory / BEST_FILE).read_text())
+        except (OSError, ValueError):
+            on_disk = None
+        if on_disk == layers_file:
+            line = f"Apply it with `kfac-edit edit --layers-file DIR/{BEST_FILE}`, which holds:"
+        elif on_disk is not None:  # report --ppl-budget other than the sweep's
+            line = (f"DIR/{BEST_FILE} holds the sweep's choice at its own perplexity budget, not this point; apply "
+                    "this one with `kfac-edit edit --layers-json` and:")
+        else:
+            line = "Apply it with `kfac-edit edit --layers-json` and:"
+        out += [fmt.paragraph(line), fmt.code(json.dumps(layers_file))]
     if (ba := data.before_after) is not None:
         header = ["metric", f"before ({ba['before'].get('label', 'before')})",
                   f"after ({ba['after'].get('label', 'after')})", "change"]

@@ -414,9 +414,7 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
     chosen = chosen_point(records, config.ppl_budget)
     best_path = out / BEST_FILE
     if chosen is not None:
-        layers = chosen.config.layers()
-        write_json(best_path, layers if chosen.config.method == "kfac" else
-                   {"method": chosen.config.method, "seed": config.seed, "layers": layers})
+        write_json(best_path, chosen.config.layers_file(config.seed))
     else:
         best_path.unlink(missing_ok=True)
         (out / SPECTRA_FILE).unlink(missing_ok=True)

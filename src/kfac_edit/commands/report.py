@@ -29,5 +29,5 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{plots} is a file, but the report writes its plots there; move or remove it")
     paths = write_report(args.dir, ppl_budget=args.ppl_budget)
     print(f"wrote {paths.html}")
-    print(f"wrote {paths.markdown} (plots in {paths.html.parent / 'plots'})")
+    print(f"wrote {paths.markdown}" + (f" ({len(paths.plots)} plots in {plots})" if paths.plots else ""))
     return 0
