@@ -610,7 +610,8 @@ def _audit_cases(env, tmp: Path) -> dict[str, Callable[[], Case]]:
             ["find-memorized", "--model", env["model"], "--data", (corpus := _copied(env, tmp, "corpus")), "--out",
              corpus, "--overwrite", "--device", "cpu"], "also the --data input", [corpus]),
         "predict --out is the --data file": lambda: Case(
-            [*predict, "--data", (mem := _copied(env, tmp, "mem")), "--out", mem], "also the --data input", [mem]),
+            [*predict, "--data", (mem := _copied(env, tmp, "mem")), "--out", mem, "--overwrite"], "also the --data input",
+            [mem]),
         "collect --out is the --model directory": lambda: Case(
             [*collect, "--model", (model := _copied(env, tmp, "model")), "--out", model], "also the --model input",
             [model]),
@@ -623,6 +624,9 @@ def _audit_cases(env, tmp: Path) -> dict[str, Callable[[], Case]]:
         # checked before the work, not after it (before: a traceback once the prediction was done)
         "predict --out is a directory": lambda: Case([*predict, "--data", env["mem"], "--out", a_dir],
                                                      "is a directory", [a_dir]),
+        "predict --out exists, no --overwrite": lambda: Case(  # before: replaced silently
+            [*predict, "--data", env["mem"], "--out", _write(tmp / "p.json", "{}")], "pass --overwrite",
+            [tmp / "p.json"]),
         "sweep --capability missing": lambda: Case([*sweep, "--memorized", env["mem"], "--out", out, "--capability",
                                                     tmp / "nothing.jsonl"], "does not exist", [out]),
         # values
@@ -702,7 +706,8 @@ AUDIT_CASES = ["eval --out is the --memorized file", "run --results is the --mem
                "run --out is the --model directory", "sweep --out is the --factors directory",
                "find-memorized --out is the --data file, with --overwrite", "predict --out is the --data file",
                "collect --out is the --model directory", "eval --out is a factor manifest (appended to: not JSONL)",
-               "run --results is a binary file", "predict --out is a directory", "sweep --capability missing",
+               "run --results is a binary file", "predict --out is a directory", "predict --out exists, no --overwrite",
+               "sweep --capability missing",
                "collect --dist-timeout nan", "collect --memory-budget 1e400GB", "eval --ndcg-k past the vocabulary",
                "eval --lm-eval-limit inf", "report --ppl-budget inf", "edit layers file with a non-integer seed",
                "edit layers JSON with a block twice", "edit layers JSON with a block twice, spelt apart",

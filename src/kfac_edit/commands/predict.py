@@ -30,13 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-records", type=int, metavar="N", help="read at most N records per task")
     add_protect_options(p)
     p.add_argument("--out", metavar="FILE", help="write the JSON here (default: print it only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if args.max_records is not None and args.max_records < 1:
         raise UserError(f"--max-records must be a positive integer, got {args.max_records}")
-    with writing((args.out, "file"), reads=inputs_of(args, "--model", "--factors", "--layers-file", "--data",
+    with writing((args.out, "file", "--out", args.overwrite), reads=inputs_of(args, "--model", "--factors", "--layers-file", "--data",
                                                       "--protect")):
         result = predict_files(args.model, args.factors, spec, args.data, mode=args.mode, device=args.device,
                                dtype=args.dtype, max_records=args.max_records, protect_dir=args.protect,
