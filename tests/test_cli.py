@@ -35,3 +35,14 @@ def test_contradicting_verbosity_is_one_line(capsys):
 def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "kfac_edit", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"kfac-edit {__version__}"
+
+
+def test_hub_warnings_are_printed_once(tmp_path, capsys):
+    """huggingface_hub logs through its own stderr handler; propagating to ours too printed every retry warning twice
+    (12 lines for 6 retries while an unreachable hub id is tried)."""
+    hub = logging.getLogger("huggingface_hub")
+    try:
+        assert main(["report", str(tmp_path / "none")]) == 2
+        assert not hub.propagate
+    finally:
+        hub.propagate = True

@@ -63,6 +63,7 @@ def _log_level(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     parser = build_parser()
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=_log_level(args), format="%(message)s", stream=sys.stderr)
         for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        hub_logging.disable_propagation()  # it has its own stderr handler: each retry warning printed once, not twice
         hf_logging.disable_progress_bar()  # transformers' loading bars and advice: ours say what matters
         hf_logging.set_verbosity_error()
         switch_off(getattr(args, "no_progress", False))
