@@ -111,3 +111,16 @@ def test_eval_out_is_written_when_only_lm_eval_tasks_ran(tmp_path, tiny_model_di
     (line,) = read_jsonl(out)
     assert line["model"] == str(tiny_model_dir) and line["metrics"] == {"lm_eval": {"arc_easy": {"acc": 0.25}}}
     assert line["lm_eval_dir"] == str(tmp_path / "lm_eval" / tiny_model_dir.name)
+
+
+def test_a_local_task_whose_data_is_not_found_is_one_line(tmp_path, tiny_tokenizer, monkeypatch):
+    """The example YAMLs name their JSONL relative to the repository root; run elsewhere, datasets' FileNotFoundError
+    was a 67-line traceback."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed (pip install 'kfac-edit[lm-eval]')")
+    monkeypatch.chdir(tmp_path)
+    model_dir = tmp_path / "model"
+    make_tiny_olmo2(dtype=torch.float32, seed=3).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    with pytest.raises(UserError, match=r"cannot read the data of kfac_rule_gen .*relative to the working directory"):
+        run_lm_eval(model_dir, "kfac_rule_gen", tmp_path / "eval", include_path=TASKS_DIR, device="cpu")
+    assert not (tmp_path / "eval").exists()

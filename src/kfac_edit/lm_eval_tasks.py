@@ -122,6 +122,10 @@ def run_lm_eval(model_path: str | os.PathLike, tasks: str | Sequence[str], out_d
     except ConnectionError as exc:  # a task's dataset is on the hub and the hub cannot be reached
         raise UserError(f"lm-eval cannot fetch the data of {','.join(task_list)} ({first_line(exc)}); run where the "
                         "Hugging Face hub is reachable, or with the datasets in the local cache") from None
+    except FileNotFoundError as exc:  # a local task's data_files: datasets reads them relative to the working dir
+        raise UserError(f"lm-eval cannot read the data of {','.join(task_list)} ({first_line(exc)}); a task YAML's "
+                        f"data_files are relative to the working directory ({os.getcwd()}): run from the directory "
+                        "they are relative to, or give absolute paths") from None
     seconds = time.perf_counter() - start
     if raw is None:  # non-zero ranks under distributed lm-eval
         return {}
