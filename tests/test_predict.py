@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from test_collect import exact_model
 from test_ekfac import gold_batch
@@ -103,7 +104,12 @@ def test_cli_predict_writes_json_with_config(tmp_path, tiny_model_dir, tiny_corp
     assert [t["task"] for t in result["tasks"]] == [str(task), str(tiny_corpus_jsonl)]
     assert result["tasks"][0]["labelled_tokens"] == 40
     assert all(0.0 < t["share"] < 1.0 for t in result["tasks"])
-    assert main(argv[:-4] + ["--method", "svd"]) == 2
+    with pytest.raises(SystemExit) as exc:  # predict offers only the curvature methods
+        main(argv[:-4] + ["--method", "svd"])
+    assert exc.value.code == 2 and "invalid choice: 'svd'" in capsys.readouterr().err
+    svd_file = tmp_path / "svd.json"  # ... and a layers file naming another is refused too
+    svd_file.write_text(json.dumps({"method": "svd", "seed": 0, "layers": {"1": {"up": 0.5}}}))
+    assert main(argv[:5] + ["--layers-file", str(svd_file)] + argv[7:-4]) == 2
     assert "not svd" in capsys.readouterr().err
     assert main(argv[:7] + ["--data", str(tmp_path / "missing.jsonl"), "--device", "cpu"]) == 2
     assert "is not a file" in capsys.readouterr().err

@@ -40,7 +40,7 @@ ALIASES = {"dolmino": "hf:allenai/dolmino-mix-1124", "olmo-mix": "hf:allenai/olm
 BUILDERS = {".jsonl": "json", ".jsonl.gz": "json", ".json.gz": "json", ".json": "json", ".csv": "csv", ".txt": "text",
             ".parquet": "parquet"}  # fmt: skip
 LOCAL_SUFFIXES = tuple(sorted(BUILDERS, key=len, reverse=True))  # longest first: ".jsonl.gz" before ".gz" kinds
-_SUFFIX_LIST = ".jsonl, .jsonl.gz, .json, .csv, .txt or .parquet"
+SUFFIX_LIST = ", ".join(BUILDERS)  # for messages and --help
 TOKENIZE_CHUNK = 256  # documents tokenized per tokenizer call (fast tokenizers batch them in Rust)
 
 
@@ -85,12 +85,12 @@ def _local_files(source: str) -> list[Path]:
             if p.is_file() and _local_kind(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
-            raise UserError(f"directory '{source}' holds no {_SUFFIX_LIST} files; point --data at text files")
+            raise UserError(f"directory '{source}' holds no {SUFFIX_LIST} files; point --data at text files")
         return files
     if not path.is_file():
         raise UserError(f"data source '{source}' does not exist; give a local file/directory or hf:DATASET")
     if not _local_kind(path):
-        raise UserError(f"data file '{source}' has an unknown type; use {_SUFFIX_LIST}")
+        raise UserError(f"data file '{source}' has an unknown type; use {SUFFIX_LIST}")
     return [path]
 
 

@@ -9,7 +9,7 @@ import argparse
 import contextlib
 import re
 from dataclasses import MISSING, fields
-from typing import Any
+from typing import Any, Sequence
 
 from ..bsn import BsnConfig
 from ..errors import UserError
@@ -72,13 +72,14 @@ def add_factor_options(p, required: bool = False, modules: bool = True) -> None:
                        "records, else the projection table; must agree with the manifest")
 
 
-def add_spec_options(p) -> None:
-    """The edit (:class:`~kfac_edit.spec.EditSpec`): --layers-json | --layers-file, --method, --seed, --bias."""
+def add_spec_options(p, methods: Sequence[str] = METHODS) -> None:
+    """The edit (:class:`~kfac_edit.spec.EditSpec`): --layers-json | --layers-file, --method (one of ``methods``),
+    --seed, --bias."""
     layers = p.add_mutually_exclusive_group(required=True)
     layers.add_argument("--layers-json", metavar="JSON",
                         help='layers JSON: block -> {projection: keep_mass}, e.g. \'{"23": {"gate": 0.6}}\'')
     layers.add_argument("--layers-file", metavar="FILE", help="file holding the layers JSON (e.g. a sweep's best.json)")
-    p.add_argument("--method", choices=METHODS, help="; ".join(f"{m}: {text}" for m, text in METHOD_HELP.items())
+    p.add_argument("--method", choices=methods, help="; ".join(f"{m}: {METHOD_HELP[m]}" for m in methods)
                    + " (default kfac, unless a layers file written as {method, seed, layers} names another)")
     p.add_argument("--seed", type=int, help="seed of the random method's bases (default 0)")
     p.add_argument("--bias", choices=BIAS_MODES, help="biased layers: joint (default) edits [W b] together when the "

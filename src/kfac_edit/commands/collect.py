@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..constants import EKFAC_FILE
+from ..data import SUFFIX_LIST
 from ..factors.collect import CollectConfig, collect_factors
 from ..factors.distributed import RankFailure
 from ..fileio import check_not_input
@@ -32,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="MODEL",
                    help="hub id (e.g. allenai/OLMo-2-1124-7B) or local model directory")
     p.add_argument("--data", required=True, metavar="SOURCE", help="hf:DATASET[:CONFIG][@SPLIT], alias dolmino | "
-                   "olmo-mix, or a local .jsonl/.jsonl.gz (field 'text'), .txt, .parquet file or a directory of them")
+                   f"olmo-mix, or a local file ({SUFFIX_LIST}; field 'text'), a directory of them or a "
+                   "datasets save_to_disk directory")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory for the factors")
     add_field_options(p, CollectConfig, OPTIONS, note_defaults=False, max_tokens={"default": DEFAULT_TOKENS},
                       labels={"choices": LABEL_MODES}, dtype={"choices": DTYPE_CHOICES},

@@ -24,8 +24,8 @@ def register(subparsers) -> None:
                    "standard library's documentation with canaries, factors collected on that prose without them, "
                    "perplexity on held-out modules' text, fact recall as the capability (see README)")
     p.add_argument("--quick", action="store_true",
-                   help="a smaller testbed (arithmetic: 30 canaries, 600 training steps, about 20 s; text: 10 "
-                   "canaries, 500 steps, about a minute)")
+                   help="a smaller testbed (arithmetic: 30 canaries, 600 training steps, about 45 s on 2 CPU cores; "
+                   "text: 10 canaries, 500 steps, about a minute)")
     p.add_argument("--holdout-fraction", type=float, default=0.5,
                    help="share of the canaries held out from the choice and reported on (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled labels and the held-out split (default 0)")

@@ -11,7 +11,7 @@ import json
 
 from ..errors import UserError
 from ..fileio import write_json
-from ..predict import predict_files
+from ..predict import CURVATURE_METHODS, predict_files
 from . import (add_factor_options, add_model_options, add_protect_options, add_spec_options, inputs_of, spec_from_args,
                writing)
 
@@ -21,7 +21,7 @@ HELP = "predict an edit's cost per task: the share of its curvature in the pairs
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     add_factor_options(p, required=True, modules=False)
-    add_spec_options(p)
+    add_spec_options(p, methods=[m.value for m in CURVATURE_METHODS])
     p.add_argument("--data", required=True, nargs="+", metavar="TASK.jsonl",
                    help="task files: JSONL records with prefix_ids/suffix_ids (as memorized.jsonl) or a text field")
     p.add_argument("--mode", choices=["activation", "curvature", "loss"], default="activation",
