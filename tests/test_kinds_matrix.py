@@ -1,0 +1,160 @@
+"""Features x model kinds: what broke when a feature met a biased (GPT-2) or routed-experts (OLMoE) model.
+
+One tiny GPT-2 directory (biased ``Conv1D`` c_fc/c_proj, no gate, 64 learned positions) with factors, EK-FAC
+eigenvalues and a memorized set of its own greedy continuations, built once for the module; each test drives the CLI
+as a user would and checks the numbers against the Python API.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kfac_edit.cli import main
+from kfac_edit.fileio import read_jsonl
+
+from test_architectures import tiny_model
+
+PREFIX, SUFFIX = 8, 6
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    from conftest import N_NUMBERS, random_number_texts
+    from kfac_edit.evaluate.memorization import greedy_generate
+    from kfac_edit.testbed import number_tokenizer
+
+    root = tmp_path_factory.mktemp("gpt2")
+    model = tiny_model("gpt2")
+    model.save_pretrained(root / "model")
+    number_tokenizer(N_NUMBERS).save_pretrained(root / "model")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in random_number_texts(30)))
+    prompts = [[(7 * i + j) % 60 for j in range(PREFIX)] for i in range(8)]
+    suffixes = greedy_generate(model, prompts, SUFFIX, batch_size=8, pad_id=62, desc=None)
+    mem = root / "mem.jsonl"
+    mem.write_text("".join(json.dumps({"prefix_ids": p, "suffix_ids": s}) + "\n" for p, s in zip(prompts, suffixes)))
+    factors = root / "factors"
+    assert main(["collect", "--model", str(root / "model"), "--data", str(corpus), "--out", str(factors), "--ekfac",
+                 "--tokens", "300", "--seq-len", "16", "--batch-size", "4", "--device", "cpu", "--no-progress"]) == 0
+    return {"model": root / "model", "corpus": corpus, "mem": mem, "factors": factors}
+
+
+EVAL = ["--prefix-len", str(PREFIX), "--suffix-len", str(SUFFIX), "--device", "cpu"]
+
+
+def test_run_with_method_ekfac_edits_with_the_ekfac_eigenvalues(gpt2, tmp_path, capsys):
+    """`run --method ekfac` loads DIR/ekfac.safetensors (was refused as 'needs EK-FAC eigenvalues' although they
+    were there): the saved model equals apply_edit with the same eigenvalues, bias included."""
+    from kfac_edit.edit import EditSpec, apply_edit
+    from kfac_edit.factors.ekfac import Ekfac
+    from kfac_edit.factors.store import Factors
+    from kfac_edit.models import load_model
+
+    layers = '{"1": {"up": 0.5}}'
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(gpt2["model"]), "--factors", str(gpt2["factors"]), "--layers-json", layers,
+                 "--method", "ekfac", "--memorized", str(gpt2["mem"]), "--out", str(out), *EVAL]) == 0
+    report = json.loads((out / "edited" / "edit_report.json").read_text())
+    assert report["method"] == "ekfac" and report["modules"][0]["bias"]
+    (summary,) = read_jsonl(out / "runs.jsonl")
+    assert summary["edit"]["method"] == "ekfac" and summary["before"]["strict"] == 1.0
+
+    model, _ = load_model(str(gpt2["model"]), dtype="float32", device="cpu")
+    name = "transformer.h.1.mlp.c_fc"
+    apply_edit(model, Factors.load(gpt2["factors"]), EditSpec.from_json(json.loads(layers), method="ekfac"),
+               ekfac=Ekfac.load(gpt2["factors"], names=[name]))  # fmt: skip
+    edited, _ = load_model(str(out / "edited"), dtype="float32", device="cpu")
+    for suffix in ("weight", "bias"):
+        expected = model.get_submodule(name).get_parameter(suffix)
+        assert torch.equal(edited.get_submodule(name).get_parameter(suffix), expected), suffix
+    capsys.readouterr()
+    assert main(["run", "--model", str(gpt2["model"]), "--factors", str(tmp_path), "--layers-json", layers,
+                 "--method", "ekfac", "--memorized", str(gpt2["mem"]), "--out", str(tmp_path / "r2"), *EVAL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no EK-FAC eigenvalues" in err[0] and not (tmp_path / "r2").exists()
+
+
+def test_sweep_on_a_model_without_gate_defaults_to_up(gpt2, tmp_path, capsys):
+    """Without --projections the sweep edits gate,up; GPT-2 has no gate: up alone (was refused)."""
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", str(gpt2["model"]), "--factors", str(gpt2["factors"]), "--memorized",
+                 str(gpt2["mem"]), "--perplexity-data", str(gpt2["corpus"]), "--ppl-block", "16", "--blocks", "1",
+                 "--keep-mass", "0.5", "--max-combo", "1", "--out", str(out), *EVAL]) == 0
+    assert [r["id"] for r in read_jsonl(out / "results.jsonl")] == ["base", "kfac|b1|up|k0.5"]
+    assert json.loads((out / "sweep.json").read_text())["grid"]["projection_sets"] == [["up"]]
+
+
+def test_bsn_windows_beyond_the_context_are_one_line(gpt2, tmp_path, capsys):
+    """GPT-2's learned positions end at 64: BSN's default 128-token clean windows were an IndexError traceback in
+    the embedding; now one line before anything is written, in sweep, edit and run; 64 works."""
+    bsn = ["--method", "bsn", "--clean-data", str(gpt2["corpus"]), "--bsn-epochs", "1"]
+    layers = ["--layers-json", '{"1": {"up": 0.5}}']
+    commands = {
+        "sweep": ["sweep", "--model", str(gpt2["model"]), "--memorized", str(gpt2["mem"]), "--perplexity-data",
+                  str(gpt2["corpus"]), "--ppl-block", "16", "--blocks", "1", "--keep-mass", "bsn=0.5", "--max-combo",
+                  "1", *EVAL],
+        "edit": ["edit", "--model", str(gpt2["model"]), "--forget", str(gpt2["mem"]), *layers, "--device", "cpu"],
+        "run": ["run", "--model", str(gpt2["model"]), "--forget", str(gpt2["mem"]), "--memorized", str(gpt2["mem"]),
+                *layers, *EVAL],
+    }  # fmt: skip
+    capsys.readouterr()
+    for command, argv in commands.items():
+        out = tmp_path / command
+        assert main([*argv, *bsn, "--out", str(out)]) == 2, command
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["kfac-edit: error: --bsn-clean-seq-len 128 exceeds the model's context of 64 positions; use "
+                       "at most 64"], (command, err)
+        assert not out.exists()
+    assert main([*commands["edit"], *bsn, "--bsn-clean-seq-len", "64", "--out", str(tmp_path / "ok")]) == 0
+    report = json.loads((tmp_path / "ok" / "edit_report.json").read_text())
+    assert report["method"] == "bsn" and report["modules"][0]["pairs_fraction"] == pytest.approx(0.5, abs=5e-3)
+
+
+def test_a_forget_record_beyond_the_context_is_one_line():
+    from kfac_edit.bsn import BsnConfig, load_bsn_data
+    from kfac_edit.errors import UserError
+    from kfac_edit.testbed import number_tokenizer
+
+    record = {"prefix_ids": list(range(40)), "suffix_ids": list(range(30))}
+    with pytest.raises(UserError, match=r"^a forget record of 70 tokens \(prefix \+ suffix\) exceeds the model's "
+                                        r"context of 64 positions"):
+        load_bsn_data([record], ["1 2 3"], number_tokenizer(60), BsnConfig(clean_seq_len=16), context=64)
+    assert len(load_bsn_data([record], ["1 2 3"], number_tokenizer(60), BsnConfig(clean_seq_len=16)).forget[0]) == 70
+
+
+def test_import_factors_of_a_biased_model(gpt2, tmp_path, capsys):
+    """The reference format holds A over a: imported for GPT-2, the edit leaves the biases (as factors collected
+    with --bias keep do); an A over [a; 1] is refused in one line that says so (was 'do not fit ... (32, 16)')."""
+    from kfac_edit.factors.store import Factors
+
+    keep = tmp_path / "keep"
+    assert main(["collect", "--model", str(gpt2["model"]), "--data", str(gpt2["corpus"]), "--out", str(keep),
+                 "--bias", "keep", "--tokens", "300", "--seq-len", "16", "--batch-size", "4", "--device", "cpu",
+                 "--no-progress"]) == 0  # fmt: skip
+    for label, directory in (("keep", keep), ("joint", gpt2["factors"])):
+        factors = Factors.load(directory)
+        entries = {}
+        for name in factors.names:
+            kind = "up" if name.endswith("c_fc") else "down"
+            entries[f"blk{name.split('.')[2]}.{kind}"] = {"A": factors.activation_cov(name),
+                                                         "G": factors.grad_cov(name), "n_tokens": factors.tokens(name)}
+        torch.save(entries, tmp_path / f"{label}.pt")
+    imported = tmp_path / "imported"
+    assert main(["import-factors", str(tmp_path / "keep.pt"), "--model", str(gpt2["model"]), "--out",
+                 str(imported)]) == 0
+    name = "transformer.h.1.mlp.c_fc"
+    torch.testing.assert_close(Factors.load(imported).modules[name].activation_sum,
+                               Factors.load(keep).modules[name].activation_sum, rtol=1e-6, atol=1e-6)
+    assert main(["edit", "--model", str(gpt2["model"]), "--factors", str(imported), "--layers-json",
+                 '{"1": {"up": 0.5}}', "--out", str(tmp_path / "edited"), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "edited" / "edit_report.json").read_text())
+    assert not report["modules"][0]["bias"] and report["modules"][0]["shape"] == [32, 16]
+    capsys.readouterr()
+    assert main(["import-factors", str(tmp_path / "joint.pt"), "--model", str(gpt2["model"]), "--out",
+                 str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "A (17, 17) is over [a; 1] of the biased transformer.h.0.mlp.c_fc" in err[0], err
+    assert not (tmp_path / "bad").exists()
