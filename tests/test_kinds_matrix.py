@@ -158,3 +158,29 @@ def test_import_factors_of_a_biased_model(gpt2, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "A (17, 17) is over [a; 1] of the biased transformer.h.0.mlp.c_fc" in err[0], err
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_fp64_moe_model_runs_blocks_outside_the_collected_ones(tmp_path, tiny_tokenizer, tiny_corpus_jsonl, capsys):
+    """--dtype float64 on OLMoE: transformers' default grouped_mm experts have no fp64 kernel, so the blocks the
+    collection does not tap (--layers 1, --layers-per-pass) and every eval forward were a RuntimeError traceback;
+    load_model switches such a model to the eager experts (the model's own code: same logits)."""
+    from test_experts import eager_fp64
+
+    from kfac_edit.factors.store import Factors
+    from kfac_edit.models import load_model
+
+    model_dir = tmp_path / "olmoe"
+    tiny_model("olmoe").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    model, _ = load_model(str(model_dir), dtype="float64", device="cpu")
+    ids = torch.randint(1, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, eager_fp64("olmoe")(input_ids=ids).logits,
+                                   rtol=1e-12, atol=1e-12)  # fmt: skip
+    out = tmp_path / "factors"
+    assert main(["collect", "--model", str(model_dir), "--data", str(tiny_corpus_jsonl), "--out", str(out),
+                 "--dtype", "float64", "--layers", "1", "--tokens", "96", "--seq-len", "16", "--device", "cpu",
+                 "--no-progress"]) == 0  # fmt: skip
+    factors = Factors.load(out)
+    assert len(factors) == 12 and factors.manifest["dtype"] == factors.manifest["accumulate_dtype"] == "float64"
+    assert factors.tokens("model.layers.1.mlp.experts.0.up") > 0
