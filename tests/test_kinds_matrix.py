@@ -184,3 +184,33 @@ def test_an_fp64_moe_model_runs_blocks_outside_the_collected_ones(tmp_path, tiny
     factors = Factors.load(out)
     assert len(factors) == 12 and factors.manifest["dtype"] == factors.manifest["accumulate_dtype"] == "float64"
     assert factors.tokens("model.layers.1.mlp.experts.0.up") > 0
+
+
+def test_predict_finds_the_modules_the_factors_were_collected_from(tmp_path, tiny_tokenizer, tiny_corpus_jsonl):
+    """`predict` on factors of `collect --modules` (GPT-J, an attention projection as 'up'): the manifest's paths,
+    as edit/run/sweep use them (was 'no factors for module transformer.h.1.mlp.fc_in')."""
+    from kfac_edit.edit import EditSpec
+    from kfac_edit.factors.store import Factors
+    from kfac_edit.models import use_modules
+    from kfac_edit.predict import predict_cost, task_batches
+
+    model_dir = tmp_path / "gptj"
+    model = tiny_model("gptj")
+    model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    factors = tmp_path / "factors"
+    assert main(["collect", "--model", str(model_dir), "--data", str(tiny_corpus_jsonl), "--out", str(factors),
+                 "--modules", "up=attn.q_proj,down=mlp.fc_out", "--layers", "1", "--tokens", "96", "--seq-len", "16",
+                 "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prefix_ids": [i + 1] * 5, "suffix_ids": [i + 2] * 4}) + "\n" for i in range(4)))
+    out = tmp_path / "predict.json"
+    layers = '{"1": {"up": 0.5}}'
+    assert main(["predict", "--model", str(model_dir), "--factors", str(factors), "--layers-json", layers,
+                 "--data", str(task), "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    (result,) = json.loads(out.read_text())["tasks"]
+    assert list(result["modules"]) == ["transformer.h.1.attn.q_proj"]
+    use_modules(model, {"up": "attn.q_proj", "down": "mlp.fc_out"})
+    (expected,) = predict_cost(model, Factors.load(factors), EditSpec.from_json(json.loads(layers)),
+                               {"task": task_batches(task, tiny_tokenizer)})  # fmt: skip
+    assert 0 < result["share"] < 1 and result["share"] == pytest.approx(expected.share, rel=1e-5)
