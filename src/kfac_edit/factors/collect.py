@@ -209,6 +209,10 @@ def collect_factors(
         exclusion: dict = {}
         batches = _batch_source(data, model, tokenizer, config, exclusion)
         factors = _collect_partitions(model, projections, batches, config, ctx, fingerprint)
+        if config.exclude and ctx.enabled:  # each rank counted the windows of its own shard
+            counts = [exclusion["windows_seen"], exclusion["windows_dropped"]]
+            seen, dropped = all_reduce_ints(ctx, counts, what="--exclude window counts")
+            exclusion.update(windows_seen=seen, windows_dropped=dropped)
     except BaseException:
         lock.close()
         raise
@@ -348,8 +352,8 @@ def _batch_source(data: Any, model: nn.Module, tokenizer: Any, config: CollectCo
 def _excluding(source: BatchSource, model: nn.Module, tokenizer: Any, config: CollectConfig, info: dict) -> BatchSource:
     """``source`` without the windows that overlap ``config.exclude``'s records (:func:`kfac_edit.data.exclude_overlapping`,
     n = :data:`kfac_edit.data.EXCLUDE_NGRAM`), cut at ``config.max_tokens`` tokens *kept*. ``info`` receives what the
-    manifest records: files, digest of the records' token ids, n, records, windows seen / dropped (first pass, this
-    rank's shard)."""
+    manifest records: files, digest of the records' token ids, n, records, windows seen / dropped (first pass; this
+    rank's shard, summed over the ranks by :func:`collect_factors`)."""
     from ..data import EXCLUDE_NGRAM, exclude_overlapping
     from ..evaluate.records import load_records
     from ..identity import json_digest
