@@ -214,3 +214,34 @@ def test_predict_finds_the_modules_the_factors_were_collected_from(tmp_path, tin
     (expected,) = predict_cost(model, Factors.load(factors), EditSpec.from_json(json.loads(layers)),
                                {"task": task_batches(task, tiny_tokenizer)})  # fmt: skip
     assert 0 < result["share"] < 1 and result["share"] == pytest.approx(expected.share, rel=1e-5)
+
+
+def test_exclude_with_tokens_resumed_equals_one_run(gpt2, tmp_path, monkeypatch):
+    """--exclude --tokens N --resume: the resumed run read N more kept tokens from the checkpoint on (585 labelled
+    tokens for 375) and counted only the windows after it; now the cut and the counts are the uninterrupted run's."""
+    from conftest import interrupt_collection
+
+    from kfac_edit.factors.store import Factors
+
+    from kfac_edit.testbed import number_tokenizer
+
+    tokenizer = number_tokenizer(60)
+    documents = [tokenizer(json.loads(line)["text"])["input_ids"] for line in gpt2["corpus"].read_text().splitlines()]
+    memorized = tmp_path / "memorized.jsonl"  # 14 tokens of 4 documents: their windows are dropped
+    memorized.write_text("".join(json.dumps({"prefix_ids": ids[1:9], "suffix_ids": ids[9:15]}) + "\n"
+                                 for ids in [d for d in documents if len(d) > 16][:4]))
+    argv = ["collect", "--model", str(gpt2["model"]), "--data", str(gpt2["corpus"]), "--exclude", str(memorized),
+            "--tokens", "400", "--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--no-progress",
+            "--dtype", "float64", "--labels", "gold"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    resumed = [*argv, "--out", str(tmp_path / "resumed"), "--checkpoint-every", "64"]
+    interrupt_collection(monkeypatch, resumed, after_batches=9)
+    assert main([*resumed, "--resume"]) == 0
+    one, two = Factors.load(tmp_path / "one"), Factors.load(tmp_path / "resumed")
+    assert two.manifest["resumed"] and one.manifest["exclude"]["windows_dropped"] > 0
+    assert two.manifest["exclude"] == one.manifest["exclude"]
+    assert (two.manifest["tokens"], two.manifest["labelled_tokens"]) == (one.manifest["tokens"],
+                                                                         one.manifest["labelled_tokens"])
+    for name in one.names:
+        assert two.tokens(name) == one.tokens(name)
+        torch.testing.assert_close(two.modules[name].grad_sum, one.modules[name].grad_sum, rtol=1e-6, atol=1e-9)
