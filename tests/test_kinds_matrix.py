@@ -203,7 +203,8 @@ def test_predict_finds_the_modules_the_factors_were_collected_from(tmp_path, tin
                  "--modules", "up=attn.q_proj,down=mlp.fc_out", "--layers", "1", "--tokens", "96", "--seq-len", "16",
                  "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
     task = tmp_path / "task.jsonl"
-    task.write_text("".join(json.dumps({"prefix_ids": [i + 1] * 5, "suffix_ids": [i + 2] * 4}) + "\n" for i in range(4)))
+    records = [{"prefix_ids": [i + 1] * 5, "suffix_ids": [i + 2] * 4} for i in range(4)]
+    task.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "predict.json"
     layers = '{"1": {"up": 0.5}}'
     assert main(["predict", "--model", str(model_dir), "--factors", str(factors), "--layers-json", layers,
@@ -245,3 +246,22 @@ def test_exclude_with_tokens_resumed_equals_one_run(gpt2, tmp_path, monkeypatch)
     for name in one.names:
         assert two.tokens(name) == one.tokens(name)
         torch.testing.assert_close(two.modules[name].grad_sum, one.modules[name].grad_sum, rtol=1e-6, atol=1e-9)
+
+
+def test_resuming_with_other_modules_names_one(tmp_path, tiny_tokenizer, tiny_corpus_jsonl, monkeypatch, capsys):
+    """--resume with another --modules: the line names a module on each side (was '4 modules in the checkpoint, 4
+    now (or other ones)')."""
+    from conftest import interrupt_collection
+
+    model_dir = tmp_path / "gptj"
+    tiny_model("gptj").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    argv = ["collect", "--model", str(model_dir), "--data", str(tiny_corpus_jsonl), "--out", str(tmp_path / "f"),
+            "--tokens", "400", "--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--no-progress",
+            "--checkpoint-every", "64"]  # fmt: skip
+    interrupt_collection(monkeypatch, [*argv, "--modules", "up=mlp.fc_in,down=mlp.fc_out"])
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--modules", "up=attn.q_proj,down=mlp.fc_out"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("4 modules in the checkpoint, 4 now (transformer.h.0.mlp.fc_in in the checkpoint "
+                              "only, transformer.h.0.attn.q_proj now only)") in err[0], err
