@@ -85,6 +85,13 @@ def test_sweep_on_a_model_without_gate_defaults_to_up(gpt2, tmp_path, capsys):
                  "--keep-mass", "0.5", "--max-combo", "1", "--out", str(out), *EVAL]) == 0
     assert [r["id"] for r in read_jsonl(out / "results.jsonl")] == ["base", "kfac|b1|up|k0.5"]
     assert json.loads((out / "sweep.json").read_text())["grid"]["projection_sets"] == [["up"]]
+    from kfac_edit.models import use_modules
+    from kfac_edit.sweep import SweepConfig, with_projection_sets
+
+    model = tiny_model("gptj")
+    use_modules(model, {"down": "mlp.fc_out"})  # neither gate nor up: the kinds it has (was an empty set)
+    assert with_projection_sets(model, SweepConfig()).projection_sets == [("down",)]
+    assert with_projection_sets(tiny_model("olmoe"), SweepConfig()).projection_sets == [("gate", "up")]
 
 
 def test_bsn_windows_beyond_the_context_are_one_line(gpt2, tmp_path, capsys):

@@ -65,7 +65,7 @@ class SweepConfig:
     blocks: list[int] | None = config_field(
         None, "blocks to sweep, e.g. 20-27 (default: every block the factors cover)")
     projection_sets: list[tuple[str, ...]] | None = config_field(
-        None, "projection sets, each edited as a whole (default: gate,up; up alone in a model without gate)")
+        None, "projection sets, each edited as a whole (default: gate,up; up in a model without gate)")
     keep_masses: list[float] = config_field([0.5, 0.6, 0.7, 0.8, 0.9], "keep_mass values to try")
     max_combo: int = config_field(3, "longest run of adjacent blocks edited together")
     ppl_budget: float = config_field(1.2, "best point: perplexity at most this multiple of the base perplexity")
@@ -214,10 +214,12 @@ def sweep_blocks(model, config: SweepConfig, factor_names: Sequence[str] | None)
 
 
 def with_projection_sets(model, config: SweepConfig) -> SweepConfig:
-    """``config`` with its default projection set made explicit: gate,up, or up alone in a model without gate."""
+    """``config`` with its default projection set made explicit: gate,up, or up alone in a model without gate (every
+    kind it has when it has neither, e.g. ``--modules down=...``)."""
     if config.projection_sets is not None:
         return config
-    input_side = tuple(k for k in ("gate", "up") if k in projection_kinds(model))
+    kinds = projection_kinds(model)
+    input_side = tuple(k for k in ("gate", "up") if k in kinds) or tuple(kinds)
     return dataclasses.replace(config, projection_sets=[input_side])
 
 
