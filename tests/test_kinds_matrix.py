@@ -272,3 +272,14 @@ def test_resuming_with_other_modules_names_one(tmp_path, tiny_tokenizer, tiny_co
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("4 modules in the checkpoint, 4 now (transformer.h.0.mlp.fc_in in the checkpoint "
                               "only, transformer.h.0.attn.q_proj now only)") in err[0], err
+
+
+def test_the_memory_plan_of_a_biased_model_counts_the_homogeneous_row():
+    """GPT-2 c_fc (in 16, out 32): A over [a; 1] is 17x17; no gate, so no 'gate and up share A' in the header."""
+    from kfac_edit.factors.memory import memory_plan
+    from kfac_edit.models import find_projections, projection_kinds
+
+    model = tiny_model("gpt2")
+    table = memory_plan(find_projections(model, layers=[0], projections=projection_kinds(model))).table()
+    assert table.splitlines()[0] == "factor memory (sums):"
+    assert "up    32x17 on cpu: A 1.13 KiB + G 4.00 KiB = 5.13 KiB per module, blocks 0 (1 modules" in table, table
