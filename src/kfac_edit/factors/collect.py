@@ -386,7 +386,13 @@ def _excluding(source: BatchSource, model: nn.Module, tokenizer: Any, config: Co
             kept += batch["input_ids"].shape[0]
             if first:
                 info.update(windows_seen=seen[0], windows_dropped=seen[0] - kept)
-            index = batch["window_index"]
+            index = batch.get("window_index")
+            if index is None:
+                if skip_windows or world > 1:
+                    raise UserError("resuming or several ranks need the data as a source string or a BatchSource "
+                                    "callable (batches with window_index)")
+                yield batch
+                continue
             mine = ((index >= skip_windows) & (index % world == rank)).nonzero().flatten()
             if len(mine) == len(index) or (world == 1 and len(mine)):
                 yield {key: value[mine] for key, value in batch.items()}
