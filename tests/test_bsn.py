@@ -101,7 +101,8 @@ def test_sweep_and_edit_cli_run_bsn_and_refuse_bad_data(sweep_inputs, tmp_path, 
 
     inp, out = sweep_inputs, tmp_path / "bsn"
     argv = _argv(inp, out, "--method", "kfac,bsn", "--keep-mass", "bsn=0.8", "--group", "0-1",
-                 "--clean-data", str(inp["text"]), "--bsn-epochs", "2", "--bsn-batch-size", "8")
+                 "--clean-data", str(inp["text"]), "--bsn-epochs", "2", "--bsn-batch-size", "8",
+                 "--bsn-clean-seq-len", "64")  # the tiny model's context
     assert main(argv) == 0
     capsys.readouterr()
     lines = read_jsonl(out / "results.jsonl")
@@ -125,7 +126,7 @@ def test_sweep_and_edit_cli_run_bsn_and_refuse_bad_data(sweep_inputs, tmp_path, 
     assert "--forget FILE" in capsys.readouterr().err and not (tmp_path / "edited").exists()
     assert main(["edit", "--model", str(inp["model"]), "--layers-json", '{"0": {"up": 0.9}}', "--method", "bsn",
                  "--forget", str(inp["mem"]), "--clean-data", str(inp["text"]), "--bsn-epochs", "1",
-                 "--out", str(tmp_path / "edited"), "--device", "cpu"]) == 0
+                 "--bsn-clean-seq-len", "64", "--out", str(tmp_path / "edited"), "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "edited" / "edit_report.json").read_text())
     assert report["method"] == "bsn" and report["modules"][0]["pairs_fraction"] == pytest.approx(0.9, abs=5e-3)
     run_dir = tmp_path / "run"
@@ -135,7 +136,7 @@ def test_sweep_and_edit_cli_run_bsn_and_refuse_bad_data(sweep_inputs, tmp_path, 
     assert "--forget FILE" in capsys.readouterr().err and not run_dir.exists()
     assert main(["run", "--model", str(inp["model"]), "--layers-json", '{"0": {"up": 0.9}}', "--method", "bsn",
                  "--forget", str(inp["mem"]), "--clean-data", str(inp["text"]), "--bsn-epochs", "1",
-                 "--out", str(run_dir), "--device", "cpu", "--memorized", str(inp["mem"]), "--prefix-len", "8",
-                 "--suffix-len", "6", "--batch-size", "16"]) == 0
+                 "--bsn-clean-seq-len", "64", "--out", str(run_dir), "--device", "cpu", "--memorized", str(inp["mem"]),
+                 "--prefix-len", "8", "--suffix-len", "6", "--batch-size", "16"]) == 0
     edited = json.loads((run_dir / "edited" / "edit_report.json").read_text())
     assert edited["method"] == "bsn" and edited["modules"][0]["name"] == "model.layers.0.mlp.up_proj"

@@ -67,8 +67,13 @@ def test_torchrun_two_ranks_equal_one_process_then_share_eigen(tmp_path):
     number_tokenizer(N_NUMBERS).save_pretrained(model_dir)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in _texts()))
+    tokenizer = number_tokenizer(N_NUMBERS)
+    memorized = tmp_path / "memorized.jsonl"  # windows quoting 3 of the texts: --exclude drops some on each rank
+    memorized.write_text("".join(json.dumps({"prefix_ids": tokenizer(t)["input_ids"][:6], "suffix_ids":
+                                             tokenizer(t)["input_ids"][6:12]}) + "\n" for t in _texts()[:3]))
     common = ["--model", str(model_dir), "--data", str(corpus), "--seq-len", str(SEQ), "--batch-size", str(BATCH),
-              "--tokens", "100000", "--device", "cpu", "--dtype", "float64", "--no-progress"]  # fmt: skip
+              "--tokens", "100000", "--device", "cpu", "--dtype", "float64", "--no-progress",
+              "--exclude", str(memorized)]  # fmt: skip
     env = {"GLOO_SOCKET_IFNAME": "lo", **os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     run_dir = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -82,6 +87,8 @@ def test_torchrun_two_ranks_equal_one_process_then_share_eigen(tmp_path):
     two, one = Factors.load(run_dir / "factors"), Factors.load(tmp_path / "one")
     assert two.manifest["world_size"] == 2 and two.manifest["passes"] == 2
     assert two.manifest["tokens"] == one.manifest["tokens"] and two.names == one.names and len(one.names) == 6
+    assert two.manifest["exclude"] == one.manifest["exclude"]  # window counts summed over the ranks
+    assert 0 < one.manifest["exclude"]["windows_dropped"] < one.manifest["exclude"]["windows_seen"]
     for name in one.names:
         d, s = two.modules[name], one.modules[name]
         assert (d.activation_tokens, d.grad_tokens) == (s.activation_tokens, s.grad_tokens) and s.grad_tokens > 0

@@ -112,17 +112,26 @@ def check_disjoint(forget: Iterable, heldout: Iterable, where: str = "--forget")
 
 
 def load_bsn_data(forget: str | Sequence, clean: str | Iterable[str], tokenizer, config: BsnConfig,
-                  vocab_size: int | None = None) -> BsnData:
+                  vocab_size: int | None = None, context: int | None = None) -> BsnData:
     """:class:`BsnData` from a forget set (a records file, or records: :class:`MemRecord` s or JSON dicts with
-    token ids) and a clean-text SOURCE (or an iterable of documents), packed in ``config.clean_seq_len`` windows."""
+    token ids) and a clean-text SOURCE (or an iterable of documents), packed in ``config.clean_seq_len`` windows.
+    ``context``: the model's context length (:func:`~kfac_edit.models.model_limits`); longer sequences are refused."""
     from .data import token_batches
     from .evaluate.records import load_records
+
+    if context is not None and config.clean_seq_len > context:
+        raise UserError(f"--bsn-clean-seq-len {config.clean_seq_len} exceeds the model's context of {context} "
+                        f"positions; use at most {context}")
 
     if isinstance(forget, (str, bytes)) or hasattr(forget, "__fspath__"):
         records = load_records(forget, tokenizer=tokenizer, vocab_size=vocab_size)
     else:
         records = list(forget)
     forget_ids = [list(p) + list(s) for p, s in map(record_key, records)]
+    longest = max(map(len, forget_ids), default=0)
+    if context is not None and longest > context:
+        raise UserError(f"a forget record of {longest} tokens (prefix + suffix) exceeds the model's context of "
+                        f"{context} positions; use shorter records")
     clean_ids: list[list[int]] = []
     for batch in token_batches(clean, tokenizer, config.clean_seq_len, 256, max_tokens=config.max_clean_tokens):
         for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):

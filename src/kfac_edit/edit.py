@@ -37,7 +37,8 @@ from .factors.store import Factors, ModuleFactors
 from .fileio import atomic_dir, utc_timestamp, write_json
 from .identity import model_fingerprint
 from .models import PROJECTIONS, Projection, find_projections, load_model, load_tokenizer_as_saved, model_type
-from .models import LAYOUT_KEY, num_blocks, parse_modules_option, projection_kinds, resolve_device, use_modules
+from .models import LAYOUT_KEY, model_limits, num_blocks, parse_modules_option, projection_kinds, resolve_device
+from .models import use_modules
 from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
 from .spec import LAYERS_EXAMPLE, NO_EDIT_AT, EditSpec, Method
 
@@ -549,8 +550,9 @@ def edit_model_dir(
         inputs = None
         if bsn is not None:
             forget, clean, bsn_config = bsn
-            vocab = net.get_input_embeddings().num_embeddings
-            inputs = BsnInputs(load_bsn_data(forget, clean, tokenizer, bsn_config, vocab_size=vocab), bsn_config)
+            vocab, context = net.get_input_embeddings().num_embeddings, model_limits(net.config)[1]
+            data = load_bsn_data(forget, clean, tokenizer, bsn_config, vocab_size=vocab, context=context)
+            inputs = BsnInputs(data, bsn_config)
         report = apply_edit(net, factors, spec, cache=cache, ekfac=ekfac, protect=protect, bsn=inputs)
         if protect_dir is not None:
             report.factor_manifest["protect"] = {"directory": str(protect_dir), "weight": protect_weight}

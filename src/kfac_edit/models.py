@@ -510,6 +510,8 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "auto", device: str
     )  # fmt: skip
     if not device_map:
         model.to(resolve_device(device))
+    if model.dtype == torch.float64 and getattr(model.config, "_experts_implementation", "eager") != "eager":
+        model.set_experts_implementation("eager")  # transformers' grouped_mm experts have no fp64 kernel
     return model.eval(), load_tokenizer(name_or_path)
 
 

@@ -170,7 +170,7 @@ def predict_files(model: str, factors_dir: str | os.PathLike, spec: EditSpec, da
                   cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:  # fmt: skip
     """What ``kfac-edit predict`` does: the shares of each task file, with the configuration (a JSON-ready dict)."""
     from .edit import DEFAULT_PROTECT_WEIGHT, Protection, check_edit_inputs, load_edit_factors, load_protect_factors
-    from .edit import resolve_targets
+    from .edit import declare_modules, resolve_targets
     from .eigen import EigenCache
     from .factors.ekfac import Ekfac
     from .models import load_model
@@ -187,6 +187,7 @@ def predict_files(model: str, factors_dir: str | os.PathLike, spec: EditSpec, da
     if protect_dir is not None:
         Protection(None, weight)
     net, tokenizer = load_model(model, dtype=dtype, device=device)
+    declare_modules(net, None, factors_dir)  # the modules the factors were collected from (collect --modules)
     factors = load_edit_factors(net, spec, factors_dir)
     names = [p.name for p, _ in resolve_targets(net, spec)]
     ekfac = Ekfac.load(factors_dir, names=names) if spec.method is Method.EKFAC else None

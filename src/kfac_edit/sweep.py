@@ -49,7 +49,7 @@ from .evaluate.suite import (_set_names, check_inputs, config_field, evaluate, f
                              memorized_outputs, own_reference_topk)
 from .fileio import append_jsonl, atomic_path, read_jsonl, write_json
 from .identity import model_fingerprint, weights_digest
-from .models import PROJECTIONS, find_projections, num_blocks
+from .models import PROJECTIONS, find_projections, model_limits, num_blocks, projection_kinds
 from .pareto import BASE_CONFIG, PointConfig, SweepRecord, base_record, chosen_point, read_results
 from .spec import NO_EDIT_AT, EditSpec, Method
 
@@ -64,7 +64,8 @@ class SweepConfig:
 
     blocks: list[int] | None = config_field(
         None, "blocks to sweep, e.g. 20-27 (default: every block the factors cover)")
-    projection_sets: list[tuple[str, ...]] = config_field([("gate", "up")], "projection sets, each edited as a whole")
+    projection_sets: list[tuple[str, ...]] | None = config_field(
+        None, "projection sets, each edited as a whole (default: gate,up; up in a model without gate)")
     keep_masses: list[float] = config_field([0.5, 0.6, 0.7, 0.8, 0.9], "keep_mass values to try")
     max_combo: int = config_field(3, "longest run of adjacent blocks edited together")
     ppl_budget: float = config_field(1.2, "best point: perplexity at most this multiple of the base perplexity")
@@ -106,9 +107,9 @@ class SweepConfig:
             raise UserError(f"--skip-over {self.skip_over} must be at least --ppl-budget {self.ppl_budget:g}")
         if self.groups is not None and (not self.groups or not all(self.groups)):
             raise UserError("--group names no block; give e.g. --group 0-1")
-        if not self.projection_sets:
+        if self.projection_sets == []:
             raise UserError("no projection set; give e.g. --projections gate,up")
-        for s in self.projection_sets:
+        for s in self.projection_sets or []:
             if not s or any(k not in PROJECTIONS for k in s):
                 raise UserError(f"--projections {','.join(s)} is not a subset of gate,up,down")
         if self.max_combo < 1:
@@ -212,8 +213,19 @@ def sweep_blocks(model, config: SweepConfig, factor_names: Sequence[str] | None)
     return blocks
 
 
+def with_projection_sets(model, config: SweepConfig) -> SweepConfig:
+    """``config`` with its default projection set made explicit: gate,up, or up alone in a model without gate (every
+    kind it has when it has neither, e.g. ``--modules down=...``)."""
+    if config.projection_sets is not None:
+        return config
+    kinds = projection_kinds(model)
+    input_side = tuple(k for k in ("gate", "up") if k in kinds) or tuple(kinds)
+    return dataclasses.replace(config, projection_sets=[input_side])
+
+
 def needed_modules(model, config: SweepConfig, factor_names: Sequence[str] | None) -> list[str]:
     """Names of every module some point of the grid edits (the factors to load)."""
+    config = with_projection_sets(model, config)
     kinds = sorted({k for s in config.projection_sets for k in s}, key=PROJECTIONS.index)
     return [p.name for p in find_projections(model, layers=sweep_blocks(model, config, factor_names),
                                              projections=kinds)]
@@ -314,11 +326,11 @@ def run_sweep(model: torch.nn.Module, tokenizer, factors, config: SweepConfig, e
     """Run (or resume) the sweep of ``config`` (see the module docstring). ``factors`` may be ``None`` for methods
     without factors; ``outputs_for(records)`` picks the point whose ``records.jsonl`` and spectra the report shows
     (default: the chosen one). Wrong input: :class:`UserError` before any work."""
-    from .models import model_limits
     from .progress import progress_bar as tqdm  # a bar on a terminal, log lines in a Slurm log
     from . import report as report_module
 
     check_sweep_configs(config, eval_config)
+    config = with_projection_sets(model, config)
     eval_config.out = None  # the sweep writes its own records
     restore(model)
     with_capability = dataclasses.replace(eval_config, memorized=[*eval_config.memorized, *config.capability])
@@ -470,7 +482,9 @@ def _bsn_inputs(config: SweepConfig, split: tuple[list[dict], list[dict]] | None
         forget = parse(split[0], SELECTION)
     else:
         forget = [r for path in eval_config.memorized for r in load_records(path, tokenizer, *lengths, vocab)]
-    return BsnInputs(load_bsn_data(forget, config.clean_data, tokenizer, config.bsn, vocab_size=vocab), config.bsn)
+    context = model_limits(model.config)[1]
+    data = load_bsn_data(forget, config.clean_data, tokenizer, config.bsn, vocab_size=vocab, context=context)
+    return BsnInputs(data, config.bsn)
 
 
 def write_point_outputs(out: Path, model, tokenizer, point: SweepRecord, factors, cache: EigenCache, eval_config,

@@ -26,10 +26,11 @@ from .edit import (apply_edit, check_edit_inputs, check_output_dir, declare_modu
                    resolve_targets, save_edited)
 from .eigen import EigenCache
 from .evaluate.suite import EvalConfig, check_inputs, evaluate, headline_metrics, own_reference_topk
+from .factors.ekfac import Ekfac
 from .fileio import append_jsonl, utc_timestamp, write_json
 from .models import check_causal_lm, load_model, load_tokenizer, load_tokenizer_as_saved, model_limits, resolve_device
 from .report import provenance, write_provenance, write_records, write_report
-from .spec import EditSpec
+from .spec import EditSpec, Method
 
 
 class RunPaths:
@@ -54,6 +55,8 @@ def run_workflow(model_path: str, spec: EditSpec, factors_dir: str | None, confi
     """
     paths = RunPaths(out_dir, results)
     check_edit_inputs(spec, factors_dir)
+    if spec.method is Method.EKFAC and not Ekfac.exists(factors_dir):
+        Ekfac.load(factors_dir)  # the one-line error saying how to make them
     rows, positions = model_limits(check_causal_lm(model_path))  # token ids vs embedding rows, lengths vs context
     check_inputs(config, load_tokenizer(model_path), rows, positions, has_reference=True)
     check_output_dir(paths.edited, source=model_path)
@@ -62,13 +65,16 @@ def run_workflow(model_path: str, spec: EditSpec, factors_dir: str | None, confi
     if bsn is not None:
         forget, clean, bsn_config = bsn
         vocab = model.get_input_embeddings().num_embeddings
-        bsn = BsnInputs(load_bsn_data(forget, clean, tokenizer, bsn_config, vocab_size=vocab), bsn_config)
+        data = load_bsn_data(forget, clean, tokenizer, bsn_config, vocab_size=vocab, context=positions)
+        bsn = BsnInputs(data, bsn_config)
     started = time.time()
     factors = load_edit_factors(model, spec, factors_dir)
     cache = EigenCache.default(cache_dir)
+    names = [proj.name for proj, _ in resolve_targets(model, spec)]
     if factors is not None:  # every eigendecomposition before the first evaluation: bad factors fail here
-        for proj, _ in resolve_targets(model, spec):
-            cache.get(factors, proj.name)
+        for name in names:
+            cache.get(factors, name)
+    ekfac = Ekfac.load(factors_dir, names=names) if spec.method is Method.EKFAC else None
     base_config = dataclasses.replace(config, out=str(paths.evals), model=model_path)
     records: list[dict] = []  # appended to evals.jsonl at the end: a failed run leaves no stale baseline there
     before_outputs, after_outputs = {}, {}  # per-record outputs of the memorized sets, for records.jsonl
@@ -91,7 +97,7 @@ def run_workflow(model_path: str, spec: EditSpec, factors_dir: str | None, confi
                                          "note": "the base model is the reference"}
         before_h = headline_metrics(before["metrics"])
 
-    report = apply_edit(model, factors, spec, cache=cache, bsn=bsn)
+    report = apply_edit(model, factors, spec, cache=cache, ekfac=ekfac, bsn=bsn)
     report.factor_manifest.setdefault("directory", str(factors_dir) if factors_dir is not None else None)
     save_edited(model, load_tokenizer_as_saved(model_path), paths.edited, report)
     after = evaluated(dataclasses.replace(base_config, model=str(paths.edited)), reference_topk=reference_topk,

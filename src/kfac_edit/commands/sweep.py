@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_factor_options(p)
     p.add_argument("--blocks", "--layers", metavar="BLOCKS", help=field_help("blocks") + " (--layers: the same)")
     p.add_argument("--projections", action="append", metavar="KINDS", help="a projection set edited together, e.g. "
-                   "gate,up (default); repeat the option to sweep several sets, e.g. --projections gate,up "
+                   "gate,up (default; up in a model without gate); repeat the option to sweep several sets, e.g. --projections gate,up "
                    "--projections gate,up,down")
     p.add_argument("--keep-mass", action="append", metavar="LIST", help=field_help("keep_masses") + " for every "
                    "method (default 0.5,0.6,0.7,0.8,0.9); repeat with METHOD=LIST for a method's own grid, e.g. "
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     methods = [m.strip() for text in args.method or ["kfac"] for m in text.split(",") if m.strip()]
     config = SweepConfig(
         blocks=parse_layers(args.blocks) if args.blocks else None,
-        projection_sets=[tuple(parse_projections(s)) for s in (args.projections or ["gate,up"])],
+        projection_sets=[tuple(parse_projections(s)) for s in args.projections] if args.projections else None,
         keep_masses=keep_masses, method_keep_masses=per_method, methods=list(dict.fromkeys(methods)),
         groups=[tuple(parse_layers(g)) for g in args.group] if args.group else None,
         max_combo=args.max_combo, ppl_budget=args.ppl_budget, holdout_fraction=args.holdout_fraction,

@@ -76,7 +76,11 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
             continue  # the weights digest covers the collected modules only
         label = FINGERPRINT_LABELS.get(key) or "--" + key.replace("_", "-")
         if key == "modules":
-            out.append(f"{label}: {len(a or [])} modules in the checkpoint, {len(b or [])} now (or other ones)")
+            a, b = a or [], b or []
+            first_only = [next((f"{m} {where} only" for m in x if m not in y), None)
+                          for x, y, where in ((a, b, "in the checkpoint"), (b, a, "now"))]
+            detail = ", ".join(d for d in first_only if d) or "in another order"
+            out.append(f"{label}: {len(a)} modules in the checkpoint, {len(b)} now ({detail})")
         elif key.endswith(("_digest", "_fingerprint")):
             out.append(f"{label} differ")
         else:

@@ -348,8 +348,11 @@ def _batch_source(data: Any, model: nn.Module, tokenizer: Any, config: CollectCo
 def _excluding(source: BatchSource, model: nn.Module, tokenizer: Any, config: CollectConfig, info: dict) -> BatchSource:
     """``source`` without the windows that overlap ``config.exclude``'s records (:func:`kfac_edit.data.exclude_overlapping`,
     n = :data:`kfac_edit.data.EXCLUDE_NGRAM`), cut at ``config.max_tokens`` tokens *kept*. ``info`` receives what the
-    manifest records: files, digest of the records' token ids, n, records, windows seen / dropped (first pass, this
-    rank's shard)."""
+    manifest records: files, digest of the records' token ids, n, records, windows seen / dropped (first pass).
+
+    Every rank reads the whole stream, excluded and cut as one process from window 0 would (so the ``--tokens`` cut
+    and the counts are those of one uninterrupted process, whatever the ranks or a resume), then takes its own
+    windows from ``skip_windows`` on, in batches of ``config.batch_size``."""
     from ..data import EXCLUDE_NGRAM, exclude_overlapping
     from ..evaluate.records import load_records
     from ..identity import json_digest
@@ -371,17 +374,35 @@ def _excluding(source: BatchSource, model: nn.Module, tokenizer: Any, config: Co
     def excluded(skip_windows: int, shard: tuple[int, int]):
         calls.append(True)
         first, seen, kept = len(calls) == 1, [0], 0
+        rank, world = shard
+        pending: list[dict[str, torch.Tensor]] = []  # this rank's windows not yet yielded
 
         def counted(batches):
             for batch in batches:
                 seen[0] += batch["input_ids"].shape[0]
                 yield batch
 
-        for batch in take_tokens(exclude_overlapping(counted(source(skip_windows, shard)), records), config.max_tokens):
+        for batch in take_tokens(exclude_overlapping(counted(source(0, (0, 1))), records), config.max_tokens):
             kept += batch["input_ids"].shape[0]
             if first:
                 info.update(windows_seen=seen[0], windows_dropped=seen[0] - kept)
-            yield batch
+            index = batch.get("window_index")
+            if index is None:
+                if skip_windows or world > 1:
+                    raise UserError("resuming or several ranks need the data as a source string or a BatchSource "
+                                    "callable (batches with window_index)")
+                yield batch
+                continue
+            mine = ((index >= skip_windows) & (index % world == rank)).nonzero().flatten()
+            if len(mine) == len(index) or (world == 1 and len(mine)):
+                yield {key: value[mine] for key, value in batch.items()}
+            elif len(mine):  # another rank's windows left out: rebatch this rank's to --batch-size
+                pending.append({key: value[mine] for key, value in batch.items()})
+                if sum(len(b["input_ids"]) for b in pending) >= config.batch_size:
+                    yield {key: torch.cat([b[key] for b in pending]) for key in pending[0]}
+                    pending = []
+        if pending:
+            yield {key: torch.cat([b[key] for b in pending]) for key in pending[0]}
 
     return excluded
 

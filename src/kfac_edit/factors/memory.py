@@ -126,7 +126,8 @@ class MemoryPlan:
         groups: dict[tuple, list[ModuleMemory]] = {}
         for m in self.modules:
             groups.setdefault((m.kind, m.shape, m.device, m.activation_bytes, m.grad_bytes, m.expert), []).append(m)
-        lines = ["factor memory (sums; gate and up share A):"]
+        shared = any(m.kind == "gate" for m in self.modules)
+        lines = ["factor memory (sums; gate and up share A):" if shared else "factor memory (sums):"]
         for (kind, shape, device, act, grad, expert), members in groups.items():
             what = f"A {format_bytes(act)} + G {format_bytes(grad)}" if act else f"G {format_bytes(grad)} (A shared)"
             unit = "expert" if expert else "module"

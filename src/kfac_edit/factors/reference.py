@@ -91,6 +91,12 @@ def _names_from_model(entries: dict[tuple[int, str], dict[str, Any]], model) -> 
     by_key = {(p.block, p.kind): p for p in find_projections(model, blocks, kinds)}
     for key, entry in entries.items():
         (n_out, n_in), A, G = by_key[key].shape, entry["A"], entry["G"]
+        if by_key[key].has_bias and A.shape == (n_in + 1, n_in + 1) and G.shape == (n_out, n_out):
+            raise UserError(
+                f"blk{key[0]}.{key[1]}: A {tuple(A.shape)} is over [a; 1] of the biased {by_key[key].name}; the "
+                f"reference format holds A over the input a alone ({n_in}x{n_in}): give that A, or collect the "
+                "factors with `kfac-edit collect` (--bias joint)"
+            )
         if A.shape != (n_in, n_in) or G.shape != (n_out, n_out):
             raise UserError(
                 f"blk{key[0]}.{key[1]}: A {tuple(A.shape)} / G {tuple(G.shape)} do not fit {by_key[key].name} of shape "
