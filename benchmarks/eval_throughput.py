@@ -83,18 +83,24 @@ def timed(fn, device):
     return out, (t.wall if device.startswith("cuda") else t.cpu), t
 
 
+def left_padded(chunk, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)`` of the prompts ``chunk``, left-padded to the longest, both ``(len(chunk), width)``."""
+    width = max(len(p) for p in chunk)
+    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(chunk):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
 def hf_generate(model, prompts, num_new, batch_size, pad_id):
     """``model.generate`` greedy, left padding, exactly ``num_new`` tokens (no EOS stop)."""
     out = []
     device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
+        ids, mask = left_padded(prompts[start : start + batch_size], pad_id)
+        width = ids.shape[1]
         with torch.inference_mode():
             gen = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, max_new_tokens=num_new,
@@ -114,13 +120,9 @@ def forward_floor(model, prompts, num_new, batch_size, pad_id):
     out = []
     device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width + num_new), dtype=torch.long)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
+        ids, prompt_mask = left_padded(prompts[start : start + batch_size], pad_id)
+        width = ids.shape[1]
+        mask = torch.cat([prompt_mask, torch.ones((len(ids), num_new), dtype=torch.long)], dim=1)
         ids, mask = ids.to(device), mask.to(device)
         position = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         tokens, cache = _step(model, None, ids, mask[:, :width], position, 1)

@@ -22,11 +22,10 @@ from test_architectures import random_batches, tiny_model
 CASES = {"gpt2": "transformer.h.1.mlp.c_fc", "gpt_neox": "gpt_neox.layers.1.mlp.dense_h_to_4h"}
 
 
-def brute_force(model, name, batches):
-    """``(Σ [a; 1][a; 1]ᵀ, Σ g gᵀ, rows)`` of module ``name`` over the labelled positions with gold labels."""
+def rows_of(model, name, batches):
+    """``([a; 1] rows, output-gradient rows)`` of module ``name`` at the labelled positions, gold labels."""
     module = model.get_submodule(name)
-    act = grad = None
-    rows = 0
+    acts, grads = [], []
     for batch in batches:
         seen = {}
 
@@ -40,16 +39,19 @@ def brute_force(model, name, batches):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         finally:
             handle.remove()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1), reduction="sum")
-        loss.backward()
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1),
+                        reduction="sum").backward()  # fmt: skip
         a = seen["a"][:, :-1].reshape(-1, seen["a"].shape[-1]).detach()
-        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
-        g = seen["out"].grad[:, :-1].reshape(-1, seen["out"].shape[-1])
-        act = a.T @ a if act is None else act + a.T @ a
-        grad = g.T @ g if grad is None else grad + g.T @ g
-        rows += a.shape[0]
+        acts.append(torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1))
+        grads.append(seen["out"].grad[:, :-1].reshape(-1, seen["out"].shape[-1]))
     model.zero_grad(set_to_none=True)
-    return act, grad, rows
+    return torch.cat(acts), torch.cat(grads)
+
+
+def brute_force(model, name, batches):
+    """``(Σ [a; 1][a; 1]ᵀ, Σ g gᵀ, rows)`` of module ``name`` over the labelled positions with gold labels."""
+    acts, grads = rows_of(model, name, batches)
+    return acts.T @ acts, grads.T @ grads, acts.shape[0]
 
 
 @pytest.mark.parametrize("model_type", sorted(CASES))
@@ -103,32 +105,6 @@ def test_collect_with_bias_keep_gives_the_plain_factor_and_a_weight_only_edit():
     bias = proj.module.bias.detach().clone()
     report = apply_edit(model, factors, EditSpec({(1, "up"): 0.5}))  # default joint, but the factors are over a
     assert not report.modules[0].bias and torch.equal(proj.module.bias, bias)
-
-
-def rows_of(model, name, batches):
-    """``([a; 1] rows, output-gradient rows)`` of module ``name`` at the labelled positions, gold labels."""
-    module = model.get_submodule(name)
-    acts, grads = [], []
-    for batch in batches:
-        seen = {}
-
-        def hook(mod, args, out):
-            seen["a"] = args[0]
-            out.retain_grad()
-            seen["out"] = out
-
-        handle = module.register_forward_hook(hook)
-        try:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        finally:
-            handle.remove()
-        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1),
-                        reduction="sum").backward()  # fmt: skip
-        a = seen["a"][:, :-1].reshape(-1, seen["a"].shape[-1]).detach()
-        acts.append(torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1))
-        grads.append(seen["out"].grad[:, :-1].reshape(-1, seen["out"].shape[-1]))
-    model.zero_grad(set_to_none=True)
-    return torch.cat(acts), torch.cat(grads)
 
 
 @pytest.mark.parametrize("model_type", sorted(CASES))
