@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .experts import fused_rows
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,8 @@ def learn_masks(model: nn.Module, targets: Sequence[tuple], data: BsnData, confi
         s = (torch.rand(w.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
         scores[proj.name] = s.to(device).requires_grad_(True)
         keeps[proj.name] = float(keep)
-    with torch.no_grad():  # functional_call(strict=False) would ignore a name that is not a parameter
-        unknown = set(_masked_parameters(targets, weights, scores, keeps)) - {n for n, _ in model.named_parameters()}
+    # functional_call(strict=False) would ignore a name that is not a parameter
+    unknown = {_parameter_name(p) for p, _ in targets} - {n for n, _ in model.named_parameters()}
     if unknown:
         raise RuntimeError(f"bsn: no model parameter named {sorted(unknown)[0]}")
     optimizer = torch.optim.SGD(list(scores.values()), lr=config.lr, momentum=config.momentum,
@@ -244,23 +245,27 @@ def learn_masks(model: nn.Module, targets: Sequence[tuple], data: BsnData, confi
         return {name: mask_of(scores[name], keeps[name]).to(torch.bool) for name in scores}
 
 
+def _parameter_name(proj) -> str:
+    """The parameter holding ``proj``'s matrix: its own ``weight``, or a routed expert's fused tensor."""
+    if proj.expert is None:
+        return f"{proj.name}.weight"
+    return f"{proj.name.rsplit('.', 2)[0]}.{fused_rows(proj.module.experts, proj.kind)[0]}"
+
+
 def _masked_parameters(targets, weights: dict, scores: dict, keeps: dict) -> dict[str, torch.Tensor]:
     """``{parameter name: W ⊙ M}`` for ``torch.func.functional_call``. A routed expert's matrix is a slice of its
     block's fused ``gate_up_proj`` / ``down_proj``: that parameter enters whole, masked where its targets are."""
     masked: dict[str, torch.Tensor] = {}
     for proj, _ in targets:
-        mask = mask_of(scores[proj.name], keeps[proj.name]).to(weights[proj.name].dtype)
+        pruned = weights[proj.name] * mask_of(scores[proj.name], keeps[proj.name]).to(weights[proj.name].dtype)
+        key = _parameter_name(proj)
         if proj.expert is None:
-            masked[f"{proj.name}.weight"] = weights[proj.name] * mask
+            masked[key] = pruned
             continue
-        experts = proj.module.experts
-        fused_name = "down_proj" if proj.kind == "down" else "gate_up_proj"
-        key = f"{proj.name.rsplit('.', 2)[0]}.{fused_name}"
+        fused, rows = fused_rows(proj.module.experts, proj.kind)
         if key not in masked:
-            masked[key] = getattr(experts, fused_name).detach().clone()
-        inter = experts.gate_up_proj.shape[1] // 2
-        rows = {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}[proj.kind]
-        masked[key][proj.expert, rows] = weights[proj.name] * mask  # autograd reaches the scores through the slice
+            masked[key] = getattr(proj.module.experts, fused).detach().clone()
+        masked[key][proj.expert, rows] = pruned  # autograd reaches the scores through the slice
     return masked
 
 

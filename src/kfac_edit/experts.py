@@ -27,6 +27,15 @@ from torch import nn
 from .errors import UserError
 
 
+def fused_rows(experts: nn.Module, kind: str) -> tuple[str, slice]:
+    """``(fused parameter name, rows of expert e's matrix in it)`` for ``kind``: gate ``[0, I)`` and up ``[I, 2I)``
+    of ``gate_up_proj[e]`` (also the columns of ``x W_guᵀ``), down all of ``down_proj[e]``."""
+    if kind == "down":
+        return "down_proj", slice(None)
+    inter = experts.gate_up_proj.shape[1] // 2
+    return "gate_up_proj", slice(0, inter) if kind == "gate" else slice(inter, 2 * inter)
+
+
 class ExpertWeight:
     """One expert's ``gate``, ``up`` or ``down`` matrix as ``weight`` ``(out, in)``: a view into the fused parameter."""
 
@@ -37,11 +46,8 @@ class ExpertWeight:
 
     @property
     def weight(self) -> torch.Tensor:
-        if self.kind == "down":
-            return self.experts.down_proj[self.expert]
-        inter = self.experts.gate_up_proj.shape[1] // 2
-        rows = slice(0, inter) if self.kind == "gate" else slice(inter, 2 * inter)
-        return self.experts.gate_up_proj[self.expert, rows]
+        fused, rows = fused_rows(self.experts, self.kind)
+        return getattr(self.experts, fused)[self.expert, rows]
 
 
 def check_experts(experts: nn.Module, where: str) -> int:

@@ -342,13 +342,12 @@ class FactorCollector:
     def _tap_experts(self, indices: list[int]):
         """Per-expert factors of one experts module (:func:`kfac_edit.experts.tap_experts`): expert ``e``'s ``A``
         over the labelled rows routed to it, ``G`` over the gradients of its outputs at those rows."""
-        from ..experts import tap_experts
+        from ..experts import fused_rows, tap_experts
 
         chosen = {(self.projections[i].expert, self.projections[i].kind): i for i in indices}
         experts = self.projections[indices[0]].module.experts
         block = self.projections[indices[0]].block
-        inter = experts.down_proj.shape[-1]
-        cols = {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}
+        cols = {kind: fused_rows(experts, kind)[1] for kind in ("gate", "up", "down")}  # columns of x W_guᵀ / h W_dᵀ
 
         factors_of = {i: self.factors.modules[self.projections[i].name] for i in indices}  # i -> ModuleFactors
         def gram_hook(members: list[tuple[str, int]], keep: torch.Tensor):
