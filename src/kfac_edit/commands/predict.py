@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if args.max_records is not None and args.max_records < 1:
         raise UserError(f"--max-records must be a positive integer, got {args.max_records}")
-    with writing((args.out, "file", "--out", args.overwrite), reads=inputs_of(args, "--model", "--factors", "--layers-file", "--data",
-                                                      "--protect")):
+    reads = inputs_of(args, "--model", "--factors", "--layers-file", "--data", "--protect")
+    with writing((args.out, "file", "--out", args.overwrite), reads=reads):
         result = predict_files(args.model, args.factors, spec, args.data, mode=args.mode, device=args.device,
                                dtype=args.dtype, max_records=args.max_records, protect_dir=args.protect,
                                protect_weight=args.protect_weight, cache_dir=args.cache_dir)

@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_factor_options(p)
     p.add_argument("--blocks", "--layers", metavar="BLOCKS", help=field_help("blocks") + " (--layers: the same)")
     p.add_argument("--projections", action="append", metavar="KINDS", help="a projection set edited together, e.g. "
-                   "gate,up (default; up in a model without gate); repeat the option to sweep several sets, e.g. --projections gate,up "
-                   "--projections gate,up,down")
+                   "gate,up (default; up in a model without gate, every kind it has without gate and up); repeat "
+                   "the option to sweep several sets, e.g. --projections gate,up --projections gate,up,down")
     p.add_argument("--keep-mass", action="append", metavar="LIST", help=field_help("keep_masses") + " for every "
                    "method (default 0.5,0.6,0.7,0.8,0.9); repeat with METHOD=LIST for a method's own grid, e.g. "
                    "--keep-mass 0.9,0.95 --keep-mass svd=0.6,0.8")
